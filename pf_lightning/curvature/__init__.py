@@ -1,0 +1,30 @@
+"""Curvature operators of a model's loss: HVP backends, the Hessian over a probe set, the
+preconditioned view, and the state guard around every measurement. Knows nothing of Lightning."""
+
+from .hvp import BACKENDS, DoubleBackwardHVP, FiniteDifferenceHVP, ForwardOverReverseHVP
+from .operator import (
+    HVP_CHOICES,
+    FiniteDifferenceFallbackWarning,
+    HessianOperator,
+    NonFiniteLossError,
+    PreconditionedOperator,
+)
+from .params import ParameterSpace
+from .precondition import PreconditionerUnavailable, adam_preconditioner
+from .state import measurement_context
+
+__all__ = [
+    "BACKENDS",
+    "HVP_CHOICES",
+    "DoubleBackwardHVP",
+    "FiniteDifferenceFallbackWarning",
+    "FiniteDifferenceHVP",
+    "ForwardOverReverseHVP",
+    "HessianOperator",
+    "NonFiniteLossError",
+    "ParameterSpace",
+    "PreconditionedOperator",
+    "PreconditionerUnavailable",
+    "adam_preconditioner",
+    "measurement_context",
+]

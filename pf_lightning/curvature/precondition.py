@@ -1,0 +1,63 @@
+r"""Diagonal preconditioners read from an optimizer's state.
+
+Adam's effective step is :math:`\eta P_t^{-1} m_t` with (Cohen et al. 2022, ``src/adam.py``)
+
+.. math::  P_t = (1 - \beta_1^t)\left(\sqrt{\nu_t / (1 - \beta_2^t)} + \epsilon\right),
+
+:math:`\nu_t` being ``exp_avg_sq``; the learning rate is *not* part of :math:`P_t`. RMSprop is the
+case :math:`\beta_1 = 0` without bias correction: :math:`P = \sqrt{\nu} + \epsilon`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .params import ParameterSpace
+
+__all__ = ["ADAM_FAMILY", "PreconditionerUnavailable", "adam_preconditioner"]
+
+ADAM_FAMILY = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop")
+
+
+class PreconditionerUnavailable(RuntimeError):
+    """The optimizer has no second-moment state yet (before its first step) or is not Adam-like."""
+
+
+def _step_of(state: dict) -> float:
+    step = state.get("step", 0)
+    return float(step.item() if isinstance(step, Tensor) else step)
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> Tensor:
+    """The flat diagonal of ``P_t`` for the parameters of ``space``.
+
+    Raises:
+        PreconditionerUnavailable: the optimizer is not Adam-family, a parameter is not in it, or a
+            parameter has no state yet (measure after the first optimizer step).
+    """
+    kind = type(optimizer).__name__
+    if kind not in ADAM_FAMILY:
+        raise PreconditionerUnavailable(f"{kind} has no diagonal preconditioner; Adam-family optimizers do")
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    pieces = []
+    for name, p in zip(space.names, space.params, strict=True):
+        group = group_of.get(id(p))
+        if group is None:
+            raise PreconditionerUnavailable(f"parameter {name!r} is not optimized by this {kind}")
+        state = optimizer.state.get(p, {})
+        nu = state.get("max_exp_avg_sq") if group.get("amsgrad") else None
+        nu = state.get("exp_avg_sq", state.get("square_avg")) if nu is None else nu
+        if nu is None or _step_of(state) < 1:
+            raise PreconditionerUnavailable(
+                f"{kind} has no second-moment state for {name!r} yet: measure after the first step"
+            )
+        eps = float(group["eps"])
+        if kind == "RMSprop":
+            pieces.append(nu.detach().sqrt().add(eps).reshape(-1))
+            continue
+        beta1, beta2 = (float(b) for b in group["betas"])
+        t = _step_of(state)
+        bias2 = 1.0 - beta2**t
+        pieces.append(((nu.detach() / bias2).sqrt().add(eps) * (1.0 - beta1**t)).reshape(-1))
+    return torch.cat(pieces).to(space.dtype)

@@ -1,0 +1,99 @@
+"""Leave the model exactly as it was: the guard around every measurement.
+
+A measurement must not disturb training (DESIGN principle 1). Inside :func:`measurement_context`
+- buffers (BatchNorm running statistics) and module modes are restored bit for bit on exit; train-mode
+  BatchNorm modules stop tracking running statistics for the duration, which leaves their output
+  unchanged (batch statistics) and makes them pure functions that ``torch.func`` can transform;
+- the CPU, CUDA, Python and NumPy random states are restored, so dropout masks drawn for the
+  measurement do not shift the training run's random stream;
+- autocast is disabled: second derivatives in float16 overflow to NaN (Lightning issue 12600);
+- ``.grad`` is never written, since every backend uses ``torch.autograd.grad`` (the references held
+  in ``.grad`` are restored anyway, in case a user loss function calls ``backward``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+try:  # numpy is optional at run time
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+__all__ = ["cast_model", "measurement_context", "rng_state", "seeded"]
+
+
+@contextlib.contextmanager
+def rng_state() -> Iterator[None]:
+    """Restore every random state that training may draw from (torch CPU/CUDA, Python, NumPy)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py = random.getstate()
+    npy = np.random.get_state() if np is not None else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        if npy is not None:
+            np.random.set_state(npy)
+
+
+def seeded(seed: int) -> None:
+    """Seed torch's generators so that dropout masks repeat: call inside :func:`rng_state`."""
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def cast_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Run with every floating parameter and buffer of ``model`` in ``dtype``.
+
+    ``.data`` is rebound to a cast copy and rebound back to the original tensor on exit: the original
+    values come back bit for bit whatever the cast loses, and parameter identities (which optimizers
+    hold) never change.
+    """
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.dtype != dtype]
+    if dtype is None or not tensors:
+        yield
+        return
+    originals = [t.data for t in tensors]
+    try:
+        for t in tensors:
+            t.data = t.data.to(dtype)
+        yield
+    finally:
+        for t, original in zip(tensors, originals, strict=True):
+            t.data = original
+
+
+@contextlib.contextmanager
+def measurement_context(model: nn.Module) -> Iterator[None]:
+    """Run a measurement on ``model`` and restore its buffers, modes, ``.grad`` and random states."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    tracking = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    try:
+        for m, _ in tracking:
+            m.track_running_stats = False
+        with rng_state(), torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        for m, flag in tracking:
+            m.track_running_stats = flag
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+        for p, g in grads:
+            p.grad = g

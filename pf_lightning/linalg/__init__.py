@@ -1,0 +1,21 @@
+"""Eigensolvers, trace and density estimators on symmetric linear operators.
+
+Torch only: nothing here knows about ``nn.Module``, Lightning or where the operator comes from.
+"""
+
+from ._common import NonConvergenceWarning, NonFiniteOperatorError
+from .lanczos import lanczos
+from .lobpcg import lobpcg
+from .operator import DenseOperator, LinearOperator, ShiftedOperator
+from .result import EigenResult
+
+__all__ = [
+    "DenseOperator",
+    "EigenResult",
+    "LinearOperator",
+    "NonConvergenceWarning",
+    "NonFiniteOperatorError",
+    "ShiftedOperator",
+    "lanczos",
+    "lobpcg",
+]

@@ -1,0 +1,160 @@
+"""Shared machinery of the eigensolvers: selection of wanted Ritz values, convergence, results."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .operator import LinearOperator
+from .result import EigenResult
+
+Which = Literal["top", "bottom", "both"]
+WHICH = ("top", "bottom", "both")
+
+
+class NonConvergenceWarning(RuntimeWarning):
+    """An eigensolver stopped on its budget before every wanted pair met the tolerance."""
+
+
+class NonFiniteOperatorError(FloatingPointError):
+    """The operator returned NaN or infinity: no eigenvalue computed from it would mean anything."""
+
+
+def check_k(op: LinearOperator, k: int, which: str) -> int:
+    """Validate ``k`` and ``which``; return the number of wanted pairs."""
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    n_wanted = 2 * k if which == "both" else k
+    if n_wanted > op.global_n:
+        raise ValueError(
+            f"asked for {n_wanted} eigenpairs (k={k}, which={which!r}) of an operator of size "
+            f"{op.global_n}: lower k to at most {op.global_n // (2 if which == 'both' else 1)}"
+        )
+    return n_wanted
+
+
+def check_tol(tol: float) -> float:
+    if not (isinstance(tol, int | float) and 0 < tol < 1):
+        raise ValueError(f"tol is a relative residual tolerance in (0, 1), got {tol!r}")
+    return float(tol)
+
+
+def select(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the wanted values in ``theta``: the ``k`` largest, the ``k`` smallest, or both ends.
+
+    For ``which="both"``, ``k`` counts each end. For a restart or a block that keeps extra vectors,
+    ``select_block`` splits a total count between the ends instead.
+    """
+    m = theta.numel()
+    order = torch.argsort(theta, descending=True)
+    if which == "top":
+        return order[: min(k, m)]
+    if which == "bottom":
+        return order[max(m - k, 0) :]
+    if 2 * k >= m:
+        return order
+    return torch.cat([order[:k], order[m - k :]])
+
+
+def select_block(theta: Tensor, total: int, which: str) -> Tensor:
+    """Indices of ``total`` values to keep, taken from the wanted end(s) of the spectrum."""
+    m = theta.numel()
+    total = min(total, m)
+    order = torch.argsort(theta, descending=True)
+    if which == "top":
+        return order[:total]
+    if which == "bottom":
+        return order[m - total :]
+    n_top = (total + 1) // 2
+    return torch.cat([order[:n_top], order[m - (total - n_top) :]]) if total > n_top else order[:n_top]
+
+
+def converged_mask(theta: Tensor, res: Tensor, tol: float, scale: float) -> Tensor:
+    """``res <= tol * max(|theta|, 1e-2 * scale)``.
+
+    Relative to each eigenvalue, except that eigenvalues below 1% of the spectral scale (the largest
+    |Ritz value| seen) are measured against that 1%: a near-zero eigenvalue of a Hessian cannot be
+    resolved to a relative accuracy, and asking for it would spend the budget for nothing.
+    """
+    floor = 1e-2 * scale
+    return res <= tol * torch.clamp(theta.abs(), min=floor)
+
+
+def check_finite(W: Tensor) -> None:
+    if not bool(torch.isfinite(W).all()):
+        raise NonFiniteOperatorError(
+            "the operator returned a non-finite value (NaN or inf): check the loss and the model's "
+            "parameters on the probe batches"
+        )
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def finish(
+    *,
+    theta: Tensor,
+    vectors: Tensor,
+    res: Tensor,
+    conv: Tensor,
+    n_hvp: int,
+    start: float,
+    tol: float,
+    which: str,
+    method: str,
+    info: dict,
+) -> EigenResult:
+    """Sort descending, build the result, warn once if some pair did not converge."""
+    order = torch.argsort(theta, descending=True)
+    result = EigenResult(
+        eigenvalues=theta[order],
+        eigenvectors=vectors[:, order],
+        residuals=res[order],
+        converged=conv[order],
+        n_hvp=int(n_hvp),
+        seconds=time.perf_counter() - start,
+        tol=tol,
+        which=which,
+        method=method,
+        info=info,
+    )
+    if not result.all_converged:
+        worst = float((result.residuals / result.eigenvalues.abs().clamp_min(1e-30)).max())
+        warnings.warn(
+            f"{method}: {int((~result.converged).sum())} of {result.k} eigenpairs did not reach "
+            f"tol={tol:g} within {n_hvp} Hessian-vector products (worst relative residual "
+            f"{worst:.2e}); raise max_hvp or loosen tol",
+            NonConvergenceWarning,
+            stacklevel=3,
+        )
+    return result
+
+
+def orthonormalize(op: LinearOperator, W: Tensor, against: Tensor | None = None) -> Tensor:
+    """Orthonormalize the columns of ``W`` (against ``against`` first), dropping dependent ones.
+
+    Two passes of block classical Gram-Schmidt followed by an eigen-decomposition of the Gram
+    matrix (SVQB, Stathopoulos & Wu 2002), which is stable where Cholesky-QR breaks down.
+    Every inner product goes through ``op.inner``.
+    """
+    for _ in range(2):
+        if against is not None and against.shape[1] > 0:
+            W = W - against @ op.inner(against, W)
+        G = op.inner(W, W).to(torch.float64)
+        G = 0.5 * (G + G.mT)
+        d = G.diagonal().clamp_min(1e-300).rsqrt()
+        evals, evecs = torch.linalg.eigh(d[:, None] * G * d[None, :])
+        keep = evals > evals.max().clamp_min(0) * (torch.finfo(W.dtype).eps * 10 * W.shape[1])
+        if not bool(keep.any()):
+            return W[:, :0]
+        T = (d[:, None] * evecs[:, keep]) * evals[keep].rsqrt()[None, :]
+        W = W @ T.to(W.dtype)
+    return W
+

@@ -1,0 +1,149 @@
+r"""Locally optimal block preconditioned conjugate gradient (LOBPCG) for warm starts.
+
+Knyazev (2001): each iteration takes the Rayleigh-Ritz pairs of :math:`A` on the span of the current
+block :math:`X`, the residuals :math:`W = AX - X\Theta` of the pairs that have not converged, and the
+previous search directions :math:`P`. Started from the eigenvectors of a previous measurement, a few
+iterations are enough when the parameters have moved a little, which is what a monitor sees between
+two measurements of one training run.
+
+The basis :math:`[X, W, P]` is kept orthonormal (``W`` through the operator's inner product, ``P`` by
+small coefficient algebra since it lies in the span of the previous orthonormal basis), so every
+Rayleigh-Ritz step is a standard symmetric eigenproblem and the residuals are computed explicitly.
+Only the columns that have not converged are multiplied by ``A`` (soft locking).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    check_finite,
+    check_k,
+    check_tol,
+    converged_mask,
+    finish,
+    make_generator,
+    orthonormalize,
+    select,
+    select_block,
+)
+from .operator import LinearOperator
+from .result import EigenResult
+
+__all__ = ["lobpcg"]
+
+
+def _rayleigh_ritz(op: LinearOperator, S: Tensor, AS: Tensor) -> tuple[Tensor, Tensor]:
+    G = op.inner(S, AS).to(torch.float64)
+    return torch.linalg.eigh(0.5 * (G + G.mT))
+
+
+def _residual_norms(op: LinearOperator, R: Tensor) -> Tensor:
+    return op.inner(R, R).diagonal().to(torch.float64).clamp_min(0).sqrt()
+
+
+def lobpcg(
+    op: LinearOperator,
+    k: int = 5,
+    *,
+    which: str = "top",
+    tol: float = 1e-3,
+    max_matvec: int | None = None,
+    X0: Tensor | None = None,
+    extra: int | None = None,
+    seed: int = 0,
+) -> EigenResult:
+    """Extreme eigenpairs of a symmetric operator by LOBPCG, warm-started from ``X0``.
+
+    Args:
+        op: the symmetric operator.
+        k: eigenpairs wanted (at each end for ``which="both"``).
+        which: ``"top"``, ``"bottom"`` or ``"both"``.
+        tol: relative residual tolerance (as in :func:`lanczos`).
+        max_matvec: budget of operator applications (default ``max(300, 40 * k)``).
+        X0: ``(n, b0)`` start block, typically the eigenvectors of a previous result; missing
+            columns are filled with seeded Gaussian vectors.
+        extra: guard vectors carried beyond the wanted ones (they speed up convergence of the
+            last wanted pair when its gap is small). Default ``max(2, k // 2)``.
+        seed: seed of the random columns.
+
+    Returns:
+        An :class:`EigenResult` with eigenvalues in descending order.
+    """
+    start = time.perf_counter()
+    n_wanted = check_k(op, k, which)
+    tol = check_tol(tol)
+    n = op.global_n
+    extra = max(2, n_wanted // 2) if extra is None else int(extra)
+    if extra < 0:
+        raise ValueError(f"extra must be >= 0, got {extra}")
+    b = min(n_wanted + extra, n)
+    budget = max(300, 40 * n_wanted) if max_matvec is None else int(max_matvec)
+    if budget < b:
+        raise ValueError(f"max_matvec={budget} cannot pay for one block of {b} products: raise it")
+
+    generator = make_generator(seed)
+    X = torch.empty(op.n, 0, dtype=op.dtype, device=op.device)
+    if X0 is not None:
+        X0 = X0.reshape(op.n, -1) if X0.ndim == 1 else X0
+        if X0.shape[0] != op.n:
+            raise ValueError(f"X0 has {X0.shape[0]} rows, the operator acts on {op.n}")
+        X = orthonormalize(op, X0[:, :b].to(op.device, op.dtype))
+    while X.shape[1] < b:
+        fill = orthonormalize(op, op.randn(b - X.shape[1], generator), against=X)
+        X = torch.cat([X, fill], dim=1)
+
+    AX = op.matmat(X)
+    used = X.shape[1]
+    check_finite(AX)
+    theta, C = _rayleigh_ritz(op, X, AX)
+    Cw = C.to(op.dtype)
+    X, AX = X @ Cw, AX @ Cw
+    P = AP = None
+    iterations, scale = 0, float(theta.abs().max())
+
+    while True:
+        R = AX - X * theta.to(op.dtype)[None, :]
+        res = _residual_norms(op, R)
+        scale = max(scale, float(theta.abs().max()))
+        wanted = select(theta, k, which)
+        conv = converged_mask(theta[wanted], res[wanted], tol, scale)
+        active = ~converged_mask(theta, res, tol, scale)
+        W = orthonormalize(op, R[:, active], against=X if P is None else torch.cat([X, P], dim=1))
+        if bool(conv.all()) or used + W.shape[1] > budget or W.shape[1] == 0:
+            info = {"iterations": iterations, "block_size": b, "warm_start": X0 is not None}
+            return finish(
+                theta=theta[wanted].to(op.dtype),
+                vectors=X[:, wanted],
+                res=res[wanted].to(op.dtype),
+                conv=conv,
+                n_hvp=used,
+                start=start,
+                tol=tol,
+                which=which,
+                method="lobpcg",
+                info=info,
+            )
+        AW = op.matmat(W)
+        used += W.shape[1]
+        check_finite(AW)
+        S = torch.cat([X, W] if P is None else [X, W, P], dim=1)
+        AS = torch.cat([AX, AW] if AP is None else [AX, AW, AP], dim=1)
+        theta_all, C = _rayleigh_ritz(op, S, AS)
+        keep = select_block(theta_all, b, which)
+        Cx = C[:, keep]
+        # The new search directions are the W and P parts of the new Ritz vectors, made orthonormal
+        # to the new block within the (orthonormal) basis S: pure coefficient algebra, no products.
+        Cp = torch.cat([torch.zeros_like(Cx[:b]), Cx[b:]], dim=0)
+        Cp = Cp - Cx @ (Cx.mT @ Cp)
+        Cp = Cp - Cx @ (Cx.mT @ Cp)
+        U, sv, _ = torch.linalg.svd(Cp, full_matrices=False)
+        Cp = U[:, sv > 1e-10 * max(float(sv.max()), 1e-300)] if sv.numel() else U[:, :0]
+        theta = theta_all[keep]
+        Cx_w, Cp_w = Cx.to(op.dtype), Cp.to(op.dtype)
+        X, AX = S @ Cx_w, AS @ Cx_w
+        P, AP = (S @ Cp_w, AS @ Cp_w) if Cp.shape[1] else (None, None)
+        iterations += 1

@@ -1,0 +1,116 @@
+"""Symmetric linear operators as the eigensolvers see them.
+
+The solvers in :mod:`pf_lightning.linalg` touch an operator through three calls only:
+``matmat`` (apply to a block of column vectors), ``inner`` (the Gram matrix of two blocks) and
+``randn`` (a block of Gaussian start vectors). Every inner product goes through ``inner``, so an
+operator whose vectors are sharded across processes (FSDP) only has to all-reduce there, and the
+same algorithm runs unchanged on one device, under DDP (replicated vectors) and on shards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["DenseOperator", "LinearOperator", "ShiftedOperator"]
+
+
+class LinearOperator:
+    """A symmetric ``n x n`` operator acting on (local parts of) flat vectors.
+
+    Subclasses implement :meth:`_matmat`; the base class counts applications so every result can
+    say what it cost. ``n`` is the length of the local vectors; ``inner`` must return the *global*
+    inner product, identical on every process.
+
+    Args:
+        n: length of the (local) vectors the operator acts on.
+        dtype: floating dtype of those vectors.
+        device: device of those vectors.
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        if n < 1:
+            raise ValueError(f"an operator needs n >= 1, got n={n}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"operators act on floating-point vectors, got dtype={dtype}")
+        self.n = int(n)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.n_matvec = 0
+
+    @property
+    def global_n(self) -> int:
+        """Length of the full vectors (equals ``n`` unless vectors are sharded)."""
+        return self.n
+
+    def _matmat(self, X: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def matmat(self, X: Tensor) -> Tensor:
+        """Apply the operator to the columns of ``X`` (shape ``(n, b)``)."""
+        if X.ndim != 2 or X.shape[0] != self.n:
+            raise ValueError(f"matmat expects a block of shape ({self.n}, b), got {tuple(X.shape)}")
+        self.n_matvec += X.shape[1]
+        return self._matmat(X)
+
+    def matvec(self, x: Tensor) -> Tensor:
+        """Apply the operator to one vector of shape ``(n,)``."""
+        return self.matmat(x.reshape(-1, 1)).reshape(-1)
+
+    def inner(self, X: Tensor, Y: Tensor) -> Tensor:
+        """Gram matrix ``X^T Y`` of two blocks (or inner product of two vectors), reduced globally."""
+        return X.mT @ Y if X.ndim == 2 else torch.dot(X, Y)
+
+    def randn(self, b: int, generator: torch.Generator) -> Tensor:
+        """A ``(n, b)`` block of standard Gaussian vectors, identical on every process for a seed.
+
+        Drawn on the CPU from ``generator`` and then moved, so a seed gives the same vectors on
+        every device.
+        """
+        X = torch.randn(self.global_n, b, generator=generator, dtype=torch.float64)
+        return X.to(device=self.device, dtype=self.dtype)
+
+
+class DenseOperator(LinearOperator):
+    """A symmetric matrix held in memory: the reference operator of the tests and doctests.
+
+    Example::
+
+        >>> A = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
+        >>> op = DenseOperator(A)
+        >>> op.matvec(torch.ones(3, dtype=torch.float64))
+        tensor([ 3.,  1., -2.], dtype=torch.float64)
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"DenseOperator needs a square matrix, got shape {tuple(matrix.shape)}")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self.matrix @ X
+
+
+class ShiftedOperator(LinearOperator):
+    """``sign * (A - shift * I)``: turns a search for one end of the spectrum into the other."""
+
+    def __init__(self, base: LinearOperator, shift: float = 0.0, sign: float = 1.0) -> None:
+        super().__init__(base.n, base.dtype, base.device)
+        self.base, self.shift, self.sign = base, float(shift), float(sign)
+
+    @property
+    def global_n(self) -> int:
+        return self.base.global_n
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        Y = self.base.matmat(X)
+        if self.shift:
+            Y = Y - self.shift * X
+        return Y if self.sign == 1.0 else self.sign * Y
+
+    def inner(self, X: Tensor, Y: Tensor) -> Tensor:
+        return self.base.inner(X, Y)
+
+    def randn(self, b: int, generator: torch.Generator) -> Tensor:
+        return self.base.randn(b, generator)

@@ -1,0 +1,130 @@
+"""The measurement outside Lightning: eigenpairs of a model's loss Hessian in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .curvature import HessianOperator, PreconditionedOperator, adam_preconditioner
+from .linalg import EigenResult, lanczos, lobpcg
+from .linalg._common import WHICH
+
+__all__ = ["METHODS", "hessian_eigenpairs"]
+
+METHODS = ("auto", "lanczos", "lobpcg")
+
+
+def _warm_vectors(warm_start: EigenResult | None, n: int) -> Tensor | None:
+    if warm_start is None:
+        return None
+    if not isinstance(warm_start, EigenResult):
+        raise ValueError(f"warm_start takes a previous EigenResult, got {type(warm_start).__name__}")
+    vectors = warm_start.eigenvectors
+    if vectors.ndim != 2 or vectors.shape[0] != n or vectors.shape[1] == 0:
+        raise ValueError(
+            f"warm_start holds eigenvectors of shape {tuple(vectors.shape)}, this measurement needs ({n}, k): "
+            "warm-start only from a result on the same parameters (and keep its eigenvectors)"
+        )
+    return vectors
+
+
+def hessian_eigenpairs(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Any,
+    k: int = 5,
+    *,
+    which: str = "top",
+    hvp: str = "auto",
+    tol: float = 1e-3,
+    max_hvp: int | None = None,
+    warm_start: EigenResult | None = None,
+    seed: int = 0,
+    params: str | Sequence[str] | None = None,
+    method: str = "auto",
+    preconditioner: torch.optim.Optimizer | Tensor | None = None,
+    weights: Sequence[float] | None = None,
+    dtype: torch.dtype | None = None,
+    cache_graphs: bool = True,
+) -> EigenResult:
+    """Top-k (and/or bottom-k) eigenpairs of the Hessian of the mean loss over ``batches``.
+
+    The model is left exactly as it was: parameters, ``.grad``, buffers, modes and random states.
+    Under an initialized ``torch.distributed`` process group, ``batches`` is this rank's shard and the
+    result is that of the mean loss over all ranks' samples, identical on every rank.
+
+    Args:
+        model: the module (not a DDP wrapper).
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the mean loss of one batch.
+        batches: a list (or a ``DataLoader``) of batches, or one batch (a Tensor, tuple or dict).
+        k: eigenpairs wanted (at each end for ``which="both"``).
+        which: ``"top"`` (largest), ``"bottom"`` (most negative) or ``"both"``.
+        hvp: ``"auto"``, ``"double_backward"``, ``"forward_over_reverse"`` or ``"finite_difference"``.
+        tol: relative residual tolerance ``||Hv - lambda v|| <= tol * |lambda|``.
+        max_hvp: budget of Hessian-vector products (default ``max(300, 40 * k)``); pairs that have
+            not converged when it runs out are flagged in ``converged`` and warned about.
+        warm_start: a previous result on the same parameters: its eigenvectors start the solver.
+        seed: seeds start vectors and the dropout masks held fixed during the measurement.
+        params: glob patterns selecting the parameters (all trainable ones by default).
+        method: ``"auto"`` (Lanczos, started from the previous eigenvectors when warm), ``"lanczos"``
+            or ``"lobpcg"`` (a block method, warm-started from all previous eigenvectors).
+        preconditioner: an Adam-family optimizer (its second moments) or a flat positive diagonal
+            ``P``: then the eigenpairs are those of ``P^{-1/2} H P^{-1/2}`` (preconditioned sharpness).
+        weights: sample count of each batch (counted from the leading dimension otherwise).
+        dtype: measure in this dtype instead of the parameters' own.
+        cache_graphs: with double backward, keep each batch's gradient graph during the measurement.
+
+    Returns:
+        :class:`EigenResult` with eigenvalues in descending order; ``info["hvp"]`` names the backend.
+
+    Raises:
+        ValueError: a bad argument (the message names the fix).
+        NonFiniteLossError: the loss of a probe batch is NaN or infinite.
+        NonFiniteOperatorError: a Hessian-vector product came out NaN or infinite.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 1, bias=False)
+        >>> x = torch.eye(3)
+        >>> y = torch.zeros(3, 1)
+        >>> loss_fn = lambda m, batch: 0.5 * ((m(batch[0]) - batch[1]) ** 2).sum() / 3
+        >>> result = hessian_eigenpairs(model, loss_fn, (x, y), k=1)
+        >>> round(float(result.eigenvalues[0]), 6)  # H = x^T x / 3 = I / 3
+        0.333333
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if max_hvp is not None and (isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 1):
+        raise ValueError(f"max_hvp must be a positive int or None, got {max_hvp!r}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # DDP's wrapper does not support torch.autograd.grad
+
+    with HessianOperator(
+        model, loss_fn, batches, params=params, hvp=hvp, seed=seed, cache_graphs=cache_graphs, dtype=dtype
+    ) as hessian:
+        op = hessian
+        if preconditioner is not None:
+            diagonal = (
+                adam_preconditioner(preconditioner, hessian.space)
+                if isinstance(preconditioner, torch.optim.Optimizer)
+                else preconditioner
+            )
+            op = PreconditionedOperator(hessian, diagonal)
+        X0 = _warm_vectors(warm_start, op.n)
+        common = {"which": which, "tol": tol, "max_matvec": max_hvp, "seed": seed}
+        if method == "lobpcg":
+            result = lobpcg(op, k, X0=X0, **common)
+        else:
+            v0 = None if X0 is None else X0.to(op.device, op.dtype).sum(dim=1)
+            result = lanczos(op, k, v0=v0, **common)
+        result.info.update({"hvp": hessian.backend_name, "n_params": hessian.n})
+        if preconditioner is not None:
+            result.info["preconditioned"] = True
+    return result

@@ -1,0 +1,103 @@
+"""Probe sets: the fixed batches a curvature measurement is taken on, and their weights.
+
+The Hessian of a probe set is that of the **mean** loss over the union of its samples, so each batch
+is weighted by its sample count, not counted once: with batches of 64 and 36 samples the first
+weighs 0.64. Under ``torch.distributed`` each rank holds its own shard; the operator adds the
+weights of all ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ProbeSet", "map_tensors", "move_to_device", "sample_count"]
+
+
+def sample_count(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first tensor (depth-first through tuples,
+    lists, dicts and dataclass-like objects with ``__dict__``)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.ndim > 0 else 1
+    if isinstance(batch, Mapping):
+        items: Iterable[Any] = batch.values()
+    elif isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
+        items = batch
+    elif hasattr(batch, "__dict__"):
+        items = vars(batch).values()
+    else:
+        items = ()
+    for item in items:
+        try:
+            return sample_count(item)
+        except ValueError:
+            continue
+    raise ValueError(
+        f"cannot count the samples of a batch of type {type(batch).__name__}: it holds no tensor; pass "
+        "`weights=` with one sample count per batch"
+    )
+
+
+def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of a (nested) batch, keeping its containers."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({key: map_tensors(value, fn) for key, value in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(map_tensors(value, fn) for value in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(map_tensors(value, fn) for value in batch)
+    return batch
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    return map_tensors(batch, lambda t: t.to(device))
+
+
+class ProbeSet:
+    """Fixed batches and their sample counts.
+
+    Args:
+        batches: a list (or any iterable that is not a tuple, such as a ``DataLoader``) of batches;
+            a single batch (a ``Tensor``, a ``tuple`` such as ``(x, y)``, or a ``dict``) is one batch.
+        weights: sample count of each batch; counted from the leading dimension otherwise.
+        device: where to move the batches (their current device when ``None``).
+
+    Raises:
+        ValueError: no batch, a weight that is not positive, or a count that does not match.
+    """
+
+    def __init__(
+        self,
+        batches: Any,
+        weights: Sequence[float] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if isinstance(batches, ProbeSet):
+            batches, weights = batches.batches, weights if weights is not None else batches.weights
+        if isinstance(batches, Tensor | tuple | Mapping):
+            batches = [batches]
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("the probe set is empty: pass at least one batch to measure on")
+        if device is not None:
+            self.batches = [move_to_device(b, torch.device(device)) for b in self.batches]
+        counts = [sample_count(b) for b in self.batches] if weights is None else [float(w) for w in weights]
+        if len(counts) != len(self.batches):
+            raise ValueError(f"got {len(counts)} weights for {len(self.batches)} batches: give one per batch")
+        if any(not (c > 0) for c in counts):
+            raise ValueError(f"every batch needs a positive sample count, got {counts}")
+        self.weights = [float(c) for c in counts]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def total_weight(self) -> float:
+        """Samples on this process."""
+        return sum(self.weights)

@@ -1,0 +1,211 @@
+"""Every HVP backend and the probe-set operator against a dense float64 torch.func Hessian."""
+
+import pytest
+import torch
+from cases import CASES, make_case
+from torch import nn
+
+from pf_lightning import HessianOperator, ProbeSet
+from pf_lightning.curvature import FiniteDifferenceFallbackWarning, PreconditionedOperator, adam_preconditioner
+
+EXACT = ("double_backward", "forward_over_reverse")
+
+
+def apply(case, V, **kwargs):
+    with HessianOperator(case.model, case.loss_fn, case.batches, **kwargs) as op:
+        return op.matmat(V), op.backend_name
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("backend", EXACT)
+def test_exact_backends_match_dense_float64(name, backend, reference):
+    case = make_case(name)
+    V = torch.randn(case.n, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    HV, used = apply(case, V, hvp=backend)
+    assert used == backend
+    assert relative_error(HV, reference(name) @ V) < 1e-6
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_finite_difference_within_documented_bound(name, reference):
+    H = reference(name)
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    HV64, _ = apply(make_case(name), V, hvp="finite_difference")
+    assert relative_error(HV64, H @ V) < 1e-7
+    HV32, _ = apply(make_case(name, torch.float32), V.float(), hvp="finite_difference")
+    assert relative_error(HV32.double(), H @ V) < 2e-3
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention"])
+def test_float32_exact_backend_close_to_float64(name, reference):
+    H = reference(name)
+    V = torch.randn(H.shape[0], 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    HV, _ = apply(make_case(name, torch.float32), V.float(), hvp="double_backward")
+    assert relative_error(HV.double(), H @ V) < 1e-5
+
+
+def test_uncached_graphs_give_the_same_products(reference):
+    case = make_case("cnn")
+    V = torch.randn(case.n, 2, dtype=torch.float64)
+    cached, _ = apply(case, V, hvp="double_backward", cache_graphs=True)
+    fresh, _ = apply(case, V, hvp="double_backward", cache_graphs=False)
+    torch.testing.assert_close(cached, fresh, rtol=1e-12, atol=1e-14)
+
+
+def test_batches_weighted_by_sample_count():
+    """The operator on uneven batches equals the operator on their union as one batch."""
+    case = make_case("mlp")
+    union = tuple(torch.cat(parts) for parts in zip(*case.batches, strict=True))
+    V = torch.randn(case.n, 2, dtype=torch.float64)
+    split, _ = apply(case, V, hvp="double_backward")
+    with HessianOperator(case.model, case.loss_fn, [union], hvp="double_backward") as op:
+        whole = op.matmat(V)
+    torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)
+    # Equal weights instead of sample counts give a different (wrong) operator.
+    with HessianOperator(case.model, case.loss_fn, ProbeSet(case.batches, weights=[1, 1])) as op:
+        unweighted = op.matmat(V)
+    assert relative_error(unweighted, whole) > 1e-3
+
+
+def test_parameter_subset_is_the_dense_sub_block(reference):
+    case = make_case("mlp")
+    H = reference("mlp")
+    with HessianOperator(case.model, case.loss_fn, case.batches, params="4.*") as op:
+        assert op.space.names == ["4.weight", "4.bias"]
+        block = op.matmat(torch.eye(op.n, dtype=torch.float64))
+    start = case.n - op.n
+    torch.testing.assert_close(block, H[start:, start:], rtol=1e-10, atol=1e-12)
+
+
+def test_measurement_dtype_override(reference):
+    case = make_case("mlp", torch.float32)
+    before = [p.detach().clone() for p in case.model.parameters()]
+    V = torch.randn(case.n, 2, dtype=torch.float64)
+    with HessianOperator(case.model, case.loss_fn, case.batches, dtype=torch.float64) as op:
+        assert next(case.model.parameters()).dtype == torch.float64
+        HV = op.matmat(V)
+    assert all(p.dtype == torch.float32 for p in case.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, case.model.parameters(), strict=True))
+    # float32 parameters cast exactly to float64: the product is the float64 one.
+    H = reference("mlp")
+    assert relative_error(HV, H @ V) < 1e-5  # data and params were float32-rounded
+
+
+class _TanhBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, y):
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def backward(ctx, *_):
+        # What fused kernels do (e.g. flash attention, pytorch issue 116350).
+        raise NotImplementedError("derivative for fused_tanh_backward is not implemented")
+
+
+class _FusedTanh(torch.autograd.Function):
+    """A kernel with a first derivative only, like fused attention kernels on a GPU."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return _TanhBackward.apply(grad, y)
+
+
+class _FusedKernelMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(_FusedTanh.apply(self.fc1(x)))
+
+
+def test_auto_falls_back_to_finite_differences_with_one_warning():
+    case = make_case("mlp")
+    twin = _FusedKernelMLP().double()
+    with torch.no_grad():
+        twin.fc1.weight.copy_(case.model[0].weight[:, :])
+        twin.fc1.bias.copy_(case.model[0].bias)
+    V = torch.randn(sum(p.numel() for p in twin.parameters()), 2, dtype=torch.float64)
+    with pytest.warns(FiniteDifferenceFallbackWarning, match="finite_difference") as record:
+        with HessianOperator(twin, case.loss_fn, case.batches) as op:
+            HV = op.matmat(V)
+            assert op.backend_name == "finite_difference"
+    assert len([w for w in record if issubclass(w.category, FiniteDifferenceFallbackWarning)]) == 1
+    # The same function with an ordinary tanh: exact reference.
+    plain = nn.Sequential(twin.fc1, nn.Tanh(), twin.fc2)
+    with HessianOperator(plain, case.loss_fn, case.batches, hvp="double_backward") as op:
+        exact = op.matmat(V)
+    assert relative_error(HV, exact) < 1e-7
+
+
+def test_auto_uses_double_backward_when_it_runs():
+    case = make_case("attention", torch.float32)
+    with HessianOperator(case.model, case.loss_fn, case.batches) as op:
+        op.matmat(torch.ones(op.n, 1))
+        assert op.backend_name == "double_backward"
+
+
+def test_preconditioned_operator_is_dense_d_h_d(reference):
+    case = make_case("mlp")
+    optimizer = torch.optim.Adam(case.model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        sum(case.loss_fn(case.model, b) for b in case.batches).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    from cases import dense_hessian
+
+    H = dense_hessian(case)
+    # P_t from the optimizer state by hand (Cohen et al. 2022): (1 - b1^t)(sqrt(v / (1 - b2^t)) + eps).
+    P = torch.cat(
+        [
+            ((optimizer.state[p]["exp_avg_sq"] / (1 - 0.99**3)).sqrt() + 1e-8).reshape(-1) * (1 - 0.9**3)
+            for p in case.model.parameters()
+        ]
+    )
+    D = P.rsqrt()
+    V = torch.randn(case.n, 2, dtype=torch.float64)
+    with HessianOperator(case.model, case.loss_fn, case.batches) as hessian:
+        diagonal = adam_preconditioner(optimizer, hessian.space)
+        torch.testing.assert_close(diagonal, P, rtol=1e-12, atol=0)
+        DHD = PreconditionedOperator(hessian, diagonal).matmat(V)
+    assert relative_error(DHD, (D[:, None] * H * D[None, :]) @ V) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"hvp": "exact"}, "hvp must be one of"),
+        ({"params": "nothing.*"}, "no trainable parameter name matches"),
+        ({"params": 3}, "glob pattern"),
+    ],
+)
+def test_bad_configuration_raises(kwargs, match):
+    case = make_case("mlp")
+    with pytest.raises(ValueError, match=match):
+        HessianOperator(case.model, case.loss_fn, case.batches, **kwargs)
+
+
+def test_bad_probe_and_parameters_raise():
+    case = make_case("mlp")
+    with pytest.raises(ValueError, match="probe set is empty"):
+        HessianOperator(case.model, case.loss_fn, [])
+    frozen = make_case("mlp").model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        HessianOperator(frozen, case.loss_fn, case.batches)
+    half = make_case("mlp").model.half()
+    with pytest.raises(ValueError, match="dtype=torch.float32"):
+        HessianOperator(half, case.loss_fn, case.batches)
+    with pytest.raises(ValueError, match="positive sample count"):
+        ProbeSet(case.batches, weights=[1, 0])
