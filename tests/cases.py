@@ -38,7 +38,9 @@ def squared_error(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 
 class MLP(nn.Sequential):
     def __init__(self, d_in: int = 10, hidden: int = 16, d_out: int = 3) -> None:
-        super().__init__(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, 8), nn.Tanh(), nn.Linear(8, d_out))
+        super().__init__(
+            nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, 8), nn.Tanh(), nn.Linear(8, d_out)
+        )
 
 
 class CNN(nn.Module):
@@ -151,7 +153,9 @@ def dense_hessian(case: Case, seed: int = 0) -> Tensor:
     for index, (x, _) in enumerate(case.batches):
         if isinstance(model, DropoutMLP) and model.training:
             torch.manual_seed(seed * SEED_STRIDE + index)
-            masks.append(F.dropout(torch.ones(x.shape[0], 16, dtype=torch.float64), model.drop.p, training=True))
+            masks.append(
+                F.dropout(torch.ones(x.shape[0], 16, dtype=torch.float64), model.drop.p, training=True)
+            )
         else:
             masks.append(None)
 

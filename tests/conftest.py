@@ -7,12 +7,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from cases import dense_hessian, make_case  # noqa: E402
+from cases import dense_hessian, make_case
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(name: str) -> torch.Tensor:
     return dense_hessian(make_case(name, torch.float64))
 

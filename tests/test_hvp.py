@@ -6,7 +6,11 @@ from cases import CASES, make_case
 from torch import nn
 
 from pf_lightning import HessianOperator, ProbeSet
-from pf_lightning.curvature import FiniteDifferenceFallbackWarning, PreconditionedOperator, adam_preconditioner
+from pf_lightning.curvature import (
+    FiniteDifferenceFallbackWarning,
+    PreconditionedOperator,
+    adam_preconditioner,
+)
 
 EXACT = ("double_backward", "forward_over_reverse")
 
@@ -205,7 +209,7 @@ def test_bad_probe_and_parameters_raise():
     with pytest.raises(ValueError, match="no trainable parameters"):
         HessianOperator(frozen, case.loss_fn, case.batches)
     half = make_case("mlp").model.half()
-    with pytest.raises(ValueError, match="dtype=torch.float32"):
+    with pytest.raises(ValueError, match=r"dtype=torch\.float32"):
         HessianOperator(half, case.loss_fn, case.batches)
     with pytest.raises(ValueError, match="positive sample count"):
         ProbeSet(case.batches, weights=[1, 0])

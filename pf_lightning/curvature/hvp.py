@@ -31,6 +31,7 @@ from .params import ParameterSpace
 
 __all__ = ["BACKENDS", "DoubleBackwardHVP", "FiniteDifferenceHVP", "ForwardOverReverseHVP", "HVPBackend"]
 
+
 def math_attention():
     """Scope attention to the math SDPA kernel: the fused kernels have no double backward and no
     forward-mode derivative (pytorch issues 116350, 117629, 128971). Graphs built inside it can be
@@ -83,7 +84,9 @@ class DoubleBackwardHVP(HVPBackend):
         with torch.enable_grad(), math_attention():
             loss = self.loss_at(index)
             grads = torch.autograd.grad(loss, self.space.params, create_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.space.params, strict=True)]
+        grads = [
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.space.params, strict=True)
+        ]
         if self.cache_graphs:
             self._graphs[index] = grads
         return grads

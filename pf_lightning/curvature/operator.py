@@ -126,7 +126,9 @@ class HessianOperator(LinearOperator):
                 f"{'' if not isinstance(loss, Tensor) else f' of shape {tuple(loss.shape)}'}"
             )
         if not bool(torch.isfinite(loss.detach())):
-            raise NonFiniteLossError(f"the loss of probe batch {index} is {float(loss)}: measurement skipped")
+            raise NonFiniteLossError(
+                f"the loss of probe batch {index} is {float(loss.detach())}: check the probe data and the parameters"
+            )
         return loss.reshape(())
 
     def _make_backend(self, name: str) -> HVPBackend:

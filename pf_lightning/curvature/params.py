@@ -57,7 +57,7 @@ class ParameterSpace:
                 "dtype with `params=` patterns"
             )
         own = dtypes.pop()
-        if dtype is not None and dtype not in SUPPORTED_DTYPES + (torch.bfloat16,):
+        if dtype is not None and dtype not in (*SUPPORTED_DTYPES, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, torch.float64 or torch.bfloat16, got {dtype}")
         if dtype is None and own not in SUPPORTED_DTYPES:
             raise ValueError(

@@ -33,7 +33,9 @@ __all__ = ["cast_model", "measurement_context", "rng_state", "seeded"]
 def rng_state() -> Iterator[None]:
     """Restore every random state that training may draw from (torch CPU/CUDA, Python, NumPy)."""
     cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
     py = random.getstate()
     npy = np.random.get_state() if np is not None else None
     try:
@@ -60,7 +62,9 @@ def cast_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
     values come back bit for bit whatever the cast loses, and parameter identities (which optimizers
     hold) never change.
     """
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.dtype != dtype]
+    tensors = [
+        t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.dtype != dtype
+    ]
     if dtype is None or not tensors:
         yield
         return
@@ -80,7 +84,9 @@ def measurement_context(model: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     grads = [(p, p.grad) for p in model.parameters()]
-    tracking = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+    tracking = [
+        (m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm) and m.training
+    ]
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     try:
         for m, _ in tracking:

@@ -145,6 +145,8 @@ def orthonormalize(op: LinearOperator, W: Tensor, against: Tensor | None = None)
     Every inner product goes through ``op.inner``.
     """
     for _ in range(2):
+        if W.shape[1] == 0:
+            return W
         if against is not None and against.shape[1] > 0:
             W = W - against @ op.inner(against, W)
         G = op.inner(W, W).to(torch.float64)
@@ -157,4 +159,3 @@ def orthonormalize(op: LinearOperator, W: Tensor, against: Tensor | None = None)
         T = (d[:, None] * evecs[:, keep]) * evals[keep].rsqrt()[None, :]
         W = W @ T.to(W.dtype)
     return W
-

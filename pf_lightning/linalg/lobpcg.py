@@ -111,7 +111,10 @@ def lobpcg(
         scale = max(scale, float(theta.abs().max()))
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
-        active = ~converged_mask(theta, res, tol, scale)
+        # Only unconverged wanted columns are expanded: the guard columns still improve through every
+        # Rayleigh-Ritz step, but paying products for their residuals does not speed up the wanted ones.
+        active = torch.zeros_like(theta, dtype=torch.bool)
+        active[wanted] = ~conv
         W = orthonormalize(op, R[:, active], against=X if P is None else torch.cat([X, P], dim=1))
         if bool(conv.all()) or used + W.shape[1] > budget or W.shape[1] == 0:
             info = {"iterations": iterations, "block_size": b, "warm_start": X0 is not None}

@@ -1,0 +1,168 @@
+"""Lanczos and LOBPCG against dense ``eigh`` over a table of spectra."""
+
+import pytest
+import torch
+
+from pf_lightning.linalg import (
+    DenseOperator,
+    LinearOperator,
+    NonConvergenceWarning,
+    NonFiniteOperatorError,
+    lanczos,
+    lobpcg,
+)
+
+SOLVERS = {"lanczos": lanczos, "lobpcg": lobpcg}
+
+
+def symmetric(eigenvalues, seed=0, dtype=torch.float64):
+    eigenvalues = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    n = eigenvalues.numel()
+    Q, _ = torch.linalg.qr(
+        torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
+    return ((Q * eigenvalues) @ Q.T).to(dtype)
+
+
+def hessian_like(n=200, seed=0):
+    """A few large outliers over a bulk near zero with negative values: the shape of NN Hessians."""
+    g = torch.Generator().manual_seed(seed)
+    bulk = torch.randn(n - 8, generator=g, dtype=torch.float64) * 0.3
+    return torch.cat(
+        [torch.tensor([40.0, 25.0, 18.0, 12.0, 9.0, 7.0, -6.0, -3.5], dtype=torch.float64), bulk]
+    )
+
+
+SPECTRA = {
+    "hessian_like": hessian_like(),
+    "separated": torch.linspace(1, 100, 150, dtype=torch.float64),
+    "repeated_top": torch.cat([torch.full((3,), 10.0), torch.linspace(-1, 5, 97)]).double(),
+    "all_negative": -torch.linspace(1, 50, 120, dtype=torch.float64),
+}
+
+
+def wanted(eigs, k, which):
+    e = torch.sort(eigs, descending=True).values
+    return {"top": e[:k], "bottom": e[-k:], "both": torch.cat([e[:k], e[-k:]])}[which]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("which", ["top", "bottom", "both"])
+def test_float64_eigenpairs_match_eigh(solver, spectrum, which):
+    eigs = SPECTRA[spectrum]
+    A = symmetric(eigs)
+    k = 4
+    result = SOLVERS[solver](DenseOperator(A), k, which=which, tol=1e-9, max_matvec=3000)
+    assert result.all_converged
+    expected = wanted(eigs, k, which)
+    torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-6, atol=1e-6 * float(eigs.abs().max()))
+    # Reported residuals are the true ones, and the vectors are unit-norm eigenvectors.
+    true_residuals = (A @ result.eigenvectors - result.eigenvectors * result.eigenvalues).norm(dim=0)
+    torch.testing.assert_close(result.residuals, true_residuals, rtol=0, atol=1e-8 * float(eigs.abs().max()))
+    torch.testing.assert_close(result.eigenvectors.norm(dim=0), torch.ones(result.k, dtype=torch.float64))
+    assert result.n_hvp > 0
+    assert torch.all(result.eigenvalues[:-1] >= result.eigenvalues[1:])
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_eigenvectors_align_where_the_gap_allows(solver):
+    eigs = SPECTRA["hessian_like"]
+    A = symmetric(eigs)
+    _evals, evecs = torch.linalg.eigh(A)
+    result = SOLVERS[solver](DenseOperator(A), 5, tol=1e-8, max_matvec=2000)
+    for i in range(5):
+        cos = torch.abs(result.eigenvectors[:, i] @ evecs[:, -1 - i])
+        assert cos >= 0.999
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_float32_operator_reaches_1e_3(solver):
+    eigs = SPECTRA["hessian_like"]
+    A = symmetric(eigs, dtype=torch.float32)
+    result = SOLVERS[solver](DenseOperator(A), 5, which="both", tol=1e-3)
+    assert result.all_converged
+    torch.testing.assert_close(result.eigenvalues.double(), wanted(eigs, 5, "both"), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_deterministic_for_a_seed(solver):
+    A = symmetric(SPECTRA["hessian_like"])
+    a = SOLVERS[solver](DenseOperator(A), 3, seed=7)
+    b = SOLVERS[solver](DenseOperator(A), 3, seed=7)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.eigenvectors, b.eigenvectors)
+    assert a.n_hvp == b.n_hvp
+
+
+def test_lanczos_counts_products_and_stops_at_tolerance():
+    op = DenseOperator(symmetric(torch.cat([torch.tensor([100.0]), torch.linspace(0, 50, 149)])))
+    result = lanczos(op, 1, tol=1e-3)
+    assert result.n_hvp == op.n_matvec
+    assert result.all_converged
+    assert result.n_hvp <= 12  # a gap of half the spectrum: error shrinks ~ 0.17^j per step
+
+
+def test_whole_space_is_exact():
+    eigs = torch.tensor([3.0, 1.0, -2.0, 0.5], dtype=torch.float64)
+    A = symmetric(eigs)
+    result = lanczos(DenseOperator(A), 4, tol=1e-12)
+    torch.testing.assert_close(result.eigenvalues, torch.sort(eigs, descending=True).values)
+    assert result.all_converged and result.n_hvp <= 5
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_budget_exhaustion_is_flagged_and_warned(solver):
+    A = symmetric(torch.linspace(0.99, 1.0, 300))  # a tight cluster: hopeless in a few products
+    with pytest.warns(NonConvergenceWarning, match="raise max_hvp"):
+        result = SOLVERS[solver](DenseOperator(A), 3, tol=1e-10, max_matvec=30)
+    assert not result.all_converged
+    assert result.n_hvp <= 30
+
+
+class _NaNOperator(LinearOperator):
+    def __init__(self):
+        super().__init__(50, torch.float64, "cpu")
+
+    def _matmat(self, X):
+        return torch.full_like(X, float("nan"))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_non_finite_operator_raises(solver):
+    with pytest.raises(NonFiniteOperatorError, match="non-finite"):
+        SOLVERS[solver](_NaNOperator(), 2)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "k must be a positive int"),
+        ({"k": 2.5}, "k must be a positive int"),
+        ({"k": 11}, "lower k"),
+        ({"k": 6, "which": "both"}, "lower k"),
+        ({"k": 2, "which": "largest"}, "which must be one of"),
+        ({"k": 2, "tol": 0.0}, "tol"),
+    ],
+)
+def test_bad_arguments(solver, kwargs, match):
+    op = DenseOperator(symmetric(torch.arange(10.0)))
+    with pytest.raises(ValueError, match=match):
+        SOLVERS[solver](op, **kwargs)
+
+
+def test_warm_start_needs_fewer_products():
+    eigs = SPECTRA["hessian_like"]
+    A = symmetric(eigs)
+    cold = lanczos(DenseOperator(A), 5, tol=1e-4)
+    E = symmetric(
+        torch.randn(eigs.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64), seed=9
+    )
+    B = A + 0.05 * E  # eigenvalues move by up to ~1e-1, the top eigenvectors rotate a little
+    cold_b = lanczos(DenseOperator(B), 5, tol=1e-4)
+    warm_lanczos = lanczos(DenseOperator(B), 5, tol=1e-4, v0=cold.eigenvectors.sum(dim=1))
+    warm_block = lobpcg(DenseOperator(B), 5, tol=1e-4, X0=cold.eigenvectors)
+    for warm in (warm_lanczos, warm_block):
+        assert warm.all_converged
+        torch.testing.assert_close(warm.eigenvalues, cold_b.eigenvalues, rtol=1e-6, atol=1e-6)
+    assert warm_lanczos.n_hvp < cold_b.n_hvp

@@ -1,0 +1,151 @@
+"""``hessian_eigenpairs`` on the case models against dense ``eigh`` of the float64 reference."""
+
+import pytest
+import torch
+from cases import CASES, make_case
+
+from pf_lightning import EigenResult, NonFiniteLossError, hessian_eigenpairs
+
+
+def expected(H, k, which):
+    e = torch.linalg.eigvalsh(H).flip(0)
+    return {"top": e[:k], "bottom": e[-k:], "both": torch.cat([e[:k], e[-k:]])}[which]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("which", ["top", "bottom", "both"])
+def test_float64_eigenvalues_match_dense(name, which, reference):
+    case = make_case(name)
+    H = reference(name)
+    result = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, k=3, which=which, tol=1e-9, max_hvp=2000
+    )
+    assert result.all_converged, result.residuals
+    torch.testing.assert_close(result.eigenvalues, expected(H, 3, which), rtol=1e-6, atol=1e-8)
+    assert result.info["hvp"] == "double_backward"
+    assert result.n_hvp > 0 and result.seconds > 0
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_float32_top_and_bottom_within_1e_3(name, reference):
+    case = make_case(name, torch.float32)
+    H = reference(name)
+    result = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, k=3, which="both", tol=1e-4, max_hvp=2000
+    )
+    want = expected(H, 3, "both")
+    scale = float(want.abs().max())
+    err = (result.eigenvalues.double() - want).abs() / want.abs().clamp_min(1e-2 * scale)
+    assert float(err.max()) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "attention", "dropout", "batchnorm"])
+def test_eigenvectors_match_where_the_gap_allows(name, reference):
+    case = make_case(name)
+    evals, evecs = torch.linalg.eigh(reference(name))
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    result = hessian_eigenpairs(case.model, case.loss_fn, case.batches, k=3, tol=1e-8, max_hvp=2000)
+    scale = float(evals.abs().max())
+    for i in range(3):
+        gap = min(abs(float(evals[i] - evals[j])) for j in range(evals.numel()) if j != i)
+        if gap > 1e-3 * scale:
+            assert float(torch.abs(result.eigenvectors[:, i] @ evecs[:, i])) >= 0.999
+
+
+def test_finite_difference_eigenvalues_float32(reference):
+    case = make_case("attention", torch.float32)
+    result = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, k=2, hvp="finite_difference", tol=1e-4
+    )
+    assert result.info["hvp"] == "finite_difference"
+    torch.testing.assert_close(
+        result.eigenvalues.double(), expected(reference("attention"), 2, "top"), rtol=2e-3, atol=0
+    )
+
+
+def test_preconditioned_sharpness_matches_dense(reference):
+    case = make_case("mlp")
+    optimizer = torch.optim.AdamW(case.model.parameters(), lr=1e-2)
+    for _ in range(4):
+        optimizer.zero_grad()
+        case.loss_fn(case.model, case.batches[0]).backward()
+        optimizer.step()
+    from cases import dense_hessian
+
+    from pf_lightning import ParameterSpace
+    from pf_lightning.curvature import adam_preconditioner
+
+    H = dense_hessian(case)
+    P = adam_preconditioner(optimizer, ParameterSpace(case.model))
+    D = P.rsqrt()
+    want = torch.linalg.eigvalsh(D[:, None] * H * D[None, :]).flip(0)[:2]
+    result = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, k=2, preconditioner=optimizer, tol=1e-9
+    )
+    torch.testing.assert_close(result.eigenvalues, want, rtol=1e-6, atol=0)
+    assert result.info["preconditioned"]
+
+
+@pytest.mark.parametrize("method", ["auto", "lobpcg"])
+def test_warm_start_after_a_training_step(method):
+    torch.manual_seed(0)
+    case = make_case("mlp", torch.float32)
+    kwargs = {"k": 5, "tol": 1e-3, "max_hvp": 1000}
+    first = hessian_eigenpairs(case.model, case.loss_fn, case.batches, **kwargs)
+    optimizer = torch.optim.SGD(case.model.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        case.loss_fn(case.model, case.batches[0]).backward()
+        optimizer.step()
+    cold = hessian_eigenpairs(case.model, case.loss_fn, case.batches, method=method, **kwargs)
+    warm = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, warm_start=first, method=method, **kwargs
+    )
+    assert warm.all_converged and cold.all_converged
+    torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, rtol=2e-3, atol=0)
+    assert warm.n_hvp < cold.n_hvp
+    assert warm.info["warm_start"]
+
+
+def test_bad_input_fails_clearly():
+    case = make_case("mlp")
+    call = lambda **kw: hessian_eigenpairs(case.model, case.loss_fn, case.batches, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="lower k"):
+        call(k=case.n + 1)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        call(k=0)
+    with pytest.raises(ValueError, match="which must be one of"):
+        call(which="largest")
+    with pytest.raises(ValueError, match="method must be one of"):
+        call(method="arnoldi")
+    with pytest.raises(ValueError, match="max_hvp"):
+        call(max_hvp=0)
+    with pytest.raises(ValueError, match="warm_start"):
+        call(warm_start=EigenResult(*(torch.zeros(1),) * 4, n_hvp=0, seconds=0.0))
+    with pytest.raises(ValueError, match="probe set is empty"):
+        hessian_eigenpairs(case.model, case.loss_fn, [], k=1)
+
+
+def test_non_finite_loss_raises_and_leaves_the_model_intact():
+    case = make_case("mlp")
+    before = [p.detach().clone() for p in case.model.parameters()]
+    bad = [(torch.full_like(case.batches[0][0], float("nan")), case.batches[0][1])]
+    with pytest.raises(NonFiniteLossError, match="probe batch 0"):
+        hessian_eigenpairs(case.model, case.loss_fn, bad, k=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, case.model.parameters(), strict=True))
+
+
+def test_loss_must_be_a_scalar():
+    case = make_case("mlp")
+    with pytest.raises(ValueError, match="scalar Tensor"):
+        hessian_eigenpairs(case.model, lambda m, b: m(b[0]), case.batches, k=1)
+
+
+def test_single_batch_and_dict_batches():
+    case = make_case("mlp")
+    x, y = case.batches[0]
+    tuple_result = hessian_eigenpairs(case.model, case.loss_fn, (x, y), k=1, tol=1e-8)
+    dict_result = hessian_eigenpairs(
+        case.model, lambda m, b: case.loss_fn(m, (b["x"], b["y"])), {"x": x, "y": y}, k=1, tol=1e-8
+    )
+    torch.testing.assert_close(tuple_result.eigenvalues, dict_result.eigenvalues)
