@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from .curvature import HessianOperator, PreconditionedOperator, adam_preconditioner
 from .linalg import EigenResult, lanczos, lobpcg
 from .linalg._common import WHICH
+from .linalg.density import SpectralDensity, slq_density
+from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 
-__all__ = ["METHODS", "hessian_eigenpairs"]
+__all__ = ["METHODS", "hessian_density", "hessian_eigenpairs", "hessian_trace"]
 
 METHODS = ("auto", "lanczos", "lobpcg")
 
@@ -128,3 +130,51 @@ def hessian_eigenpairs(
         if preconditioner is not None:
             result.info["preconditioned"] = True
     return result
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Any,
+    *,
+    n_hvp: int = 99,
+    method: str = "hutch++",
+    hvp: str = "auto",
+    seed: int = 0,
+    params: str | Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> TraceEstimate:
+    """Stochastic trace of the Hessian of the mean loss (Hutch++ by default, or Hutchinson).
+
+    Args:
+        n_hvp: Hessian-vector products to spend.
+        method: ``"hutch++"`` (Meyer et al. 2021; far lower variance when a few eigenvalues dominate,
+            as in neural-network Hessians) or ``"hutchinson"``.
+        The other arguments are those of :func:`hessian_eigenpairs`.
+    """
+    if method not in ("hutch++", "hutchinson"):
+        raise ValueError(f'method must be "hutch++" or "hutchinson", got {method!r}')
+    with HessianOperator(model, loss_fn, batches, params=params, hvp=hvp, seed=seed, dtype=dtype) as op:
+        if method == "hutch++":
+            return hutchpp_trace(op, n_matvec=n_hvp, seed=seed)
+        return hutchinson_trace(op, n_samples=n_hvp, seed=seed)
+
+
+def hessian_density(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Any,
+    *,
+    n_steps: int = 80,
+    n_vectors: int = 2,
+    hvp: str = "auto",
+    seed: int = 0,
+    params: str | Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> SpectralDensity:
+    """Spectral density of the Hessian by stochastic Lanczos quadrature (``n_steps * n_vectors`` HVPs).
+
+    The other arguments are those of :func:`hessian_eigenpairs`.
+    """
+    with HessianOperator(model, loss_fn, batches, params=params, hvp=hvp, seed=seed, dtype=dtype) as op:
+        return slq_density(op, n_steps=min(n_steps, op.global_n), n_vectors=n_vectors, seed=seed)

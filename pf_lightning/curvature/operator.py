@@ -163,15 +163,31 @@ class HessianOperator(LinearOperator):
         return self.backend.name if self.backend is not None else self.requested
 
     # -- the operator ------------------------------------------------------------------------
+    def _reduce(self, out: Tensor) -> Tensor:
+        if _distributed():
+            dist.all_reduce(out)  # one flat collective per application, weighted by sample counts
+        return out.div_(self._total_weight)
+
     def _matmat(self, X: Tensor) -> Tensor:
         if self.backend is None:
             raise RuntimeError("use the HessianOperator inside `with HessianOperator(...) as op:`")
         out = torch.zeros_like(X)
         for index, weight in enumerate(self.probe.weights):
             out.add_(self.backend.apply(index, X), alpha=weight)
-        if _distributed():
-            dist.all_reduce(out)  # one flat collective per application, weighted by sample counts
-        return out.div_(self._total_weight)
+        return self._reduce(out)
+
+    def gradient(self) -> Tensor:
+        """The flat gradient of the same sample-weighted mean loss (same dropout masks as the products)."""
+        if self.backend is None:
+            raise RuntimeError("use the HessianOperator inside `with HessianOperator(...) as op:`")
+        out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        for index, weight in enumerate(self.probe.weights):
+            with torch.enable_grad():
+                grads = torch.autograd.grad(
+                    self.loss_at(index), self.space.params, allow_unused=True, materialize_grads=True
+                )
+            out.add_(self.space.flatten(grads), alpha=weight)
+        return self._reduce(out)
 
 
 class PreconditionedOperator(LinearOperator):

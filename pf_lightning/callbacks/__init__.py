@@ -1,0 +1,6 @@
+"""Lightning callbacks: thin adapters from the trainer's hooks to the measurement and the diagnostics."""
+
+from .eos_monitor import EdgeOfStabilityMonitor
+from .hessian_monitor import HessianEigenMonitor
+
+__all__ = ["EdgeOfStabilityMonitor", "HessianEigenMonitor"]

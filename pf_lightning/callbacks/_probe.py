@@ -1,0 +1,129 @@
+"""Probe sets and loss functions for the callbacks: drawn from the trainer, measured on the module."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from ..curvature.state import rng_state
+from ..probe import ProbeSet, map_tensors, move_to_device, sample_count
+
+DEFAULT_PROBE_SIZE = 512
+
+
+def draw_probe(dataloader: Any, size: int, device: Any) -> ProbeSet:
+    """The first ``size`` samples the training dataloader yields, drawn once under isolated RNG.
+
+    Iterating a shuffling loader draws a seed from torch's global generator; ``rng_state`` puts it
+    back, so building the probe leaves the training run's random stream untouched. Under DDP the
+    loader carries a ``DistributedSampler`` and each rank draws from its own shard.
+    """
+    batches, counts, total = [], [], 0
+    with rng_state():
+        for batch in dataloader:
+            count = sample_count(batch)
+            if total + count > size:
+                keep = size - total
+                with contextlib.suppress(IndexError, TypeError, RuntimeError):
+                    batch = map_tensors(
+                        batch,
+                        lambda t, keep=keep, count=count: t[:keep] if t.ndim and t.shape[0] == count else t,
+                    )
+                    count = keep
+            batches.append(move_to_device(batch, device))
+            counts.append(count)
+            total += count
+            if total >= size:
+                break
+    if not batches:
+        raise MisconfigurationException(
+            "the training dataloader yielded no batch to build the probe set from"
+        )
+    return ProbeSet(batches, weights=counts)
+
+
+@contextlib.contextmanager
+def _silenced_logging(module: nn.Module) -> Iterator[None]:
+    """Keep a ``training_step``'s ``self.log`` calls out of the logs while it serves as a loss."""
+    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
+    module.log = lambda *args, **kwargs: None
+    module.log_dict = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+
+
+_COMPILED_METHODS = ("forward", "training_step")
+
+
+@contextlib.contextmanager
+def uncompiled(module: nn.Module) -> Iterator[None]:
+    """Run the module's original Python code: compiled graphs do not support double backward.
+
+    Undoes, for the measurement only, what Lightning's ``from_compiled`` did to a ``torch.compile``d
+    LightningModule (compiled ``forward``/``training_step`` over originals kept in ``_compiler_ctx``) and
+    what ``nn.Module.compile()`` did to submodules (``_compiled_call_impl``).
+    """
+    ctx = getattr(module, "_compiler_ctx", None) or {}
+    swapped = {}
+    for name in _COMPILED_METHODS:
+        original = ctx.get(f"original_{name}")
+        if original is not None:
+            swapped[name] = module.__dict__.get(name)
+            module.__dict__[name] = original
+    compiled = [
+        (m, m._compiled_call_impl)
+        for m in module.modules()
+        if getattr(m, "_compiled_call_impl", None) is not None
+    ]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in compiled:
+            m._compiled_call_impl = impl
+        for name, value in swapped.items():
+            if value is None:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+
+
+def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The loss of ``module.training_step(batch, 0)`` (a tensor, or the ``"loss"`` of a dict)."""
+    with _silenced_logging(module):
+        out = module.training_step(batch, 0)
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping) and isinstance(out.get("loss"), Tensor):
+        return out["loss"]
+    raise MisconfigurationException(
+        f"training_step returned {type(out).__name__}{' without a `loss` key' if isinstance(out, Mapping) else ''}; "
+        "the Hessian monitor needs the loss: return it (or a dict with 'loss'), or pass `loss_fn=` to the callback"
+    )
+
+
+def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
+    """The loss the measurement differentiates, always on the module's uncompiled code."""
+    if loss_fn is None and not getattr(module, "automatic_optimization", True):
+        raise MisconfigurationException(
+            "with manual optimization, training_step steps the optimizer itself and cannot serve as a loss: "
+            "pass `loss_fn=lambda module, batch: ...` to the callback"
+        )
+    base = loss_fn or training_step_loss
+
+    def loss(module: nn.Module, batch: Any) -> Tensor:
+        with uncompiled(module):
+            return base(module, batch)
+
+    return loss

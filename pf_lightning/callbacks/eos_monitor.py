@@ -1,0 +1,352 @@
+"""EdgeOfStabilityMonitor: sharpness against the stability threshold of the optimizer in use.
+
+After every measurement of a :class:`HessianEigenMonitor` it logs the sharpness, the threshold of
+the optimizer actually stepping (2/lr for SGD, (2 + 2 beta)/lr for heavy-ball momentum,
+(2 + 2 beta)/(lr (1 + 2 beta)) for Nesterov, and for Adam-family optimizers the preconditioned
+sharpness lambda_max(P^-1 H) against (2 + 2 beta1)/((1 - beta1) lr), Cohen et al. 2021, 2022), their
+ratio (1.0 is the edge), the principal-flow regime of every tracked direction (Dherin et al. 2023),
+trends of the run, and an early warning with a hook for user actions.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+from .. import stability
+from ..curvature import HessianOperator, NonFiniteLossError, PreconditionerUnavailable
+from ..linalg import EigenResult, NonFiniteOperatorError
+from ..logging import log_metrics, wandb_experiments, wandb_log
+from .hessian_monitor import HessianEigenMonitor
+
+WarningAction = Callable[[Trainer, LightningModule, dict[str, float]], None]
+
+
+class EdgeOfStabilityMonitor(Callback):
+    """Edge-of-stability and principal-flow diagnostics from the latest Hessian eigenpairs.
+
+    Args:
+        monitor: the :class:`HessianEigenMonitor` to read; by default the one among the trainer's callbacks.
+        optimizer_index: which of the module's optimizers the threshold is taken from.
+        threshold: a fixed stability threshold, for optimizers without a known one.
+        warn_ratio: sharpness/threshold level that triggers the early warning.
+        on_warning: ``action(trainer, pl_module, metrics)`` called each time the ratio crosses
+            ``warn_ratio`` upwards (e.g. save a checkpoint).
+        proxies: also log the one-HVP proxies ``||Hg||/||g||``, ``g^T H g/||g||^2`` and the drift ratio
+            ``(lr/2)||Hg||/||g||`` on the current training batch.
+        proxy_every_n_steps: cadence of the proxies.
+        loss_window: optimizer steps over which loss non-monotonicity is measured.
+        slope_window: measurements over which the progressive-sharpening slope is fitted.
+        chart_every: with W&B, log the chart of top-k eigenvalues against the threshold every this
+            many measurements (and at the end of fit).
+
+    Raises:
+        MisconfigurationException: no :class:`HessianEigenMonitor`, or a bad argument.
+    """
+
+    def __init__(
+        self,
+        monitor: HessianEigenMonitor | None = None,
+        optimizer_index: int = 0,
+        threshold: float | None = None,
+        warn_ratio: float = 1.0,
+        on_warning: WarningAction | None = None,
+        proxies: bool = False,
+        proxy_every_n_steps: int = 1,
+        loss_window: int = 50,
+        slope_window: int = 5,
+        chart_every: int = 10,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("optimizer_index", optimizer_index),
+            ("proxy_every_n_steps", proxy_every_n_steps),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if name == "optimizer_index" else 1)
+            ):
+                raise MisconfigurationException(
+                    f"`{name}` must be a {'non-negative' if name == 'optimizer_index' else 'positive'} int, got {value!r}"
+                )
+        for name, value in (
+            ("loss_window", loss_window),
+            ("slope_window", slope_window),
+            ("chart_every", chart_every),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2 - (name == "chart_every"):
+                raise MisconfigurationException(
+                    f"`{name}` must be an int >= {2 - (name == 'chart_every')}, got {value!r}"
+                )
+        if threshold is not None and not threshold > 0:
+            raise MisconfigurationException(f"`threshold` must be positive, got {threshold!r}")
+        if not warn_ratio > 0:
+            raise MisconfigurationException(f"`warn_ratio` must be positive, got {warn_ratio!r}")
+        if on_warning is not None and not callable(on_warning):
+            raise MisconfigurationException(
+                "`on_warning` must be callable as on_warning(trainer, pl_module, metrics)"
+            )
+        self.monitor = monitor
+        self.optimizer_index, self.fixed_threshold, self.warn_ratio = (
+            optimizer_index,
+            threshold,
+            float(warn_ratio),
+        )
+        self.on_warning, self.proxies, self.proxy_every_n_steps = on_warning, proxies, proxy_every_n_steps
+        self.slope_window, self.chart_every = slope_window, chart_every
+        self.losses: collections.deque[float] = collections.deque(maxlen=loss_window)
+        self.history: list[dict[str, Any]] = []
+        self.first_edge_step: int | None = None
+        self.negative_curvature = 0.0
+        self._above = False
+        self._last_loss_step = -1
+        self._preconditioned_latest: EigenResult | None = None
+        self._warned: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(optimizer_index=self.optimizer_index)
+
+    # -- set-up ------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.monitor is None:
+            found = [cb for cb in trainer.callbacks if isinstance(cb, HessianEigenMonitor)]
+            if not found:
+                raise MisconfigurationException(
+                    "EdgeOfStabilityMonitor reads the eigenpairs of a HessianEigenMonitor: add "
+                    "HessianEigenMonitor(...) to the Trainer's callbacks (or pass monitor=)"
+                )
+            self.monitor = next((cb for cb in found if cb.name is None), found[0])
+        self.monitor.add_listener(self._on_measurement)
+
+    def _threshold(
+        self, trainer: Trainer
+    ) -> tuple[stability.StabilityThreshold, torch.optim.Optimizer | None]:
+        optimizers = trainer.optimizers
+        if self.optimizer_index >= len(optimizers):
+            raise MisconfigurationException(
+                f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
+            )
+        optimizer = optimizers[self.optimizer_index]
+        if self.fixed_threshold is not None:
+            return stability.StabilityThreshold(
+                self.fixed_threshold, type(optimizer).__name__, False, "given"
+            ), optimizer
+        lrs = {group["lr"] for group in optimizer.param_groups}
+        if len(lrs) > 1:
+            self._warn_once(
+                "lrs",
+                f"parameter groups have different learning rates {sorted(lrs)}: the threshold uses group 0's",
+            )
+        return stability.optimizer_threshold(optimizer), optimizer
+
+    # -- per measurement ---------------------------------------------------------------------
+    def _on_measurement(self, trainer: Trainer, pl_module: LightningModule, result: EigenResult) -> None:
+        monitor = self.monitor
+        threshold, optimizer = self._threshold(trainer)
+        step = trainer.global_step
+        top = result.eigenvalues[: monitor.k]
+        lr = float(optimizer.param_groups[0]["lr"])
+        weight_decay = float(optimizer.param_groups[0].get("weight_decay", 0.0))
+        metrics = {"eos/threshold": threshold.value, "eos/lr": lr}
+        if threshold.preconditioned:
+            sharpness = self._preconditioned_sharpness(trainer, pl_module, optimizer)
+            if sharpness is None:
+                return
+            metrics["eos/preconditioned_sharpness"] = sharpness
+        else:
+            # SGD's weight decay adds wd * theta to the gradient: the step sees H + wd * I.
+            sharpness = float(top[0]) + (weight_decay if type(optimizer).__name__ == "SGD" else 0.0)
+        ratio = sharpness / threshold.value
+        metrics.update({"eos/sharpness": sharpness, "eos/ratio": ratio})
+        if not threshold.preconditioned:
+            metrics.update(
+                self._principal_flow(pl_module, result, stability.effective_lr(threshold), weight_decay)
+            )
+        metrics.update(self._trends(step, sharpness, ratio, lr, result))
+        if ratio >= self.warn_ratio and not self._above:
+            metrics["eos/warning"] = 1.0
+            self._warn_once(
+                "edge",
+                f"step {step}: sharpness {sharpness:.4g} reached {ratio:.2f} x the stability threshold "
+                f"{threshold.value:.4g} of {threshold.optimizer} ({threshold.formula})",
+            )
+            if self.on_warning is not None:
+                self.on_warning(trainer, pl_module, metrics)
+        self._above = ratio >= self.warn_ratio
+        log_metrics(trainer, metrics, step)
+        self.history.append({"step": step, "eigenvalues": top.tolist(), **metrics})
+        if len(self.history) % self.chart_every == 0:
+            self._chart(trainer, step)
+
+    def _preconditioned_sharpness(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
+    ) -> float | None:
+        try:
+            result = self.monitor.compute(
+                pl_module, k=1, which="top", preconditioner=optimizer, warm_start=self._preconditioned_latest
+            )
+        except PreconditionerUnavailable as err:  # before the first step: no second moments yet
+            self._warn_once("precond", f"preconditioned sharpness not measured yet: {err}")
+            return None
+        except (NonFiniteLossError, NonFiniteOperatorError) as err:
+            self._warn_once("nonfinite", f"preconditioned sharpness skipped: {err}")
+            log_metrics(trainer, {"eos/skipped": 1.0}, trainer.global_step)
+            return None
+        self._preconditioned_latest = result
+        return float(result.eigenvalues[0])
+
+    def _principal_flow(
+        self, pl_module: LightningModule, result: EigenResult, h: float, weight_decay: float
+    ) -> dict[str, float]:
+        monitor = self.monitor
+        eigenvalues = result.eigenvalues[: monitor.k].double() + weight_decay
+        vectors = result.eigenvectors[:, : monitor.k]
+        with HessianOperator(
+            pl_module, monitor.loss_fn, monitor.probe, params=monitor.params, seed=monitor.seed
+        ) as op:
+            gradient = op.gradient()
+        projections = stability.gradient_projections(gradient.to(vectors.dtype), vectors).double()
+        grad_norm = float(gradient.double().norm())
+        growth = stability.log_growth(h, eigenvalues)
+        regimes = stability.regimes(h, eigenvalues)
+        metrics: dict[str, float] = {}
+        for i in range(eigenvalues.numel()):
+            metrics[f"pf/hlambda_{i + 1}"] = h * float(eigenvalues[i])
+            metrics[f"pf/log_growth_{i + 1}"] = float(growth[i])
+            metrics[f"pf/regime_{i + 1}"] = float(stability.REGIME_CODES[regimes[i]])
+            metrics[f"pf/projection_{i + 1}"] = float(projections[i])
+        metrics["pf/unstable_directions"] = float(sum(r == "unstable" for r in regimes))
+        metrics["pf/oscillating_directions"] = float(sum(r == "oscillating" for r in regimes))
+        metrics["pf/unstable_grad_fraction"] = float(
+            stability.unstable_gradient_fraction(h, eigenvalues, projections, grad_norm)
+        )
+        metrics["pf/grad_norm"] = grad_norm
+        return metrics
+
+    def _trends(
+        self, step: int, sharpness: float, ratio: float, lr: float, result: EigenResult
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        recent = [(h["step"], h["eos/sharpness"]) for h in self.history[-(self.slope_window - 1) :]] + [
+            (step, sharpness)
+        ]
+        slope = stability.progressive_sharpening_slope([s for s, _ in recent], [v for _, v in recent])
+        if slope == slope:  # not nan
+            metrics["eos/sharpening_slope"] = float(slope)
+        if len(self.losses) >= 2:
+            metrics["eos/loss_non_monotonicity"] = float(stability.non_monotonicity(list(self.losses)))
+        if self.first_edge_step is None and ratio >= 1.0:
+            self.first_edge_step = step
+        if self.first_edge_step is not None:
+            metrics["eos/first_edge_step"] = float(self.first_edge_step)
+        if self.monitor.which == "both":
+            # Elkabetz & Cohen: negative curvature along the run lets GD drift from gradient flow.
+            lambda_min = float(result.eigenvalues[-1])
+            steps = step - (self.history[-1]["step"] if self.history else 0)
+            self.negative_curvature += stability.accumulated_negative_curvature(
+                [lr * max(steps, 1)], [lambda_min]
+            )
+            metrics["eos/accumulated_negative_curvature"] = self.negative_curvature
+        return metrics
+
+    # -- per step ----------------------------------------------------------------------------
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_loss_step:
+            return  # gradient accumulation: one entry per optimizer step
+        self._last_loss_step = step
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.losses.append(float(loss.detach()))
+        if self.proxies and step % self.proxy_every_n_steps == 0:
+            self._log_proxies(trainer, pl_module, batch)
+
+    def _log_proxies(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        monitor = self.monitor
+        lr = float(trainer.optimizers[self.optimizer_index].param_groups[0]["lr"])
+        try:
+            with HessianOperator(
+                pl_module, monitor.loss_fn, [batch], params=monitor.params, seed=monitor.seed
+            ) as op:
+                g = op.gradient()
+                hg = op.matvec(g)
+        except (NonFiniteLossError, NonFiniteOperatorError) as err:
+            self._warn_once("proxy", f"proxies skipped: {err}")
+            return
+        grad_norm, hg_norm = float(g.norm()), float(hg.norm())
+        metrics = {
+            "pf/hg_ratio": float(stability.hg_ratio(grad_norm, hg_norm)),
+            "pf/rayleigh_quotient": float(stability.rayleigh_quotient(float(g @ hg), grad_norm)),
+            "pf/drift_ratio": float(stability.drift_ratio(lr, grad_norm, hg_norm)),
+        }
+        log_metrics(trainer, metrics, trainer.global_step)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.history:
+            self._chart(trainer, trainer.global_step)
+
+    def _chart(self, trainer: Trainer, step: int) -> None:
+        """W&B: the top-k eigenvalues and the threshold over steps, as one line chart."""
+        if not wandb_experiments(trainer):
+            return
+        import wandb
+
+        steps = [h["step"] for h in self.history]
+        k = min(len(h["eigenvalues"]) for h in self.history)
+        ys = [[h["eigenvalues"][i] for h in self.history] for i in range(k)] + [
+            [h["eos/threshold"] for h in self.history]
+        ]
+        keys = [f"eig_{i + 1}" for i in range(k)] + ["threshold"]
+        chart = wandb.plot.line_series(
+            xs=steps, ys=ys, keys=keys, title="Hessian eigenvalues vs stability threshold", xname="step"
+        )
+        wandb_log(trainer, {"eos/spectrum_vs_threshold": chart}, step)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)
+
+    # -- checkpointing -----------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history,
+            "losses": list(self.losses),
+            "first_edge_step": self.first_edge_step,
+            "negative_curvature": self.negative_curvature,
+            "above": self._above,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            self.history = list(state_dict["history"])
+            self.losses.extend(float(x) for x in state_dict["losses"])
+            self.first_edge_step = state_dict["first_edge_step"]
+            self.negative_curvature = float(state_dict["negative_curvature"])
+            self._above = bool(state_dict["above"])
+        except (KeyError, TypeError, ValueError) as err:
+            rank_zero_warn(
+                f"EdgeOfStabilityMonitor: unreadable checkpoint state ({err!r}); starting fresh",
+                category=RuntimeWarning,
+            )
+            self.history, self.first_edge_step, self.negative_curvature, self._above = [], None, 0.0, False
+
+
+__all__ = ["EdgeOfStabilityMonitor"]

@@ -1,0 +1,395 @@
+"""HessianEigenMonitor: the top-k Hessian eigenpairs of the training loss, measured at intervals.
+
+Each measurement takes the eigenpairs of the mean loss over a fixed probe set (drawn once from the
+training dataloader, or given), warm-started from the previous one, and leaves training untouched:
+parameters, gradients, buffers, modes and random states are restored bit for bit. Results are logged
+at the measurement's ``global_step`` to every attached logger, kept in ``.latest`` and ``.history``,
+and handed to listeners such as :class:`~pf_lightning.EdgeOfStabilityMonitor`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+from ..curvature import HVP_CHOICES, NonFiniteLossError, measurement_context
+from ..linalg import EigenResult, NonFiniteOperatorError
+from ..linalg.density import SpectralDensity
+from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log
+from ..measure import hessian_density, hessian_eigenpairs, hessian_trace
+from ..probe import ProbeSet
+from ._probe import DEFAULT_PROBE_SIZE, draw_probe, resolve_loss_fn
+
+Listener = Callable[[Trainer, LightningModule, EigenResult], None]
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MisconfigurationException(
+            f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}"
+        )
+
+
+class HessianEigenMonitor(Callback):
+    """Measure the top-k Hessian eigenpairs of the training loss every ``every_n_steps`` optimizer steps.
+
+    Args:
+        k: eigenpairs to track (at each end with ``which="both"``).
+        every_n_steps: measure after every this many optimizer steps (``global_step``, so once per
+            step under gradient accumulation); ``None`` to measure only by epoch or at fit start/end.
+        probe: ``None`` draws ``512`` samples from the training dataloader once; an int draws that many;
+            a list of batches, a ``DataLoader`` or a :class:`~pf_lightning.ProbeSet` is used as given.
+        loss_fn: ``loss_fn(module, batch) -> Tensor``; by default the module's ``training_step`` (its
+            ``self.log`` calls are kept out of the logs).
+        which: ``"top"``, or ``"both"`` to also track the ``k`` most negative eigenvalues.
+        every_n_epochs: also measure at the end of every this many epochs.
+        at_fit_start: measure before the first optimizer step.
+        at_fit_end: measure after the last optimizer step.
+        warmup_steps: no step-interval measurement before this ``global_step``.
+        hvp: HVP backend (``"auto"``, ``"double_backward"``, ``"forward_over_reverse"``,
+            ``"finite_difference"``).
+        tol: relative residual tolerance of each eigenpair.
+        max_hvp: Hessian-vector products allowed per measurement (``None``: the solver's default).
+        warm_start: start each measurement from the previous eigenvectors.
+        max_time_fraction: cap on the fraction of wall time spent measuring; a measurement that would
+            exceed it is postponed (logged as ``hessian/postponed``, warned once).
+        params: glob patterns restricting the measured parameters.
+        dtype: measure in this dtype (default: the parameters' own; float32 for half-precision weights).
+        max_history: measurements kept in ``.history`` (oldest dropped first).
+        name: tag for a second instance (metrics become ``hessian/<name>/...``, e.g. a held-out probe).
+        seed: seeds start vectors and the dropout masks fixed within a measurement.
+        trace_every: also estimate the trace (Hutch++, ``trace_hvp`` products) every this many
+            measurements; logged as ``hessian/trace`` and ``hessian/trace_std``.
+        trace_hvp: products per trace estimate.
+        density_every: also estimate the spectral density (SLQ) every this many measurements; kept
+            in ``.density`` and, with W&B, logged as the histogram ``hessian/density``.
+        density_steps: Lanczos steps per SLQ vector (two vectors per estimate).
+
+    Raises:
+        MisconfigurationException: a bad argument, or a ``training_step`` that returns no loss.
+
+    Example::
+
+        trainer = Trainer(callbacks=[HessianEigenMonitor(k=5, every_n_steps=100)])
+    """
+
+    def __init__(
+        self,
+        k: int = 5,
+        every_n_steps: int | None = 100,
+        probe: int | Sequence[Any] | ProbeSet | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        which: Literal["top", "both"] = "top",
+        every_n_epochs: int | None = None,
+        at_fit_start: bool = True,
+        at_fit_end: bool = True,
+        warmup_steps: int = 0,
+        hvp: str = "auto",
+        tol: float = 1e-3,
+        max_hvp: int | None = None,
+        warm_start: bool = True,
+        max_time_fraction: float | None = None,
+        params: str | Sequence[str] | None = None,
+        dtype: torch.dtype | None = None,
+        max_history: int = 10_000,
+        name: str | None = None,
+        seed: int = 0,
+        trace_every: int | None = None,
+        trace_hvp: int = 60,
+        density_every: int | None = None,
+        density_steps: int = 60,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("k", k)
+        _check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        _check_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        _check_positive_int("warmup_steps", warmup_steps, minimum=0)
+        _check_positive_int("max_hvp", max_hvp, allow_none=True)
+        _check_positive_int("max_history", max_history)
+        _check_positive_int("trace_every", trace_every, allow_none=True)
+        _check_positive_int("trace_hvp", trace_hvp, minimum=3)
+        _check_positive_int("density_every", density_every, allow_none=True)
+        _check_positive_int("density_steps", density_steps, minimum=2)
+        if which not in ("top", "both"):
+            raise MisconfigurationException(f'`which` must be "top" or "both", got {which!r}')
+        if hvp not in HVP_CHOICES:
+            raise MisconfigurationException(f"`hvp` must be one of {HVP_CHOICES}, got {hvp!r}")
+        if not (isinstance(tol, int | float) and 0 < tol < 1):
+            raise MisconfigurationException(f"`tol` is a relative residual tolerance in (0, 1), got {tol!r}")
+        if max_time_fraction is not None and not (0 < max_time_fraction < 1):
+            raise MisconfigurationException(
+                f"`max_time_fraction` must be in (0, 1), got {max_time_fraction!r}"
+            )
+        if isinstance(probe, bool) or (isinstance(probe, int) and probe < 1):
+            raise MisconfigurationException(
+                f"a probe size must be a positive number of samples, got {probe!r}"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException("`loss_fn` must be callable as loss_fn(module, batch) -> Tensor")
+        self.k, self.every_n_steps, self.every_n_epochs = k, every_n_steps, every_n_epochs
+        self.which, self.hvp, self.tol, self.max_hvp = which, hvp, float(tol), max_hvp
+        self.at_fit_start, self.at_fit_end, self.warmup_steps = at_fit_start, at_fit_end, warmup_steps
+        self.warm_start, self.max_time_fraction, self.params = warm_start, max_time_fraction, params
+        self.dtype, self.max_history, self.name, self.seed = dtype, max_history, name, seed
+        self.trace_every, self.trace_hvp = trace_every, trace_hvp
+        self.density_every, self.density_steps = density_every, density_steps
+        self.density: SpectralDensity | None = None
+        self._probe_arg, self._loss_arg = probe, loss_fn
+        self.probe: ProbeSet | None = None
+        self.loss_fn: Callable | None = None
+        self.latest: EigenResult | None = None
+        self.history: list[dict[str, Any]] = []
+        self._listeners: list[Listener] = []
+        self._last_step = -1
+        self._measure_seconds = 0.0
+        self._fit_start_time: float | None = None
+        self._warned: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(k=self.k, which=self.which, name=self.name)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(trainer, pl_module, result)`` after every successful measurement."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def metric(self, name: str) -> str:
+        return metric_name("hessian", name, self.name)
+
+    # -- set-up ------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.loss_fn = resolve_loss_fn(pl_module, self._loss_arg)
+        self.probe = self._build_probe(trainer, pl_module)
+        self._fit_start_time = time.perf_counter()
+        define_wandb_metrics(trainer)
+        # Fail now, not at the first measurement, if there is no loss; guarded like a measurement, so
+        # BatchNorm statistics and the random stream are left as they were.
+        with measurement_context(pl_module), torch.no_grad():
+            self.loss_fn(pl_module, self.probe.batches[0])
+        if self.at_fit_start and trainer.global_step >= self.warmup_steps:
+            self.measure(trainer, pl_module)
+
+    def _build_probe(self, trainer: Trainer, pl_module: LightningModule) -> ProbeSet:
+        if isinstance(self._probe_arg, ProbeSet):
+            return ProbeSet(self._probe_arg, device=pl_module.device)
+        if self._probe_arg is None or isinstance(self._probe_arg, int):
+            size = DEFAULT_PROBE_SIZE if self._probe_arg is None else self._probe_arg
+            loader = trainer.train_dataloader
+            if loader is None:
+                raise MisconfigurationException(
+                    "no training dataloader to draw the probe from: pass `probe=` batches"
+                )
+            return draw_probe(loader, size, pl_module.device)
+        return ProbeSet(list(self._probe_arg), device=pl_module.device)
+
+    # -- when to measure ---------------------------------------------------------------------
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step >= self.warmup_steps:
+            self.measure(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.measure(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_fit_end:
+            self.measure(trainer, pl_module)
+
+    # -- the measurement ---------------------------------------------------------------------
+    def measure(
+        self, trainer: Trainer, pl_module: LightningModule, force: bool = False
+    ) -> EigenResult | None:
+        """Measure now (at most once per ``global_step``); returns the result, or None if skipped."""
+        step = trainer.global_step
+        if self.probe is None or (step == self._last_step and not force):
+            return None
+        if not force and self._over_budget():
+            self._warn_once(
+                "budget", f"measuring would exceed max_time_fraction={self.max_time_fraction}: postponed"
+            )
+            log_metrics(trainer, {self.metric("postponed"): 1.0}, step)
+            return None
+        self._last_step = step
+        try:
+            result = self.compute(pl_module)
+        except (NonFiniteLossError, NonFiniteOperatorError) as err:
+            self._warn_once("nonfinite", f"Hessian measurement skipped at step {step}: {err}")
+            log_metrics(trainer, {self.metric("skipped"): 1.0}, step)
+            return None
+        self._measure_seconds += result.seconds
+        self.latest = result
+        self._record(trainer, result)
+        self._spectrum_extras(trainer, pl_module)
+        for listener in self._listeners:
+            listener(trainer, pl_module, result)
+        return result
+
+    def compute(
+        self, pl_module: LightningModule, k: int | None = None, which: str | None = None, **overrides: Any
+    ) -> EigenResult:
+        """One measurement on the probe set with this monitor's settings (``overrides`` win)."""
+        warm = self.latest if (self.warm_start and "preconditioner" not in overrides) else None
+        if warm is not None and warm.eigenvectors.numel() == 0:
+            warm = None
+        kwargs: dict[str, Any] = {
+            "k": k or self.k,
+            "which": which or self.which,
+            "hvp": self.hvp,
+            "tol": self.tol,
+            "max_hvp": self.max_hvp,
+            "warm_start": warm,
+            "seed": self.seed,
+            "params": self.params,
+            "dtype": self.dtype or self._default_dtype(pl_module),
+        }
+        kwargs.update(overrides)
+        return hessian_eigenpairs(pl_module, self.loss_fn, self.probe, **kwargs)
+
+    def _default_dtype(self, pl_module: LightningModule) -> torch.dtype | None:
+        dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}
+        return torch.float32 if dtypes & {torch.float16, torch.bfloat16} else None
+
+    def _over_budget(self) -> bool:
+        if self.max_time_fraction is None or self._fit_start_time is None or self.latest is None:
+            return False
+        elapsed = time.perf_counter() - self._fit_start_time
+        expected = self._measure_seconds + self.latest.seconds
+        return expected > self.max_time_fraction * (elapsed + self.latest.seconds)
+
+    def _record(self, trainer: Trainer, result: EigenResult) -> None:
+        top = result.eigenvalues[: self.k]
+        metrics = {self.metric(f"eig_{i + 1}"): float(v) for i, v in enumerate(top)}
+        if self.which == "both":
+            bottom = result.eigenvalues[self.k :].flip(0)
+            metrics.update({self.metric(f"eig_bottom_{i + 1}"): float(v) for i, v in enumerate(bottom)})
+            metrics[self.metric("eig_min")] = float(bottom[0])
+        relative = result.residuals / result.eigenvalues.abs().clamp_min(1e-30)
+        metrics.update(
+            {
+                self.metric("residual_max"): float(relative.max()),
+                self.metric("n_hvp"): float(result.n_hvp),
+                self.metric("seconds"): result.seconds,
+                self.metric("converged"): float(result.all_converged),
+            }
+        )
+        if not result.all_converged:
+            self._warn_once(
+                "converged", f"some eigenpairs did not converge (tol={self.tol}); see hessian/converged"
+            )
+        log_metrics(trainer, metrics, trainer.global_step)
+        self.history.append(
+            {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "eigenvalues": result.eigenvalues.detach().cpu().tolist(),
+                "residuals": result.residuals.detach().cpu().tolist(),
+                "converged": result.converged.detach().cpu().tolist(),
+                "n_hvp": result.n_hvp,
+                "seconds": result.seconds,
+                "hvp": result.info.get("hvp", ""),
+            }
+        )
+        del self.history[: max(0, len(self.history) - self.max_history)]
+
+    def _spectrum_extras(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Trace and density at their slower cadence (counted in measurements)."""
+        count = len(self.history)
+        common = {
+            "hvp": self.hvp,
+            "seed": self.seed,
+            "params": self.params,
+            "dtype": self.dtype or self._default_dtype(pl_module),
+        }
+        metrics: dict[str, float] = {}
+        if self.trace_every and count % self.trace_every == 1 % self.trace_every:
+            estimate = hessian_trace(pl_module, self.loss_fn, self.probe, n_hvp=self.trace_hvp, **common)
+            self._measure_seconds += estimate.seconds
+            metrics.update(
+                {self.metric("trace"): estimate.trace, self.metric("trace_std"): estimate.std_error}
+            )
+            self.history[-1]["trace"] = estimate.trace
+        if self.density_every and count % self.density_every == 1 % self.density_every:
+            self.density = hessian_density(
+                pl_module, self.loss_fn, self.probe, n_steps=self.density_steps, **common
+            )
+            self._measure_seconds += self.density.seconds
+            self._log_density(trainer)
+        log_metrics(trainer, metrics, trainer.global_step)
+
+    def _log_density(self, trainer: Trainer) -> None:
+        if not wandb_experiments(trainer) or self.density is None:
+            return
+        import wandb
+
+        # The density evaluated at bin centres, as a W&B histogram over the spectral range.
+        edges = self.density.grid(n_points=121)
+        values = self.density.density((edges[1:] + edges[:-1]) / 2)
+        histogram = wandb.Histogram(np_histogram=(values.numpy(), edges.numpy()))
+        wandb_log(trainer, {self.metric("density"): histogram}, trainer.global_step)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=RuntimeWarning)
+
+    # -- checkpointing -----------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        latest = None
+        if self.latest is not None:
+            r = self.latest
+            latest = {
+                "eigenvalues": r.eigenvalues.detach().cpu(),
+                "eigenvectors": r.eigenvectors.detach().cpu(),
+                "residuals": r.residuals.detach().cpu(),
+                "converged": r.converged.detach().cpu(),
+                "n_hvp": r.n_hvp,
+                "seconds": r.seconds,
+                "tol": r.tol,
+                "which": r.which,
+                "method": r.method,
+            }
+        return {
+            "history": self.history,
+            "latest": latest,
+            "last_step": self._last_step,
+            "measure_seconds": self._measure_seconds,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            history = list(state_dict["history"])
+            latest = state_dict["latest"]
+            self.latest = None if latest is None else EigenResult(**latest)
+            self.history = history
+            self._last_step = int(state_dict["last_step"])
+            self._measure_seconds = float(state_dict.get("measure_seconds", 0.0))
+        except (KeyError, TypeError, ValueError) as err:
+            rank_zero_warn(
+                f"HessianEigenMonitor: the checkpoint's callback state is not one this version wrote ({err!r}); "
+                "starting with an empty history and a cold start",
+                category=RuntimeWarning,
+            )
+            self.latest, self.history, self._last_step = None, [], -1
+        if not math.isfinite(self._measure_seconds):
+            self._measure_seconds = 0.0

@@ -1,0 +1,75 @@
+"""Metric names and reporting: one scheme, every attached logger, W&B extras when W&B is there.
+
+Sparse measurements are logged at the measurement's ``global_step`` through each logger's
+``log_metrics`` (as ``LearningRateMonitor`` does), not through ``LightningModule.log``, which would
+re-emit a stale value at later steps. They are also written to ``trainer.callback_metrics`` so
+schedulers, ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them.
+
+Names (README, "Metric names"): ``hessian/eig_{i}`` (i = 1 is the largest), ``hessian/eig_bottom_{i}``
+(i = 1 is the most negative), ``hessian/eig_min``, ``hessian/residual_max``, ``hessian/n_hvp``,
+``hessian/seconds``, ``hessian/converged``, ``hessian/skipped``, ``hessian/trace``; ``eos/*``, ``pf/*``
+and ``dal/*`` for the diagnostics and schedulers built on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["PREFIXES", "log_metrics", "metric_name", "wandb_experiments", "wandb_log"]
+
+PREFIXES = ("hessian", "eos", "pf", "dal")
+
+
+def metric_name(group: str, name: str, tag: str | None = None) -> str:
+    """``group/name``, or ``group/tag/name`` for a named second instance (e.g. a held-out probe)."""
+    return f"{group}/{tag}/{name}" if tag else f"{group}/{name}"
+
+
+def log_metrics(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
+    """Log to every attached logger at ``step`` and expose the values in ``trainer.callback_metrics``."""
+    if not metrics:
+        return
+    clean = {key: float(value) for key, value in metrics.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(clean, step=step)
+    for key, value in clean.items():
+        trainer.callback_metrics[key] = torch.tensor(value)
+
+
+def wandb_experiments(trainer: Any) -> list[Any]:
+    """The W&B runs of the attached ``WandbLogger``s (on rank zero; empty without wandb)."""
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:  # pragma: no cover
+        return []
+    if getattr(trainer, "global_rank", 0) != 0:
+        return []
+    runs = []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            experiment = logger.experiment
+            if hasattr(experiment, "define_metric"):  # a real run, not a disabled dummy
+                runs.append(experiment)
+    return runs
+
+
+_DEFINED: set[int] = set()
+
+
+def define_wandb_metrics(trainer: Any) -> None:
+    """Chart every pf-lightning metric against ``trainer/global_step`` (the x-axis users expect)."""
+    for run in wandb_experiments(trainer):
+        if id(run) in _DEFINED:
+            continue
+        for prefix in PREFIXES:
+            run.define_metric(f"{prefix}/*", step_metric="trainer/global_step")
+        _DEFINED.add(id(run))
+
+
+def wandb_log(trainer: Any, payload: Mapping[str, Any], step: int) -> None:
+    """Log W&B-only objects (tables, histograms, custom charts) with the step column WandbLogger uses."""
+    for run in wandb_experiments(trainer):
+        run.log({**payload, "trainer/global_step": step})

@@ -1,0 +1,196 @@
+"""EdgeOfStabilityMonitor: thresholds of the optimizer in use, preconditioned sharpness, PF regimes,
+the early warning, W&B, and the edge of stability itself on sklearn digits."""
+
+import lightning as L
+import pytest
+import torch
+from cases import dense_hessian, make_case
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_models import DigitsClassifier, digits, trainer
+
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+from pf_lightning.curvature import ParameterSpace, adam_preconditioner
+
+
+def fit(tmp_path, model, steps, monitor=None, **eos_kwargs):
+    monitor = monitor or HessianEigenMonitor(k=2, every_n_steps=5, tol=1e-4)
+    eos = EdgeOfStabilityMonitor(**eos_kwargs)
+    t = trainer(tmp_path, max_steps=steps, callbacks=[eos, monitor])  # order does not matter: listeners
+    t.fit(model)
+    return t, monitor, eos
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "expected"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1), 2 / 0.1),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), (2 + 2 * 0.9) / 0.1),
+        (
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+            (2 + 2 * 0.9) / (0.1 * (1 + 2 * 0.9)),
+        ),
+    ],
+)
+def test_threshold_follows_the_optimizer_in_use(tmp_path, optimizer, expected):
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128)
+    model.configure_optimizers = lambda: optimizer(model.parameters())
+    t, monitor, eos = fit(tmp_path, model, 5)
+    last = eos.history[-1]
+    assert last["eos/threshold"] == pytest.approx(expected)
+    assert last["eos/sharpness"] == pytest.approx(monitor.history[-1]["eigenvalues"][0])
+    assert float(t.callback_metrics["eos/ratio"]) == pytest.approx(last["eos/sharpness"] / expected)
+
+
+def test_sgd_weight_decay_shifts_the_sharpness(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128)
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.5)
+    _, monitor, eos = fit(tmp_path, model, 5)
+    assert eos.history[-1]["eos/sharpness"] == pytest.approx(monitor.history[-1]["eigenvalues"][0] + 0.5)
+
+
+def test_principal_flow_quantities_match_their_definitions(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.7)
+    _, monitor, eos = fit(tmp_path, model, 5)
+    last, result = eos.history[-1], monitor.latest
+    x, y = digits(128)
+    params = list(model.parameters())
+    g = torch.cat([t_.reshape(-1) for t_ in torch.autograd.grad(model.loss((x, y)), params)])
+    for i in range(2):
+        lam = float(result.eigenvalues[i])
+        assert last[f"pf/hlambda_{i + 1}"] == pytest.approx(0.7 * lam)
+        assert last[f"pf/log_growth_{i + 1}"] == pytest.approx(
+            torch.log(torch.tensor(abs(1 - 0.7 * lam))).item(), rel=1e-6
+        )
+        assert last[f"pf/projection_{i + 1}"] == pytest.approx(
+            float(g @ result.eigenvectors[:, i]), rel=1e-4, abs=1e-7
+        )
+    unstable = [i for i in range(2) if 0.7 * float(result.eigenvalues[i]) > 2]
+    assert last["pf/unstable_directions"] == len(unstable)
+    fraction = sum(float(g @ result.eigenvectors[:, i]) ** 2 for i in unstable) / float(g @ g)
+    assert last["pf/unstable_grad_fraction"] == pytest.approx(fraction, rel=1e-4, abs=1e-9)
+
+
+class _Adam(DigitsClassifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2, betas=(0.9, 0.999))
+
+
+def test_adam_preconditioned_sharpness_equals_dense_at_the_same_step(tmp_path):
+    L.seed_everything(0)
+    model = _Adam(hidden=12, n=64).double()
+    x, y = digits(64)
+    probe = [(x.double(), y)]
+    monitor = HessianEigenMonitor(k=1, every_n_steps=4, probe=probe, tol=1e-8, at_fit_start=False)
+    t, _, eos = fit(tmp_path, model, 4, monitor=monitor)
+    assert [h["step"] for h in eos.history] == [4]
+    # Dense lambda_max(P^-1 H) from the optimizer state at step 4, computed independently.
+    case = make_case("mlp")
+    case.model, case.batches = model, probe
+    case.loss_fn = lambda m, b: 0.5 * ((m(b[0]) - torch.nn.functional.one_hot(b[1], 10)) ** 2).sum(1).mean()
+    H = dense_hessian(case)
+    P = adam_preconditioner(t.optimizers[0], ParameterSpace(model))
+    D = P.rsqrt()
+    expected = float(torch.linalg.eigvalsh(D[:, None] * H * D[None, :])[-1])
+    last = eos.history[-1]
+    assert last["eos/preconditioned_sharpness"] == pytest.approx(expected, rel=1e-6)
+    assert last["eos/sharpness"] == last["eos/preconditioned_sharpness"]
+    assert last["eos/threshold"] == pytest.approx(38 / 1e-2)
+    assert monitor.history[-1]["eigenvalues"][0] == pytest.approx(
+        float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6
+    )
+
+
+def test_early_warning_fires_once_per_crossing_with_the_hook(tmp_path):
+    L.seed_everything(0)
+    events = []
+    model = DigitsClassifier(n=128, lr=0.05)
+    with pytest.warns(RuntimeWarning, match="stability threshold") as record:
+        fit(
+            tmp_path,
+            model,
+            10,
+            warn_ratio=0.01,
+            on_warning=lambda t, m, metrics: events.append(t.global_step),
+        )
+    assert events == [0]  # crossed at the first measurement and stayed above
+    assert len([w for w in record if "stability threshold" in str(w.message)]) == 1
+
+
+def test_proxies_are_bounded_by_the_spectrum(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.1)  # full batch: the proxy batch is the probe set
+    t, monitor, _ = fit(tmp_path, model, 5, proxies=True)
+    v, q = float(t.callback_metrics["pf/hg_ratio"]), float(t.callback_metrics["pf/rayleigh_quotient"])
+    assert abs(q) <= v <= float(monitor.latest.eigenvalues[0]) * 1.001
+    assert float(t.callback_metrics["pf/drift_ratio"]) == pytest.approx(0.1 / 2 * v)
+
+
+def test_missing_hessian_monitor_fails_at_setup(tmp_path):
+    with pytest.raises(MisconfigurationException, match="add HessianEigenMonitor"):
+        trainer(tmp_path, max_steps=1, callbacks=[EdgeOfStabilityMonitor()]).fit(DigitsClassifier(n=64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"threshold": 0.0}, "threshold"),
+        ({"warn_ratio": -1}, "warn_ratio"),
+        ({"loss_window": 1}, "loss_window"),
+        ({"optimizer_index": -1}, "optimizer_index"),
+    ],
+)
+def test_bad_configuration(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        EdgeOfStabilityMonitor(**kwargs)
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
+    import wandb
+    from wandb_offline import find_run_file, history, metric_definitions, offline_env
+
+    offline_env(monkeypatch, tmp_path)
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.1)
+    monitor = HessianEigenMonitor(k=2, every_n_steps=3)
+    eos = EdgeOfStabilityMonitor(chart_every=2)
+    try:
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
+        trainer(tmp_path, max_steps=6, logger=logger, callbacks=[monitor, eos]).fit(model)
+        logger.experiment.finish()
+    finally:
+        wandb.teardown()
+    path = find_run_file(tmp_path)
+    # Each log_metrics call is one W&B row; rows of one measurement share trainer/global_step.
+    by_step: dict[int, dict] = {}
+    for row in history(path):
+        by_step.setdefault(row.get("trainer/global_step"), {}).update(row)
+    rows = [by_step[step] for step in sorted(s for s, r in by_step.items() if "hessian/eig_1" in r)]
+    assert [r["trainer/global_step"] for r in rows] == [h["step"] for h in monitor.history] == [0, 3, 6]
+    for row, h, e in zip(rows, monitor.history, eos.history, strict=True):
+        assert row["hessian/eig_1"] == pytest.approx(h["eigenvalues"][0], rel=1e-6)
+        assert row["eos/ratio"] == pytest.approx(e["eos/ratio"], rel=1e-6)
+        assert row["pf/log_growth_1"] == pytest.approx(e["pf/log_growth_1"], rel=1e-6)
+    globs = {(m["glob_name"], m["step_metric"]) for m in metric_definitions(path)}
+    assert {("hessian/*", "trainer/global_step"), ("eos/*", "trainer/global_step")} <= globs
+    assert any("eos/spectrum_vs_threshold_table" in r for r in history(path))  # the custom chart's data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr", [0.15, 0.2])
+def test_sharpness_rises_to_two_over_lr_and_hovers(tmp_path, lr):
+    """Cohen et al.'s first figure on sklearn digits: full-batch GD, tanh MLP, squared error."""
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=lr, hidden=200, n=1024)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=50)
+    _, _, eos = fit(tmp_path, model, 900, monitor=monitor)
+    ratios = [h["eos/ratio"] for h in eos.history]
+    assert ratios[0] < 0.75  # starts well below the edge
+    assert eos.first_edge_step is not None
+    after = [r for h, r in zip(eos.history, ratios, strict=True) if h["step"] >= eos.first_edge_step]
+    assert len(after) >= 4
+    assert abs(sorted(after)[len(after) // 2] - 1) < 0.10  # the median hovers within 10% of 2/lr
+    assert all(0.85 < r < 1.3 for r in after)  # single measurements overshoot most right after the catapult

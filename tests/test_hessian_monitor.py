@@ -1,0 +1,248 @@
+"""HessianEigenMonitor in real Trainer runs: values, logging, cadence, resume, non-interference, errors."""
+
+import csv
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_models import DigitsClassifier, digits, trainer
+
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor, hessian_eigenpairs
+
+
+def read_csv(logger):
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_logged_eigenvalues_are_the_probe_hessian_at_that_step(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.1, n=128)
+    monitor = HessianEigenMonitor(k=3, every_n_steps=5, tol=1e-4)
+    logger = CSVLogger(tmp_path)
+    trainer(tmp_path, max_steps=12, callbacks=[monitor], logger=logger).fit(model)
+    assert [h["step"] for h in monitor.history] == [0, 5, 10, 12]  # fit start, every 5, fit end
+    # The last measurement is of the final model: recompute it independently, tighter.
+    x, y = digits(128)
+    direct = hessian_eigenpairs(model, lambda m, b: m.loss(b), [(x, y)], k=3, tol=1e-6)
+    torch.testing.assert_close(monitor.latest.eigenvalues, direct.eigenvalues, rtol=2e-3, atol=0)
+    rows = read_csv(logger)
+    measured = {int(r["step"]): r for r in rows if r.get("hessian/eig_1")}
+    assert sorted(measured) == [0, 5, 10, 12]
+    assert float(measured[12]["hessian/eig_1"]) == pytest.approx(
+        monitor.history[-1]["eigenvalues"][0], rel=1e-6
+    )
+    assert all(not r.get("hessian/eig_1") for r in rows if int(r["step"]) not in measured)
+    assert "hessian/eig_1" in trainer_metrics(monitor, model)
+
+
+def trainer_metrics(monitor, model):
+    return model.trainer.callback_metrics
+
+
+def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.05, n=256, batch_size=32)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, probe=64, at_fit_end=False)
+    trainer(tmp_path, max_steps=6, accumulate_grad_batches=2, callbacks=[monitor]).fit(model)
+    assert [h["step"] for h in monitor.history] == [0, 2, 4, 6]
+
+
+def _fit_parameters(tmp_path, callbacks, steps=8):
+    L.seed_everything(123)
+    model = DigitsClassifier(lr=0.05, momentum=0.9, dropout=0.2, batchnorm=True, n=256, batch_size=32)
+    t = trainer(tmp_path, max_steps=steps, callbacks=callbacks)
+    t.fit(model)
+    optimizer_state = t.optimizers[0].state_dict()["state"]
+    return [p.detach().clone() for p in model.parameters()], optimizer_state, torch.rand(3)
+
+
+def test_training_is_bit_identical_with_and_without_the_callbacks(tmp_path):
+    plain = _fit_parameters(tmp_path / "a", [])
+    hessian = HessianEigenMonitor(k=2, every_n_steps=3, probe=48, which="both")
+    monitored = _fit_parameters(tmp_path / "b", [hessian, EdgeOfStabilityMonitor(proxies=True)])
+    assert len(hessian.history) >= 3
+    assert all(torch.equal(a, b) for a, b in zip(plain[0], monitored[0], strict=True))
+    for key, state in plain[1].items():
+        assert all(torch.equal(state[name], monitored[1][key][name]) for name in state)
+    assert torch.equal(plain[2], monitored[2])  # the global random stream is where it would have been
+
+
+def test_resume_continues_history_and_warm_start(tmp_path):
+    def run(max_steps, ckpt_path=None, callbacks=()):
+        L.seed_everything(0)
+        model = DigitsClassifier(lr=0.1, n=128)
+        monitor = HessianEigenMonitor(k=2, every_n_steps=4, at_fit_end=False)
+        t = trainer(tmp_path, max_steps=max_steps, callbacks=[monitor, *callbacks], enable_checkpointing=True)
+        t.fit(model, ckpt_path=ckpt_path)
+        return monitor
+
+    straight = run(12)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
+    run(8, callbacks=[checkpoint])
+    resumed = run(12, ckpt_path=str(tmp_path / "ckpt" / "epoch=7-step=8.ckpt"))
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in straight.history] == [0, 4, 8, 12]
+    for a, b in zip(resumed.history, straight.history, strict=True):
+        assert a["eigenvalues"] == pytest.approx(b["eigenvalues"], rel=1e-4)
+    assert resumed.latest.info["warm_start"]  # the step-12 measurement started from the step-8 vectors
+
+
+def test_two_instances_coexist_with_their_own_state(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.1, n=128)
+    x, y = digits()
+    train = HessianEigenMonitor(k=1, every_n_steps=5)
+    held_out = HessianEigenMonitor(k=1, every_n_steps=5, probe=[(x[1500:], y[1500:])], name="heldout")
+    t = trainer(tmp_path, max_steps=5, callbacks=[train, held_out])
+    t.fit(model)
+    assert train.state_key != held_out.state_key
+    assert {"hessian/eig_1", "hessian/heldout/eig_1"} <= set(t.callback_metrics)
+    assert t.callback_metrics["hessian/eig_1"] != t.callback_metrics["hessian/heldout/eig_1"]
+
+
+def test_non_finite_measurement_is_skipped_once_and_training_goes_on(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.1, n=128)
+    calls = {"n": 0}
+
+    def loss_fn(module, batch):
+        calls["n"] += 1
+        loss = module.loss(batch)
+        return loss * float("nan") if module.trainer.global_step >= 4 else loss
+
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=loss_fn)
+    logger = CSVLogger(tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t = trainer(tmp_path, max_steps=8, callbacks=[monitor], logger=logger)
+        t.fit(model)
+    assert t.global_step == 8
+    assert [h["step"] for h in monitor.history] == [0, 2]
+    skipped = [w for w in record if "measurement skipped" in str(w.message)]
+    assert len(skipped) == 1
+    assert sorted(int(r["step"]) for r in read_csv(logger) if r.get("hessian/skipped")) == [4, 6, 8]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "`k` must be an int >= 1"),
+        ({"every_n_steps": 0}, "`every_n_steps`"),
+        ({"hvp": "exact"}, "`hvp` must be one of"),
+        ({"probe": 0}, "probe size"),
+        ({"which": "bottom"}, "`which`"),
+        ({"tol": 2.0}, "`tol`"),
+        ({"max_time_fraction": 1.5}, "max_time_fraction"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        HessianEigenMonitor(**kwargs)
+
+
+class _NoLoss(DigitsClassifier):
+    def training_step(self, batch, batch_idx):
+        self.loss(batch)
+        return None
+
+
+def test_training_step_without_loss_fails_at_setup(tmp_path):
+    with pytest.raises(MisconfigurationException, match="training_step returned NoneType"):
+        trainer(tmp_path, max_steps=1, callbacks=[HessianEigenMonitor(k=1)]).fit(_NoLoss(n=64))
+
+
+class _Manual(DigitsClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = self.loss(batch)
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_manual_optimization_needs_and_uses_a_loss_fn(tmp_path):
+    with pytest.raises(MisconfigurationException, match="manual optimization"):
+        trainer(tmp_path, max_steps=1, callbacks=[HessianEigenMonitor(k=1)]).fit(_Manual(n=64))
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=lambda m, b: m.loss(b))
+    trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(_Manual(n=64))
+    assert [h["step"] for h in monitor.history] == [0, 2, 4]
+
+
+def test_training_step_logs_stay_out_of_the_logs(tmp_path):
+    L.seed_everything(0)
+    logger = CSVLogger(tmp_path)
+    model = DigitsClassifier(lr=0.1, n=64)
+    trainer(
+        tmp_path,
+        max_steps=3,
+        log_every_n_steps=1,
+        logger=logger,
+        callbacks=[HessianEigenMonitor(k=1, every_n_steps=1)],
+    ).fit(model)
+    steps = [int(r["step"]) for r in read_csv(logger) if r.get("train_loss")]
+    assert steps == sorted(
+        set(steps)
+    )  # one train_loss per step: the monitor's training_step calls logged nothing
+
+
+class _QuietClassifier(DigitsClassifier):
+    def training_step(self, batch, batch_idx):  # dynamo cannot trace Lightning's self.log on torch 2.13
+        return self.loss(batch)
+
+
+def test_compiled_module_is_measured_uncompiled(tmp_path):
+    L.seed_everything(0)
+    model = _QuietClassifier(lr=0.1, n=64)
+    compiled = torch.compile(model, backend="eager")  # compiled graphs have no double backward
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, hvp="double_backward")
+    trainer(tmp_path, max_steps=2, callbacks=[monitor]).fit(compiled)
+    assert [h["step"] for h in monitor.history] == [0, 2]
+    assert model._compiler_ctx is not None and "forward" in model.__dict__  # still compiled for training
+    x, y = digits(64)
+    direct = hessian_eigenpairs(
+        model, lambda m, b: m.loss(b), [(x, y)], k=1, hvp="finite_difference", tol=1e-5
+    )
+    assert monitor.latest.eigenvalues[0] == pytest.approx(float(direct.eigenvalues[0]), rel=2e-3)
+
+
+def test_bf16_mixed_precision_measures_in_float32(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.1, n=64)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, tol=1e-5)
+    trainer(tmp_path, max_steps=2, precision="bf16-mixed", callbacks=[monitor]).fit(model)
+    x, y = digits(64)
+    direct = hessian_eigenpairs(
+        model, lambda m, b: m.loss(b), [(x, y)], k=1, tol=1e-6
+    )  # float32, no autocast
+    assert monitor.latest.eigenvalues[0] == pytest.approx(float(direct.eigenvalues[0]), rel=1e-4)
+
+
+def test_trace_and_density_at_a_slower_cadence(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.1, n=128)
+    monitor = HessianEigenMonitor(
+        k=1, every_n_steps=2, trace_every=2, trace_hvp=30, density_every=3, density_steps=20
+    )
+    t = trainer(tmp_path, max_steps=6, callbacks=[monitor])
+    t.fit(model)
+    assert [h["step"] for h in monitor.history] == [0, 2, 4, 6]
+    assert [("trace" in h) for h in monitor.history] == [True, False, True, False]  # measurements 1 and 3
+    # The estimate is unbiased: compare it with the exact trace of this small Hessian.
+    from cases import dense_hessian, make_case
+
+    case = make_case("mlp")
+    case.model, case.batches = model, [digits(128)]
+    case.loss_fn = lambda m, b: 0.5 * ((m(b[0]) - torch.nn.functional.one_hot(b[1], 10)) ** 2).sum(1).mean()
+    exact = float(torch.trace(dense_hessian(case)))
+    assert float(t.callback_metrics["hessian/trace"]) == pytest.approx(
+        exact, abs=4 * float(t.callback_metrics["hessian/trace_std"]) + 1e-3 * abs(exact)
+    )
+    assert monitor.density is not None and monitor.density.nodes.shape == (2, 20)
