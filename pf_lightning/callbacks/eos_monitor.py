@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from .. import stability
-from ..curvature import HessianOperator, NonFiniteLossError, PreconditionerUnavailable
+from ..curvature import NonFiniteLossError, PreconditionerUnavailable
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, wandb_experiments, wandb_log
 from .hessian_monitor import HessianEigenMonitor
@@ -212,9 +212,7 @@ class EdgeOfStabilityMonitor(Callback):
         monitor = self.monitor
         eigenvalues = result.eigenvalues[: monitor.k].double() + weight_decay
         vectors = result.eigenvectors[:, : monitor.k]
-        with HessianOperator(
-            pl_module, monitor.loss_fn, monitor.probe, params=monitor.params, seed=monitor.seed
-        ) as op:
+        with monitor.operator(pl_module) as op:
             gradient = op.gradient()
         projections = stability.gradient_projections(gradient.to(vectors.dtype), vectors).double()
         grad_norm = float(gradient.double().norm())
@@ -279,9 +277,7 @@ class EdgeOfStabilityMonitor(Callback):
         monitor = self.monitor
         lr = float(trainer.optimizers[self.optimizer_index].param_groups[0]["lr"])
         try:
-            with HessianOperator(
-                pl_module, monitor.loss_fn, [batch], params=monitor.params, seed=monitor.seed
-            ) as op:
+            with monitor.operator(pl_module, [batch]) as op:
                 g = op.gradient()
                 hg = op.matvec(g)
         except (NonFiniteLossError, NonFiniteOperatorError) as err:

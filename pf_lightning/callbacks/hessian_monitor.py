@@ -20,7 +20,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from ..curvature import HVP_CHOICES, NonFiniteLossError, measurement_context
+from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError, measurement_context
+from ..curvature.state import rng_state
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..linalg.density import SpectralDensity
 from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log
@@ -193,7 +194,9 @@ class HessianEigenMonitor(Callback):
                     "no training dataloader to draw the probe from: pass `probe=` batches"
                 )
             return draw_probe(loader, size, pl_module.device)
-        return ProbeSet(list(self._probe_arg), device=pl_module.device)
+        with rng_state():  # a shuffling DataLoader draws its order from the global generator
+            batches = list(self._probe_arg)
+        return ProbeSet(batches, device=pl_module.device)
 
     # -- when to measure ---------------------------------------------------------------------
     @override
@@ -201,7 +204,8 @@ class HessianEigenMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step >= self.warmup_steps:
+        # Step 0 is the fit-start measurement's (at_fit_start), not the micro-batches' before the first step.
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step >= self.warmup_steps:
             self.measure(trainer, pl_module)
 
     @override
@@ -263,6 +267,19 @@ class HessianEigenMonitor(Callback):
         }
         kwargs.update(overrides)
         return hessian_eigenpairs(pl_module, self.loss_fn, self.probe, **kwargs)
+
+    def operator(self, pl_module: LightningModule, batches: Any = None) -> HessianOperator:
+        """A Hessian operator with this monitor's loss, parameters, backend, seed and dtype, on the probe
+        set (or on ``batches``): for diagnostics that need gradients or products beyond eigenpairs."""
+        return HessianOperator(
+            pl_module,
+            self.loss_fn,
+            self.probe if batches is None else batches,
+            params=self.params,
+            hvp=self.hvp,
+            seed=self.seed,
+            dtype=self.dtype or self._default_dtype(pl_module),
+        )
 
     def _default_dtype(self, pl_module: LightningModule) -> torch.dtype | None:
         dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}

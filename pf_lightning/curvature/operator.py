@@ -103,7 +103,6 @@ class HessianOperator(LinearOperator):
             total = torch.tensor([self.probe.total_weight], dtype=torch.float64, device=self.device)
             dist.all_reduce(total)
             self._total_weight = float(total)
-        self.backend = self._make_backend(self.requested)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -168,9 +167,14 @@ class HessianOperator(LinearOperator):
             dist.all_reduce(out)  # one flat collective per application, weighted by sample counts
         return out.div_(self._total_weight)
 
-    def _matmat(self, X: Tensor) -> Tensor:
-        if self.backend is None:
+    def _require_context(self) -> None:
+        if self._stack is None:
             raise RuntimeError("use the HessianOperator inside `with HessianOperator(...) as op:`")
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        self._require_context()
+        if self.backend is None:  # chosen on the first product: a gradient alone needs no backend
+            self.backend = self._make_backend(self.requested)
         out = torch.zeros_like(X)
         for index, weight in enumerate(self.probe.weights):
             out.add_(self.backend.apply(index, X), alpha=weight)
@@ -178,8 +182,7 @@ class HessianOperator(LinearOperator):
 
     def gradient(self) -> Tensor:
         """The flat gradient of the same sample-weighted mean loss (same dropout masks as the products)."""
-        if self.backend is None:
-            raise RuntimeError("use the HessianOperator inside `with HessianOperator(...) as op:`")
+        self._require_context()
         out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         for index, weight in enumerate(self.probe.weights):
             with torch.enable_grad():
