@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py all --out BENCHMARKS.md
+	$(PY) benchmarks/overhead.py --out BENCHMARKS.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

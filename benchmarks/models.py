@@ -11,6 +11,7 @@ Every model is float32 on the CPU and measured on one fixed probe batch with a c
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 class MLP(nn.Sequential):
     def __init__(self, widths: tuple[int, ...] = (64, 200, 200, 10)) -> None:
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(a, b))
             if i < len(widths) - 2:
                 layers.append(nn.Tanh())
@@ -59,7 +60,12 @@ class Transformer(nn.Module):
         self.pos = nn.Parameter(0.02 * torch.randn(seq_len, d_model))
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                d_model, nhead=4, dim_feedforward=4 * d_model, dropout=0.0, activation="gelu", batch_first=True
+                d_model,
+                nhead=4,
+                dim_feedforward=4 * d_model,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
             )
             for _ in range(n_layers)
         )
@@ -139,7 +145,9 @@ def make_bench(name: str, probe_size: int = 512, pretrain_steps: int = 100, quic
     torch.manual_seed(0)
     if name in ("mlp", "cnn"):
         x, y = _digits()
-        model: nn.Module = MLP((64, 100, 100, 10) if quick else (64, 200, 200, 10)) if name == "mlp" else CNN()
+        model: nn.Module = (
+            MLP((64, 100, 100, 10) if quick else (64, 200, 200, 10)) if name == "mlp" else CNN()
+        )
         if name == "cnn":
             x = x.reshape(-1, 1, 8, 8)
             if quick:

@@ -129,6 +129,33 @@ def test_proxies_are_bounded_by_the_spectrum(tmp_path):
     assert float(t.callback_metrics["pf/drift_ratio"]) == pytest.approx(0.1 / 2 * v)
 
 
+class _TwoOptimizers(DigitsClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(self.loss(batch))
+        for optimizer in self.optimizers():
+            optimizer.step()
+
+    def configure_optimizers(self):
+        first, rest = list(self.net[0].parameters()), list(self.net[1:].parameters())
+        return [torch.optim.SGD(first, lr=0.1), torch.optim.SGD(rest, lr=0.05, momentum=0.9)]
+
+
+def test_several_optimizers_measured_against_the_chosen_one(tmp_path, caplog):
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=lambda m, b: m.loss(b))
+    eos = EdgeOfStabilityMonitor(optimizer_index=1)
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, max_steps=2, callbacks=[monitor, eos]).fit(_TwoOptimizers(n=64))
+    assert eos.history[-1]["eos/threshold"] == pytest.approx((2 + 2 * 0.9) / 0.05)
+    assert "thresholds are those of optimizer 1 (SGD)" in caplog.text
+
+
 def test_missing_hessian_monitor_fails_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match="add HessianEigenMonitor"):
         trainer(tmp_path, max_steps=1, callbacks=[EdgeOfStabilityMonitor()]).fit(DigitsClassifier(n=64))
@@ -177,6 +204,11 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     globs = {(m["glob_name"], m["step_metric"]) for m in metric_definitions(path)}
     assert {("hessian/*", "trainer/global_step"), ("eos/*", "trainer/global_step")} <= globs
     assert any("eos/spectrum_vs_threshold_table" in r for r in history(path))  # the custom chart's data
+    from wandb_offline import tables
+
+    spectra = [t for key, t in tables(path.parent).items() if "hessian/spectra" in key or "spectra" in key]
+    assert spectra and spectra[-1]["columns"] == ["step", "index", "eigenvalue", "threshold"]
+    assert [row[:2] for row in spectra[-1]["data"]][:2] == [[0, 1], [0, 2]]
 
 
 @pytest.mark.slow

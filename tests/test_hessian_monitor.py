@@ -246,3 +246,14 @@ def test_trace_and_density_at_a_slower_cadence(tmp_path):
         exact, abs=4 * float(t.callback_metrics["hessian/trace_std"]) + 1e-3 * abs(exact)
     )
     assert monitor.density is not None and monitor.density.nodes.shape == (2, 20)
+
+
+def test_time_budget_postpones_measurements_and_says_so(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.1, n=128)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=1, max_time_fraction=0.001)
+    logger = CSVLogger(tmp_path)
+    with pytest.warns(RuntimeWarning, match="max_time_fraction"):
+        trainer(tmp_path, max_steps=4, callbacks=[monitor], logger=logger).fit(model)
+    assert [h["step"] for h in monitor.history] == [0]  # measuring costs far more than 0.1% of a step
+    assert sorted(int(r["step"]) for r in read_csv(logger) if r.get("hessian/postponed")) == [1, 2, 3, 4]

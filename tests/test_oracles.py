@@ -6,10 +6,10 @@ eigenvalues) instead of the nearly symmetric spectrum of a network at initializa
 deflated power iteration (PyHessian, eigenthings' ``deflated_power_iteration``) chase negative
 eigenvalues of similar magnitude.
 
-Each oracle gets its own freshly built model: PyHessian puts the model in eval mode and leaves
-graph-carrying ``.grad`` tensors on it, so no measurement may run on a model an oracle has touched
-(``test_pyhessian_side_effects_do_not_reach_our_measurement`` checks why that matters and that our
-measurement does not inherit them).
+Each oracle gets its own freshly built model: PyHessian puts the model in eval mode for good (and
+hangs graph-carrying ``.grad`` tensors on it until its power iteration zeroes them), so no measurement
+may run on a model an oracle has touched. ``test_pyhessian_side_effects_do_not_reach_our_measurement``
+shows those side effects and that our measurement does not inherit them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from pf_lightning import hessian_eigenpairs
 pytest.importorskip("sklearn")
 pyhessian = pytest.importorskip("pyhessian")
 he = pytest.importorskip("hessian_eigenthings")
+
+# PyHessian builds its gradient graph with loss.backward(create_graph=True), which torch warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
 
 K = 3
 PF_TOL = 1e-6
@@ -125,10 +128,10 @@ def test_same_top_eigenvalues_as_pyhessian(ours: Tensor, dense_eigenvalues: Tens
     # residual, so its error is not bounded by tol: the Rayleigh quotient's error shrinks by about
     # q = (lambda_{i+1} / lambda_i)^2 <= 0.93 per step, so the error left when the change falls below tol
     # is about tol * q / (1 - q) <= 1.3e-5 per pair, plus what the deflation against the previous
-    # (approximate) eigenvectors passes on, plus float32 products. 1e-3 bounds all of it with room to
-    # spare and is still 30x tighter than the smallest relative gap between the top-3 (0.086).
-    assert float(rel(theirs, dense_eigenvalues[:K]).max()) <= 1e-3
-    assert float(rel(ours, theirs).max()) <= 1e-3
+    # (approximate) eigenvectors passes on, plus float32 products. It reaches 1.6e-5 here; 1e-4 leaves a
+    # 6x margin and is still 800x tighter than the smallest relative gap between the top-3 (0.086).
+    assert float(rel(theirs, dense_eigenvalues[:K]).max()) <= 1e-4
+    assert float(rel(ours, theirs).max()) <= 1e-4
 
 
 def test_same_top_eigenvalues_as_eigenthings_lanczos(ours: Tensor, dense_eigenvalues: Tensor) -> None:

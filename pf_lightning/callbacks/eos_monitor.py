@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .. import stability
@@ -129,15 +129,24 @@ class EdgeOfStabilityMonitor(Callback):
             self.monitor = next((cb for cb in found if cb.name is None), found[0])
         self.monitor.add_listener(self._on_measurement)
 
-    def _threshold(
-        self, trainer: Trainer
-    ) -> tuple[stability.StabilityThreshold, torch.optim.Optimizer | None]:
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizers = trainer.optimizers
         if self.optimizer_index >= len(optimizers):
             raise MisconfigurationException(
                 f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
             )
-        optimizer = optimizers[self.optimizer_index]
+        if len(optimizers) > 1:
+            rank_zero_info(
+                f"EdgeOfStabilityMonitor: {len(optimizers)} optimizers; thresholds are those of optimizer "
+                f"{self.optimizer_index} ({type(optimizers[self.optimizer_index]).__name__}): set optimizer_index= "
+                "to choose another"
+            )
+
+    def _threshold(
+        self, trainer: Trainer
+    ) -> tuple[stability.StabilityThreshold, torch.optim.Optimizer | None]:
+        optimizer = trainer.optimizers[self.optimizer_index]
         if self.fixed_threshold is not None:
             return stability.StabilityThreshold(
                 self.fixed_threshold, type(optimizer).__name__, False, "given"
@@ -311,7 +320,13 @@ class EdgeOfStabilityMonitor(Callback):
         chart = wandb.plot.line_series(
             xs=steps, ys=ys, keys=keys, title="Hessian eigenvalues vs stability threshold", xname="step"
         )
-        wandb_log(trainer, {"eos/spectrum_vs_threshold": chart}, step)
+        rows = [
+            [h["step"], i + 1, v, h["eos/threshold"]]
+            for h in self.history
+            for i, v in enumerate(h["eigenvalues"])
+        ]
+        spectra = wandb.Table(columns=["step", "index", "eigenvalue", "threshold"], data=rows)
+        wandb_log(trainer, {"eos/spectrum_vs_threshold": chart, "hessian/spectra": spectra}, step)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

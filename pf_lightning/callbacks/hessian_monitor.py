@@ -152,6 +152,7 @@ class HessianEigenMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self._listeners: list[Listener] = []
         self._last_step = -1
+        self._postponed_step = -1
         self._measure_seconds = 0.0
         self._fit_start_time: float | None = None
         self._warned: set[str] = set()
@@ -227,10 +228,12 @@ class HessianEigenMonitor(Callback):
         if self.probe is None or (step == self._last_step and not force):
             return None
         if not force and self._over_budget():
-            self._warn_once(
-                "budget", f"measuring would exceed max_time_fraction={self.max_time_fraction}: postponed"
-            )
-            log_metrics(trainer, {self.metric("postponed"): 1.0}, step)
+            if step != self._postponed_step:  # the step hook and fit end may both ask at one step
+                self._postponed_step = step
+                self._warn_once(
+                    "budget", f"measuring would exceed max_time_fraction={self.max_time_fraction}: postponed"
+                )
+                log_metrics(trainer, {self.metric("postponed"): 1.0}, step)
             return None
         self._last_step = step
         try:

@@ -1,0 +1,1 @@
+"""Benchmarks of pf_lightning against SciPy ARPACK, PyHessian and hessian-eigenthings (see BENCHMARKS.md)."""

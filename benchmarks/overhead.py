@@ -1,0 +1,149 @@
+"""Wall-time overhead of HessianEigenMonitor + EdgeOfStabilityMonitor on a Lightning run.
+
+Interleaved fits of the same model with and without both monitors (default settings, every 100 steps),
+medians over repeats, ratio measured in one run. Two regimes: full-batch gradient descent on sklearn
+digits (the edge-of-stability setting; the digits MLP 64-200-200-10) and mini-batches of 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.report import rewrite
+
+
+class DigitsMLP(L.LightningModule):
+    def __init__(self, batch_size: int | None, lr: float = 0.2) -> None:
+        super().__init__()
+        self.batch_size, self.lr = batch_size, lr
+        self.net = nn.Sequential(
+            nn.Linear(64, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 10)
+        )
+        x, y = load_digits(return_X_y=True)
+        x = torch.tensor(x, dtype=torch.float32)
+        self.x, self.y = (x - x.mean(0)) / x.std(0).clamp_min(1e-6), torch.tensor(y)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return 0.5 * ((self.net(x) - F.one_hot(y, 10).float()) ** 2).sum(1).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        size = self.batch_size or len(self.x)
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=size, shuffle=self.batch_size is not None)
+
+
+def fit_seconds(
+    batch_size: int | None, steps: int, monitored: bool, every: int, fraction: float | None = None
+) -> tuple[float, float, int]:
+    L.seed_everything(0, verbose=False)
+    model = DigitsMLP(batch_size)
+    monitor = HessianEigenMonitor(every_n_steps=every, max_time_fraction=fraction)
+    callbacks = [monitor, EdgeOfStabilityMonitor()] if monitored else []
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(
+            default_root_dir=root,
+            accelerator="cpu",
+            max_steps=steps,
+            logger=L.pytorch.loggers.CSVLogger(root),
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        start = time.perf_counter()
+        trainer.fit(model)
+        seconds = time.perf_counter() - start
+    measuring = sum(h["seconds"] for h in monitor.history) if monitored else 0.0
+    return seconds, measuring, len(monitor.history) if monitored else 0
+
+
+def run(steps: int, repeats: int, every: int) -> list[dict]:
+    rows = []
+    regimes = [
+        ("full batch (1797)", None, None),
+        ("full batch (1797), max_time_fraction=0.05", None, 0.05),
+        ("mini-batch 128", 128, None),
+        ("mini-batch 128, max_time_fraction=0.05", 128, 0.05),
+    ]
+    for label, batch_size, fraction in regimes:
+        plain, monitored, measuring, counts = [], [], [], []
+        for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+            plain.append(fit_seconds(batch_size, steps, False, every)[0])
+            seconds, inside, count = fit_seconds(batch_size, steps, True, every, fraction)
+            monitored.append(seconds)
+            measuring.append(inside)
+            counts.append(count)
+        base, with_monitors = statistics.median(plain), statistics.median(monitored)
+        rows.append(
+            {
+                "regime": label,
+                "plain": base,
+                "monitored": with_monitors,
+                "overhead": with_monitors / base - 1,
+                "measuring": statistics.median(measuring),
+                "measurements": statistics.median(counts),
+                "spread": (min(plain), max(plain), min(monitored), max(monitored)),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], steps: int, repeats: int, every: int, command: str) -> str:
+    lines = [
+        "## Training overhead of the monitors",
+        "",
+        f"Run: `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads. {steps} optimizer steps of the digits MLP (64-200-200-10, tanh, "
+        f"squared error, SGD lr 0.2), with and without `HessianEigenMonitor(every_n_steps={every})` + "
+        f"`EdgeOfStabilityMonitor()` at their defaults (k = 5, 512 probe samples, tol 1e-3, warm starts); "
+        f"median wall time of `trainer.fit` over {repeats} interleaved repeats.",
+        "",
+        "| regime | without (s) | with both monitors (s) | overhead | measurements | time inside them (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['regime']} | {r['plain']:.2f} | {r['monitored']:.2f} | **{100 * r['overhead']:+.1f}%** "
+            f"| {r['measurements']:.0f} | {r['measuring']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=None, help="rewrite the overhead section of this file")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rows = run(args.steps, args.repeats, args.every)
+    command = (
+        f"python benchmarks/overhead.py --steps {args.steps} --repeats {args.repeats} --every {args.every}"
+    )
+    body = markdown(rows, args.steps, args.repeats, args.every, command)
+    print(body)
+    if args.out is not None:
+        rewrite(args.out, "overhead", body)
+
+
+if __name__ == "__main__":
+    main()
