@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PREFIXES", "log_metrics", "metric_name", "wandb_experiments", "wandb_log"]
+__all__ = ["PREFIXES", "log_metrics", "metric_name", "wandb_experiments", "wandb_log", "warn_once"]
 
 PREFIXES = ("hessian", "eos", "pf", "dal")
 
@@ -37,6 +37,16 @@ def log_metrics(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
         logger.log_metrics(clean, step=step)
     for key, value in clean.items():
         trainer.callback_metrics[key] = torch.tensor(value)
+
+
+def warn_once(seen: set[str], key: str, message: str) -> None:
+    """One rank-zero warning per ``key`` for the owner of ``seen``: a problem that repeats at every
+    measurement is reported once (the logged flags record every occurrence)."""
+    if key not in seen:
+        seen.add(key)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+        rank_zero_warn(message, category=RuntimeWarning)
 
 
 def wandb_experiments(trainer: Any) -> list[Any]:

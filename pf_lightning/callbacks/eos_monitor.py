@@ -23,7 +23,7 @@ from typing_extensions import override
 from .. import stability
 from ..curvature import NonFiniteLossError, PreconditionerUnavailable
 from ..linalg import EigenResult, NonFiniteOperatorError
-from ..logging import log_metrics, wandb_experiments, wandb_log
+from ..logging import log_metrics, wandb_experiments, wandb_log, warn_once
 from .hessian_monitor import HessianEigenMonitor
 
 WarningAction = Callable[[Trainer, LightningModule, dict[str, float]], None]
@@ -329,9 +329,7 @@ class EdgeOfStabilityMonitor(Callback):
         wandb_log(trainer, {"eos/spectrum_vs_threshold": chart, "hessian/spectra": spectra}, step)
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message, category=RuntimeWarning)
+        warn_once(self._warned, key, message)
 
     # -- checkpointing -----------------------------------------------------------------------
     @override

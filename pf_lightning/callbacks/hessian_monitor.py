@@ -24,7 +24,7 @@ from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError, measur
 from ..curvature.state import rng_state
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..linalg.density import SpectralDensity
-from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log
+from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log, warn_once
 from ..measure import hessian_density, hessian_eigenpairs, hessian_trace
 from ..probe import ProbeSet
 from ._probe import DEFAULT_PROBE_SIZE, draw_probe, resolve_loss_fn
@@ -367,9 +367,7 @@ class HessianEigenMonitor(Callback):
         wandb_log(trainer, {self.metric("density"): histogram}, trainer.global_step)
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message, category=RuntimeWarning)
+        warn_once(self._warned, key, message)
 
     # -- checkpointing -----------------------------------------------------------------------
     @override
