@@ -13,6 +13,7 @@ from .linalg import EigenResult, lanczos, lobpcg
 from .linalg._common import WHICH
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
+from .probe import ProbeSet
 
 __all__ = ["METHODS", "hessian_density", "hessian_eigenpairs", "hessian_trace"]
 
@@ -108,8 +109,9 @@ def hessian_eigenpairs(
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # DDP's wrapper does not support torch.autograd.grad
 
+    probe = batches if weights is None else ProbeSet(batches, weights=weights)
     with HessianOperator(
-        model, loss_fn, batches, params=params, hvp=hvp, seed=seed, cache_graphs=cache_graphs, dtype=dtype
+        model, loss_fn, probe, params=params, hvp=hvp, seed=seed, cache_graphs=cache_graphs, dtype=dtype
     ) as hessian:
         op = hessian
         if preconditioner is not None:

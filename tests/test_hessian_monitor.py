@@ -257,3 +257,11 @@ def test_time_budget_postpones_measurements_and_says_so(tmp_path):
         trainer(tmp_path, max_steps=4, callbacks=[monitor], logger=logger).fit(model)
     assert [h["step"] for h in monitor.history] == [0]  # measuring costs far more than 0.1% of a step
     assert sorted(int(r["step"]) for r in read_csv(logger) if r.get("hessian/postponed")) == [1, 2, 3, 4]
+
+
+def test_a_second_fit_with_the_same_monitor_measures_again(tmp_path):
+    monitor = HessianEigenMonitor(k=1, every_n_steps=4, probe=64, at_fit_start=False)
+    for _ in range(2):
+        L.seed_everything(0)
+        trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(DigitsClassifier(n=128, batch_size=64))
+    assert [h["step"] for h in monitor.history] == [4, 4]  # history accumulates across fits

@@ -149,3 +149,19 @@ def test_single_batch_and_dict_batches():
         case.model, lambda m, b: case.loss_fn(m, (b["x"], b["y"])), {"x": x, "y": y}, k=1, tol=1e-8
     )
     torch.testing.assert_close(tuple_result.eigenvalues, dict_result.eigenvalues)
+
+
+def test_explicit_weights_replace_sample_counts():
+    """H = sum_b w_b H_b / sum_b w_b: a closed form on a linear least-squares model."""
+    from torch import nn
+
+    model = nn.Linear(2, 1, bias=False)
+    loss_fn = lambda m, b: 0.5 * ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    b1 = (torch.tensor([[1.0, 0.0]]), torch.zeros(1, 1))  # H_1 = diag(1, 0)
+    b2 = (torch.tensor([[0.0, 3.0]]), torch.zeros(1, 1))  # H_2 = diag(0, 9)
+    counted = hessian_eigenpairs(model, loss_fn, [b1, b2], k=2, tol=1e-8)
+    torch.testing.assert_close(counted.eigenvalues, torch.tensor([4.5, 0.5]))
+    weighted = hessian_eigenpairs(model, loss_fn, [b1, b2], k=2, tol=1e-8, weights=[100.0, 1.0])
+    torch.testing.assert_close(
+        weighted.eigenvalues, torch.tensor([9 / 101, 100 / 101]).sort(descending=True).values
+    )

@@ -108,6 +108,7 @@ class EdgeOfStabilityMonitor(Callback):
         self.negative_curvature = 0.0
         self._above = False
         self._last_loss_step = -1
+        self._pending_losses: list[float] = []
         self._preconditioned_latest: EigenResult | None = None
         self._warned: set[str] = set()
 
@@ -131,6 +132,7 @@ class EdgeOfStabilityMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_loss_step, self._pending_losses = trainer.global_step, []
         optimizers = trainer.optimizers
         if self.optimizer_index >= len(optimizers):
             raise MisconfigurationException(
@@ -272,13 +274,18 @@ class EdgeOfStabilityMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step == self._last_loss_step:
-            return  # gradient accumulation: one entry per optimizer step
-        self._last_loss_step = step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            self.losses.append(float(loss.detach()))
+            # Lightning divides each micro-batch loss by the accumulation count: undo it, and record the
+            # mean over the micro-batches of one optimizer step.
+            self._pending_losses.append(float(loss.detach()) * trainer.accumulate_grad_batches)
+        step = trainer.global_step
+        if step == self._last_loss_step:
+            return  # gradient accumulation: the optimizer step is not complete yet
+        self._last_loss_step = step
+        if self._pending_losses:
+            self.losses.append(sum(self._pending_losses) / len(self._pending_losses))
+            self._pending_losses.clear()
         if self.proxies and step % self.proxy_every_n_steps == 0:
             self._log_proxies(trainer, pl_module, batch)
 

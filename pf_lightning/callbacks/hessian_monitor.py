@@ -172,6 +172,13 @@ class HessianEigenMonitor(Callback):
 
     # -- set-up ------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # A second fit with the same callback starts its step bookkeeping afresh; a resumed fit gets
+        # the saved values back afterwards (Lightning restores callback state after setup).
+        if stage == "fit":
+            self._last_step = self._postponed_step = -1
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.loss_fn = resolve_loss_fn(pl_module, self._loss_arg)
         self.probe = self._build_probe(trainer, pl_module)
