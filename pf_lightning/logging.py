@@ -66,17 +66,13 @@ def wandb_experiments(trainer: Any) -> list[Any]:
     return runs
 
 
-_DEFINED: set[int] = set()
-
-
 def define_wandb_metrics(trainer: Any) -> None:
-    """Chart every pf-lightning metric against ``trainer/global_step`` (the x-axis users expect)."""
+    """Chart every pf-lightning metric against ``trainer/global_step`` (the x-axis users expect).
+
+    ``define_metric`` is idempotent, so every monitor may call this at the start of every fit."""
     for run in wandb_experiments(trainer):
-        if id(run) in _DEFINED:
-            continue
         for prefix in PREFIXES:
             run.define_metric(f"{prefix}/*", step_metric="trainer/global_step")
-        _DEFINED.add(id(run))
 
 
 def wandb_log(trainer: Any, payload: Mapping[str, Any], step: int) -> None:

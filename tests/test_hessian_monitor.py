@@ -37,11 +37,7 @@ def test_logged_eigenvalues_are_the_probe_hessian_at_that_step(tmp_path):
         monitor.history[-1]["eigenvalues"][0], rel=1e-6
     )
     assert all(not r.get("hessian/eig_1") for r in rows if int(r["step"]) not in measured)
-    assert "hessian/eig_1" in trainer_metrics(monitor, model)
-
-
-def trainer_metrics(monitor, model):
-    return model.trainer.callback_metrics
+    assert "hessian/eig_1" in model.trainer.callback_metrics
 
 
 def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):

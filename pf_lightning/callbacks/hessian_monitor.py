@@ -261,7 +261,7 @@ class HessianEigenMonitor(Callback):
         self, pl_module: LightningModule, k: int | None = None, which: str | None = None, **overrides: Any
     ) -> EigenResult:
         """One measurement on the probe set with this monitor's settings (``overrides`` win)."""
-        warm = self.latest if (self.warm_start and "preconditioner" not in overrides) else None
+        warm = self.latest if self.warm_start else None
         if warm is not None and warm.eigenvectors.numel() == 0:
             warm = None
         kwargs: dict[str, Any] = {

@@ -100,7 +100,7 @@ def lanczos(
         raise ValueError(f"v0 has {v.shape[0]} entries, the operator acts on {op.n}")
     nrm = float(op.inner(v, v)) ** 0.5
     if not math.isfinite(nrm) or nrm == 0.0:
-        v, nrm = op.randn(1, generator)[:, 0], None
+        v = op.randn(1, generator)[:, 0]
         nrm = float(op.inner(v, v)) ** 0.5
 
     V = torch.zeros(op.n, m + 1, dtype=op.dtype, device=op.device)
