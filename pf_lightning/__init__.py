@@ -1,25 +1,32 @@
 """pf-lightning: Hessian eigenpairs, edge-of-stability and principal-flow diagnostics for Lightning."""
 
-from .callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
+from .callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor, LRAdaptation
 from .curvature import HessianOperator, NonFiniteLossError, ParameterSpace, PreconditionedOperator
+from .curvature.drift import GradientCurvature, gradient_curvature
 from .linalg import EigenResult, NonConvergenceWarning, NonFiniteOperatorError
 from .measure import hessian_density, hessian_eigenpairs, hessian_trace
 from .probe import ProbeSet
+from .schedulers import DriftAdaptiveLR, SharpnessCappedLR
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DriftAdaptiveLR",
     "EdgeOfStabilityMonitor",
     "EigenResult",
+    "GradientCurvature",
     "HessianEigenMonitor",
     "HessianOperator",
+    "LRAdaptation",
     "NonConvergenceWarning",
     "NonFiniteLossError",
     "NonFiniteOperatorError",
     "ParameterSpace",
     "PreconditionedOperator",
     "ProbeSet",
+    "SharpnessCappedLR",
     "__version__",
+    "gradient_curvature",
     "hessian_density",
     "hessian_eigenpairs",
     "hessian_trace",

@@ -8,7 +8,7 @@ schedulers, ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them.
 Names (README, "Metric names"): ``hessian/eig_{i}`` (i = 1 is the largest), ``hessian/eig_bottom_{i}``
 (i = 1 is the most negative), ``hessian/eig_min``, ``hessian/residual_max``, ``hessian/n_hvp``,
 ``hessian/seconds``, ``hessian/converged``, ``hessian/skipped``, ``hessian/trace``; ``eos/*``, ``pf/*``
-and ``dal/*`` for the diagnostics and schedulers built on them.
+and ``dal/*`` and ``cap/*`` for the diagnostics and schedulers built on them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["PREFIXES", "log_metrics", "metric_name", "wandb_experiments", "wandb_log", "warn_once"]
 
-PREFIXES = ("hessian", "eos", "pf", "dal")
+PREFIXES = ("hessian", "eos", "pf", "dal", "cap")
 
 
 def metric_name(group: str, name: str, tag: str | None = None) -> str:

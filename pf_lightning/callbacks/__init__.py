@@ -2,5 +2,6 @@
 
 from .eos_monitor import EdgeOfStabilityMonitor
 from .hessian_monitor import HessianEigenMonitor
+from .lr_adaptation import LRAdaptation
 
-__all__ = ["EdgeOfStabilityMonitor", "HessianEigenMonitor"]
+__all__ = ["EdgeOfStabilityMonitor", "HessianEigenMonitor", "LRAdaptation"]

@@ -47,6 +47,7 @@ from .proxies import dal_learning_rate, drift_ratio, euler_local_error, hg_ratio
 from .thresholds import (
     StabilityThreshold,
     UnsupportedOptimizer,
+    edge_lr,
     effective_lr,
     optimizer_threshold,
     threshold_adam,
@@ -68,6 +69,7 @@ __all__ = [
     "accumulated_negative_curvature",
     "dal_learning_rate",
     "drift_ratio",
+    "edge_lr",
     "effective_lr",
     "euler_local_error",
     "first_crossing_step",

@@ -306,3 +306,46 @@ def effective_lr(threshold: StabilityThreshold) -> float:
         0.005263157894736842
     """
     return 2.0 / threshold.value
+
+
+def edge_lr(optimizer: torch.optim.Optimizer, sharpness: float, group: int = 0) -> float:
+    r"""The learning rate at which ``optimizer``'s stability threshold equals ``sharpness``.
+
+    Every threshold of :func:`optimizer_threshold` is a constant over the learning rate
+    (:math:`2/\eta`, :math:`(2+2\beta)/\eta`, :math:`(2+2\beta_1)/((1-\beta_1)\eta)`, ...), so the edge is
+    :math:`\eta_{\text{edge}} = \eta \cdot \text{threshold}(\eta) / S`: :math:`2/S` for gradient
+    descent, :math:`38/S` for Adam with :math:`\beta_1 = 0.9` (with :math:`S` the preconditioned
+    sharpness there). Steps below it are stable on the local quadratic model, steps above it are not.
+
+    Args:
+        optimizer: a ``torch.optim`` optimizer whose group ``group`` has a positive learning rate.
+        sharpness: the curvature the threshold applies to (``eos/sharpness``), positive and finite.
+        group: index into ``optimizer.param_groups``.
+
+    Returns:
+        :math:`\eta_{\text{edge}}`.
+
+    Raises:
+        ValueError: ``sharpness`` is not positive and finite (and what :func:`optimizer_threshold` raises).
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> edge_lr(torch.optim.SGD([p], lr=0.3), 20.0)
+        0.1
+        >>> round(edge_lr(torch.optim.Adam([p], lr=1e-3), 3800.0), 12)
+        0.01
+    """
+    sharpness = float(sharpness)
+    if not (sharpness > 0 and math.isfinite(sharpness)):
+        raise ValueError(f"sharpness must be positive and finite, got {sharpness!r}")
+    if not 0 <= group < len(optimizer.param_groups):
+        return optimizer_threshold(optimizer, group).value  # raises the out-of-range error
+    # threshold * lr does not depend on lr: evaluate it at lr = 1, so a schedule at 0 still has an edge.
+    settings = optimizer.param_groups[group]
+    saved = settings["lr"]
+    try:
+        settings["lr"] = 1.0
+        constant = optimizer_threshold(optimizer, group).value
+    finally:
+        settings["lr"] = saved
+    return constant / sharpness

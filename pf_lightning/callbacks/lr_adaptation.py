@@ -1,0 +1,268 @@
+"""LRAdaptation: feeds DriftAdaptiveLR and SharpnessCappedLR their measurements, logs their choices.
+
+The schedulers are ordinary ``LRScheduler``s that Lightning steps after every optimizer step with a
+monitored metric (``dal/hg_ratio`` or ``cap/sharpness``). This callback puts that metric in
+``trainer.callback_metrics`` before Lightning steps them: ``||Hg||/||g||`` measured on the batch just
+trained, at the parameters the next step starts from (every ``every_n_steps`` optimizer steps, the
+scheduler holding the last value in between), or the latest ``eos/sharpness`` of the
+:class:`EdgeOfStabilityMonitor`. At the start of each step it logs the rate the scheduler chose and the
+quantity it came from. Given ``scheduler=``, it also installs the scheduler itself, for users who
+cannot edit ``configure_optimizers``; the scheduler's state then lives in the checkpoint like any other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from typing_extensions import override
+
+from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError
+from ..curvature.drift import gradient_curvature
+from ..linalg import NonFiniteOperatorError
+from ..logging import log_metrics, metric_name, warn_once
+from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
+from ._probe import resolve_loss_fn
+from .eos_monitor import EdgeOfStabilityMonitor
+
+SchedulerFactory = Callable[[Optimizer], LRScheduler]
+HG_METHODS = ("forward_difference", *HVP_CHOICES)
+
+
+class LRAdaptation(Callback):
+    """Measurement and logging for pf-lightning's LR schedulers; optionally installs one.
+
+    Args:
+        scheduler: ``None`` to serve the :class:`DriftAdaptiveLR` / :class:`SharpnessCappedLR` that
+            ``configure_optimizers`` returns (with ``scheduler.lightning_config()``), or a factory
+            ``scheduler(optimizer) -> LRScheduler`` (e.g. ``functools.partial(DriftAdaptiveLR, p=1.0)``;
+            in YAML a ``class_path`` with ``init_args``) installed on optimizer ``optimizer_index`` at the
+            start of fit.
+        optimizer_index: the optimizer an installed scheduler wraps.
+        every_n_steps: measure ``||Hg||/||g||`` every this many optimizer steps; in between, DAL holds
+            the last value (cheaper, and the rate changes only at measurements).
+        hvp: how ``Hg`` is computed: ``"forward_difference"`` (as ``dal.py``: one extra gradient at
+            ``theta + e g``, ``e = 0.01/||g||``) or an HVP backend (``"auto"``, ``"double_backward"``, ...)
+            for the exact product.
+        loss_fn: ``loss_fn(module, batch) -> scalar Tensor``; by default the module's ``training_step``.
+        params: glob patterns of the parameters whose curvature counts (all trainable ones by default).
+        seed: seeds the random state of the measurement's forward passes (dropout masks).
+
+    Raises:
+        MisconfigurationException: a bad argument; at fit start, no pf-lightning scheduler to serve, a
+            scheduler configured without ``lightning_config()``, or a sharpness cap without an
+            :class:`EdgeOfStabilityMonitor`.
+
+    Example::
+
+        trainer = Trainer(callbacks=[LRAdaptation(functools.partial(DriftAdaptiveLR, p=1.0, max_lr=5.0))])
+    """
+
+    def __init__(
+        self,
+        scheduler: SchedulerFactory | None = None,
+        optimizer_index: int = 0,
+        every_n_steps: int = 1,
+        hvp: str = "forward_difference",
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        params: str | list[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if scheduler is not None and not callable(scheduler):
+            raise MisconfigurationException(
+                "scheduler must be a factory scheduler(optimizer) -> LRScheduler, e.g. "
+                "functools.partial(DriftAdaptiveLR, p=1.0)"
+            )
+        for name, value in (("optimizer_index", optimizer_index), ("every_n_steps", every_n_steps)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name == "every_n_steps"):
+                bound = 1 if name == "every_n_steps" else 0
+                raise MisconfigurationException(f"{name} must be an integer >= {bound}, got {value!r}")
+        if hvp not in HG_METHODS:
+            raise MisconfigurationException(f"hvp must be one of {HG_METHODS}, got {hvp!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(
+                "loss_fn must be callable as loss_fn(module, batch) -> scalar Tensor"
+            )
+        self.factory, self.optimizer_index, self.every_n_steps = scheduler, optimizer_index, every_n_steps
+        self.hvp, self.user_loss_fn, self.params, self.seed = hvp, loss_fn, params, seed
+        self.schedulers: list[DriftAdaptiveLR | SharpnessCappedLR] = []
+        self.installed: LRScheduler | None = None
+        self.eos: EdgeOfStabilityMonitor | None = None
+        self._loss_fn: Callable | None = None
+        self._last_measured: int | None = None
+        self._restored: int | None = None
+        self._last_logged: int | None = None
+        self._last_end: int | None = None
+        self._warned: set[str] = set()
+
+    # -- set-up ------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._loss_fn = resolve_loss_fn(pl_module, self.user_loss_fn)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After configure_optimizers, before a checkpoint's optimizer and scheduler states are restored:
+        # a scheduler added here is restored on resume like one configure_optimizers returned.
+        if self.factory is not None:
+            if self.optimizer_index >= len(trainer.optimizers):
+                raise MisconfigurationException(
+                    f"optimizer_index={self.optimizer_index} but the module configures {len(trainer.optimizers)} optimizer(s)"
+                )
+            scheduler = self.factory(trainer.optimizers[self.optimizer_index])
+            if not isinstance(scheduler, DriftAdaptiveLR | SharpnessCappedLR):
+                raise MisconfigurationException(
+                    f"scheduler= built a {type(scheduler).__name__}; LRAdaptation installs DriftAdaptiveLR or "
+                    "SharpnessCappedLR (return other schedulers from configure_optimizers)"
+                )
+            trainer.lr_scheduler_configs.append(LRSchedulerConfig(**scheduler.lightning_config()))
+            self.installed = scheduler
+        self.schedulers = []
+        for config in trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, DriftAdaptiveLR | SharpnessCappedLR):
+                self._check_config(config)
+                self.schedulers.append(config.scheduler)
+        kinds = [type(s) for s in self.schedulers]
+        if len(set(kinds)) != len(kinds) or len({id(s.optimizer) for s in self.schedulers}) != len(kinds):
+            raise MisconfigurationException(
+                "LRAdaptation serves at most one DriftAdaptiveLR and one SharpnessCappedLR, on different optimizers: "
+                "two schedulers writing one optimizer's rate would overwrite each other (cap a DAL schedule by "
+                "lowering its max_lr instead)"
+            )
+        if not self.schedulers:
+            raise MisconfigurationException(
+                "LRAdaptation found no DriftAdaptiveLR or SharpnessCappedLR: return one from configure_optimizers "
+                "as {'optimizer': opt, 'lr_scheduler': scheduler.lightning_config()}, or pass scheduler= to install one"
+            )
+        if any(isinstance(s, SharpnessCappedLR) for s in self.schedulers):
+            self._find_eos(trainer)
+        self._last_measured, self._restored = self._restored, None  # a resumed run keeps its cadence
+        self._last_logged = self._last_end = None
+
+    def _check_config(self, config: LRSchedulerConfig) -> None:
+        scheduler = config.scheduler
+        if config.interval != "step" or not config.reduce_on_plateau or config.monitor != scheduler.monitor:
+            raise MisconfigurationException(
+                f"{type(scheduler).__name__} must be stepped every optimizer step with its measurement: "
+                f"return {{'optimizer': opt, 'lr_scheduler': scheduler.lightning_config()}} from configure_optimizers "
+                f"(interval='step', reduce_on_plateau=True, monitor={scheduler.monitor!r}); got "
+                f"interval={config.interval!r}, reduce_on_plateau={config.reduce_on_plateau}, monitor={config.monitor!r}"
+            )
+
+    def _find_eos(self, trainer: Trainer) -> None:
+        found = [cb for cb in trainer.callbacks if isinstance(cb, EdgeOfStabilityMonitor)]
+        if not found:
+            raise MisconfigurationException(
+                "SharpnessCappedLR needs the sharpness the EdgeOfStabilityMonitor measures: add "
+                "HessianEigenMonitor(...) and EdgeOfStabilityMonitor() to the Trainer's callbacks"
+            )
+        capped = {id(s.optimizer) for s in self.schedulers if isinstance(s, SharpnessCappedLR)}
+        matching = [cb for cb in found if id(trainer.optimizers[cb.optimizer_index]) in capped]
+        if not matching:
+            raise MisconfigurationException(
+                "no EdgeOfStabilityMonitor measures the optimizer SharpnessCappedLR wraps: set its optimizer_index"
+            )
+        self.eos = matching[0]
+        self.eos.monitor.add_listener(self._on_measurement)  # after the EoS monitor's own listener
+
+    # -- per step ----------------------------------------------------------------------------
+    @staticmethod
+    def _name(scheduler: Any, key: str) -> str:
+        return metric_name("dal" if isinstance(scheduler, DriftAdaptiveLR) else "cap", key)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_logged:
+            return  # gradient accumulation: the rate is that of the optimizer step still in progress
+        self._last_logged = step
+        for scheduler in self.schedulers:
+            if isinstance(scheduler, DriftAdaptiveLR) and self._last_measured is None:
+                # The first step of a fit: measure now, so it already runs at the DAL rate.
+                self._last_measured = step
+                scheduler.refresh(self._measure_drift(trainer, pl_module, batch))
+        metrics = {}
+        for scheduler in self.schedulers:
+            for key, value in scheduler.metrics().items():
+                if key not in ("hg_ratio", "sharpness"):  # logged when measured
+                    metrics[self._name(scheduler, key)] = value
+        log_metrics(trainer, metrics, step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_end:
+            return  # gradient accumulation: the optimizer step is not complete yet
+        self._last_end = step
+        for scheduler in self.schedulers:
+            if isinstance(scheduler, DriftAdaptiveLR) and (
+                self._last_measured is None or step - self._last_measured >= self.every_n_steps
+            ):
+                self._last_measured = step
+                self._measure_drift(trainer, pl_module, batch)
+            elif scheduler.monitor not in trainer.callback_metrics:
+                # Nothing measured in this fit yet (a fresh start, or a resume between measurements):
+                # the scheduler holds what it has, or waits silently (NaN before any measurement).
+                held = math.nan if scheduler.measured is None else scheduler.measured
+                trainer.callback_metrics[scheduler.monitor] = torch.tensor(held)
+
+    def _measure_drift(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> float:
+        """Measure ||Hg||/||g|| on ``batch``, log it, and return it (NaN when it failed)."""
+        exact = self.hvp != "forward_difference"
+        dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}
+        dtype = torch.float32 if dtypes & {torch.float16, torch.bfloat16} else None
+        metrics: dict[str, float]
+        try:
+            with HessianOperator(
+                pl_module,
+                self._loss_fn,
+                [batch],
+                params=self.params,
+                hvp=self.hvp if exact else "auto",
+                seed=self.seed,
+                dtype=dtype,
+            ) as op:
+                gc = gradient_curvature(op, "operator" if exact else "forward_difference")
+            v = gc.hg_ratio if gc.finite else math.nan
+            metrics = {"hg_ratio": v, "grad_norm": gc.grad_norm, "hg_norm": gc.hg_norm, "seconds": gc.seconds}
+            if not math.isfinite(v):
+                metrics["skipped"] = 1.0
+        except (NonFiniteLossError, NonFiniteOperatorError) as err:
+            warn_once(
+                self._warned, "nonfinite", f"step {trainer.global_step}: ||Hg||/||g|| not measured: {err}"
+            )
+            metrics = {"hg_ratio": math.nan, "skipped": 1.0}
+        # The scheduler reads dal/hg_ratio from callback_metrics; NaN makes it hold its previous rate.
+        log_metrics(trainer, {f"dal/{key}": value for key, value in metrics.items()}, trainer.global_step)
+        return metrics["hg_ratio"]
+
+    def _on_measurement(self, trainer: Trainer, pl_module: LightningModule, result: Any) -> None:
+        if self.eos is None or not self.eos.history or self.eos.history[-1]["step"] != trainer.global_step:
+            return  # the EoS monitor skipped this measurement: the cap keeps the previous sharpness
+        sharpness = float(self.eos.history[-1]["eos/sharpness"])
+        log_metrics(trainer, {"cap/sharpness": sharpness}, trainer.global_step)
+        if self._last_end is None:  # measured before the first step of this fit: cap that step already
+            for scheduler in self.schedulers:
+                if isinstance(scheduler, SharpnessCappedLR):
+                    scheduler.refresh(sharpness)
+
+    # -- checkpoint --------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_measured": self._last_measured}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict.get("last_measured")

@@ -1,0 +1,128 @@
+r"""The curvature along the gradient: one Hessian-vector product with the gradient itself.
+
+The principal-flow quantities that need no eigensolver, on the loss of an (entered)
+:class:`~pf_lightning.curvature.HessianOperator`:
+
+.. math::
+    v = \frac{\lVert Hg\rVert}{\lVert g\rVert}, \qquad q = \frac{g^\top H g}{\lVert g\rVert^2},
+    \qquad \lvert q\rvert \le v \le \max_i \lvert\lambda_i\rvert .
+
+:math:`v` drives DAL-p (:class:`~pf_lightning.DriftAdaptiveLR`) and the drift ratio
+:math:`(h/2)v`. ``Hg`` comes either from the operator's own backend (exact with double backward) or,
+as in the paper's ``dal.py``, from one extra gradient at :math:`\theta + e g` with
+:math:`e = 0.01/\lVert g\rVert` (a forward difference; the displacement has norm 0.01).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .operator import HessianOperator
+
+__all__ = ["GRADIENT_HVP_METHODS", "GradientCurvature", "gradient_curvature"]
+
+GRADIENT_HVP_METHODS = ("operator", "forward_difference")
+FORWARD_DIFFERENCE_DISPLACEMENT = 0.01  # dal.py: e = 0.01 / ||g||
+
+
+@dataclass(frozen=True)
+class GradientCurvature:
+    """``||g||``, ``||Hg||`` and ``g^T H g`` of one loss, with what they cost.
+
+    Attributes:
+        grad_norm: :math:`\\lVert g\\rVert`.
+        hg_norm: :math:`\\lVert Hg\\rVert`.
+        g_dot_hg: :math:`g^\\top H g`.
+        method: ``"forward_difference"`` or the operator backend's name.
+        seconds: wall-clock time of the measurement.
+    """
+
+    grad_norm: float
+    hg_norm: float
+    g_dot_hg: float
+    method: str
+    seconds: float
+
+    @property
+    def hg_ratio(self) -> float:
+        """:math:`v = \\lVert Hg\\rVert/\\lVert g\\rVert`; NaN when the gradient is zero."""
+        return self.hg_norm / self.grad_norm if self.grad_norm > 0 else math.nan
+
+    @property
+    def rayleigh_quotient(self) -> float:
+        """:math:`g^\\top H g/\\lVert g\\rVert^2`; NaN when the gradient is zero."""
+        return self.g_dot_hg / self.grad_norm**2 if self.grad_norm > 0 else math.nan
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(x) for x in (self.grad_norm, self.hg_norm, self.g_dot_hg))
+
+
+def gradient_curvature(op: HessianOperator, method: str = "operator") -> GradientCurvature:
+    r"""Measure :math:`\lVert g\rVert`, :math:`\lVert Hg\rVert` and :math:`g^\top Hg` of ``op``'s loss.
+
+    Args:
+        op: an entered :class:`HessianOperator` (its probe set is usually the current batch). Under
+            ``torch.distributed`` the gradient and the product are of the loss over every rank's
+            batches, so every rank gets the same numbers.
+        method: ``"operator"``: :math:`Hg` from the operator's HVP backend (exact with double
+            backward; 1 gradient + 1 HVP). ``"forward_difference"``: the paper's
+            :math:`Hg \approx (\nabla E(\theta + e g) - \nabla E(\theta))/e`, :math:`e = 0.01/\lVert g\rVert`
+            (2 gradients, no second-order autograd; its error is :math:`O(e\lVert g\rVert)` times the
+            third derivative: 0.1-0.3% relative on the test models in float32 and float64).
+
+    Returns:
+        A :class:`GradientCurvature`; its values are NaN when the gradient is zero or not finite.
+
+    Raises:
+        ValueError: unknown ``method``.
+        NonFiniteLossError: the loss is not finite.
+
+    Example:
+        >>> from pf_lightning.curvature import HessianOperator
+        >>> A = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        >>> loss = lambda m, batch: 0.5 * (m.weight @ A @ m.weight.T).sum()
+        >>> with HessianOperator(model, loss, [torch.zeros(1)]) as op:
+        ...     gc = gradient_curvature(op)
+        >>> gc.hg_ratio  # g = A w lies along the eigenvector with eigenvalue 4
+        4.0
+    """
+    if method not in GRADIENT_HVP_METHODS:
+        raise ValueError(f"method must be one of {GRADIENT_HVP_METHODS}, got {method!r}")
+    start = time.perf_counter()
+    g = op.gradient()
+    grad_norm = float(op.inner(g, g).sqrt())
+    if not (math.isfinite(grad_norm) and grad_norm > 0):
+        nan = math.nan
+        return GradientCurvature(grad_norm, nan, nan, method, time.perf_counter() - start)
+    if method == "operator":
+        hg = op.matvec(g)
+        name = op.backend_name
+    else:
+        hg = _forward_difference(op, g, FORWARD_DIFFERENCE_DISPLACEMENT / grad_norm)
+        name = method
+    hg_norm = float(op.inner(hg, hg).sqrt())
+    return GradientCurvature(grad_norm, hg_norm, float(op.inner(g, hg)), name, time.perf_counter() - start)
+
+
+def _forward_difference(op: HessianOperator, g: torch.Tensor, e: float) -> torch.Tensor:
+    """``(grad(theta + e g) - g) / e``, with the parameters put back bit for bit afterwards."""
+    params = op.space.params
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, piece in zip(params, op.space.unflatten(g), strict=True):
+                p.add_(piece.to(p.dtype), alpha=e)
+        g_shifted = op.gradient()
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)
+    return (g_shifted - g) / e

@@ -1,0 +1,360 @@
+r"""Learning-rate schedulers that act on measured curvature: DAL-p and a sharpness cap.
+
+Both are ``torch.optim.lr_scheduler.LRScheduler`` subclasses with a closed-form rate and a
+``step(metric)`` that takes the measured quantity, so Lightning steps them like ``ReduceLROnPlateau``
+(``interval="step"``, ``monitor=<metric>``): after the optimizer step and after the callbacks of that
+batch have measured, ``LearningRateMonitor`` shows the effective rate, and checkpoints keep their state.
+:meth:`DriftAdaptiveLR.lightning_config` returns that configuration; the
+:class:`~pf_lightning.callbacks.LRAdaptation` callback supplies the metric every step (and can install
+the scheduler itself when ``configure_optimizers`` cannot be edited).
+
+Timing: a rate set by ``step(metric)`` is used by the *next* optimizer step. Under Lightning the
+metric is measured at the parameters that step starts from, on the batch just trained: for full-batch
+gradient descent that is exactly the paper's DAL; with mini-batches the curvature comes from the
+previous batch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from .stability import dal_learning_rate, edge_lr
+
+__all__ = ["DriftAdaptiveLR", "SharpnessCappedLR"]
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"expected a scalar metric, got a tensor of shape {tuple(value.shape)}")
+        return float(value.detach())
+    return float(value)
+
+
+def _check_positive(value: float, name: str, fix: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}: {fix}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}: {fix}")
+    return value
+
+
+class _MeasuredLR(LRScheduler):
+    """The machinery both schedulers share: a held measurement, its warnings, a Lightning config."""
+
+    monitor: str
+    _quantity: str
+
+    def _clean(self, value: float | None) -> float | None:
+        return value
+
+    def _observe(self, value: Any) -> None:
+        """Take a new measurement; a non-finite one keeps the previous value (one warning, a flag)."""
+        value = self._clean(_as_float(value))
+        self.held = False
+        if value is None:
+            return
+        if math.isfinite(value):
+            self.measured = value
+            return
+        self.held = True
+        self.held_count += 1
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{type(self).__name__}: the measured {self._quantity} is {value}; holding the previous "
+                "rate (flagged in the logs each time it happens, warned once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def refresh(self, value: Any) -> None:
+        """Take a measurement for the optimizer step about to run, without advancing the schedule.
+
+        :class:`~pf_lightning.callbacks.LRAdaptation` uses it for a measurement made before the first step
+        of a fit, so that step already runs at the adapted (or capped) rate.
+        """
+        self._observe(value)
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def lightning_config(self, name: str | None = None) -> dict[str, Any]:
+        """The ``lr_scheduler`` entry of ``configure_optimizers`` that steps this scheduler correctly.
+
+        Every optimizer step, after the callbacks have measured ``self.monitor``:
+        ``{"scheduler": self, "interval": "step", "frequency": 1, "reduce_on_plateau": True,
+        "monitor": self.monitor, "strict": False}``.
+        """
+        config = {
+            "scheduler": self,
+            "interval": "step",
+            "frequency": 1,
+            "reduce_on_plateau": True,
+            "monitor": self.monitor,
+            "strict": False,
+        }
+        if name is not None:
+            config["name"] = name
+        return config
+
+
+class DriftAdaptiveLR(_MeasuredLR):
+    r"""DAL-p (Dherin et al. 2023): the step :math:`h = \min(2/v^p, h_{\max})`, :math:`v = \lVert Hg\rVert/\lVert g\rVert`.
+
+    :math:`v` is the curvature along the current gradient (:func:`~pf_lightning.curvature.drift.gradient_curvature`),
+    passed to :meth:`step`. ``p`` is the stability/performance knob: ``p = 1`` sets
+    :math:`(h/2)\lVert Hg\rVert = \lVert g\rVert`, which is :math:`h = 2/\lambda_{\max}` when ``g`` lies along
+    the top eigenvector; for :math:`v > 1` a larger ``p`` gives smaller, more stable steps, for
+    :math:`v < 1` *larger* ones (then ``max_lr`` decides). ``p = 0`` leaves the optimizer's own rate.
+
+    What the rate multiplies: with SGD it is the step itself (with momentum :math:`\beta` the stability
+    edge is :math:`(2+2\beta)/h`, so DAL-1 sits a factor :math:`1+\beta` below it). With Adam-family
+    optimizers it multiplies the preconditioned update :math:`\hat m/(\sqrt{\hat\nu}+\epsilon)`, while
+    :math:`v` measures the raw Hessian: the rate is then a curvature-scaled step, not the paper's method.
+    Several parameter groups keep their ratios: group ``i`` gets :math:`h \cdot \eta_i/\eta_0` with
+    :math:`\eta_i` the groups' initial rates.
+
+    Args:
+        optimizer: the wrapped optimizer; its current rates are the base rates.
+        p: the power, ``p >= 0``.
+        max_lr: the cap :math:`h_{\max} > 0` (``max_lr_scale`` in ``dal.py``, absolute units).
+        window: ``(start, stop)``: adapt only for optimizer steps ``start <= step < stop`` (``stop`` may be
+            ``None``); the base rate outside. ``None`` adapts from the first measurement on.
+        warmup_steps: blend linearly from the base rate to the DAL rate over this many steps from
+            the window's start.
+        last_epoch: as in every ``LRScheduler`` (``-1`` for a fresh run).
+
+    Raises:
+        ValueError: ``p < 0``, ``max_lr <= 0``, a window with ``stop <= start`` or ``start < 0``,
+            ``warmup_steps < 0``, or a base rate of 0 in the first parameter group.
+
+    Example::
+
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        scheduler = DriftAdaptiveLR(optimizer, p=1.0, max_lr=5.0)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler.lightning_config()}
+        # and Trainer(callbacks=[LRAdaptation()]) measures ||Hg||/||g|| every step
+    """
+
+    monitor = "dal/hg_ratio"
+    _quantity = "||Hg||/||g||"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        p: float = 1.0,
+        max_lr: float = 5.0,
+        *,
+        window: tuple[int, int | None] | None = None,
+        warmup_steps: int = 0,
+        last_epoch: int = -1,
+    ) -> None:
+        p = float(p)
+        if not (p >= 0 and math.isfinite(p)):
+            raise ValueError(
+                f"p must be a finite number >= 0, got {p!r}: p = 0 keeps the base rate, p = 1 is DAL-1"
+            )
+        self.p = p
+        self.max_lr = _check_positive(max_lr, "max_lr", "pass the largest step DAL may take, e.g. max_lr=5.0")
+        if window is not None:
+            if not (isinstance(window, tuple | list) and len(window) == 2):
+                raise ValueError(f"window must be (start, stop) with stop an int or None, got {window!r}")
+            start, stop = int(window[0]), None if window[1] is None else int(window[1])
+            if start < 0 or (stop is not None and stop <= start):
+                raise ValueError(f"window must satisfy 0 <= start < stop, got {window!r}")
+            window = (start, stop)
+        self.window = window
+        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        self.warmup_steps = int(warmup_steps)
+        if float(optimizer.param_groups[0]["lr"]) <= 0:
+            raise ValueError(
+                "the first parameter group's lr must be positive: DAL scales the groups by their base rates"
+            )
+        self.measured: float | None = None
+        self.held, self.held_count, self._warned = False, 0, False
+        super().__init__(optimizer, last_epoch)
+
+    @property
+    def hg_ratio(self) -> float | None:
+        """The :math:`v` the current rate came from (``None`` before the first measurement)."""
+        return self.measured
+
+    def step(self, hg_ratio: Any = None) -> None:  # type: ignore[override]
+        """Set the rate of the next optimizer step from ``hg_ratio`` (:math:`v`).
+
+        ``None`` keeps the last measurement (the every-n-steps mode); a non-finite or non-positive
+        :math:`v` keeps it too, with one warning and ``held`` set.
+        """
+        self._observe(hg_ratio)
+        super().step()
+
+    def _clean(self, value: float | None) -> float | None:
+        # v = 0: Hg or the gradient vanished, and 2/v^p is meaningless: held like a NaN.
+        return math.nan if value is not None and value <= 0 else value
+
+    def _blend(self, step: int) -> float:
+        """0 outside the window, rising linearly to 1 over the warm-up, then 1."""
+        start, stop = self.window if self.window is not None else (0, None)
+        if step < start or (stop is not None and step >= stop):
+            return 0.0
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, (step - start + 1) / self.warmup_steps)
+
+    def get_lr(self) -> list[float]:
+        base = [float(lr) for lr in self.base_lrs]
+        weight = self._blend(self.last_epoch)
+        if self.measured is None or self.p == 0.0 or weight == 0.0:
+            return base
+        rate = dal_learning_rate(self.measured, self.p, self.max_lr)
+        return [b + weight * (rate * b / base[0] - b) for b in base]
+
+    def metrics(self) -> dict[str, float]:
+        """What the callbacks log as ``dal/*``: the rate, its :math:`v`, whether it adapted or held."""
+        return {
+            "lr": float(self.get_last_lr()[0]),
+            "hg_ratio": math.nan if self.measured is None else self.measured,
+            "active": float(self.measured is not None and self.p > 0 and self._blend(self.last_epoch) > 0),
+            "held": float(self.held),
+        }
+
+
+class SharpnessCappedLR(_MeasuredLR):
+    r"""Keep the step at or below ``fraction`` of the stability edge of the latest sharpness.
+
+    With sharpness :math:`S` (``eos/sharpness``: :math:`\lambda_{\max}(H)` for SGD,
+    :math:`\lambda_{\max}(P^{-1}H)` for Adam) the edge is the rate at which the optimizer's threshold
+    equals :math:`S` (:func:`~pf_lightning.stability.edge_lr`: :math:`2/S` for gradient descent,
+    :math:`(2+2\beta)/S` with heavy-ball momentum, :math:`38/S` for Adam with :math:`\beta_1 = 0.9`). The
+    rate is
+
+    .. math::  \eta_t = \min(\eta^{\text{base}}_t,\ \text{fraction}\cdot\eta_{\text{edge}}(S)),
+
+    with :math:`\eta^{\text{base}}_t` the rate of ``base`` (any scheduler, e.g. cosine) or the optimizer's
+    initial rate. ``fraction < 1`` keeps training on the stable side of the edge, ``fraction`` slightly
+    above 1 lets it sit at the edge. The base schedule runs on its own uncapped values, so the cap
+    never distorts it. A sharpness :math:`S \le 0` (no positive curvature) imposes no cap; before the
+    first measurement there is none either.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        fraction: the cap as a fraction of the edge rate, positive.
+        base: a scheduler on the same optimizer to cap (stepped by this one; do not step or
+            configure it separately). ``ReduceLROnPlateau`` is not supported as a base.
+        last_epoch: as in every ``LRScheduler``.
+
+    Raises:
+        ValueError: ``fraction`` not positive and finite; ``base`` not an ``LRScheduler`` of the same
+            optimizer.
+        UnsupportedOptimizer: the optimizer has no known threshold.
+
+    Example::
+
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.5)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10_000)
+        scheduler = SharpnessCappedLR(optimizer, fraction=0.9, base=cosine)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler.lightning_config()}
+        # with Trainer(callbacks=[HessianEigenMonitor(), EdgeOfStabilityMonitor(), LRAdaptation()])
+    """
+
+    monitor = "cap/sharpness"
+    _quantity = "sharpness"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        fraction: float = 0.9,
+        *,
+        base: LRScheduler | None = None,
+        last_epoch: int = -1,
+    ) -> None:
+        self.fraction = _check_positive(
+            fraction, "fraction", "use a fraction of the edge rate such as 0.9 (stable) or 1.1 (at the edge)"
+        )
+        if base is not None:
+            if not isinstance(base, LRScheduler) or base.optimizer is not optimizer:
+                raise ValueError(
+                    "base must be an LRScheduler built on the same optimizer, e.g. "
+                    "CosineAnnealingLR(optimizer, T_max=...); ReduceLROnPlateau cannot be capped"
+                )
+        for i in range(len(optimizer.param_groups)):
+            edge_lr(optimizer, 1.0, group=i)  # an optimizer without a known threshold fails here, not mid-run
+        self.base = base
+        self.measured: float | None = None
+        self.held, self.held_count, self._warned = False, 0, False
+        self._uncapped = [float(g["lr"]) for g in optimizer.param_groups]
+        self._started = False
+        super().__init__(optimizer, last_epoch)
+        self._started = True
+
+    @property
+    def sharpness(self) -> float | None:
+        """The sharpness the current cap came from (``None`` before the first measurement)."""
+        return self.measured
+
+    def step(self, sharpness: Any = None) -> None:  # type: ignore[override]
+        """Advance the base schedule one step and cap it with ``sharpness``.
+
+        ``None`` keeps the last sharpness (so does NaN before the first measurement, silently); a
+        non-finite value after one keeps it too, with one warning and ``held`` set.
+        """
+        self._observe(sharpness)
+        if self._started and self.base is not None:
+            for group, lr in zip(self.optimizer.param_groups, self._uncapped, strict=True):
+                group["lr"] = lr  # the base schedule continues from its own, uncapped, value
+            self.base.step()
+            self._uncapped = [float(g["lr"]) for g in self.optimizer.param_groups]
+        super().step()
+
+    def _clean(self, value: float | None) -> float | None:
+        # NaN before the first measurement: the sharpness is simply not measured yet.
+        return None if value is not None and math.isnan(value) and self.measured is None else value
+
+    def edge_lrs(self) -> list[float]:
+        """The edge rate of each parameter group for the current sharpness (``inf`` when uncapped)."""
+        if self.measured is None or self.measured <= 0:
+            return [math.inf] * len(self.optimizer.param_groups)
+        return [
+            edge_lr(self.optimizer, self.measured, group=i) for i in range(len(self.optimizer.param_groups))
+        ]
+
+    def get_lr(self) -> list[float]:
+        uncapped = self._uncapped if self.base is not None else [float(lr) for lr in self.base_lrs]
+        return [min(lr, self.fraction * edge) for lr, edge in zip(uncapped, self.edge_lrs(), strict=True)]
+
+    def metrics(self) -> dict[str, float]:
+        """What the callbacks log as ``cap/*``: the rate, the uncapped rate, the edge, whether it binds."""
+        lr = float(self.get_last_lr()[0])
+        uncapped = self._uncapped[0] if self.base is not None else float(self.base_lrs[0])
+        return {
+            "lr": lr,
+            "base_lr": uncapped,
+            "edge_lr": self.edge_lrs()[0],
+            "sharpness": math.nan if self.measured is None else self.measured,
+            "capped": float(lr < uncapped),
+            "held": float(self.held),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {key: value for key, value in self.__dict__.items() if key not in ("optimizer", "base")}
+        state["base"] = None if self.base is None else self.base.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        base_state = state.pop("base", None)
+        self.__dict__.update(state)
+        if self.base is not None and base_state is not None:
+            self.base.load_state_dict(base_state)

@@ -1,0 +1,231 @@
+"""LRAdaptation with DriftAdaptiveLR and SharpnessCappedLR inside real Lightning runs."""
+
+import copy
+import csv
+import functools
+import math
+import warnings
+from collections import defaultdict
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_models import DigitsClassifier, digits, trainer
+
+from pf_lightning import (
+    DriftAdaptiveLR,
+    EdgeOfStabilityMonitor,
+    HessianEigenMonitor,
+    HessianOperator,
+    LRAdaptation,
+    SharpnessCappedLR,
+    gradient_curvature,
+)
+
+
+def logged(t: L.Trainer) -> dict[str, dict[int, float]]:
+    """metrics.csv as {key: {step: value}}."""
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    with open(f"{t.logger.log_dir}/metrics.csv") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key != "step" and value != "":
+                    out[key][int(row["step"])] = float(value)
+    return out
+
+
+def dal_factory(**kwargs):
+    return functools.partial(DriftAdaptiveLR, **kwargs)
+
+
+def fit(tmp_path, model, steps, callbacks, **kwargs):
+    t = trainer(
+        tmp_path,
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        **kwargs,
+    )
+    t.fit(model)
+    return t
+
+
+def test_dal_sets_each_rate_from_the_hg_ratio_measured_before_it(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.1)
+    start = copy.deepcopy(model)
+    t = fit(tmp_path, model, 8, [LRAdaptation(dal_factory(p=1.0, max_lr=5.0)), LearningRateMonitor("step")])
+    m = logged(t)
+    for step in range(8):  # the first step's rate comes from a measurement before it
+        v = m["dal/hg_ratio"][step]
+        assert m["dal/lr"][step] == pytest.approx(min(2.0 / v, 5.0), rel=1e-6)
+        assert m["lr-SGD"][step] == pytest.approx(m["dal/lr"][step], rel=1e-6)  # LearningRateMonitor agrees
+
+    # The last value was measured at the final parameters: an exact double-backward product agrees
+    # within the forward difference's bound.
+    x, y = digits(128)
+    with HessianOperator(model, lambda mod, b: mod.loss(b), [(x, y)], hvp="double_backward") as op:
+        exact = gradient_curvature(op, "operator")
+    assert m["dal/hg_ratio"][8] == pytest.approx(exact.hg_ratio, rel=5e-3)
+
+    # A plain-PyTorch loop with the documented timing reproduces the run.
+    optimizer = torch.optim.SGD(start.parameters(), lr=0.1)
+    scheduler = DriftAdaptiveLR(optimizer, p=1.0, max_lr=5.0)
+
+    def hg_ratio():
+        with HessianOperator(start, lambda mod, b: mod.loss(b), [(x, y)]) as op:
+            return gradient_curvature(op, "forward_difference").hg_ratio
+
+    scheduler.refresh(hg_ratio())
+    for _ in range(8):
+        optimizer.zero_grad()
+        start.loss((x, y)).backward()
+        optimizer.step()
+        scheduler.step(hg_ratio())
+    for a, b in zip(start.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_p0_trains_bit_identically_to_no_adaptation(tmp_path):
+    def run(callbacks):
+        L.seed_everything(0)
+        model = DigitsClassifier(n=128, batch_size=32, dropout=0.2, batchnorm=True, momentum=0.9)
+        trainer(tmp_path, max_steps=9, callbacks=callbacks).fit(model)
+        return model.state_dict()
+
+    plain = run([])
+    measured = run([LRAdaptation(dal_factory(p=0.0), every_n_steps=2)])
+    for key in plain:
+        assert torch.equal(plain[key], measured[key]), key
+
+
+def test_an_installed_scheduler_resumes_like_an_uninterrupted_run(tmp_path):
+    def adaptation():
+        return LRAdaptation(dal_factory(p=1.0, max_lr=2.0, window=(2, None), warmup_steps=3), every_n_steps=2)
+
+    L.seed_everything(0)
+    reference = DigitsClassifier(n=128, lr=0.05)
+    resumed = copy.deepcopy(reference)
+    t = fit(tmp_path / "straight", reference, 12, [adaptation()])
+    straight = logged(t)["dal/lr"]
+
+    first = fit(tmp_path / "first", copy.deepcopy(resumed), 5, [adaptation()])
+    first.save_checkpoint(tmp_path / "five.ckpt")
+    callback = adaptation()
+    second = trainer(
+        tmp_path / "second", max_steps=12, callbacks=[callback], logger=CSVLogger(tmp_path / "second")
+    )
+    second.fit(resumed, ckpt_path=tmp_path / "five.ckpt")
+    assert callback.installed.last_epoch == 12
+    after = logged(second)["dal/lr"]
+    assert {s: after[s] for s in range(6, 12)} == {s: straight[s] for s in range(6, 12)}
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_sharpness_cap_follows_the_edge_of_the_optimizer_in_use(tmp_path, optimizer):
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128)
+    if optimizer == "adam":
+        make, constant = (lambda p: torch.optim.Adam(p, lr=0.05)), 38.0
+    else:
+        make, constant = (lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.5)), 3.0
+
+    def configure():
+        opt = make(model.parameters())
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12)
+        return {"optimizer": opt, "lr_scheduler": SharpnessCappedLR(opt, 0.5, base=cosine).lightning_config()}
+
+    model.configure_optimizers = configure
+    monitor = HessianEigenMonitor(k=1, every_n_steps=3, tol=1e-4)
+    callbacks = [LRAdaptation(), LearningRateMonitor("step"), monitor, EdgeOfStabilityMonitor()]
+    t = fit(tmp_path, model, 10, callbacks)
+    m = logged(t)
+    base_lr = 0.05 if optimizer == "adam" else 1.0
+    measured = sorted(m["eos/sharpness"])
+    assert measured[0] == (0 if optimizer == "sgd_momentum" else 3)  # Adam: no preconditioner at step 0
+    for step in range(measured[0], 10):
+        latest = m["eos/sharpness"][max(s for s in measured if s <= step)]
+        cosine = 0.5 * base_lr * (1 + math.cos(math.pi * step / 12))
+        expected = min(cosine, 0.5 * constant / latest)
+        assert m["cap/lr"][step] == pytest.approx(expected, rel=1e-6)
+        assert m["lr-" + ("Adam" if optimizer == "adam" else "SGD")][step] == pytest.approx(
+            expected, rel=1e-6
+        )
+        assert m["cap/base_lr"][step] == pytest.approx(cosine, rel=1e-6)
+    assert {s: m["cap/sharpness"][s] for s in measured} == {s: m["eos/sharpness"][s] for s in measured}
+    assert any(m["cap/capped"][s] == 1.0 for s in range(measured[0], 10))
+
+
+def test_a_bad_hg_ratio_holds_the_rate_warns_once_and_is_flagged(tmp_path):
+    calls = {"n": 0}
+
+    def loss_fn(module, batch):
+        calls["n"] += 1
+        loss = module.loss(batch)
+        return loss * math.nan if calls["n"] in (3, 4) else loss  # a NaN stops a measurement at once
+
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t = fit(tmp_path, model, 6, [LRAdaptation(dal_factory(p=1.0), loss_fn=loss_fn)])
+    m = logged(t)
+    # Measurements: step 0 before the first step (gradients 1-2), then after steps 1, 2, 3, ...
+    assert m["dal/skipped"] == {1: 1.0, 2: 1.0}
+    assert m["dal/held"][1] == 1.0 and m["dal/held"][2] == 1.0 and m["dal/held"][3] == 0.0
+    assert m["dal/lr"][1] == m["dal/lr"][2] == pytest.approx(m["dal/lr"][0])
+    assert m["dal/lr"][3] == pytest.approx(2.0 / m["dal/hg_ratio"][3], rel=1e-6)
+    messages = [str(w.message) for w in record]
+    assert sum("holding the previous rate" in s for s in messages) == 1
+    assert sum("not measured" in s for s in messages) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scheduler": 3}, "factory"),
+        ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),
+        ({"optimizer_index": -1}, "optimizer_index must be an integer >= 0"),
+        ({"hvp": "central"}, "hvp must be one of"),
+        ({"loss_fn": "loss"}, "loss_fn must be callable"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        LRAdaptation(**kwargs)
+
+
+def _configured(kind):
+    def configure(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if kind == "plain":
+            return opt
+        if kind == "no_monitor":
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": DriftAdaptiveLR(opt), "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": SharpnessCappedLR(opt).lightning_config()}
+
+    return configure
+
+
+@pytest.mark.parametrize(
+    ("kind", "callback", "match"),
+    [
+        ("plain", LRAdaptation, "found no DriftAdaptiveLR or SharpnessCappedLR"),
+        ("no_monitor", LRAdaptation, r"lightning_config\(\)"),
+        ("cap", LRAdaptation, "add HessianEigenMonitor"),
+        ("plain", lambda: LRAdaptation(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 2)), "installs"),
+        ("plain", lambda: LRAdaptation(dal_factory(), optimizer_index=1), "optimizer_index=1"),
+    ],
+)
+def test_bad_configurations_fail_at_fit_start_naming_the_fix(tmp_path, kind, callback, match):
+    model = DigitsClassifier(n=64)
+    model.configure_optimizers = functools.partial(_configured(kind), model)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer(tmp_path, max_steps=2, callbacks=[callback()]).fit(model)
