@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from .. import stability
 from ..curvature import NonFiniteLossError, PreconditionerUnavailable
+from ..curvature.drift import gradient_curvature
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, wandb_experiments, wandb_log, warn_once
 from .hessian_monitor import HessianEigenMonitor
@@ -294,16 +295,14 @@ class EdgeOfStabilityMonitor(Callback):
         lr = float(trainer.optimizers[self.optimizer_index].param_groups[0]["lr"])
         try:
             with monitor.operator(pl_module, [batch]) as op:
-                g = op.gradient()
-                hg = op.matvec(g)
+                gc = gradient_curvature(op)
         except (NonFiniteLossError, NonFiniteOperatorError) as err:
             self._warn_once("proxy", f"proxies skipped: {err}")
             return
-        grad_norm, hg_norm = float(g.norm()), float(hg.norm())
         metrics = {
-            "pf/hg_ratio": float(stability.hg_ratio(grad_norm, hg_norm)),
-            "pf/rayleigh_quotient": float(stability.rayleigh_quotient(float(g @ hg), grad_norm)),
-            "pf/drift_ratio": float(stability.drift_ratio(lr, grad_norm, hg_norm)),
+            "pf/hg_ratio": gc.hg_ratio,
+            "pf/rayleigh_quotient": gc.rayleigh_quotient,
+            "pf/drift_ratio": float(stability.drift_ratio(lr, gc.grad_norm, gc.hg_norm)),
         }
         log_metrics(trainer, metrics, trainer.global_step)
 
