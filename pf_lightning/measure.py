@@ -34,6 +34,18 @@ def _warm_vectors(warm_start: EigenResult | None, n: int) -> Tensor | None:
     return vectors
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module to differentiate: DDP's wrapper does not support ``torch.autograd.grad``."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    if type(model).__name__ == "FullyShardedDataParallel":
+        raise ValueError(
+            "FSDP1 (FullyShardedDataParallel) wrappers are not supported: shard the model with FSDP2's "
+            "fully_shard (Lightning: ModelParallelStrategy, fully_shard in configure_model), or use DDP"
+        )
+    return model
+
+
 def hessian_eigenpairs(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], Tensor],
@@ -57,7 +69,9 @@ def hessian_eigenpairs(
 
     The model is left exactly as it was: parameters, ``.grad``, buffers, modes and random states.
     Under an initialized ``torch.distributed`` process group, ``batches`` is this rank's shard and the
-    result is that of the mean loss over all ranks' samples, identical on every rank.
+    result is that of the mean loss over all ranks' samples, identical on every rank (every rank must
+    call it). With DDP each product costs one flat all-reduce; with FSDP2 (``fully_shard``) products go
+    by finite differences and ``eigenvectors`` hold this rank's slices of the global vectors.
 
     Args:
         model: the module (not a DDP wrapper).
@@ -106,9 +120,7 @@ def hessian_eigenpairs(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if max_hvp is not None and (isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 1):
         raise ValueError(f"max_hvp must be a positive int or None, got {max_hvp!r}")
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module  # DDP's wrapper does not support torch.autograd.grad
-
+    model = _unwrap(model)
     probe = batches if weights is None else ProbeSet(batches, weights=weights)
     with HessianOperator(
         model, loss_fn, probe, params=params, hvp=hvp, seed=seed, cache_graphs=cache_graphs, dtype=dtype
@@ -156,6 +168,7 @@ def hessian_trace(
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f'method must be "hutch++" or "hutchinson", got {method!r}')
+    model = _unwrap(model)
     with HessianOperator(model, loss_fn, batches, params=params, hvp=hvp, seed=seed, dtype=dtype) as op:
         if method == "hutch++":
             return hutchpp_trace(op, n_matvec=n_hvp, seed=seed)
@@ -178,5 +191,6 @@ def hessian_density(
 
     The other arguments are those of :func:`hessian_eigenpairs`.
     """
+    model = _unwrap(model)
     with HessianOperator(model, loss_fn, batches, params=params, hvp=hvp, seed=seed, dtype=dtype) as op:
         return slq_density(op, n_steps=min(n_steps, op.global_n), n_vectors=n_vectors, seed=seed)

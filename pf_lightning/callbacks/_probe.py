@@ -15,6 +15,26 @@ from ..probe import ProbeSet, map_tensors, move_to_device, sample_count
 DEFAULT_PROBE_SIZE = 512
 
 
+def check_strategy(trainer: Any, hvp: str) -> None:
+    """Fail at setup on a strategy the measurement does not support, naming the supported choice.
+
+    FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed wrap or flatten parameters in ways no test here
+    covers (both need a GPU); FSDP2 through ``ModelParallelStrategy`` measures by finite differences.
+    """
+    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+    unsupported = names & {"FSDPStrategy", "DeepSpeedStrategy"}
+    if unsupported:
+        raise MisconfigurationException(
+            f"Hessian measurements do not support {unsupported.pop()}: shard the model with "
+            "ModelParallelStrategy and torch's fully_shard in configure_model (FSDP2), or use DDP"
+        )
+    if "ModelParallelStrategy" in names and hvp not in ("auto", "finite_difference"):
+        raise MisconfigurationException(
+            f"hvp={hvp!r} needs second-order autograd, which does not run on FSDP2's sharded parameters "
+            "under ModelParallelStrategy: use hvp='auto' or 'finite_difference'"
+        )
+
+
 def draw_probe(dataloader: Any, size: int, device: Any) -> ProbeSet:
     """The first ``size`` samples the training dataloader yields, drawn once under isolated RNG.
 

@@ -21,13 +21,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError, measurement_context
+from ..curvature.distributed import any_rank
 from ..curvature.state import rng_state
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..linalg.density import SpectralDensity
 from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log, warn_once
 from ..measure import hessian_density, hessian_eigenpairs, hessian_trace
 from ..probe import ProbeSet
-from ._probe import DEFAULT_PROBE_SIZE, draw_probe, resolve_loss_fn
+from ._probe import DEFAULT_PROBE_SIZE, check_strategy, draw_probe, resolve_loss_fn
 
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
 
@@ -177,6 +178,7 @@ class HessianEigenMonitor(Callback):
         # the saved values back afterwards (Lightning restores callback state after setup).
         if stage == "fit":
             self._last_step = self._postponed_step = -1
+        check_strategy(trainer, self.hvp)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -234,7 +236,10 @@ class HessianEigenMonitor(Callback):
         step = trainer.global_step
         if self.probe is None or (step == self._last_step and not force):
             return None
-        if not force and self._over_budget():
+        over = not force and self._over_budget()
+        if self.max_time_fraction is not None:  # wall clocks differ between ranks: postpone together
+            (over,) = any_rank([over], pl_module.device)
+        if over:
             if step != self._postponed_step:  # the step hook and fit end may both ask at one step
                 self._postponed_step = step
                 self._warn_once(

@@ -59,6 +59,9 @@ class HVPBackend:
         """``(n, b)`` block of products of batch ``index``'s Hessian with the columns of ``V``."""
         raise NotImplementedError
 
+    def begin_block(self, V: Tensor) -> None:
+        """Called once before the products of every batch with the block ``V`` (one operator application)."""
+
     def release(self) -> None:
         """Free what the backend cached for the measurement."""
 
@@ -175,7 +178,8 @@ class FiniteDifferenceHVP(HVPBackend):
 
     Args:
         relative_step: override of the step's ``eps^(1/3)`` factor.
-        norm: the global norm of a flat vector (an all-reduce when vectors are sharded).
+        column_norms: the global norms of the columns of a flat block (one all-reduce when vectors
+            are sharded, so that every rank takes the same step).
     """
 
     name = "finite_difference"
@@ -186,35 +190,43 @@ class FiniteDifferenceHVP(HVPBackend):
         space: ParameterSpace,
         loss_at: LossAt,
         relative_step: float | None = None,
-        norm: Callable[[Tensor], float] | None = None,
+        column_norms: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(space, loss_at)
         self.relative_step = relative_step or torch.finfo(space.dtype).eps ** (1.0 / 3.0)
-        self._norm = norm or (lambda x: float(torch.linalg.vector_norm(x)))
+        self._column_norms = column_norms or (lambda X: torch.linalg.vector_norm(X, dim=0))
         self._saved: list[Tensor] | None = None
         self._theta_norm: float | None = None
+        self._block: tuple[Tensor, list[float]] | None = None
+
+    def begin_block(self, V: Tensor) -> None:
+        # The step of each column depends on global norms: take them once per application, not per batch.
+        self._block = (V, self._column_norms(V).tolist())
 
     def _gradient(self, index: int) -> Tensor:
         with torch.enable_grad():
-            loss = self.loss_at(index)
-            grads = torch.autograd.grad(loss, self.space.params, allow_unused=True, materialize_grads=True)
-        return self.space.flatten(grads)
+            return self.space.gradient(self.loss_at(index))
 
     def _shift(self, v: list[Tensor], h: float) -> None:
         with torch.no_grad():
-            for p, saved, piece in zip(self.space.params, self._saved, v, strict=True):
+            for p, saved, piece in zip(self.space.local_params(), self._saved, v, strict=True):
                 p.copy_(saved)
                 p.add_(piece, alpha=h)
 
     def apply(self, index: int, V: Tensor) -> Tensor:
         if self._saved is None:
-            self._saved = [p.detach().clone() for p in self.space.params]
-            self._theta_norm = self._norm(self.space.values())
+            self._saved = [p.detach().clone() for p in self.space.local_params()]
+            self._theta_norm = float(self._column_norms(self.space.values()[:, None])[0])
         out = torch.empty_like(V)
+        norms = (
+            self._block[1]
+            if self._block is not None and self._block[0] is V
+            else self._column_norms(V).tolist()
+        )
         try:
             for col in range(V.shape[1]):
                 v = V[:, col]
-                v_norm = self._norm(v)
+                v_norm = norms[col]
                 if v_norm == 0.0 or not math.isfinite(v_norm):
                     out[:, col] = 0.0 if v_norm == 0.0 else float("nan")
                     continue
@@ -232,12 +244,12 @@ class FiniteDifferenceHVP(HVPBackend):
     def _restore(self) -> None:
         if self._saved is not None:
             with torch.no_grad():
-                for p, saved in zip(self.space.params, self._saved, strict=True):
+                for p, saved in zip(self.space.local_params(), self._saved, strict=True):
                     p.copy_(saved)
 
     def release(self) -> None:
         self._restore()
-        self._saved = None
+        self._saved = self._block = None
 
 
 BACKENDS: dict[str, Any] = {

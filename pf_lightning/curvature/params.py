@@ -1,4 +1,8 @@
-"""The parameters a measurement differentiates, and the flat vectors that live on them."""
+"""The parameters a measurement differentiates, and the flat vectors that live on them.
+
+With FSDP2 (``DTensor`` parameters) the flat vectors hold this rank's slices only: ``n`` counts the
+local entries and ``global_n`` the full length (see :mod:`pf_lightning.curvature.distributed`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .distributed import ShardLayout, is_sharded, local_part
 
 __all__ = ["ParameterSpace"]
 
@@ -68,18 +74,57 @@ class ParameterSpace:
         dtype = own if dtype is None else dtype
         self.names = [n for n, _ in trainable]
         self.params = [p for _, p in trainable]
-        self.shapes = [p.shape for p in self.params]
-        self.numels = [p.numel() for p in self.params]
+        sharded = [is_sharded(p) for p in self.params]
+        self.sharded = all(sharded)
+        if any(sharded) and not self.sharded:
+            raise ValueError(
+                "some selected parameters are sharded DTensors and some are not: apply fully_shard to the "
+                "whole model, or select one kind with `params=` patterns"
+            )
+        if self.sharded and dtype != own:
+            raise ValueError(f"sharded (FSDP2) parameters are measured in their own dtype {own}, not {dtype}")
+        self.layout = ShardLayout(self.params) if self.sharded else None
+        local = self.local_params()
+        self.shapes = [t.shape for t in local]
+        self.numels = [t.numel() for t in local]
         self.n = sum(self.numels)
+        self.global_n = self.layout.global_n if self.layout is not None else self.n
         self.dtype = dtype
-        self.device = self.params[0].device
+        self.device = local[0].device
 
     def __len__(self) -> int:
         return len(self.params)
 
+    def local_params(self) -> list[Tensor]:
+        """The parameters, or for sharded ones this rank's slices (views: writing to them moves the model)."""
+        return [local_part(p) for p in self.params]
+
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
-        """Concatenate per-parameter tensors into one flat vector."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+        """Concatenate per-parameter tensors (local slices of DTensors) into one flat vector."""
+        return torch.cat([local_part(t).reshape(-1) for t in tensors])
+
+    def local_rows(self, X: Tensor) -> Tensor:
+        """This rank's rows of a global ``(global_n, b)`` block (the block itself when not sharded)."""
+        return X if self.layout is None else self.layout.local_rows(X)
+
+    def gradient(self, loss: Tensor) -> Tensor:
+        """The flat gradient of ``loss`` (local slices when sharded; then already reduced over ranks).
+
+        Plain parameters use ``torch.autograd.grad`` (``.grad`` untouched). Sharded ones need an ordinary
+        ``backward``: FSDP2 connects its sharded parameters to the graph only through the hooks that
+        reduce-scatter gradients into ``.grad``. Their ``.grad`` is cleared before and after; the caller
+        (:func:`~pf_lightning.curvature.state.measurement_context`) restores the training run's own.
+        """
+        if not self.sharded:
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
+            return self.flatten(grads)
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        out = self.flatten([torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]).detach()
+        for p in self.params:
+            p.grad = None
+        return out
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         """Views of a flat ``(n,)`` vector (or the rows of an ``(n, b)`` block) shaped like the parameters."""
@@ -88,5 +133,5 @@ class ParameterSpace:
         return [piece.reshape(*shape, *tail) for piece, shape in zip(pieces, self.shapes, strict=True)]
 
     def values(self) -> Tensor:
-        """The current parameter values as one flat vector (a copy)."""
-        return self.flatten([p.detach() for p in self.params])
+        """The current parameter values as one flat vector (a copy; local slices when sharded)."""
+        return self.flatten([p.detach() for p in self.local_params()])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .distributed import local_part
 from .params import ParameterSpace
 
 __all__ = ["ADAM_FAMILY", "PreconditionerUnavailable", "adam_preconditioner"]
@@ -52,6 +53,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, space: ParameterSpace)
             raise PreconditionerUnavailable(
                 f"{kind} has no second-moment state for {name!r} yet: measure after the first step"
             )
+        nu = local_part(nu)  # FSDP2 keeps optimizer state as DTensors shaped like the parameters
         eps = float(group["eps"])
         if kind == "RMSprop":
             pieces.append(nu.detach().sqrt().add(eps).reshape(-1))

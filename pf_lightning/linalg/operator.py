@@ -1,10 +1,14 @@
 """Symmetric linear operators as the eigensolvers see them.
 
-The solvers in :mod:`pf_lightning.linalg` touch an operator through three calls only:
-``matmat`` (apply to a block of column vectors), ``inner`` (the Gram matrix of two blocks) and
-``randn`` (a block of Gaussian start vectors). Every inner product goes through ``inner``, so an
-operator whose vectors are sharded across processes (FSDP) only has to all-reduce there, and the
-same algorithm runs unchanged on one device, under DDP (replicated vectors) and on shards.
+The solvers in :mod:`pf_lightning.linalg` touch an operator through four calls only:
+``matmat`` (apply to a block of column vectors), ``inner`` (the Gram matrix of two blocks),
+``randn`` (a block of Gaussian start vectors) and ``local_rows`` (this process's rows of a block
+drawn for the full length). Every inner product goes through ``inner``, so an operator whose vectors
+are sharded across processes (FSDP) only has to all-reduce there, and the same algorithm runs
+unchanged on one device, under DDP (replicated vectors) and on shards.
+
+The solvers decide (convergence, restarts, breakdowns) only on what ``inner`` returns and on
+products, so an operator that returns identical values on every process keeps the processes in step.
 """
 
 from __future__ import annotations
@@ -68,7 +72,15 @@ class LinearOperator:
         every device.
         """
         X = torch.randn(self.global_n, b, generator=generator, dtype=torch.float64)
-        return X.to(device=self.device, dtype=self.dtype)
+        return self.local_rows(X).to(device=self.device, dtype=self.dtype)
+
+    def local_rows(self, X: Tensor) -> Tensor:
+        """This process's rows of a ``(global_n, b)`` block drawn for the full vectors.
+
+        The identity unless vectors are sharded; then every process takes its slice of one globally
+        seeded block, so a seed gives the same (global) vectors however the operator is sharded.
+        """
+        return X
 
 
 class DenseOperator(LinearOperator):
@@ -112,5 +124,5 @@ class ShiftedOperator(LinearOperator):
     def inner(self, X: Tensor, Y: Tensor) -> Tensor:
         return self.base.inner(X, Y)
 
-    def randn(self, b: int, generator: torch.Generator) -> Tensor:
-        return self.base.randn(b, generator)
+    def local_rows(self, X: Tensor) -> Tensor:
+        return self.base.local_rows(X)

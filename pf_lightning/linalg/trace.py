@@ -47,25 +47,18 @@ def rademacher(op: LinearOperator, b: int, generator: torch.Generator) -> Tensor
     Like :meth:`LinearOperator.randn`, the signs are drawn on the CPU for the full ``global_n`` rows
     and then moved, so a seed gives the same probes on every device and every process. Unlike it,
     columns are drawn one after another: ``b`` draws of one column equal one draw of ``b`` columns.
+    With sharded vectors every process keeps its rows (:meth:`LinearOperator.local_rows`) of the same
+    global probes, so the estimate is the one a single process would compute.
 
     Args:
         op: the operator the probes are for (gives length, dtype and device).
         b: number of probe vectors.
         generator: a CPU generator; it is advanced.
-
-    Raises:
-        NotImplementedError: when ``op`` acts on shards (``op.global_n != op.n``): the operator
-            interface has no way yet to select this process's rows of a global block.
     """
-    if op.global_n != op.n:
-        raise NotImplementedError(
-            f"random sign probes for sharded operators (global_n={op.global_n}, local n={op.n}) are not "
-            "supported yet: LinearOperator has no hook that selects this process's rows of a global block"
-        )
     # Drawn one vector after another, so the probes depend on the seed only, not on how they are blocked.
     # int8 keeps the CPU staging block at one byte per entry (a Hessian has ~1e8 rows).
     signs = torch.randint(0, 2, (b, op.global_n), generator=generator, dtype=torch.int8).T
-    return (2 * signs - 1).to(device=op.device, dtype=op.dtype)
+    return op.local_rows(2 * signs - 1).to(device=op.device, dtype=op.dtype)
 
 
 def _quadratic_forms(

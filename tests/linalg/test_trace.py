@@ -43,9 +43,14 @@ class RecordingOperator(DenseOperator):
 
 
 class ShardedOperator(DenseOperator):
+    """The second half of the rows of a vector twice as long as the matrix."""
+
     @property
     def global_n(self) -> int:
         return 2 * self.n
+
+    def local_rows(self, X: torch.Tensor) -> torch.Tensor:
+        return X[self.n :]
 
 
 def test_rademacher_signs_are_deterministic_and_balanced():
@@ -57,9 +62,10 @@ def test_rademacher_signs_are_deterministic_and_balanced():
     assert torch.equal(Z, rademacher(op, 4, torch.Generator().manual_seed(3)))
 
 
-def test_rademacher_on_shards_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="sharded"):
-        rademacher(ShardedOperator(torch.eye(4)), 1, torch.Generator())
+def test_rademacher_on_shards_takes_this_process_rows_of_the_global_probes():
+    full = rademacher(DenseOperator(torch.eye(8)), 3, torch.Generator().manual_seed(5))
+    local = rademacher(ShardedOperator(torch.eye(4)), 3, torch.Generator().manual_seed(5))
+    assert torch.equal(local, full[4:])
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-13)])

@@ -1,0 +1,126 @@
+"""Lightning pieces of the multi-process tests: a digits model whose ranks hold uneven data shards,
+a callback that records what each rank measured, and the fit every launcher runs.
+
+``fit(strategy, out)`` is what each rank executes, under ``ddp_spawn`` (inside pytest), ``ddp`` and
+``ModelParallelStrategy`` (both re-launch a script, see ``lightning_script.py``). Each rank writes
+``out/rank{r}.pt``; the test process builds the single-process reference from the probe shards and
+the weights recorded there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning_models import DigitsClassifier, digits
+from torch.utils.data import DataLoader, TensorDataset
+
+from pf_lightning import HessianEigenMonitor
+
+SHARDS = ((0, 24), (24, 34))  # rank 0: 24 samples, rank 1: 10 (uneven on purpose)
+STEPS = 4
+
+
+class ShardedDigits(DigitsClassifier):
+    """Full-batch gradient descent on this rank's own slice of digits, in float64."""
+
+    def __init__(self, fsdp: bool = False) -> None:
+        super().__init__(hidden=8, lr=0.05, loss="mse")
+        self.fsdp = fsdp
+        self.double()
+
+    def configure_model(self) -> None:
+        if not self.fsdp:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def train_dataloader(self) -> DataLoader:
+        x, y = digits(SHARDS[-1][1])
+        lo, hi = SHARDS[self.trainer.global_rank]
+        return DataLoader(TensorDataset(x[lo:hi], y[lo:hi]), batch_size=hi - lo)
+
+
+class RankProbe:
+    """Probe batches that hold a NaN on rank 1 only (iterated once, on each rank, at fit start)."""
+
+    def __iter__(self):
+        x, y = digits(8)
+        x = x.clone()
+        if dist.get_rank() == 1:
+            x[0, 0] = float("nan")
+        yield (x, y)
+
+
+class Recorder(Callback):
+    """Saves, per rank, the probe, the fit-start weights and eigenpairs, and what fit left behind."""
+
+    def __init__(self, monitor: HessianEigenMonitor, bad: HessianEigenMonitor | None, out: str) -> None:
+        self.monitor, self.bad, self.out = monitor, bad, out
+        self.record: dict[str, Any] = {}
+        self._warnings: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        torch.set_num_threads(1)  # two ranks share the cores
+        self._catch = warnings.catch_warnings(record=True)
+        self._warnings = self._catch.__enter__()
+        warnings.simplefilter("always")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+        latest = self.monitor.latest
+        self.record.update(
+            probe=self.monitor.probe.batches,
+            weights={k: full(v).detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+            eigenvalues=latest.eigenvalues.cpu(),
+            n_local=latest.eigenvectors.shape[0],
+            hvp=latest.info["hvp"],
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record.update(
+            global_step=trainer.global_step,
+            measurements=len(self.monitor.history),
+            final_eigenvalues=self.monitor.latest.eigenvalues.cpu(),
+            skipped=None if self.bad is None else (self.bad.latest is None, len(self.bad.history)),
+            skipped_metric=float(trainer.callback_metrics.get("hessian/bad/skipped", float("nan"))),
+        )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.record["warnings"] = [str(w.message) for w in self._warnings if "skipped" in str(w.message)]
+        self._catch.__exit__(None, None, None)
+        torch.save(self.record, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+def fit(strategy: Any, out: str, nan_probe: bool = False) -> L.Trainer:
+    fsdp = not isinstance(strategy, str)
+    L.seed_everything(0, verbose=False)
+    model = ShardedDigits(fsdp=fsdp)
+    monitor = HessianEigenMonitor(k=3, every_n_steps=2, tol=1e-8, max_hvp=800, at_fit_end=False)
+    bad = HessianEigenMonitor(k=2, every_n_steps=2, probe=RankProbe(), name="bad") if nan_probe else None
+    callbacks = [monitor, *([bad] if bad else []), Recorder(monitor, bad, out)]
+    trainer = L.Trainer(
+        default_root_dir=out,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=STEPS,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model)
+    return trainer

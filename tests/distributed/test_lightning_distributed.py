@@ -1,0 +1,110 @@
+"""The callbacks under Lightning's multi-process strategies on CPU (2 gloo processes).
+
+Each rank trains on its own uneven slice of digits and measures on its own probe shard; the reference
+is one process on the union of the recorded shards at the recorded weights (dense float64 Hessian).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import Case, dense_hessian
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_workers import STEPS, ShardedDigits, fit
+from workers import load
+
+from pf_lightning import HessianEigenMonitor
+
+SCRIPT = Path(__file__).resolve().parent / "lightning_script.py"
+pytestmark = pytest.mark.timeout(300)
+
+
+def mse(model, batch):
+    x, y = batch
+    out = model(x.to(torch.float64))
+    return 0.5 * ((out - F.one_hot(y, 10).to(out.dtype)) ** 2).sum(dim=1).mean()
+
+
+def reference_top(ranks: list[dict], k: int) -> torch.Tensor:
+    """Top-k eigenvalues of one process on the union of the ranks' probe shards."""
+    model = ShardedDigits()
+    model.load_state_dict(ranks[0]["weights"])
+    batches = [b for r in ranks for b in r["probe"]]
+    H = dense_hessian(Case("digits", model.net, mse, batches))
+    return torch.linalg.eigvalsh(H).flip(0)[:k]
+
+
+def check_agreement(ranks: list[dict], rtol: float) -> None:
+    r0, r1 = ranks
+    assert sum(len(b[0]) for r in ranks for b in r["probe"]) == 34  # 24 + 10: the uneven shards
+    assert torch.equal(r0["weights"]["net.0.weight"], r1["weights"]["net.0.weight"])
+    assert torch.equal(r0["eigenvalues"], r1["eigenvalues"])  # identical on every rank
+    assert torch.equal(r0["final_eigenvalues"], r1["final_eigenvalues"])
+    want = reference_top(ranks, 3)
+    err = float(((r0["eigenvalues"] - want) / want.abs()).abs().max())
+    assert err < rtol, (r0["eigenvalues"], want)
+    assert r0["global_step"] == STEPS and r0["measurements"] == 3  # fit start, steps 2 and 4
+
+
+@pytest.mark.slow
+def test_ddp_spawn_matches_one_process_and_skips_nan_together(tmp_path):
+    trainer = fit("ddp_spawn", str(tmp_path), nan_probe=True)
+    ranks = load(tmp_path)
+    check_agreement(ranks, rtol=1e-6)
+    assert ranks[0]["hvp"] == "double_backward"
+    # The NaN on rank 1's probe: every measurement of that monitor skipped on both ranks, training went
+    # on, one warning (rank zero only), the flag logged.
+    for r in ranks:
+        assert r["skipped"] == (True, 0)
+        assert r["skipped_metric"] == 1.0
+    assert len(ranks[0]["warnings"]) == 1 and not ranks[1]["warnings"]
+    assert float(trainer.callback_metrics["hessian/bad/skipped"]) == 1.0
+    assert float(trainer.callback_metrics["hessian/n_hvp"]) > 0
+
+
+def _run_script(kind: str, out: Path) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), kind, str(out)], capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load(out)
+
+
+@pytest.mark.slow
+def test_ddp_script_matches_one_process(tmp_path):
+    ranks = _run_script("ddp", tmp_path)
+    check_agreement(ranks, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_model_parallel_strategy_matches_one_process(tmp_path):
+    ranks = _run_script("fsdp", tmp_path)
+    assert ranks[0]["hvp"] == "finite_difference"
+    assert ranks[0]["n_local"] + ranks[1]["n_local"] == sum(v.numel() for v in ranks[0]["weights"].values())
+    # Central differences in float64 (see test_torch_distributed): 1e-6 relative.
+    check_agreement(ranks, rtol=1e-6)
+
+
+class _Trainer:
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+
+def test_unsupported_strategies_fail_at_setup_naming_the_supported_choice():
+    monitor = HessianEigenMonitor()
+    with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
+        monitor.setup(_Trainer(FSDPStrategy()), None, "fit")
+    deepspeed = type("DeepSpeedStrategy", (), {})()
+    with pytest.raises(MisconfigurationException, match="fully_shard"):
+        monitor.setup(_Trainer(deepspeed), None, "fit")
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    with pytest.raises(MisconfigurationException, match="finite_difference"):
+        HessianEigenMonitor(hvp="double_backward").setup(_Trainer(ModelParallelStrategy()), None, "fit")
+    HessianEigenMonitor(hvp="auto").setup(_Trainer(ModelParallelStrategy()), None, "fit")

@@ -1,0 +1,110 @@
+"""``hessian_eigenpairs`` under plain ``torch.distributed`` (2 gloo processes, no Lightning).
+
+References: the dense float64 Hessian of the mean loss over the union of both ranks' probe shards
+(``tests/cases.py``, ``torch.func``), and single-process results on that union.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch_workers
+from cases import dense_hessian
+from workers import global_case, model_copy, spawn
+
+from pf_lightning.measure import hessian_trace
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each rank measured, replicated (DDP) and sharded (FSDP2): one launch for both tests."""
+    return spawn(torch_workers.both, tmp_path_factory.mktemp("ranks"))
+
+
+def reference_eigenvalues() -> torch.Tensor:
+    return torch.linalg.eigvalsh(dense_hessian(global_case())).flip(0)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(((got.double() - want) / want.abs()).abs().max())
+
+
+def big_and_small(calls: list[tuple[str, int]], n: int) -> tuple[list[int], list[int]]:
+    big = [numel for name, numel in calls if name == "all_reduce" and numel >= n]
+    small = [numel for name, numel in calls if not (name == "all_reduce" and numel >= n)]
+    return big, small
+
+
+def test_ddp_matches_one_process_on_the_union_with_one_collective_per_product(ranks):
+    evals = reference_eigenvalues()
+    r0, r1 = (r["ddp"] for r in ranks)
+    n = r0["n"]
+    for key in ("lanczos64", "lobpcg64", "fd64", "lanczos32"):  # identical on every rank, bit for bit
+        assert torch.equal(r0[key]["eigenvalues"], r1[key]["eigenvalues"]), key
+        assert torch.equal(r0[key]["eigenvectors"], r1[key]["eigenvectors"]), key
+        assert r0[key]["n_hvp"] == r1[key]["n_hvp"] and r0[key]["calls"] == r1[key]["calls"], key
+    assert relative_error(r0["lanczos64"]["eigenvalues"], evals[:3]) < 1e-8
+    assert relative_error(r0["lobpcg64"]["eigenvalues"], torch.cat([evals[:2], evals[-2:]])) < 1e-6
+    assert relative_error(r0["fd64"]["eigenvalues"], evals[:2]) < 1e-6
+    assert relative_error(r0["lanczos32"]["eigenvalues"], evals[:3]) < 1e-3
+    assert relative_error(r0["wrapped"], evals[:1]) < 1e-8
+    assert r0["unchanged"] and r1["unchanged"]
+
+    # One flat all-reduce of n * b entries per application, plus two tiny ones per measurement
+    # (total sample weight and batch counts on entry; the 'auto' backend agreement).
+    for key in ("lanczos64", "lanczos32"):
+        big, small = big_and_small(r0[key]["calls"], n)
+        assert big == [n] * r0[key]["n_hvp"], key
+        assert small == [3, 2], key
+    big, small = big_and_small(r0["lobpcg64"]["calls"], n)
+    assert sum(big) == n * r0["lobpcg64"]["n_hvp"] and all(b % n == 0 for b in big)
+    assert len(big) < r0["lobpcg64"]["n_hvp"]  # one collective per block, not per vector
+    big, small = big_and_small(r0["fd64"]["calls"], n)
+    assert big == [n] * r0["fd64"]["n_hvp"] and small == [3]  # no backend trial to agree on
+
+    # Hutchinson on the union: the same probes as one process, so the same estimate.
+    case = global_case()
+    single = hessian_trace(
+        model_copy(case, torch.float64), case.loss_fn, case.batches, method="hutchinson", n_hvp=6, seed=3
+    )
+    assert abs(r0["trace"] - single.trace) <= 1e-10 * abs(single.trace)
+    assert r0["trace"] == r1["trace"]
+
+    # A NaN on rank 1 only: both ranks raise (no hang), and the next measurement still agrees.
+    assert r1["nan"] == "NonFiniteLossError" and r0["nan"] in ("NonFiniteLossError", "NonFiniteOperatorError")
+    assert torch.equal(r0["after_nan"], r1["after_nan"])
+    assert relative_error(r0["after_nan"], evals[:1]) < 1e-8
+
+
+def test_fsdp2_matches_one_process_within_the_finite_difference_bound(ranks):
+    case = global_case()
+    H = dense_hessian(case)
+    evals, evecs = torch.linalg.eigh(H)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    r0, r1 = (r["fsdp"] for r in ranks)
+    assert r0["global_n"] == r1["global_n"] == case.n
+    assert r0["n"] + r1["n"] == case.n and r0["n"] < case.n  # each rank holds a slice
+    assert sorted(torch.cat([r0["rows"], r1["rows"]]).tolist()) == list(range(case.n))
+    assert torch.equal(r0["auto"]["eigenvalues"], r1["auto"]["eigenvalues"])
+    assert r0["auto"]["hvp"] == "finite_difference"
+    # Central differences in float64: truncation O(h^2) with h = eps^(1/3) max(1, |theta|) ~ 6e-6 |theta|
+    # relative, rounding O(eps / h) ~ 4e-11: 1e-6 relative leaves a wide margin over the ~1e-9 seen.
+    assert relative_error(r0["auto"]["eigenvalues"], evals[:3]) < 1e-6
+    # The ranks' slices of each eigenvector assemble into the reference eigenvector (up to sign).
+    for i in range(3):
+        v = torch.zeros(case.n, dtype=torch.float64)
+        v[r0["rows"]] = r0["auto"]["eigenvectors"][:, i]
+        v[r1["rows"]] = r1["auto"]["eigenvectors"][:, i]
+        assert abs(float(v @ evecs[:, i])) > 1 - 1e-6
+    assert r0["unchanged"] and r1["unchanged"]
+    # Products go through FSDP's reduce-scatter; our own collectives are small (norms, flags, Gram).
+    assert all(numel < case.n for name, numel in r0["auto"]["calls"] if name == "all_reduce")
+    single = hessian_trace(
+        model_copy(case, torch.float64), case.loss_fn, case.batches, method="hutchinson", n_hvp=6, seed=3
+    )
+    assert abs(r0["trace"] - single.trace) <= 1e-6 * abs(single.trace)
+    assert "finite_difference" in r0["exact_backend"]
+    assert r1["nan"] == "NonFiniteLossError" and r0["nan"] == "NonFiniteLossError"
+    assert relative_error(r0["after_nan"], evals[:1]) < 1e-6

@@ -1,0 +1,105 @@
+"""Rank functions of the plain ``torch.distributed`` tests (no Lightning): run by ``workers.spawn``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from workers import count_collectives, global_case, model_copy, poisoned, shard
+
+from pf_lightning import hessian_eigenpairs
+from pf_lightning.curvature import NonFiniteLossError, ParameterSpace
+from pf_lightning.linalg import NonFiniteOperatorError
+from pf_lightning.measure import hessian_trace
+
+
+def _cast(batches: list, dtype: torch.dtype) -> list:
+    return [(x.to(dtype), y) for x, y in batches]
+
+
+def _measure(model: nn.Module, loss_fn: Any, batches: list, **kwargs: Any) -> dict[str, Any]:
+    with count_collectives() as calls:
+        result = hessian_eigenpairs(model, loss_fn, batches, **kwargs)
+    return {
+        "eigenvalues": result.eigenvalues,
+        "eigenvectors": result.eigenvectors,
+        "residuals": result.residuals,
+        "converged": result.converged,
+        "n_hvp": result.n_hvp,
+        "hvp": result.info["hvp"],
+        "calls": calls,
+    }
+
+
+def _skip_together(model: nn.Module, loss_fn: Any, batches: list, rank: int) -> str:
+    """Rank 1 meets a NaN: every rank must raise, after the same collectives (no hang)."""
+    bad = poisoned(batches) if rank == 1 else batches
+    try:
+        hessian_eigenpairs(model, loss_fn, bad, k=2, tol=1e-6)
+    except (NonFiniteLossError, NonFiniteOperatorError) as err:
+        return type(err).__name__
+    return "no error"
+
+
+def ddp(rank: int) -> dict[str, Any]:
+    """Replicated parameters: eigenpairs in float64 and float32, LOBPCG, finite differences, trace,
+    a NaN on one rank, and a measurement after it (the ranks must still be in step)."""
+    case = global_case()
+    mine = shard(case, rank)
+    out: dict[str, Any] = {"n": case.n}
+    model = model_copy(case, torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    out["lanczos64"] = _measure(model, case.loss_fn, mine, k=3, tol=1e-9, max_hvp=600)
+    out["lobpcg64"] = _measure(model, case.loss_fn, mine, k=2, which="both", tol=1e-8, method="lobpcg")
+    out["fd64"] = _measure(model, case.loss_fn, mine, k=2, tol=1e-8, hvp="finite_difference")
+    out["unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    model32 = model_copy(case, torch.float32)
+    out["lanczos32"] = _measure(model32, case.loss_fn, _cast(mine, torch.float32), k=3, tol=1e-4, max_hvp=600)
+    ddp_model = nn.parallel.DistributedDataParallel(model)  # the wrapper is unwrapped by the measurement
+    out["wrapped"] = _measure(ddp_model, case.loss_fn, mine, k=1, tol=1e-9)["eigenvalues"]
+    out["trace"] = hessian_trace(model, case.loss_fn, mine, method="hutchinson", n_hvp=6, seed=3).trace
+    out["nan"] = _skip_together(model, case.loss_fn, mine, rank)
+    out["after_nan"] = _measure(model, case.loss_fn, mine, k=1, tol=1e-9)["eigenvalues"]
+    return out
+
+
+def fsdp(rank: int) -> dict[str, Any]:
+    """FSDP2-sharded parameters (``fully_shard`` per layer and on the root), float64, uneven shards
+    (rank 0 holds two batches, rank 1 one, so rank 1 pads a pass)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    case = global_case()
+    mine = shard(case, rank)
+    model = model_copy(case, torch.float64)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    space = ParameterSpace(model)
+    global_index = torch.arange(space.global_n, dtype=torch.float64)[:, None]
+    out: dict[str, Any] = {"n": space.n, "global_n": space.global_n}
+    out["rows"] = space.local_rows(global_index)[:, 0].long()
+    before = [p.to_local().detach().clone() for p in model.parameters()]
+    out["auto"] = _measure(model, case.loss_fn, mine, k=3, tol=1e-8, max_hvp=600)
+    out["unchanged"] = all(
+        torch.equal(a, p.to_local()) and p.grad is None
+        for a, p in zip(before, model.parameters(), strict=True)
+    )
+    out["trace"] = hessian_trace(model, case.loss_fn, mine, method="hutchinson", n_hvp=6, seed=3).trace
+    try:
+        hessian_eigenpairs(model, case.loss_fn, mine, k=1, hvp="double_backward")
+        out["exact_backend"] = "no error"
+    except ValueError as err:
+        out["exact_backend"] = str(err)
+    out["nan"] = _skip_together(model, case.loss_fn, mine, rank)
+    out["after_nan"] = _measure(model, case.loss_fn, mine, k=1, tol=1e-8)["eigenvalues"]
+    return out
+
+
+def both(rank: int) -> dict[str, Any]:
+    """Both layouts in one launch (process start-up dominates the cost of these tests)."""
+    return {"ddp": ddp(rank), "fsdp": fsdp(rank)}
