@@ -14,13 +14,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# Example 1 at two learning rates, logged to offline W&B runs, then plotted by `pf-lightning report`
+# into demo_output/plots/ (about a minute on 2 cores). OMP_WAIT_POLICY=PASSIVE keeps torch's two
+# OpenMP threads from spin-waiting on a busy machine, which slows the small matrix products 10-100x.
 demo: $(STAMP)
-	WANDB_MODE=offline $(PY) examples/quickstart.py
+	rm -rf demo_output
+	OMP_WAIT_POLICY=PASSIVE WANDB_MODE=offline WANDB_SILENT=true $(PY) examples/edge_of_stability.py \
+		--lrs 0.4 0.2 --steps 600 --logger wandb --out demo_output
+	$(VENV)/bin/pf-lightning report demo_output
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	WANDB_MODE=offline $(PY) -m pytest
+	OMP_WAIT_POLICY=PASSIVE WANDB_MODE=offline $(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py all --out BENCHMARKS.md

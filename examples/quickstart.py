@@ -4,7 +4,8 @@ Full-batch gradient descent on sklearn's digits (a tanh MLP 64-200-200-10 with t
 Cohen et al. 2021): the top Hessian eigenvalue (the *sharpness*) rises until it reaches the
 stability threshold 2/lr of gradient descent, then hovers there while the loss keeps falling
 non-monotonically. Every measurement is warm-started from the previous one and leaves training
-untouched. Runs in under a minute on two CPU cores: `make demo`.
+untouched. Runs in under a minute on two CPU cores: `python examples/quickstart.py`. The same
+experiment as a Lightning run, with plots: examples/edge_of_stability.py (`make demo`).
 """
 
 from __future__ import annotations

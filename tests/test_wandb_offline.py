@@ -1,4 +1,4 @@
-"""The offline wandb reader (``tests/wandb_offline.py``) on real runs: plain wandb, and Lightning's WandbLogger."""
+"""The offline W&B reader (``pf_lightning.wandb_reader``) on real runs: plain wandb, and Lightning's WandbLogger."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import shutil
 import pytest
 import torch
 import wandb
-from wandb_offline import (
+from wandb_offline import offline_env
+
+from pf_lightning.wandb_reader import (
     FILE_HEADER,
     FIRST,
     LAST,
@@ -17,7 +19,6 @@ from wandb_offline import (
     find_run_file,
     history,
     metric_definitions,
-    offline_env,
     read_chunks,
     read_records,
     summary,

@@ -1,0 +1,427 @@
+"""Plots from logged metrics: what ``pf-lightning report <run dir>`` draws.
+
+A run is a CSVLogger's ``metrics.csv`` or an offline W&B run (``wandb/offline-run-*/run-*.wandb``, read
+with :mod:`pf_lightning.wandb_reader`); a folder may hold several (one per learning rate, say). For
+each run it writes PNGs of the sharpness against the stability threshold (``eos/*``), the top-k
+spectrum over time (``hessian/eig_i``, one panel per named monitor), the principal-flow regimes
+(``pf/*``), the learning rate (``lr-*`` from ``LearningRateMonitor``, ``dal/lr``) and the loss; with
+several runs, also the sharpness of all of them on one figure (Cohen et al.'s first figure). A plot
+without data is skipped with a message. Every ``plot_*`` function returns the series it drew, keyed
+by metric name, so tests can compare them with what was logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from . import wandb_reader
+
+__all__ = [
+    "PLOTS",
+    "RunMetrics",
+    "find_runs",
+    "plot_learning_rate",
+    "plot_loss",
+    "plot_regimes",
+    "plot_sharpness",
+    "plot_sharpness_across_runs",
+    "plot_spectrum",
+    "read_csv_metrics",
+    "read_wandb_metrics",
+    "write_report",
+]
+
+Series = tuple[np.ndarray, np.ndarray]  # steps, values
+Drawn = dict[str, Series]
+Source = Literal["auto", "csv", "wandb"]
+_EIG = re.compile(r"^hessian/(?:(?P<tag>.+)/)?eig_(?P<bottom>bottom_)?(?P<i>\d+)$")
+_HLAMBDA = re.compile(r"^pf/hlambda_(\d+)$")
+_PREFIXES = ("hessian/", "eos/", "pf/", "dal/")
+
+
+@dataclass
+class RunMetrics:
+    """The numeric metrics of one run: ``series[name] = (steps, values)`` in logging order."""
+
+    name: str
+    source: Path
+    kind: Literal["csv", "wandb"]
+    series: dict[str, Series] = field(default_factory=dict)
+
+    def get(self, key: str) -> Series | None:
+        return self.series.get(key)
+
+
+def _collect(rows: Iterable[tuple[int, str, float]]) -> dict[str, Series]:
+    steps: dict[str, list[int]] = {}
+    values: dict[str, list[float]] = {}
+    for step, key, value in rows:
+        steps.setdefault(key, []).append(step)
+        values.setdefault(key, []).append(value)
+    return {k: (np.asarray(steps[k], dtype=np.int64), np.asarray(values[k], dtype=float)) for k in steps}
+
+
+def read_csv_metrics(path: Path, progress: bool | None = None) -> dict[str, Series]:
+    """The numeric columns of a CSVLogger ``metrics.csv``, against its ``step`` column.
+
+    Args:
+        path: the ``metrics.csv`` file.
+        progress: show a progress bar (``None``: only on a terminal).
+    """
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+
+    def cells() -> Iterable[tuple[int, str, float]]:
+        for row in tqdm(
+            rows, desc=f"reading {Path(path).name}", unit="row", disable=_off(progress), leave=False
+        ):
+            if not row.get("step"):
+                continue
+            step = int(float(row["step"]))
+            for key, text in row.items():
+                if key not in ("step", None) and text not in ("", None):
+                    try:
+                        yield step, key, float(text)
+                    except ValueError:
+                        continue
+
+    return _collect(cells())
+
+
+def read_wandb_metrics(path: Path, progress: bool | None = None) -> dict[str, Series]:
+    """The numeric history of an offline W&B run, against ``trainer/global_step`` (Lightning's x-axis).
+
+    Rows logged without it (``run.log`` outside Lightning) use W&B's own ``_step``. Tables, histograms
+    and charts are left out. A file still being written is read up to its last complete record.
+
+    Args:
+        path: the ``run-*.wandb`` file.
+        progress: show a progress bar (``None``: only on a terminal).
+    """
+    history = wandb_reader.history(path, strict=False)
+
+    def cells() -> Iterable[tuple[int, str, float]]:
+        for row in tqdm(
+            history, desc=f"reading {Path(path).name}", unit="row", disable=_off(progress), leave=False
+        ):
+            step = row.get("trainer/global_step", row.get("_step"))
+            if not _is_number(step):
+                continue
+            for key, value in row.items():
+                if not key.startswith("_") and key != "trainer/global_step" and _is_number(value):
+                    yield int(step), key, float(value)
+
+    return _collect(cells())
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _off(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # tqdm: disable=None hides the bar off a terminal
+
+
+def find_runs(root: Path, source: Source = "auto", progress: bool | None = None) -> list[RunMetrics]:
+    """Every run at or under ``root``: a ``metrics.csv``, a ``.wandb`` file, or folders holding them.
+
+    Args:
+        root: a run folder, a parent of several, or one ``metrics.csv`` / ``run-*.wandb`` file.
+        source: ``"csv"`` or ``"wandb"`` to read only that kind; ``"auto"`` reads both.
+        progress: show progress bars (``None``: only on a terminal).
+
+    Raises:
+        FileNotFoundError: nothing to read under ``root``.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist")
+    found: list[tuple[Path, Literal["csv", "wandb"], Path]] = []  # file, kind, the folder it names
+    if source in ("auto", "csv"):
+        csvs = [root] if root.is_file() and root.suffix == ".csv" else sorted(root.glob("**/metrics.csv"))
+        found += [(p, "csv", p.parent) for p in csvs]
+    if source in ("auto", "wandb"):
+        for p in wandb_reader.find_run_files(root):
+            owner = p.parent.parent.parent if p.parent.parent.name == "wandb" else p.parent
+            found.append((p, "wandb", owner))
+    if not found:
+        kinds = {"auto": "metrics.csv or wandb/offline-run-*/run-*.wandb", "csv": "metrics.csv"}
+        raise FileNotFoundError(f"no {kinds.get(source, 'run-*.wandb')} under {root}")
+    base = root.parent if root.is_file() else root
+    names = [
+        owner.relative_to(base).as_posix() if base in owner.parents else (base.resolve().name or "run")
+        for _, _, owner in found
+    ]
+    # Two runs named by one folder (a CSV and a W&B log of one run, or repeated runs): say which is which.
+    unique = []
+    for i, (path, kind, _) in enumerate(found):
+        twins = [found[j][1] for j, n in enumerate(names) if n == names[i]]
+        if len(twins) == 1:
+            unique.append(names[i])
+        else:
+            unique.append(f"{names[i]} ({kind if twins.count(kind) == 1 else f'{kind} {path.stem}'})")
+    names = unique
+    runs = []
+    for (path, kind, _), name in zip(found, names, strict=True):
+        reader = read_csv_metrics if kind == "csv" else read_wandb_metrics
+        runs.append(RunMetrics(name, path, kind, reader(path, progress)))
+    return runs
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _figure(rows: int, title: str) -> tuple[Figure, list]:
+    figure = Figure(figsize=(8, 2.6 + 2.4 * rows), layout="constrained")
+    FigureCanvasAgg(figure)  # Agg, without touching pyplot's global backend
+    axes = figure.subplots(rows, 1, sharex=True, squeeze=False)[:, 0].tolist()
+    figure.suptitle(title)
+    axes[-1].set_xlabel("step")
+    return figure, axes
+
+
+def _save(figure: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+
+
+def _spread(values: np.ndarray) -> bool:
+    """Positive values spanning more than two decades read better on a log axis."""
+    finite = values[np.isfinite(values)]
+    return bool(finite.size and finite.min() > 0 and finite.max() / finite.min() > 100)
+
+
+def _by_index(keys: Iterable[str], pattern: re.Pattern) -> list[str]:
+    return sorted((k for k in keys if pattern.match(k)), key=lambda k: int(re.findall(r"\d+", k)[-1]))
+
+
+def plot_sharpness(run: RunMetrics, path: Path) -> Drawn | None:
+    """``eos/sharpness`` against ``eos/threshold``, and their ratio (1.0 is the edge of stability)."""
+    sharpness, threshold, ratio = (run.get(f"eos/{k}") for k in ("sharpness", "threshold", "ratio"))
+    if sharpness is None:
+        return None
+    preconditioned = run.get("eos/preconditioned_sharpness") is not None
+    figure, (top, bottom) = _figure(2, f"{run.name}: sharpness against the stability threshold")
+    label = "preconditioned sharpness λmax(P⁻¹H)" if preconditioned else "sharpness λmax(H)"
+    top.plot(*sharpness, marker=".", label=label)
+    drawn: Drawn = {"eos/sharpness": sharpness}
+    if threshold is not None:
+        top.plot(*threshold, "k--", drawstyle="steps-post", label="threshold")
+        drawn["eos/threshold"] = threshold
+    if _spread(np.concatenate([s[1] for s in drawn.values()])):
+        top.set_yscale("log")
+    top.set_ylabel("eigenvalue")
+    top.legend(loc="best")
+    if ratio is not None:
+        bottom.plot(*ratio, marker=".", color="tab:red")
+        drawn["eos/ratio"] = ratio
+    bottom.axhline(1.0, color="k", linestyle="--", linewidth=1)
+    bottom.set_ylabel("sharpness / threshold")
+    _save(figure, path)
+    return drawn
+
+
+def plot_spectrum(run: RunMetrics, path: Path) -> Drawn | None:
+    """The tracked eigenvalues over time: one panel per monitor (``hessian/eig_i``, ``hessian/<name>/eig_i``)."""
+    groups: dict[str, list[str]] = {}
+    for key in _by_index(run.series, _EIG):
+        groups.setdefault(_EIG.match(key)["tag"] or "", []).append(key)
+    if not groups:
+        return None
+    tags = sorted(groups, key=lambda t: (t != "", t))
+    figure, axes = _figure(len(tags), f"{run.name}: Hessian spectrum over training")
+    threshold = run.get("eos/threshold")
+    overlay = threshold is not None and run.get("eos/preconditioned_sharpness") is None
+    drawn: Drawn = {}
+    for ax, tag in zip(axes, tags, strict=True):
+        for key in groups[tag]:
+            match = _EIG.match(key)
+            name = f"bottom {match['i']}" if match["bottom"] else f"λ{match['i']}"
+            ax.plot(*run.series[key], marker=".", linestyle="--" if match["bottom"] else "-", label=name)
+            drawn[key] = run.series[key]
+        if tag == "" and overlay:
+            ax.plot(*threshold, "k--", drawstyle="steps-post", label="stability threshold")
+            drawn["eos/threshold"] = threshold
+        ax.set_ylabel("eigenvalue")
+        ax.set_title(f"parameters of monitor {tag!r}" if tag else "all measured parameters", fontsize=10)
+        ax.legend(loc="best", fontsize=8, ncols=2)
+    _save(figure, path)
+    return drawn
+
+
+_REGIME_BANDS = (  # ηλ: the principal-flow regime of one direction (Dherin et al. 2023)
+    (-math.inf, 0.0, "tab:gray", "saddle (ηλ < 0)"),
+    (0.0, 1.0, "tab:green", "monotone (0 < ηλ < 1)"),
+    (1.0, 2.0, "tab:orange", "oscillating, stable (1 < ηλ < 2)"),
+    (2.0, math.inf, "tab:red", "unstable (ηλ > 2)"),
+)
+
+
+def plot_regimes(run: RunMetrics, path: Path) -> Drawn | None:
+    """Principal-flow regimes: ``pf/hlambda_i`` against the bands 0, 1, 2, and the unstable share."""
+    keys = _by_index(run.series, _HLAMBDA)
+    if not keys:
+        return None
+    counts = [k for k in ("pf/oscillating_directions", "pf/unstable_directions") if k in run.series]
+    fraction = run.get("pf/unstable_grad_fraction")
+    figure, axes = _figure(1 + bool(counts) + (fraction is not None), f"{run.name}: principal-flow regimes")
+    top, drawn = axes[0], {}
+    values = np.concatenate([run.series[k][1] for k in keys])
+    low, high = min(-0.1, float(np.nanmin(values)) - 0.1), max(2.3, float(np.nanmax(values)) + 0.1)
+    for lo, hi, color, label in _REGIME_BANDS:
+        if max(lo, low) < min(hi, high):
+            top.axhspan(max(lo, low), min(hi, high), color=color, alpha=0.12, label=label)
+    for key in keys:
+        top.plot(*run.series[key], marker=".", label=f"ηλ{key.rsplit('_', 1)[1]}")
+        drawn[key] = run.series[key]
+    top.set_ylim(low, high)
+    top.set_ylabel("ηλᵢ")
+    top.legend(loc="best", fontsize=7, ncols=2)
+    panel = 1
+    if counts:
+        for key in counts:
+            axes[panel].plot(
+                *run.series[key], drawstyle="steps-post", label=key.split("/")[1].replace("_", " ")
+            )
+            drawn[key] = run.series[key]
+        axes[panel].set_ylabel("directions")
+        axes[panel].legend(loc="best", fontsize=8)
+        panel += 1
+    if fraction is not None:
+        axes[panel].plot(*fraction, marker=".", color="tab:red")
+        axes[panel].set_ylabel("unstable share of ‖g‖²")
+        drawn["pf/unstable_grad_fraction"] = fraction
+    _save(figure, path)
+    return drawn
+
+
+def plot_learning_rate(run: RunMetrics, path: Path) -> Drawn | None:
+    """``lr-*`` (LearningRateMonitor) and ``dal/lr``; the monitor's ``eos/lr`` when neither was logged."""
+    keys = sorted(k for k in run.series if k.startswith("lr-")) + [k for k in ("dal/lr",) if k in run.series]
+    keys = keys or [k for k in ("eos/lr",) if k in run.series]
+    if not keys:
+        return None
+    figure, (ax,) = _figure(1, f"{run.name}: learning rate")
+    drawn = {}
+    for key in keys:
+        ax.plot(*run.series[key], drawstyle="steps-post", label=key)
+        drawn[key] = run.series[key]
+    if _spread(np.concatenate([s[1] for s in drawn.values()])):
+        ax.set_yscale("log")
+    ax.set_ylabel("learning rate")
+    ax.legend(loc="best")
+    _save(figure, path)
+    return drawn
+
+
+def plot_loss(run: RunMetrics, path: Path) -> Drawn | None:
+    """Every logged loss (``train_loss``, ``val_loss``, ...), on a log axis when positive."""
+    keys = sorted(
+        k
+        for k in run.series
+        if "loss" in k.rsplit("/", 1)[-1] and not k.startswith(_PREFIXES) and "epoch" not in k
+    )
+    if not keys:
+        return None
+    figure, (ax,) = _figure(1, f"{run.name}: loss")
+    drawn = {}
+    for key in keys:
+        ax.plot(*run.series[key], label=key)
+        drawn[key] = run.series[key]
+    values = np.concatenate([s[1] for s in drawn.values()])
+    if values.size and np.nanmin(values) > 0:
+        ax.set_yscale("log")
+    ax.set_ylabel("loss")
+    ax.legend(loc="best")
+    _save(figure, path)
+    return drawn
+
+
+def plot_sharpness_across_runs(runs: list[RunMetrics], path: Path) -> Drawn | None:
+    """Each run's sharpness (solid) and threshold (dashed, same colour): Cohen et al.'s first figure."""
+    runs = [r for r in runs if r.get("eos/sharpness") is not None]
+    if len(runs) < 2:
+        return None
+    figure, (top, bottom) = _figure(2, "sharpness against the stability threshold, by run")
+    drawn: Drawn = {}
+    for run, color in zip(runs, _colors(len(runs)), strict=True):
+        threshold = run.get("eos/threshold")
+        label = run.name if threshold is None else f"{run.name} (threshold {threshold[1][-1]:.4g})"
+        top.plot(*run.series["eos/sharpness"], marker=".", color=color, label=label)
+        drawn[f"{run.name}:eos/sharpness"] = run.series["eos/sharpness"]
+        if threshold is not None:
+            top.plot(*threshold, "--", color=color, drawstyle="steps-post")
+            drawn[f"{run.name}:eos/threshold"] = threshold
+        if (ratio := run.get("eos/ratio")) is not None:
+            bottom.plot(*ratio, marker=".", color=color, label=run.name)
+            drawn[f"{run.name}:eos/ratio"] = ratio
+    if _spread(np.concatenate([s[1] for k, s in drawn.items() if not k.endswith("eos/ratio")])):
+        top.set_yscale("log")
+    top.set_ylabel("sharpness (dashed: threshold)")
+    top.legend(loc="best", fontsize=8)
+    bottom.axhline(1.0, color="k", linestyle="--", linewidth=1)
+    bottom.set_ylabel("sharpness / threshold")
+    _save(figure, path)
+    return drawn
+
+
+def _colors(n: int) -> list[str]:
+    return [f"C{i % 10}" for i in range(n)]
+
+
+PLOTS: dict[str, tuple[Callable[[RunMetrics, Path], Drawn | None], str]] = {
+    "sharpness": (plot_sharpness, "no eos/sharpness (add EdgeOfStabilityMonitor)"),
+    "spectrum": (plot_spectrum, "no hessian/eig_* (add HessianEigenMonitor)"),
+    "regimes": (plot_regimes, "no pf/hlambda_* (logged for SGD-family optimizers by EdgeOfStabilityMonitor)"),
+    "learning_rate": (plot_learning_rate, "no lr-* (LearningRateMonitor), dal/lr or eos/lr"),
+    "loss": (plot_loss, "no metric named *loss*"),
+}
+
+
+def write_report(
+    root: Path,
+    out: Path | None = None,
+    source: Source = "auto",
+    progress: bool | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[Path, Drawn]:
+    """Read every run under ``root`` and write its PNGs; returns what each written file shows.
+
+    Args:
+        root: a run folder, a parent of several runs, or one ``metrics.csv`` / ``run-*.wandb`` file.
+        out: where the PNGs go (default ``<root>/plots``); with several runs, one sub-folder per run.
+        source: ``"csv"``, ``"wandb"`` or ``"auto"`` (both).
+        progress: show progress bars (``None``: only on a terminal).
+        echo: where messages go (a skipped plot says why).
+
+    Raises:
+        FileNotFoundError: no run under ``root``.
+    """
+    root = Path(root)
+    out = Path(out) if out is not None else (root.parent if root.is_file() else root) / "plots"
+    runs = find_runs(root, source, progress)
+    written: dict[Path, Drawn] = {}
+    tasks = [(run, name) for run in runs for name in PLOTS]
+    for run, name in tqdm(tasks, desc="plotting", unit="plot", disable=_off(progress)):
+        folder = out if len(runs) == 1 else out / re.sub(r"[^\w.=+-]+", "_", run.name)
+        plot, missing = PLOTS[name]
+        path = folder / f"{name}.png"
+        drawn = plot(run, path)
+        if drawn is None:
+            echo(f"{run.name}: skipped {name}.png: {missing}")
+        else:
+            written[path] = drawn
+    if len(runs) > 1 and (drawn := plot_sharpness_across_runs(runs, out / "sharpness_runs.png")) is not None:
+        written[out / "sharpness_runs.png"] = drawn
+    for path in sorted(written):
+        echo(f"wrote {path}")
+    return written

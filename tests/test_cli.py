@@ -1,0 +1,123 @@
+"""The ``pf-lightning`` command: every config in configs/ parses and trains a few steps; dispatch and help."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+from pf_lightning.cli import cli_main, main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SINGLE_PROCESS = ["eos_digits.yaml", "adaptive_eos_digits.yaml", "transformer_lm.yaml"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait on each other and run these
+    small models 10-100x slower (OMP_WAIT_POLICY=PASSIVE, set before torch starts, also avoids it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    """As from a shell: LightningCLI warns when it is given args while sys.argv holds pytest's."""
+    monkeypatch.setattr(sys, "argv", ["pf-lightning"])
+
+
+def test_every_config_is_tested():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*SINGLE_PROCESS, "ddp_digits.yaml"])
+
+
+def shrunk(name: str, tmp_path: Path, steps: int = 3) -> Path:
+    """The config with a few steps, small probes, a measurement every step and the logs in ``tmp_path``."""
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    trainer = config["trainer"]
+    trainer["max_steps"] = steps
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    for callback in trainer["callbacks"]:
+        if callback["class_path"] == "pf_lightning.HessianEigenMonitor":
+            callback["init_args"].update(every_n_steps=1, probe=16 if "transformer" in name else 64)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_config_parses(name, tmp_path):
+    cli = cli_main(["--config", str(CONFIGS / name), f"--trainer.default_root_dir={tmp_path}"], run=False)
+    callbacks = cli.trainer.callbacks
+    assert any(isinstance(cb, HessianEigenMonitor) for cb in callbacks)
+    assert any(isinstance(cb, EdgeOfStabilityMonitor) for cb in callbacks)
+    assert isinstance(cli.trainer.logger, CSVLogger)
+    assert cli.model.configure_optimizers() is not None
+
+
+@pytest.mark.parametrize("name", SINGLE_PROCESS)
+def test_config_trains_a_few_steps(name, tmp_path, capsys):
+    main(["fit", "--config", str(shrunk(name, tmp_path))])
+    log_dir = tmp_path / Path(name).stem
+    with open(log_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    eig_steps = sorted({int(r["step"]) for r in rows if r.get("hessian/eig_1")})
+    assert eig_steps == [0, 1, 2, 3]  # fit start, every step, fit end at step 3 (once)
+    ratios = [float(r["eos/ratio"]) for r in rows if r.get("eos/ratio")]
+    assert ratios and all(r > 0 for r in ratios)
+    assert (log_dir / "config.yaml").is_file()  # LightningCLI saved the resolved config
+    assert "sharpness" in capsys.readouterr().out  # MeasurementTable's header
+    if name == "transformer_lm.yaml":
+        assert {"hessian/attn/eig_1", "hessian/mlp/eig_1", "hessian/embed/eig_1"} <= rows[0].keys()
+
+
+def test_help_names_the_report_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "pf-lightning report" in out and "fit" in out
+
+
+@pytest.mark.slow
+def test_ddp_config_trains_on_two_processes(tmp_path):
+    """Lightning's "ddp" strategy re-launches the command for rank 1: run it as the console script does."""
+    config = shrunk("ddp_digits.yaml", tmp_path, steps=2)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "pf_lightning.cli", "fit", "--config", str(config)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "ddp_digits" / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted({int(r["step"]) for r in rows if r.get("hessian/eig_1")}) == [0, 1, 2]
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE_RUNS = {  # a few steps each; the summaries they print are what a user reads
+    "edge_of_stability.py": (["--lrs", "0.4", "--steps", "4", "--every", "2"], "Summary"),
+    "adaptive_edge_of_stability.py": (["--lrs", "0.002", "--steps", "4", "--every", "2"], "Summary"),
+    "transformer_lm.py": (["--steps", "2", "--every", "1", "--probe", "8"], "lambda_max per parameter group"),
+    "ddp_digits.py": (["--steps", "2", "--every", "1"], "max relative difference"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(EXAMPLE_RUNS))
+def test_example_runs(script, tmp_path):
+    """Each example as a user runs it (a script; DDP re-launches it), shortened to a few steps."""
+    args, expected = EXAMPLE_RUNS[script]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, str(EXAMPLES / script), *args, "--out", str(tmp_path / "runs")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert expected in done.stdout
+    assert list((tmp_path / "runs").glob("**/metrics.csv"))

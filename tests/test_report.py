@@ -1,0 +1,216 @@
+"""``pf-lightning report``: PNGs from real short runs (CSV and offline W&B) that show what was logged."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import struct
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import wandb
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from matplotlib.image import imread
+from wandb_offline import offline_env
+
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+from pf_lightning.cli import main
+from pf_lightning.demos import DigitsDataModule, DigitsMLP
+from pf_lightning.report import find_runs, read_wandb_metrics, write_report
+from pf_lightning.wandb_reader import find_run_file, history
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS = {"sharpness", "spectrum", "regimes", "learning_rate", "loss"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait on each other and run these
+    small models 10-100x slower (OMP_WAIT_POLICY=PASSIVE, set before torch starts, also avoids it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def short_run(root, logger, lr=0.4, optimizer=torch.optim.SGD, named=False):
+    """Twelve full-batch steps on 256 digits with the monitors; returns the EoS monitor and the monitors."""
+    model = DigitsMLP(hidden=(32, 32), optimizer=functools.partial(optimizer, lr=lr))
+    hessian = HessianEigenMonitor(k=2, every_n_steps=4, probe=256)
+    extra = (
+        [HessianEigenMonitor(k=2, every_n_steps=4, probe=256, params="net.0.*", name="first")]
+        if named
+        else []
+    )
+    eos = EdgeOfStabilityMonitor()
+    trainer = L.Trainer(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        max_steps=12,
+        logger=logger,
+        callbacks=[hessian, *extra, eos, LearningRateMonitor("step")],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, DigitsDataModule(n=256))
+    return eos, [hessian, *extra]
+
+
+def assert_png(path, min_bytes=5_000):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > min_bytes, path
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
+    image = imread(path)
+    assert image.shape[:2] == (height, width) and width >= 400 and height >= 300
+    assert image.std() > 0.01  # not a blank canvas
+
+
+def csv_columns(path):
+    """``{column: (steps, values)}`` straight from metrics.csv, independently of the report module."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    out = {}
+    for column in rows[0]:
+        cells = [(int(r["step"]), float(r[column])) for r in rows if r[column] != "" and column != "step"]
+        if cells:
+            out[column] = (np.array([s for s, _ in cells]), np.array([v for _, v in cells]))
+    return out
+
+
+def assert_matches_monitors(drawn, eos, monitors):
+    """The plotted eos/* and hessian/* series are exactly the measurements the callbacks made."""
+    steps = np.array([h["step"] for h in eos.history])
+    for key in ("eos/sharpness", "eos/threshold", "eos/ratio"):
+        np.testing.assert_array_equal(drawn["sharpness"][key][0], steps)
+        np.testing.assert_allclose(drawn["sharpness"][key][1], [h[key] for h in eos.history], rtol=1e-6)
+    for monitor in monitors:
+        prefix = f"hessian/{monitor.name}/" if monitor.name else "hessian/"
+        for i in range(monitor.k):
+            got = drawn["spectrum"][f"{prefix}eig_{i + 1}"]
+            np.testing.assert_array_equal(got[0], [h["step"] for h in monitor.history])
+            np.testing.assert_allclose(got[1], [h["eigenvalues"][i] for h in monitor.history], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("csv_run")
+    eos, monitors = short_run(root, CSVLogger(root, name="run", version=""), named=True)
+    return root / "run", eos, monitors
+
+
+def test_csv_report_draws_the_logged_data(csv_run, tmp_path):
+    run_dir, eos, monitors = csv_run
+    messages = []
+    written = write_report(run_dir, tmp_path / "plots", progress=False, echo=messages.append)
+    assert {p.stem for p in written} == PLOTS and all(p.parent == tmp_path / "plots" for p in written)
+    for path in written:
+        assert_png(path)
+    drawn = {p.stem: series for p, series in written.items()}
+    assert_matches_monitors(drawn, eos, monitors)
+    logged = csv_columns(run_dir / "metrics.csv")
+    for series in drawn.values():
+        for key, (steps, values) in series.items():
+            np.testing.assert_array_equal(steps, logged[key][0])
+            np.testing.assert_array_equal(values, logged[key][1])
+    assert {"pf/hlambda_1", "pf/hlambda_2", "pf/unstable_grad_fraction"} <= drawn["regimes"].keys()
+    assert set(drawn["learning_rate"]) == {"lr-SGD"} and set(drawn["loss"]) == {"train_loss"}
+    assert np.all(drawn["learning_rate"]["lr-SGD"][1] == 0.4)
+    assert "hessian/first/eig_1" in drawn["spectrum"]  # a named monitor gets its own panel
+    assert sum(m.startswith("wrote") for m in messages) == len(PLOTS)
+
+
+def test_wandb_report_draws_the_logged_data(tmp_path, monkeypatch):
+    offline_env(monkeypatch, tmp_path)
+    logger = WandbLogger(save_dir=tmp_path / "run", project="t", offline=True)
+    (tmp_path / "run").mkdir()
+    try:
+        eos, monitors = short_run(tmp_path, logger)
+        logger.experiment.finish()
+    finally:
+        wandb.teardown()
+    written = write_report(tmp_path / "run", tmp_path / "plots", source="wandb", progress=False, echo=print)
+    assert {p.stem for p in written} == PLOTS
+    for path in written:
+        assert_png(path)
+    drawn = {p.stem: series for p, series in written.items()}
+    assert_matches_monitors(drawn, eos, monitors)
+    rows = history(find_run_file(tmp_path / "run"))
+    losses = [(r["trainer/global_step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    np.testing.assert_array_equal(drawn["loss"]["train_loss"][0], [s for s, _ in losses])
+    np.testing.assert_array_equal(drawn["loss"]["train_loss"][1], [v for _, v in losses])
+
+
+def test_truncated_wandb_file_is_read_up_to_its_last_record(tmp_path, monkeypatch):
+    offline_env(monkeypatch, tmp_path)
+    try:
+        run = wandb.init(mode="offline", dir=tmp_path, project="t")
+        for step in range(50):
+            run.log({"train_loss": 1.0 / (step + 1), "trainer/global_step": step})
+        run.finish()
+    finally:
+        wandb.teardown()
+    path = find_run_file(tmp_path)
+    whole = read_wandb_metrics(path, progress=False)["train_loss"]
+    cut = tmp_path / "cut.wandb"
+    cut.write_bytes(path.read_bytes()[:-100])  # as if the run were still being written
+    with pytest.raises(ValueError):
+        history(cut)
+    partial = read_wandb_metrics(cut, progress=False)["train_loss"]
+    assert 0 < len(partial[0]) <= len(whole[0])
+    np.testing.assert_array_equal(partial[1], whole[1][: len(partial[1])])
+
+
+def write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for row in rows for k in row})
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_plots_without_data_are_skipped_with_a_message(tmp_path):
+    write_csv(tmp_path / "metrics.csv", [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(20)])
+    messages = []
+    written = write_report(tmp_path, progress=False, echo=messages.append)
+    assert [p.name for p in written] == ["loss.png"] and (tmp_path / "plots" / "loss.png").is_file()
+    skipped = [m for m in messages if "skipped" in m]
+    assert len(skipped) == 4 and any("EdgeOfStabilityMonitor" in m for m in skipped)
+
+
+def test_several_runs_get_a_folder_each_and_a_comparison(tmp_path):
+    for lr in (0.4, 0.2):
+        rows = [
+            {
+                "step": s,
+                "eos/sharpness": 4 + s / 10,
+                "eos/threshold": 2 / lr,
+                "eos/ratio": (4 + s / 10) * lr / 2,
+            }
+            for s in range(0, 60, 10)
+        ]
+        write_csv(tmp_path / "runs" / f"lr_{lr}" / "metrics.csv", rows)
+    written = write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
+    names = {p.relative_to(tmp_path / "out").as_posix() for p in written}
+    assert names == {"lr_0.2/sharpness.png", "lr_0.4/sharpness.png", "sharpness_runs.png"}
+    comparison = written[tmp_path / "out" / "sharpness_runs.png"]
+    np.testing.assert_array_equal(comparison["lr_0.2:eos/threshold"][1], [10.0] * 6)
+    assert_png(tmp_path / "out" / "sharpness_runs.png")
+    assert [r.name for r in find_runs(tmp_path / "runs")] == ["lr_0.2", "lr_0.4"]
+
+
+def test_report_command(tmp_path, csv_run, capsys):
+    run_dir, _, _ = csv_run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run_dir / "metrics.csv"), "--out", str(tmp_path), "--no-progress"])
+    assert exit_info.value.code == 0 and (tmp_path / "sharpness.png").is_file()
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "nothing-here")])
+    assert exit_info.value.code == 1 and "does not exist" in capsys.readouterr().err
