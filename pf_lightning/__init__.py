@@ -3,8 +3,9 @@
 from .callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor, LRAdaptation
 from .curvature import HessianOperator, NonFiniteLossError, ParameterSpace, PreconditionedOperator
 from .curvature.drift import GradientCurvature, gradient_curvature
+from .curvature.groups import parameter_groups
 from .linalg import EigenResult, NonConvergenceWarning, NonFiniteOperatorError
-from .measure import hessian_density, hessian_eigenpairs, hessian_trace
+from .measure import hessian_density, hessian_eigenpairs, hessian_trace, output_loss
 from .probe import ProbeSet
 from .schedulers import DriftAdaptiveLR, SharpnessCappedLR
 
@@ -30,4 +31,6 @@ __all__ = [
     "hessian_density",
     "hessian_eigenpairs",
     "hessian_trace",
+    "output_loss",
+    "parameter_groups",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,9 +15,40 @@ from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 from .probe import ProbeSet
 
-__all__ = ["METHODS", "hessian_density", "hessian_eigenpairs", "hessian_trace"]
+__all__ = ["METHODS", "hessian_density", "hessian_eigenpairs", "hessian_trace", "loss_of", "output_loss"]
 
 METHODS = ("auto", "lanczos", "lobpcg")
+
+
+def loss_of(output: Any) -> Tensor | None:
+    """The loss held by a model's or a ``training_step``'s output, or None when it holds none.
+
+    A Tensor is the loss; a Mapping gives its ``"loss"`` entry (Lightning's dict, Hugging Face's
+    ``ModelOutput``); any other object its ``.loss`` attribute (a dataclass output).
+    """
+    if isinstance(output, Tensor):
+        return output
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return loss if isinstance(loss, Tensor) else None
+
+
+def output_loss(model: nn.Module, batch: Any) -> Tensor:
+    """``model(**batch).loss`` for a dict batch (Hugging Face style), ``model(batch).loss`` otherwise.
+
+    The ready ``loss_fn`` for models that compute their own loss from labels in the batch, e.g.
+    ``hessian_eigenpairs(model, output_loss, [{"input_ids": ids, "labels": labels}])``.
+
+    Raises:
+        ValueError: the output holds no loss (pass ``labels`` in the batch, or write a ``loss_fn``).
+    """
+    output = model(**batch) if isinstance(batch, Mapping) else model(batch)
+    loss = loss_of(output)
+    if loss is None:
+        raise ValueError(
+            f"the model returned {type(output).__name__} without a `loss`: put the labels in the batch "
+            "(e.g. {'input_ids': ..., 'labels': ...}) or pass a loss_fn(model, batch) of your own"
+        )
+    return loss
 
 
 def _warm_vectors(warm_start: EigenResult | None, n: int) -> Tensor | None:
@@ -64,6 +95,7 @@ def hessian_eigenpairs(
     weights: Sequence[float] | None = None,
     dtype: torch.dtype | None = None,
     cache_graphs: bool = True,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     """Top-k (and/or bottom-k) eigenpairs of the Hessian of the mean loss over ``batches``.
 
@@ -91,8 +123,18 @@ def hessian_eigenpairs(
         preconditioner: an Adam-family optimizer (its second moments) or a flat positive diagonal
             ``P``: then the eigenpairs are those of ``P^{-1/2} H P^{-1/2}`` (preconditioned sharpness).
         weights: sample count of each batch (counted from the leading dimension otherwise).
-        dtype: measure in this dtype instead of the parameters' own.
-        cache_graphs: with double backward, keep each batch's gradient graph during the measurement.
+        dtype: measure in this dtype instead of the parameters' own. ``torch.bfloat16`` runs the
+            passes in bfloat16 (half the memory of float32 activations and graphs) with solver vectors
+            in float32; measured accuracy of the top eigenvalues: within 0.2% of float64 with the
+            exact backends, 1-10% with finite differences (too coarse a step in bfloat16).
+        cache_graphs: with double backward, keep each batch's gradient graph during the measurement
+            (the graph of a gradient holds that batch's activations: ``False`` keeps one at a time).
+        basis_device: keep the solver's vectors (Krylov basis, LOBPCG blocks, the returned
+            eigenvectors) on this device, e.g. ``"cpu"`` for models too large for the accelerator to
+            hold them; only the vectors being multiplied go to the model's device. Memory on the
+            model's device otherwise: ``basis_size + 1`` (default ``max(2k + 10, 20)``) plus about
+            5 parameter-sized vectors for Lanczos, about ``11 (k + max(2, k // 2))`` for LOBPCG, plus
+            the products' own (finite differences: 3; double backward: each probe batch's graph).
 
     Returns:
         :class:`EigenResult` with eigenvalues in descending order; ``info["hvp"]`` names the backend.
@@ -134,13 +176,21 @@ def hessian_eigenpairs(
             )
             op = PreconditionedOperator(hessian, diagonal)
         X0 = _warm_vectors(warm_start, op.n)
-        common = {"which": which, "tol": tol, "max_matvec": max_hvp, "seed": seed}
+        common = {
+            "which": which,
+            "tol": tol,
+            "max_matvec": max_hvp,
+            "seed": seed,
+            "basis_device": basis_device,
+        }
         if method == "lobpcg":
             result = lobpcg(op, k, X0=X0, **common)
         else:
-            v0 = None if X0 is None else X0.to(op.device, op.dtype).sum(dim=1)
+            v0 = None if X0 is None else X0.to(dtype=op.dtype).sum(dim=1)
             result = lanczos(op, k, v0=v0, **common)
-        result.info.update({"hvp": hessian.backend_name, "n_params": hessian.n})
+        result.info.update(
+            {"hvp": hessian.backend_name, "n_params": hessian.n, "sharded": hessian.space.sharded}
+        )
         if preconditioner is not None:
             result.info["preconditioned"] = True
     return result

@@ -148,10 +148,11 @@ def dense_hessian(case: Case, seed: int = 0) -> Tensor:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for _, p in model.named_parameters() if p.requires_grad]
     flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
-    total = sum(b[0].shape[0] for b in case.batches)
+    total = sum(_count(b) for b in case.batches)
     masks = []
-    for index, (x, _) in enumerate(case.batches):
+    for index, batch in enumerate(case.batches):
         if isinstance(model, DropoutMLP) and model.training:
+            x = batch[0]
             torch.manual_seed(seed * SEED_STRIDE + index)
             masks.append(
                 F.dropout(torch.ones(x.shape[0], 16, dtype=torch.float64), model.drop.p, training=True)
@@ -163,10 +164,9 @@ def dense_hessian(case: Case, seed: int = 0) -> Tensor:
         pieces = torch.split(flat, [s.numel() for s in shapes])
         params = {n: piece.reshape(s) for n, piece, s in zip(names, pieces, shapes, strict=True)}
         value = flat.new_zeros(())
-        for (x, y), mask in zip(case.batches, masks, strict=True):
+        for batch, mask in zip(case.batches, masks, strict=True):
             model.mask = mask if isinstance(model, DropoutMLP) else None
-            batch = (x.to(torch.float64), y.to(torch.float64) if y.is_floating_point() else y)
-            value = value + x.shape[0] * case.loss_fn(_Bound(model, params), batch)
+            value = value + _count(batch) * case.loss_fn(_Bound(model, params), _float64(batch))
         return value / total
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -190,5 +190,18 @@ class _Bound(nn.Module):
         super().__init__()
         self._model, self._params = model, params
 
-    def forward(self, x: Tensor) -> Tensor:
-        return functional_call(self._model, self._params, (x,))
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self._model, self._params, args, kwargs)
+
+
+def _count(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first tensor (a tuple's or a dict's)."""
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return first.shape[0]
+
+
+def _float64(batch: Any) -> Any:
+    cast = lambda t: t.to(torch.float64) if t.is_floating_point() else t  # noqa: E731
+    if isinstance(batch, dict):
+        return {key: cast(value) for key, value in batch.items()}
+    return tuple(cast(t) for t in batch)

@@ -78,10 +78,13 @@ def test_config_trains_a_few_steps(name, tmp_path, capsys):
     assert "sharpness" in capsys.readouterr().out  # MeasurementTable's header
     if name == "transformer_lm.yaml":
         assert {"hessian/attn/eig_1", "hessian/mlp/eig_1", "hessian/embed/eig_1"} <= rows[0].keys()
-    if name == "dal_digits.yaml":  # LRAdaptation installed DAL: each rate is 2/v from the v measured before it
+    if name == "dal_digits.yaml":
+        # LRAdaptation installed DAL: each rate is 2/v from the v measured before it.
         lr = {int(r["step"]): float(r["dal/lr"]) for r in rows if r.get("dal/lr")}
         v = {int(r["step"]): float(r["dal/hg_ratio"]) for r in rows if r.get("dal/hg_ratio")}
-        assert sorted(lr) == [0, 1, 2] and all(lr[s] == pytest.approx(min(2 / v[s], 5.0), rel=1e-6) for s in lr)
+        assert sorted(lr) == [0, 1, 2] and all(
+            lr[s] == pytest.approx(min(2 / v[s], 5.0), rel=1e-6) for s in lr
+        )
 
 
 def test_help_names_the_report_command(capsys):

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from ..curvature.state import rng_state
+from ..measure import loss_of
 from ..probe import ProbeSet, map_tensors, move_to_device, sample_count
 
 DEFAULT_PROBE_SIZE = 512
+
+
+class SharedProbe:
+    """One probe set for several monitors (``HessianEigenMonitor.per_group``): the first monitor to
+    start draws it, the others use it, so the batches are held (and moved to the device) once."""
+
+    def __init__(self) -> None:
+        self.probe: ProbeSet | None = None
 
 
 def check_strategy(trainer: Any, hvp: str) -> None:
@@ -33,6 +42,22 @@ def check_strategy(trainer: Any, hvp: str) -> None:
             f"hvp={hvp!r} needs second-order autograd, which does not run on FSDP2's sharded parameters "
             "under ModelParallelStrategy: use hvp='auto' or 'finite_difference'"
         )
+
+
+def build_probe(trainer: Any, pl_module: Any, probe: Any) -> ProbeSet:
+    """The probe set a monitor's ``probe`` argument asks for, on the module's device."""
+    if isinstance(probe, ProbeSet):
+        return ProbeSet(probe, device=pl_module.device)
+    if probe is None or isinstance(probe, int):
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise MisconfigurationException(
+                "no training dataloader to draw the probe from: pass `probe=` batches"
+            )
+        return draw_probe(loader, DEFAULT_PROBE_SIZE if probe is None else probe, pl_module.device)
+    with rng_state():  # a shuffling DataLoader draws its order from the global generator
+        batches = list(probe)
+    return ProbeSet(batches, device=pl_module.device)
 
 
 def draw_probe(dataloader: Any, size: int, device: Any) -> ProbeSet:
@@ -120,16 +145,17 @@ def uncompiled(module: nn.Module) -> Iterator[None]:
 
 
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
-    """The loss of ``module.training_step(batch, 0)`` (a tensor, or the ``"loss"`` of a dict)."""
+    """The loss of ``module.training_step(batch, 0)``: a tensor, the ``"loss"`` of a dict (or of a
+    Hugging Face ``ModelOutput``), or the ``.loss`` attribute of any other output object."""
     with _silenced_logging(module):
         out = module.training_step(batch, 0)
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, Mapping) and isinstance(out.get("loss"), Tensor):
-        return out["loss"]
+    loss = loss_of(out)
+    if loss is not None:
+        return loss
     raise MisconfigurationException(
-        f"training_step returned {type(out).__name__}{' without a `loss` key' if isinstance(out, Mapping) else ''}; "
-        "the Hessian monitor needs the loss: return it (or a dict with 'loss'), or pass `loss_fn=` to the callback"
+        f"training_step returned {type(out).__name__} without a `loss`; the Hessian monitor needs the loss: "
+        "return it (or a dict or an object with `loss`), or pass `loss_fn=` to the callback "
+        "(pf_lightning.measure.output_loss computes model(**batch).loss)"
     )
 
 

@@ -34,7 +34,8 @@ class EdgeOfStabilityMonitor(Callback):
     """Edge-of-stability and principal-flow diagnostics from the latest Hessian eigenpairs.
 
     Args:
-        monitor: the :class:`HessianEigenMonitor` to read; by default the one among the trainer's callbacks.
+        monitor: the :class:`HessianEigenMonitor` to read; by default the trainer's monitor over all
+            parameters (the unnamed one first), never a parameter group's.
         optimizer_index: which of the module's optimizers the threshold is taken from.
         threshold: a fixed stability threshold, for optimizers without a known one.
         warn_ratio: sharpness/threshold level that triggers the early warning.
@@ -128,7 +129,16 @@ class EdgeOfStabilityMonitor(Callback):
                     "EdgeOfStabilityMonitor reads the eigenpairs of a HessianEigenMonitor: add "
                     "HessianEigenMonitor(...) to the Trainer's callbacks (or pass monitor=)"
                 )
-            self.monitor = next((cb for cb in found if cb.name is None), found[0])
+            # A group's spectrum is that of a diagonal block of the Hessian, whose top eigenvalue is at most
+            # the full one's: the threshold applies to the whole Hessian only.
+            full = [cb for cb in found if cb.params is None]
+            if not full:
+                raise MisconfigurationException(
+                    "EdgeOfStabilityMonitor needs the sharpness of the whole Hessian, but every "
+                    "HessianEigenMonitor measures a parameter subset (`params=`): add HessianEigenMonitor() "
+                    "without `params` (or pass monitor= explicitly)"
+                )
+            self.monitor = next((cb for cb in full if cb.name is None), full[0])
         self.monitor.add_listener(self._on_measurement)
 
     @override
@@ -225,9 +235,12 @@ class EdgeOfStabilityMonitor(Callback):
         eigenvalues = result.eigenvalues[: monitor.k].double() + weight_decay
         vectors = result.eigenvectors[:, : monitor.k]
         with monitor.operator(pl_module) as op:
-            gradient = op.gradient()
-        projections = stability.gradient_projections(gradient.to(vectors.dtype), vectors).double()
-        grad_norm = float(gradient.double().norm())
+            gradient = op.gradient().to(vectors.dtype)
+            # Through the operator's inner product: with FSDP2 the vectors are this rank's slices and
+            # the projections and the norm are sums over all ranks' slices (one all-reduce).
+            gram = op.inner(vectors.to(gradient.device), torch.stack([gradient], dim=1)).double()
+            grad_norm = float(op.inner(gradient, gradient).double().clamp_min(0).sqrt())
+        projections = gram[:, 0].cpu()  # c_i = g^T u_i
         growth = stability.log_growth(h, eigenvalues)
         regimes = stability.regimes(h, eigenvalues)
         metrics: dict[str, float] = {}

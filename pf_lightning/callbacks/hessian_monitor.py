@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -20,15 +20,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError, measurement_context
+from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError, ParameterSpace, measurement_context
 from ..curvature.distributed import any_rank
-from ..curvature.state import rng_state
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..linalg.density import SpectralDensity
 from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log, warn_once
 from ..measure import hessian_density, hessian_eigenpairs, hessian_trace
 from ..probe import ProbeSet
-from ._probe import DEFAULT_PROBE_SIZE, check_strategy, draw_probe, resolve_loss_fn
+from ._checkpoint import result_from_state, result_state
+from ._groups import monitors_per_group
+from ._probe import SharedProbe, build_probe, check_strategy, resolve_loss_fn
 
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
 
@@ -76,6 +77,11 @@ class HessianEigenMonitor(Callback):
         density_every: also estimate the spectral density (SLQ) every this many measurements; kept
             in ``.density`` and, with W&B, logged as the histogram ``hessian/density``.
         density_steps: Lanczos steps per SLQ vector (two vectors per estimate).
+        basis_device: keep the solver's vectors and ``.latest``'s eigenvectors on this device
+            (``"cpu"``: host memory, for models too large for the accelerator to hold ``max(2k + 10, 20)``
+            copies of their parameters); see :func:`~pf_lightning.hessian_eigenpairs`.
+        checkpoint_eigenvectors: save the latest eigenvectors in checkpoints, so the first measurement
+            after a resume is warm-started (``n x k`` floats; never saved when they are FSDP2 shards).
 
     Raises:
         MisconfigurationException: a bad argument, or a ``training_step`` that returns no loss.
@@ -110,6 +116,8 @@ class HessianEigenMonitor(Callback):
         trace_hvp: int = 60,
         density_every: int | None = None,
         density_steps: int = 60,
+        basis_device: str | None = None,
+        checkpoint_eigenvectors: bool = True,
     ) -> None:
         super().__init__()
         _check_positive_int("k", k)
@@ -145,6 +153,8 @@ class HessianEigenMonitor(Callback):
         self.dtype, self.max_history, self.name, self.seed = dtype, max_history, name, seed
         self.trace_every, self.trace_hvp = trace_every, trace_hvp
         self.density_every, self.density_steps = density_every, density_steps
+        self.basis_device, self.checkpoint_eigenvectors = basis_device, checkpoint_eigenvectors
+        self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
         self.density: SpectralDensity | None = None
         self._probe_arg, self._loss_arg = probe, loss_fn
         self.probe: ProbeSet | None = None
@@ -157,6 +167,32 @@ class HessianEigenMonitor(Callback):
         self._measure_seconds = 0.0
         self._fit_start_time: float | None = None
         self._warned: set[str] = set()
+
+    @classmethod
+    def per_group(cls, groups: Mapping[str, str | Sequence[str]], **kwargs: Any) -> list[HessianEigenMonitor]:
+        """One monitor per named parameter group: the spectrum of each diagonal block of the Hessian.
+
+        Each monitor measures the Hessian restricted to its group's parameters (the other parameters
+        held fixed) and logs ``hessian/<group>/eig_i``; all of them share one probe set. A product
+        restricted to a group still runs the full forward and backward pass, so ``g`` groups cost
+        about ``g`` times one monitor's products. An :class:`~pf_lightning.EdgeOfStabilityMonitor`
+        reads a monitor over all parameters, never a group's (a block's top eigenvalue is at most
+        the full Hessian's, so it would understate the sharpness): add one without ``params``.
+
+        Args:
+            groups: ``{name: glob pattern or list of patterns}``, e.g. from
+                :func:`~pf_lightning.curvature.parameter_groups` or ``{"attn": "blocks.*.attn.*"}``.
+            **kwargs: the other arguments of :class:`HessianEigenMonitor`, the same for every group.
+
+        Raises:
+            MisconfigurationException: no group, a bad name, or ``name``/``params`` in ``kwargs``.
+
+        Example::
+
+            monitors = HessianEigenMonitor.per_group(parameter_groups(model, depth=2), k=3)
+            trainer = Trainer(callbacks=[*monitors, HessianEigenMonitor(k=3), EdgeOfStabilityMonitor()])
+        """
+        return monitors_per_group(cls, groups, kwargs)
 
     @property
     @override
@@ -178,12 +214,20 @@ class HessianEigenMonitor(Callback):
         # the saved values back afterwards (Lightning restores callback state after setup).
         if stage == "fit":
             self._last_step = self._postponed_step = -1
+            if self._shared_probe is not None:  # every setup runs before any on_train_start
+                self._shared_probe.probe = None
         check_strategy(trainer, self.hvp)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.loss_fn = resolve_loss_fn(pl_module, self._loss_arg)
-        self.probe = self._build_probe(trainer, pl_module)
+        shared = self._shared_probe
+        if shared is not None and shared.probe is not None:
+            self.probe = shared.probe
+        else:
+            self.probe = build_probe(trainer, pl_module, self._probe_arg)
+            if shared is not None:
+                shared.probe = self.probe
         self._fit_start_time = time.perf_counter()
         define_wandb_metrics(trainer)
         # Fail now, not at the first measurement, if there is no loss; guarded like a measurement, so
@@ -192,21 +236,6 @@ class HessianEigenMonitor(Callback):
             self.loss_fn(pl_module, self.probe.batches[0])
         if self.at_fit_start and trainer.global_step >= self.warmup_steps:
             self.measure(trainer, pl_module)
-
-    def _build_probe(self, trainer: Trainer, pl_module: LightningModule) -> ProbeSet:
-        if isinstance(self._probe_arg, ProbeSet):
-            return ProbeSet(self._probe_arg, device=pl_module.device)
-        if self._probe_arg is None or isinstance(self._probe_arg, int):
-            size = DEFAULT_PROBE_SIZE if self._probe_arg is None else self._probe_arg
-            loader = trainer.train_dataloader
-            if loader is None:
-                raise MisconfigurationException(
-                    "no training dataloader to draw the probe from: pass `probe=` batches"
-                )
-            return draw_probe(loader, size, pl_module.device)
-        with rng_state():  # a shuffling DataLoader draws its order from the global generator
-            batches = list(self._probe_arg)
-        return ProbeSet(batches, device=pl_module.device)
 
     # -- when to measure ---------------------------------------------------------------------
     @override
@@ -266,8 +295,14 @@ class HessianEigenMonitor(Callback):
         self, pl_module: LightningModule, k: int | None = None, which: str | None = None, **overrides: Any
     ) -> EigenResult:
         """One measurement on the probe set with this monitor's settings (``overrides`` win)."""
+        dtype = self.dtype or self._default_dtype(pl_module)
         warm = self.latest if self.warm_start else None
-        if warm is not None and warm.eigenvectors.numel() == 0:
+        # No vectors (a checkpoint without them), or vectors of another length (other parameters, or
+        # another sharding after a resume): start cold rather than fail.
+        if warm is not None and (
+            warm.eigenvectors.numel() == 0
+            or warm.eigenvectors.shape[0] != ParameterSpace(pl_module, self.params, dtype=dtype).n
+        ):
             warm = None
         kwargs: dict[str, Any] = {
             "k": k or self.k,
@@ -278,7 +313,8 @@ class HessianEigenMonitor(Callback):
             "warm_start": warm,
             "seed": self.seed,
             "params": self.params,
-            "dtype": self.dtype or self._default_dtype(pl_module),
+            "dtype": dtype,
+            "basis_device": self.basis_device,
         }
         kwargs.update(overrides)
         return hessian_eigenpairs(pl_module, self.loss_fn, self.probe, **kwargs)
@@ -384,23 +420,9 @@ class HessianEigenMonitor(Callback):
     # -- checkpointing -----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        latest = None
-        if self.latest is not None:
-            r = self.latest
-            latest = {
-                "eigenvalues": r.eigenvalues.detach().cpu(),
-                "eigenvectors": r.eigenvectors.detach().cpu(),
-                "residuals": r.residuals.detach().cpu(),
-                "converged": r.converged.detach().cpu(),
-                "n_hvp": r.n_hvp,
-                "seconds": r.seconds,
-                "tol": r.tol,
-                "which": r.which,
-                "method": r.method,
-            }
         return {
             "history": self.history,
-            "latest": latest,
+            "latest": result_state(self.latest, self.checkpoint_eigenvectors),
             "last_step": self._last_step,
             "measure_seconds": self._measure_seconds,
         }
@@ -409,8 +431,7 @@ class HessianEigenMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
             history = list(state_dict["history"])
-            latest = state_dict["latest"]
-            self.latest = None if latest is None else EigenResult(**latest)
+            self.latest = result_from_state(state_dict["latest"])
             self.history = history
             self._last_step = int(state_dict["last_step"])
             self._measure_seconds = float(state_dict.get("measure_seconds", 0.0))

@@ -1,6 +1,7 @@
 """Curvature operators of a model's loss: HVP backends, the Hessian over a probe set, the
 preconditioned view, and the state guard around every measurement. Knows nothing of Lightning."""
 
+from .groups import parameter_groups
 from .hvp import BACKENDS, DoubleBackwardHVP, FiniteDifferenceHVP, ForwardOverReverseHVP
 from .operator import (
     HVP_CHOICES,
@@ -27,4 +28,5 @@ __all__ = [
     "PreconditionerUnavailable",
     "adam_preconditioner",
     "measurement_context",
+    "parameter_groups",
 ]

@@ -71,6 +71,10 @@ class HessianOperator(LinearOperator):
         cache_graphs: for double backward, keep each batch's gradient graph during the measurement.
         dtype: measure in this dtype (``torch.float64`` for reference accuracy, ``torch.bfloat16`` to
             save memory); parameters, buffers and floating inputs are cast for the measurement only.
+            In bfloat16 the forward and backward passes (activations, gradient graphs) run in
+            bfloat16 but the vectors the solvers see are float32: a Krylov basis orthogonalized with
+            bfloat16's 8-bit mantissa breaks down after a few steps and reports wrong eigenvalues as
+            converged. Accuracy in bfloat16: a few percent on the top eigenvalue (README, "Memory").
 
     Raises:
         ValueError: unknown backend, empty probe set, parameters that cannot be measured, an exact
@@ -99,7 +103,9 @@ class HessianOperator(LinearOperator):
                 f"hvp={hvp!r} needs second-order autograd, which does not run on sharded (FSDP2 DTensor) "
                 "parameters: use hvp='auto' or 'finite_difference'"
             )
-        super().__init__(self.space.n, self.space.dtype, self.space.device)
+        # Solver vectors in float32 when the passes run in a 16-bit type (see ``dtype`` above).
+        vector_dtype = torch.float32 if self.space.dtype.itemsize < 4 else self.space.dtype
+        super().__init__(self.space.n, vector_dtype, self.space.device)
         self.model, self.loss_fn, self.seed = model, loss_fn, int(seed)
         self.probe = probe if isinstance(probe, ProbeSet) else ProbeSet(probe)
         self.cast = dtype
@@ -191,7 +197,7 @@ class HessianOperator(LinearOperator):
         failure: BaseException | None = None
         nonfinite: NonFiniteLossError | None = None
         try:
-            trial = backend.apply(0, torch.ones(self.n, 1, dtype=self.dtype, device=self.device))
+            trial = backend.apply(0, torch.ones(self.n, 1, dtype=self.space.dtype, device=self.device))
             if not bool(torch.isfinite(trial).all()):
                 raise RuntimeError("double backward gave a non-finite product")
         except NonFiniteLossError as err:
@@ -222,7 +228,11 @@ class HessianOperator(LinearOperator):
     # -- the distributed contract of LinearOperator ------------------------------------------
     def inner(self, X: Tensor, Y: Tensor) -> Tensor:
         gram = super().inner(X, Y)
-        return all_reduce_sum(gram) if self.space.sharded else gram
+        if not self.space.sharded:
+            return gram
+        # A basis kept in host memory gives a host Gram matrix: reduce it on the operator's device
+        # (NCCL reduces device tensors only), then hand it back where the solver keeps its vectors.
+        return all_reduce_sum(gram.to(self.device)).to(gram.device)
 
     def local_rows(self, X: Tensor) -> Tensor:
         return self.space.local_rows(X)
@@ -280,8 +290,9 @@ class HessianOperator(LinearOperator):
         self._require_context()
         if self.backend is None:  # chosen on the first product: a gradient alone needs no backend
             self.backend = self._make_backend(self.requested)
-        self.backend.begin_block(X)
-        return self._accumulate(lambda index: self.backend.apply(index, X), torch.zeros_like(X))
+        Xp = X.to(self.space.dtype)  # the passes' dtype (bfloat16 on request); products come back in X's
+        self.backend.begin_block(Xp)
+        return self._accumulate(lambda index: self.backend.apply(index, Xp).to(X.dtype), torch.zeros_like(X))
 
     def gradient(self) -> Tensor:
         """The flat gradient of the same sample-weighted mean loss (same dropout masks as the products)."""
@@ -291,7 +302,7 @@ class HessianOperator(LinearOperator):
             with torch.enable_grad():
                 return self.space.gradient(
                     self._sharded_loss(index) if self.space.sharded else self.loss_at(index)
-                )
+                ).to(self.dtype)
 
         return self._accumulate(term, torch.zeros(self.n, dtype=self.dtype, device=self.device))
 

@@ -6,7 +6,7 @@ Torch only: nothing here knows about ``nn.Module``, Lightning or where the opera
 from ._common import NonConvergenceWarning, NonFiniteOperatorError
 from .lanczos import lanczos
 from .lobpcg import lobpcg
-from .operator import DenseOperator, LinearOperator, ShiftedOperator
+from .operator import DenseOperator, LinearOperator, OffloadedOperator, ShiftedOperator
 from .result import EigenResult
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "LinearOperator",
     "NonConvergenceWarning",
     "NonFiniteOperatorError",
+    "OffloadedOperator",
     "ShiftedOperator",
     "lanczos",
     "lobpcg",

@@ -11,6 +11,15 @@ When the basis is full and the wanted pairs have not converged, the basis is com
 Ritz vectors and their nearest neighbours (Wu & Simon 2000, Stewart 2001) and Lanczos goes on from
 :math:`v_{m+1}`: memory stays at ``basis_size + 1`` vectors whatever the number of steps.
 
+Memory, in vectors of the operator's length ``n`` (parameter-sized vectors for a Hessian): the basis
+``basis_size + 1`` (default ``max(2k + 10, 20)``, ``k`` counting both ends for ``which="both"``),
+plus at most 5 work vectors, plus what one product needs (for the Hessian operator: its accumulator
+and the backend's own, see :mod:`pf_lightning.curvature.hvp`), plus at the end the ``k`` eigenvectors
+of the result, formed while the basis is still there (measured in ``tests/test_memory.py``). A
+restart recombines the basis in place, a block of rows at a time (less than one vector extra). With ``basis_device="cpu"`` the basis, the
+work vectors and the result live in host memory and the operator's device holds only the vector
+being multiplied and its product (plus the product's own needs).
+
 Every basis vector is reorthogonalized against the whole basis (two passes of classical Gram-Schmidt,
 each one ``inner`` per step), which keeps the Ritz values free of the ghost copies that plain Lanczos
 produces and makes the residual estimate trustworthy in float32.
@@ -35,7 +44,7 @@ from ._common import (
     select,
     select_block,
 )
-from .operator import LinearOperator
+from .operator import LinearOperator, OffloadedOperator
 from .result import EigenResult
 
 __all__ = ["default_basis_size", "lanczos"]
@@ -44,6 +53,19 @@ __all__ = ["default_basis_size", "lanczos"]
 def default_basis_size(n_wanted: int, n: int) -> int:
     """Basis size used when none is given: room for the wanted pairs and as many again, at least 20."""
     return min(n, max(2 * n_wanted + 10, 20))
+
+
+def _recombine(V: Tensor, S: Tensor) -> None:
+    """``V[:, :p] = V[:, :m] @ S`` in place for an ``(m, p)`` matrix ``S``, ``p <= m``.
+
+    Row blocks are independent, so recombining ``m`` blocks of ``n / m`` rows one after the other needs
+    less than one extra vector, where ``V[:, :m] @ S`` at once would need ``p`` of them.
+    """
+    m, p = S.shape
+    rows = max(1, -(-V.shape[0] // m))
+    for first in range(0, V.shape[0], rows):
+        block = V[first : first + rows]
+        block[:, :p] = block[:, :m] @ S
 
 
 def lanczos(
@@ -56,6 +78,7 @@ def lanczos(
     basis_size: int | None = None,
     v0: Tensor | None = None,
     seed: int = 0,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -67,9 +90,13 @@ def lanczos(
             1% of the spectral scale are measured against that 1%).
         max_matvec: budget of operator applications; the result is flagged non-converged and a
             :class:`NonConvergenceWarning` is raised when it runs out. Default ``max(300, 40 * k)``.
-        basis_size: Lanczos vectors kept between restarts (memory: ``basis_size + 1`` vectors).
+        basis_size: Lanczos vectors kept between restarts (memory: ``basis_size + 1`` vectors, plus
+            3 work vectors; see the module docstring).
         v0: start vector (e.g. built from a previous result); a seeded Gaussian vector otherwise.
         seed: seed of the start vector and of any vector drawn after a breakdown.
+        basis_device: keep the basis (and the returned eigenvectors) on this device, e.g. ``"cpu"``
+            for a model too large for the accelerator to hold ``basis_size + 1`` copies of its
+            parameters; each product moves one vector there and back. ``None``: the operator's device.
 
     Returns:
         An :class:`EigenResult` with eigenvalues in descending order.
@@ -85,6 +112,8 @@ def lanczos(
     start = time.perf_counter()
     n_wanted = check_k(op, k, which)
     tol = check_tol(tol)
+    if basis_device is not None and torch.device(basis_device) != op.device:
+        op = OffloadedOperator(op, basis_device)
     n = op.global_n
     m = basis_size if basis_size is not None else default_basis_size(n_wanted, n)
     if isinstance(m, bool) or not isinstance(m, int) or m < min(n, n_wanted + 1):
@@ -147,7 +176,13 @@ def lanczos(
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
         if bool(conv.all()) or complete or used >= budget:
             vectors = V[:, :j] @ S[:, wanted].to(op.dtype)
-            info = {"restarts": restarts, "basis_size": m, "warm_start": v0 is not None}
+            info = {
+                "restarts": restarts,
+                "basis_size": m,
+                "warm_start": v0 is not None,
+                "basis_device": str(V.device),
+            }
+            del V, basis, w  # free the basis before the result's vectors are sorted (a copy of k)
             return finish(
                 theta=theta[wanted].to(op.dtype),
                 vectors=vectors,
@@ -167,7 +202,7 @@ def lanczos(
         # carry the information that speeds up the next cycle.
         n_keep = min(n_wanted + (m - n_wanted) // 2, m - 1)
         keep = select_block(theta, n_keep, which)
-        V[:, :n_keep] = V[:, :m] @ S[:, keep].to(op.dtype)
+        _recombine(V, S[:, keep].to(op.dtype))
         V[:, n_keep] = V[:, m]
         H.zero_()
         H[:n_keep, :n_keep] = torch.diag(theta[keep])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["DenseOperator", "LinearOperator", "ShiftedOperator"]
+__all__ = ["DenseOperator", "LinearOperator", "OffloadedOperator", "ShiftedOperator"]
 
 
 class LinearOperator:
@@ -120,6 +120,37 @@ class ShiftedOperator(LinearOperator):
         if self.shift:
             Y = Y - self.shift * X
         return Y if self.sign == 1.0 else self.sign * Y
+
+    def inner(self, X: Tensor, Y: Tensor) -> Tensor:
+        return self.base.inner(X, Y)
+
+    def local_rows(self, X: Tensor) -> Tensor:
+        return self.base.local_rows(X)
+
+
+class OffloadedOperator(LinearOperator):
+    """``base`` seen from another device: the solver keeps its vectors on ``device`` (host memory).
+
+    Each application moves the block to ``base.device``, applies ``base`` there and moves the
+    product back, so the base's device holds only the block being multiplied, its product and
+    whatever the product itself needs; the basis and the orthogonalization stay on ``device``.
+    Inner products go through ``base.inner`` (which reduces across processes where it must).
+
+    Args:
+        base: the operator.
+        device: where the solver's vectors live (``"cpu"`` for a basis in host memory).
+    """
+
+    def __init__(self, base: LinearOperator, device: torch.device | str) -> None:
+        super().__init__(base.n, base.dtype, device)
+        self.base = base
+
+    @property
+    def global_n(self) -> int:
+        return self.base.global_n
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self.base.matmat(X.to(self.base.device)).to(self.device)
 
     def inner(self, X: Tensor, Y: Tensor) -> Tensor:
         return self.base.inner(X, Y)

@@ -1,0 +1,49 @@
+"""Named parameter groups: the blocks of a large model whose spectra are worth tracking separately."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["parameter_groups"]
+
+
+def parameter_groups(model: nn.Module, depth: int = 1) -> dict[str, list[str]]:
+    """One group per module prefix of ``depth`` dotted name components that holds trainable parameters.
+
+    ``depth=1`` gives the top-level children (``"embed"``, ``"blocks"``, ``"head"``); ``depth=2`` one group
+    per block of a ``ModuleList`` (``"blocks.0"``, ``"blocks.1"``, ...). Each group is the glob pattern list
+    that :class:`~pf_lightning.curvature.ParameterSpace` and the monitors' ``params=`` take; a parameter
+    whose name is shorter than ``depth`` components forms a group of its own.
+
+    Args:
+        model: the module.
+        depth: how many leading name components make a group, at least 1.
+
+    Returns:
+        ``{group name: [patterns]}`` in the order of ``model.named_parameters()``.
+
+    Raises:
+        ValueError: ``depth < 1``, or no trainable parameter.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+        >>> parameter_groups(model)
+        {'0': ['0.*'], '2': ['2.*']}
+        >>> parameter_groups(model, depth=2)
+        {'0.weight': ['0.weight'], '0.bias': ['0.bias'], '2.weight': ['2.weight'], '2.bias': ['2.bias']}
+    """
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    groups: dict[str, list[str]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        parts = name.split(".")
+        if len(parts) <= depth:
+            groups[name] = [name]
+        else:
+            prefix = ".".join(parts[:depth])
+            groups.setdefault(prefix, [f"{prefix}.*"])
+    if not groups:
+        raise ValueError("the model has no trainable parameters to group")
+    return groups
