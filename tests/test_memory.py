@@ -140,3 +140,11 @@ def test_sharded_eigenvectors_never_go_into_a_checkpoint():
     assert result_state(result, True)["eigenvectors"].shape == (case.n, 1)
     result.info["sharded"] = True  # what an FSDP2 measurement records
     assert result_state(result, True)["eigenvectors"].numel() == 0
+
+
+def test_bfloat16_finite_differences_warn_about_their_accuracy():
+    case = make_case("mlp_mse", torch.float32)
+    with pytest.warns(UserWarning, match="finite-difference products in bfloat16"):
+        hessian_eigenpairs(
+            case.model, case.loss_fn, case.batches, k=1, dtype=torch.bfloat16, hvp="finite_difference"
+        )

@@ -290,6 +290,13 @@ class HessianOperator(LinearOperator):
         self._require_context()
         if self.backend is None:  # chosen on the first product: a gradient alone needs no backend
             self.backend = self._make_backend(self.requested)
+            if self.backend.name == "finite_difference" and self.space.dtype == torch.bfloat16:
+                warnings.warn(
+                    "finite-difference products in bfloat16 are 1-13% off on the top eigenvalues (README, "
+                    "'Memory'): measure in float32 (dtype=None) or with an exact backend for accurate values",
+                    UserWarning,
+                    stacklevel=3,
+                )
         Xp = X.to(self.space.dtype)  # the passes' dtype (bfloat16 on request); products come back in X's
         self.backend.begin_block(Xp)
         return self._accumulate(lambda index: self.backend.apply(index, Xp).to(X.dtype), torch.zeros_like(X))
