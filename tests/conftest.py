@@ -21,3 +21,13 @@ def _reference(name: str) -> torch.Tensor:
 def reference():
     """``reference(name)``: the dense float64 Hessian of case ``name`` (cached for the session)."""
     return _reference
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait on each other and run small
+    models 10-100x slower (OMP_WAIT_POLICY=PASSIVE, set before torch starts, also avoids it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

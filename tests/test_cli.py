@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
@@ -20,14 +19,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SINGLE_PROCESS = ["eos_digits.yaml", "adaptive_eos_digits.yaml", "transformer_lm.yaml", "dal_digits.yaml"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait on each other and run these
-    small models 10-100x slower (OMP_WAIT_POLICY=PASSIVE, set before torch starts, also avoids it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

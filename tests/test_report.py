@@ -26,14 +26,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = {"sharpness", "spectrum", "regimes", "learning_rate", "loss"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a busy 2-core machine two OpenMP threads spin-wait on each other and run these
-    small models 10-100x slower (OMP_WAIT_POLICY=PASSIVE, set before torch starts, also avoids it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def short_run(root, logger, lr=0.4, optimizer=torch.optim.SGD, named=False):
