@@ -177,7 +177,9 @@ def test_bad_configuration(kwargs, match):
 
 def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     import wandb
-    from wandb_offline import find_run_file, history, metric_definitions, offline_env
+    from wandb_offline import offline_env
+
+    from pf_lightning.wandb_reader import find_run_file, history, metric_definitions
 
     offline_env(monkeypatch, tmp_path)
     L.seed_everything(0)
@@ -204,7 +206,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     globs = {(m["glob_name"], m["step_metric"]) for m in metric_definitions(path)}
     assert {("hessian/*", "trainer/global_step"), ("eos/*", "trainer/global_step")} <= globs
     assert any("eos/spectrum_vs_threshold_table" in r for r in history(path))  # the custom chart's data
-    from wandb_offline import tables
+    from pf_lightning.wandb_reader import tables
 
     spectra = [t for key, t in tables(path.parent).items() if "hessian/spectra" in key or "spectra" in key]
     assert spectra and spectra[-1]["columns"] == ["step", "index", "eigenvalue", "threshold"]

@@ -1,8 +1,4 @@
-"""Test helpers for offline W&B runs: the reader now lives in :mod:`pf_lightning.wandb_reader`.
-
-Re-exported here so tests keep importing ``from wandb_offline import ...``; ``offline_env`` is the
-test-only part (it needs pytest's ``monkeypatch``).
-"""
+"""Test helper for offline W&B runs (the reader itself is :mod:`pf_lightning.wandb_reader`)."""
 
 from __future__ import annotations
 
@@ -10,47 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import wandb
-
-from pf_lightning.wandb_reader import (
-    BLOCK_SIZE,
-    CHUNK_HEADER,
-    FILE_HEADER,
-    FIRST,
-    FULL,
-    LAST,
-    MIDDLE,
-    ZERO,
-    config,
-    find_run_file,
-    find_run_files,
-    history,
-    metric_definitions,
-    read_chunks,
-    read_records,
-    summary,
-    tables,
-)
-
-__all__ = [
-    "BLOCK_SIZE",
-    "CHUNK_HEADER",
-    "FILE_HEADER",
-    "FIRST",
-    "FULL",
-    "LAST",
-    "MIDDLE",
-    "ZERO",
-    "config",
-    "find_run_file",
-    "find_run_files",
-    "history",
-    "metric_definitions",
-    "offline_env",
-    "read_chunks",
-    "read_records",
-    "summary",
-    "tables",
-]
 
 
 def offline_env(mp: Any, root: Path) -> None:
