@@ -47,15 +47,22 @@ def variants(block: int = 20) -> list[Variant]:
     ]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # CUDA work is asynchronous: time it to completion
+
+
 def _seconds(fn: Callable[[], object]) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
-def _block(n: int, b: int) -> Tensor:
+def _block(n: int, b: int, device: torch.device | None = None) -> Tensor:
     g = torch.Generator().manual_seed(b)
-    return torch.randn(n, b, generator=g)
+    return torch.randn(n, b, generator=g).to(device)
 
 
 def _time_variant(bench: Bench, v: Variant, V: Tensor, calls: int = 1) -> float:
@@ -84,7 +91,7 @@ def hvp_cost(bench: Bench, repeats: int, block: int = 20) -> dict:
         torch.autograd.grad(bench.loss_fn(bench.model, bench.probe), params)
 
     vs = variants(block)
-    blocks = {b: _block(n, b) for b in {1, block}}
+    blocks = {b: _block(n, b, params[0].device) for b in {1, block}}
     for v in vs:  # a failing backend fails on its first product: find out before timing anything
         try:
             _time_variant(bench, v, blocks[v.block])

@@ -29,6 +29,8 @@ from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report import rewrite
 
+ACCELERATOR = "cpu"  # --accelerator gpu: the same comparison on a CUDA device (section "overhead-gpu")
+
 
 class DigitsMLP(L.LightningModule):
     def __init__(self, batch_size: int | None, lr: float = 0.2) -> None:
@@ -65,7 +67,8 @@ def fit_seconds(
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
             default_root_dir=root,
-            accelerator="cpu",
+            accelerator=ACCELERATOR,
+            devices=1,
             max_steps=steps,
             logger=L.pytorch.loggers.CSVLogger(root),
             callbacks=callbacks,
@@ -120,7 +123,7 @@ def markdown(rows: list[dict], steps: int, repeats: int, every: int, command: st
         "## Training overhead of the monitors",
         "",
         f"Run: `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} CPU threads. {steps} optimizer steps of the digits MLP (64-200-200-10, tanh, "
+        f"{_device()}. {steps} optimizer steps of the digits MLP (64-200-200-10, tanh, "
         f"squared error, SGD lr 0.2), with and without `HessianEigenMonitor(every_n_steps={every})` + "
         f"`EdgeOfStabilityMonitor()` at their defaults (k = 5, 512 probe samples, tol 1e-3, warm starts); "
         f"median wall time of `trainer.fit` over {repeats} interleaved repeats. Load average at the end: "
@@ -137,22 +140,32 @@ def markdown(rows: list[dict], steps: int, repeats: int, every: int, command: st
     return "\n".join(lines) + "\n"
 
 
+def _device() -> str:
+    if ACCELERATOR == "gpu":
+        return f"one {torch.cuda.get_device_name(0)}"
+    return f"{torch.get_num_threads()} CPU threads"
+
+
 def main() -> None:
+    global ACCELERATOR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="rewrite the overhead section of this file")
     args = parser.parse_args()
+    ACCELERATOR = args.accelerator
     torch.set_num_threads(2)
     rows = run(args.steps, args.repeats, args.every)
     command = (
         f"python benchmarks/overhead.py --steps {args.steps} --repeats {args.repeats} --every {args.every}"
+        + (" --accelerator gpu" if args.accelerator == "gpu" else "")
     )
     body = markdown(rows, args.steps, args.repeats, args.every, command)
     print(body)
     if args.out is not None:
-        rewrite(args.out, "overhead", body)
+        rewrite(args.out, "overhead" if args.accelerator == "cpu" else "overhead-gpu", body)
 
 
 if __name__ == "__main__":

@@ -104,13 +104,15 @@ class EdgeOfStabilityMonitor(Callback):
         )
         self.on_warning, self.proxies, self.proxy_every_n_steps = on_warning, proxies, proxy_every_n_steps
         self.slope_window, self.chart_every = slope_window, chart_every
-        self.losses: collections.deque[float] = collections.deque(maxlen=loss_window)
+        # Per-step losses stay on the device (0-d float64 tensors) until a measurement reads them: a
+        # float() every step would wait for the GPU each step and stall its asynchronous queue.
+        self.losses: collections.deque[float | torch.Tensor] = collections.deque(maxlen=loss_window)
         self.history: list[dict[str, Any]] = []
         self.first_edge_step: int | None = None
         self.negative_curvature = 0.0
         self._above = False
         self._last_loss_step = -1
-        self._pending_losses: list[float] = []
+        self._pending_losses: list[torch.Tensor] = []
         self._preconditioned_latest: EigenResult | None = None
         self._warned: set[str] = set()
 
@@ -232,7 +234,7 @@ class EdgeOfStabilityMonitor(Callback):
         self, pl_module: LightningModule, result: EigenResult, h: float, weight_decay: float
     ) -> dict[str, float]:
         monitor = self.monitor
-        eigenvalues = result.eigenvalues[: monitor.k].double() + weight_decay
+        eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + weight_decay
         vectors = result.eigenvectors[:, : monitor.k]
         with monitor.operator(pl_module) as op:
             gradient = op.gradient().to(vectors.dtype)
@@ -268,7 +270,7 @@ class EdgeOfStabilityMonitor(Callback):
         if slope == slope:  # not nan
             metrics["eos/sharpening_slope"] = float(slope)
         if len(self.losses) >= 2:
-            metrics["eos/loss_non_monotonicity"] = float(stability.non_monotonicity(list(self.losses)))
+            metrics["eos/loss_non_monotonicity"] = float(stability.non_monotonicity(self._loss_values()))
         if self.first_edge_step is None and ratio >= 1.0:
             self.first_edge_step = step
         if self.first_edge_step is not None:
@@ -292,7 +294,7 @@ class EdgeOfStabilityMonitor(Callback):
         if isinstance(loss, torch.Tensor):
             # Lightning divides each micro-batch loss by the accumulation count: undo it, and record the
             # mean over the micro-batches of one optimizer step.
-            self._pending_losses.append(float(loss.detach()) * trainer.accumulate_grad_batches)
+            self._pending_losses.append(loss.detach().double() * trainer.accumulate_grad_batches)
         step = trainer.global_step
         if step == self._last_loss_step:
             return  # gradient accumulation: the optimizer step is not complete yet
@@ -350,12 +352,23 @@ class EdgeOfStabilityMonitor(Callback):
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
 
+    def _loss_values(self) -> list[float]:
+        """The recorded per-step losses as floats (one device-to-host copy for all of them)."""
+        if any(isinstance(x, torch.Tensor) for x in self.losses):
+            device = next(x.device for x in self.losses if isinstance(x, torch.Tensor))
+            stacked = torch.stack(
+                [torch.as_tensor(x, dtype=torch.float64, device=device) for x in self.losses]
+            )
+            self.losses.clear()
+            self.losses.extend(stacked.tolist())
+        return [float(x) for x in self.losses]
+
     # -- checkpointing -----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": self.history,
-            "losses": list(self.losses),
+            "losses": self._loss_values(),
             "first_edge_step": self.first_edge_step,
             "negative_curvature": self.negative_curvature,
             "above": self._above,

@@ -12,10 +12,13 @@ and a block :math:`V` of flat vectors, on the parameters of a :class:`ParameterS
   :math:`(\nabla L(\theta + hv) - \nabla L(\theta - hv)) / 2h`. It needs no second-order autograd, so
   it works with fused attention kernels, sharded (DTensor) parameters and very large models.
 
-The step is :math:`h = \epsilon^{1/3} \max(1, \|\theta\|) / \|v\|` with :math:`\epsilon` the machine
-epsilon of the parameters' dtype: the step that balances the :math:`O(h^2)` truncation error of a
-central difference against the :math:`O(\epsilon / h)` rounding error of the two gradients, scaled so
-that the perturbation is the same fraction of the parameters whatever the norm of ``v``.
+The step is :math:`h = \epsilon^{1/3} \max(1, \|\theta\|/\sqrt{n}) / \|v\|` with :math:`\epsilon` the
+machine epsilon of the parameters' dtype: the step that balances the :math:`O(h^2)` truncation error of
+a central difference against the :math:`O(\epsilon / h)` rounding error of the two gradients, for a
+move of unit length whatever the norm of ``v``, grown only where the typical parameter
+(:math:`\|\theta\|/\sqrt{n}`, its root mean square) is larger than 1 so that the move stays well
+above the parameters' rounding. (Scaling by :math:`\|\theta\|` itself, as this module once did, takes
+steps 6-54 times too long on ordinary networks: 0.6-13% error on the top eigenvalues in float32.)
 """
 
 from __future__ import annotations
@@ -171,8 +174,8 @@ class FiniteDifferenceHVP(HVPBackend):
 
     The parameters are moved to ``theta +- h v`` in place and copied back from a saved copy after each
     product, so they end bit-identical. On smooth losses the relative error of a product is about
-    ``eps^(2/3)``: 2e-5 to 3e-4 in float32 and below 1e-9 in float64 on the test models (the tests
-    assert 2e-3 and 1e-7). Across a kink of a piecewise-linear activation (ReLU) the gradient jumps
+    ``eps^(2/3)``: 2e-5 to 3e-4 in float32 and below 1e-9 in float64 on the test and benchmark models
+    (the tests assert 2e-3 and 1e-7). Across a kink of a piecewise-linear activation (ReLU) the gradient jumps
     and the difference quotient is meaningless: prefer an exact backend for ReLU networks, or a
     smooth activation (GELU, SiLU, tanh) where only finite differences run.
 
@@ -196,7 +199,7 @@ class FiniteDifferenceHVP(HVPBackend):
         self.relative_step = relative_step or torch.finfo(space.dtype).eps ** (1.0 / 3.0)
         self._column_norms = column_norms or (lambda X: torch.linalg.vector_norm(X, dim=0))
         self._saved: list[Tensor] | None = None
-        self._theta_norm: float | None = None
+        self._scale = 1.0
         self._block: tuple[Tensor, list[float]] | None = None
 
     def begin_block(self, V: Tensor) -> None:
@@ -216,7 +219,8 @@ class FiniteDifferenceHVP(HVPBackend):
     def apply(self, index: int, V: Tensor) -> Tensor:
         if self._saved is None:
             self._saved = [p.detach().clone() for p in self.space.local_params()]
-            self._theta_norm = float(self._column_norms(self.space.values()[:, None])[0])
+            theta_norm = float(self._column_norms(self.space.values()[:, None])[0])
+            self._scale = max(1.0, theta_norm / math.sqrt(self.space.global_n))
         out = torch.empty_like(V)
         norms = (
             self._block[1]
@@ -230,7 +234,7 @@ class FiniteDifferenceHVP(HVPBackend):
                 if v_norm == 0.0 or not math.isfinite(v_norm):
                     out[:, col] = 0.0 if v_norm == 0.0 else float("nan")
                     continue
-                h = self.relative_step * max(1.0, self._theta_norm) / v_norm
+                h = self.relative_step * self._scale / v_norm
                 pieces = self.space.unflatten(v)
                 self._shift(pieces, h)
                 g_plus = self._gradient(index)

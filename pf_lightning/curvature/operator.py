@@ -292,7 +292,7 @@ class HessianOperator(LinearOperator):
             self.backend = self._make_backend(self.requested)
             if self.backend.name == "finite_difference" and self.space.dtype == torch.bfloat16:
                 warnings.warn(
-                    "finite-difference products in bfloat16 are 1-13% off on the top eigenvalues (README, "
+                    "finite-difference products in bfloat16 are up to ~1% off on the top eigenvalues (README, "
                     "'Memory'): measure in float32 (dtype=None) or with an exact backend for accurate values",
                     UserWarning,
                     stacklevel=3,
