@@ -419,3 +419,44 @@ def test_adam_first_steps_are_logged_but_raise_no_edge_warning_until_the_precond
     assert fired == sorted(m.get("eos/warning", {})) == ([] if edge is None else [edge])
     assert eos.first_edge_step == edge
     assert sum("x the stability threshold" in s for s in messages) == (edge is not None)
+
+
+def _failing_on_call(n):
+    """A loss function that raises on the ``n``-th call of every optimizer step's measurements."""
+    calls = collections.Counter()
+
+    def loss_fn(module, batch):
+        step = module.trainer.global_step
+        calls[step] += 1
+        if calls[step] == n:
+            raise RuntimeError("a failure half-way through a measurement")
+        return module.loss(batch)
+
+    return loss_fn
+
+
+def _train(tmp_path, callbacks):
+    L.seed_everything(123)
+    model = DigitsClassifier(lr=0.05, momentum=0.9, dropout=0.2, batchnorm=True, n=256, batch_size=32)
+    t = trainer(tmp_path, max_steps=8, callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model)
+    optimizer_state = t.optimizers[0].state_dict()["state"]
+    return [p.detach().clone() for p in model.parameters()], optimizer_state, torch.rand(3)
+
+
+def test_a_run_whose_measurements_all_fail_half_way_is_bit_identical_to_one_without_callbacks(tmp_path):
+    plain = _train(tmp_path / "plain", [])
+    # Finite differences and DAL's forward difference displace the parameters when the loss raises.
+    monitor = HessianEigenMonitor(
+        k=2, every_n_steps=2, probe=64, hvp="finite_difference", loss_fn=_failing_on_call(3)
+    )
+    eos = EdgeOfStabilityMonitor(proxies=True)
+    lra = LRAdaptation(dal_factory(p=0.0), loss_fn=_failing_on_call(2))
+    failed = _train(tmp_path / "failed", [monitor, eos, lra])
+    assert monitor.history == [] and eos.history == []
+    assert all(torch.equal(a, b) for a, b in zip(plain[0], failed[0], strict=True))
+    for key, state in plain[1].items():
+        assert all(torch.equal(state[name], failed[1][key][name]) for name in state)
+    assert torch.equal(plain[2], failed[2])  # the random stream is where it would have been
