@@ -136,14 +136,13 @@ def result_from_state(state: Any) -> EigenResult | None:
 
 
 def history_from_state(history: Any, numbers: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """A list of measurement records: each a dict with an int ``step`` (in order), finite
-    ``eigenvalues`` and the finite ``numbers`` named."""
+    """A list of measurement records: each a dict with an int ``step``, finite ``eigenvalues`` and the
+    finite ``numbers`` named. (Steps may go back: a callback used for a second fit keeps its history.)"""
     _check(isinstance(history, list | tuple), f"the history is a {type(history).__name__}, not a list")
-    entries, previous = [], -1
+    entries = []
     for i, entry in enumerate(history):
         _check(isinstance(entry, Mapping), f"history entry {i} is not a dict")
-        step = count(entry.get("step"), f"history entry {i}'s step")
-        _check(step >= previous, f"history entry {i} goes back in steps ({previous} -> {step})")
+        count(entry.get("step"), f"history entry {i}'s step")
         eigenvalues = entry.get("eigenvalues")
         _check(
             isinstance(eigenvalues, list | tuple) and len(eigenvalues) > 0,
@@ -154,7 +153,6 @@ def history_from_state(history: Any, numbers: Sequence[str] = ()) -> list[dict[s
         for name in numbers:
             finite(entry.get(name), f"history entry {i}'s {name}")
         entries.append(dict(entry))
-        previous = step
     return entries
 
 

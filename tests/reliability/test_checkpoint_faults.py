@@ -174,7 +174,7 @@ HESSIAN_CORRUPTIONS = {
     "eigenvalues_2d": lambda s: s["latest"].update(eigenvalues=torch.zeros(2, 2)),
     "nan_eigenvectors": _nan_vectors,
     "nan_in_history": _nan_eigenvalue,
-    "history_out_of_order": lambda s: s["history"].reverse(),
+    "step_is_negative": lambda s: s["history"][-1].update(step=-4),
 }
 EOS_CORRUPTIONS = {
     "missing_key": lambda s: s.pop("losses"),
@@ -195,6 +195,20 @@ def _corrupt_and_resume(tmp_path, checkpoint_file, kind, corrupt):
 
 def _fresh_start_warnings(messages, owner):
     return [m for m in messages if m.startswith(f"{owner}: the checkpoint's callback state cannot be used")]
+
+
+def test_states_the_callbacks_wrote_load_without_a_warning(checkpoint_file, recwarn):
+    states = torch.load(checkpoint_file, weights_only=False)["callbacks"]
+    monitor, eos, lra = _callbacks()
+    hessian = states[_key(states, "HessianEigenMonitor")]
+    hessian["history"] += copy.deepcopy(hessian["history"])  # a second fit with the monitor starts at 0 again
+    monitor.load_state_dict(hessian)
+    eos.load_state_dict(states[_key(states, "EdgeOfStabilityMonitor")])
+    lra.load_state_dict(states[_key(states, "LRAdaptation")])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert [h["step"] for h in monitor.history] == [0, 2, 4, 0, 2, 4] and monitor._last_step == 4
+    assert monitor.latest.eigenvectors.shape[1] == 2 and monitor.latest.eigenvectors.numel() > 0
+    assert [h["step"] for h in eos.history] == [0, 2, 4] and len(eos.losses) == 4 and lra._restored == 4
 
 
 @pytest.mark.parametrize("corruption", list(HESSIAN_CORRUPTIONS))
