@@ -337,30 +337,24 @@ def _nan_from_step_2(module, batch):
     return loss * math.nan if module.trainer.global_step >= 2 else loss
 
 
+def _nan_hessian(on_error):
+    return [HessianEigenMonitor(k=1, every_n_steps=1, loss_fn=_nan_from_step_2, on_error=on_error)]
+
+
+def _eos_without_threshold(on_error):
+    return [_ZeroRate(), HessianEigenMonitor(k=1, every_n_steps=1), EdgeOfStabilityMonitor(on_error=on_error)]
+
+
+def _nan_drift(on_error):
+    return [LRAdaptation(dal_factory(p=1.0), loss_fn=_nan_from_step_2, on_error=on_error)]
+
+
 @pytest.mark.parametrize(
     ("make", "error", "flag"),
     [
-        (
-            lambda on_error: [
-                HessianEigenMonitor(k=1, every_n_steps=1, loss_fn=_nan_from_step_2, on_error=on_error)
-            ],
-            FloatingPointError,
-            "hessian/skipped",
-        ),
-        (
-            lambda on_error: [
-                _ZeroRate(),
-                HessianEigenMonitor(k=1, every_n_steps=1),
-                EdgeOfStabilityMonitor(on_error=on_error),
-            ],
-            ValueError,
-            "eos/skipped",
-        ),
-        (
-            lambda on_error: [LRAdaptation(dal_factory(p=1.0), loss_fn=_nan_from_step_2, on_error=on_error)],
-            FloatingPointError,
-            "dal/skipped",
-        ),
+        (_nan_hessian, FloatingPointError, "hessian/skipped"),
+        (_eos_without_threshold, ValueError, "eos/skipped"),
+        (_nan_drift, FloatingPointError, "dal/skipped"),
     ],
     ids=["HessianEigenMonitor", "EdgeOfStabilityMonitor", "LRAdaptation"],
 )
