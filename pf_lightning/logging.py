@@ -8,7 +8,10 @@ schedulers, ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them.
 Names (README, "Metric names"): ``hessian/eig_{i}`` (i = 1 is the largest), ``hessian/eig_bottom_{i}``
 (i = 1 is the most negative), ``hessian/eig_min``, ``hessian/residual_max``, ``hessian/n_hvp``,
 ``hessian/seconds``, ``hessian/converged``, ``hessian/skipped``, ``hessian/trace``; ``eos/*``, ``pf/*``
-and ``dal/*`` and ``cap/*`` for the diagnostics and schedulers built on them.
+and ``dal/*`` and ``cap/*`` for the diagnostics and schedulers built on them. Failures are flags logged
+as 1.0 at the step they happened (callbacks/_faults.py): ``hessian/skipped``, ``hessian/trace_skipped``,
+``hessian/density_skipped``, ``hessian/listener_failed``, ``eos/skipped``, ``eos/proxies_skipped``,
+``dal/skipped``; ``eos/warmup`` marks measurements before an adaptive optimizer's preconditioner settled.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
@@ -37,6 +38,10 @@ def _as_float(value: Any) -> float | None:
             raise ValueError(f"expected a scalar metric, got a tensor of shape {tuple(value.shape)}")
         return float(value.detach())
     return float(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_positive(value: float, name: str, fix: str) -> float:
@@ -88,6 +93,48 @@ class _MeasuredLR(LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    # What a checkpoint's state must hold, and the form of every entry it may hold (beyond torch's own).
+    _lists = ("base_lrs", "_last_lr")
+    _numbers: tuple[str, ...] = ()
+
+    def _check_state(self, state: Any) -> None:
+        """Raise a ``ValueError`` naming the entry, before a state this scheduler did not write is used.
+
+        A scheduler sets the learning rate: starting it afresh in silence would change a resumed run's
+        training, so a bad state is an error, not a warning.
+        """
+        name = type(self).__name__
+
+        def bad(what: str) -> None:
+            raise ValueError(
+                f"{name}.load_state_dict: {what}. The checkpoint's scheduler state was not written by a "
+                f"{name} (or is corrupted): resume from a checkpoint this scheduler wrote, or remove its "
+                "entry from the checkpoint's 'lr_schedulers' to restart the schedule"
+            )
+
+        if not isinstance(state, Mapping):
+            bad(f"the state is a {type(state).__name__}, not a dict")
+        missing = [key for key in ("last_epoch", "measured", *self._lists) if key not in state]
+        if missing:
+            bad(f"keys {missing} are missing")
+        epoch = state["last_epoch"]
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < -1:
+            bad(f"last_epoch is {epoch!r}, not an int >= -1")
+        n_groups = len(self.optimizer.param_groups)
+        for key in self._lists:
+            values = state[key]
+            if not isinstance(values, list | tuple) or len(values) != n_groups:
+                bad(f"{key} is {values!r}, not a list of {n_groups} rate(s), one per parameter group")
+            for value in values:
+                if not _is_number(value) or not math.isfinite(value) or value < 0:
+                    bad(f"{key} holds {value!r}, not a finite rate >= 0")
+        measured = state["measured"]
+        if measured is not None and not (_is_number(measured) and math.isfinite(measured)):
+            bad(f"measured is {measured!r}, not a finite number or None")
+        for key in self._numbers:
+            if key in state and not (_is_number(state[key]) and math.isfinite(state[key])):
+                bad(f"{key} is {state[key]!r}, not a finite number")
 
     def lightning_config(self, name: str | None = None) -> dict[str, Any]:
         """The ``lr_scheduler`` entry of ``configure_optimizers`` that steps this scheduler correctly.
@@ -149,6 +196,7 @@ class DriftAdaptiveLR(_MeasuredLR):
 
     monitor = "dal/hg_ratio"
     _quantity = "||Hg||/||g||"
+    _numbers = ("p", "max_lr", "warmup_steps")
 
     def __init__(
         self,
@@ -199,6 +247,24 @@ class DriftAdaptiveLR(_MeasuredLR):
         """
         self._observe(hg_ratio)
         super().step()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state this scheduler wrote; a ``ValueError`` names what is wrong with any other."""
+        self._check_state(state_dict)
+        window = state_dict.get("window")
+        if state_dict["base_lrs"][0] <= 0 or not (
+            window is None
+            or (
+                isinstance(window, list | tuple)
+                and len(window) == 2
+                and all(_is_number(w) or w is None for w in window)
+            )
+        ):
+            raise ValueError(
+                f"DriftAdaptiveLR.load_state_dict: base_lrs {state_dict['base_lrs']!r} (the first must be "
+                f"positive) or window {window!r} (None or (start, stop)) is not one this scheduler wrote"
+            )
+        super().load_state_dict(state_dict)
 
     def _clean(self, value: float | None) -> float | None:
         # v = 0: Hg or the gradient vanished, and 2/v^p is meaningless: held like a NaN.
@@ -271,6 +337,8 @@ class SharpnessCappedLR(_MeasuredLR):
 
     monitor = "cap/sharpness"
     _quantity = "sharpness"
+    _lists = ("base_lrs", "_last_lr", "_uncapped")
+    _numbers = ("fraction",)
 
     def __init__(
         self,
@@ -353,6 +421,12 @@ class SharpnessCappedLR(_MeasuredLR):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state this scheduler wrote; a ``ValueError`` names what is wrong with any other."""
+        self._check_state(state_dict)
+        if not (state_dict.get("base") is None or isinstance(state_dict["base"], Mapping)):
+            raise ValueError(
+                f"SharpnessCappedLR.load_state_dict: base is {state_dict['base']!r}, not a state dict"
+            )
         state = dict(state_dict)
         base_state = state.pop("base", None)
         self.__dict__.update(state)

@@ -1,19 +1,33 @@
-"""What a :class:`~pf_lightning.HessianEigenMonitor` keeps in a checkpoint, and how it comes back.
+"""What the callbacks keep in a checkpoint, how it comes back, and what they do with a bad one.
 
 The latest eigenvectors (``n x k`` floats) warm-start the first measurement after a resume. They are
 left out when asked (``checkpoint_eigenvectors=False``: large models, small checkpoints) and always
 when they are FSDP2 shards: the callback state is saved from rank 0 only, so a resumed run would
 hand rank 0's slice to every rank, whose slices differ (and may differ in size). Without vectors the
 first measurement after a resume starts cold.
+
+A state is checked before any of it is used: a callback handed a state it did not write (missing
+keys, wrong types, tensors of the wrong shape, NaN, another callback's state) raises
+:class:`UnreadableState` here, and the callback then starts fresh with one warning instead of failing
+later, deep in a solver or a chart.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..linalg import EigenResult
+
+WHICH = ("top", "bottom", "both")
+
+
+class UnreadableState(ValueError):
+    """A checkpoint's callback state that this version did not write, or that was corrupted."""
 
 
 def result_state(result: EigenResult | None, with_vectors: bool) -> dict[str, Any] | None:
@@ -35,5 +49,157 @@ def result_state(result: EigenResult | None, with_vectors: bool) -> dict[str, An
     }
 
 
-def result_from_state(state: dict[str, Any] | None) -> EigenResult | None:
-    return None if state is None else EigenResult(**state)
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UnreadableState(message)
+
+
+def _finite_tensor(value: Any, name: str, ndim: int) -> torch.Tensor:
+    _check(isinstance(value, torch.Tensor), f"{name} is a {type(value).__name__}, not a Tensor")
+    _check(value.ndim == ndim and value.is_floating_point(), f"{name} has shape {tuple(value.shape)}")
+    _check(bool(torch.isfinite(value).all()), f"{name} holds NaN or infinity")
+    return value
+
+
+def count(value: Any, name: str, minimum: int = 0) -> int:
+    """An int ``>= minimum`` (a bool is not a count)."""
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{name} is {value!r}, not an int >= {minimum}",
+    )
+    return int(value)
+
+
+def finite(value: Any, name: str) -> float:
+    """A finite real number."""
+    _check(
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+        f"{name} is {value!r}, not a finite number",
+    )
+    return float(value)
+
+
+def mapping(state: Any, keys: Sequence[str], owner: str) -> Mapping[str, Any]:
+    """``state`` as a mapping that holds ``keys``."""
+    _check(isinstance(state, Mapping), f"the state is a {type(state).__name__}, not a dict")
+    missing = [key for key in keys if key not in state]
+    _check(not missing, f"keys {missing} are missing (not a {owner} state)")
+    return state
+
+
+def result_from_state(state: Any) -> EigenResult | None:
+    """The :class:`EigenResult` that :func:`result_state` saved, checked entry by entry."""
+    if state is None:
+        return None
+    keys = (
+        "eigenvalues",
+        "eigenvectors",
+        "residuals",
+        "converged",
+        "n_hvp",
+        "seconds",
+        "tol",
+        "which",
+        "method",
+    )
+    state = mapping(state, keys, "EigenResult")
+    eigenvalues = _finite_tensor(state["eigenvalues"], "latest eigenvalues", 1)
+    k = eigenvalues.numel()
+    _check(k >= 1, "latest holds no eigenvalue")
+    vectors = state["eigenvectors"]
+    _check(
+        isinstance(vectors, torch.Tensor) and vectors.ndim == 2 and vectors.shape[1] == k,
+        f"latest eigenvectors are not an (n, {k}) matrix",
+    )
+    if vectors.numel():
+        _finite_tensor(vectors, "latest eigenvectors", 2)
+    residuals = _finite_tensor(state["residuals"], "latest residuals", 1)
+    converged = state["converged"]
+    _check(
+        isinstance(converged, torch.Tensor) and residuals.shape == converged.shape == (k,),
+        f"latest residuals and converged flags are not of length {k}",
+    )
+    _check(state["which"] in WHICH, f"latest which is {state['which']!r}")
+    _check(isinstance(state["method"], str), "latest method is not a string")
+    tol = finite(state["tol"], "latest tol")
+    return EigenResult(
+        eigenvalues=eigenvalues,
+        eigenvectors=vectors,
+        residuals=residuals,
+        converged=converged.bool(),
+        n_hvp=count(state["n_hvp"], "latest n_hvp"),
+        seconds=max(0.0, finite(state["seconds"], "latest seconds")),
+        tol=tol,
+        which=state["which"],
+        method=state["method"],
+    )
+
+
+def history_from_state(history: Any, numbers: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A list of measurement records: each a dict with an int ``step``, finite ``eigenvalues`` and the
+    finite ``numbers`` named. (Steps may go back: a callback used for a second fit keeps its history.)"""
+    _check(isinstance(history, list | tuple), f"the history is a {type(history).__name__}, not a list")
+    entries = []
+    for i, entry in enumerate(history):
+        _check(isinstance(entry, Mapping), f"history entry {i} is not a dict")
+        count(entry.get("step"), f"history entry {i}'s step")
+        eigenvalues = entry.get("eigenvalues")
+        _check(
+            isinstance(eigenvalues, list | tuple) and len(eigenvalues) > 0,
+            f"history entry {i} holds no eigenvalues",
+        )
+        for value in eigenvalues:
+            finite(value, f"an eigenvalue of history entry {i}")
+        for name in numbers:
+            finite(entry.get(name), f"history entry {i}'s {name}")
+        entries.append(dict(entry))
+    return entries
+
+
+def warn_fresh_start(owner: str, err: Exception) -> None:
+    """The one warning of a callback that starts fresh instead of using an unreadable state."""
+    rank_zero_warn(
+        f"{owner}: the checkpoint's callback state cannot be used ({err}); this callback starts fresh "
+        "(empty history, no warm start), training itself is restored as usual",
+        category=RuntimeWarning,
+    )
+
+
+def usable_warm_start(result: EigenResult | None, n: int) -> bool:
+    """Whether ``result``'s eigenvectors can start a measurement on ``n`` parameters: there are some,
+    of that length (not another parameter set or sharding after a resume), and finite."""
+    if result is None:
+        return False
+    vectors = result.eigenvectors
+    return (
+        vectors.ndim == 2
+        and vectors.numel() > 0
+        and vectors.shape[0] == n
+        and bool(torch.isfinite(vectors).all())
+    )
+
+
+def monitor_from_state(state: Any) -> tuple[list[dict[str, Any]], EigenResult | None, int, float]:
+    """A :class:`~pf_lightning.HessianEigenMonitor` state: history, latest result, last step, seconds."""
+    state = mapping(state, ("history", "latest", "last_step"), "HessianEigenMonitor")
+    history = history_from_state(state["history"])
+    latest = result_from_state(state["latest"])
+    last_step = count(state["last_step"], "last_step", minimum=-1)
+    seconds = max(0.0, finite(state.get("measure_seconds", 0.0), "measure_seconds"))
+    return history, latest, last_step, seconds
+
+
+def eos_from_state(state: Any) -> tuple[list[dict[str, Any]], list[float], int | None, float, bool]:
+    """An :class:`~pf_lightning.EdgeOfStabilityMonitor` state: history, loss window, first edge step,
+    accumulated negative curvature, whether the last ratio was above the warning level."""
+    keys = ("history", "losses", "first_edge_step", "negative_curvature", "above")
+    state = mapping(state, keys, "EdgeOfStabilityMonitor")
+    history = history_from_state(state["history"], ("eos/sharpness", "eos/threshold", "eos/ratio"))
+    _check(isinstance(state["losses"], list | tuple), "the loss window is not a list")
+    for value in state["losses"]:  # a diverging run records NaN losses: any number is a loss
+        _check(isinstance(value, int | float) and not isinstance(value, bool), f"a loss is {value!r}")
+    edge = state["first_edge_step"]
+    edge = None if edge is None else count(edge, "first_edge_step")
+    curvature = finite(state["negative_curvature"], "negative_curvature")
+    _check(isinstance(state["above"], bool), f"above is {state['above']!r}, not a bool")
+    return history, [float(x) for x in state["losses"]], edge, curvature, state["above"]

@@ -6,6 +6,11 @@ the optimizer actually stepping (2/lr for SGD, (2 + 2 beta)/lr for heavy-ball mo
 sharpness lambda_max(P^-1 H) against (2 + 2 beta1)/((1 - beta1) lr), Cohen et al. 2021, 2022), their
 ratio (1.0 is the edge), the principal-flow regime of every tracked direction (Dherin et al. 2023),
 trends of the run, and an early warning with a hook for user actions.
+
+With an adaptive optimizer the warning waits for the preconditioner to settle (10 steps, see
+:data:`~pf_lightning.curvature.precondition.PRECONDITIONER_WARMUP_STEPS`): after the first steps ``P``
+rests on one or a few squared gradients and the preconditioned sharpness is inflated far past a
+threshold derived for a frozen ``P``.
 """
 
 from __future__ import annotations
@@ -17,14 +22,18 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from .. import stability
-from ..curvature import NonFiniteLossError, PreconditionerUnavailable
+from ..curvature import PreconditionerUnavailable
 from ..curvature.drift import gradient_curvature
+from ..curvature.precondition import PRECONDITIONER_WARMUP_STEPS, optimizer_steps
 from ..linalg import EigenResult, NonFiniteOperatorError
-from ..logging import log_metrics, wandb_experiments, wandb_log, warn_once
+from ..logging import log_metrics, warn_once
+from ._checkpoint import UnreadableState, eos_from_state, warn_fresh_start
+from ._faults import OnError, check_on_error, skip_or_raise
+from ._reporting import eos_chart
 from .hessian_monitor import HessianEigenMonitor
 
 WarningAction = Callable[[Trainer, LightningModule, dict[str, float]], None]
@@ -48,6 +57,21 @@ class EdgeOfStabilityMonitor(Callback):
         slope_window: measurements over which the progressive-sharpening slope is fitted.
         chart_every: with W&B, log the chart of top-k eigenvalues against the threshold every this
             many measurements (and at the end of fit).
+        on_error: ``"skip"``: diagnostics that fail at run time (the preconditioned measurement, the
+            principal-flow gradient, the proxies, a NaN, any ``Exception``) are skipped for that step,
+            flagged as ``eos/skipped`` (``eos/proxies_skipped`` for the proxies), warned once per error
+            type, and training goes on; so is a failing ``on_warning`` action or W&B chart.
+            ``"raise"``: the exception stops training.
+
+    Adaptive optimizers: the sharpness, threshold and ratio are logged from the first measurement
+    on, but until the optimizer has taken ``preconditioner_warmup_steps`` steps (an attribute, default
+    10, :data:`~pf_lightning.curvature.precondition.PRECONDITIONER_WARMUP_STEPS`; 0 warns from the
+    first step) those measurements are flagged ``eos/warmup`` and neither raise the edge warning nor
+    call ``on_warning`` nor count as ``eos/first_edge_step``.
+
+    Checkpoints: the state holds the history, the loss window, the first edge step and the
+    accumulated negative curvature. A state this version cannot read (missing keys, wrong types,
+    NaN, another callback's state) gives one ``RuntimeWarning`` and a fresh start of all of them.
 
     Raises:
         MisconfigurationException: no :class:`HessianEigenMonitor`, or a bad argument.
@@ -65,8 +89,10 @@ class EdgeOfStabilityMonitor(Callback):
         loss_window: int = 50,
         slope_window: int = 5,
         chart_every: int = 10,
+        on_error: OnError = "skip",
     ) -> None:
         super().__init__()
+        check_on_error(on_error)
         for name, value in (
             ("optimizer_index", optimizer_index),
             ("proxy_every_n_steps", proxy_every_n_steps),
@@ -104,6 +130,8 @@ class EdgeOfStabilityMonitor(Callback):
         )
         self.on_warning, self.proxies, self.proxy_every_n_steps = on_warning, proxies, proxy_every_n_steps
         self.slope_window, self.chart_every = slope_window, chart_every
+        self.on_error = on_error
+        self.preconditioner_warmup_steps = PRECONDITIONER_WARMUP_STEPS
         # Per-step losses stay on the device (0-d float64 tensors) until a measurement reads them: a
         # float() every step would wait for the GPU each step and stall its asynchronous queue.
         self.losses: collections.deque[float | torch.Tensor] = collections.deque(maxlen=loss_window)
@@ -176,6 +204,43 @@ class EdgeOfStabilityMonitor(Callback):
 
     # -- per measurement ---------------------------------------------------------------------
     def _on_measurement(self, trainer: Trainer, pl_module: LightningModule, result: EigenResult) -> None:
+        saved = self.first_edge_step, self.negative_curvature
+        try:
+            measured = self._diagnostics(trainer, pl_module, result)
+        except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
+            self.first_edge_step, self.negative_curvature = saved
+            self._skip(trainer, err, "EoS diagnostics skipped", "eos/skipped")
+            return
+        if measured is None:
+            return
+        metrics, threshold = measured
+        step, ratio, warming = trainer.global_step, metrics["eos/ratio"], "eos/warmup" in metrics
+        fire = ratio >= self.warn_ratio and not self._above and not warming
+        if fire:
+            metrics["eos/warning"] = 1.0
+            self._warn_once(
+                "edge",
+                f"step {step}: sharpness {metrics['eos/sharpness']:.4g} reached {ratio:.2f} x the stability "
+                f"threshold {threshold.value:.4g} of {threshold.optimizer} ({threshold.formula})",
+            )
+        if not warming:
+            self._above = ratio >= self.warn_ratio
+        log_metrics(trainer, metrics, step)
+        self.history.append(
+            {"step": step, "eigenvalues": result.eigenvalues[: self.monitor.k].tolist(), **metrics}
+        )
+        if fire and self.on_warning is not None:
+            try:
+                self.on_warning(trainer, pl_module, metrics)
+            except Exception as err:
+                self._skip(trainer, err, "on_warning action failed", None)
+        if len(self.history) % self.chart_every == 0:
+            self._chart(trainer, step)
+
+    def _diagnostics(
+        self, trainer: Trainer, pl_module: LightningModule, result: EigenResult
+    ) -> tuple[dict[str, float], stability.StabilityThreshold] | None:
+        """The metrics of one measurement (None while the preconditioned sharpness cannot be measured)."""
         monitor = self.monitor
         threshold, optimizer = self._threshold(trainer)
         step = trainer.global_step
@@ -183,11 +248,15 @@ class EdgeOfStabilityMonitor(Callback):
         lr = float(optimizer.param_groups[0]["lr"])
         weight_decay = float(optimizer.param_groups[0].get("weight_decay", 0.0))
         metrics = {"eos/threshold": threshold.value, "eos/lr": lr}
+        warming = False
         if threshold.preconditioned:
-            sharpness = self._preconditioned_sharpness(trainer, pl_module, optimizer)
+            sharpness = self._preconditioned_sharpness(pl_module, optimizer)
             if sharpness is None:
-                return
+                return None
             metrics["eos/preconditioned_sharpness"] = sharpness
+            warming = optimizer_steps(optimizer) < self.preconditioner_warmup_steps
+            if warming:
+                metrics["eos/warmup"] = 1.0
         else:
             # SGD's weight decay adds wd * theta to the gradient: the step sees H + wd * I.
             sharpness = float(top[0]) + (weight_decay if type(optimizer).__name__ == "SGD" else 0.0)
@@ -197,35 +266,16 @@ class EdgeOfStabilityMonitor(Callback):
             metrics.update(
                 self._principal_flow(pl_module, result, stability.effective_lr(threshold), weight_decay)
             )
-        metrics.update(self._trends(step, sharpness, ratio, lr, result))
-        if ratio >= self.warn_ratio and not self._above:
-            metrics["eos/warning"] = 1.0
-            self._warn_once(
-                "edge",
-                f"step {step}: sharpness {sharpness:.4g} reached {ratio:.2f} x the stability threshold "
-                f"{threshold.value:.4g} of {threshold.optimizer} ({threshold.formula})",
-            )
-            if self.on_warning is not None:
-                self.on_warning(trainer, pl_module, metrics)
-        self._above = ratio >= self.warn_ratio
-        log_metrics(trainer, metrics, step)
-        self.history.append({"step": step, "eigenvalues": top.tolist(), **metrics})
-        if len(self.history) % self.chart_every == 0:
-            self._chart(trainer, step)
+        metrics.update(self._trends(step, sharpness, ratio, lr, result, warming))
+        return metrics, threshold
 
-    def _preconditioned_sharpness(
-        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
-    ) -> float | None:
+    def _preconditioned_sharpness(self, pl_module: LightningModule, optimizer: Any) -> float | None:
         try:
             result = self.monitor.compute(
                 pl_module, k=1, which="top", preconditioner=optimizer, warm_start=self._preconditioned_latest
             )
         except PreconditionerUnavailable as err:  # before the first step: no second moments yet
             self._warn_once("precond", f"preconditioned sharpness not measured yet: {err}")
-            return None
-        except (NonFiniteLossError, NonFiniteOperatorError) as err:
-            self._warn_once("nonfinite", f"preconditioned sharpness skipped: {err}")
-            log_metrics(trainer, {"eos/skipped": 1.0}, trainer.global_step)
             return None
         self._preconditioned_latest = result
         return float(result.eigenvalues[0])
@@ -260,7 +310,7 @@ class EdgeOfStabilityMonitor(Callback):
         return metrics
 
     def _trends(
-        self, step: int, sharpness: float, ratio: float, lr: float, result: EigenResult
+        self, step: int, sharpness: float, ratio: float, lr: float, result: EigenResult, warming: bool
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
         recent = [(h["step"], h["eos/sharpness"]) for h in self.history[-(self.slope_window - 1) :]] + [
@@ -271,7 +321,7 @@ class EdgeOfStabilityMonitor(Callback):
             metrics["eos/sharpening_slope"] = float(slope)
         if len(self.losses) >= 2:
             metrics["eos/loss_non_monotonicity"] = float(stability.non_monotonicity(self._loss_values()))
-        if self.first_edge_step is None and ratio >= 1.0:
+        if self.first_edge_step is None and ratio >= 1.0 and not warming:
             self.first_edge_step = step
         if self.first_edge_step is not None:
             metrics["eos/first_edge_step"] = float(self.first_edge_step)
@@ -311,8 +361,10 @@ class EdgeOfStabilityMonitor(Callback):
         try:
             with monitor.operator(pl_module, [batch]) as op:
                 gc = gradient_curvature(op)
-        except (NonFiniteLossError, NonFiniteOperatorError) as err:
-            self._warn_once("proxy", f"proxies skipped: {err}")
+            if not gc.finite:
+                raise NonFiniteOperatorError(f"||g|| = {gc.grad_norm}, ||Hg|| = {gc.hg_norm}")
+        except Exception as err:  # never BaseException
+            self._skip(trainer, err, "proxies skipped", "eos/proxies_skipped")
             return
         metrics = {
             "pf/hg_ratio": gc.hg_ratio,
@@ -327,27 +379,10 @@ class EdgeOfStabilityMonitor(Callback):
             self._chart(trainer, trainer.global_step)
 
     def _chart(self, trainer: Trainer, step: int) -> None:
-        """W&B: the top-k eigenvalues and the threshold over steps, as one line chart."""
-        if not wandb_experiments(trainer):
-            return
-        import wandb
-
-        steps = [h["step"] for h in self.history]
-        k = min(len(h["eigenvalues"]) for h in self.history)
-        ys = [[h["eigenvalues"][i] for h in self.history] for i in range(k)] + [
-            [h["eos/threshold"] for h in self.history]
-        ]
-        keys = [f"eig_{i + 1}" for i in range(k)] + ["threshold"]
-        chart = wandb.plot.line_series(
-            xs=steps, ys=ys, keys=keys, title="Hessian eigenvalues vs stability threshold", xname="step"
-        )
-        rows = [
-            [h["step"], i + 1, v, h["eos/threshold"]]
-            for h in self.history
-            for i, v in enumerate(h["eigenvalues"])
-        ]
-        spectra = wandb.Table(columns=["step", "index", "eigenvalue", "threshold"], data=rows)
-        wandb_log(trainer, {"eos/spectrum_vs_threshold": chart, "hessian/spectra": spectra}, step)
+        try:
+            eos_chart(trainer, self.history, step)
+        except Exception as err:
+            self._skip(trainer, err, "W&B chart skipped", None)
 
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
@@ -363,6 +398,11 @@ class EdgeOfStabilityMonitor(Callback):
             self.losses.extend(stacked.tolist())
         return [float(x) for x in self.losses]
 
+    def _skip(self, trainer: Trainer, err: Exception, what: str, metric: str | None) -> None:
+        skip_or_raise(
+            err, on_error=self.on_error, warned=self._warned, trainer=trainer, what=what, metric=metric
+        )
+
     # -- checkpointing -----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -377,17 +417,14 @@ class EdgeOfStabilityMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
-            self.history = list(state_dict["history"])
-            self.losses.extend(float(x) for x in state_dict["losses"])
-            self.first_edge_step = state_dict["first_edge_step"]
-            self.negative_curvature = float(state_dict["negative_curvature"])
-            self._above = bool(state_dict["above"])
-        except (KeyError, TypeError, ValueError) as err:
-            rank_zero_warn(
-                f"EdgeOfStabilityMonitor: unreadable checkpoint state ({err!r}); starting fresh",
-                category=RuntimeWarning,
-            )
-            self.history, self.first_edge_step, self.negative_curvature, self._above = [], None, 0.0, False
+            history, losses, edge, curvature, above = eos_from_state(state_dict)
+        except UnreadableState as err:
+            warn_fresh_start(type(self).__name__, err)
+            history, losses, edge, curvature, above = [], [], None, 0.0, False
+        self.history, self.first_edge_step, self.negative_curvature = history, edge, curvature
+        self._above = above
+        self.losses.clear()
+        self.losses.extend(losses)
 
 
 __all__ = ["EdgeOfStabilityMonitor"]

@@ -9,7 +9,6 @@ and handed to listeners such as :class:`~pf_lightning.EdgeOfStabilityMonitor`.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -17,19 +16,26 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError, ParameterSpace, measurement_context
+from ..curvature import HVP_CHOICES, HessianOperator, ParameterSpace, measurement_context
 from ..curvature.distributed import any_rank
-from ..linalg import EigenResult, NonFiniteOperatorError
+from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
-from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log, warn_once
-from ..measure import hessian_density, hessian_eigenpairs, hessian_trace
+from ..logging import define_wandb_metrics, log_metrics, metric_name, warn_once
+from ..measure import hessian_eigenpairs
 from ..probe import ProbeSet
-from ._checkpoint import result_from_state, result_state
+from ._checkpoint import (
+    UnreadableState,
+    monitor_from_state,
+    result_state,
+    usable_warm_start,
+    warn_fresh_start,
+)
+from ._faults import OnError, check_on_error, skip_or_raise
 from ._groups import monitors_per_group
 from ._probe import SharedProbe, build_probe, check_strategy, resolve_loss_fn
+from ._reporting import record, spectrum_extras
 
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
 
@@ -82,9 +88,22 @@ class HessianEigenMonitor(Callback):
             copies of their parameters); see :func:`~pf_lightning.hessian_eigenpairs`.
         checkpoint_eigenvectors: save the latest eigenvectors in checkpoints, so the first measurement
             after a resume is warm-started (``n x k`` floats; never saved when they are FSDP2 shards).
+        on_error: ``"skip"``: a measurement that fails at run time (NaN or infinite loss or product, a
+            probe batch the model cannot consume, a loss that is not returned, any ``Exception``) is
+            skipped with the model left as it was, flagged as ``hessian/skipped`` at that step, warned
+            once per error type, and training goes on; the trace, the density and listeners fail the
+            same way (``hessian/trace_skipped``, ``hessian/density_skipped``,
+            ``hessian/listener_failed``). ``"raise"``: the exception stops training.
+
+    Checkpoints: the state holds the history, the latest result and the step bookkeeping. A resumed fit
+    continues the interrupted one (no extra fit-start measurement unless one was due at that step), so
+    its history matches an uninterrupted run's. A state this version cannot read (missing keys, wrong
+    types or shapes, NaN, another callback's state) gives one ``RuntimeWarning`` and a fresh start:
+    empty history, cold start; training itself resumes as usual.
 
     Raises:
-        MisconfigurationException: a bad argument, or a ``training_step`` that returns no loss.
+        MisconfigurationException: a bad argument; at fit start, a ``training_step`` that returns no loss
+            or a first probe batch that the loss cannot run on.
 
     Example::
 
@@ -118,8 +137,10 @@ class HessianEigenMonitor(Callback):
         density_steps: int = 60,
         basis_device: str | None = None,
         checkpoint_eigenvectors: bool = True,
+        on_error: OnError = "skip",
     ) -> None:
         super().__init__()
+        check_on_error(on_error)
         _check_positive_int("k", k)
         _check_positive_int("every_n_steps", every_n_steps, allow_none=True)
         _check_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
@@ -154,6 +175,7 @@ class HessianEigenMonitor(Callback):
         self.trace_every, self.trace_hvp = trace_every, trace_hvp
         self.density_every, self.density_steps = density_every, density_steps
         self.basis_device, self.checkpoint_eigenvectors = basis_device, checkpoint_eigenvectors
+        self.on_error = on_error
         self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
         self.density: SpectralDensity | None = None
         self._probe_arg, self._loss_arg = probe, loss_fn
@@ -166,6 +188,7 @@ class HessianEigenMonitor(Callback):
         self._postponed_step = -1
         self._measure_seconds = 0.0
         self._fit_start_time: float | None = None
+        self._resumed = False
         self._warned: set[str] = set()
 
     @classmethod
@@ -214,6 +237,7 @@ class HessianEigenMonitor(Callback):
         # the saved values back afterwards (Lightning restores callback state after setup).
         if stage == "fit":
             self._last_step = self._postponed_step = -1
+            self._resumed = False
             if self._shared_probe is not None:  # every setup runs before any on_train_start
                 self._shared_probe.probe = None
         check_strategy(trainer, self.hvp)
@@ -230,11 +254,23 @@ class HessianEigenMonitor(Callback):
                 shared.probe = self.probe
         self._fit_start_time = time.perf_counter()
         define_wandb_metrics(trainer)
-        # Fail now, not at the first measurement, if there is no loss; guarded like a measurement, so
-        # BatchNorm statistics and the random stream are left as they were.
-        with measurement_context(pl_module), torch.no_grad():
-            self.loss_fn(pl_module, self.probe.batches[0])
-        if self.at_fit_start and trainer.global_step >= self.warmup_steps:
+        # Fail now, not at the first measurement, if there is no loss or the probe does not fit the
+        # model; guarded like a measurement, so BatchNorm statistics and the random stream are kept.
+        try:
+            with measurement_context(pl_module), torch.no_grad():
+                self.loss_fn(pl_module, self.probe.batches[0])
+        except MisconfigurationException:
+            raise
+        except Exception as err:
+            raise MisconfigurationException(
+                f"the loss does not run on the first probe batch ({type(err).__name__}: {err}): pass "
+                "`probe=` batches that training_step (or `loss_fn=`) accepts"
+            ) from err
+        step = trainer.global_step
+        # A resumed fit continues the interrupted one: measure now only where that run was due to and
+        # did not (it raised); not after a fresh start from an unreadable state (last_step -1).
+        resumed = self._due(step) and self._last_step >= 0
+        if resumed if self._resumed else self.at_fit_start and step >= self.warmup_steps:
             self.measure(trainer, pl_module)
 
     # -- when to measure ---------------------------------------------------------------------
@@ -242,10 +278,13 @@ class HessianEigenMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        # Step 0 is the fit-start measurement's (at_fit_start), not the micro-batches' before the first step.
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step >= self.warmup_steps:
+        if self._due(trainer.global_step):
             self.measure(trainer, pl_module)
+
+    def _due(self, step: int) -> bool:
+        # Step 0 is the fit-start measurement's (at_fit_start), not the micro-batches' before the first step.
+        every = self.every_n_steps
+        return bool(every) and step > 0 and step % every == 0 and step >= self.warmup_steps
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -276,32 +315,50 @@ class HessianEigenMonitor(Callback):
                 )
                 log_metrics(trainer, {self.metric("postponed"): 1.0}, step)
             return None
-        self._last_step = step
+        previous, self._last_step = self._last_step, step
         try:
             result = self.compute(pl_module)
-        except (NonFiniteLossError, NonFiniteOperatorError) as err:
-            self._warn_once("nonfinite", f"Hessian measurement skipped at step {step}: {err}")
-            log_metrics(trainer, {self.metric("skipped"): 1.0}, step)
+        except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
+            if self.on_error == "raise":
+                self._last_step = previous  # not measured: a checkpoint written on the way out says so
+            self._skip(trainer, err, "measurement skipped", "skipped")
             return None
         self._measure_seconds += result.seconds
         self.latest = result
-        self._record(trainer, result)
-        self._spectrum_extras(trainer, pl_module)
+        record(self, trainer, result)
+        spectrum_extras(self, trainer, pl_module)
         for listener in self._listeners:
-            listener(trainer, pl_module, result)
+            try:
+                listener(trainer, pl_module, result)
+            except Exception as err:
+                # A listener of a callback with on_error="raise" (it skips its own failures otherwise)
+                # stops training whatever this monitor's policy.
+                owner = getattr(listener, "__self__", None)
+                name = getattr(listener, "__qualname__", type(listener).__name__)
+                self._skip(trainer, err, f"listener {name} failed", "listener_failed", owner)
         return result
+
+    def _skip(self, trainer: Trainer, err: Exception, what: str, flag: str, owner: Any = None) -> None:
+        where = f"Hessian ({self.name})" if self.name else "Hessian"
+        skip_or_raise(
+            err,
+            on_error="raise" if getattr(owner, "on_error", None) == "raise" else self.on_error,
+            warned=self._warned,
+            trainer=trainer,
+            what=f"{where} {what}",
+            metric=self.metric(flag),
+        )
 
     def compute(
         self, pl_module: LightningModule, k: int | None = None, which: str | None = None, **overrides: Any
     ) -> EigenResult:
         """One measurement on the probe set with this monitor's settings (``overrides`` win)."""
         dtype = self.dtype or self._default_dtype(pl_module)
-        warm = self.latest if self.warm_start else None
-        # No vectors (a checkpoint without them), or vectors of another length (other parameters, or
-        # another sharding after a resume): start cold rather than fail.
-        if warm is not None and (
-            warm.eigenvectors.numel() == 0
-            or warm.eigenvectors.shape[0] != ParameterSpace(pl_module, self.params, dtype=dtype).n
+        warm = overrides.pop("warm_start", self.latest if self.warm_start else None)
+        # No vectors (a checkpoint without them), vectors of another length (other parameters, or
+        # another sharding after a resume) or non-finite ones: start cold rather than fail.
+        if warm is not None and not usable_warm_start(
+            warm, ParameterSpace(pl_module, self.params, dtype=dtype).n
         ):
             warm = None
         kwargs: dict[str, Any] = {
@@ -343,77 +400,6 @@ class HessianEigenMonitor(Callback):
         expected = self._measure_seconds + self.latest.seconds
         return expected > self.max_time_fraction * (elapsed + self.latest.seconds)
 
-    def _record(self, trainer: Trainer, result: EigenResult) -> None:
-        top = result.eigenvalues[: self.k]
-        metrics = {self.metric(f"eig_{i + 1}"): float(v) for i, v in enumerate(top)}
-        if self.which == "both":
-            bottom = result.eigenvalues[self.k :].flip(0)
-            metrics.update({self.metric(f"eig_bottom_{i + 1}"): float(v) for i, v in enumerate(bottom)})
-            metrics[self.metric("eig_min")] = float(bottom[0])
-        relative = result.residuals / result.eigenvalues.abs().clamp_min(1e-30)
-        metrics.update(
-            {
-                self.metric("residual_max"): float(relative.max()),
-                self.metric("n_hvp"): float(result.n_hvp),
-                self.metric("seconds"): result.seconds,
-                self.metric("converged"): float(result.all_converged),
-            }
-        )
-        if not result.all_converged:
-            self._warn_once(
-                "converged", f"some eigenpairs did not converge (tol={self.tol}); see hessian/converged"
-            )
-        log_metrics(trainer, metrics, trainer.global_step)
-        self.history.append(
-            {
-                "step": trainer.global_step,
-                "epoch": trainer.current_epoch,
-                "eigenvalues": result.eigenvalues.detach().cpu().tolist(),
-                "residuals": result.residuals.detach().cpu().tolist(),
-                "converged": result.converged.detach().cpu().tolist(),
-                "n_hvp": result.n_hvp,
-                "seconds": result.seconds,
-                "hvp": result.info.get("hvp", ""),
-            }
-        )
-        del self.history[: max(0, len(self.history) - self.max_history)]
-
-    def _spectrum_extras(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Trace and density at their slower cadence (counted in measurements)."""
-        count = len(self.history)
-        common = {
-            "hvp": self.hvp,
-            "seed": self.seed,
-            "params": self.params,
-            "dtype": self.dtype or self._default_dtype(pl_module),
-        }
-        metrics: dict[str, float] = {}
-        if self.trace_every and count % self.trace_every == 1 % self.trace_every:
-            estimate = hessian_trace(pl_module, self.loss_fn, self.probe, n_hvp=self.trace_hvp, **common)
-            self._measure_seconds += estimate.seconds
-            metrics.update(
-                {self.metric("trace"): estimate.trace, self.metric("trace_std"): estimate.std_error}
-            )
-            self.history[-1]["trace"] = estimate.trace
-        if self.density_every and count % self.density_every == 1 % self.density_every:
-            self.density = hessian_density(
-                pl_module, self.loss_fn, self.probe, n_steps=self.density_steps, **common
-            )
-            self._measure_seconds += self.density.seconds
-            self._log_density(trainer)
-        log_metrics(trainer, metrics, trainer.global_step)
-
-    def _log_density(self, trainer: Trainer) -> None:
-        if not wandb_experiments(trainer) or self.density is None:
-            return
-        import wandb
-
-        # The density evaluated at bin centres, as a W&B histogram over the spectral range.
-        edges = self.density.grid(n_points=121)
-        values = self.density.density((edges[1:] + edges[:-1]) / 2)
-        histogram = wandb.Histogram(np_histogram=(values.numpy(), edges.numpy()))
-        wandb_log(trainer, {self.metric("density"): histogram}, trainer.global_step)
-
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
 
@@ -429,18 +415,9 @@ class HessianEigenMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed = True
         try:
-            history = list(state_dict["history"])
-            self.latest = result_from_state(state_dict["latest"])
-            self.history = history
-            self._last_step = int(state_dict["last_step"])
-            self._measure_seconds = float(state_dict.get("measure_seconds", 0.0))
-        except (KeyError, TypeError, ValueError) as err:
-            rank_zero_warn(
-                f"HessianEigenMonitor: the checkpoint's callback state is not one this version wrote ({err!r}); "
-                "starting with an empty history and a cold start",
-                category=RuntimeWarning,
-            )
-            self.latest, self.history, self._last_step = None, [], -1
-        if not math.isfinite(self._measure_seconds):
-            self._measure_seconds = 0.0
+            self.history, self.latest, self._last_step, self._measure_seconds = monitor_from_state(state_dict)
+        except UnreadableState as err:
+            warn_fresh_start(type(self).__name__, err)
+            self.latest, self.history, self._last_step, self._measure_seconds = None, [], -1, 0.0

@@ -24,11 +24,13 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
-from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError
+from ..curvature import HVP_CHOICES, HessianOperator
 from ..curvature.drift import gradient_curvature
 from ..linalg import NonFiniteOperatorError
-from ..logging import log_metrics, metric_name, warn_once
+from ..logging import log_metrics, metric_name
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
+from ._checkpoint import UnreadableState, count, mapping, warn_fresh_start
+from ._faults import OnError, check_on_error, skip_or_raise
 from ._probe import resolve_loss_fn
 from .eos_monitor import EdgeOfStabilityMonitor
 
@@ -54,6 +56,17 @@ class LRAdaptation(Callback):
         loss_fn: ``loss_fn(module, batch) -> scalar Tensor``; by default the module's ``training_step``.
         params: glob patterns of the parameters whose curvature counts (all trainable ones by default).
         seed: seeds the random state of the measurement's forward passes (dropout masks).
+        on_error: ``"skip"``: a ``||Hg||/||g||`` measurement that fails at run time (NaN or infinite loss,
+            a batch the loss cannot run on, a ``training_step`` that returns no loss, any ``Exception``)
+            is logged as ``dal/hg_ratio = NaN`` and ``dal/skipped``, warned once per error type, and
+            the scheduler holds its previous rate; training goes on. ``"raise"``: the exception stops
+            training.
+
+    Checkpoints: the state holds the step of the last measurement (the cadence of a resumed fit). A
+    state this version cannot read gives one ``RuntimeWarning`` and a fresh start (measure at the
+    first step). The schedulers' own states are checked by their ``load_state_dict``, which raises a
+    ``ValueError`` on a state they did not write: they set the learning rate, so a silent reset
+    would change training.
 
     Raises:
         MisconfigurationException: a bad argument; at fit start, no pf-lightning scheduler to serve, a
@@ -74,7 +87,9 @@ class LRAdaptation(Callback):
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         params: str | list[str] | None = None,
         seed: int = 0,
+        on_error: OnError = "skip",
     ) -> None:
+        check_on_error(on_error)
         if scheduler is not None and not callable(scheduler):
             raise MisconfigurationException(
                 "scheduler must be a factory scheduler(optimizer) -> LRScheduler, e.g. "
@@ -92,6 +107,7 @@ class LRAdaptation(Callback):
             )
         self.factory, self.optimizer_index, self.every_n_steps = scheduler, optimizer_index, every_n_steps
         self.hvp, self.user_loss_fn, self.params, self.seed = hvp, loss_fn, params, seed
+        self.on_error = on_error
         self.schedulers: list[DriftAdaptiveLR | SharpnessCappedLR] = []
         self.installed: LRScheduler | None = None
         self.eos: EdgeOfStabilityMonitor | None = None
@@ -235,13 +251,22 @@ class LRAdaptation(Callback):
                 dtype=dtype,
             ) as op:
                 gc = gradient_curvature(op, "operator" if exact else "forward_difference")
-            v = gc.hg_ratio if gc.finite else math.nan
-            metrics = {"hg_ratio": v, "grad_norm": gc.grad_norm, "hg_norm": gc.hg_norm, "seconds": gc.seconds}
-            if not math.isfinite(v):
-                metrics["skipped"] = 1.0
-        except (NonFiniteLossError, NonFiniteOperatorError) as err:
-            warn_once(
-                self._warned, "nonfinite", f"step {trainer.global_step}: ||Hg||/||g|| not measured: {err}"
+            if not (gc.finite and math.isfinite(gc.hg_ratio)):
+                raise NonFiniteOperatorError(f"||g|| = {gc.grad_norm}, ||Hg|| = {gc.hg_norm}")
+            metrics = {
+                "hg_ratio": gc.hg_ratio,
+                "grad_norm": gc.grad_norm,
+                "hg_norm": gc.hg_norm,
+                "seconds": gc.seconds,
+            }
+        except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
+            skip_or_raise(
+                err,
+                on_error=self.on_error,
+                warned=self._warned,
+                trainer=trainer,
+                what="||Hg||/||g|| not measured",
+                metric=None,  # dal/skipped is logged below, with the NaN that makes the scheduler hold
             )
             metrics = {"hg_ratio": math.nan, "skipped": 1.0}
         # The scheduler reads dal/hg_ratio from callback_metrics; NaN makes it hold its previous rate.
@@ -265,4 +290,9 @@ class LRAdaptation(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = state_dict.get("last_measured")
+        try:
+            last = mapping(state_dict, ("last_measured",), type(self).__name__)["last_measured"]
+            self._restored = None if last is None else count(last, "last_measured")
+        except UnreadableState as err:
+            warn_fresh_start(type(self).__name__, err)
+            self._restored = None

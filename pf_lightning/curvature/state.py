@@ -7,8 +7,12 @@ A measurement must not disturb training (DESIGN principle 1). Inside :func:`meas
 - the CPU, CUDA, Python and NumPy random states are restored, so dropout masks drawn for the
   measurement do not shift the training run's random stream;
 - autocast is disabled: second derivatives in float16 overflow to NaN (Lightning issue 12600);
-- ``.grad`` is never written, since every backend uses ``torch.autograd.grad`` (the references held
-  in ``.grad`` are restored anyway, in case a user loss function calls ``backward``).
+- ``.grad`` is never written, since every backend uses ``torch.autograd.grad``; the training run's
+  ``.grad`` tensors are set aside for the duration anyway and put back on exit, so a user loss function
+  that calls ``backward`` writes fresh tensors instead of accumulating into them.
+
+Everything is restored in ``finally`` blocks: a measurement that raises half-way (a NaN, a shape
+error, a ``KeyboardInterrupt``) leaves the model exactly as one that finishes.
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ def cast_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def measurement_context(model: nn.Module) -> Iterator[None]:
-    """Run a measurement on ``model`` and restore its buffers, modes, ``.grad`` and random states."""
+    """Run a measurement on ``model`` and restore its buffers, modes, ``.grad`` and random states
+    (on any exit, an exception included)."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     grads = [(p, p.grad) for p in model.parameters()]
@@ -89,6 +94,8 @@ def measurement_context(model: nn.Module) -> Iterator[None]:
     ]
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     try:
+        for p, _ in grads:
+            p.grad = None
         for m, _ in tracking:
             m.track_running_stats = False
         with rng_state(), torch.autocast(device_type=device_type, enabled=False):
