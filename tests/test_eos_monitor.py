@@ -216,11 +216,20 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("lr", [0.15, 0.2])
 def test_sharpness_rises_to_two_over_lr_and_hovers(tmp_path, lr):
-    """Cohen et al.'s first figure on sklearn digits: full-batch GD, tanh MLP, squared error."""
-    L.seed_everything(0)
-    model = DigitsClassifier(lr=lr, hidden=200, n=1024)
-    monitor = HessianEigenMonitor(k=1, every_n_steps=50)
-    _, _, eos = fit(tmp_path, model, 900, monitor=monitor)
+    """Cohen et al.'s first figure on sklearn digits: full-batch GD, tanh MLP, squared error.
+
+    At the edge the trajectory is chaotic: the floating-point reduction order, which depends on the
+    number of threads, changes which measurements land on an overshoot (lr 0.2: median ratio 1.06 with
+    two threads, 1.10 with one). Two threads, as on CI, make the run reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        L.seed_everything(0)
+        model = DigitsClassifier(lr=lr, hidden=200, n=1024)
+        monitor = HessianEigenMonitor(k=1, every_n_steps=50)
+        _, _, eos = fit(tmp_path, model, 900, monitor=monitor)
+    finally:
+        torch.set_num_threads(threads)
     ratios = [h["eos/ratio"] for h in eos.history]
     assert ratios[0] < 0.75  # starts well below the edge
     assert eos.first_edge_step is not None
