@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .. import stability
-from ..curvature import NonFiniteLossError, PreconditionerUnavailable
+from ..curvature import MeasurementAborted, NonFiniteLossError, PreconditionerUnavailable
 from ..curvature.drift import gradient_curvature
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, wandb_experiments, wandb_log, warn_once
@@ -221,7 +221,7 @@ class EdgeOfStabilityMonitor(Callback):
         except PreconditionerUnavailable as err:  # before the first step: no second moments yet
             self._warn_once("precond", f"preconditioned sharpness not measured yet: {err}")
             return None
-        except (NonFiniteLossError, NonFiniteOperatorError) as err:
+        except (NonFiniteLossError, NonFiniteOperatorError, MeasurementAborted) as err:
             self._warn_once("nonfinite", f"preconditioned sharpness skipped: {err}")
             log_metrics(trainer, {"eos/skipped": 1.0}, trainer.global_step)
             return None
@@ -309,7 +309,7 @@ class EdgeOfStabilityMonitor(Callback):
         try:
             with monitor.operator(pl_module, [batch]) as op:
                 gc = gradient_curvature(op)
-        except (NonFiniteLossError, NonFiniteOperatorError) as err:
+        except (NonFiniteLossError, NonFiniteOperatorError, MeasurementAborted) as err:
             self._warn_once("proxy", f"proxies skipped: {err}")
             return
         metrics = {

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError, ParameterSpace, measurement_context
-from ..curvature.distributed import any_rank
+from ..curvature.distributed import MeasurementAborted, any_rank
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..linalg.density import SpectralDensity
 from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log, warn_once
@@ -279,7 +279,7 @@ class HessianEigenMonitor(Callback):
         self._last_step = step
         try:
             result = self.compute(pl_module)
-        except (NonFiniteLossError, NonFiniteOperatorError) as err:
+        except (NonFiniteLossError, NonFiniteOperatorError, MeasurementAborted) as err:
             self._warn_once("nonfinite", f"Hessian measurement skipped at step {step}: {err}")
             log_metrics(trainer, {self.metric("skipped"): 1.0}, step)
             return None

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
-from ..curvature import HVP_CHOICES, HessianOperator, NonFiniteLossError
+from ..curvature import HVP_CHOICES, HessianOperator, MeasurementAborted, NonFiniteLossError
 from ..curvature.drift import gradient_curvature
 from ..linalg import NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, warn_once
@@ -239,7 +239,7 @@ class LRAdaptation(Callback):
             metrics = {"hg_ratio": v, "grad_norm": gc.grad_norm, "hg_norm": gc.hg_norm, "seconds": gc.seconds}
             if not math.isfinite(v):
                 metrics["skipped"] = 1.0
-        except (NonFiniteLossError, NonFiniteOperatorError) as err:
+        except (NonFiniteLossError, NonFiniteOperatorError, MeasurementAborted) as err:
             warn_once(
                 self._warned, "nonfinite", f"step {trainer.global_step}: ||Hg||/||g|| not measured: {err}"
             )
