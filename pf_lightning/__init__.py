@@ -2,6 +2,7 @@
 
 from .callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor, LRAdaptation
 from .curvature import HessianOperator, NonFiniteLossError, ParameterSpace, PreconditionedOperator
+from .curvature.distributed import CollectiveFailure, MeasurementAborted
 from .curvature.drift import GradientCurvature, gradient_curvature
 from .curvature.groups import parameter_groups
 from .linalg import EigenResult, NonConvergenceWarning, NonFiniteOperatorError
@@ -12,6 +13,7 @@ from .schedulers import DriftAdaptiveLR, SharpnessCappedLR
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CollectiveFailure",
     "DriftAdaptiveLR",
     "EdgeOfStabilityMonitor",
     "EigenResult",
@@ -19,6 +21,7 @@ __all__ = [
     "HessianEigenMonitor",
     "HessianOperator",
     "LRAdaptation",
+    "MeasurementAborted",
     "NonConvergenceWarning",
     "NonFiniteLossError",
     "NonFiniteOperatorError",

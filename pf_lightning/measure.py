@@ -13,7 +13,6 @@ from .linalg import EigenResult, lanczos, lobpcg
 from .linalg._common import WHICH
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
-from .probe import ProbeSet
 
 __all__ = ["METHODS", "hessian_density", "hessian_eigenpairs", "hessian_trace", "loss_of", "output_loss"]
 
@@ -163,11 +162,22 @@ def hessian_eigenpairs(
     if max_hvp is not None and (isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 1):
         raise ValueError(f"max_hvp must be a positive int or None, got {max_hvp!r}")
     model = _unwrap(model)
-    probe = batches if weights is None else ProbeSet(batches, weights=weights)
-    with HessianOperator(
-        model, loss_fn, probe, params=params, hvp=hvp, seed=seed, cache_graphs=cache_graphs, dtype=dtype
-    ) as hessian:
-        op = hessian
+    hessian = HessianOperator(
+        model,
+        loss_fn,
+        batches,
+        params=params,
+        hvp=hvp,
+        seed=seed,
+        cache_graphs=cache_graphs,
+        dtype=dtype,
+        weights=weights,
+    )
+    op: HessianOperator | PreconditionedOperator = hessian
+    X0 = None
+    # This rank's own inputs (its slice of the preconditioner, its warm start; its probe shard in the
+    # operator) are checked before the first collective, which reports a failure here to every rank.
+    with hessian.local_step():
         if preconditioner is not None:
             diagonal = (
                 adam_preconditioner(preconditioner, hessian.space)
@@ -176,6 +186,7 @@ def hessian_eigenpairs(
             )
             op = PreconditionedOperator(hessian, diagonal)
         X0 = _warm_vectors(warm_start, op.n)
+    with hessian:
         common = {
             "which": which,
             "tol": tol,

@@ -254,6 +254,8 @@ def test_finite_difference_step_does_not_grow_with_the_parameter_norm():
         opt.step()
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert theta.norm() > 15 and theta.pow(2).mean().sqrt() < 0.1
-    exact = hessian_eigenpairs(copy.deepcopy(model).double(), loss_fn, [(x.double(), y)], k=3, tol=1e-10, max_hvp=600)
+    exact = hessian_eigenpairs(
+        copy.deepcopy(model).double(), loss_fn, [(x.double(), y)], k=3, tol=1e-10, max_hvp=600
+    )
     fd = hessian_eigenpairs(model, loss_fn, [(x, y)], k=3, tol=1e-5, hvp="finite_difference", max_hvp=600)
     torch.testing.assert_close(fd.eigenvalues.double(), exact.eigenvalues, rtol=1e-3, atol=0)

@@ -5,7 +5,10 @@ model cannot consume, a loss function that returns no loss, a kernel without a s
 failure on another rank) is skipped: the measurement's context managers have already put the model
 back as it was on the way out, the skip is flagged in the logs at that step (``hessian/skipped``,
 ``eos/skipped``, ``dal/skipped``: every attached logger and ``trainer.callback_metrics``), one warning
-per kind of error (its type) names it, and training goes on. A ``BaseException`` that is not an
+per kind of error (its type) names it, and training goes on. Under DDP a failure on one rank reaches
+every rank as :class:`~pf_lightning.curvature.MeasurementAborted` at the same collective, so all ranks
+skip together. A :class:`~pf_lightning.curvature.CollectiveFailure` (a peer that hung past the process
+group's timeout or died) always propagates: the process group is unusable after it. A ``BaseException`` that is not an
 ``Exception`` (``KeyboardInterrupt``, ``SystemExit``) always propagates. ``on_error="raise"`` re-raises
 the original exception instead, for tests and for users who prefer a crash to a gap in the curves.
 """
@@ -16,6 +19,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from ..curvature.distributed import CollectiveFailure
 from ..logging import log_metrics, warn_once
 
 __all__ = ["ON_ERROR", "OnError", "check_on_error", "skip_or_raise"]
@@ -47,7 +51,9 @@ def skip_or_raise(
     Call it from the ``except Exception`` block around a measurement; ``what`` says what was not
     measured ("Hessian measurement skipped"), ``metric`` is the flag logged as 1.0 at the step.
     """
-    if on_error == "raise":
+    if on_error == "raise" or isinstance(err, CollectiveFailure):
+        # A collective that failed (a peer hung past the timeout, or died) leaves the process group
+        # unusable: skipping would leave this rank training while the others cannot. Fail the fit.
         raise err
     step = trainer.global_step
     later = f"; later failures of this kind are flagged as {metric}, not warned" if metric else ""

@@ -1,6 +1,7 @@
 """Curvature operators of a model's loss: HVP backends, the Hessian over a probe set, the
 preconditioned view, and the state guard around every measurement. Knows nothing of Lightning."""
 
+from .distributed import CollectiveFailure, MeasurementAborted
 from .groups import parameter_groups
 from .hvp import BACKENDS, DoubleBackwardHVP, FiniteDifferenceHVP, ForwardOverReverseHVP
 from .operator import (
@@ -17,11 +18,13 @@ from .state import measurement_context
 __all__ = [
     "BACKENDS",
     "HVP_CHOICES",
+    "CollectiveFailure",
     "DoubleBackwardHVP",
     "FiniteDifferenceFallbackWarning",
     "FiniteDifferenceHVP",
     "ForwardOverReverseHVP",
     "HessianOperator",
+    "MeasurementAborted",
     "NonFiniteLossError",
     "ParameterSpace",
     "PreconditionedOperator",

@@ -13,6 +13,8 @@ Use it as a context manager: entering it puts the model in the measurement state
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +26,16 @@ from torch import Tensor, nn
 from ..linalg import NonFiniteOperatorError
 from ..linalg.operator import LinearOperator
 from ..probe import ProbeSet, map_tensors
-from .distributed import all_reduce_sum, any_rank, data_parallel_size, is_distributed, world_size
+from .distributed import (
+    CollectiveFailure,
+    LocalFailure,
+    any_rank,
+    data_parallel_size,
+    is_agreed,
+    is_distributed,
+    reduce_agreed,
+    world_size,
+)
 from .hvp import BACKENDS, DoubleBackwardHVP, FiniteDifferenceHVP, ForwardOverReverseHVP, HVPBackend
 from .params import ParameterSpace
 from .state import cast_model, measurement_context, rng_state, seeded
@@ -55,7 +66,9 @@ class HessianOperator(LinearOperator):
     all-reduce per application, with FSDP2-sharded parameters through FSDP's own gradient
     reduce-scatter, by finite differences, on vectors that hold this rank's slices
     (:mod:`pf_lightning.curvature.distributed`). A non-finite loss or product on any rank raises on
-    every rank, after a collective that all of them take.
+    every rank, after a collective that all of them take; so does an exception of one rank's loss,
+    gradient or product (:class:`~pf_lightning.curvature.distributed.MeasurementAborted` on every rank
+    unless all raised alike), and of building this rank's probe shard (raised on entering).
 
     Args:
         model: the module (unwrapped: never a DDP wrapper, which does not support ``autograd.grad``).
@@ -75,6 +88,7 @@ class HessianOperator(LinearOperator):
             bfloat16 but the vectors the solvers see are float32: a Krylov basis orthogonalized with
             bfloat16's 8-bit mantissa breaks down after a few steps and reports wrong eigenvalues as
             converged. Accuracy in bfloat16: a few percent on the top eigenvalue (README, "Memory").
+        weights: sample count of each probe batch (counted from the leading dimension otherwise).
 
     Raises:
         ValueError: unknown backend, empty probe set, parameters that cannot be measured, an exact
@@ -92,6 +106,7 @@ class HessianOperator(LinearOperator):
         seed: int = 0,
         cache_graphs: bool = True,
         dtype: torch.dtype | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         if hvp not in HVP_CHOICES:
             raise ValueError(f"hvp must be one of {HVP_CHOICES}, got {hvp!r}")
@@ -107,16 +122,22 @@ class HessianOperator(LinearOperator):
         vector_dtype = torch.float32 if self.space.dtype.itemsize < 4 else self.space.dtype
         super().__init__(self.space.n, vector_dtype, self.space.device)
         self.model, self.loss_fn, self.seed = model, loss_fn, int(seed)
-        self.probe = probe if isinstance(probe, ProbeSet) else ProbeSet(probe)
         self.cast = dtype
-        if dtype is not None:
-            cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
-            self.probe = ProbeSet([map_tensors(b, cast) for b in self.probe.batches], self.probe.weights)
+        # Distributed: a failure on this rank's shard is held and reported to every rank on entering.
+        self._failure = LocalFailure()
+        self.probe: ProbeSet | None = None
+        with self._failure:
+            shard = probe if isinstance(probe, ProbeSet) and weights is None else ProbeSet(probe, weights)
+            if dtype is not None:
+                cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+                shard = ProbeSet([map_tensors(b, cast) for b in shard.batches], shard.weights)
+            self.probe = shard
         self.requested, self.cache_graphs = hvp, cache_graphs
         self.backend: HVPBackend | None = None
         self._stack: Any = None
-        self._total_weight = self.probe.total_weight
-        self._n_batches = len(self.probe)  # sharded: batches every rank runs (the most any rank holds)
+        self._total_weight = math.nan if self.probe is None else self.probe.total_weight
+        # sharded: batches every rank runs (the most any rank holds)
+        self._n_batches = 0 if self.probe is None else len(self.probe)
         self._local_error: NonFiniteLossError | None = None
 
     @property
@@ -126,14 +147,21 @@ class HessianOperator(LinearOperator):
     # -- the measurement state ---------------------------------------------------------------
     def __enter__(self) -> HessianOperator:
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(measurement_context(self.model))
-        self._stack.enter_context(cast_model(self.model, self.cast))
-        if is_distributed():
-            # One collective: the total sample weight, and every rank's batch count (slot = rank).
-            counts = torch.zeros(1 + world_size(), dtype=torch.float64, device=self.device)
-            counts[0], counts[1 + dist.get_rank()] = self.probe.total_weight, len(self.probe)
-            all_reduce_sum(counts)
-            self._total_weight, self._n_batches = float(counts[0]), int(counts[1:].max())
+        try:
+            with self._failure:
+                self._stack.enter_context(measurement_context(self.model))
+                self._stack.enter_context(cast_model(self.model, self.cast))
+            if is_distributed():
+                # One collective: the total sample weight, and every rank's batch count (slot = rank); it
+                # also reports a failure held so far (this rank's probe shard, its preconditioner).
+                counts = torch.zeros(1 + world_size(), dtype=torch.float64, device=self.device)
+                if self.probe is not None:
+                    counts[0], counts[1 + dist.get_rank()] = self.probe.total_weight, len(self.probe)
+                self._reduce(counts)
+                self._total_weight, self._n_batches = float(counts[0]), int(counts[1:].max())
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -143,6 +171,33 @@ class HessianOperator(LinearOperator):
         if self._stack is not None:
             self._stack.close()
             self._stack = None
+        held = self._failure.take()
+        if held is not None and exc[:1] in ((), (None,)):
+            raise held  # held after the operator's last collective: nothing can report it any more
+
+    def local_step(self) -> LocalFailure:
+        """A context for local work of the measurement between two of this operator's collectives.
+
+        Under ``torch.distributed`` an exception in the block is held on this rank, which goes on to the
+        operator's next collective (entering it, a product, a gradient, a sharded inner product); that
+        collective reports it and every rank raises together. Without a process group it does nothing.
+        The code after the block must reach that collective without the block's results.
+
+        Example::
+
+            hessian = HessianOperator(model, loss_fn, shard)
+            with hessian.local_step():  # e.g. this rank's slice of a preconditioner
+                op = PreconditionedOperator(hessian, diagonal)
+            with hessian:  # raises on every rank if the block failed on one
+                ...
+        """
+        return self._failure
+
+    def _reduce(self, buffer: Tensor, error: BaseException | None = None) -> bool:
+        """The operator's own all-reduce of ``buffer``, reporting what this rank holds (see
+        :func:`~pf_lightning.curvature.distributed.reduce_agreed`); whether the sum is finite."""
+        held = self._failure.take()
+        return reduce_agreed(buffer, error if error is not None else held, NonFiniteLossError)
 
     # -- loss and backends -------------------------------------------------------------------
     def _loss(self, index: int) -> Tensor:
@@ -173,7 +228,7 @@ class HessianOperator(LinearOperator):
 
         Every rank runs the same number of passes (each one holds collectives); a rank with fewer batches
         runs its first batch at weight zero. A non-finite loss is recorded, not raised: the backward must
-        still take part in the collectives, and :meth:`_agree` raises on every rank afterwards.
+        still take part in the collectives, and :meth:`_accumulate` raises on every rank afterwards.
         """
         own = index < len(self.probe)
         loss = self._loss(index if own else 0)
@@ -192,22 +247,25 @@ class HessianOperator(LinearOperator):
         if name == "finite_difference":
             return FiniteDifferenceHVP(self.space, self.loss_at)
         # auto: try the exact backend on the first batch; the graph it builds stays cached. Every rank
-        # must choose the same backend, so the outcome is agreed (one small collective) before use.
-        backend = DoubleBackwardHVP(self.space, self.loss_at, cache_graphs=self.cache_graphs)
+        # must choose the same backend, so the outcome is agreed (one small collective) before use. An
+        # error of the loss itself (not of its double backward) is a failure of the measurement.
+        backend = DoubleBackwardHVP(self.space, _TrialLoss(self.loss_at), cache_graphs=self.cache_graphs)
         failure: BaseException | None = None
-        nonfinite: NonFiniteLossError | None = None
+        with self._failure:
+            try:
+                trial = backend.apply(0, torch.ones(self.n, 1, dtype=self.space.dtype, device=self.device))
+                if not bool(torch.isfinite(trial).all()):
+                    raise RuntimeError("double backward gave a non-finite product")
+            except _LossFailed as err:
+                raise err.error from None
+            except (RuntimeError, NotImplementedError) as err:
+                failure = err
+        backend.loss_at = self.loss_at
         try:
-            trial = backend.apply(0, torch.ones(self.n, 1, dtype=self.space.dtype, device=self.device))
-            if not bool(torch.isfinite(trial).all()):
-                raise RuntimeError("double backward gave a non-finite product")
-        except NonFiniteLossError as err:
-            nonfinite = err
-        except (RuntimeError, NotImplementedError) as err:
-            failure = err
-        failed, nonfinite_anywhere = any_rank([failure is not None, nonfinite is not None], self.device)
-        if nonfinite_anywhere:
+            (failed,) = any_rank([failure is not None], self.device, self._failure.take(), NonFiniteLossError)
+        except BaseException:
             backend.release()
-            raise nonfinite or NonFiniteLossError("the loss of a probe batch is not finite on another rank")
+            raise
         if not failed:
             return backend
         backend.release()
@@ -227,18 +285,28 @@ class HessianOperator(LinearOperator):
 
     # -- the distributed contract of LinearOperator ------------------------------------------
     def inner(self, X: Tensor, Y: Tensor) -> Tensor:
-        gram = super().inner(X, Y)
         if not self.space.sharded:
-            return gram
+            return super().inner(X, Y)
         # A basis kept in host memory gives a host Gram matrix: reduce it on the operator's device
         # (NCCL reduces device tensors only), then hand it back where the solver keeps its vectors.
-        return all_reduce_sum(gram.to(self.device)).to(gram.device)
+        shape = (X.shape[-1], Y.shape[-1]) if X.ndim == 2 else ()
+        gram = self._local_sum(lambda: super(HessianOperator, self).inner(X, Y), shape, X)
+        return gram.to(X.device)
 
     def local_rows(self, X: Tensor) -> Tensor:
         return self.space.local_rows(X)
 
     def _column_norms(self, X: Tensor) -> Tensor:
-        return all_reduce_sum(X.square().sum(dim=0)).sqrt()
+        return self._local_sum(lambda: X.square().sum(dim=0), (X.shape[1],), X).sqrt()
+
+    def _local_sum(self, local: Callable[[], Tensor], shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """The sum over ranks of ``local()``; a rank whose ``local()`` raises reports it instead."""
+        with self._failure:
+            part = local().to(self.device)
+        if self._failure.error is not None:
+            part = torch.full(shape, math.nan, dtype=like.dtype, device=self.device)
+        self._reduce(part)
+        return part
 
     # -- the operator ------------------------------------------------------------------------
     def _require_context(self) -> None:
@@ -248,43 +316,53 @@ class HessianOperator(LinearOperator):
     def _accumulate(self, term: Callable[[int], Tensor], out: Tensor) -> Tensor:
         """``out`` = the operator's weighted sum of ``term(batch)`` over all ranks' batches.
 
-        Replicated: local weighted sum, then the one flat all-reduce (a non-finite local loss turns the
-        local sum into NaN, which the reduction carries to every rank). Sharded: the terms are already
-        scaled and reduced by FSDP. Either way every rank raises together, or none does.
+        Replicated: local weighted sum, then the one flat all-reduce. A term that raises on this rank (a
+        non-finite loss, the loss function, the backward, out of memory) ends the local sum: the rank
+        still takes the all-reduce, with NaN, and every rank raises together after it (see
+        :func:`~pf_lightning.curvature.distributed.reduce_agreed`). Sharded: the terms are already
+        scaled and reduced by FSDP, and a non-finite loss is agreed on through one small flag; an
+        exception inside a pass cannot be matched (FSDP's own collectives) and raises
+        :class:`~pf_lightning.curvature.distributed.CollectiveFailure`.
         """
         self._local_error = None
         if self.space.sharded:
-            for index in range(self._n_batches):
-                out.add_(term(index))
+            try:
+                for index in range(self._n_batches):
+                    out.add_(term(index))
+            except Exception as err:
+                if not is_distributed() or is_agreed(err):
+                    raise
+                raise CollectiveFailure(
+                    f"rank {dist.get_rank()} raised {type(err).__qualname__} inside a sharded (FSDP2) forward or "
+                    "backward pass, whose own collectives the other ranks wait in: they cannot be told, and fail "
+                    f"at the process group's timeout or when this process exits ({err})"
+                ) from err
+            # Local slices may differ in finiteness: agree through one small flag, which also reports a
+            # non-finite loss recorded on this rank.
+            (bad,) = any_rank(
+                [not bool(torch.isfinite(out).all())],
+                self.device,
+                self._local_error or self._failure.take(),
+                NonFiniteLossError,
+            )
+            finite = not bad
         else:
-            for index, weight in enumerate(self.probe.weights):
+            failure: Exception | None = None
+            for index, weight in enumerate(self.probe.weights if self.probe is not None else ()):
                 try:
                     out.add_(term(index), alpha=weight)
-                except NonFiniteLossError as err:
-                    if not is_distributed():
+                except Exception as err:  # held for the collective below, which every rank takes
+                    if not is_distributed() or is_agreed(err):
                         raise
-                    self._local_error = err
-                    out.fill_(float("nan"))
+                    failure = err
                     break
-            all_reduce_sum(out).div_(self._total_weight)  # one flat collective per application
-        self._agree(out)
-        return out
-
-    def _agree(self, out: Tensor) -> None:
-        if not is_distributed():
-            return
-        finite, lost = bool(torch.isfinite(out).all()), self._local_error is not None
-        if self.space.sharded:  # local slices may differ in finiteness: agree through one small flag
-            bad_out, lost_anywhere = any_rank([not finite, lost], self.device)
-            finite = not bad_out
-            if lost_anywhere and not lost:
-                raise NonFiniteLossError("the loss of a probe batch is not finite on another rank")
-        if self._local_error is not None:
-            raise self._local_error
-        if not finite:
+            finite = self._reduce(out, failure) if is_distributed() else True  # one flat collective
+            out.div_(self._total_weight)
+        if not finite and is_distributed():  # one process: the solver's own check decides
             raise NonFiniteOperatorError(
                 "a Hessian-vector product is not finite on some rank: check the probe data and the parameters"
             )
+        return out
 
     def _matmat(self, X: Tensor) -> Tensor:
         self._require_context()
@@ -312,6 +390,27 @@ class HessianOperator(LinearOperator):
                 ).to(self.dtype)
 
         return self._accumulate(term, torch.zeros(self.n, dtype=self.dtype, device=self.device))
+
+
+class _LossFailed(Exception):
+    """The loss itself raised while ``hvp="auto"`` tried double backward (not the double backward)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _TrialLoss:
+    """``loss_at`` for the double-backward trial, telling the loss's own errors apart."""
+
+    def __init__(self, loss_at: Callable[[int], Tensor]) -> None:
+        self.loss_at = loss_at
+
+    def __call__(self, index: int) -> Tensor:
+        try:
+            return self.loss_at(index)
+        except Exception as err:
+            raise _LossFailed(err) from err
 
 
 class PreconditionedOperator(LinearOperator):

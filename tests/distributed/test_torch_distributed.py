@@ -53,11 +53,12 @@ def test_ddp_matches_one_process_on_the_union_with_one_collective_per_product(ra
     assert r0["unchanged"] and r1["unchanged"]
 
     # One flat all-reduce of n * b entries per application, plus two tiny ones per measurement
-    # (total sample weight and batch counts on entry; the 'auto' backend agreement).
+    # (total sample weight and batch counts on entry; the 'auto' backend agreement, one flag: a rank's
+    # failure travels as NaN in the same buffer). Failures cost one more collective, on their path only.
     for key in ("lanczos64", "lanczos32"):
         big, small = big_and_small(r0[key]["calls"], n)
         assert big == [n] * r0[key]["n_hvp"], key
-        assert small == [3, 2], key
+        assert small == [3, 1], key
     big, small = big_and_small(r0["lobpcg64"]["calls"], n)
     assert sum(big) == n * r0["lobpcg64"]["n_hvp"] and all(b % n == 0 for b in big)
     assert len(big) < r0["lobpcg64"]["n_hvp"]  # one collective per block, not per vector
@@ -72,8 +73,8 @@ def test_ddp_matches_one_process_on_the_union_with_one_collective_per_product(ra
     assert abs(r0["trace"] - single.trace) <= 1e-10 * abs(single.trace)
     assert r0["trace"] == r1["trace"]
 
-    # A NaN on rank 1 only: both ranks raise (no hang), and the next measurement still agrees.
-    assert r1["nan"] == "NonFiniteLossError" and r0["nan"] in ("NonFiniteLossError", "NonFiniteOperatorError")
+    # A NaN on rank 1 only: both ranks raise the same error (no hang), and the next measurement agrees.
+    assert r1["nan"] == "NonFiniteLossError" and r0["nan"] == "NonFiniteLossError"
     assert torch.equal(r0["after_nan"], r1["after_nan"])
     assert relative_error(r0["after_nan"], evals[:1]) < 1e-8
 
