@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .. import stability
+from .._validation import Checks
 from ..curvature import NonFiniteLossError, PreconditionerUnavailable
 from ..curvature.drift import gradient_curvature
 from ..linalg import EigenResult, NonFiniteOperatorError
@@ -28,6 +29,7 @@ from ..logging import log_metrics, wandb_experiments, wandb_log, warn_once
 from .hessian_monitor import HessianEigenMonitor
 
 WarningAction = Callable[[Trainer, LightningModule, dict[str, float]], None]
+check = Checks(MisconfigurationException)
 
 
 class EdgeOfStabilityMonitor(Callback):
@@ -67,35 +69,19 @@ class EdgeOfStabilityMonitor(Callback):
         chart_every: int = 10,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("optimizer_index", optimizer_index),
-            ("proxy_every_n_steps", proxy_every_n_steps),
-        ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (0 if name == "optimizer_index" else 1)
-            ):
-                raise MisconfigurationException(
-                    f"`{name}` must be a {'non-negative' if name == 'optimizer_index' else 'positive'} int, got {value!r}"
-                )
-        for name, value in (
-            ("loss_window", loss_window),
-            ("slope_window", slope_window),
-            ("chart_every", chart_every),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2 - (name == "chart_every"):
-                raise MisconfigurationException(
-                    f"`{name}` must be an int >= {2 - (name == 'chart_every')}, got {value!r}"
-                )
-        if threshold is not None and not threshold > 0:
-            raise MisconfigurationException(f"`threshold` must be positive, got {threshold!r}")
-        if not warn_ratio > 0:
-            raise MisconfigurationException(f"`warn_ratio` must be positive, got {warn_ratio!r}")
-        if on_warning is not None and not callable(on_warning):
-            raise MisconfigurationException(
-                "`on_warning` must be callable as on_warning(trainer, pl_module, metrics)"
-            )
+        if monitor is not None:
+            check.instance("monitor", monitor, HessianEigenMonitor, "None or a HessianEigenMonitor")
+        check.integer("optimizer_index", optimizer_index, 0)
+        check.integer("proxy_every_n_steps", proxy_every_n_steps, 1)
+        check.integer("loss_window", loss_window, 2)
+        check.integer("slope_window", slope_window, 2)
+        check.integer("chart_every", chart_every, 1)
+        check.number(
+            "threshold", threshold, above=0, allow_none=True, hint="a sharpness level such as 2 / lr"
+        )
+        check.number("warn_ratio", warn_ratio, above=0, hint="1.0 warns at the edge of stability")
+        check.function("on_warning", on_warning, "on_warning(trainer, pl_module, metrics)", 3)
+        check.flag("proxies", proxies)
         self.monitor = monitor
         self.optimizer_index, self.fixed_threshold, self.warn_ratio = (
             optimizer_index,
@@ -142,13 +128,26 @@ class EdgeOfStabilityMonitor(Callback):
         self.monitor.add_listener(self._on_measurement)
 
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._last_loss_step, self._pending_losses = trainer.global_step, []
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The optimizers exist from here on; the monitor's fit-start measurement (its on_train_start,
+        # which may run before this callback's) already reads them.
         optimizers = trainer.optimizers
         if self.optimizer_index >= len(optimizers):
             raise MisconfigurationException(
                 f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
             )
+        if self.fixed_threshold is None:
+            try:
+                stability.optimizer_threshold(optimizers[self.optimizer_index])
+            except stability.UnsupportedOptimizer as err:
+                raise MisconfigurationException(
+                    f"`threshold` must be given for this optimizer: {err}"
+                ) from err
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_loss_step, self._pending_losses = trainer.global_step, []
+        optimizers = trainer.optimizers
         if len(optimizers) > 1:
             rank_zero_info(
                 f"EdgeOfStabilityMonitor: {len(optimizers)} optimizers; thresholds are those of optimizer "
