@@ -51,6 +51,10 @@ class EdgeOfStabilityMonitor(Callback):
         chart_every: with W&B, log the chart of top-k eigenvalues against the threshold every this
             many measurements (and at the end of fit).
 
+    Attributes:
+        history: the logged metrics of each measurement, oldest first; like the monitor's ``history``
+            it keeps the last ``monitor.max_history`` of them (so does the W&B chart).
+
     Raises:
         MisconfigurationException: no :class:`HessianEigenMonitor`, or a bad argument.
     """
@@ -92,6 +96,7 @@ class EdgeOfStabilityMonitor(Callback):
         self.slope_window, self.chart_every = slope_window, chart_every
         self.losses: collections.deque[float] = collections.deque(maxlen=loss_window)
         self.history: list[dict[str, Any]] = []
+        self._measured = 0  # measurements seen in this process (the chart's cadence)
         self.first_edge_step: int | None = None
         self.negative_curvature = 0.0
         self._above = False
@@ -207,7 +212,10 @@ class EdgeOfStabilityMonitor(Callback):
         self._above = ratio >= self.warn_ratio
         log_metrics(trainer, metrics, step)
         self.history.append({"step": step, "eigenvalues": top.tolist(), **metrics})
-        if len(self.history) % self.chart_every == 0:
+        # Capped like the monitor's own history: a long run must not grow with its measurements.
+        del self.history[: max(0, len(self.history) - monitor.max_history)]
+        self._measured += 1
+        if self._measured % self.chart_every == 0:
             self._chart(trainer, step)
 
     def _preconditioned_sharpness(
