@@ -31,7 +31,10 @@ derives per-batch seeds from it, which stay within ``torch.manual_seed``'s 64-bi
 
 def show(value: Any) -> str:
     """``value``'s repr (shortened) and its type, for "got ..." in a message."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not hide the configuration error
+        text = object.__repr__(value)
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{text} ({type(value).__name__})"
