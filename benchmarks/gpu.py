@@ -449,6 +449,125 @@ def nccl_two_ranks_one_gpu() -> list[str]:
         ]
 
 
+def _fmt(x: float) -> str:
+    return f"{x:.1e}" if x < 1e-2 else f"{100 * x:.1f}%"
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown section of BENCHMARKS.md from the JSON of one run."""
+    env = results["env"]
+    out = [
+        f"## On a GPU: {env.get('gpu', env['device'])}",
+        "",
+        f"Run: `{results.get('command', 'python benchmarks/gpu.py')}` on {results.get('date', '?')}; torch "
+        f"{env['torch']} (CUDA {env.get('cuda')}), lightning {env['lightning']}; one GPU, so DDP and FSDP2 ran "
+        "as one rank each (NCCL refuses two ranks on one GPU: last table). CI has no GPU: these checks run "
+        "only here.",
+    ]
+    if isinstance(results.get("accuracy"), list):
+        out += [
+            "",
+            "**Accuracy on the GPU**: top-5 eigenvalues in float32 on the GPU (tol 1e-4) against a float64 "
+            "Lanczos on the CPU (tol 1e-10), benchmark models of the CPU tables.",
+            "",
+            "| model | params | backend | HVPs | seconds | max rel. error, top 5 |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {r['model']} | {r['n_params'] / 1e3:.0f}k | {r['hvp']} | {r['n_hvp']} | {r['seconds']:.2f} | "
+            f"{_fmt(r['max_rel_err_top5'])} |"
+            for r in results["accuracy"]
+        ]
+    if isinstance(results.get("large"), list):
+        out += [
+            "",
+            "**A 19M-parameter transformer** (d_model 512, 6 layers, 64 sequences of 128 tokens): top-5 on "
+            "the GPU against float64 double backward on the GPU (tol 1e-8), cold start; peak memory is "
+            "`torch.cuda.max_memory_allocated` during the measurement.",
+            "",
+            "| passes | HVPs | seconds | max rel. error, top 5 | peak GiB |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["large"]:
+            err = _fmt(r["max_rel_err_top5"]) if "max_rel_err_top5" in r else "reference"
+            peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "–"
+            out.append(f"| {r['case']} | {r['n_hvp']} | {r['seconds']:.1f} | {err} | {peak} |")
+    if isinstance(results.get("attention"), list):
+        out += [
+            "",
+            "**Attention kernels** (TinyTransformerLM, d_model 256, 2 layers, 16 sequences of 256 tokens): "
+            '`hvp="auto"` against float64 double backward. Unpinned SDPA is scoped to the math kernel for '
+            "double backward; a model that pins a fused kernel, which has no double backward, falls back to "
+            "finite differences.",
+            "",
+            "| model | backend chosen | HVPs | seconds | rel. error, top 2 | warnings |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results["attention"]:
+            if "error" in r:
+                out.append(f"| {r['case']} | fails: {r['error']} | | | | |")
+            else:
+                warned = ", ".join(r["warnings"]) or "–"
+                out.append(
+                    f"| {r['case']} | {r['hvp']} | {r['n_hvp']} | {r['seconds']:.2f} | {_fmt(r['rel_err'])} | {warned} |"
+                )
+    if isinstance(results.get("lightning"), list):
+        out += [
+            "",
+            "**The callbacks under Lightning on the GPU**: the digits MLP (64-200-200-10, squared error, full "
+            "batch, SGD lr 0.1 unless noted), 40 steps, `HessianEigenMonitor(k=3, every_n_steps=20)` on one "
+            "fixed 512-sample probe and `EdgeOfStabilityMonitor`. 'everything' adds `which=\"both\"`, trace, "
+            "density, proxies and DAL. Relative differences of the logged top-3 eigenvalues at steps 0, 20 "
+            "and 40, where the training is the same as the single-device run's.",
+            "",
+            "| run | backend | λ_max at steps 0/20/40 | vs GPU single device | vs CPU at step 0 | metrics logged | s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in results["lightning"]:
+            if "error" in r:
+                out.append(f"| {r['run']} | fails: {r['error']} | | | | | |")
+                continue
+            eig = " / ".join(f"{x:.4f}" for x in r["eig_1"])
+            same = _fmt(r["rel_vs_single_device"]) if "rel_vs_single_device" in r else "(other training)"
+            out.append(
+                f"| {r['run']} | {r['hvp']} | {eig} | {same} | {_fmt(r['rel_vs_cpu_at_fit_start'])} | "
+                f"{r['n_metrics']} | {r['seconds']:.1f} |"
+            )
+    if isinstance(results.get("bitwise"), dict):
+        b = results["bitwise"]
+        held = lambda d: ", ".join(f"{k} {'identical' if v else 'DIFFERENT'}" for k, v in d.items())  # noqa: E731
+        out += [
+            "",
+            "**Bit-identical training on CUDA** (dropout, BatchNorm, SGD momentum, 30 steps, "
+            f'`deterministic=True`; {b["measurements"]} measurements with `which="both"`, trace, density '
+            "and proxies): two runs without callbacks: "
+            f"{held(b['control'])}; with against without: {held(b['with_callbacks'])}.",
+        ]
+    if isinstance(results.get("nccl2"), list):
+        out += ["", "**NCCL, two ranks on the one GPU**: " + "; ".join(results["nccl2"][:1])]
+    if isinstance(results.get("hvp"), list):
+        rows = results["hvp"]
+        out += [
+            "",
+            "**Cost of one HVP on the GPU** as a multiple of one gradient (median of "
+            f"{rows[0]['repeats']} interleaved repeats, CUDA-synchronised; harness of the CPU table).",
+            "",
+            "| backend | "
+            + " | ".join(f"{r['model']} ({r['n_params'] / 1e6:.2g}M, batch {r['probe']})" for r in rows)
+            + " |",
+            "|---" * (len(rows) + 1) + "|",
+            "| plain gradient | " + " | ".join(f"{r['grad_ms']:.1f} ms" for r in rows) + " |",
+        ]
+        for i in range(len(rows[0]["rows"])):
+            label = rows[0]["rows"][i]["label"].replace("block of 20", "block of 20 (4 at 19M)")
+            cells = [
+                f"**{r['rows'][i]['ratio']:.2f}×**" if r["rows"][i]["error"] is None else "fails"
+                for r in rows
+            ]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def _env(device: str) -> dict[str, Any]:
     info = {"torch": torch.__version__, "lightning": L.__version__, "device": device}
     if device.startswith("cuda"):
@@ -461,9 +580,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", default=None, help="sections to run")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--render", type=Path, default=None, help="render this JSON as markdown and stop")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="with --render: rewrite the gpu section of this file"
+    )
     args = parser.parse_args()
+    if args.render is not None:
+        body = render(json.loads(args.render.read_text()))
+        print(body)
+        if args.out is not None:
+            from benchmarks.report import rewrite
+
+            rewrite(args.out, "gpu", body)
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results: dict[str, Any] = {"env": _env(device)}
+    results: dict[str, Any] = {
+        "env": _env(device),
+        "command": "python " + " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     print(json.dumps(results["env"]), flush=True)
     sections = {
         "accuracy": lambda: accuracy(device, args.quick),

@@ -8,15 +8,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .curvature import HessianOperator, PreconditionedOperator, adam_preconditioner
+from ._validation import Checks
+from .curvature import HVP_CHOICES, HessianOperator, PreconditionedOperator, adam_preconditioner
 from .linalg import EigenResult, lanczos, lobpcg
 from .linalg._common import WHICH
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
+from .probe import ProbeSet
 
 __all__ = ["METHODS", "hessian_density", "hessian_eigenpairs", "hessian_trace", "loss_of", "output_loss"]
 
 METHODS = ("auto", "lanczos", "lobpcg")
+TRACE_METHODS = ("hutch++", "hutchinson")
+_check = Checks()
+
+
+def _check_measurement(
+    model: Any, loss_fn: Any, batches: Any, hvp: Any, seed: Any, params: Any, dtype: Any
+) -> None:
+    """The arguments every measurement function shares, checked before any work."""
+    _check.instance("model", model, nn.Module, "a torch.nn.Module (or a DDP wrapper of one)")
+    _check.function("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar Tensor", 2, allow_none=False)
+    if not isinstance(batches, ProbeSet):
+        _check.batches("batches", batches, single_batch=True)
+    _check.choice("hvp", hvp, HVP_CHOICES)
+    _check.seed("seed", seed)
+    _check.patterns("params", params)
+    _check.dtype("dtype", dtype)
 
 
 def loss_of(output: Any) -> Tensor | None:
@@ -40,6 +58,7 @@ def output_loss(model: nn.Module, batch: Any) -> Tensor:
     Raises:
         ValueError: the output holds no loss (pass ``labels`` in the batch, or write a ``loss_fn``).
     """
+    _check.instance("model", model, nn.Module, "a torch.nn.Module whose output holds a `loss`")
     output = model(**batch) if isinstance(batch, Mapping) else model(batch)
     loss = loss_of(output)
     if loss is None:
@@ -53,12 +72,11 @@ def output_loss(model: nn.Module, batch: Any) -> Tensor:
 def _warm_vectors(warm_start: EigenResult | None, n: int) -> Tensor | None:
     if warm_start is None:
         return None
-    if not isinstance(warm_start, EigenResult):
-        raise ValueError(f"warm_start takes a previous EigenResult, got {type(warm_start).__name__}")
+    _check.instance("warm_start", warm_start, EigenResult, "None or a previous EigenResult")
     vectors = warm_start.eigenvectors
     if vectors.ndim != 2 or vectors.shape[0] != n or vectors.shape[1] == 0:
         raise ValueError(
-            f"warm_start holds eigenvectors of shape {tuple(vectors.shape)}, this measurement needs ({n}, k): "
+            f"`warm_start` must hold eigenvectors of shape ({n}, k), got {tuple(vectors.shape)}: "
             "warm-start only from a result on the same parameters (and keep its eigenvectors)"
         )
     return vectors
@@ -155,12 +173,21 @@ def hessian_eigenpairs(
         >>> round(float(result.eigenvalues[0]), 6)  # H = x^T x / 3 = I / 3
         0.333333
     """
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if max_hvp is not None and (isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 1):
-        raise ValueError(f"max_hvp must be a positive int or None, got {max_hvp!r}")
+    _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
+    _check.integer("k", k, 1)
+    _check.choice("which", which, WHICH)
+    _check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
+    _check.integer("max_hvp", max_hvp, 1, allow_none=True)
+    _check.choice("method", method, METHODS)
+    if preconditioner is not None:
+        _check.instance(
+            "preconditioner",
+            preconditioner,
+            (torch.optim.Optimizer, Tensor),
+            "None, an Adam-family optimizer or a flat positive diagonal Tensor",
+        )
+    _check.flag("cache_graphs", cache_graphs)
+    _check.usable_device("basis_device", basis_device)
     model = _unwrap(model)
     hessian = HessianOperator(
         model,
@@ -173,17 +200,39 @@ def hessian_eigenpairs(
         dtype=dtype,
         weights=weights,
     )
+    n_wanted = 2 * k if which == "both" else k
+    if n_wanted > hessian.global_n:
+        raise ValueError(
+            f"`k` must be at most {hessian.global_n // (2 if which == 'both' else 1)} for {hessian.global_n} "
+            f"parameters (which={which!r} asks for {n_wanted} eigenpairs), got {k}: lower k"
+        )
+    block = min(n_wanted + max(2, n_wanted // 2), hessian.global_n)
+    if method == "lobpcg" and max_hvp is not None and max_hvp < block:
+        raise ValueError(
+            f"`max_hvp` must be at least {block} with method='lobpcg' (one block of products for "
+            f"k={k}, which={which!r}), got {max_hvp}: raise it, or use method='lanczos'"
+        )
     op: HessianOperator | PreconditionedOperator = hessian
     X0 = None
     # This rank's own inputs (its slice of the preconditioner, its warm start; its probe shard in the
     # operator) are checked before the first collective, which reports a failure here to every rank.
     with hessian.local_step():
         if preconditioner is not None:
-            diagonal = (
-                adam_preconditioner(preconditioner, hessian.space)
-                if isinstance(preconditioner, torch.optim.Optimizer)
-                else preconditioner
-            )
+            if isinstance(preconditioner, torch.optim.Optimizer):
+                diagonal = adam_preconditioner(preconditioner, hessian.space)
+            else:
+                diagonal = preconditioner
+                if (
+                    diagonal.shape != (hessian.n,)
+                    or diagonal.is_complex()
+                    or diagonal.dtype == torch.bool
+                    or not bool(torch.isfinite(diagonal).all() and (diagonal > 0).all())
+                ):
+                    _check.fail(
+                        "preconditioner",
+                        f"a flat Tensor of shape ({hessian.n},) with positive, finite entries",
+                        preconditioner,
+                    )
             op = PreconditionedOperator(hessian, diagonal)
         X0 = _warm_vectors(warm_start, op.n)
     with hessian:
@@ -227,8 +276,9 @@ def hessian_trace(
             as in neural-network Hessians) or ``"hutchinson"``.
         The other arguments are those of :func:`hessian_eigenpairs`.
     """
-    if method not in ("hutch++", "hutchinson"):
-        raise ValueError(f'method must be "hutch++" or "hutchinson", got {method!r}')
+    _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
+    _check.choice("method", method, TRACE_METHODS)
+    _check.integer("n_hvp", n_hvp, 3 if method == "hutch++" else 1)
     model = _unwrap(model)
     with HessianOperator(model, loss_fn, batches, params=params, hvp=hvp, seed=seed, dtype=dtype) as op:
         if method == "hutch++":
@@ -252,6 +302,9 @@ def hessian_density(
 
     The other arguments are those of :func:`hessian_eigenpairs`.
     """
+    _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
+    _check.integer("n_steps", n_steps, 2)
+    _check.integer("n_vectors", n_vectors, 1)
     model = _unwrap(model)
     with HessianOperator(model, loss_fn, batches, params=params, hvp=hvp, seed=seed, dtype=dtype) as op:
         return slq_density(op, n_steps=min(n_steps, op.global_n), n_vectors=n_vectors, seed=seed)

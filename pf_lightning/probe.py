@@ -8,13 +8,18 @@ weights of all ranks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._validation import Checks, is_number
+
 __all__ = ["ProbeSet", "map_tensors", "move_to_device", "sample_count"]
+
+_check = Checks()
 
 
 def sample_count(batch: Any) -> int:
@@ -80,18 +85,42 @@ class ProbeSet:
     ) -> None:
         if isinstance(batches, ProbeSet):
             batches, weights = batches.batches, weights if weights is not None else batches.weights
+        else:
+            _check.batches("batches", batches, single_batch=True)
         if isinstance(batches, Tensor | tuple | Mapping):
             batches = [batches]
         self.batches = list(batches)
         if not self.batches:
-            raise ValueError("the probe set is empty: pass at least one batch to measure on")
+            raise ValueError("`batches` must hold at least one batch: the probe set is empty")
+        device = _check.device("device", device)
         if device is not None:
-            self.batches = [move_to_device(b, torch.device(device)) for b in self.batches]
-        counts = [sample_count(b) for b in self.batches] if weights is None else [float(w) for w in weights]
-        if len(counts) != len(self.batches):
-            raise ValueError(f"got {len(counts)} weights for {len(self.batches)} batches: give one per batch")
-        if any(not (c > 0) for c in counts):
-            raise ValueError(f"every batch needs a positive sample count, got {counts}")
+            self.batches = [move_to_device(b, device) for b in self.batches]
+        if weights is None:
+            counts = []
+            for batch in self.batches:
+                try:
+                    counts.append(sample_count(batch))
+                except ValueError as err:
+                    raise ValueError(
+                        f"`batches` must hold a tensor in every batch, or pass `weights`: {err}"
+                    ) from None
+            if any(c <= 0 for c in counts):
+                raise ValueError(
+                    f"`batches` must hold batches with a positive sample count, got counts {counts}"
+                )
+        else:
+            expected = f"None or one positive sample count per batch ({len(self.batches)}), each finite"
+            if (
+                isinstance(weights, str | bytes | Mapping)
+                or (isinstance(weights, Tensor) and weights.ndim != 1)
+                or not isinstance(weights, Iterable)
+            ):
+                _check.fail("weights", expected, weights)
+            counts = [c.item() if isinstance(c, Tensor) and c.numel() == 1 else c for c in weights]
+            if len(counts) != len(self.batches) or not all(
+                is_number(c) and math.isfinite(c) and c > 0 for c in counts
+            ):
+                _check.fail("weights", expected, weights)
         self.weights = [float(c) for c in counts]
 
     def __len__(self) -> int:

@@ -25,9 +25,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .stability import dal_learning_rate, edge_lr
+from ._validation import Checks, is_int
+from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr
 
 __all__ = ["DriftAdaptiveLR", "SharpnessCappedLR"]
+
+_check = Checks()
+
+
+def _check_common(optimizer: Any, last_epoch: Any) -> None:
+    _check.instance("optimizer", optimizer, Optimizer, "a torch.optim.Optimizer")
+    _check.integer("last_epoch", last_epoch, -1, hint="-1 for a fresh run, as in every LRScheduler")
 
 
 def _as_float(value: Any) -> float | None:
@@ -42,16 +50,6 @@ def _as_float(value: Any) -> float | None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_positive(value: float, name: str, fix: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}: {fix}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}: {fix}")
-    return value
 
 
 class _MeasuredLR(LRScheduler):
@@ -208,27 +206,25 @@ class DriftAdaptiveLR(_MeasuredLR):
         warmup_steps: int = 0,
         last_epoch: int = -1,
     ) -> None:
-        p = float(p)
-        if not (p >= 0 and math.isfinite(p)):
-            raise ValueError(
-                f"p must be a finite number >= 0, got {p!r}: p = 0 keeps the base rate, p = 1 is DAL-1"
-            )
-        self.p = p
-        self.max_lr = _check_positive(max_lr, "max_lr", "pass the largest step DAL may take, e.g. max_lr=5.0")
+        _check_common(optimizer, last_epoch)
+        self.p = _check.number("p", p, at_least=0, hint="p = 0 keeps the base rate, p = 1 is DAL-1")
+        self.max_lr = _check.number(
+            "max_lr", max_lr, above=0, hint="pass the largest step DAL may take, e.g. max_lr=5.0"
+        )
         if window is not None:
-            if not (isinstance(window, tuple | list) and len(window) == 2):
-                raise ValueError(f"window must be (start, stop) with stop an int or None, got {window!r}")
-            start, stop = int(window[0]), None if window[1] is None else int(window[1])
-            if start < 0 or (stop is not None and stop <= start):
-                raise ValueError(f"window must satisfy 0 <= start < stop, got {window!r}")
-            window = (start, stop)
+            start, stop = window if isinstance(window, tuple | list) and len(window) == 2 else (None, None)
+            if not (is_int(start) and start >= 0 and (stop is None or (is_int(stop) and stop > start))):
+                _check.fail(
+                    "window", "None or (start, stop) with ints 0 <= start < stop, or stop None", window
+                )
+            window = (int(start), None if stop is None else int(stop))
         self.window = window
-        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        self.warmup_steps = int(warmup_steps)
-        if float(optimizer.param_groups[0]["lr"]) <= 0:
+        self.warmup_steps = _check.integer("warmup_steps", warmup_steps, 0)
+        lr = optimizer.param_groups[0]["lr"]
+        if not (is_int(lr) or isinstance(lr, float | Tensor)) or not float(lr) > 0:
             raise ValueError(
-                "the first parameter group's lr must be positive: DAL scales the groups by their base rates"
+                f"`optimizer` must have a positive lr in its first parameter group (DAL scales the groups "
+                f"by their base rates), got lr={lr!r}"
             )
         self.measured: float | None = None
         self.held, self.held_count, self._warned = False, 0, False
@@ -348,17 +344,30 @@ class SharpnessCappedLR(_MeasuredLR):
         base: LRScheduler | None = None,
         last_epoch: int = -1,
     ) -> None:
-        self.fraction = _check_positive(
-            fraction, "fraction", "use a fraction of the edge rate such as 0.9 (stable) or 1.1 (at the edge)"
+        _check_common(optimizer, last_epoch)
+        self.fraction = _check.number(
+            "fraction",
+            fraction,
+            above=0,
+            hint="use a fraction of the edge rate such as 0.9 (stable) or 1.1 (at the edge)",
         )
-        if base is not None:
-            if not isinstance(base, LRScheduler) or base.optimizer is not optimizer:
-                raise ValueError(
-                    "base must be an LRScheduler built on the same optimizer, e.g. "
-                    "CosineAnnealingLR(optimizer, T_max=...); ReduceLROnPlateau cannot be capped"
-                )
-        for i in range(len(optimizer.param_groups)):
-            edge_lr(optimizer, 1.0, group=i)  # an optimizer without a known threshold fails here, not mid-run
+        if base is not None and (not isinstance(base, LRScheduler) or base.optimizer is not optimizer):
+            _check.fail(
+                "base",
+                "None or an LRScheduler built on the same optimizer, e.g. CosineAnnealingLR(optimizer, T_max=...)",
+                base,
+                "ReduceLROnPlateau cannot be capped",
+            )
+        try:
+            for i in range(len(optimizer.param_groups)):
+                edge_lr(
+                    optimizer, 1.0, group=i
+                )  # an optimizer without a known threshold fails here, not mid-run
+        except UnsupportedOptimizer:
+            raise UnsupportedOptimizer(
+                "`optimizer` must be one whose stability threshold is known (SGD, Adam, AdamW, NAdam, RAdam, "
+                f"Adamax, RMSprop, Adagrad) for its rate to be capped, got {type(optimizer).__name__}"
+            ) from None
         self.base = base
         self.measured: float | None = None
         self.held, self.held_count, self._warned = False, 0, False

@@ -192,7 +192,7 @@ def test_preconditioned_operator_is_dense_d_h_d(reference):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"hvp": "exact"}, "hvp must be one of"),
+        ({"hvp": "exact"}, "`hvp` must be one of"),
         ({"params": "nothing.*"}, "no trainable parameter name matches"),
         ({"params": 3}, "glob pattern"),
     ],

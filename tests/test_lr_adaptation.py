@@ -191,10 +191,10 @@ def test_a_bad_hg_ratio_holds_the_rate_warns_once_and_is_flagged(tmp_path):
     ("kwargs", "match"),
     [
         ({"scheduler": 3}, "factory"),
-        ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),
-        ({"optimizer_index": -1}, "optimizer_index must be an integer >= 0"),
-        ({"hvp": "central"}, "hvp must be one of"),
-        ({"loss_fn": "loss"}, "loss_fn must be callable"),
+        ({"every_n_steps": 0}, "`every_n_steps` must be an int >= 1"),
+        ({"optimizer_index": -1}, "`optimizer_index` must be an int >= 0"),
+        ({"hvp": "central"}, "`hvp` must be one of"),
+        ({"loss_fn": "loss"}, "`loss_fn` must be callable"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

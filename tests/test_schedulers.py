@@ -84,11 +84,11 @@ def test_dal_state_dict_resumes_mid_run():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"p": -1.0}, "p must be"),
-        ({"max_lr": 0.0}, "max_lr must be positive"),
-        ({"max_lr": "x"}, "max_lr must be a number"),
+        ({"p": -1.0}, "`p` must be"),
+        ({"max_lr": 0.0}, "`max_lr` must be a finite number > 0"),
+        ({"max_lr": "x"}, "`max_lr` must be a finite number > 0"),
         ({"window": (5, 5)}, "start < stop"),
-        ({"window": (1,)}, r"window must be \(start, stop\)"),
+        ({"window": (1,)}, r"`window` must be None or \(start, stop\)"),
         ({"warmup_steps": -2}, "warmup_steps"),
     ],
 )
@@ -163,13 +163,15 @@ def test_cap_composes_with_cosine_without_distorting_it():
 
 
 def test_cap_bad_input_fails_at_construction():
-    with pytest.raises(ValueError, match="fraction must be positive"):
+    with pytest.raises(ValueError, match="`fraction` must be a finite number > 0"):
         SharpnessCappedLR(sgd(), fraction=0.0)
     other = sgd()
     with pytest.raises(ValueError, match="same optimizer"):
         SharpnessCappedLR(sgd(), base=torch.optim.lr_scheduler.StepLR(other, 3))
     weird = torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(2))])
-    with pytest.raises(UnsupportedOptimizer, match="pass threshold"):
+    with pytest.raises(
+        UnsupportedOptimizer, match="`optimizer` must be one whose stability threshold is known"
+    ):
         SharpnessCappedLR(weird)
 
 
@@ -222,5 +224,5 @@ def test_gradient_curvature_of_a_zero_gradient_is_nan():
     with HessianOperator(model, lambda m, b: (m.weight**2).sum(), [torch.zeros(1)]) as op:
         gc = gradient_curvature(op, "forward_difference")
     assert gc.grad_norm == 0.0 and math.isnan(gc.hg_ratio) and not gc.finite
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="`method` must be one of"):
         gradient_curvature(op, "central")

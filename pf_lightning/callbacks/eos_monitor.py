@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from .. import stability
+from .._validation import Checks
 from ..curvature import PreconditionerUnavailable
 from ..curvature.drift import gradient_curvature
 from ..curvature.precondition import PRECONDITIONER_WARMUP_STEPS, optimizer_steps
@@ -37,6 +38,7 @@ from ._reporting import eos_chart
 from .hessian_monitor import HessianEigenMonitor
 
 WarningAction = Callable[[Trainer, LightningModule, dict[str, float]], None]
+check = Checks(MisconfigurationException)
 
 
 class EdgeOfStabilityMonitor(Callback):
@@ -73,6 +75,10 @@ class EdgeOfStabilityMonitor(Callback):
     accumulated negative curvature. A state this version cannot read (missing keys, wrong types,
     NaN, another callback's state) gives one ``RuntimeWarning`` and a fresh start of all of them.
 
+    Attributes:
+        history: the logged metrics of each measurement, oldest first; like the monitor's ``history``
+            it keeps the last ``monitor.max_history`` of them (so does the W&B chart).
+
     Raises:
         MisconfigurationException: no :class:`HessianEigenMonitor`, or a bad argument.
     """
@@ -93,35 +99,19 @@ class EdgeOfStabilityMonitor(Callback):
     ) -> None:
         super().__init__()
         check_on_error(on_error)
-        for name, value in (
-            ("optimizer_index", optimizer_index),
-            ("proxy_every_n_steps", proxy_every_n_steps),
-        ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (0 if name == "optimizer_index" else 1)
-            ):
-                raise MisconfigurationException(
-                    f"`{name}` must be a {'non-negative' if name == 'optimizer_index' else 'positive'} int, got {value!r}"
-                )
-        for name, value in (
-            ("loss_window", loss_window),
-            ("slope_window", slope_window),
-            ("chart_every", chart_every),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2 - (name == "chart_every"):
-                raise MisconfigurationException(
-                    f"`{name}` must be an int >= {2 - (name == 'chart_every')}, got {value!r}"
-                )
-        if threshold is not None and not threshold > 0:
-            raise MisconfigurationException(f"`threshold` must be positive, got {threshold!r}")
-        if not warn_ratio > 0:
-            raise MisconfigurationException(f"`warn_ratio` must be positive, got {warn_ratio!r}")
-        if on_warning is not None and not callable(on_warning):
-            raise MisconfigurationException(
-                "`on_warning` must be callable as on_warning(trainer, pl_module, metrics)"
-            )
+        if monitor is not None:
+            check.instance("monitor", monitor, HessianEigenMonitor, "None or a HessianEigenMonitor")
+        check.integer("optimizer_index", optimizer_index, 0)
+        check.integer("proxy_every_n_steps", proxy_every_n_steps, 1)
+        check.integer("loss_window", loss_window, 2)
+        check.integer("slope_window", slope_window, 2)
+        check.integer("chart_every", chart_every, 1)
+        check.number(
+            "threshold", threshold, above=0, allow_none=True, hint="a sharpness level such as 2 / lr"
+        )
+        check.number("warn_ratio", warn_ratio, above=0, hint="1.0 warns at the edge of stability")
+        check.function("on_warning", on_warning, "on_warning(trainer, pl_module, metrics)", 3)
+        check.flag("proxies", proxies)
         self.monitor = monitor
         self.optimizer_index, self.fixed_threshold, self.warn_ratio = (
             optimizer_index,
@@ -136,6 +126,7 @@ class EdgeOfStabilityMonitor(Callback):
         # float() every step would wait for the GPU each step and stall its asynchronous queue.
         self.losses: collections.deque[float | torch.Tensor] = collections.deque(maxlen=loss_window)
         self.history: list[dict[str, Any]] = []
+        self._measured = 0  # measurements seen in this process (the chart's cadence)
         self.first_edge_step: int | None = None
         self.negative_curvature = 0.0
         self._above = False
@@ -172,13 +163,26 @@ class EdgeOfStabilityMonitor(Callback):
         self.monitor.add_listener(self._on_measurement)
 
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._last_loss_step, self._pending_losses = trainer.global_step, []
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The optimizers exist from here on; the monitor's fit-start measurement (its on_train_start,
+        # which may run before this callback's) already reads them.
         optimizers = trainer.optimizers
         if self.optimizer_index >= len(optimizers):
             raise MisconfigurationException(
                 f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
             )
+        if self.fixed_threshold is None:
+            try:
+                stability.optimizer_threshold(optimizers[self.optimizer_index])
+            except stability.UnsupportedOptimizer as err:
+                raise MisconfigurationException(
+                    f"`threshold` must be given for this optimizer: {err}"
+                ) from err
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_loss_step, self._pending_losses = trainer.global_step, []
+        optimizers = trainer.optimizers
         if len(optimizers) > 1:
             rank_zero_info(
                 f"EdgeOfStabilityMonitor: {len(optimizers)} optimizers; thresholds are those of optimizer "
@@ -229,12 +233,15 @@ class EdgeOfStabilityMonitor(Callback):
         self.history.append(
             {"step": step, "eigenvalues": result.eigenvalues[: self.monitor.k].tolist(), **metrics}
         )
+        # Capped like the monitor's own history: a long run must not grow with its measurements.
+        del self.history[: max(0, len(self.history) - self.monitor.max_history)]
         if fire and self.on_warning is not None:
             try:
                 self.on_warning(trainer, pl_module, metrics)
             except Exception as err:
                 self._skip(trainer, err, "on_warning action failed", None)
-        if len(self.history) % self.chart_every == 0:
+        self._measured += 1
+        if self._measured % self.chart_every == 0:
             self._chart(trainer, step)
 
     def _diagnostics(

@@ -18,8 +18,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from .._validation import Checks, is_int
 from ..curvature import HVP_CHOICES, HessianOperator, ParameterSpace, measurement_context
 from ..curvature.distributed import any_rank
+from ..curvature.params import select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
 from ..logging import define_wandb_metrics, log_metrics, metric_name, warn_once
@@ -40,13 +42,7 @@ from ._reporting import record, spectrum_extras
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
 
 
-def _check_positive_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MisconfigurationException(
-            f"`{name}` must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}"
-        )
+check = Checks(MisconfigurationException)
 
 
 class HessianEigenMonitor(Callback):
@@ -141,32 +137,38 @@ class HessianEigenMonitor(Callback):
     ) -> None:
         super().__init__()
         check_on_error(on_error)
-        _check_positive_int("k", k)
-        _check_positive_int("every_n_steps", every_n_steps, allow_none=True)
-        _check_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
-        _check_positive_int("warmup_steps", warmup_steps, minimum=0)
-        _check_positive_int("max_hvp", max_hvp, allow_none=True)
-        _check_positive_int("max_history", max_history)
-        _check_positive_int("trace_every", trace_every, allow_none=True)
-        _check_positive_int("trace_hvp", trace_hvp, minimum=3)
-        _check_positive_int("density_every", density_every, allow_none=True)
-        _check_positive_int("density_steps", density_steps, minimum=2)
-        if which not in ("top", "both"):
-            raise MisconfigurationException(f'`which` must be "top" or "both", got {which!r}')
-        if hvp not in HVP_CHOICES:
-            raise MisconfigurationException(f"`hvp` must be one of {HVP_CHOICES}, got {hvp!r}")
-        if not (isinstance(tol, int | float) and 0 < tol < 1):
-            raise MisconfigurationException(f"`tol` is a relative residual tolerance in (0, 1), got {tol!r}")
-        if max_time_fraction is not None and not (0 < max_time_fraction < 1):
-            raise MisconfigurationException(
-                f"`max_time_fraction` must be in (0, 1), got {max_time_fraction!r}"
-            )
-        if isinstance(probe, bool) or (isinstance(probe, int) and probe < 1):
-            raise MisconfigurationException(
-                f"a probe size must be a positive number of samples, got {probe!r}"
-            )
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException("`loss_fn` must be callable as loss_fn(module, batch) -> Tensor")
+        check.integer("k", k, 1)
+        check.integer("every_n_steps", every_n_steps, 1, allow_none=True)
+        check.integer("every_n_epochs", every_n_epochs, 1, allow_none=True)
+        check.integer("warmup_steps", warmup_steps, 0)
+        check.integer("max_hvp", max_hvp, 1, allow_none=True)
+        check.integer("max_history", max_history, 1)
+        check.integer("trace_every", trace_every, 1, allow_none=True)
+        check.integer("trace_hvp", trace_hvp, 3)
+        check.integer("density_every", density_every, 1, allow_none=True)
+        check.integer("density_steps", density_steps, 2)
+        check.choice("which", which, ("top", "both"))
+        check.choice("hvp", hvp, HVP_CHOICES)
+        check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
+        check.number("max_time_fraction", max_time_fraction, above=0, below=1, allow_none=True)
+        for flag, value in (
+            ("at_fit_start", at_fit_start),
+            ("at_fit_end", at_fit_end),
+            ("warm_start", warm_start),
+            ("checkpoint_eigenvectors", checkpoint_eigenvectors),
+        ):
+            check.flag(flag, value)
+        if probe is not None and not isinstance(probe, ProbeSet):
+            if is_int(probe):
+                check.integer("probe", probe, 1, hint="a probe size is a number of training samples")
+            else:
+                check.batches("probe", probe, single_batch=False)
+        check.function("loss_fn", loss_fn, "loss_fn(module, batch) -> Tensor", 2)
+        check.patterns("params", params)
+        check.dtype("dtype", dtype)
+        check.tag("name", name)
+        check.seed("seed", seed)
+        check.device("basis_device", basis_device)
         self.k, self.every_n_steps, self.every_n_epochs = k, every_n_steps, every_n_epochs
         self.which, self.hvp, self.tol, self.max_hvp = which, hvp, float(tol), max_hvp
         self.at_fit_start, self.at_fit_end, self.warmup_steps = at_fit_start, at_fit_end, warmup_steps
@@ -252,6 +254,7 @@ class HessianEigenMonitor(Callback):
             self.probe = build_probe(trainer, pl_module, self._probe_arg)
             if shared is not None:
                 shared.probe = self.probe
+        self._check_module(pl_module)
         self._fit_start_time = time.perf_counter()
         define_wandb_metrics(trainer)
         # Fail now, not at the first measurement, if there is no loss or the probe does not fit the
@@ -388,6 +391,23 @@ class HessianEigenMonitor(Callback):
             seed=self.seed,
             dtype=self.dtype or self._default_dtype(pl_module),
         )
+
+    def _check_module(self, pl_module: LightningModule) -> None:
+        """The arguments only the module can judge, checked before the first step: ``params`` must match
+        trainable parameters of one measurable dtype, ``k`` must fit their count, ``basis_device`` must
+        exist on this machine."""
+        try:
+            select_parameters(pl_module, self.params, argument="params")
+            space = ParameterSpace(pl_module, self.params, dtype=self.dtype or self._default_dtype(pl_module))
+        except ValueError as err:
+            raise MisconfigurationException(f"HessianEigenMonitor cannot measure this module: {err}") from err
+        wanted = self.k * (2 if self.which == "both" else 1)
+        if wanted > space.global_n:
+            raise MisconfigurationException(
+                f"`k` must be at most {space.global_n // (wanted // self.k)} for the {space.global_n} measured "
+                f"parameters (which={self.which!r}), got {self.k}"
+            )
+        check.usable_device("basis_device", self.basis_device)
 
     def _default_dtype(self, pl_module: LightningModule) -> torch.dtype | None:
         dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}

@@ -12,6 +12,7 @@ cannot edit ``configure_optimizers``; the scheduler's state then lives in the ch
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +25,10 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
+from .._validation import Checks, parameter_names
 from ..curvature import HVP_CHOICES, HessianOperator
 from ..curvature.drift import gradient_curvature
+from ..curvature.params import select_parameters
 from ..linalg import NonFiniteOperatorError
 from ..logging import log_metrics, metric_name
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
@@ -36,6 +39,34 @@ from .eos_monitor import EdgeOfStabilityMonitor
 
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 HG_METHODS = ("forward_difference", *HVP_CHOICES)
+check = Checks(MisconfigurationException)
+
+
+def check_factory(factory: Any) -> None:
+    """``scheduler=`` is ``None`` or a factory; a ``functools.partial`` of a pf-lightning scheduler is built
+    once on a stand-in optimizer, so an unknown or bad argument fails now rather than at fit start."""
+    call = "a factory scheduler(optimizer) -> LRScheduler (e.g. functools.partial(DriftAdaptiveLR, p=1.0))"
+    check.function("scheduler", factory, call, 1)
+    if factory is None:
+        return
+    target, args, keywords = factory, (), {}
+    while isinstance(target, functools.partial):  # partial(partial(DriftAdaptiveLR, p=1), max_lr=2)
+        args, keywords = (*target.args, *args), {**target.keywords, **keywords}
+        target = target.func
+    ours = (DriftAdaptiveLR, SharpnessCappedLR)
+    # LightningCLI (jsonargparse) turns a YAML class_path into partial(<instantiator>, ..., cls, **init_args).
+    target = next((a for a in (target, *args) if any(a is cls for cls in ours)), None)
+    if target is None:
+        return  # any other callable is the user's own: it is called at fit start
+    accepted = parameter_names(target, skip=("self", "optimizer"))
+    check.keywords(f"{target.__name__} (in `scheduler`)", keywords, accepted)
+    if "base" in keywords:
+        return  # a base schedule is bound to its own optimizer: only the real one can be checked
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    try:
+        factory(stand_in)
+    except (TypeError, ValueError) as err:
+        raise MisconfigurationException(f"`scheduler` must build a valid {target.__name__}: {err}") from None
 
 
 class LRAdaptation(Callback):
@@ -90,21 +121,13 @@ class LRAdaptation(Callback):
         on_error: OnError = "skip",
     ) -> None:
         check_on_error(on_error)
-        if scheduler is not None and not callable(scheduler):
-            raise MisconfigurationException(
-                "scheduler must be a factory scheduler(optimizer) -> LRScheduler, e.g. "
-                "functools.partial(DriftAdaptiveLR, p=1.0)"
-            )
-        for name, value in (("optimizer_index", optimizer_index), ("every_n_steps", every_n_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < (name == "every_n_steps"):
-                bound = 1 if name == "every_n_steps" else 0
-                raise MisconfigurationException(f"{name} must be an integer >= {bound}, got {value!r}")
-        if hvp not in HG_METHODS:
-            raise MisconfigurationException(f"hvp must be one of {HG_METHODS}, got {hvp!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(
-                "loss_fn must be callable as loss_fn(module, batch) -> scalar Tensor"
-            )
+        check_factory(scheduler)
+        check.integer("optimizer_index", optimizer_index, 0)
+        check.integer("every_n_steps", every_n_steps, 1)
+        check.choice("hvp", hvp, HG_METHODS)
+        check.function("loss_fn", loss_fn, "loss_fn(module, batch) -> scalar Tensor", 2)
+        check.patterns("params", params)
+        check.seed("seed", seed)
         self.factory, self.optimizer_index, self.every_n_steps = scheduler, optimizer_index, every_n_steps
         self.hvp, self.user_loss_fn, self.params, self.seed = hvp, loss_fn, params, seed
         self.on_error = on_error
@@ -128,6 +151,10 @@ class LRAdaptation(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After configure_optimizers, before a checkpoint's optimizer and scheduler states are restored:
         # a scheduler added here is restored on resume like one configure_optimizers returned.
+        try:  # `params` that match nothing fail before the first step, not at its measurement
+            select_parameters(pl_module, self.params, argument="params")
+        except ValueError as err:
+            raise MisconfigurationException(f"LRAdaptation cannot measure this module: {err}") from err
         if self.factory is not None:
             if self.optimizer_index >= len(trainer.optimizers):
                 raise MisconfigurationException(

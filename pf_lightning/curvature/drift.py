@@ -21,12 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .._validation import Checks
 from .operator import HessianOperator
 
 __all__ = ["GRADIENT_HVP_METHODS", "GradientCurvature", "gradient_curvature"]
 
 GRADIENT_HVP_METHODS = ("operator", "forward_difference")
 FORWARD_DIFFERENCE_DISPLACEMENT = 0.01  # dal.py: e = 0.01 / ||g||
+_check = Checks()
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,8 @@ def gradient_curvature(op: HessianOperator, method: str = "operator") -> Gradien
         >>> gc.hg_ratio  # g = A w lies along the eigenvector with eigenvalue 4
         4.0
     """
-    if method not in GRADIENT_HVP_METHODS:
-        raise ValueError(f"method must be one of {GRADIENT_HVP_METHODS}, got {method!r}")
+    _check.instance("op", op, HessianOperator, "an entered HessianOperator (with HessianOperator(...) as op)")
+    _check.choice("method", method, GRADIENT_HVP_METHODS)
     start = time.perf_counter()
     g = op.gradient()
     grad_norm = float(op.inner(g, g).sqrt())

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._validation import Checks
+
 __all__ = ["parameter_groups"]
+
+_check = Checks()
 
 
 def parameter_groups(model: nn.Module, depth: int = 1) -> dict[str, list[str]]:
@@ -32,8 +36,8 @@ def parameter_groups(model: nn.Module, depth: int = 1) -> dict[str, list[str]]:
         >>> parameter_groups(model, depth=2)
         {'0.weight': ['0.weight'], '0.bias': ['0.bias'], '2.weight': ['2.weight'], '2.bias': ['2.bias']}
     """
-    if not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    _check.instance("model", model, nn.Module, "a torch.nn.Module")
+    _check.integer("depth", depth, 1, hint="1 groups by top-level child, 2 by their children")
     groups: dict[str, list[str]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -45,5 +49,7 @@ def parameter_groups(model: nn.Module, depth: int = 1) -> dict[str, list[str]]:
             prefix = ".".join(parts[:depth])
             groups.setdefault(prefix, [f"{prefix}.*"])
     if not groups:
-        raise ValueError("the model has no trainable parameters to group")
+        raise ValueError(
+            "the `model` has no trainable parameters to group: it must have some (requires_grad=True)"
+        )
     return groups

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._validation import Checks
 from ..linalg import NonFiniteOperatorError
 from ..linalg.operator import LinearOperator
 from ..probe import ProbeSet, map_tensors
@@ -37,13 +38,14 @@ from .distributed import (
     world_size,
 )
 from .hvp import BACKENDS, DoubleBackwardHVP, FiniteDifferenceHVP, ForwardOverReverseHVP, HVPBackend
-from .params import ParameterSpace
+from .params import ParameterSpace, select_parameters
 from .state import cast_model, measurement_context, rng_state, seeded
 
 __all__ = ["HVP_CHOICES", "HessianOperator", "NonFiniteLossError", "PreconditionedOperator"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 HVP_CHOICES = ("auto", *BACKENDS)
+_check = Checks()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -108,10 +110,14 @@ class HessianOperator(LinearOperator):
         dtype: torch.dtype | None = None,
         weights: Sequence[float] | None = None,
     ) -> None:
-        if hvp not in HVP_CHOICES:
-            raise ValueError(f"hvp must be one of {HVP_CHOICES}, got {hvp!r}")
-        if not callable(loss_fn):
-            raise ValueError("loss_fn must be callable as loss_fn(model, batch) -> scalar Tensor")
+        _check.instance("model", model, nn.Module, "a torch.nn.Module")
+        _check.function("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar Tensor", 2, allow_none=False)
+        if not isinstance(probe, ProbeSet):
+            _check.batches("probe", probe, single_batch=True)
+        _check.choice("hvp", hvp, HVP_CHOICES)
+        _check.seed("seed", seed)
+        _check.flag("cache_graphs", cache_graphs)
+        select_parameters(model, params, argument="params")  # names `params` if none matches
         self.space = ParameterSpace(model, params, dtype=dtype)
         if self.space.sharded and hvp not in ("auto", "finite_difference"):
             raise ValueError(
@@ -426,11 +432,15 @@ class PreconditionedOperator(LinearOperator):
     """
 
     def __init__(self, base: LinearOperator, diagonal: Tensor) -> None:
-        super().__init__(base.n, base.dtype, base.device)
-        if diagonal.shape != (base.n,):
-            raise ValueError(f"the preconditioner has shape {tuple(diagonal.shape)}, expected ({base.n},)")
+        _check.instance("base", base, LinearOperator, "a LinearOperator such as a HessianOperator")
+        expected = f"a flat Tensor of shape ({base.n},), positive and finite (e.g. from adam_preconditioner)"
+        _check.instance("diagonal", diagonal, Tensor, expected)
+        if diagonal.shape != (base.n,) or diagonal.is_complex() or diagonal.dtype == torch.bool:
+            hint = f"its shape is {tuple(diagonal.shape)} and its dtype {diagonal.dtype}"
+            _check.fail("diagonal", expected, diagonal, hint)
         if not bool((diagonal > 0).all()) or not bool(torch.isfinite(diagonal).all()):
-            raise ValueError("the preconditioner's diagonal must be positive and finite")
+            _check.fail("diagonal", expected, diagonal, "some entries are not positive and finite")
+        super().__init__(base.n, base.dtype, base.device)
         self.base = base
         self.scale = diagonal.to(device=base.device, dtype=base.dtype).rsqrt()[:, None]
 

@@ -12,11 +12,43 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._validation import Checks
 from .distributed import ShardLayout, is_sharded, local_part
 
-__all__ = ["ParameterSpace"]
+__all__ = ["ParameterSpace", "select_parameters"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_check = Checks()
+
+
+def select_parameters(
+    model: nn.Module, patterns: str | Sequence[str] | None = None, *, argument: str = "patterns"
+) -> list[tuple[str, nn.Parameter]]:
+    """The trainable named parameters of ``model`` whose names match a glob pattern (all when ``None``).
+
+    Raises:
+        ValueError: ``model`` is not a module, no trainable parameter, or ``patterns`` (called
+            ``argument`` in the message) is not a pattern list or matches no name.
+    """
+    _check.instance("model", model, nn.Module, "a torch.nn.Module")
+    pats = _check.patterns(argument, patterns)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            "the `model` has no trainable parameters (requires_grad=True): the measured parameters must "
+            "require grad; unfreeze the ones whose curvature you want to measure"
+        )
+    if pats is None:
+        return trainable
+    pats = [pats] if isinstance(pats, str) else pats
+    chosen = [(n, p) for n, p in trainable if any(fnmatch.fnmatchcase(n, pat) for pat in pats)]
+    if not chosen:
+        names = ", ".join(n for n, _ in trainable[:8])
+        raise ValueError(
+            f"`{argument}` must match a trainable parameter's name: no trainable parameter name matches "
+            f"{pats}; names look like: {names}{', ...' if len(trainable) > 8 else ''}"
+        )
+    return chosen
 
 
 class ParameterSpace:
@@ -38,24 +70,7 @@ class ParameterSpace:
         patterns: str | Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(
-                "the model has no trainable parameters (requires_grad=True): unfreeze the parameters "
-                "whose curvature you want to measure"
-            )
-        if patterns is not None:
-            pats = [patterns] if isinstance(patterns, str) else patterns
-            if not isinstance(pats, list | tuple) or not pats or not all(isinstance(p, str) for p in pats):
-                raise ValueError(f"params must be a glob pattern or a list of them, got {patterns!r}")
-            chosen = [(n, p) for n, p in trainable if any(fnmatch.fnmatchcase(n, pat) for pat in pats)]
-            if not chosen:
-                names = ", ".join(n for n, _ in trainable[:8])
-                raise ValueError(
-                    f"no trainable parameter name matches {pats}; names look like: {names}"
-                    f"{', ...' if len(trainable) > 8 else ''}"
-                )
-            trainable = chosen
+        trainable = select_parameters(model, patterns)
         dtypes = {p.dtype for _, p in trainable}
         if len(dtypes) > 1:
             raise ValueError(
@@ -63,12 +78,11 @@ class ParameterSpace:
                 "dtype with `params=` patterns"
             )
         own = dtypes.pop()
-        if dtype is not None and dtype not in (*SUPPORTED_DTYPES, torch.bfloat16):
-            raise ValueError(f"dtype must be torch.float32, torch.float64 or torch.bfloat16, got {dtype}")
+        _check.dtype("dtype", dtype, (*SUPPORTED_DTYPES, torch.bfloat16))
         if dtype is None and own not in SUPPORTED_DTYPES:
             raise ValueError(
-                f"curvature is measured in float32 or float64, these parameters are {own}: pass "
-                "dtype=torch.float32 to measure in float32, or keep float32 master weights "
+                f"`dtype` must be given for {own} parameters (curvature is measured in float32 or float64): "
+                "pass dtype=torch.float32 to measure in float32, or keep float32 master weights "
                 "(Trainer(precision='bf16-mixed') instead of 'bf16-true')"
             )
         dtype = own if dtype is None else dtype
