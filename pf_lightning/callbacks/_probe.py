@@ -6,8 +6,10 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from ..curvature.state import rng_state
 from ..measure import loss_of
@@ -55,20 +57,57 @@ def build_probe(trainer: Any, pl_module: Any, probe: Any) -> ProbeSet:
                 "no training dataloader to draw the probe from: pass `probe=` batches"
             )
         return draw_probe(loader, DEFAULT_PROBE_SIZE if probe is None else probe, pl_module.device)
-    with rng_state():  # a shuffling DataLoader draws its order from the global generator
+    with untouched_iteration(probe):
         batches = list(probe)
     return ProbeSet(batches, device=pl_module.device)
+
+
+@contextlib.contextmanager
+def untouched_iteration(loader: Any) -> Iterator[None]:
+    """Iterate ``loader`` without moving the order in which training will read it.
+
+    A shuffling ``DataLoader`` draws its order and its workers' base seed from the global generator, or
+    from its own ``generator=`` (also its sampler's): all of them are put back afterwards. With
+    ``persistent_workers`` a new ``iter`` would create (or reset) the worker iterator that training
+    keeps and resumes, so the batches are read in this process instead.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    owners = (
+        loader,
+        getattr(loader, "sampler", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+    )
+    generators: dict[int, torch.Generator] = {}
+    for owner in owners:
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generators[id(generator)] = generator
+    states = [(generator, generator.get_state()) for generator in generators.values()]
+    in_process = isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0
+    saved = {"num_workers": loader.num_workers, "timeout": loader.timeout} if in_process else {}
+    try:
+        for name in saved:  # a single-process iterator requires timeout == 0
+            setattr(loader, name, 0)
+        with rng_state():
+            yield
+    finally:
+        for name, value in saved.items():
+            setattr(loader, name, value)
+        for generator, state in states:
+            generator.set_state(state)
 
 
 def draw_probe(dataloader: Any, size: int, device: Any) -> ProbeSet:
     """The first ``size`` samples the training dataloader yields, drawn once under isolated RNG.
 
-    Iterating a shuffling loader draws a seed from torch's global generator; ``rng_state`` puts it
-    back, so building the probe leaves the training run's random stream untouched. Under DDP the
-    loader carries a ``DistributedSampler`` and each rank draws from its own shard.
+    Iterating a shuffling loader draws from torch's global generator or the loader's own;
+    :func:`untouched_iteration` puts them back, so building the probe leaves the training run's data
+    order and random stream untouched. Under DDP the loader carries a ``DistributedSampler`` and each
+    rank draws from its own shard.
     """
     batches, counts, total = [], [], 0
-    with rng_state():
+    with untouched_iteration(dataloader):
         for batch in dataloader:
             count = sample_count(batch)
             if total + count > size:
