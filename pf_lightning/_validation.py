@@ -239,7 +239,9 @@ class Checks:
         hint = "wrap a single batch in a list" if one else ""
         if one or isinstance(value, str | bytes) or not isinstance(value, Iterable):
             self.fail(name, expected, value, hint)
-        if isinstance(value, list | tuple) and not value:
+        # Under a process group an empty list is this rank's shard: the operator reports it to every
+        # rank at its first collective (raising here, on one rank only, would leave the others waiting).
+        if isinstance(value, list | tuple) and not value and not _several_ranks():
             self.fail(name, expected, value, "the probe set is empty")
         return value
 
@@ -252,6 +254,11 @@ class Checks:
                     f"`{key}` is not an argument of {owner}: arguments must be among "
                     f"{', '.join(sorted(accepted))}{f' (did you mean `{close[0]}`?)' if close else ''}"
                 )
+
+
+def _several_ranks() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def parameter_names(target: Callable[..., Any], skip: Collection[str] = ("self",)) -> set[str]:
