@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import csv
 import functools
 
 import lightning as L
@@ -88,3 +90,15 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
     }
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def logged(t: L.Trainer) -> dict[str, dict[int, float]]:
+    """A CSVLogger run's metrics.csv as ``{metric: {step: value}}``."""
+    t.logger.save()
+    out: dict[str, dict[int, float]] = collections.defaultdict(dict)
+    with open(f"{t.logger.log_dir}/metrics.csv") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key != "step" and value != "":
+                    out[key][int(row["step"])] = float(value)
+    return out

@@ -1,11 +1,9 @@
 """LRAdaptation with DriftAdaptiveLR and SharpnessCappedLR inside real Lightning runs."""
 
 import copy
-import csv
 import functools
 import math
 import warnings
-from collections import defaultdict
 
 import lightning as L
 import pytest
@@ -13,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_models import DigitsClassifier, digits, trainer
+from lightning_models import DigitsClassifier, digits, logged, trainer
 
 from pf_lightning import (
     DriftAdaptiveLR,
@@ -24,17 +22,6 @@ from pf_lightning import (
     SharpnessCappedLR,
     gradient_curvature,
 )
-
-
-def logged(t: L.Trainer) -> dict[str, dict[int, float]]:
-    """metrics.csv as {key: {step: value}}."""
-    out: dict[str, dict[int, float]] = defaultdict(dict)
-    with open(f"{t.logger.log_dir}/metrics.csv") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if key != "step" and value != "":
-                    out[key][int(row["step"])] = float(value)
-    return out
 
 
 def dal_factory(**kwargs):

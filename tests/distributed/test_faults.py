@@ -54,7 +54,10 @@ def test_a_rank_raising_inside_a_measurement_stops_it_on_every_rank(ranks):
         assert trial["calls"] == [("all_reduce", 3), ("all_reduce", 1), exchange]
 
     # Rank 1's own inputs fail before any product: reported by the first collective, on entry.
-    for key, message in (("empty_shard", "probe set is empty"), ("preconditioner", "positive, finite entries")):
+    for key, message in (
+        ("empty_shard", "probe set is empty"),
+        ("preconditioner", "positive, finite entries"),
+    ):
         for r in (r0, r1):
             got = r[key]
             assert (got["type"], got["rank"], got["error_type"]) == ("MeasurementAborted", 1, "ValueError")

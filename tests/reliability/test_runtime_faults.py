@@ -8,7 +8,6 @@ exception half-way through a measurement. ``on_error="raise"`` turns each skip i
 from __future__ import annotations
 
 import collections
-import csv
 import functools
 import math
 import random
@@ -21,7 +20,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_models import DigitsClassifier, digits, trainer
+from lightning_models import DigitsClassifier, digits, logged, trainer
 
 from pf_lightning import (
     DriftAdaptiveLR,
@@ -45,18 +44,6 @@ def fit(tmp_path, model, steps, callbacks):
         warnings.simplefilter("always")
         t.fit(model)
     return t, [str(w.message) for w in record]
-
-
-def logged(t) -> dict[str, dict[int, float]]:
-    """metric -> {step: value} from the CSV logger."""
-    t.logger.save()
-    out: dict[str, dict[int, float]] = collections.defaultdict(dict)
-    with open(f"{t.logger.log_dir}/metrics.csv") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if key != "step" and value != "":
-                    out[key][int(row["step"])] = float(value)
-    return out
 
 
 def skip_warnings(messages: list[str]) -> collections.Counter:
