@@ -9,10 +9,9 @@ from .operator import (
     FiniteDifferenceFallbackWarning,
     HessianOperator,
     NonFiniteLossError,
-    PreconditionedOperator,
 )
 from .params import ParameterSpace
-from .precondition import PreconditionerUnavailable, adam_preconditioner
+from .precondition import PreconditionedOperator, PreconditionerUnavailable, adam_preconditioner
 from .state import measurement_context
 
 __all__ = [

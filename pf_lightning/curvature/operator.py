@@ -41,7 +41,7 @@ from .hvp import BACKENDS, DoubleBackwardHVP, FiniteDifferenceHVP, ForwardOverRe
 from .params import ParameterSpace, select_parameters
 from .state import cast_model, measurement_context, rng_state, seeded
 
-__all__ = ["HVP_CHOICES", "HessianOperator", "NonFiniteLossError", "PreconditionedOperator"]
+__all__ = ["HVP_CHOICES", "HessianOperator", "NonFiniteLossError"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 HVP_CHOICES = ("auto", *BACKENDS)
@@ -417,42 +417,3 @@ class _TrialLoss:
             return self.loss_at(index)
         except Exception as err:
             raise _LossFailed(err) from err
-
-
-class PreconditionedOperator(LinearOperator):
-    r"""The preconditioned Hessian :math:`P^{-1/2} H P^{-1/2}` for a diagonal preconditioner ``P``.
-
-    Its eigenvalues are those of :math:`P^{-1} H`; for Adam, :math:`\lambda_{max}` is the
-    *preconditioned sharpness* whose stability threshold is :math:`(2 + 2\beta_1)/((1-\beta_1)\eta)`
-    (Cohen et al. 2022, REFERENCE §1.2).
-
-    Args:
-        base: the Hessian operator.
-        diagonal: the flat, positive diagonal of ``P`` (e.g. from :func:`adam_preconditioner`).
-    """
-
-    def __init__(self, base: LinearOperator, diagonal: Tensor) -> None:
-        _check.instance("base", base, LinearOperator, "a LinearOperator such as a HessianOperator")
-        expected = f"a flat Tensor of shape ({base.n},), positive and finite (e.g. from adam_preconditioner)"
-        _check.instance("diagonal", diagonal, Tensor, expected)
-        if diagonal.shape != (base.n,) or diagonal.is_complex() or diagonal.dtype == torch.bool:
-            hint = f"its shape is {tuple(diagonal.shape)} and its dtype {diagonal.dtype}"
-            _check.fail("diagonal", expected, diagonal, hint)
-        if not bool((diagonal > 0).all()) or not bool(torch.isfinite(diagonal).all()):
-            _check.fail("diagonal", expected, diagonal, "some entries are not positive and finite")
-        super().__init__(base.n, base.dtype, base.device)
-        self.base = base
-        self.scale = diagonal.to(device=base.device, dtype=base.dtype).rsqrt()[:, None]
-
-    @property
-    def global_n(self) -> int:
-        return self.base.global_n
-
-    def _matmat(self, X: Tensor) -> Tensor:
-        return self.scale * self.base.matmat(self.scale * X)
-
-    def inner(self, X: Tensor, Y: Tensor) -> Tensor:
-        return self.base.inner(X, Y)
-
-    def local_rows(self, X: Tensor) -> Tensor:
-        return self.base.local_rows(X)

@@ -13,12 +13,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._validation import Checks
+from ..linalg.operator import LinearOperator
 from .distributed import local_part
 from .params import ParameterSpace
+
+_check = Checks()
 
 __all__ = [
     "ADAM_FAMILY",
     "PRECONDITIONER_WARMUP_STEPS",
+    "PreconditionedOperator",
     "PreconditionerUnavailable",
     "adam_preconditioner",
     "optimizer_steps",
@@ -87,3 +92,42 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, space: ParameterSpace)
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
     """The steps ``optimizer`` has taken, from its per-parameter ``step`` state (the fewest; 0 before any)."""
     return int(min((_step_of(state) for state in optimizer.state.values()), default=0.0))
+
+
+class PreconditionedOperator(LinearOperator):
+    r"""The preconditioned Hessian :math:`P^{-1/2} H P^{-1/2}` for a diagonal preconditioner ``P``.
+
+    Its eigenvalues are those of :math:`P^{-1} H`; for Adam, :math:`\lambda_{max}` is the
+    *preconditioned sharpness* whose stability threshold is :math:`(2 + 2\beta_1)/((1-\beta_1)\eta)`
+    (Cohen et al. 2022, REFERENCE §1.2).
+
+    Args:
+        base: the Hessian operator.
+        diagonal: the flat, positive diagonal of ``P`` (e.g. from :func:`adam_preconditioner`).
+    """
+
+    def __init__(self, base: LinearOperator, diagonal: Tensor) -> None:
+        _check.instance("base", base, LinearOperator, "a LinearOperator such as a HessianOperator")
+        expected = f"a flat Tensor of shape ({base.n},), positive and finite (e.g. from adam_preconditioner)"
+        _check.instance("diagonal", diagonal, Tensor, expected)
+        if diagonal.shape != (base.n,) or diagonal.is_complex() or diagonal.dtype == torch.bool:
+            hint = f"its shape is {tuple(diagonal.shape)} and its dtype {diagonal.dtype}"
+            _check.fail("diagonal", expected, diagonal, hint)
+        if not bool((diagonal > 0).all()) or not bool(torch.isfinite(diagonal).all()):
+            _check.fail("diagonal", expected, diagonal, "some entries are not positive and finite")
+        super().__init__(base.n, base.dtype, base.device)
+        self.base = base
+        self.scale = diagonal.to(device=base.device, dtype=base.dtype).rsqrt()[:, None]
+
+    @property
+    def global_n(self) -> int:
+        return self.base.global_n
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self.scale * self.base.matmat(self.scale * X)
+
+    def inner(self, X: Tensor, Y: Tensor) -> Tensor:
+        return self.base.inner(X, Y)
+
+    def local_rows(self, X: Tensor) -> Tensor:
+        return self.base.local_rows(X)
