@@ -179,14 +179,16 @@ def usable_warm_start(result: EigenResult | None, n: int) -> bool:
     )
 
 
-def monitor_from_state(state: Any) -> tuple[list[dict[str, Any]], EigenResult | None, int, float]:
-    """A :class:`~pf_lightning.HessianEigenMonitor` state: history, latest result, last step, seconds."""
+def monitor_from_state(state: Any) -> tuple[list[dict[str, Any]], EigenResult | None, int, float, int]:
+    """A :class:`~pf_lightning.HessianEigenMonitor` state: history, latest result, last step, seconds,
+    measurements taken (the history is capped, so it cannot tell the trace and density cadence)."""
     state = mapping(state, ("history", "latest", "last_step"), "HessianEigenMonitor")
     history = history_from_state(state["history"])
     latest = result_from_state(state["latest"])
     last_step = count(state["last_step"], "last_step", minimum=-1)
     seconds = max(0.0, finite(state.get("measure_seconds", 0.0), "measure_seconds"))
-    return history, latest, last_step, seconds
+    measured = count(state.get("measured", len(history)), "measured")
+    return history, latest, last_step, seconds, measured
 
 
 def eos_from_state(state: Any) -> tuple[list[dict[str, Any]], list[float], int | None, float, bool]:

@@ -54,8 +54,9 @@ def record(self: Any, trainer: Any, result: EigenResult) -> None:
 
 
 def spectrum_extras(self: Any, trainer: Any, pl_module: Any) -> None:
-    """Trace and density at their slower cadence (counted in measurements)."""
-    count = len(self.history)
+    """Trace and density at their slower cadence (counted in measurements taken, not in the capped
+    history)."""
+    count = self._measured
     common = {
         "hvp": self.hvp,
         "seed": self.seed,

@@ -190,7 +190,8 @@ class HessianEigenMonitor(Callback):
         self._postponed_step = -1
         self._measure_seconds = 0.0
         self._fit_start_time: float | None = None
-        self._resumed = False
+        self._start = "fit"  # "resumed" from a checkpoint, or "unreadable" (its state could not be read)
+        self._measured = 0  # measurements taken (the history is capped): the trace and density cadence
         self._warned: set[str] = set()
 
     @classmethod
@@ -239,7 +240,7 @@ class HessianEigenMonitor(Callback):
         # the saved values back afterwards (Lightning restores callback state after setup).
         if stage == "fit":
             self._last_step = self._postponed_step = -1
-            self._resumed = False
+            self._start = "fit"
             if self._shared_probe is not None:  # every setup runs before any on_train_start
                 self._shared_probe.probe = None
         check_strategy(trainer, self.hvp)
@@ -271,9 +272,12 @@ class HessianEigenMonitor(Callback):
             ) from err
         step = trainer.global_step
         # A resumed fit continues the interrupted one: measure now only where that run was due to and
-        # did not (it raised); not after a fresh start from an unreadable state (last_step -1).
-        resumed = self._due(step) and self._last_step >= 0
-        if resumed if self._resumed else self.at_fit_start and step >= self.warmup_steps:
+        # did not (it raised); nothing after a fresh start from an unreadable state.
+        if self._start == "resumed":
+            due = self._due(step)
+        else:
+            due = self._start == "fit" and self.at_fit_start and step >= self.warmup_steps
+        if due:
             self.measure(trainer, pl_module)
 
     # -- when to measure ---------------------------------------------------------------------
@@ -329,6 +333,7 @@ class HessianEigenMonitor(Callback):
         self._measure_seconds += result.seconds
         self.latest = result
         record(self, trainer, result)
+        self._measured += 1
         spectrum_extras(self, trainer, pl_module)
         for listener in self._listeners:
             try:
@@ -431,13 +436,17 @@ class HessianEigenMonitor(Callback):
             "latest": result_state(self.latest, self.checkpoint_eigenvectors),
             "last_step": self._last_step,
             "measure_seconds": self._measure_seconds,
+            "measured": self._measured,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed = True
+        self._start = "resumed"
         try:
-            self.history, self.latest, self._last_step, self._measure_seconds = monitor_from_state(state_dict)
+            state = monitor_from_state(state_dict)
+            self.history, self.latest, self._last_step, self._measure_seconds, self._measured = state
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
+            self._start = "unreadable"
             self.latest, self.history, self._last_step, self._measure_seconds = None, [], -1, 0.0
+            self._measured = 0

@@ -22,8 +22,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_models import DigitsClassifier, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning_models import DigitsClassifier, logged, trainer
 
 from pf_lightning import DriftAdaptiveLR, EdgeOfStabilityMonitor, HessianEigenMonitor, SharpnessCappedLR
 from pf_lightning.callbacks import LRAdaptation
@@ -120,6 +121,41 @@ def test_a_fit_interrupted_during_a_measurement_resumes_to_the_uninterrupted_his
     ]
     for p, q in zip(model.parameters(), straight_model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_first_measurement_that_raised_is_taken_on_resume(tmp_path):
+    """``at_fit_start=False``: the first due measurement (step 2) raises, the exception checkpoint is
+    written at step 2, and the resumed fit measures at step 2 before training on."""
+
+    def failing(module, batch):
+        if module.trainer.global_step == 2 and not module.trainer.ckpt_path:
+            raise _Interrupt("first measurement")
+        return module.loss(batch)
+
+    def run(ckpt_path=None):
+        L.seed_everything(0)
+        monitor = HessianEigenMonitor(
+            k=1, every_n_steps=2, at_fit_start=False, loss_fn=failing, on_error="raise"
+        )
+        saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
+        trainer(tmp_path, max_steps=4, callbacks=[monitor, saver], enable_checkpointing=True).fit(
+            DigitsClassifier(n=64), ckpt_path=ckpt_path
+        )
+        return monitor
+
+    with pytest.raises(_Interrupt):
+        run()
+    assert torch.load(tmp_path / "on_exception.ckpt", weights_only=False)["global_step"] == 2
+    assert [h["step"] for h in run(str(tmp_path / "on_exception.ckpt")).history] == [2, 4]
+
+
+def test_trace_cadence_counts_measurements_not_the_capped_history(tmp_path):
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=1, max_history=1, trace_every=3, trace_hvp=3)
+    monitor_trainer = trainer(tmp_path, max_steps=6, callbacks=[monitor], logger=CSVLogger(tmp_path))
+    monitor_trainer.fit(DigitsClassifier(n=64))
+    assert len(monitor.history) == 1 and monitor.history[0]["step"] == 6
+    assert sorted(logged(monitor_trainer)["hessian/trace"]) == [0, 3, 6]  # measurements 1, 4, 7
 
 
 # -- (b) corrupted and foreign callback states -----------------------------------------------
@@ -354,7 +390,7 @@ sys.path.insert(0, "tests")
 import functools, math, warnings
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
-from lightning_models import DigitsClassifier, trainer
+from lightning_models import DigitsClassifier, logged, trainer
 from pf_lightning import DriftAdaptiveLR, EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.callbacks import LRAdaptation
 
