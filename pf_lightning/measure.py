@@ -9,12 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import Checks
-from .curvature import HVP_CHOICES, HessianOperator, PreconditionedOperator, adam_preconditioner
+from .curvature import HessianOperator, PreconditionedOperator, adam_preconditioner
+from .curvature.operator import check_arguments
+from .curvature.precondition import check_diagonal
 from .linalg import EigenResult, lanczos, lobpcg
 from .linalg._common import WHICH
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
-from .probe import ProbeSet
 
 __all__ = ["METHODS", "hessian_density", "hessian_eigenpairs", "hessian_trace", "loss_of", "output_loss"]
 
@@ -27,12 +28,7 @@ def _check_measurement(
     model: Any, loss_fn: Any, batches: Any, hvp: Any, seed: Any, params: Any, dtype: Any
 ) -> None:
     """The arguments every measurement function shares, checked before any work."""
-    _check.instance("model", model, nn.Module, "a torch.nn.Module (or a DDP wrapper of one)")
-    _check.function("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar Tensor", 2, allow_none=False)
-    if not isinstance(batches, ProbeSet):
-        _check.batches("batches", batches, single_batch=True)
-    _check.choice("hvp", hvp, HVP_CHOICES)
-    _check.seed("seed", seed)
+    check_arguments(model, loss_fn, batches, hvp, seed, probe_name="batches")
     _check.patterns("params", params)
     _check.dtype("dtype", dtype)
 
@@ -222,17 +218,7 @@ def hessian_eigenpairs(
                 diagonal = adam_preconditioner(preconditioner, hessian.space)
             else:
                 diagonal = preconditioner
-                if (
-                    diagonal.shape != (hessian.n,)
-                    or diagonal.is_complex()
-                    or diagonal.dtype == torch.bool
-                    or not bool(torch.isfinite(diagonal).all() and (diagonal > 0).all())
-                ):
-                    _check.fail(
-                        "preconditioner",
-                        f"a flat Tensor of shape ({hessian.n},) with positive, finite entries",
-                        preconditioner,
-                    )
+                check_diagonal("preconditioner", diagonal, hessian.n)  # named as the caller knows it
             op = PreconditionedOperator(hessian, diagonal)
         X0 = _warm_vectors(warm_start, op.n)
     with hessian:

@@ -22,8 +22,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..linalg import EigenResult
-
-WHICH = ("top", "bottom", "both")
+from ..linalg._common import WHICH
 
 
 class UnreadableState(ValueError):

@@ -349,16 +349,18 @@ class EdgeOfStabilityMonitor(Callback):
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            # Lightning divides each micro-batch loss by the accumulation count: undo it, and record the
-            # mean over the micro-batches of one optimizer step.
-            self._pending_losses.append(loss.detach().double() * trainer.accumulate_grad_batches)
+            self._pending_losses.append(loss.detach())
         step = trainer.global_step
         if step == self._last_loss_step:
             return  # gradient accumulation: the optimizer step is not complete yet
         self._last_loss_step = step
         if self._pending_losses:
-            self.losses.append(sum(self._pending_losses) / len(self._pending_losses))
-            self._pending_losses.clear()
+            pending, accumulate = self._pending_losses, trainer.accumulate_grad_batches
+            # Lightning divides each micro-batch loss by the accumulation count: undo it, and record the
+            # mean over the micro-batches of one optimizer step (no device work without accumulation).
+            mean = pending[0] if len(pending) == 1 else torch.stack(pending).double().mean()
+            self.losses.append(mean if accumulate == 1 else mean.double() * accumulate)
+            self._pending_losses = []
         if self.proxies and step % self.proxy_every_n_steps == 0:
             self._log_proxies(trainer, pl_module, batch)
 

@@ -48,6 +48,19 @@ HVP_CHOICES = ("auto", *BACKENDS)
 _check = Checks()
 
 
+def check_arguments(
+    model: Any, loss_fn: Any, probe: Any, hvp: Any, seed: Any, probe_name: str = "probe"
+) -> None:
+    """The arguments of a Hessian operator, and of every measurement function (``probe_name``:
+    what the caller calls the batches), checked before any work."""
+    _check.instance("model", model, nn.Module, "a torch.nn.Module")
+    _check.function("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar Tensor", 2, allow_none=False)
+    if not isinstance(probe, ProbeSet):
+        _check.batches(probe_name, probe, single_batch=True)
+    _check.choice("hvp", hvp, HVP_CHOICES)
+    _check.seed("seed", seed)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss of a probe batch is NaN or infinite: its curvature is meaningless."""
 
@@ -110,12 +123,7 @@ class HessianOperator(LinearOperator):
         dtype: torch.dtype | None = None,
         weights: Sequence[float] | None = None,
     ) -> None:
-        _check.instance("model", model, nn.Module, "a torch.nn.Module")
-        _check.function("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar Tensor", 2, allow_none=False)
-        if not isinstance(probe, ProbeSet):
-            _check.batches("probe", probe, single_batch=True)
-        _check.choice("hvp", hvp, HVP_CHOICES)
-        _check.seed("seed", seed)
+        check_arguments(model, loss_fn, probe, hvp, seed)
         _check.flag("cache_graphs", cache_graphs)
         select_parameters(model, params, argument="params")  # names `params` if none matches
         self.space = ParameterSpace(model, params, dtype=dtype)
@@ -203,7 +211,8 @@ class HessianOperator(LinearOperator):
         """The operator's own all-reduce of ``buffer``, reporting what this rank holds (see
         :func:`~pf_lightning.curvature.distributed.reduce_agreed`); whether the sum is finite."""
         held = self._failure.take()
-        return reduce_agreed(buffer, error if error is not None else held, NonFiniteLossError)
+        # the failure this rank held comes first: an error after it is most likely its consequence
+        return reduce_agreed(buffer, held if held is not None else error, NonFiniteLossError)
 
     # -- loss and backends -------------------------------------------------------------------
     def _loss(self, index: int) -> Tensor:

@@ -10,6 +10,8 @@ case :math:`\beta_1 = 0` without bias correction: :math:`P = \sqrt{\nu} + \epsil
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,7 @@ __all__ = [
     "PreconditionedOperator",
     "PreconditionerUnavailable",
     "adam_preconditioner",
+    "check_diagonal",
     "optimizer_steps",
 ]
 
@@ -94,6 +97,18 @@ def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
     return int(min((_step_of(state) for state in optimizer.state.values()), default=0.0))
 
 
+def check_diagonal(name: str, diagonal: Any, n: int) -> None:
+    """``diagonal`` is a flat Tensor of ``n`` positive, finite entries (``ValueError`` naming ``name``)."""
+    expected = f"a flat Tensor of shape ({n},) with positive, finite entries (e.g. from adam_preconditioner)"
+    _check.instance(name, diagonal, Tensor, expected)
+    if diagonal.shape != (n,) or diagonal.is_complex() or diagonal.dtype == torch.bool:
+        _check.fail(
+            name, expected, diagonal, f"its shape is {tuple(diagonal.shape)} and its dtype {diagonal.dtype}"
+        )
+    if not bool((diagonal > 0).all()) or not bool(torch.isfinite(diagonal).all()):
+        _check.fail(name, expected, diagonal, "some entries are not positive and finite")
+
+
 class PreconditionedOperator(LinearOperator):
     r"""The preconditioned Hessian :math:`P^{-1/2} H P^{-1/2}` for a diagonal preconditioner ``P``.
 
@@ -108,13 +123,7 @@ class PreconditionedOperator(LinearOperator):
 
     def __init__(self, base: LinearOperator, diagonal: Tensor) -> None:
         _check.instance("base", base, LinearOperator, "a LinearOperator such as a HessianOperator")
-        expected = f"a flat Tensor of shape ({base.n},), positive and finite (e.g. from adam_preconditioner)"
-        _check.instance("diagonal", diagonal, Tensor, expected)
-        if diagonal.shape != (base.n,) or diagonal.is_complex() or diagonal.dtype == torch.bool:
-            hint = f"its shape is {tuple(diagonal.shape)} and its dtype {diagonal.dtype}"
-            _check.fail("diagonal", expected, diagonal, hint)
-        if not bool((diagonal > 0).all()) or not bool(torch.isfinite(diagonal).all()):
-            _check.fail("diagonal", expected, diagonal, "some entries are not positive and finite")
+        check_diagonal("diagonal", diagonal, base.n)
         super().__init__(base.n, base.dtype, base.device)
         self.base = base
         self.scale = diagonal.to(device=base.device, dtype=base.dtype).rsqrt()[:, None]
