@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ._validation import Checks, is_int
+from ._validation import Checks, is_int, is_number
 from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr
 
 __all__ = ["DriftAdaptiveLR", "SharpnessCappedLR"]
@@ -46,10 +46,6 @@ def _as_float(value: Any) -> float | None:
             raise ValueError(f"expected a scalar metric, got a tensor of shape {tuple(value.shape)}")
         return float(value.detach())
     return float(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class _MeasuredLR(LRScheduler):
@@ -125,13 +121,13 @@ class _MeasuredLR(LRScheduler):
             if not isinstance(values, list | tuple) or len(values) != n_groups:
                 bad(f"{key} is {values!r}, not a list of {n_groups} rate(s), one per parameter group")
             for value in values:
-                if not _is_number(value) or not math.isfinite(value) or value < 0:
+                if not is_number(value) or not math.isfinite(value) or value < 0:
                     bad(f"{key} holds {value!r}, not a finite rate >= 0")
         measured = state["measured"]
-        if measured is not None and not (_is_number(measured) and math.isfinite(measured)):
+        if measured is not None and not (is_number(measured) and math.isfinite(measured)):
             bad(f"measured is {measured!r}, not a finite number or None")
         for key in self._numbers:
-            if key in state and not (_is_number(state[key]) and math.isfinite(state[key])):
+            if key in state and not (is_number(state[key]) and math.isfinite(state[key])):
                 bad(f"{key} is {state[key]!r}, not a finite number")
 
     def lightning_config(self, name: str | None = None) -> dict[str, Any]:
@@ -253,7 +249,7 @@ class DriftAdaptiveLR(_MeasuredLR):
             or (
                 isinstance(window, list | tuple)
                 and len(window) == 2
-                and all(_is_number(w) or w is None for w in window)
+                and all(is_number(w) or w is None for w in window)
             )
         ):
             raise ValueError(
