@@ -273,11 +273,8 @@ class HessianEigenMonitor(Callback):
         step = trainer.global_step
         # A resumed fit continues the interrupted one: measure now only where that run was due to and
         # did not (it raised); nothing after a fresh start from an unreadable state.
-        if self._start == "resumed":
-            due = self._due(step)
-        else:
-            due = self._start == "fit" and self.at_fit_start and step >= self.warmup_steps
-        if due:
+        fresh = self._start == "fit" and self.at_fit_start and step >= self.warmup_steps
+        if self._due(step) if self._start == "resumed" else fresh:
             self.measure(trainer, pl_module)
 
     # -- when to measure ---------------------------------------------------------------------
