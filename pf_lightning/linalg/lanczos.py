@@ -56,16 +56,18 @@ def default_basis_size(n_wanted: int, n: int) -> int:
 
 
 def _recombine(V: Tensor, S: Tensor) -> None:
-    """``V[:, :p] = V[:, :m] @ S`` in place for an ``(m, p)`` matrix ``S``, ``p <= m``.
+    """``V[:p] = S^T V[:m]`` in place for the ``(m + 1, n)`` basis (one vector per row) and an ``(m, p)``
+    matrix ``S``, ``p <= m``: the new rows are the Ritz vectors ``V[:m]^T S``.
 
-    Row blocks are independent, so recombining ``m`` blocks of ``n / m`` rows one after the other needs
-    less than one extra vector, where ``V[:, :m] @ S`` at once would need ``p`` of them.
+    Column blocks are independent, so recombining ``m`` blocks of ``n / m`` entries one after the other
+    needs less than one extra vector, where ``S^T V[:m]`` at once would need ``p`` of them.
     """
     m, p = S.shape
-    rows = max(1, -(-V.shape[0] // m))
-    for first in range(0, V.shape[0], rows):
-        block = V[first : first + rows]
-        block[:, :p] = block[:, :m] @ S
+    width = max(1, -(-V.shape[1] // m))
+    St = S.mT
+    for first in range(0, V.shape[1], width):
+        block = V[:, first : first + width]
+        block[:p] = St @ block[:m]
 
 
 def lanczos(
@@ -132,18 +134,20 @@ def lanczos(
         v = op.randn(1, generator)[:, 0]
         nrm = float(op.inner(v, v)) ** 0.5
 
-    V = torch.zeros(op.n, m + 1, dtype=op.dtype, device=op.device)
-    V[:, 0] = v / nrm
+    # One basis vector per row: each new vector is written, and each product's input read, in one
+    # contiguous stretch (columns of an (n, m + 1) matrix cost 30% more per step on a CPU at n = 55k).
+    V = torch.zeros(m + 1, op.n, dtype=op.dtype, device=op.device)
+    V[0] = v / nrm
     H = torch.zeros(m + 1, m, dtype=torch.float64, device=op.device)
     eps = torch.finfo(op.dtype).eps
     used, restarts, scale = 0, 0, 0.0
 
     j = 0
     while True:
-        w = op.matvec(V[:, j])
+        w = op.matvec(V[j])
         used += 1
         check_finite(w)
-        basis = V[:, : j + 1]
+        basis = V[: j + 1].mT  # (n, j + 1): the blocks the operator's inner product takes
         h = op.inner(basis, w)
         w = w - basis @ h
         h2 = op.inner(basis, w)
@@ -154,14 +158,14 @@ def lanczos(
         complete = False
         if beta > 100 * eps * max(scale, 1e-300):
             H[j + 1, j] = beta
-            V[:, j + 1] = w / beta
+            V[j + 1] = w / beta
         else:
             # An invariant subspace: its Ritz pairs are exact. Continue from a fresh direction
             # (coupling 0) unless the basis already spans the whole space.
             H[j + 1, j] = 0.0
             fresh = orthonormalize(op, op.randn(1, generator), against=basis) if j + 1 < n else V[:, :0]
             complete = fresh.shape[1] == 0
-            V[:, j + 1] = 0.0 if complete else fresh[:, 0]
+            V[j + 1] = 0.0 if complete else fresh[:, 0]
         j += 1
         if j < n_wanted and not complete and used < budget:
             continue
@@ -175,7 +179,7 @@ def lanczos(
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
         if bool(conv.all()) or complete or used >= budget:
-            vectors = V[:, :j] @ S[:, wanted].to(op.dtype)
+            vectors = V[:j].mT @ S[:, wanted].to(op.dtype)
             info = {
                 "restarts": restarts,
                 "basis_size": m,
@@ -203,7 +207,7 @@ def lanczos(
         n_keep = min(n_wanted + (m - n_wanted) // 2, m - 1)
         keep = select_block(theta, n_keep, which)
         _recombine(V, S[:, keep].to(op.dtype))
-        V[:, n_keep] = V[:, m]
+        V[n_keep] = V[m]
         H.zero_()
         H[:n_keep, :n_keep] = torch.diag(theta[keep])
         H[n_keep, :n_keep] = beta_last * S[m - 1, keep]
