@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..curvature.params import measurement_dtype
 from ..linalg import EigenResult
 from ..logging import log_metrics, wandb_experiments, wandb_log
 from ..measure import hessian_density, hessian_trace
@@ -61,7 +62,7 @@ def spectrum_extras(self: Any, trainer: Any, pl_module: Any) -> None:
         "hvp": self.hvp,
         "seed": self.seed,
         "params": self.params,
-        "dtype": self.dtype or self._default_dtype(pl_module),
+        "dtype": measurement_dtype(pl_module, self.dtype),
     }
     metrics: dict[str, float] = {}
     if self.trace_every and count % self.trace_every == 1 % self.trace_every:
@@ -70,7 +71,6 @@ def spectrum_extras(self: Any, trainer: Any, pl_module: Any) -> None:
         except Exception as err:
             self._skip(trainer, err, "trace skipped", "trace_skipped")
         else:
-            self._measure_seconds += estimate.seconds
             metrics[self.metric("trace")] = estimate.trace
             metrics[self.metric("trace_std")] = estimate.std_error
             self.history[-1]["trace"] = estimate.trace
@@ -79,7 +79,6 @@ def spectrum_extras(self: Any, trainer: Any, pl_module: Any) -> None:
             self.density = hessian_density(
                 pl_module, self.loss_fn, self.probe, n_steps=self.density_steps, **common
             )
-            self._measure_seconds += self.density.seconds
             log_density(self, trainer)
         except Exception as err:
             self._skip(trainer, err, "density skipped", "density_skipped")

@@ -21,12 +21,13 @@ from typing_extensions import override
 from .._validation import Checks, is_int
 from ..curvature import HVP_CHOICES, HessianOperator, ParameterSpace, measurement_context
 from ..curvature.distributed import any_rank
-from ..curvature.params import select_parameters
+from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
 from ..logging import define_wandb_metrics, log_metrics, metric_name, warn_once
 from ..measure import hessian_eigenpairs
 from ..probe import ProbeSet
+from ._budget import TimeBudget
 from ._checkpoint import (
     UnreadableState,
     monitor_from_state,
@@ -66,8 +67,10 @@ class HessianEigenMonitor(Callback):
         tol: relative residual tolerance of each eigenpair.
         max_hvp: Hessian-vector products allowed per measurement (``None``: the solver's default).
         warm_start: start each measurement from the previous eigenvectors.
-        max_time_fraction: cap on the fraction of wall time spent measuring; a measurement that would
-            exceed it is postponed (logged as ``hessian/postponed``, warned once).
+        max_time_fraction: cap on the fraction of the fit's wall time spent measuring (each measurement
+            charged its whole wall time, listeners included); a due measurement that would exceed it is
+            postponed to the next due step that fits (logged as ``hessian/postponed``, warned once). The
+            fraction spent so far is logged at every measurement as ``hessian/time_fraction``.
         params: glob patterns restricting the measured parameters.
         dtype: measure in this dtype (default: the parameters' own; float32 for half-precision weights).
         max_history: measurements kept in ``.history`` (oldest dropped first).
@@ -186,10 +189,8 @@ class HessianEigenMonitor(Callback):
         self.latest: EigenResult | None = None
         self.history: list[dict[str, Any]] = []
         self._listeners: list[Listener] = []
-        self._last_step = -1
-        self._postponed_step = -1
-        self._measure_seconds = 0.0
-        self._fit_start_time: float | None = None
+        self._last_step = self._postponed_step = -1
+        self._budget = TimeBudget()
         self._start = "fit"  # "resumed" from a checkpoint, or "unreadable" (its state could not be read)
         self._measured = 0  # measurements taken (the history is capped): the trace and density cadence
         self._warned: set[str] = set()
@@ -256,7 +257,7 @@ class HessianEigenMonitor(Callback):
             if shared is not None:
                 shared.probe = self.probe
         self._check_module(pl_module)
-        self._fit_start_time = time.perf_counter()
+        self._budget.start_fit()
         define_wandb_metrics(trainer)
         # Fail now, not at the first measurement, if there is no loss or the probe does not fit the
         # model; guarded like a measurement, so BatchNorm statistics and the random stream are kept.
@@ -308,17 +309,18 @@ class HessianEigenMonitor(Callback):
         step = trainer.global_step
         if self.probe is None or (step == self._last_step and not force):
             return None
-        over = not force and self._over_budget()
-        if self.max_time_fraction is not None:  # wall clocks differ between ranks: postpone together
-            (over,) = any_rank([over], pl_module.device)
-        if over:
-            if step != self._postponed_step:  # the step hook and fit end may both ask at one step
-                self._postponed_step = step
-                self._warn_once(
-                    "budget", f"measuring would exceed max_time_fraction={self.max_time_fraction}: postponed"
-                )
-                log_metrics(trainer, {self.metric("postponed"): 1.0}, step)
+        if not force and self._postponed(trainer, pl_module, step):
             return None
+        begin = time.perf_counter()
+        try:
+            result = self._measure_now(trainer, pl_module, step)
+        finally:  # a failed attempt costs time too
+            self._budget.charge(time.perf_counter() - begin)
+        if result is not None:
+            log_metrics(trainer, {self.metric("time_fraction"): self._budget.spent_fraction()}, step)
+        return result
+
+    def _measure_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> EigenResult | None:
         previous, self._last_step = self._last_step, step
         try:
             result = self.compute(pl_module)
@@ -327,7 +329,6 @@ class HessianEigenMonitor(Callback):
                 self._last_step = previous  # not measured: a checkpoint written on the way out says so
             self._skip(trainer, err, "measurement skipped", "skipped")
             return None
-        self._measure_seconds += result.seconds
         self.latest = result
         record(self, trainer, result)
         self._measured += 1
@@ -358,7 +359,7 @@ class HessianEigenMonitor(Callback):
         self, pl_module: LightningModule, k: int | None = None, which: str | None = None, **overrides: Any
     ) -> EigenResult:
         """One measurement on the probe set with this monitor's settings (``overrides`` win)."""
-        dtype = self.dtype or self._default_dtype(pl_module)
+        dtype = measurement_dtype(pl_module, self.dtype)
         warm = overrides.pop("warm_start", self.latest if self.warm_start else None)
         # No vectors (a checkpoint without them), vectors of another length (other parameters, or
         # another sharding after a resume) or non-finite ones: start cold rather than fail.
@@ -391,7 +392,7 @@ class HessianEigenMonitor(Callback):
             params=self.params,
             hvp=self.hvp,
             seed=self.seed,
-            dtype=self.dtype or self._default_dtype(pl_module),
+            dtype=measurement_dtype(pl_module, self.dtype),
         )
 
     def _check_module(self, pl_module: LightningModule) -> None:
@@ -400,7 +401,7 @@ class HessianEigenMonitor(Callback):
         exist on this machine."""
         try:
             select_parameters(pl_module, self.params, argument="params")
-            space = ParameterSpace(pl_module, self.params, dtype=self.dtype or self._default_dtype(pl_module))
+            space = ParameterSpace(pl_module, self.params, dtype=measurement_dtype(pl_module, self.dtype))
         except ValueError as err:
             raise MisconfigurationException(f"HessianEigenMonitor cannot measure this module: {err}") from err
         wanted = self.k * (2 if self.which == "both" else 1)
@@ -411,16 +412,16 @@ class HessianEigenMonitor(Callback):
             )
         check.usable_device("basis_device", self.basis_device)
 
-    def _default_dtype(self, pl_module: LightningModule) -> torch.dtype | None:
-        dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}
-        return torch.float32 if dtypes & {torch.float16, torch.bfloat16} else None
-
-    def _over_budget(self) -> bool:
-        if self.max_time_fraction is None or self._fit_start_time is None or self.latest is None:
-            return False
-        elapsed = time.perf_counter() - self._fit_start_time
-        expected = self._measure_seconds + self.latest.seconds
-        return expected > self.max_time_fraction * (elapsed + self.latest.seconds)
+    def _postponed(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:
+        fraction = self.max_time_fraction
+        over = self._budget.over(fraction, self.latest)
+        if fraction is not None:  # wall clocks differ between ranks: postpone together
+            (over,) = any_rank([over], pl_module.device)
+        if over and step != self._postponed_step:  # the step hook and fit end may both ask at one step
+            self._postponed_step = step
+            self._warn_once("budget", f"measuring would exceed max_time_fraction={fraction}: postponed")
+            log_metrics(trainer, {self.metric("postponed"): 1.0}, step)
+        return over
 
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
@@ -432,7 +433,7 @@ class HessianEigenMonitor(Callback):
             "history": self.history,
             "latest": result_state(self.latest, self.checkpoint_eigenvectors),
             "last_step": self._last_step,
-            "measure_seconds": self._measure_seconds,
+            "measure_seconds": self._budget.total,
             "measured": self._measured,
         }
 
@@ -441,9 +442,9 @@ class HessianEigenMonitor(Callback):
         self._start = "resumed"
         try:
             state = monitor_from_state(state_dict)
-            self.history, self.latest, self._last_step, self._measure_seconds, self._measured = state
+            self.history, self.latest, self._last_step, self._budget.total, self._measured = state
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
             self._start = "unreadable"
-            self.latest, self.history, self._last_step, self._measure_seconds = None, [], -1, 0.0
+            self.latest, self.history, self._last_step, self._budget.total = None, [], -1, 0.0
             self._measured = 0

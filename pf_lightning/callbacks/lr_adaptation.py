@@ -28,7 +28,7 @@ from typing_extensions import override
 from .._validation import Checks, parameter_names
 from ..curvature import HVP_CHOICES, HessianOperator
 from ..curvature.drift import gradient_curvature
-from ..curvature.params import select_parameters
+from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import NonFiniteOperatorError
 from ..logging import log_metrics, metric_name
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
@@ -264,8 +264,6 @@ class LRAdaptation(Callback):
     def _measure_drift(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> float:
         """Measure ||Hg||/||g|| on ``batch``, log it, and return it (NaN when it failed)."""
         exact = self.hvp != "forward_difference"
-        dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}
-        dtype = torch.float32 if dtypes & {torch.float16, torch.bfloat16} else None
         metrics: dict[str, float]
         try:
             with HessianOperator(
@@ -275,7 +273,7 @@ class LRAdaptation(Callback):
                 params=self.params,
                 hvp=self.hvp if exact else "auto",
                 seed=self.seed,
-                dtype=dtype,
+                dtype=measurement_dtype(pl_module),
             ) as op:
                 gc = gradient_curvature(op, "operator" if exact else "forward_difference")
             if not (gc.finite and math.isfinite(gc.hg_ratio)):

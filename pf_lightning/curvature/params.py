@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .._validation import Checks
 from .distributed import ShardLayout, is_sharded, local_part
 
-__all__ = ["ParameterSpace", "select_parameters"]
+__all__ = ["ParameterSpace", "measurement_dtype", "select_parameters"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _check = Checks()
@@ -49,6 +49,16 @@ def select_parameters(
             f"{pats}; names look like: {names}{', ...' if len(trainable) > 8 else ''}"
         )
     return chosen
+
+
+def measurement_dtype(module: nn.Module, dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype a callback measures in: ``dtype`` when given; otherwise float32 for a module with
+    half-precision trainable weights (bfloat16 or float16 passes are too coarse for the solver), and
+    ``None`` (the parameters' own) for any other."""
+    if dtype is not None:
+        return dtype
+    dtypes = {p.dtype for p in module.parameters() if p.requires_grad}
+    return torch.float32 if dtypes & {torch.float16, torch.bfloat16} else None
 
 
 class ParameterSpace:

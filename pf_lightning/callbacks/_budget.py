@@ -1,0 +1,54 @@
+"""The wall-time budget of a :class:`~pf_lightning.HessianEigenMonitor`'s measurements.
+
+``max_time_fraction`` caps the fraction of a fit's wall time spent measuring. A measurement is charged
+its whole wall time (the eigenpairs, the trace and density at their cadence, the listeners such as the
+edge-of-stability diagnostics, and a failed attempt), and a due measurement is postponed while the
+time spent so far plus the expected cost of this one (the last one's) would exceed the fraction of the
+fit's wall time at its end. The window is one fit: a resumed fit starts a fresh one, so the measuring
+time of the interrupted process does not count against the new process's wall time.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..linalg import EigenResult
+
+
+class TimeBudget:
+    """Measuring time against one fit's wall time.
+
+    The cap itself is the monitor's ``max_time_fraction``, read at every decision.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0  # every fit's measuring time (kept in checkpoints)
+        self._start: float | None = None
+        self._spent = 0.0
+        self._last: float | None = None
+
+    def start_fit(self) -> None:
+        self._start, self._spent, self._last = time.perf_counter(), 0.0, None
+
+    def charge(self, seconds: float) -> None:
+        self._spent += seconds
+        self.total += seconds
+        self._last = seconds
+
+    def over(self, fraction: float | None, latest: EigenResult | None) -> bool:
+        """Whether one more measurement would take the fit past ``fraction`` of its wall time; it is
+        expected to last as long as the last one in this fit (before any: ``latest``'s solver time,
+        e.g. from a checkpoint)."""
+        if fraction is None or self._start is None:
+            return False
+        cost = self._last if self._last is not None else None if latest is None else latest.seconds
+        if cost is None:
+            return False
+        elapsed = time.perf_counter() - self._start
+        return self._spent + cost > fraction * (elapsed + cost)
+
+    def spent_fraction(self) -> float:
+        """The fraction of this fit's wall time spent measuring so far."""
+        if self._start is None:
+            return 0.0
+        return self._spent / max(time.perf_counter() - self._start, 1e-12)
