@@ -2,9 +2,10 @@
 
 A fake clock replaces ``time.perf_counter`` in the monitor and its budget: every training step costs
 1 s and every measurement 4 s (spent in a listener, so the test also shows that a listener's time is
-charged to the measurement). With a fraction of 0.5 the schedule has a closed form: after the cold
-measurement at fit start (4 s of 4 s), the next one waits until 4 + 4 <= 0.5 (elapsed + 4), i.e. step 8;
-from then on one measurement per 4 steps keeps measuring at exactly half the wall time.
+charged to the measurement). The cap bounds the measuring time by a fraction of the rest of the fit's
+time, so with 0.5 the schedule has a closed form: after the cold measurement at fit start (4 s), the
+next one waits until 4 + 4 <= 0.5 x (steps so far), i.e. step 16; from then on one measurement per 8
+steps keeps measuring at exactly half the training time.
 """
 
 import types
@@ -58,13 +59,14 @@ def _monitor(clock, **kwargs):
 def test_the_schedule_keeps_measuring_at_the_fraction(tmp_path, clock):
     L.seed_everything(0)
     monitor = _monitor(clock, at_fit_end=False)
-    t = trainer(tmp_path, max_steps=24, callbacks=[StepCost(clock), monitor], logger=CSVLogger(tmp_path))
+    t = trainer(tmp_path, max_steps=40, callbacks=[StepCost(clock), monitor], logger=CSVLogger(tmp_path))
     with pytest.warns(RuntimeWarning, match="max_time_fraction=0.5: postponed"):
         t.fit(DigitsClassifier(n=64, batch_size=32))
-    assert [h["step"] for h in monitor.history] == [0, 8, 12, 16, 20, 24]
+    assert [h["step"] for h in monitor.history] == [0, 16, 24, 32, 40]
     metrics = logged(t)
-    assert metrics["hessian/time_fraction"] == {0: 1.0, 8: 0.5, 12: 0.5, 16: 0.5, 20: 0.5, 24: 0.5}
-    assert sorted(metrics["hessian/postponed"]) == [s for s in range(1, 24) if s not in (8, 12, 16, 20)]
+    # At fit start nothing else has taken time yet: 4 s over the 1 ms floor.
+    assert metrics["hessian/time_fraction"] == {0: 4000.0, 16: 0.5, 24: 0.5, 32: 0.5, 40: 0.5}
+    assert sorted(metrics["hessian/postponed"]) == [s for s in range(1, 40) if s not in (16, 24, 32)]
 
 
 def test_without_a_cap_every_due_step_is_measured_and_the_fraction_is_logged(tmp_path, clock):
@@ -75,8 +77,8 @@ def test_without_a_cap_every_due_step_is_measured_and_the_fraction_is_logged(tmp
     t.fit(DigitsClassifier(n=64, batch_size=32))
     assert [h["step"] for h in monitor.history] == [0, 1, 2, 3, 4]
     fractions = logged(t)["hessian/time_fraction"]
-    # After step s: 4 (s + 1) s measuring in 4 (s + 1) + s s of wall time.
-    assert fractions == pytest.approx({s: 4 * (s + 1) / (5 * s + 4) for s in range(5)})
+    # After step s: 4 (s + 1) s measuring against s s of training.
+    assert fractions == pytest.approx({0: 4000.0, **{s: 4 * (s + 1) / s for s in range(1, 5)}})
     assert "hessian/postponed" not in logged(t)
 
 
@@ -84,21 +86,21 @@ def test_a_resumed_fit_starts_a_fresh_window(tmp_path, clock):
     """The interrupted process's measuring time is not held against the new process's wall time (it
     was: the resumed fit then postponed every measurement until its own time caught up)."""
     L.seed_everything(0)
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=12)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=24)
     first = _monitor(clock, at_fit_end=False)
     callbacks = [StepCost(clock), first, checkpoints]
-    trainer(tmp_path, max_steps=12, callbacks=callbacks, enable_checkpointing=True).fit(
+    trainer(tmp_path, max_steps=24, callbacks=callbacks, enable_checkpointing=True).fit(
         DigitsClassifier(n=64, batch_size=32)
     )
-    assert [h["step"] for h in first.history] == [0, 8, 12]
+    assert [h["step"] for h in first.history] == [0, 16, 24]
     clock.now += 10_000.0  # the process that resumes starts much later
     resumed = _monitor(clock, at_fit_end=False)
-    trainer(tmp_path, max_steps=32, callbacks=[StepCost(clock), resumed], enable_checkpointing=True).fit(
+    trainer(tmp_path, max_steps=48, callbacks=[StepCost(clock), resumed], enable_checkpointing=True).fit(
         DigitsClassifier(n=64, batch_size=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
-    # The first due step measures (nothing spent in this fit yet); then 4 s at steps 13..20 give
-    # 4 + 4 <= 0.5 (8 + 4) at step 20, and one in four steps after that.
-    assert [h["step"] for h in resumed.history] == [0, 8, 12, 13, 20, 24, 28, 32]
+    # The first due step measures (nothing spent in this fit yet); then 4 + 4 <= 0.5 x (steps since the
+    # resume) at step 24 + 16 = 40, and 4 + 8 <= 0.5 x 24 at step 48.
+    assert [h["step"] for h in resumed.history] == [0, 16, 24, 25, 40, 48]
 
 
 def test_budget_decisions(clock):
@@ -107,11 +109,11 @@ def test_budget_decisions(clock):
     budget.start_fit()
     assert not budget.over(0.1, None)  # nothing to expect yet: measure
     budget.charge(2.0)
-    clock.now += 2.0
-    assert budget.spent_fraction() == 1.0
-    assert budget.over(0.5, None)  # 2 + 2 > 0.5 (2 + 2)
+    clock.now += 2.0 + 4.0  # the measurement, then 4 s of training
+    assert budget.overhead() == 0.5
+    assert budget.over(0.5, None)  # 2 + 2 > 0.5 x 4
     clock.now += 4.0
-    assert not budget.over(0.5, None)  # 2 + 2 <= 0.5 (6 + 2)
+    assert not budget.over(0.5, None)  # 2 + 2 <= 0.5 x 8
     assert not budget.over(None, None)
     budget.start_fit()
-    assert budget.total == 2.0 and budget.spent_fraction() == 0.0
+    assert budget.total == 2.0 and budget.overhead() == 0.0

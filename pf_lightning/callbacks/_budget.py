@@ -1,11 +1,13 @@
 """The wall-time budget of a :class:`~pf_lightning.HessianEigenMonitor`'s measurements.
 
-``max_time_fraction`` caps the fraction of a fit's wall time spent measuring. A measurement is charged
-its whole wall time (the eigenpairs, the trace and density at their cadence, the listeners such as the
-edge-of-stability diagnostics, and a failed attempt), and a due measurement is postponed while the
-time spent so far plus the expected cost of this one (the last one's) would exceed the fraction of the
-fit's wall time at its end. The window is one fit: a resumed fit starts a fresh one, so the measuring
-time of the interrupted process does not count against the new process's wall time.
+``max_time_fraction`` caps the time spent measuring as a fraction of the time spent on everything
+else in the fit (training, validation, logging): with ``0.05`` a fit takes at most about 5% longer
+than it would without the monitor. A measurement is charged its whole wall time (the eigenpairs, the
+trace and density at their cadence, the listeners such as the edge-of-stability diagnostics, and a
+failed attempt), and a due measurement is postponed while the time charged so far plus the expected
+cost of this one (the last one's) would exceed the fraction of the rest. The window is one fit: a
+resumed fit starts a fresh one, so the interrupted process's measuring time does not count against
+the new process.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ..linalg import EigenResult
 
 
 class TimeBudget:
-    """Measuring time against one fit's wall time.
+    """Measuring time against the rest of one fit's wall time.
 
     The cap itself is the monitor's ``max_time_fraction``, read at every decision.
     """
@@ -35,20 +37,23 @@ class TimeBudget:
         self.total += seconds
         self._last = seconds
 
+    def _rest(self, start: float) -> float:
+        return time.perf_counter() - start - self._spent
+
     def over(self, fraction: float | None, latest: EigenResult | None) -> bool:
-        """Whether one more measurement would take the fit past ``fraction`` of its wall time; it is
-        expected to last as long as the last one in this fit (before any: ``latest``'s solver time,
-        e.g. from a checkpoint)."""
+        """Whether one more measurement would take the measuring time past ``fraction`` of the rest of
+        the fit's time; it is expected to last as long as the last one in this fit (before any:
+        ``latest``'s solver time, e.g. from a checkpoint)."""
         if fraction is None or self._start is None:
             return False
         cost = self._last if self._last is not None else None if latest is None else latest.seconds
         if cost is None:
             return False
-        elapsed = time.perf_counter() - self._start
-        return self._spent + cost > fraction * (elapsed + cost)
+        return self._spent + cost > fraction * self._rest(self._start)
 
-    def spent_fraction(self) -> float:
-        """The fraction of this fit's wall time spent measuring so far."""
+    def overhead(self) -> float:
+        """This fit's measuring time over the rest of its wall time so far (the rest counted as at least
+        1 ms, so the value after a fit-start measurement is large but finite)."""
         if self._start is None:
             return 0.0
-        return self._spent / max(time.perf_counter() - self._start, 1e-12)
+        return self._spent / max(self._rest(self._start), 1e-3)

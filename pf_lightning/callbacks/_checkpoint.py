@@ -29,6 +29,15 @@ class UnreadableState(ValueError):
     """A checkpoint's callback state that this version did not write, or that was corrupted."""
 
 
+def cached_state_key(callback: Any, **identity: Any) -> str:
+    """``callback``'s Lightning state key for ``identity``, built once: Lightning reads ``state_key`` at
+    every hook call (it names the profiler's sections), a dozen times per training step."""
+    cached = callback.__dict__.get("_state_key")
+    if cached is None or cached[0] != identity:
+        cached = callback.__dict__["_state_key"] = (identity, callback._generate_state_key(**identity))
+    return cached[1]
+
+
 def result_state(result: EigenResult | None, with_vectors: bool) -> dict[str, Any] | None:
     """The result as plain CPU tensors; ``eigenvectors`` empty unless kept and not sharded."""
     if result is None:

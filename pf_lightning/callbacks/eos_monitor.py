@@ -32,7 +32,7 @@ from ..curvature.drift import gradient_curvature
 from ..curvature.precondition import PRECONDITIONER_WARMUP_STEPS, optimizer_steps
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, warn_once
-from ._checkpoint import UnreadableState, eos_from_state, warn_fresh_start
+from ._checkpoint import UnreadableState, cached_state_key, eos_from_state, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._reporting import eos_chart
 from .hessian_monitor import HessianEigenMonitor
@@ -138,7 +138,7 @@ class EdgeOfStabilityMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(optimizer_index=self.optimizer_index)
+        return cached_state_key(self, optimizer_index=self.optimizer_index)
 
     # -- set-up ------------------------------------------------------------------------------
     @override
