@@ -142,7 +142,7 @@ def markdown(rows: list[dict], steps: int, repeats: int, every: int, command: st
         f"(64-200-200-10, tanh, squared error, SGD lr 0.2), with and without "
         f"`HessianEigenMonitor(every_n_steps={every})` + `EdgeOfStabilityMonitor()` at their defaults (k = 5, "
         f"512 probe samples, tol 1e-3, warm starts, measured at fit start and end too); median wall time of "
-        f"`trainer.fit` over {repeats} interleaved repeats. *Measuring* is the wall time of the measurements "
+        f"`trainer.fit` over {repeats} interleaved repeats (range in brackets). *Measuring* is the wall time of the measurements "
         f"(listeners included), and *in-run* that time over the rest of the same fit (the overhead "
         f"estimate that fits on a loaded machine cannot blur; `max_time_fraction` caps it). Load average "
         f"at the end: {os.getloadavg()[0]:.2f}.",
@@ -153,7 +153,8 @@ def markdown(rows: list[dict], steps: int, repeats: int, every: int, command: st
     ]
     for r in rows:
         lines.append(
-            f"| {r['regime']} | {r['steps']} | {r['plain']:.2f} | {r['monitored']:.2f} "
+            f"| {r['regime']} | {r['steps']} | {r['plain']:.2f} ({r['spread'][0]:.2f}–{r['spread'][1]:.2f}) "
+            f"| {r['monitored']:.2f} ({r['spread'][2]:.2f}–{r['spread'][3]:.2f}) "
             f"| **{100 * r['overhead']:+.1f}%** | {_schedule(r['schedule'], every)} | {r['hvps']:.0f} "
             f"| {r['measuring']:.2f} | {100 * r['in_run']:.1f}% |"
         )
