@@ -60,7 +60,7 @@ class DigitsMLP(L.LightningModule):
 
 def fit_seconds(
     batch_size: int | None, steps: int, monitored: bool, every: int, fraction: float | None = None, k: int = 5
-) -> tuple[float, float, int, float]:
+) -> tuple[float, float, list[int], float]:
     L.seed_everything(0, verbose=False)
     model = DigitsMLP(batch_size)
     monitor = HessianEigenMonitor(k=k, every_n_steps=every, max_time_fraction=fraction)
@@ -106,7 +106,7 @@ def run(steps: int, repeats: int, every: int) -> list[dict]:
             measuring.append(inside)
             schedules.append(schedule)
         base, with_monitors = statistics.median(plain), statistics.median(monitored)
-        median_run = sorted(range(repeats), key=lambda i: monitored[i])[repeats // 2]
+        median_run = sorted(range(repeats), key=lambda i: monitored[i])[(repeats - 1) // 2]  # odd: the median
         rows.append(
             {
                 "regime": label,
@@ -142,7 +142,7 @@ def markdown(rows: list[dict], steps: int, repeats: int, every: int, command: st
         f"(64-200-200-10, tanh, squared error, SGD lr 0.2), with and without "
         f"`HessianEigenMonitor(every_n_steps={every})` + `EdgeOfStabilityMonitor()` at their defaults (k = 5, "
         f"512 probe samples, tol 1e-3, warm starts, measured at fit start and end too); median wall time of "
-        f"`trainer.fit` over {repeats} interleaved repeats (range in brackets). *Measuring* is the wall time of the measurements "
+        f"`trainer.fit` over {repeats} interleaved repeats (range in parentheses). *Measuring* is the wall time of the measurements "
         f"(listeners included), and *in-run* that time over the rest of the same fit (the overhead "
         f"estimate that fits on a loaded machine cannot blur; `max_time_fraction` caps it). Load average "
         f"at the end: {os.getloadavg()[0]:.2f}.",

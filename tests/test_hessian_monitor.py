@@ -132,7 +132,7 @@ def test_non_finite_measurement_is_skipped_once_and_training_goes_on(tmp_path):
         ({"probe": 0}, "probe size"),
         ({"which": "bottom"}, "`which`"),
         ({"tol": 2.0}, "`tol`"),
-        ({"max_time_fraction": 1.5}, "max_time_fraction"),
+        ({"max_time_fraction": 0.0}, "max_time_fraction"),
     ],
 )
 def test_bad_configuration_fails_at_construction(kwargs, match):

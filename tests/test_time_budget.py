@@ -64,8 +64,8 @@ def test_the_schedule_keeps_measuring_at_the_fraction(tmp_path, clock):
         t.fit(DigitsClassifier(n=64, batch_size=32))
     assert [h["step"] for h in monitor.history] == [0, 16, 24, 32, 40]
     metrics = logged(t)
-    # At fit start nothing else has taken time yet: 4 s over the 1 ms floor.
-    assert metrics["hessian/time_fraction"] == {0: 4000.0, 16: 0.5, 24: 0.5, 32: 0.5, 40: 0.5}
+    # From the fit's second measurement on (after the first, the rest of the fit is only its set-up).
+    assert metrics["hessian/time_fraction"] == {16: 0.5, 24: 0.5, 32: 0.5, 40: 0.5}
     assert sorted(metrics["hessian/postponed"]) == [s for s in range(1, 40) if s not in (16, 24, 32)]
 
 
@@ -78,7 +78,7 @@ def test_without_a_cap_every_due_step_is_measured_and_the_fraction_is_logged(tmp
     assert [h["step"] for h in monitor.history] == [0, 1, 2, 3, 4]
     fractions = logged(t)["hessian/time_fraction"]
     # After step s: 4 (s + 1) s measuring against s s of training.
-    assert fractions == pytest.approx({0: 4000.0, **{s: 4 * (s + 1) / s for s in range(1, 5)}})
+    assert fractions == pytest.approx({s: 4 * (s + 1) / s for s in range(1, 5)})
     assert "hessian/postponed" not in logged(t)
 
 
@@ -98,22 +98,51 @@ def test_a_resumed_fit_starts_a_fresh_window(tmp_path, clock):
     trainer(tmp_path, max_steps=48, callbacks=[StepCost(clock), resumed], enable_checkpointing=True).fit(
         DigitsClassifier(n=64, batch_size=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
-    # The first due step measures (nothing spent in this fit yet); then 4 + 4 <= 0.5 x (steps since the
+    # The fit's first measurement is free (the first due step); then 4 + 4 <= 0.5 x (steps since the
     # resume) at step 24 + 16 = 40, and 4 + 8 <= 0.5 x 24 at step 48.
     assert [h["step"] for h in resumed.history] == [0, 16, 24, 25, 40, 48]
 
 
+def test_a_second_fit_of_the_same_monitor_starts_a_fresh_window(tmp_path, clock):
+    monitor = _monitor(clock, at_fit_end=False)
+    for _ in range(2):
+        L.seed_everything(0)
+        trainer(tmp_path, max_steps=24, callbacks=[StepCost(clock), monitor]).fit(
+            DigitsClassifier(n=64, batch_size=32)
+        )
+    assert [h["step"] for h in monitor.history] == [0, 16, 24] * 2
+
+
+def test_a_failing_listener_is_charged_like_a_working_one(tmp_path, clock):
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=1, probe=32, max_time_fraction=0.5, at_fit_end=False)
+
+    def four_seconds_then_fail(trainer, module, result):
+        clock.now += 4.0
+        raise RuntimeError("listener broke")
+
+    monitor.add_listener(four_seconds_then_fail)
+    t = trainer(tmp_path, max_steps=24, callbacks=[StepCost(clock), monitor], logger=CSVLogger(tmp_path))
+    with pytest.warns(RuntimeWarning, match="listener broke"):
+        t.fit(DigitsClassifier(n=64, batch_size=32))
+    assert [h["step"] for h in monitor.history] == [0, 16, 24]
+    assert sorted(logged(t)["hessian/listener_failed"]) == [0, 16, 24]
+
+
 def test_budget_decisions(clock):
     budget = TimeBudget()
-    assert not budget.over(0.1, None)  # before a fit: no window
+    assert not budget.over(0.1)  # before a fit: no window
     budget.start_fit()
-    assert not budget.over(0.1, None)  # nothing to expect yet: measure
+    assert not budget.over(0.1)  # nothing to expect before the first measurement: measure
     budget.charge(2.0)
     clock.now += 2.0 + 4.0  # the measurement, then 4 s of training
-    assert budget.overhead() == 0.5
-    assert budget.over(0.5, None)  # 2 + 2 > 0.5 x 4
+    assert budget.overhead() is None  # one measurement: the ratio would describe the set-up only
+    assert budget.over(0.5)  # 2 + 2 > 0.5 x 4
     clock.now += 4.0
-    assert not budget.over(0.5, None)  # 2 + 2 <= 0.5 x 8
-    assert not budget.over(None, None)
+    assert not budget.over(0.5)  # 2 + 2 <= 0.5 x 8
+    assert not budget.over(None)
+    budget.charge(2.0)
+    clock.now += 2.0
+    assert budget.overhead() == 0.5  # 4 s measuring, 8 s of the rest
     budget.start_fit()
-    assert budget.total == 2.0 and budget.overhead() == 0.0
+    assert budget.total == 4.0 and budget.overhead() is None and not budget.over(0.01)

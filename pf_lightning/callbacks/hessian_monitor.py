@@ -69,7 +69,7 @@ class HessianEigenMonitor(Callback):
         max_hvp: Hessian-vector products allowed per measurement (``None``: the solver's default).
         warm_start: start each measurement from the previous eigenvectors.
         max_time_fraction: cap on the time spent measuring (listeners included) over the rest of the fit's
-            wall time, ``hessian/time_fraction``: 0.05 makes the fit at most ~5% longer. A due measurement
+            wall time, ``hessian/time_fraction``, from the fit's second measurement on: a due measurement
             that would exceed it is postponed to the next due step that fits (``hessian/postponed``).
         params: glob patterns restricting the measured parameters.
         dtype: measure in this dtype (default: the parameters' own; float32 for half-precision weights).
@@ -153,7 +153,7 @@ class HessianEigenMonitor(Callback):
         check.choice("which", which, ("top", "both"))
         check.choice("hvp", hvp, HVP_CHOICES)
         check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
-        check.number("max_time_fraction", max_time_fraction, above=0, below=1, allow_none=True)
+        check.number("max_time_fraction", max_time_fraction, above=0, allow_none=True)
         for flag, value in (
             ("at_fit_start", at_fit_start),
             ("at_fit_end", at_fit_end),
@@ -316,8 +316,8 @@ class HessianEigenMonitor(Callback):
             result = self._measure_now(trainer, pl_module, step)
         finally:  # a failed attempt costs time too
             self._budget.charge(time.perf_counter() - begin)
-        if result is not None:
-            log_metrics(trainer, {self.metric("time_fraction"): self._budget.overhead()}, step)
+        if result is not None and (overhead := self._budget.overhead()) is not None:
+            log_metrics(trainer, {self.metric("time_fraction"): overhead}, step)
         return result
 
     def _measure_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> EigenResult | None:
@@ -414,7 +414,7 @@ class HessianEigenMonitor(Callback):
 
     def _postponed(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:
         fraction = self.max_time_fraction
-        over = self._budget.over(fraction, self.latest)
+        over = self._budget.over(fraction)
         if fraction is not None:  # wall clocks differ between ranks: postpone together
             (over,) = any_rank([over], pl_module.device)
         if over and step != self._postponed_step:  # the step hook and fit end may both ask at one step

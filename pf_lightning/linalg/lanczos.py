@@ -16,8 +16,8 @@ Memory, in vectors of the operator's length ``n`` (parameter-sized vectors for a
 plus at most 5 work vectors, plus what one product needs (for the Hessian operator: its accumulator
 and the backend's own, see :mod:`pf_lightning.curvature.hvp`), plus at the end the ``k`` eigenvectors
 of the result, formed while the basis is still there (measured in ``tests/test_memory.py``). A
-restart recombines the basis in place, a block of rows at a time (less than one vector extra). With ``basis_device="cpu"`` the basis, the
-work vectors and the result live in host memory and the operator's device holds only the vector
+restart recombines the basis in place, a block of entries of every vector at a time (less than one
+vector extra). With ``basis_device="cpu"`` the basis, the work vectors and the result live in host memory and the operator's device holds only the vector
 being multiplied and its product (plus the product's own needs).
 
 Every basis vector is reorthogonalized against the whole basis (two passes of classical Gram-Schmidt,
@@ -163,7 +163,7 @@ def lanczos(
             # An invariant subspace: its Ritz pairs are exact. Continue from a fresh direction
             # (coupling 0) unless the basis already spans the whole space.
             H[j + 1, j] = 0.0
-            fresh = orthonormalize(op, op.randn(1, generator), against=basis) if j + 1 < n else V[:, :0]
+            fresh = orthonormalize(op, op.randn(1, generator), against=basis) if j + 1 < n else basis[:, :0]
             complete = fresh.shape[1] == 0
             V[j + 1] = 0.0 if complete else fresh[:, 0]
         j += 1

@@ -199,8 +199,8 @@ HESSIAN_MONITOR = {
     "max_hvp": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
     "warm_start": (st.booleans(), bad_flag),
     "max_time_fraction": (
-        good_number(above=0, below=1, none_ok=True),
-        bad_number(above=0, below=1, none_ok=True),
+        good_number(above=0, none_ok=True),
+        bad_number(above=0, none_ok=True),
     ),
     "params": (st.sampled_from([None, "0.*", ["0.*", "2.weight"], ("*",)]), bad_patterns),
     "dtype": (st.sampled_from([None, torch.float32, torch.float64, torch.bfloat16]), bad_dtype),
