@@ -9,6 +9,8 @@ the weights recorded there.
 
 from __future__ import annotations
 
+import datetime
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from lightning_models import DigitsClassifier, digits
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -124,3 +127,60 @@ def fit(strategy: Any, out: str, nan_probe: bool = False) -> L.Trainer:
     )
     trainer.fit(model)
     return trainer
+
+
+class RankClock(Callback):
+    """A fake clock on each rank for ``max_time_fraction``: a training step costs 1 s on rank 0 and 10 s
+    on rank 1, a measurement 4 s on both (spent in a listener). Alone, rank 1 would measure far more
+    often than rank 0; each rank saves the steps it measured and postponed."""
+
+    def __init__(self, monitor: HessianEigenMonitor, out: str) -> None:
+        self.monitor, self.out, self.now = monitor, out, 0.0
+        self.postponed: list[int] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from pf_lightning.callbacks import _budget, hessian_monitor
+
+        torch.set_num_threads(1)
+        clock = types.SimpleNamespace(perf_counter=lambda: self.now)
+        _budget.time = hessian_monitor.time = clock  # this spawned process only
+        self.step_seconds = (1.0, 10.0)[trainer.global_rank]
+        self.monitor.add_listener(self.measured)
+
+    def measured(self, trainer: L.Trainer, pl_module: L.LightningModule, result: Any) -> None:
+        self.now += 4.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.now += self.step_seconds
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.monitor._postponed_step:
+            self.postponed.append(trainer.global_step)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        steps = [h["step"] for h in self.monitor.history]
+        torch.save(
+            {"steps": steps, "postponed": self.postponed}, Path(self.out) / f"rank{trainer.global_rank}.pt"
+        )
+
+
+def fit_with_time_budget(out: str) -> None:
+    L.seed_everything(0, verbose=False)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=1, max_time_fraction=0.5, at_fit_end=False)
+    trainer = L.Trainer(
+        default_root_dir=out,
+        accelerator="cpu",
+        devices=2,
+        # A rank that measures alone waits at the collective: fail within a minute rather than hang.
+        strategy=DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60)),
+        max_steps=40,
+        callbacks=[monitor, RankClock(monitor, out)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(ShardedDigits())

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from cases import Case, dense_hessian
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_workers import STEPS, ShardedDigits, fit
+from lightning_workers import STEPS, ShardedDigits, fit, fit_with_time_budget
 from workers import load
 
 from pf_lightning import HessianEigenMonitor
@@ -66,6 +66,17 @@ def test_ddp_spawn_matches_one_process_and_skips_nan_together(tmp_path):
     assert len(ranks[0]["warnings"]) == 1 and not ranks[1]["warnings"]
     assert float(trainer.callback_metrics["hessian/bad/skipped"]) == 1.0
     assert float(trainer.callback_metrics["hessian/n_hvp"]) > 0
+
+
+def test_ranks_postpone_together_under_a_time_budget(tmp_path):
+    """Rank 1's clock says measuring is cheap, rank 0's that it is dear: a rank measuring alone would
+    wait at the collective forever. Both follow the stricter rank (closed form in test_time_budget.py:
+    a step of 1 s and a measurement of 4 s under a cap of 0.5 measure at 0, 16, then every 8 steps)."""
+    fit_with_time_budget(str(tmp_path))
+    ranks = load(tmp_path)
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [0, 16, 24, 32, 40]
+    expected = [s for s in range(1, 40) if s not in (16, 24, 32)]
+    assert ranks[0]["postponed"] == ranks[1]["postponed"] == expected
 
 
 def _run_script(kind: str, out: Path) -> list[dict]:
