@@ -112,12 +112,19 @@ def fit(strategy: Any, out: str, nan_probe: bool = False) -> L.Trainer:
     monitor = HessianEigenMonitor(k=3, every_n_steps=2, tol=1e-8, max_hvp=800, at_fit_end=False)
     bad = HessianEigenMonitor(k=2, every_n_steps=2, probe=RankProbe(), name="bad") if nan_probe else None
     callbacks = [monitor, *([bad] if bad else []), Recorder(monitor, bad, out)]
-    trainer = L.Trainer(
+    trainer = two_ranks(strategy, out, STEPS, callbacks)
+    trainer.fit(model)
+    return trainer
+
+
+def two_ranks(strategy: Any, out: str, max_steps: int, callbacks: list[Callback]) -> L.Trainer:
+    """A two-process CPU trainer on the ranks' own data shards, without logger or checkpoints."""
+    return L.Trainer(
         default_root_dir=out,
         accelerator="cpu",
         devices=2,
         strategy=strategy,
-        max_steps=STEPS,
+        max_steps=max_steps,
         callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
@@ -125,8 +132,6 @@ def fit(strategy: Any, out: str, nan_probe: bool = False) -> L.Trainer:
         enable_checkpointing=False,
         use_distributed_sampler=False,
     )
-    trainer.fit(model)
-    return trainer
 
 
 class RankClock(Callback):
@@ -167,20 +172,9 @@ class RankClock(Callback):
 def fit_with_time_budget(out: str) -> None:
     L.seed_everything(0, verbose=False)
     monitor = HessianEigenMonitor(k=1, every_n_steps=1, max_time_fraction=0.5, at_fit_end=False)
-    trainer = L.Trainer(
-        default_root_dir=out,
-        accelerator="cpu",
-        devices=2,
-        # A rank that measures alone waits at the collective: fail within a minute rather than hang.
-        strategy=DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60)),
-        max_steps=40,
-        callbacks=[monitor, RankClock(monitor, out)],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-    )
+    # A rank that measures alone waits at the collective: fail within a minute rather than hang.
+    strategy = DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
+    trainer = two_ranks(strategy, out, 40, [monitor, RankClock(monitor, out)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(ShardedDigits())
