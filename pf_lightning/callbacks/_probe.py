@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..curvature.params import ParameterSpace, measurement_dtype, select_parameters
 from ..curvature.state import rng_state
 from ..measure import loss_of
 from ..probe import ProbeSet, map_tensors, move_to_device, sample_count
@@ -43,6 +44,23 @@ def check_strategy(trainer: Any, hvp: str) -> None:
         raise MisconfigurationException(
             f"hvp={hvp!r} needs second-order autograd, which does not run on FSDP2's sharded parameters "
             "under ModelParallelStrategy: use hvp='auto' or 'finite_difference'"
+        )
+
+
+def check_module(module: nn.Module, params: Any, dtype: torch.dtype | None, k: int, which: str) -> None:
+    """The arguments only the module can judge, checked before the first step: ``params`` must match
+    trainable parameters of one measurable dtype, and ``k`` (at each end for ``which="both"``) must fit
+    their count."""
+    try:
+        select_parameters(module, params, argument="params")
+        space = ParameterSpace(module, params, dtype=measurement_dtype(module, dtype))
+    except ValueError as err:
+        raise MisconfigurationException(f"HessianEigenMonitor cannot measure this module: {err}") from err
+    ends = 2 if which == "both" else 1
+    if k * ends > space.global_n:
+        raise MisconfigurationException(
+            f"`k` must be at most {space.global_n // ends} for the {space.global_n} measured parameters "
+            f"(which={which!r}), got {k}"
         )
 
 

@@ -59,7 +59,7 @@ def spectrum_extras(self: Any, trainer: Any, pl_module: Any) -> None:
     history)."""
     count = self._measured
     common = {
-        "hvp": self.hvp,
+        "hvp": self.hvp_in_use,
         "seed": self.seed,
         "params": self.params,
         "dtype": measurement_dtype(pl_module, self.dtype),

@@ -21,7 +21,7 @@ from typing_extensions import override
 from .._validation import Checks, is_int
 from ..curvature import HVP_CHOICES, HessianOperator, ParameterSpace, measurement_context
 from ..curvature.distributed import any_rank
-from ..curvature.params import measurement_dtype, select_parameters
+from ..curvature.params import measurement_dtype
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
 from ..logging import define_wandb_metrics, log_metrics, metric_name, warn_once
@@ -38,7 +38,7 @@ from ._checkpoint import (
 )
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._groups import monitors_per_group
-from ._probe import SharedProbe, build_probe, check_strategy, resolve_loss_fn
+from ._probe import SharedProbe, build_probe, check_module, check_strategy, resolve_loss_fn
 from ._reporting import record, spectrum_extras
 
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
@@ -190,6 +190,7 @@ class HessianEigenMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self._listeners: list[Listener] = []
         self._last_step = self._postponed_step = -1
+        self._fallback: str | None = None  # the backend hvp='auto' settled on when it fell back
         self._budget = TimeBudget()
         self._start = "fit"  # "resumed" from a checkpoint, or "unreadable" (its state could not be read)
         self._measured = 0  # measurements taken (the history is capped): the trace and density cadence
@@ -241,7 +242,7 @@ class HessianEigenMonitor(Callback):
         # the saved values back afterwards (Lightning restores callback state after setup).
         if stage == "fit":
             self._last_step = self._postponed_step = -1
-            self._start = "fit"
+            self._start, self._fallback = "fit", None  # another fit may bring another model
             if self._shared_probe is not None:  # every setup runs before any on_train_start
                 self._shared_probe.probe = None
         check_strategy(trainer, self.hvp)
@@ -256,7 +257,8 @@ class HessianEigenMonitor(Callback):
             self.probe = build_probe(trainer, pl_module, self._probe_arg)
             if shared is not None:
                 shared.probe = self.probe
-        self._check_module(pl_module)
+        check_module(pl_module, self.params, self.dtype, self.k, self.which)
+        check.usable_device("basis_device", self.basis_device)
         self._budget.start_fit()
         define_wandb_metrics(trainer)
         # Fail now, not at the first measurement, if there is no loss or the probe does not fit the
@@ -370,7 +372,7 @@ class HessianEigenMonitor(Callback):
         kwargs: dict[str, Any] = {
             "k": k or self.k,
             "which": which or self.which,
-            "hvp": self.hvp,
+            "hvp": self.hvp_in_use,
             "tol": self.tol,
             "max_hvp": self.max_hvp,
             "warm_start": warm,
@@ -380,7 +382,16 @@ class HessianEigenMonitor(Callback):
             "basis_device": self.basis_device,
         }
         kwargs.update(overrides)
-        return hessian_eigenpairs(pl_module, self.loss_fn, self.probe, **kwargs)
+        result = hessian_eigenpairs(pl_module, self.loss_fn, self.probe, **kwargs)
+        if self.hvp == "auto" and result.info.get("hvp") == "finite_difference":
+            self._fallback = "finite_difference"  # agreed by every rank: the choice holds on all of them
+        return result
+
+    @property
+    def hvp_in_use(self) -> str:
+        """``hvp``, except that once ``"auto"`` has fallen back to finite differences in a fit it asks for
+        them directly: trying double backward again would cost a product and a warning per measurement."""
+        return self._fallback or self.hvp
 
     def operator(self, pl_module: LightningModule, batches: Any = None) -> HessianOperator:
         """A Hessian operator with this monitor's loss, parameters, backend, seed and dtype, on the probe
@@ -390,27 +401,10 @@ class HessianEigenMonitor(Callback):
             self.loss_fn,
             self.probe if batches is None else batches,
             params=self.params,
-            hvp=self.hvp,
+            hvp=self.hvp_in_use,
             seed=self.seed,
             dtype=measurement_dtype(pl_module, self.dtype),
         )
-
-    def _check_module(self, pl_module: LightningModule) -> None:
-        """The arguments only the module can judge, checked before the first step: ``params`` must match
-        trainable parameters of one measurable dtype, ``k`` must fit their count, ``basis_device`` must
-        exist on this machine."""
-        try:
-            select_parameters(pl_module, self.params, argument="params")
-            space = ParameterSpace(pl_module, self.params, dtype=measurement_dtype(pl_module, self.dtype))
-        except ValueError as err:
-            raise MisconfigurationException(f"HessianEigenMonitor cannot measure this module: {err}") from err
-        wanted = self.k * (2 if self.which == "both" else 1)
-        if wanted > space.global_n:
-            raise MisconfigurationException(
-                f"`k` must be at most {space.global_n // (wanted // self.k)} for the {space.global_n} measured "
-                f"parameters (which={self.which!r}), got {self.k}"
-            )
-        check.usable_device("basis_device", self.basis_device)
 
     def _postponed(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:
         fraction = self.max_time_fraction
