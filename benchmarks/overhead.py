@@ -80,7 +80,7 @@ def fit_seconds(
         start = time.perf_counter()
         trainer.fit(model)
         seconds = time.perf_counter() - start
-    measuring = monitor._budget.total if monitored else 0.0  # whole measurements, listeners included
+    measuring = monitor.measuring_seconds if monitored else 0.0  # whole measurements, listeners included
     hvps = statistics.mean(h["n_hvp"] for h in monitor.history) if monitored and monitor.history else 0.0
     return seconds, measuring, [h["step"] for h in monitor.history] if monitored else [], hvps
 

@@ -101,6 +101,8 @@ def test_a_resumed_fit_starts_a_fresh_window(tmp_path, clock):
     # The fit's first measurement is free (the first due step); then 4 + 4 <= 0.5 x (steps since the
     # resume) at step 24 + 16 = 40, and 4 + 8 <= 0.5 x 24 at step 48.
     assert [h["step"] for h in resumed.history] == [0, 16, 24, 25, 40, 48]
+    assert first.measuring_seconds == 3 * 4.0  # the listener's 4 s each (the solver takes no fake time)
+    assert resumed.measuring_seconds == 6 * 4.0  # the checkpoint's total, and this fit's three
 
 
 def test_a_second_fit_of_the_same_monitor_starts_a_fresh_window(tmp_path, clock):

@@ -388,6 +388,11 @@ class HessianEigenMonitor(Callback):
         return result
 
     @property
+    def measuring_seconds(self) -> float:
+        """Wall time spent measuring, listeners included, over every fit (kept in checkpoints)."""
+        return self._budget.total
+
+    @property
     def hvp_in_use(self) -> str:
         """``hvp``, except that once ``"auto"`` has fallen back to finite differences in a fit it asks for
         them directly: trying double backward again would cost a product and a warning per measurement."""
