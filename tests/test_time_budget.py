@@ -46,11 +46,13 @@ def clock(monkeypatch):
     return fake
 
 
-def _monitor(clock, **kwargs):
+def _monitor(clock, fail=False, **kwargs):
     monitor = HessianEigenMonitor(k=1, every_n_steps=1, probe=32, max_time_fraction=0.5, **kwargs)
 
     def four_seconds(trainer, module, result):
         clock.now += 4.0
+        if fail:
+            raise RuntimeError("listener broke")
 
     monitor.add_listener(four_seconds)
     return monitor
@@ -117,13 +119,7 @@ def test_a_second_fit_of_the_same_monitor_starts_a_fresh_window(tmp_path, clock)
 
 def test_a_failing_listener_is_charged_like_a_working_one(tmp_path, clock):
     L.seed_everything(0)
-    monitor = HessianEigenMonitor(k=1, every_n_steps=1, probe=32, max_time_fraction=0.5, at_fit_end=False)
-
-    def four_seconds_then_fail(trainer, module, result):
-        clock.now += 4.0
-        raise RuntimeError("listener broke")
-
-    monitor.add_listener(four_seconds_then_fail)
+    monitor = _monitor(clock, fail=True, at_fit_end=False)
     t = trainer(tmp_path, max_steps=24, callbacks=[StepCost(clock), monitor], logger=CSVLogger(tmp_path))
     with pytest.warns(RuntimeWarning, match="listener broke"):
         t.fit(DigitsClassifier(n=64, batch_size=32))

@@ -304,9 +304,9 @@ class HessianOperator(LinearOperator):
             return super().inner(X, Y)
         # A basis kept in host memory gives a host Gram matrix: reduce it on the operator's device
         # (NCCL reduces device tensors only), then hand it back where the solver keeps its vectors.
-        # The shape of the Gram matrix (a block against a vector gives a vector): a rank whose local
-        # product fails joins the reduction with NaN of this shape.
-        shape = ((X.shape[-1],) + ((Y.shape[-1],) if Y.ndim == 2 else ())) if X.ndim == 2 else ()
+        # A rank whose local product fails joins the reduction with NaN of the Gram matrix's shape
+        # (a block against a vector gives a vector, two vectors a scalar).
+        shape = (*X.shape[1:], *Y.shape[1:])
         gram = self._local_sum(lambda: super(HessianOperator, self).inner(X, Y), shape, X)
         return gram.to(X.device)
 
