@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PREFIXES", "log_metrics", "metric_name", "wandb_experiments", "wandb_log", "warn_once"]
+__all__ = ["PREFIXES", "log_metrics", "metric_name", "tagged", "wandb_experiments", "wandb_log", "warn_once"]
 
 PREFIXES = ("hessian", "eos", "pf", "dal", "cap")
 
@@ -29,6 +29,17 @@ PREFIXES = ("hessian", "eos", "pf", "dal", "cap")
 def metric_name(group: str, name: str, tag: str | None = None) -> str:
     """``group/name``, or ``group/tag/name`` for a named second instance (e.g. a held-out probe)."""
     return f"{group}/{tag}/{name}" if tag else f"{group}/{name}"
+
+
+def tagged(metrics: Mapping[str, float], tag: str | None) -> dict[str, float]:
+    """``metrics`` keyed ``group/tag/name`` instead of ``group/name`` (unchanged without a tag)."""
+    if not tag:
+        return dict(metrics)
+    out = {}
+    for key, value in metrics.items():
+        group, name = key.split("/", 1)
+        out[metric_name(group, name, tag)] = value
+    return out
 
 
 def log_metrics(trainer: Any, metrics: Mapping[str, float], step: int) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import Checks
-from .curvature import HessianOperator, PreconditionedOperator, adam_preconditioner
+from .curvature import HessianOperator, PreconditionedOperator, optimizer_preconditioner
 from .curvature.operator import check_arguments
 from .curvature.precondition import check_diagonal
 from .linalg import EigenResult, lanczos, lobpcg
@@ -133,8 +133,10 @@ def hessian_eigenpairs(
         params: glob patterns selecting the parameters (all trainable ones by default).
         method: ``"auto"`` (Lanczos, started from the previous eigenvectors when warm), ``"lanczos"``
             or ``"lobpcg"`` (a block method, warm-started from all previous eigenvectors).
-        preconditioner: an Adam-family optimizer (its second moments) or a flat positive diagonal
-            ``P``: then the eigenpairs are those of ``P^{-1/2} H P^{-1/2}`` (preconditioned sharpness).
+        preconditioner: an optimizer that preconditions (Adam family, RMSprop, Adagrad, Adadelta: the
+            ``P`` its rule reads from its state, and its coupled weight decay ``W``) or a flat positive
+            diagonal ``P``: then the eigenpairs are those of ``P^{-1/2} (H + W) P^{-1/2}`` (the
+            preconditioned sharpness; ``W = 0`` for a diagonal).
         weights: sample count of each batch (counted from the leading dimension otherwise).
         dtype: measure in this dtype instead of the parameters' own. ``torch.bfloat16`` runs the
             passes in bfloat16 (half the memory of float32 activations and graphs) with solver vectors
@@ -180,7 +182,7 @@ def hessian_eigenpairs(
             "preconditioner",
             preconditioner,
             (torch.optim.Optimizer, Tensor),
-            "None, an Adam-family optimizer or a flat positive diagonal Tensor",
+            "None, a preconditioning optimizer (Adam, RMSprop, ...) or a flat positive diagonal Tensor",
         )
     _check.flag("cache_graphs", cache_graphs)
     _check.usable_device("basis_device", basis_device)
@@ -214,12 +216,13 @@ def hessian_eigenpairs(
     # operator) are checked before the first collective, which reports a failure here to every rank.
     with hessian.local_step():
         if preconditioner is not None:
+            shift = None
             if isinstance(preconditioner, torch.optim.Optimizer):
-                diagonal = adam_preconditioner(preconditioner, hessian.space)
+                diagonal, shift = optimizer_preconditioner(preconditioner, hessian.space)
             else:
                 diagonal = preconditioner
                 check_diagonal("preconditioner", diagonal, hessian.n)  # named as the caller knows it
-            op = PreconditionedOperator(hessian, diagonal)
+            op = PreconditionedOperator(hessian, diagonal, shift)
         X0 = _warm_vectors(warm_start, op.n)
     with hessian:
         common = {

@@ -73,10 +73,10 @@ def test_preconditioned_sharpness_matches_dense(reference):
     from cases import dense_hessian
 
     from pf_lightning import ParameterSpace
-    from pf_lightning.curvature import adam_preconditioner
+    from pf_lightning.curvature import optimizer_preconditioner
 
     H = dense_hessian(case)
-    P = adam_preconditioner(optimizer, ParameterSpace(case.model))
+    P = optimizer_preconditioner(optimizer, ParameterSpace(case.model))[0]
     D = P.rsqrt()
     want = torch.linalg.eigvalsh(D[:, None] * H * D[None, :]).flip(0)[:2]
     result = hessian_eigenpairs(

@@ -27,17 +27,18 @@ from typing_extensions import override
 
 from .. import stability
 from .._validation import Checks
-from ..curvature import PreconditionerUnavailable
 from ..curvature.drift import gradient_curvature
-from ..curvature.precondition import PRECONDITIONER_WARMUP_STEPS, optimizer_steps
+from ..curvature.precondition import PRECONDITIONER_WARMUP_STEPS
 from ..linalg import EigenResult, NonFiniteOperatorError
-from ..logging import log_metrics, warn_once
+from ..logging import log_metrics, tagged, warn_once
+from ..stability import EdgeHistory, PreconditionerUnavailable, StepDynamics
 from ._checkpoint import UnreadableState, cached_state_key, eos_from_state, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._reporting import eos_chart
 from .hessian_monitor import HessianEigenMonitor
 
 WarningAction = Callable[[Trainer, LightningModule, dict[str, float]], None]
+EdgeListener = Callable[[Trainer, LightningModule, dict[str, float]], None]
 check = Checks(MisconfigurationException)
 
 
@@ -134,11 +135,24 @@ class EdgeOfStabilityMonitor(Callback):
         self._pending_losses: list[torch.Tensor] = []
         self._preconditioned_latest: EigenResult | None = None
         self._warned: set[str] = set()
+        self._listeners: list[EdgeListener] = []
 
     @property
     @override
     def state_key(self) -> str:
-        return cached_state_key(self, optimizer_index=self.optimizer_index)
+        # Two instances differ by the Hessian monitor they read (its name) and the optimizer they judge.
+        name = None if self.monitor is None else self.monitor.name
+        return cached_state_key(self, monitor=name, optimizer_index=self.optimizer_index)
+
+    def add_listener(self, listener: EdgeListener) -> None:
+        """Call ``listener(trainer, pl_module, metrics)`` after every measurement whose ``eos/*`` metrics
+        (untagged names, e.g. ``"eos/sharpness"``) were logged."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def metric(self, name: str) -> str:
+        """The logged name of ``eos/<name>`` (``eos/<monitor name>/<name>`` for a named monitor)."""
+        return next(iter(tagged({f"eos/{name}": 0.0}, None if self.monitor is None else self.monitor.name)))
 
     # -- set-up ------------------------------------------------------------------------------
     @override
@@ -190,34 +204,31 @@ class EdgeOfStabilityMonitor(Callback):
                 "to choose another"
             )
 
-    def _threshold(
-        self, trainer: Trainer
-    ) -> tuple[stability.StabilityThreshold, torch.optim.Optimizer | None]:
+    def _dynamics(self, trainer: Trainer) -> tuple[StepDynamics, torch.optim.Optimizer]:
         optimizer = trainer.optimizers[self.optimizer_index]
-        if self.fixed_threshold is not None:
-            return stability.StabilityThreshold(
-                self.fixed_threshold, type(optimizer).__name__, False, "given"
-            ), optimizer
         lrs = {group["lr"] for group in optimizer.param_groups}
         if len(lrs) > 1:
             self._warn_once(
                 "lrs",
                 f"parameter groups have different learning rates {sorted(lrs)}: the threshold uses group 0's",
             )
-        return stability.optimizer_threshold(optimizer), optimizer
+        if self.fixed_threshold is None:
+            return stability.step_dynamics(optimizer), optimizer
+        # A given threshold: gradient descent with that edge, at the optimizer's own rate.
+        lr = float(optimizer.param_groups[0]["lr"])
+        weight = 2.0 / (self.fixed_threshold * lr)
+        return StepDynamics(lr, weight, label=type(optimizer).__name__, formula="given"), optimizer
 
     # -- per measurement ---------------------------------------------------------------------
     def _on_measurement(self, trainer: Trainer, pl_module: LightningModule, result: EigenResult) -> None:
-        saved = self.first_edge_step, self.negative_curvature
         try:
             measured = self._diagnostics(trainer, pl_module, result)
         except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
-            self.first_edge_step, self.negative_curvature = saved
-            self._skip(trainer, err, "EoS diagnostics skipped", "eos/skipped")
+            self._skip(trainer, err, "EoS diagnostics skipped", self.metric("skipped"))
             return
         if measured is None:
             return
-        metrics, threshold = measured
+        metrics, dynamics, edge = measured
         step, ratio, warming = trainer.global_step, metrics["eos/ratio"], "eos/warmup" in metrics
         fire = ratio >= self.warn_ratio and not self._above and not warming
         if fire:
@@ -225,16 +236,19 @@ class EdgeOfStabilityMonitor(Callback):
             self._warn_once(
                 "edge",
                 f"step {step}: sharpness {metrics['eos/sharpness']:.4g} reached {ratio:.2f} x the stability "
-                f"threshold {threshold.value:.4g} of {threshold.optimizer} ({threshold.formula})",
+                f"threshold {dynamics.threshold:.4g} of {dynamics.label} ({dynamics.formula})",
             )
         if not warming:
             self._above = ratio >= self.warn_ratio
-        log_metrics(trainer, metrics, step)
+        self.first_edge_step, self.negative_curvature = edge.first_edge_step, edge.negative_curvature
+        log_metrics(trainer, tagged(metrics, self.monitor.name), step)
         self.history.append(
             {"step": step, "eigenvalues": result.eigenvalues[: self.monitor.k].tolist(), **metrics}
         )
         # Capped like the monitor's own history: a long run must not grow with its measurements.
         del self.history[: max(0, len(self.history) - self.monitor.max_history)]
+        for listener in self._listeners:
+            listener(trainer, pl_module, metrics)
         if fire and self.on_warning is not None:
             try:
                 self.on_warning(trainer, pl_module, metrics)
@@ -246,101 +260,81 @@ class EdgeOfStabilityMonitor(Callback):
 
     def _diagnostics(
         self, trainer: Trainer, pl_module: LightningModule, result: EigenResult
-    ) -> tuple[dict[str, float], stability.StabilityThreshold] | None:
-        """The metrics of one measurement (None while the preconditioned sharpness cannot be measured)."""
+    ) -> tuple[dict[str, float], StepDynamics, EdgeHistory] | None:
+        """Measure what the rule of the optimizer needs and call :func:`~pf_lightning.stability.edge_of_stability`
+        (None before an adaptive optimizer's first step, when its preconditioner does not exist yet)."""
         monitor = self.monitor
-        threshold, optimizer = self._threshold(trainer)
+        dynamics, optimizer = self._dynamics(trainer)
         step = trainer.global_step
-        top = result.eigenvalues[: monitor.k]
         lr = float(optimizer.param_groups[0]["lr"])
-        weight_decay = float(optimizer.param_groups[0].get("weight_decay", 0.0))
-        metrics = {"eos/threshold": threshold.value, "eos/lr": lr}
+        projections = grad_norm = None
         warming = False
-        if threshold.preconditioned:
-            sharpness = self._preconditioned_sharpness(pl_module, optimizer)
-            if sharpness is None:
+        if dynamics.preconditioned:
+            preconditioned = self._preconditioned(trainer, pl_module, optimizer, dynamics)
+            if preconditioned is None:
                 return None
-            metrics["eos/preconditioned_sharpness"] = sharpness
-            warming = optimizer_steps(optimizer) < self.preconditioner_warmup_steps
-            if warming:
-                metrics["eos/warmup"] = 1.0
+            eigenvalues = preconditioned.eigenvalues[:1]
+            warming = stability.optimizer_steps(optimizer) < self.preconditioner_warmup_steps
         else:
-            # SGD's weight decay adds wd * theta to the gradient: the step sees H + wd * I.
-            sharpness = float(top[0]) + (weight_decay if type(optimizer).__name__ == "SGD" else 0.0)
-        ratio = sharpness / threshold.value
-        metrics.update({"eos/sharpness": sharpness, "eos/ratio": ratio})
-        if not threshold.preconditioned:
-            metrics.update(
-                self._principal_flow(pl_module, result, stability.effective_lr(threshold), weight_decay)
-            )
-        metrics.update(self._trends(step, sharpness, ratio, lr, result, warming))
-        return metrics, threshold
+            decay = 0.0 if self.fixed_threshold is not None else stability.coupled_weight_decay(optimizer)
+            # L2 weight decay adds decay * theta to the gradient: the step sees H + decay * I.
+            eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + decay
+            projections, grad_norm = self._gradient(pl_module, result)
+        recent = self.history[-(self.slope_window - 1) :]
+        history = EdgeHistory(
+            step=self.history[-1]["step"] if self.history else None,
+            sharpness=tuple((h["step"], h["eos/sharpness"]) for h in recent),
+            first_edge_step=self.first_edge_step,
+            negative_curvature=self.negative_curvature,
+        )
+        metrics, edge = stability.edge_of_stability(
+            eigenvalues,
+            dynamics,
+            step=step,
+            projections=projections,
+            grad_norm=grad_norm,
+            lambda_min=float(result.eigenvalues[-1]) if monitor.which == "both" else None,
+            losses=self._loss_values() if len(self.losses) >= 2 else (),
+            history=history,
+            slope_window=self.slope_window,
+            warming=warming,
+        )
+        metrics["eos/lr"] = lr
+        if dynamics.preconditioned:
+            metrics["eos/preconditioned_sharpness"] = metrics["eos/sharpness"]
+        if warming:
+            metrics["eos/warmup"] = 1.0
+        return metrics, dynamics, edge
 
-    def _preconditioned_sharpness(self, pl_module: LightningModule, optimizer: Any) -> float | None:
+    def _preconditioned(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any, dynamics: StepDynamics
+    ) -> EigenResult | None:
         try:
             result = self.monitor.compute(
                 pl_module, k=1, which="top", preconditioner=optimizer, warm_start=self._preconditioned_latest
             )
         except PreconditionerUnavailable as err:  # before the first step: no second moments yet
-            self._warn_once("precond", f"preconditioned sharpness not measured yet: {err}")
+            self._warn_once(
+                "precond",
+                f"{type(optimizer).__name__} has no preconditioner before its first step ({err}): this "
+                "measurement logs the threshold alone, flagged eos/warmup",
+            )
+            metrics = {"eos/threshold": dynamics.threshold, "eos/warmup": 1.0}
+            log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
             return None
         self._preconditioned_latest = result
-        return float(result.eigenvalues[0])
+        return result
 
-    def _principal_flow(
-        self, pl_module: LightningModule, result: EigenResult, h: float, weight_decay: float
-    ) -> dict[str, float]:
-        monitor = self.monitor
-        eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + weight_decay
-        vectors = result.eigenvectors[:, : monitor.k]
-        with monitor.operator(pl_module) as op:
+    def _gradient(self, pl_module: LightningModule, result: EigenResult) -> tuple[torch.Tensor, float]:
+        """The projections ``g^T u_i`` of the probe gradient on the tracked eigenvectors, and ``||g||``."""
+        vectors = result.eigenvectors[:, : self.monitor.k]
+        with self.monitor.operator(pl_module) as op:
             gradient = op.gradient().to(vectors.dtype)
             # Through the operator's inner product: with FSDP2 the vectors are this rank's slices and
             # the projections and the norm are sums over all ranks' slices (one all-reduce).
             gram = op.inner(vectors.to(gradient.device), torch.stack([gradient], dim=1)).double()
             grad_norm = float(op.inner(gradient, gradient).double().clamp_min(0).sqrt())
-        projections = gram[:, 0].cpu()  # c_i = g^T u_i
-        growth = stability.log_growth(h, eigenvalues)
-        regimes = stability.regimes(h, eigenvalues)
-        metrics: dict[str, float] = {}
-        for i in range(eigenvalues.numel()):
-            metrics[f"pf/hlambda_{i + 1}"] = h * float(eigenvalues[i])
-            metrics[f"pf/log_growth_{i + 1}"] = float(growth[i])
-            metrics[f"pf/regime_{i + 1}"] = float(stability.REGIME_CODES[regimes[i]])
-            metrics[f"pf/projection_{i + 1}"] = float(projections[i])
-        metrics["pf/unstable_directions"] = float(sum(r == "unstable" for r in regimes))
-        metrics["pf/oscillating_directions"] = float(sum(r == "oscillating" for r in regimes))
-        metrics["pf/unstable_grad_fraction"] = float(
-            stability.unstable_gradient_fraction(h, eigenvalues, projections, grad_norm)
-        )
-        metrics["pf/grad_norm"] = grad_norm
-        return metrics
-
-    def _trends(
-        self, step: int, sharpness: float, ratio: float, lr: float, result: EigenResult, warming: bool
-    ) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        recent = [(h["step"], h["eos/sharpness"]) for h in self.history[-(self.slope_window - 1) :]] + [
-            (step, sharpness)
-        ]
-        slope = stability.progressive_sharpening_slope([s for s, _ in recent], [v for _, v in recent])
-        if slope == slope:  # not nan
-            metrics["eos/sharpening_slope"] = float(slope)
-        if len(self.losses) >= 2:
-            metrics["eos/loss_non_monotonicity"] = float(stability.non_monotonicity(self._loss_values()))
-        if self.first_edge_step is None and ratio >= 1.0 and not warming:
-            self.first_edge_step = step
-        if self.first_edge_step is not None:
-            metrics["eos/first_edge_step"] = float(self.first_edge_step)
-        if self.monitor.which == "both":
-            # Elkabetz & Cohen: negative curvature along the run lets GD drift from gradient flow.
-            lambda_min = float(result.eigenvalues[-1])
-            steps = step - (self.history[-1]["step"] if self.history else 0)
-            self.negative_curvature += stability.accumulated_negative_curvature(
-                [lr * max(steps, 1)], [lambda_min]
-            )
-            metrics["eos/accumulated_negative_curvature"] = self.negative_curvature
-        return metrics
+        return gram[:, 0].cpu(), grad_norm
 
     # -- per step ----------------------------------------------------------------------------
     @override
@@ -373,14 +367,14 @@ class EdgeOfStabilityMonitor(Callback):
             if not gc.finite:
                 raise NonFiniteOperatorError(f"||g|| = {gc.grad_norm}, ||Hg|| = {gc.hg_norm}")
         except Exception as err:  # never BaseException
-            self._skip(trainer, err, "proxies skipped", "eos/proxies_skipped")
+            self._skip(trainer, err, "proxies skipped", self.metric("proxies_skipped"))
             return
         metrics = {
             "pf/hg_ratio": gc.hg_ratio,
             "pf/rayleigh_quotient": gc.rayleigh_quotient,
             "pf/drift_ratio": float(stability.drift_ratio(lr, gc.grad_norm, gc.hg_norm)),
         }
-        log_metrics(trainer, metrics, trainer.global_step)
+        log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

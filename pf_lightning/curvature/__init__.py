@@ -11,7 +11,7 @@ from .operator import (
     NonFiniteLossError,
 )
 from .params import ParameterSpace
-from .precondition import PreconditionedOperator, PreconditionerUnavailable, adam_preconditioner
+from .precondition import PreconditionedOperator, PreconditionerUnavailable, optimizer_preconditioner
 from .state import measurement_context
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "ParameterSpace",
     "PreconditionedOperator",
     "PreconditionerUnavailable",
-    "adam_preconditioner",
+    "optimizer_preconditioner",
     "measurement_context",
     "parameter_groups",
 ]

@@ -1,11 +1,10 @@
-r"""Diagonal preconditioners read from an optimizer's state.
+r"""The preconditioned view of the Hessian, with the diagonal an optimizer's rule reads from its state.
 
-Adam's effective step is :math:`\eta P_t^{-1} m_t` with (Cohen et al. 2022, ``src/adam.py``)
-
-.. math::  P_t = (1 - \beta_1^t)\left(\sqrt{\nu_t / (1 - \beta_2^t)} + \epsilon\right),
-
-:math:`\nu_t` being ``exp_avg_sq``; the learning rate is *not* part of :math:`P_t`. RMSprop is the
-case :math:`\beta_1 = 0` without bias correction: :math:`P = \sqrt{\nu} + \epsilon`.
+What ``P`` is for each optimizer (Adam's :math:`(1 - \beta_1^t)(\sqrt{\nu_t/(1 - \beta_2^t)} + \epsilon)`,
+Adamax's :math:`(1 - \beta_1^t)u_t`, RMSprop's :math:`\sqrt{\nu} + \epsilon`, ...) is the optimizer's rule
+in :mod:`pf_lightning.stability.optimizers`; this module lays the per-parameter diagonals out over a
+:class:`~pf_lightning.curvature.ParameterSpace` and applies :math:`P^{-1/2}(H + W)P^{-1/2}`, with ``W``
+the coupled weight decay of each parameter's group.
 """
 
 from __future__ import annotations
@@ -17,22 +16,19 @@ from torch import Tensor
 
 from .._validation import Checks
 from ..linalg.operator import LinearOperator
+from ..stability.optimizers import PreconditionerUnavailable, parameter_preconditioner
 from .distributed import local_part
 from .params import ParameterSpace
 
 _check = Checks()
 
 __all__ = [
-    "ADAM_FAMILY",
     "PRECONDITIONER_WARMUP_STEPS",
     "PreconditionedOperator",
     "PreconditionerUnavailable",
-    "adam_preconditioner",
     "check_diagonal",
-    "optimizer_steps",
+    "optimizer_preconditioner",
 ]
-
-ADAM_FAMILY = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop")
 
 PRECONDITIONER_WARMUP_STEPS = 10
 """Optimizer steps before a preconditioned sharpness is compared with its threshold for warnings.
@@ -48,58 +44,28 @@ from step 5 on except in a run that truly diverged (lr 3e-2); the real crossings
 """
 
 
-class PreconditionerUnavailable(RuntimeError):
-    """The optimizer has no second-moment state yet (before its first step) or is not Adam-like."""
-
-
-def _step_of(state: dict) -> float:
-    step = state.get("step", 0)
-    return float(step.item() if isinstance(step, Tensor) else step)
-
-
-def adam_preconditioner(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> Tensor:
-    """The flat diagonal of ``P_t`` for the parameters of ``space``.
+def optimizer_preconditioner(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> tuple[Tensor, Tensor]:
+    """The flat diagonal of ``P`` and of the coupled weight decay ``W`` for the parameters of ``space``.
 
     Raises:
-        PreconditionerUnavailable: the optimizer is not Adam-family, a parameter is not in it, or a
+        PreconditionerUnavailable: the optimizer does not precondition, a parameter is not in it, or a
             parameter has no state yet (measure after the first optimizer step).
     """
-    kind = type(optimizer).__name__
-    if kind not in ADAM_FAMILY:
-        raise PreconditionerUnavailable(f"{kind} has no diagonal preconditioner; Adam-family optimizers do")
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    pieces = []
+    diagonals, decays = [], []
     for name, p in zip(space.names, space.params, strict=True):
-        group = group_of.get(id(p))
-        if group is None:
-            raise PreconditionerUnavailable(f"parameter {name!r} is not optimized by this {kind}")
-        state = optimizer.state.get(p, {})
-        nu = state.get("max_exp_avg_sq") if group.get("amsgrad") else None
-        nu = state.get("exp_avg_sq", state.get("square_avg")) if nu is None else nu
-        if nu is None or _step_of(state) < 1:
-            raise PreconditionerUnavailable(
-                f"{kind} has no second-moment state for {name!r} yet: measure after the first step"
-            )
-        nu = local_part(nu)  # FSDP2 keeps optimizer state as DTensors shaped like the parameters
-        eps = float(group["eps"])
-        if kind == "RMSprop":
-            pieces.append(nu.detach().sqrt().add(eps).reshape(-1))
-            continue
-        beta1, beta2 = (float(b) for b in group["betas"])
-        t = _step_of(state)
-        bias2 = 1.0 - beta2**t
-        pieces.append(((nu.detach() / bias2).sqrt().add(eps) * (1.0 - beta1**t)).reshape(-1))
-    return torch.cat(pieces).to(space.dtype)
-
-
-def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
-    """The steps ``optimizer`` has taken, from its per-parameter ``step`` state (the fewest; 0 before any)."""
-    return int(min((_step_of(state) for state in optimizer.state.values()), default=0.0))
+        try:
+            diagonal, decay = parameter_preconditioner(optimizer, p)
+        except PreconditionerUnavailable as err:
+            raise PreconditionerUnavailable(f"{err} (parameter {name!r})") from err
+        diagonal = local_part(diagonal).reshape(-1)  # FSDP2 keeps optimizer state as DTensors
+        diagonals.append(diagonal)
+        decays.append(torch.full_like(diagonal, decay))
+    return torch.cat(diagonals).to(space.dtype), torch.cat(decays).to(space.dtype)
 
 
 def check_diagonal(name: str, diagonal: Any, n: int) -> None:
     """``diagonal`` is a flat Tensor of ``n`` positive, finite entries (``ValueError`` naming ``name``)."""
-    expected = f"a flat Tensor of shape ({n},) with positive, finite entries (e.g. from adam_preconditioner)"
+    expected = f"a flat Tensor of shape ({n},) with positive, finite entries (e.g. from optimizer_preconditioner)"
     _check.instance(name, diagonal, Tensor, expected)
     if diagonal.shape != (n,) or diagonal.is_complex() or diagonal.dtype == torch.bool:
         _check.fail(
@@ -110,30 +76,36 @@ def check_diagonal(name: str, diagonal: Any, n: int) -> None:
 
 
 class PreconditionedOperator(LinearOperator):
-    r"""The preconditioned Hessian :math:`P^{-1/2} H P^{-1/2}` for a diagonal preconditioner ``P``.
+    r"""The preconditioned Hessian :math:`P^{-1/2} (H + W) P^{-1/2}` for diagonal ``P`` and ``W``.
 
-    Its eigenvalues are those of :math:`P^{-1} H`; for Adam, :math:`\lambda_{max}` is the
+    Its eigenvalues are those of :math:`P^{-1}(H + W)`; for Adam, :math:`\lambda_{max}` is the
     *preconditioned sharpness* whose stability threshold is :math:`(2 + 2\beta_1)/((1-\beta_1)\eta)`
-    (Cohen et al. 2022, REFERENCE §1.2).
+    (Cohen et al. 2022, REFERENCE §1.2). ``W`` is the weight decay that enters the gradient (L2 decay
+    coupled into the update), zero by default.
 
     Args:
         base: the Hessian operator.
-        diagonal: the flat, positive diagonal of ``P`` (e.g. from :func:`adam_preconditioner`).
+        diagonal: the flat, positive diagonal of ``P`` (e.g. from :func:`optimizer_preconditioner`).
+        shift: the flat diagonal of ``W``, or None.
     """
 
-    def __init__(self, base: LinearOperator, diagonal: Tensor) -> None:
+    def __init__(self, base: LinearOperator, diagonal: Tensor, shift: Tensor | None = None) -> None:
         _check.instance("base", base, LinearOperator, "a LinearOperator such as a HessianOperator")
         check_diagonal("diagonal", diagonal, base.n)
         super().__init__(base.n, base.dtype, base.device)
         self.base = base
         self.scale = diagonal.to(device=base.device, dtype=base.dtype).rsqrt()[:, None]
+        # P^-1/2 W P^-1/2 = W / P: added to each product without another pass through the model.
+        coupled = shift is not None and bool(shift.any())
+        self.added = shift.to(self.scale)[:, None] * self.scale.square() if coupled else None
 
     @property
     def global_n(self) -> int:
         return self.base.global_n
 
     def _matmat(self, X: Tensor) -> Tensor:
-        return self.scale * self.base.matmat(self.scale * X)
+        product = self.scale * self.base.matmat(self.scale * X)
+        return product if self.added is None else product + self.added * X
 
     def inner(self, X: Tensor, Y: Tensor) -> Tensor:
         return self.base.inner(X, Y)

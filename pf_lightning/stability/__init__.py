@@ -44,12 +44,24 @@ from .principal_flow import (
     unstable_gradient_fraction,
 )
 from .proxies import dal_learning_rate, drift_ratio, euler_local_error, hg_ratio, rayleigh_quotient
+from .edge import EdgeHistory, edge_of_stability
+from .optimizers import (
+    OptimizerRule,
+    PreconditionerUnavailable,
+    StepDynamics,
+    coupled_weight_decay,
+    edge_lr,
+    optimizer_rule,
+    optimizer_steps,
+    optimizer_threshold,
+    parameter_preconditioner,
+    register_optimizer_rule,
+    step_dynamics,
+    supported_optimizers,
+)
 from .thresholds import (
     StabilityThreshold,
     UnsupportedOptimizer,
-    edge_lr,
-    effective_lr,
-    optimizer_threshold,
     threshold_adam,
     threshold_gd,
     threshold_heavy_ball,
@@ -64,13 +76,24 @@ from .trends import (
 
 __all__ = [
     "REGIME_CODES",
+    "EdgeHistory",
+    "edge_of_stability",
+    "OptimizerRule",
+    "PreconditionerUnavailable",
+    "StepDynamics",
+    "coupled_weight_decay",
+    "optimizer_rule",
+    "optimizer_steps",
+    "parameter_preconditioner",
+    "register_optimizer_rule",
+    "step_dynamics",
+    "supported_optimizers",
     "StabilityThreshold",
     "UnsupportedOptimizer",
     "accumulated_negative_curvature",
     "dal_learning_rate",
     "drift_ratio",
     "edge_lr",
-    "effective_lr",
     "euler_local_error",
     "first_crossing_step",
     "gradient_projections",

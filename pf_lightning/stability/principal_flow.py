@@ -51,7 +51,7 @@ def pf_coefficient(h: Scalar, eigenvalues: Tensor | Sequence[float]) -> Tensor:
     :math:`-\infty` (real part; the official notebook substitutes :math:`-100` there).
 
     Args:
-        h: the gradient-descent step (see :func:`effective_lr` for other optimizers).
+        h: the gradient-descent step (:class:`~pf_lightning.stability.StepDynamics` for other optimizers).
         eigenvalues: Hessian eigenvalues, any shape.
 
     Returns:

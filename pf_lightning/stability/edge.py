@@ -1,0 +1,147 @@
+r"""The edge-of-stability and principal-flow diagnostics of one measurement, as a function.
+
+:func:`edge_of_stability` turns what a measurement found (the eigenvalues the optimizer's threshold
+applies to, the gradient's projections on their eigenvectors) and the optimizer's
+:class:`~pf_lightning.stability.StepDynamics` into the ``eos/*`` and ``pf/*`` metrics, given what the
+previous measurements left (:class:`EdgeHistory`). It knows nothing of Lightning or models:
+:class:`~pf_lightning.EdgeOfStabilityMonitor` is a thin adapter that measures and calls it, and the same
+numbers come from it outside Lightning.
+
+Per tracked direction :math:`i` (curvature :math:`\lambda_i` of :math:`H + wI`, or of
+:math:`P^{-1}(H + W)` for a preconditioned optimizer):
+
+- ``pf/hlambda_i`` :math:`= h\lambda_i` with :math:`h = 2/\lambda^*` the gradient-descent step of the
+  same threshold: :math:`\eta\lambda_i` for plain gradient descent, and for every optimizer 2 at its
+  edge (it places the direction against the edge; it is not the step's argument under momentum);
+- ``pf/log_growth_i``: :math:`\log\rho(M(\lambda_i))`, the per-step log growth under the optimizer's
+  own recurrence (:math:`\log\lvert 1 - \eta\lambda_i\rvert` for gradient descent);
+- ``pf/regime_i``: :data:`~pf_lightning.stability.REGIME_CODES` of :meth:`StepDynamics.regimes`;
+- with the gradient: ``pf/projection_i`` :math:`= g^\top u_i`, ``pf/unstable_grad_fraction`` and
+  ``pf/grad_norm``.
+
+Over the run: ``eos/sharpening_slope`` (least squares over the last ``slope_window`` measurements),
+``eos/loss_non_monotonicity``, ``eos/first_edge_step``, and ``eos/accumulated_negative_curvature``
+:math:`= \eta\sum_t \min(\lambda_{\min,t}, 0)` over the optimizer steps taken, each step counted once
+with the :math:`\lambda_{\min}` measured at the end of its interval (Elkabetz & Cohen 2021).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .optimizers import StepDynamics
+from .principal_flow import REGIME_CODES, _as_real_tensor, unstable_gradient_fraction
+from .trends import accumulated_negative_curvature, non_monotonicity, progressive_sharpening_slope
+
+__all__ = ["EdgeHistory", "edge_of_stability"]
+
+
+@dataclass(frozen=True)
+class EdgeHistory:
+    """What the diagnostics carry from one measurement to the next.
+
+    Attributes:
+        step: the optimizer step of the previous measurement (None before the first one, which then
+            counts the steps from 0).
+        sharpness: ``(step, sharpness)`` of the previous measurements, oldest first (the slope reads the
+            last ``slope_window - 1`` of them).
+        first_edge_step: the first step whose ratio reached 1 outside a warm-up, or None.
+        negative_curvature: the accumulated negative curvature so far.
+    """
+
+    step: int | None = None
+    sharpness: tuple[tuple[int, float], ...] = ()
+    first_edge_step: int | None = None
+    negative_curvature: float = 0.0
+
+
+def edge_of_stability(
+    eigenvalues: Tensor | Sequence[float],
+    dynamics: StepDynamics,
+    *,
+    step: int,
+    projections: Tensor | Sequence[float] | None = None,
+    grad_norm: float | None = None,
+    lambda_min: float | None = None,
+    losses: Sequence[float] = (),
+    history: EdgeHistory = EdgeHistory(),
+    slope_window: int = 5,
+    warming: bool = False,
+) -> tuple[dict[str, float], EdgeHistory]:
+    r"""The ``eos/*`` and ``pf/*`` metrics of one measurement, and the history for the next.
+
+    Args:
+        eigenvalues: the tracked eigenvalues the threshold applies to, largest first: those of
+            :math:`H + wI` (coupled weight decay :math:`w`) or of :math:`P^{-1}(H + W)` when
+            ``dynamics.preconditioned``. The first is the sharpness.
+        dynamics: the optimizer's step (:func:`~pf_lightning.stability.step_dynamics`).
+        step: the optimizer steps taken.
+        projections: :math:`g^\top u_i` on the matching eigenvectors (with ``grad_norm``), or None.
+        grad_norm: :math:`\lVert g\rVert`.
+        lambda_min: the most negative Hessian eigenvalue, for the accumulated negative curvature.
+        losses: recent per-step losses, oldest first.
+        history: what the previous measurements left.
+        slope_window: measurements in the sharpening slope.
+        warming: an adaptive optimizer's preconditioner has not settled: no first edge step.
+
+    Returns:
+        The metrics and the updated history.
+
+    Raises:
+        ValueError: no eigenvalue, a NaN one, or projections of another length.
+
+    Example:
+        >>> gd = StepDynamics(0.1)
+        >>> metrics, _ = edge_of_stability([30.0, 5.0], gd, step=10)
+        >>> metrics["eos/ratio"], metrics["pf/regime_1"], round(metrics["pf/log_growth_2"], 4)
+        (1.5, 2.0, -0.6931)
+    """
+    lam = _as_real_tensor(eigenvalues).detach().reshape(-1).to("cpu", torch.float64)
+    if lam.numel() == 0 or torch.isnan(lam).any():
+        raise ValueError(f"eigenvalues must be non-empty and not NaN, got {lam.tolist()}")
+    threshold, h = dynamics.threshold, dynamics.gd_step
+    sharpness = float(lam[0])
+    ratio = sharpness / threshold
+    metrics = {"eos/threshold": threshold, "eos/sharpness": sharpness, "eos/ratio": ratio}
+
+    growth = dynamics.log_growth(lam)
+    names = dynamics.regimes(lam)
+    for i, value in enumerate(lam.tolist()):
+        metrics[f"pf/hlambda_{i + 1}"] = h * value
+        metrics[f"pf/log_growth_{i + 1}"] = float(growth[i])
+        metrics[f"pf/regime_{i + 1}"] = float(REGIME_CODES[names[i]])
+    metrics["pf/unstable_directions"] = float(sum(r == "unstable" for r in names))
+    metrics["pf/oscillating_directions"] = float(sum(r == "oscillating" for r in names))
+    if projections is not None:
+        c = _as_real_tensor(projections).detach().reshape(-1).to("cpu", torch.float64)
+        if c.shape != lam.shape or grad_norm is None:
+            raise ValueError(f"projections need one entry per eigenvalue and grad_norm, got {tuple(c.shape)}")
+        for i, value in enumerate(c.tolist()):
+            metrics[f"pf/projection_{i + 1}"] = value
+        # Unstable (rho > 1 with lambda > 0) exactly where h * lambda > 2, for every rule.
+        metrics["pf/unstable_grad_fraction"] = float(unstable_gradient_fraction(h, lam, c, grad_norm))
+        metrics["pf/grad_norm"] = float(grad_norm)
+
+    recent = [*history.sharpness[len(history.sharpness) - (slope_window - 1) :], (step, sharpness)]
+    slope = progressive_sharpening_slope([s for s, _ in recent], [v for _, v in recent])
+    if not math.isnan(slope):
+        metrics["eos/sharpening_slope"] = float(slope)
+    if len(losses) >= 2:
+        metrics["eos/loss_non_monotonicity"] = float(non_monotonicity(list(losses)))
+    first_edge = history.first_edge_step
+    if first_edge is None and ratio >= 1.0 and not warming:
+        first_edge = step
+    if first_edge is not None:
+        metrics["eos/first_edge_step"] = float(first_edge)
+    curvature = history.negative_curvature
+    if lambda_min is not None:
+        steps = max(step - (0 if history.step is None else history.step), 0)
+        curvature += accumulated_negative_curvature([dynamics.lr * steps], [float(lambda_min)])
+        metrics["eos/accumulated_negative_curvature"] = curvature
+    kept = (*history.sharpness, (step, sharpness))[-max(slope_window - 1, 1) :]
+    return metrics, EdgeHistory(step, kept, first_edge, curvature)
