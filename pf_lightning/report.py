@@ -258,11 +258,13 @@ def plot_spectrum(run: RunMetrics, path: Path) -> Drawn | None:
     return drawn
 
 
-_REGIME_BANDS = (  # ηλ: the principal-flow regime of one direction (Dherin et al. 2023)
-    (-math.inf, 0.0, "tab:gray", "saddle (ηλ < 0)"),
-    (0.0, 1.0, "tab:green", "monotone (0 < ηλ < 1)"),
-    (1.0, 2.0, "tab:orange", "oscillating, stable (1 < ηλ < 2)"),
-    (2.0, math.inf, "tab:red", "unstable (ηλ > 2)"),
+# pf/hlambda_i = hλᵢ with h = 2 / threshold: ηλᵢ under gradient descent, and 2 at the edge of every
+# optimizer. The band at 1 is gradient descent's (Dherin et al. 2023); momentum oscillates earlier.
+_REGIME_BANDS = (
+    (-math.inf, 0.0, "tab:gray", "saddle (λ < 0)"),
+    (0.0, 1.0, "tab:green", "stable; monotone under GD (hλ < 1)"),
+    (1.0, 2.0, "tab:orange", "stable; oscillating under GD (1 < hλ < 2)"),
+    (2.0, math.inf, "tab:red", "past the edge (hλ > 2)"),
 )
 
 
@@ -281,10 +283,10 @@ def plot_regimes(run: RunMetrics, path: Path) -> Drawn | None:
         if max(lo, low) < min(hi, high):
             top.axhspan(max(lo, low), min(hi, high), color=color, alpha=0.12, label=label)
     for key in keys:
-        top.plot(*run.series[key], marker=".", label=f"ηλ{key.rsplit('_', 1)[1]}")
+        top.plot(*run.series[key], marker=".", label=f"hλ{key.rsplit('_', 1)[1]}")
         drawn[key] = run.series[key]
     top.set_ylim(low, high)
-    top.set_ylabel("ηλᵢ")
+    top.set_ylabel("hλᵢ = 2λᵢ / threshold (ηλᵢ under GD)")
     top.legend(loc="best", fontsize=7, ncols=2)
     panel = 1
     if counts:

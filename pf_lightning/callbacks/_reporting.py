@@ -25,7 +25,7 @@ def record(self: Any, trainer: Any, result: EigenResult) -> None:
         bottom = result.eigenvalues[self.k :].flip(0)
         metrics.update({self.metric(f"eig_bottom_{i + 1}"): float(v) for i, v in enumerate(bottom)})
         metrics[self.metric("eig_min")] = float(bottom[0])
-    relative = result.residuals / result.eigenvalues.abs().clamp_min(1e-30)
+    relative = result.relative_residuals
     metrics.update(
         {
             self.metric("residual_max"): float(relative.max()),

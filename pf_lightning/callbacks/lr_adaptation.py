@@ -214,7 +214,7 @@ class LRAdaptation(Callback):
                 "no EdgeOfStabilityMonitor measures the optimizer SharpnessCappedLR wraps: set its optimizer_index"
             )
         self.eos = matching[0]
-        self.eos.monitor.add_listener(self._on_measurement)  # after the EoS monitor's own listener
+        self.eos.add_listener(self._on_edge)
 
     # -- per step ----------------------------------------------------------------------------
     @staticmethod
@@ -298,10 +298,9 @@ class LRAdaptation(Callback):
         log_metrics(trainer, {f"dal/{key}": value for key, value in metrics.items()}, trainer.global_step)
         return metrics["hg_ratio"]
 
-    def _on_measurement(self, trainer: Trainer, pl_module: LightningModule, result: Any) -> None:
-        if self.eos is None or not self.eos.history or self.eos.history[-1]["step"] != trainer.global_step:
-            return  # the EoS monitor skipped this measurement: the cap keeps the previous sharpness
-        sharpness = float(self.eos.history[-1]["eos/sharpness"])
+    def _on_edge(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
+        # Called only for measurements the EoS monitor completed: a skipped one keeps the previous cap.
+        sharpness = float(metrics["eos/sharpness"])
         log_metrics(trainer, {"cap/sharpness": sharpness}, trainer.global_step)
         if self._last_end is None:  # measured before the first step of this fit: cap that step already
             for scheduler in self.schedulers:

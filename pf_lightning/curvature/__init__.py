@@ -28,7 +28,7 @@ __all__ = [
     "ParameterSpace",
     "PreconditionedOperator",
     "PreconditionerUnavailable",
-    "optimizer_preconditioner",
     "measurement_context",
+    "optimizer_preconditioner",
     "parameter_groups",
 ]

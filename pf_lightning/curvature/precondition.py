@@ -44,7 +44,9 @@ from step 5 on except in a run that truly diverged (lr 3e-2); the real crossings
 """
 
 
-def optimizer_preconditioner(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> tuple[Tensor, Tensor]:
+def optimizer_preconditioner(
+    optimizer: torch.optim.Optimizer, space: ParameterSpace
+) -> tuple[Tensor, Tensor]:
     """The flat diagonal of ``P`` and of the coupled weight decay ``W`` for the parameters of ``space``.
 
     Raises:
@@ -63,16 +65,21 @@ def optimizer_preconditioner(optimizer: torch.optim.Optimizer, space: ParameterS
     return torch.cat(diagonals).to(space.dtype), torch.cat(decays).to(space.dtype)
 
 
-def check_diagonal(name: str, diagonal: Any, n: int) -> None:
-    """``diagonal`` is a flat Tensor of ``n`` positive, finite entries (``ValueError`` naming ``name``)."""
-    expected = f"a flat Tensor of shape ({n},) with positive, finite entries (e.g. from optimizer_preconditioner)"
+def check_diagonal(name: str, diagonal: Any, n: int, allow_zero: bool = False) -> None:
+    """``diagonal`` is a flat Tensor of ``n`` positive (or with ``allow_zero`` non-negative), finite entries
+    (``ValueError`` naming ``name``)."""
+    sign = "non-negative" if allow_zero else "positive"
+    expected = (
+        f"a flat Tensor of shape ({n},) with {sign}, finite entries (e.g. from optimizer_preconditioner)"
+    )
     _check.instance(name, diagonal, Tensor, expected)
     if diagonal.shape != (n,) or diagonal.is_complex() or diagonal.dtype == torch.bool:
         _check.fail(
             name, expected, diagonal, f"its shape is {tuple(diagonal.shape)} and its dtype {diagonal.dtype}"
         )
-    if not bool((diagonal > 0).all()) or not bool(torch.isfinite(diagonal).all()):
-        _check.fail(name, expected, diagonal, "some entries are not positive and finite")
+    low = diagonal >= 0 if allow_zero else diagonal > 0
+    if not bool(low.all()) or not bool(torch.isfinite(diagonal).all()):
+        _check.fail(name, expected, diagonal, f"some entries are not {sign} and finite")
 
 
 class PreconditionedOperator(LinearOperator):
@@ -92,6 +99,8 @@ class PreconditionedOperator(LinearOperator):
     def __init__(self, base: LinearOperator, diagonal: Tensor, shift: Tensor | None = None) -> None:
         _check.instance("base", base, LinearOperator, "a LinearOperator such as a HessianOperator")
         check_diagonal("diagonal", diagonal, base.n)
+        if shift is not None:
+            check_diagonal("shift", shift, base.n, allow_zero=True)
         super().__init__(base.n, base.dtype, base.device)
         self.base = base
         self.scale = diagonal.to(device=base.device, dtype=base.dtype).rsqrt()[:, None]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 __all__ = ["EigenResult"]
@@ -52,35 +51,5 @@ class EigenResult:
 
     @property
     def relative_residuals(self) -> Tensor:
-        """``||H v - lambda v|| / |lambda|`` per pair (infinite where ``lambda == 0``)."""
-        return self.residuals / self.eigenvalues.abs()
-
-    def cpu(self) -> EigenResult:
-        """A copy with every tensor on the CPU (for checkpoints and history)."""
-        return EigenResult(
-            eigenvalues=self.eigenvalues.cpu(),
-            eigenvectors=self.eigenvectors.cpu(),
-            residuals=self.residuals.cpu(),
-            converged=self.converged.cpu(),
-            n_hvp=self.n_hvp,
-            seconds=self.seconds,
-            tol=self.tol,
-            which=self.which,
-            method=self.method,
-            info=dict(self.info),
-        )
-
-    def without_vectors(self) -> EigenResult:
-        """A copy that drops the eigenvectors (what a long history should keep)."""
-        return EigenResult(
-            eigenvalues=self.eigenvalues.detach().cpu(),
-            eigenvectors=torch.empty(0, self.k),
-            residuals=self.residuals.detach().cpu(),
-            converged=self.converged.detach().cpu(),
-            n_hvp=self.n_hvp,
-            seconds=self.seconds,
-            tol=self.tol,
-            which=self.which,
-            method=self.method,
-            info=dict(self.info),
-        )
+        """``||H v - lambda v|| / |lambda|`` per pair (``|lambda|`` floored at 1e-30, so finite)."""
+        return self.residuals / self.eigenvalues.abs().clamp_min(1e-30)

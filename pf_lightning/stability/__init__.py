@@ -33,17 +33,6 @@ through negative curvature, :math:`\eta\sum_t \min(\lambda_{\min,t}, 0)`, and th
 error :math:`(\eta/2)\lVert Hg\rVert/\lVert g\rVert`.
 """
 
-from .principal_flow import (
-    REGIME_CODES,
-    gradient_projections,
-    log_growth,
-    pf_coefficient,
-    pf_loss_rate_contributions,
-    pf_velocity,
-    regimes,
-    unstable_gradient_fraction,
-)
-from .proxies import dal_learning_rate, drift_ratio, euler_local_error, hg_ratio, rayleigh_quotient
 from .edge import EdgeHistory, edge_of_stability
 from .optimizers import (
     OptimizerRule,
@@ -59,6 +48,17 @@ from .optimizers import (
     step_dynamics,
     supported_optimizers,
 )
+from .principal_flow import (
+    REGIME_CODES,
+    gradient_projections,
+    log_growth,
+    pf_coefficient,
+    pf_loss_rate_contributions,
+    pf_velocity,
+    regimes,
+    unstable_gradient_fraction,
+)
+from .proxies import dal_learning_rate, drift_ratio, euler_local_error, hg_ratio, rayleigh_quotient
 from .thresholds import (
     StabilityThreshold,
     UnsupportedOptimizer,
@@ -77,36 +77,36 @@ from .trends import (
 __all__ = [
     "REGIME_CODES",
     "EdgeHistory",
-    "edge_of_stability",
     "OptimizerRule",
     "PreconditionerUnavailable",
-    "StepDynamics",
-    "coupled_weight_decay",
-    "optimizer_rule",
-    "optimizer_steps",
-    "parameter_preconditioner",
-    "register_optimizer_rule",
-    "step_dynamics",
-    "supported_optimizers",
     "StabilityThreshold",
+    "StepDynamics",
     "UnsupportedOptimizer",
     "accumulated_negative_curvature",
+    "coupled_weight_decay",
     "dal_learning_rate",
     "drift_ratio",
     "edge_lr",
+    "edge_of_stability",
     "euler_local_error",
     "first_crossing_step",
     "gradient_projections",
     "hg_ratio",
     "log_growth",
     "non_monotonicity",
+    "optimizer_rule",
+    "optimizer_steps",
     "optimizer_threshold",
+    "parameter_preconditioner",
     "pf_coefficient",
     "pf_loss_rate_contributions",
     "pf_velocity",
     "progressive_sharpening_slope",
     "rayleigh_quotient",
     "regimes",
+    "register_optimizer_rule",
+    "step_dynamics",
+    "supported_optimizers",
     "threshold_adam",
     "threshold_gd",
     "threshold_heavy_ball",

@@ -41,7 +41,7 @@ RAdam             a = 0, b = the rectification r_t; P = (1 - b1^t)(sqrt(v) + eps
                   / sqrt(1 - b2^t) (P = 1 - b1^t while r_t is undefined, rho_t <= 5)
 RMSprop           GD (or heavy ball with momentum) on P = sqrt(v) + eps (centered:    coupled
                   sqrt(v - mean(g)^2) + eps)
-Adagrad           GD with step lr / (1 + t * lr_decay) on P = sqrt(sum g^2) + eps     coupled
+Adagrad           GD with step lr / (1 + (t-1) lr_decay), P = sqrt(sum g^2) + eps     coupled
 Adadelta          GD on P = sqrt(square_avg + eps) / sqrt(acc_delta + eps)            coupled
 ================  ==================================================================  ================
 
@@ -234,8 +234,9 @@ class OptimizerRule:
 
     Attributes:
         name: the family, e.g. ``"sgd"``, ``"adam"``.
-        dynamics: ``dynamics(group, state) -> StepDynamics`` for the next step of a parameter group;
-            ``state`` is the optimizer state of the group's first parameter (empty before any step).
+        dynamics: ``dynamics(group, state) -> StepDynamics``, the step a parameter group last took
+            (coefficients that follow a schedule are the last step's, as ``P`` is; before any step, the
+            first step's); ``state`` is the optimizer state of the group's first parameter.
         preconditioner: ``preconditioner(group, state) -> Tensor``, the diagonal :math:`P` of one
             parameter's update (shaped like the parameter), read from that parameter's state; ``None``
             for optimizers that do not precondition.
@@ -289,7 +290,9 @@ def _lr(group: Group) -> float:
 def _entry(state: State, key: str) -> Tensor:
     value = state.get(key)
     if not isinstance(value, Tensor):
-        raise PreconditionerUnavailable(f"no `{key}` in the optimizer state yet: measure after the first step")
+        raise PreconditionerUnavailable(
+            f"no `{key}` in the optimizer state yet: measure after the first step"
+        )
     return value.detach()
 
 
@@ -357,12 +360,13 @@ def _adamax_p(group: Group, state: State) -> Tensor:
 def _nadam(group: Group, state: State) -> StepDynamics:
     lr, beta1 = _lr(group), _beta(group["betas"][0], "beta1")
     decay = _float(group["momentum_decay"])
-    s = _steps(state) + 1.0  # the next step's momentum schedule
 
     def mu(t: float) -> float:
         return beta1 * (1.0 - 0.5 * 0.96 ** (t * decay))
 
-    product = _float(state.get("mu_product", 1.0)) * mu(s)
+    # The coefficients of the last step t (as P is the last step's); before any step, the first one's.
+    t = _steps(state)
+    s, product = (t, _float(state["mu_product"])) if t >= 1 else (1.0, mu(1.0))
     a = (1.0 - mu(s)) / (1.0 - product)
     b = mu(s + 1.0) / (1.0 - product * mu(s + 1.0))
     return StepDynamics(
@@ -430,10 +434,10 @@ def _rmsprop_p(group: Group, state: State) -> Tensor:
 
 def _adagrad(group: Group, state: State) -> StepDynamics:
     lr, decay = _lr(group), _float(group.get("lr_decay", 0.0))
-    step = lr / (1.0 + _steps(state) * decay)  # the next step's lr / (1 + (t - 1) lr_decay)
+    step = lr / (1.0 + max(_steps(state) - 1.0, 0.0) * decay)  # the last step's lr / (1 + (t - 1) lr_decay)
     return StepDynamics(
         step, preconditioned=True, label="adagrad",
-        formula=f"2/clr, clr = lr/(1 + t*lr_decay) = {step:g}",
+        formula=f"2/clr, clr = lr/(1 + (t - 1)*lr_decay) = {step:g}",
     )  # fmt: skip
 
 
@@ -469,7 +473,9 @@ _RULES: dict[type, OptimizerRule] = {
         "adamw", _adam_like("adamw"), _adam_p, ("exp_avg_sq", "max_exp_avg_sq", "step"), lambda g: 0.0
     ),
     torch.optim.Adamax: OptimizerRule("adamax", _adam_like("adamax"), _adamax_p, ("exp_inf", "step")),
-    torch.optim.NAdam: OptimizerRule("nadam", _nadam, _nadam_p, ("exp_avg_sq", "mu_product", "step"), _decoupled_flag),
+    torch.optim.NAdam: OptimizerRule(
+        "nadam", _nadam, _nadam_p, ("exp_avg_sq", "mu_product", "step"), _decoupled_flag
+    ),
     torch.optim.RAdam: OptimizerRule("radam", _radam, _radam_p, ("exp_avg_sq", "step"), _decoupled_flag),
     torch.optim.RMSprop: OptimizerRule("rmsprop", _rmsprop, _rmsprop_p, ("square_avg", "grad_avg")),
     torch.optim.Adagrad: OptimizerRule("adagrad", _adagrad, _adagrad_p, ("sum", "step")),
@@ -541,7 +547,7 @@ def _group(optimizer: torch.optim.Optimizer, group: int) -> Group:
 
 
 def step_dynamics(optimizer: torch.optim.Optimizer, group: int = 0) -> StepDynamics:
-    """The per-direction dynamics of the next step of ``optimizer``'s parameter group ``group``.
+    """The per-direction dynamics of ``optimizer``'s parameter group ``group`` (its last step's).
 
     Raises:
         UnsupportedOptimizer: see :func:`optimizer_rule`; also for ``maximize=True``.

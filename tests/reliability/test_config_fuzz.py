@@ -392,6 +392,12 @@ PRECONDITIONED_OPERATOR["diagonal"] = (
     PRECONDITIONED_OPERATOR["diagonal"],
     HESSIAN_EIGENPAIRS["preconditioner"][1],
 )
+PRECONDITIONED_OPERATOR["shift"] = (
+    st.sampled_from([None, torch.zeros(N_PARAMS), torch.full((N_PARAMS,), 0.1)]),
+    st.sampled_from(
+        [5, torch.full((N_PARAMS,), -1.0), torch.zeros(N_PARAMS + 1), torch.full((N_PARAMS,), float("nan"))]
+    ),
+)
 
 GRADIENT_CURVATURE = {
     "op": (st.builds(_operator), st.sampled_from([None, 5, model(), torch.eye(N_PARAMS)])),
@@ -616,7 +622,7 @@ SETUP_CASES = {
     "k-above-the-parameter-count": (lambda: [HessianEigenMonitor(k=2000, which="both")], None, "k"),
     "optimizer-without-a-threshold": (
         lambda: [HessianEigenMonitor(k=1), EdgeOfStabilityMonitor()],  # the monitor measures first
-        torch.optim.Adadelta,
+        torch.optim.Rprop,
         "threshold",
     ),
     "lr-adaptation-params": (

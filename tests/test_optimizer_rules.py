@@ -1,0 +1,404 @@
+"""The optimizer rulebook against independent references: the real torch.optim step, simulated
+recurrences on quadratics, dense float64 Hessians and preconditioners written out here from torch's
+update formulas; and the EoS monitor that reads it, for every torch.optim optimizer."""
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_models import DigitsClassifier, digits, trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+from pf_lightning.stability import (
+    EdgeHistory,
+    OptimizerRule,
+    StepDynamics,
+    edge_of_stability,
+    optimizer_rule,
+    optimizer_threshold,
+    register_optimizer_rule,
+    step_dynamics,
+)
+
+
+def rho(matrix) -> float:
+    return float(np.abs(np.linalg.eigvals(np.asarray(matrix, dtype=np.float64))).max())
+
+
+# -- the recurrence against the real optimizer -------------------------------------------------
+SGD_CASES = [
+    ({"lr": 0.1}, [5.0, 15.0, 19.0, 21.0]),
+    ({"lr": 0.1, "momentum": 0.9}, [0.02, 3.0, 30.0, 37.0, 39.0]),
+    ({"lr": 0.1, "momentum": 0.9, "nesterov": True}, [3.0, 12.0, 13.0, 14.0]),
+    ({"lr": 0.1, "momentum": 0.5, "dampening": 0.3}, [5.0, 40.0, 42.0, 44.0]),
+    ({"lr": 0.05, "momentum": 0.8, "dampening": 0.5, "nesterov": False}, [10.0, 140.0, 150.0]),
+]
+
+
+@pytest.mark.parametrize(("settings", "curvatures"), SGD_CASES)
+def test_sgd_growth_and_threshold_match_torch_on_a_quadratic(settings, curvatures):
+    for lam in curvatures:
+        x = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        optimizer = torch.optim.SGD([x], **settings)
+        log_abs, scale = [], 0.0  # log|x_t|, with x and the momentum buffer rescaled to stay finite
+        for _ in range(2000):
+            optimizer.zero_grad()
+            (0.5 * lam * x.square().sum()).backward()
+            optimizer.step()
+            log_abs.append(math.log(abs(float(x))) + scale)
+            factor = abs(float(x))
+            with torch.no_grad():
+                x.div_(factor)
+                if "momentum_buffer" in optimizer.state[x]:
+                    optimizer.state[x]["momentum_buffer"].div_(factor)
+            scale += math.log(factor)
+        dynamics = step_dynamics(optimizer)
+        # Growth per step over 1500 steps, from the envelope (the largest |x| over 30 steps): complex
+        # roots rotate the phase, so single iterates would not do.
+        measured = (max(log_abs[-30:]) - max(log_abs[-1530:-1500])) / 1500
+        assert float(dynamics.log_growth([lam])[0]) == pytest.approx(measured, abs=2e-3), lam
+        assert (lam > dynamics.threshold) == (measured > 0), lam
+
+
+def test_heavy_ball_growth_is_the_spectral_radius_of_its_matrix():
+    lr, beta = 0.1, 0.9
+    dynamics = step_dynamics(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=beta))
+    lams = [0.01, 6.3, 30.0, 38.0, 40.0]
+    expected = [math.log(rho([[1 + beta - lr * lam, -beta], [1, 0]])) for lam in lams]
+    assert dynamics.log_growth(lams).tolist() == pytest.approx(expected, abs=1e-12)
+    # REFERENCE §6.3: the "effective step" lr/(1 + beta) gave -0.547 at lambda = 30; heavy ball's is -0.053.
+    assert expected[2] == pytest.approx(-0.0527, abs=1e-4)
+    assert dynamics.regimes(lams) == ["stable", "oscillating", "oscillating", "oscillating", "unstable"]
+
+
+def _moment(optimizer, p, key):
+    return optimizer.state[p][key].detach().double()
+
+
+def _reference_update(optimizer, p, grad):
+    """-lr (a g + b m) / P from the rule's dynamics and P, after the step just taken."""
+    rule = optimizer_rule(optimizer)
+    group = optimizer.param_groups[0]
+    state = optimizer.state[p]
+    d = rule.dynamics(group, state)
+    P = rule.preconditioner(group, state).double()
+    m = state["exp_avg"].double() if d.momentum_weight else torch.zeros_like(grad)
+    return -d.lr * (d.gradient_weight * grad + d.momentum_weight * m) / P
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0),
+        lambda p: torch.optim.Adamax(p, lr=1e-2),
+        lambda p: torch.optim.NAdam(p, lr=1e-2),
+        lambda p: torch.optim.RAdam(p, lr=1e-2),
+        lambda p: torch.optim.RMSprop(p, lr=1e-2),
+        lambda p: torch.optim.RMSprop(p, lr=1e-2, centered=True),
+        lambda p: torch.optim.Adagrad(p, lr=1e-1, lr_decay=0.05),
+    ],
+)
+def test_preconditioned_rules_reproduce_the_real_step(make):
+    """The rule's (a, b, P) of the last step give exactly the update torch.optim applied."""
+    torch.manual_seed(0)
+    A = torch.randn(6, 6, dtype=torch.float64)
+    A = A @ A.T / 6
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    optimizer = make([p])
+    for step in range(12):  # through RAdam's warm-up (rho_t <= 5 until step 6)
+        optimizer.zero_grad()
+        (0.5 * p @ A @ p).backward()
+        before, grad = p.detach().clone(), p.grad.detach().clone()
+        optimizer.step()
+        expected = _reference_update(optimizer, p, grad)
+        torch.testing.assert_close(p.detach() - before, expected, rtol=1e-9, atol=1e-14, msg=f"step {step}")
+
+
+# -- the EoS monitor for every torch.optim optimizer -------------------------------------------
+def _p_reference(name, group, state):
+    """P of torch 2.13's update, written out from its sources (REFERENCE §6.4)."""
+    beta1, beta2 = group.get("betas", (0.0, 0.0))
+    t = float(state.get("step", 0))
+    eps = group.get("eps", 0.0)
+    if name in ("Adam", "AdamW", "AdamSubclass"):
+        return (1 - beta1**t) * ((state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
+    if name == "Adamax":
+        return (1 - beta1**t) * state["exp_inf"]
+    if name == "NAdam":
+        return (state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps
+    if name == "RAdam":
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
+        if rho_t <= 5:
+            return torch.full_like(state["exp_avg_sq"], 1 - beta1**t)
+        return (1 - beta1**t) * (state["exp_avg_sq"].sqrt() + eps) / math.sqrt(1 - beta2**t)
+    if name == "RMSprop":
+        nu = state["square_avg"] - (state["grad_avg"] ** 2 if group["centered"] else 0)
+        return nu.sqrt() + eps
+    if name == "Adagrad":
+        return state["sum"].sqrt() + eps
+    if name == "Adadelta":
+        return (state["square_avg"] + eps).sqrt() / (state["acc_delta"] + eps).sqrt()
+    raise AssertionError(name)
+
+
+def _threshold_reference(name, group, state):
+    lr, t = group["lr"], float(state.get("step", 0))
+    beta1 = group.get("betas", (0.0,))[0]
+    momentum, nesterov = group.get("momentum", 0.0), group.get("nesterov", False)
+    if name == "SGD":
+        if nesterov:
+            return (2 + 2 * momentum) / (lr * (1 + 2 * momentum))
+        return (2 + 2 * momentum) / (lr * (1 - group["dampening"]))
+    if name == "ASGD":
+        return 2 / float(state["eta"]) if "eta" in state else 2 / lr
+    if name in ("Adam", "AdamW", "Adamax", "AdamSubclass"):
+        return (2 + 2 * beta1) / ((1 - beta1) * lr)
+    if name == "NAdam":  # Nesterov form of Adam: u = (a g + b m) / P with the mu schedule
+        mu = [beta1 * (1 - 0.5 * 0.96 ** (s * group["momentum_decay"])) for s in (t, t + 1)]
+        product = float(state["mu_product"])
+        a, b = (1 - mu[0]) / (1 - product), mu[1] / (1 - product * mu[1])
+        return 2 * (1 + beta1) / (lr * (a * (1 + beta1) + b * (1 - beta1)))
+    if name == "RAdam":
+        beta2 = group["betas"][1]
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
+        r = (
+            1.0
+            if rho_t <= 5
+            else math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        )
+        return (2 + 2 * beta1) / ((1 - beta1) * lr * r)
+    if name == "RMSprop":
+        return (2 + 2 * momentum) / lr
+    if name == "Adagrad":
+        return 2 / (lr / (1 + (t - 1) * group["lr_decay"]))
+    if name == "Adadelta":
+        return 2 / lr
+    raise AssertionError(name)
+
+
+class AdamSubclass(torch.optim.Adam):
+    """A user's subclass: it takes Adam's rule."""
+
+
+SUPPORTED = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=1e-2),
+    "SGD-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.1),
+    "SGD-nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "ASGD": lambda p: torch.optim.ASGD(p, lr=0.05, lambd=1e-3, weight_decay=1e-2),
+    "Adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+    "Adamax": lambda p: torch.optim.Adamax(p, lr=1e-2),
+    "NAdam": lambda p: torch.optim.NAdam(p, lr=1e-2),
+    "RAdam": lambda p: torch.optim.RAdam(p, lr=1e-2),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, centered=True),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01),
+    "Adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+    "AdamSubclass": lambda p: AdamSubclass(p, lr=1e-2),
+}
+COUPLED = {"SGD": 1e-2, "ASGD": 1e-2 + 1e-3, "Adam": 1e-2}
+
+
+def _dense_hessian(model, batch):
+    x, y = batch
+    params = dict(model.named_parameters())
+    names = list(params)
+
+    def loss(flat):
+        pieces, offset = {}, 0
+        for name in names:
+            n = params[name].numel()
+            pieces[name] = flat[offset : offset + n].view_as(params[name])
+            offset += n
+        return model.loss_with(pieces, (x, y))
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    return torch.func.hessian(loss)(flat)
+
+
+class _Digits(DigitsClassifier):
+    def __init__(self, make, **kwargs):
+        super().__init__(**kwargs)
+        self.make = make
+
+    def configure_optimizers(self):
+        return self.make(self.parameters())
+
+    def loss_with(self, params, batch):
+        out = torch.func.functional_call(self, params, (batch[0].double(),))
+        return 0.5 * ((out - torch.nn.functional.one_hot(batch[1], 10).double()) ** 2).sum(1).mean()
+
+
+@pytest.mark.parametrize("name", sorted(SUPPORTED))
+def test_every_supported_optimizer_logs_the_edge_against_a_dense_reference(tmp_path, name):
+    L.seed_everything(0)
+    model = _Digits(SUPPORTED[name], hidden=8, n=48).double()
+    x, y = digits(48)
+    probe = [(x.double(), y)]
+    seen = []
+
+    def check(trainer_, pl_module, metrics):
+        optimizer = trainer_.optimizers[0]
+        group = optimizer.param_groups[0]
+        state0 = optimizer.state.get(group["params"][0], {})
+        H = _dense_hessian(pl_module, probe[0])
+        kind = name.split("-")[0]
+        decay = COUPLED.get(name, 0.0)
+        if optimizer_rule(optimizer).preconditioned:
+            P = torch.cat(
+                [_p_reference(kind, group, optimizer.state[p]).reshape(-1) for p in group["params"]]
+            )
+            D = P.double().rsqrt()
+            shifted = H + decay * torch.eye(len(P), dtype=H.dtype)
+            sharpness = float(torch.linalg.eigvalsh(D[:, None] * shifted * D[None, :])[-1])
+        else:
+            sharpness = float(torch.linalg.eigvalsh(H)[-1]) + decay
+        threshold = _threshold_reference(kind, group, state0)
+        assert metrics["eos/threshold"] == pytest.approx(threshold, rel=1e-9)
+        assert metrics["eos/sharpness"] == pytest.approx(sharpness, rel=1e-6)
+        assert metrics["eos/ratio"] == pytest.approx(sharpness / threshold, rel=1e-6)
+        seen.append(trainer_.global_step)
+
+    monitor = HessianEigenMonitor(k=1, every_n_steps=4, probe=probe, tol=1e-9)
+    eos = EdgeOfStabilityMonitor()
+    eos.add_listener(check)
+    with (
+        pytest.warns()
+        if optimizer_rule(SUPPORTED[name]([torch.nn.Parameter(torch.zeros(1))])).preconditioned
+        else _nothing()
+    ):
+        trainer(tmp_path, max_steps=12, callbacks=[monitor, eos]).fit(model)
+    preconditioned = "eos/preconditioned_sharpness" in eos.history[-1]
+    # Every measurement logs the edge; an adaptive optimizer's fit-start one (no state yet) the threshold.
+    assert seen == ([4, 8, 12] if preconditioned else [0, 4, 8, 12])
+    assert [h["step"] for h in monitor.history] == [0, 4, 8, 12]
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.LBFGS(p),
+        lambda p: torch.optim.Rprop(p),
+        lambda p: torch.optim.Adafactor(p),
+        lambda p: torch.optim.SparseAdam(p),
+    ],
+)
+def test_an_optimizer_without_a_rule_stops_at_set_up_with_its_name(tmp_path, make):
+    model = _Digits(make, hidden=8, n=48)
+    name = type(make([torch.nn.Parameter(torch.zeros(1))])).__name__
+    t = trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1), EdgeOfStabilityMonitor()])
+    with pytest.raises(MisconfigurationException, match=f"{name}.*supported: ASGD, Adadelta, Adagrad, Adam"):
+        t.fit(model)
+
+
+def test_a_registered_rule_serves_a_custom_optimizer_and_its_subclasses(tmp_path):
+    class HalfStepSGD(torch.optim.SGD):
+        """Steps half of lr: its edge is 4/lr."""
+
+    class Child(HalfStepSGD):
+        pass
+
+    rule = OptimizerRule("half_sgd", lambda group, state: StepDynamics(group["lr"] / 2, label="half_sgd"))
+    register_optimizer_rule(HalfStepSGD, rule)
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert optimizer_threshold(Child([p], lr=0.1)).value == pytest.approx(40.0)
+    assert optimizer_threshold(torch.optim.SGD([p], lr=0.1)).value == pytest.approx(20.0)
+    with pytest.raises(TypeError, match="OptimizerRule"):
+        register_optimizer_rule(HalfStepSGD, "rule")
+
+
+# -- the diagnostics on a quadratic ------------------------------------------------------------
+class Quadratic(L.LightningModule):
+    """0.5 * sum(a_i theta_i^2): the Hessian is diag(a) everywhere."""
+
+    def __init__(self, curvatures, lr, momentum=0.0):
+        super().__init__()
+        self.register_buffer("a", torch.tensor(curvatures, dtype=torch.float64))
+        self.theta = torch.nn.Parameter(torch.full((len(curvatures),), 0.01, dtype=torch.float64))
+        self.lr, self.momentum = lr, momentum
+
+    def training_step(self, batch, batch_idx):
+        return 0.5 * (self.a * self.theta.square()).sum() + 0 * batch[0].sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(4, 1, dtype=torch.float64)), batch_size=4)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_log_growth_on_a_quadratic_is_the_optimizers_own(tmp_path, momentum):
+    lr, lams = 0.1, [30.0, 12.0, 5.0, -2.0]
+    model = Quadratic(lams, lr, momentum)
+    monitor = HessianEigenMonitor(k=2, which="both", every_n_steps=4, tol=1e-10)
+    eos = EdgeOfStabilityMonitor()
+    trainer(tmp_path, max_steps=12, callbacks=[monitor, eos]).fit(model)
+    last = eos.history[-1]
+    for i, lam in enumerate(lams[:2]):
+        if momentum:
+            expected = math.log(rho([[1 + momentum - lr * lam, -momentum], [1, 0]]))
+        else:
+            expected = math.log(abs(1 - lr * lam))
+        assert last[f"pf/log_growth_{i + 1}"] == pytest.approx(expected, abs=1e-6)
+        assert last[f"pf/hlambda_{i + 1}"] == pytest.approx(2 * lam / last["eos/threshold"], rel=1e-9)
+    # N = 12 optimizer steps with lambda_min = -2 throughout: lr * 12 * (-2), each step counted once.
+    assert [h["step"] for h in eos.history] == [0, 4, 8, 12]
+    assert last["eos/accumulated_negative_curvature"] == pytest.approx(lr * 12 * -2.0, rel=1e-9)
+
+
+def test_edge_of_stability_function_outside_lightning():
+    heavy_ball = StepDynamics(0.1, 0.0, 10.0, 0.9, label="heavy_ball")
+    metrics, history = edge_of_stability(
+        [40.0, 30.0], heavy_ball, step=10, projections=[3.0, 4.0], grad_norm=5.0, lambda_min=-1.0
+    )
+    assert metrics["eos/threshold"] == pytest.approx(38.0)
+    assert metrics["eos/ratio"] == pytest.approx(40 / 38)
+    assert metrics["pf/log_growth_1"] == pytest.approx(math.log(rho([[1.9 - 4.0, -0.9], [1, 0]])), abs=1e-12)
+    assert metrics["pf/regime_1"] == 2.0 and metrics["pf/regime_2"] == 1.0
+    assert metrics["pf/unstable_grad_fraction"] == pytest.approx(9 / 25)
+    assert metrics["eos/accumulated_negative_curvature"] == pytest.approx(0.1 * 10 * -1.0)
+    assert metrics["eos/first_edge_step"] == 10.0
+    again, _ = edge_of_stability([36.0], heavy_ball, step=15, lambda_min=-1.0, history=history)
+    assert again["eos/accumulated_negative_curvature"] == pytest.approx(-1.0 - 0.1 * 5)
+    assert again["eos/first_edge_step"] == 10.0
+    assert again["eos/sharpening_slope"] == pytest.approx((36 - 40) / 5)
+    assert history == EdgeHistory(10, ((10, 40.0),), 10, pytest.approx(-1.0))
+
+
+def test_two_edge_monitors_resume_from_one_checkpoint(tmp_path):
+    def callbacks():
+        full = HessianEigenMonitor(k=1, every_n_steps=3)
+        held_out = HessianEigenMonitor(k=1, every_n_steps=3, name="heldout", probe=[digits(32)])
+        return full, held_out, EdgeOfStabilityMonitor(monitor=full), EdgeOfStabilityMonitor(monitor=held_out)
+
+    L.seed_everything(0)
+    first = callbacks()
+    t = trainer(tmp_path, max_steps=6, callbacks=list(first))
+    t.fit(DigitsClassifier(n=64))
+    assert first[2].state_key != first[3].state_key
+    path = tmp_path / "six.ckpt"
+    t.save_checkpoint(path)
+    assert float(t.callback_metrics["eos/heldout/sharpness"]) == first[3].history[-1]["eos/sharpness"]
+    assert first[2].history[-1]["eos/sharpness"] != first[3].history[-1]["eos/sharpness"]
+
+    second = callbacks()
+    trainer(tmp_path, max_steps=9, callbacks=list(second)).fit(DigitsClassifier(n=64), ckpt_path=path)
+    for before, after in zip(first[2:], second[2:], strict=True):
+        assert [h["step"] for h in after.history] == [0, 3, 6, 9]
+        assert after.history[:3] == before.history
