@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,8 +17,17 @@ from .linalg import EigenResult, lanczos, lobpcg
 from .linalg._common import WHICH
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
+from .probe import ProbeSet
 
-__all__ = ["METHODS", "hessian_density", "hessian_eigenpairs", "hessian_trace", "loss_of", "output_loss"]
+__all__ = [
+    "METHODS",
+    "MeasurementSpec",
+    "hessian_density",
+    "hessian_eigenpairs",
+    "hessian_trace",
+    "loss_of",
+    "output_loss",
+]
 
 METHODS = ("auto", "lanczos", "lobpcg")
 TRACE_METHODS = ("hutch++", "hutchinson")
@@ -297,3 +307,85 @@ def hessian_density(
     model = _unwrap(model)
     with HessianOperator(model, loss_fn, batches, params=params, hvp=hvp, seed=seed, dtype=dtype) as op:
         return slq_density(op, n_steps=min(n_steps, op.global_n), n_vectors=n_vectors, seed=seed)
+
+
+@dataclass(frozen=True)
+class MeasurementSpec:
+    """The settings every measurement of a fit shares, resolved once (the callbacks' one way in).
+
+    A :class:`~pf_lightning.HessianEigenMonitor` builds it when a fit starts, from its arguments, the
+    module (``dtype``) and the trainer (the probe set on the module's device); the monitor, the
+    :class:`~pf_lightning.EdgeOfStabilityMonitor` reading it and the trace and density all measure
+    through it, so they differentiate the same loss on the same probe with the same parameters,
+    backend, seed and dtype. When ``hvp="auto"`` falls back to finite differences the monitor replaces
+    its spec with one that asks for them directly (:func:`dataclasses.replace`).
+
+    Attributes:
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        probe: the probe set.
+        params: glob patterns of the measured parameters (None: all trainable ones).
+        hvp: the HVP backend.
+        seed: seeds start vectors and dropout masks.
+        dtype: the measurement dtype.
+        tol: relative residual tolerance of eigenpairs.
+        max_hvp: products allowed per eigenpair measurement.
+        basis_device: where the solver keeps its vectors.
+    """
+
+    loss_fn: Callable[[nn.Module, Any], Tensor]
+    probe: ProbeSet
+    params: str | Sequence[str] | None = None
+    hvp: str = "auto"
+    seed: int = 0
+    dtype: torch.dtype | None = None
+    tol: float = 1e-3
+    max_hvp: int | None = None
+    basis_device: torch.device | str | None = None
+
+    def eigenpairs(
+        self,
+        model: nn.Module,
+        k: int,
+        which: str = "top",
+        *,
+        warm_start: EigenResult | None = None,
+        preconditioner: torch.optim.Optimizer | Tensor | None = None,
+    ) -> EigenResult:
+        """:func:`hessian_eigenpairs` on the probe set with these settings."""
+        return hessian_eigenpairs(
+            model,
+            self.loss_fn,
+            self.probe,
+            k,
+            which=which,
+            hvp=self.hvp,
+            tol=self.tol,
+            max_hvp=self.max_hvp,
+            warm_start=warm_start,
+            seed=self.seed,
+            params=self.params,
+            preconditioner=preconditioner,
+            dtype=self.dtype,
+            basis_device=self.basis_device,
+        )
+
+    def trace(self, model: nn.Module, n_hvp: int) -> TraceEstimate:
+        """:func:`hessian_trace` on the probe set with these settings."""
+        return hessian_trace(model, self.loss_fn, self.probe, n_hvp=n_hvp, **self._operator_settings())
+
+    def density(self, model: nn.Module, n_steps: int) -> SpectralDensity:
+        """:func:`hessian_density` on the probe set with these settings."""
+        return hessian_density(model, self.loss_fn, self.probe, n_steps=n_steps, **self._operator_settings())
+
+    def operator(self, model: nn.Module, batches: Any = None) -> HessianOperator:
+        """A :class:`~pf_lightning.HessianOperator` with these settings on the probe set (or ``batches``),
+        for diagnostics that need gradients or single products."""
+        return HessianOperator(
+            _unwrap(model),
+            self.loss_fn,
+            self.probe if batches is None else batches,
+            **self._operator_settings(),
+        )
+
+    def _operator_settings(self) -> dict[str, Any]:
+        return {"params": self.params, "hvp": self.hvp, "seed": self.seed, "dtype": self.dtype}

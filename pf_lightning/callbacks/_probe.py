@@ -11,57 +11,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..curvature.params import ParameterSpace, measurement_dtype, select_parameters
 from ..curvature.state import rng_state
 from ..measure import loss_of
 from ..probe import ProbeSet, map_tensors, move_to_device, sample_count
 
 DEFAULT_PROBE_SIZE = 512
-
-
-class SharedProbe:
-    """One probe set for several monitors (``HessianEigenMonitor.per_group``): the first monitor to
-    start draws it, the others use it, so the batches are held (and moved to the device) once."""
-
-    def __init__(self) -> None:
-        self.probe: ProbeSet | None = None
-
-
-def check_strategy(trainer: Any, hvp: str) -> None:
-    """Fail at setup on a strategy the measurement does not support, naming the supported choice.
-
-    FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed wrap or flatten parameters in ways no test here
-    covers (both need a GPU); FSDP2 through ``ModelParallelStrategy`` measures by finite differences.
-    """
-    names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
-    unsupported = names & {"FSDPStrategy", "DeepSpeedStrategy"}
-    if unsupported:
-        raise MisconfigurationException(
-            f"Hessian measurements do not support {unsupported.pop()}: shard the model with "
-            "ModelParallelStrategy and torch's fully_shard in configure_model (FSDP2), or use DDP"
-        )
-    if "ModelParallelStrategy" in names and hvp not in ("auto", "finite_difference"):
-        raise MisconfigurationException(
-            f"hvp={hvp!r} needs second-order autograd, which does not run on FSDP2's sharded parameters "
-            "under ModelParallelStrategy: use hvp='auto' or 'finite_difference'"
-        )
-
-
-def check_module(module: nn.Module, params: Any, dtype: torch.dtype | None, k: int, which: str) -> None:
-    """The arguments only the module can judge, checked before the first step: ``params`` must match
-    trainable parameters of one measurable dtype, and ``k`` (at each end for ``which="both"``) must fit
-    their count."""
-    try:
-        select_parameters(module, params, argument="params")
-        space = ParameterSpace(module, params, dtype=measurement_dtype(module, dtype))
-    except ValueError as err:
-        raise MisconfigurationException(f"HessianEigenMonitor cannot measure this module: {err}") from err
-    ends = 2 if which == "both" else 1
-    if k * ends > space.global_n:
-        raise MisconfigurationException(
-            f"`k` must be at most {space.global_n // ends} for the {space.global_n} measured parameters "
-            f"(which={which!r}), got {k}"
-        )
 
 
 def build_probe(trainer: Any, pl_module: Any, probe: Any) -> ProbeSet:

@@ -30,11 +30,10 @@ from .._validation import Checks
 from ..curvature.drift import gradient_curvature
 from ..curvature.precondition import PRECONDITIONER_WARMUP_STEPS
 from ..linalg import EigenResult, NonFiniteOperatorError
-from ..logging import log_metrics, tagged, warn_once
+from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
 from ..stability import EdgeHistory, PreconditionerUnavailable, StepDynamics
 from ._checkpoint import UnreadableState, cached_state_key, eos_from_state, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
-from ._reporting import eos_chart
 from .hessian_monitor import HessianEigenMonitor
 
 WarningAction = Callable[[Trainer, LightningModule, dict[str, float]], None]
@@ -310,8 +309,8 @@ class EdgeOfStabilityMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any, dynamics: StepDynamics
     ) -> EigenResult | None:
         try:
-            result = self.monitor.compute(
-                pl_module, k=1, which="top", preconditioner=optimizer, warm_start=self._preconditioned_latest
+            result = self.monitor.spec.eigenpairs(
+                pl_module, 1, "top", warm_start=self._preconditioned_latest, preconditioner=optimizer
             )
         except PreconditionerUnavailable as err:  # before the first step: no second moments yet
             self._warn_once(
@@ -328,7 +327,7 @@ class EdgeOfStabilityMonitor(Callback):
     def _gradient(self, pl_module: LightningModule, result: EigenResult) -> tuple[torch.Tensor, float]:
         """The projections ``g^T u_i`` of the probe gradient on the tracked eigenvectors, and ``||g||``."""
         vectors = result.eigenvectors[:, : self.monitor.k]
-        with self.monitor.operator(pl_module) as op:
+        with self.monitor.spec.operator(pl_module) as op:
             gradient = op.gradient().to(vectors.dtype)
             # Through the operator's inner product: with FSDP2 the vectors are this rank's slices and
             # the projections and the norm are sums over all ranks' slices (one all-reduce).
@@ -362,7 +361,7 @@ class EdgeOfStabilityMonitor(Callback):
         monitor = self.monitor
         lr = float(trainer.optimizers[self.optimizer_index].param_groups[0]["lr"])
         try:
-            with monitor.operator(pl_module, [batch]) as op:
+            with monitor.spec.operator(pl_module, [batch]) as op:
                 gc = gradient_curvature(op)
             if not gc.finite:
                 raise NonFiniteOperatorError(f"||g|| = {gc.grad_norm}, ||Hg|| = {gc.hg_norm}")
@@ -383,9 +382,34 @@ class EdgeOfStabilityMonitor(Callback):
 
     def _chart(self, trainer: Trainer, step: int) -> None:
         try:
-            eos_chart(trainer, self.history, step)
+            self._log_chart(trainer, step)
         except Exception as err:
             self._skip(trainer, err, "W&B chart skipped", None)
+
+    def _log_chart(self, trainer: Trainer, step: int) -> None:
+        """W&B: the top-k eigenvalues and the threshold over steps as one line chart, the spectra as a table."""
+        history = self.history
+        if not wandb_experiments(trainer) or not history:
+            return
+        import wandb
+
+        steps = [h["step"] for h in history]
+        k = min(len(h["eigenvalues"]) for h in history)
+        ys = [[h["eigenvalues"][i] for h in history] for i in range(k)]
+        ys.append([h["eos/threshold"] for h in history])
+        keys = [f"eig_{i + 1}" for i in range(k)] + ["threshold"]
+        chart = wandb.plot.line_series(
+            xs=steps, ys=ys, keys=keys, title="Hessian eigenvalues vs stability threshold", xname="step"
+        )
+        rows = [
+            [h["step"], i + 1, v, h["eos/threshold"]] for h in history for i, v in enumerate(h["eigenvalues"])
+        ]
+        spectra = wandb.Table(columns=["step", "index", "eigenvalue", "threshold"], data=rows)
+        tables = {
+            self.metric("spectrum_vs_threshold"): chart,
+            metric_name("hessian", "spectra", self.monitor.name): spectra,
+        }
+        wandb_log(trainer, tables, step)
 
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)

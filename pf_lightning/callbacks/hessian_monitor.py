@@ -9,6 +9,7 @@ and handed to listeners such as :class:`~pf_lightning.EdgeOfStabilityMonitor`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -18,14 +19,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from .._validation import Checks, is_int
-from ..curvature import HVP_CHOICES, HessianOperator, ParameterSpace, measurement_context
+from .._validation import Checks, is_int, is_tag, parameter_names
+from ..curvature import HVP_CHOICES, ParameterSpace, measurement_context
 from ..curvature.distributed import any_rank
-from ..curvature.params import measurement_dtype
+from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
-from ..logging import define_wandb_metrics, log_metrics, metric_name, warn_once
-from ..measure import hessian_eigenpairs
+from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log, warn_once
+from ..measure import MeasurementSpec
 from ..probe import ProbeSet
 from ._budget import TimeBudget
 from ._checkpoint import (
@@ -37,14 +38,20 @@ from ._checkpoint import (
     warn_fresh_start,
 )
 from ._faults import OnError, check_on_error, skip_or_raise
-from ._groups import monitors_per_group
-from ._probe import SharedProbe, build_probe, check_module, check_strategy, resolve_loss_fn
-from ._reporting import record, spectrum_extras
+from ._probe import build_probe, resolve_loss_fn
 
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
 
 
 check = Checks(MisconfigurationException)
+
+
+class SharedProbe:
+    """One probe set for several monitors (:meth:`HessianEigenMonitor.per_group`): the first monitor to
+    start draws it, the others use it, so the batches are held (and moved to the device) once."""
+
+    def __init__(self) -> None:
+        self.probe: ProbeSet | None = None
 
 
 class HessianEigenMonitor(Callback):
@@ -184,13 +191,11 @@ class HessianEigenMonitor(Callback):
         self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
         self.density: SpectralDensity | None = None
         self._probe_arg, self._loss_arg = probe, loss_fn
-        self.probe: ProbeSet | None = None
-        self.loss_fn: Callable | None = None
+        self.spec: MeasurementSpec | None = None  # resolved when a fit starts
         self.latest: EigenResult | None = None
         self.history: list[dict[str, Any]] = []
         self._listeners: list[Listener] = []
         self._last_step = self._postponed_step = -1
-        self._fallback: str | None = None  # the backend hvp='auto' settled on when it fell back
         self._budget = TimeBudget()
         self._start = "fit"  # "resumed" from a checkpoint, or "unreadable" (its state could not be read)
         self._measured = 0  # measurements taken (the history is capped): the trace and density cadence
@@ -220,7 +225,38 @@ class HessianEigenMonitor(Callback):
             monitors = HessianEigenMonitor.per_group(parameter_groups(model, depth=2), k=3)
             trainer = Trainer(callbacks=[*monitors, HessianEigenMonitor(k=3), EdgeOfStabilityMonitor()])
         """
-        return monitors_per_group(cls, groups, kwargs)
+        clash = {"name", "params"} & set(kwargs)
+        if clash:
+            raise MisconfigurationException(
+                f"per_group sets `name` and `params` from the groups: do not pass {sorted(clash)}"
+            )
+        check.keywords(f"{cls.__name__}.per_group", kwargs, parameter_names(cls) - {"name", "params"})
+        expected = "a non-empty {name: patterns} mapping, e.g. parameter_groups(model) or {'attn': 'blocks.*.attn.*'}"
+        if not isinstance(groups, Mapping) or not groups:
+            check.fail("groups", expected, groups)
+        patterns_of = {}
+        for name, patterns in groups.items():
+            if not is_tag(name):
+                hint = "each name must be a non-empty string without '/' or spaces: it names metrics hessian/<name>/..."
+                check.fail("groups", expected, groups, hint)
+            pattern_list = [patterns] if isinstance(patterns, str) else patterns
+            if not (
+                isinstance(pattern_list, list | tuple)
+                and pattern_list
+                and all(isinstance(p, str) and p for p in pattern_list)
+            ):
+                check.fail(
+                    "groups",
+                    expected,
+                    groups,
+                    f"group {name!r} must map to a glob pattern or a non-empty list of them",
+                )
+            patterns_of[name] = patterns if isinstance(patterns, str) else list(patterns)
+        shared = SharedProbe()
+        monitors = [cls(name=name, params=params, **kwargs) for name, params in patterns_of.items()]
+        for monitor in monitors:
+            monitor._shared_probe = shared
+        return monitors
 
     @property
     @override
@@ -242,30 +278,40 @@ class HessianEigenMonitor(Callback):
         # the saved values back afterwards (Lightning restores callback state after setup).
         if stage == "fit":
             self._last_step = self._postponed_step = -1
-            self._start, self._fallback = "fit", None  # another fit may bring another model
+            self._start, self.spec = "fit", None  # another fit may bring another model
             if self._shared_probe is not None:  # every setup runs before any on_train_start
                 self._shared_probe.probe = None
-        check_strategy(trainer, self.hvp)
+        self._check_strategy(trainer)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.loss_fn = resolve_loss_fn(pl_module, self._loss_arg)
         shared = self._shared_probe
         if shared is not None and shared.probe is not None:
-            self.probe = shared.probe
+            probe = shared.probe
         else:
-            self.probe = build_probe(trainer, pl_module, self._probe_arg)
+            probe = build_probe(trainer, pl_module, self._probe_arg)
             if shared is not None:
-                shared.probe = self.probe
-        check_module(pl_module, self.params, self.dtype, self.k, self.which)
+                shared.probe = probe
+        self._check_module(pl_module)
         check.usable_device("basis_device", self.basis_device)
+        self.spec = MeasurementSpec(
+            loss_fn=resolve_loss_fn(pl_module, self._loss_arg),
+            probe=probe,
+            params=self.params,
+            hvp=self.hvp,
+            seed=self.seed,
+            dtype=measurement_dtype(pl_module, self.dtype),
+            tol=self.tol,
+            max_hvp=self.max_hvp,
+            basis_device=self.basis_device,
+        )
         self._budget.start_fit()
         define_wandb_metrics(trainer)
         # Fail now, not at the first measurement, if there is no loss or the probe does not fit the
         # model; guarded like a measurement, so BatchNorm statistics and the random stream are kept.
         try:
             with measurement_context(pl_module), torch.no_grad():
-                self.loss_fn(pl_module, self.probe.batches[0])
+                self.spec.loss_fn(pl_module, probe.batches[0])
         except MisconfigurationException:
             raise
         except Exception as err:
@@ -309,7 +355,7 @@ class HessianEigenMonitor(Callback):
     ) -> EigenResult | None:
         """Measure now (at most once per ``global_step``); returns the result, or None if skipped."""
         step = trainer.global_step
-        if self.probe is None or (step == self._last_step and not force):
+        if self.spec is None or (step == self._last_step and not force):
             return None
         if not force and self._postponed(trainer, pl_module, step):
             return None
@@ -325,16 +371,21 @@ class HessianEigenMonitor(Callback):
     def _measure_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> EigenResult | None:
         previous, self._last_step = self._last_step, step
         try:
-            result = self.compute(pl_module)
+            result = self.spec.eigenpairs(
+                pl_module, self.k, self.which, warm_start=self._warm_start(pl_module)
+            )
         except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
             if self.on_error == "raise":
                 self._last_step = previous  # not measured: a checkpoint written on the way out says so
             self._skip(trainer, err, "measurement skipped", "skipped")
             return None
+        if self.spec.hvp == "auto" and result.info.get("hvp") == "finite_difference":
+            # Agreed by every rank: from now on this fit asks for finite differences directly.
+            self.spec = dataclasses.replace(self.spec, hvp="finite_difference")
         self.latest = result
-        record(self, trainer, result)
+        self._record(trainer, result)
         self._measured += 1
-        spectrum_extras(self, trainer, pl_module)
+        self._spectrum_extras(trainer, pl_module)
         for listener in self._listeners:
             try:
                 listener(trainer, pl_module, result)
@@ -357,35 +408,21 @@ class HessianEigenMonitor(Callback):
             metric=self.metric(flag),
         )
 
-    def compute(
-        self, pl_module: LightningModule, k: int | None = None, which: str | None = None, **overrides: Any
-    ) -> EigenResult:
-        """One measurement on the probe set with this monitor's settings (``overrides`` win)."""
-        dtype = measurement_dtype(pl_module, self.dtype)
-        warm = overrides.pop("warm_start", self.latest if self.warm_start else None)
-        # No vectors (a checkpoint without them), vectors of another length (other parameters, or
-        # another sharding after a resume) or non-finite ones: start cold rather than fail.
-        if warm is not None and not usable_warm_start(
-            warm, ParameterSpace(pl_module, self.params, dtype=dtype).n
+    def _warm_start(self, pl_module: LightningModule) -> EigenResult | None:
+        """The previous result to start from, when it can serve: a checkpoint without vectors, vectors of
+        another length (other parameters, or another sharding after a resume) or non-finite ones start
+        cold rather than fail."""
+        warm = self.latest if self.warm_start else None
+        if warm is None or not usable_warm_start(
+            warm, ParameterSpace(pl_module, self.params, dtype=self.spec.dtype).n
         ):
-            warm = None
-        kwargs: dict[str, Any] = {
-            "k": k or self.k,
-            "which": which or self.which,
-            "hvp": self.hvp_in_use,
-            "tol": self.tol,
-            "max_hvp": self.max_hvp,
-            "warm_start": warm,
-            "seed": self.seed,
-            "params": self.params,
-            "dtype": dtype,
-            "basis_device": self.basis_device,
-        }
-        kwargs.update(overrides)
-        result = hessian_eigenpairs(pl_module, self.loss_fn, self.probe, **kwargs)
-        if self.hvp == "auto" and result.info.get("hvp") == "finite_difference":
-            self._fallback = "finite_difference"  # agreed by every rank: the choice holds on all of them
-        return result
+            return None
+        return warm
+
+    @property
+    def probe(self) -> ProbeSet | None:
+        """The probe set of the current (or last) fit."""
+        return None if self.spec is None else self.spec.probe
 
     @property
     def measuring_seconds(self) -> float:
@@ -396,20 +433,7 @@ class HessianEigenMonitor(Callback):
     def hvp_in_use(self) -> str:
         """``hvp``, except that once ``"auto"`` has fallen back to finite differences in a fit it asks for
         them directly: trying double backward again would cost a product and a warning per measurement."""
-        return self._fallback or self.hvp
-
-    def operator(self, pl_module: LightningModule, batches: Any = None) -> HessianOperator:
-        """A Hessian operator with this monitor's loss, parameters, backend, seed and dtype, on the probe
-        set (or on ``batches``): for diagnostics that need gradients or products beyond eigenpairs."""
-        return HessianOperator(
-            pl_module,
-            self.loss_fn,
-            self.probe if batches is None else batches,
-            params=self.params,
-            hvp=self.hvp_in_use,
-            seed=self.seed,
-            dtype=measurement_dtype(pl_module, self.dtype),
-        )
+        return self.hvp if self.spec is None else self.spec.hvp
 
     def _postponed(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:
         fraction = self.max_time_fraction
@@ -424,6 +448,111 @@ class HessianEigenMonitor(Callback):
 
     def _warn_once(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
+
+    # -- checks at fit set-up -----------------------------------------------------------------
+    def _check_strategy(self, trainer: Trainer) -> None:
+        """Fail at setup on a strategy the measurement does not support, naming the supported choice.
+
+        FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed wrap or flatten parameters in ways no test here
+        covers (both need a GPU); FSDP2 through ``ModelParallelStrategy`` measures by finite differences.
+        """
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        unsupported = names & {"FSDPStrategy", "DeepSpeedStrategy"}
+        if unsupported:
+            raise MisconfigurationException(
+                f"Hessian measurements do not support {unsupported.pop()}: shard the model with "
+                "ModelParallelStrategy and torch's fully_shard in configure_model (FSDP2), or use DDP"
+            )
+        if "ModelParallelStrategy" in names and self.hvp not in ("auto", "finite_difference"):
+            raise MisconfigurationException(
+                f"hvp={self.hvp!r} needs second-order autograd, which does not run on FSDP2's sharded "
+                "parameters under ModelParallelStrategy: use hvp='auto' or 'finite_difference'"
+            )
+
+    def _check_module(self, module: LightningModule) -> None:
+        """The arguments only the module can judge, checked before the first step: ``params`` must match
+        trainable parameters of one measurable dtype, and ``k`` (at each end for ``which="both"``) must fit
+        their count."""
+        try:
+            select_parameters(module, self.params, argument="params")
+            space = ParameterSpace(module, self.params, dtype=measurement_dtype(module, self.dtype))
+        except ValueError as err:
+            raise MisconfigurationException(f"HessianEigenMonitor cannot measure this module: {err}") from err
+        ends = 2 if self.which == "both" else 1
+        if self.k * ends > space.global_n:
+            raise MisconfigurationException(
+                f"`k` must be at most {space.global_n // ends} for the {space.global_n} measured parameters "
+                f"(which={self.which!r}), got {self.k}"
+            )
+
+    # -- what a measurement logs and keeps ----------------------------------------------------
+    def _record(self, trainer: Trainer, result: EigenResult) -> None:
+        """Log a measurement's metrics at its step and append it to the history."""
+        top = result.eigenvalues[: self.k]
+        metrics = {self.metric(f"eig_{i + 1}"): float(v) for i, v in enumerate(top)}
+        if self.which == "both":
+            bottom = result.eigenvalues[self.k :].flip(0)
+            metrics.update({self.metric(f"eig_bottom_{i + 1}"): float(v) for i, v in enumerate(bottom)})
+            metrics[self.metric("eig_min")] = float(bottom[0])
+        metrics.update(
+            {
+                self.metric("residual_max"): float(result.relative_residuals.max()),
+                self.metric("n_hvp"): float(result.n_hvp),
+                self.metric("seconds"): result.seconds,
+                self.metric("converged"): float(result.all_converged),
+            }
+        )
+        if not result.all_converged:
+            self._warn_once(
+                "converged", f"some eigenpairs did not converge (tol={self.tol}); see hessian/converged"
+            )
+        log_metrics(trainer, metrics, trainer.global_step)
+        self.history.append(
+            {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "eigenvalues": result.eigenvalues.detach().cpu().tolist(),
+                "residuals": result.residuals.detach().cpu().tolist(),
+                "converged": result.converged.detach().cpu().tolist(),
+                "n_hvp": result.n_hvp,
+                "seconds": result.seconds,
+                "hvp": result.info.get("hvp", ""),
+            }
+        )
+        del self.history[: max(0, len(self.history) - self.max_history)]
+
+    def _spectrum_extras(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Trace and density at their slower cadence (counted in measurements taken, not in the capped
+        history); a failed one is skipped and flagged like a failed measurement."""
+        count = self._measured
+        metrics: dict[str, float] = {}
+        if self.trace_every and count % self.trace_every == 1 % self.trace_every:
+            try:
+                estimate = self.spec.trace(pl_module, self.trace_hvp)
+            except Exception as err:
+                self._skip(trainer, err, "trace skipped", "trace_skipped")
+            else:
+                metrics[self.metric("trace")] = estimate.trace
+                metrics[self.metric("trace_std")] = estimate.std_error
+                self.history[-1]["trace"] = estimate.trace
+        if self.density_every and count % self.density_every == 1 % self.density_every:
+            try:
+                self.density = self.spec.density(pl_module, self.density_steps)
+                self._log_density(trainer)
+            except Exception as err:
+                self._skip(trainer, err, "density skipped", "density_skipped")
+        log_metrics(trainer, metrics, trainer.global_step)
+
+    def _log_density(self, trainer: Trainer) -> None:
+        """With W&B, the density evaluated at bin centres, as a histogram over the spectral range."""
+        if not wandb_experiments(trainer) or self.density is None:
+            return
+        import wandb
+
+        edges = self.density.grid(n_points=121)
+        values = self.density.density((edges[1:] + edges[:-1]) / 2)
+        histogram = wandb.Histogram(np_histogram=(values.numpy(), edges.numpy()))
+        wandb_log(trainer, {self.metric("density"): histogram}, trainer.global_step)
 
     # -- checkpointing -----------------------------------------------------------------------
     @override

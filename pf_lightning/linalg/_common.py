@@ -1,4 +1,5 @@
-"""Shared machinery of the eigensolvers: selection of wanted Ritz values, convergence, results."""
+"""Shared machinery of the eigensolvers: selection of wanted Ritz values, convergence, results, and the
+Lanczos step that the eigensolver and the spectral density both take."""
 
 from __future__ import annotations
 
@@ -159,3 +160,26 @@ def orthonormalize(op: LinearOperator, W: Tensor, against: Tensor | None = None)
         T = (d[:, None] * evecs[:, keep]) * evals[keep].rsqrt()[None, :]
         W = W @ T.to(W.dtype)
     return W
+
+
+def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor, float]:
+    """One Lanczos step with full reorthogonalization from the basis rows ``V[: j + 1]`` (one vector a row).
+
+    Applies the operator to ``V[j]`` and removes the component along the whole basis with classical
+    Gram-Schmidt run twice ("twice is enough"): the projection on ``v_j`` and ``v_{j-1}`` is the three-term
+    recurrence, the rest removes the loss of orthogonality that creates spurious copies of converged Ritz
+    values. Every inner product goes through ``op.inner``.
+
+    Returns:
+        The float64 coefficients of the product on the basis (column ``j`` of the projected matrix), the
+        remainder ``w`` and its norm ``beta`` (the next coupling).
+    """
+    w = op.matvec(V[j])
+    check_finite(w)
+    basis = V[: j + 1].mT  # (n, j + 1): the blocks the operator's inner product takes
+    h = op.inner(basis, w)
+    w = w - basis @ h
+    h2 = op.inner(basis, w)
+    w = w - basis @ h2
+    beta = max(float(op.inner(w, w)), 0.0) ** 0.5
+    return (h + h2).to(torch.float64), w, beta

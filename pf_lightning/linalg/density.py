@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pf_lightning.linalg._common import lanczos_step
 from pf_lightning.linalg.operator import LinearOperator
 from pf_lightning.linalg.trace import rademacher
 
@@ -99,34 +100,25 @@ class SpectralDensity:
 
 
 def _lanczos_tridiagonal(op: LinearOperator, v: Tensor, n_steps: int) -> Tensor:
-    """The ``m x m`` (``m <= n_steps``) float64 Lanczos tridiagonal from the unit ``(n, 1)`` column ``v``."""
-    V = torch.empty(op.n, n_steps, dtype=op.dtype, device=op.device)
+    """The ``m x m`` (``m <= n_steps``) float64 Lanczos tridiagonal from the unit vector ``v``."""
+    V = torch.empty(n_steps, op.n, dtype=op.dtype, device=op.device)  # one basis vector per row
+    V[0] = v
     alphas: list[float] = []
     betas: list[float] = []
     norm_estimate = 0.0
     tol = 1e3 * torch.finfo(op.dtype).eps
     for j in range(n_steps):
-        V[:, j : j + 1] = v
-        basis = V[:, : j + 1]
-        w = op.matmat(v)
-        # Full reorthogonalization by classical Gram-Schmidt run twice ("twice is enough"): the
-        # projection onto v_j and v_{j-1} is the three-term recurrence, the rest removes the loss of
-        # orthogonality that creates spurious copies of converged Ritz values.
-        alpha = 0.0
-        for _ in range(2):
-            coeffs = op.inner(basis, w)
-            w = w - basis @ coeffs
-            alpha += float(coeffs[j, 0])
+        coefficients, w, beta = lanczos_step(op, V, j)
+        alpha = float(coefficients[j])
         alphas.append(alpha)
         if j == n_steps - 1:
             break
-        beta = math.sqrt(max(float(op.inner(w, w)), 0.0))
         norm_estimate = max(norm_estimate, abs(alpha), beta)
         # Breakdown: the Krylov space is invariant, T_j already holds the exact quadrature rule.
         if beta <= tol * norm_estimate:
             break
         betas.append(beta)
-        v = w / beta
+        V[j + 1] = w / beta
     T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if betas:
         off = torch.tensor(betas, dtype=torch.float64)
@@ -180,7 +172,7 @@ def slq_density(
     nodes = torch.empty(n_vectors, n_steps, dtype=torch.float64)
     weights = torch.zeros(n_vectors, n_steps, dtype=torch.float64)
     for row in range(n_vectors):
-        v = rademacher(op, 1, generator)
+        v = rademacher(op, 1, generator)[:, 0]
         v = v / torch.sqrt(op.inner(v, v))
         theta, U = torch.linalg.eigh(_lanczos_tridiagonal(op, v, n_steps))
         m = theta.numel()

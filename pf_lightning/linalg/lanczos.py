@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 
 from ._common import (
-    check_finite,
     check_k,
     check_tol,
     converged_mask,
     finish,
+    lanczos_step,
     make_generator,
     orthonormalize,
     select,
@@ -144,16 +144,8 @@ def lanczos(
 
     j = 0
     while True:
-        w = op.matvec(V[j])
+        H[: j + 1, j], w, beta = lanczos_step(op, V, j)
         used += 1
-        check_finite(w)
-        basis = V[: j + 1].mT  # (n, j + 1): the blocks the operator's inner product takes
-        h = op.inner(basis, w)
-        w = w - basis @ h
-        h2 = op.inner(basis, w)
-        w = w - basis @ h2
-        H[: j + 1, j] = (h + h2).to(torch.float64)
-        beta = float(op.inner(w, w)) ** 0.5
         scale = max(scale, float(H[: j + 1, j].abs().max()))
         complete = False
         if beta > 100 * eps * max(scale, 1e-300):
@@ -163,7 +155,13 @@ def lanczos(
             # An invariant subspace: its Ritz pairs are exact. Continue from a fresh direction
             # (coupling 0) unless the basis already spans the whole space.
             H[j + 1, j] = 0.0
-            fresh = orthonormalize(op, op.randn(1, generator), against=basis) if j + 1 < n else basis[:, :0]
+            against = V[: j + 1].mT
+            fresh = (
+                orthonormalize(op, op.randn(1, generator), against=against)
+                if j + 1 < n
+                else V.new_empty(op.n, 0)
+            )
+            del against
             complete = fresh.shape[1] == 0
             V[j + 1] = 0.0 if complete else fresh[:, 0]
         j += 1
@@ -186,7 +184,7 @@ def lanczos(
                 "warm_start": v0 is not None,
                 "basis_device": str(V.device),
             }
-            del V, basis, w  # free the basis before the result's vectors are sorted (a copy of k)
+            del V, w  # free the basis before the result's vectors are sorted (a copy of k)
             return finish(
                 theta=theta[wanted].to(op.dtype),
                 vectors=vectors,

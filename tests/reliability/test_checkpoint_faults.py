@@ -376,7 +376,7 @@ def test_a_stale_or_broken_warm_start_is_dropped_not_fed_to_the_solver(tmp_path)
     n = good.eigenvectors.shape[0]
     for vectors in (torch.full((n, 2), math.nan), torch.ones(n + 3, 2), torch.empty(0, 2)):
         monitor.latest = EigenResult(**{**good.__dict__, "eigenvectors": vectors, "info": {}})
-        result = monitor.compute(model)
+        result = monitor.measure(t, model, force=True)
         assert not result.info["warm_start"]
         torch.testing.assert_close(result.eigenvalues, good.eigenvalues, rtol=1e-3, atol=0)
 
