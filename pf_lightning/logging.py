@@ -16,14 +16,62 @@ as 1.0 at the step they happened (callbacks/_faults.py): ``hessian/skipped``, ``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["PREFIXES", "log_metrics", "metric_name", "tagged", "wandb_experiments", "wandb_log", "warn_once"]
+__all__ = [
+    "EIGENVALUE",
+    "PREFIXES",
+    "direction",
+    "direction_pattern",
+    "log_metrics",
+    "metric_name",
+    "tagged",
+    "wandb_experiments",
+    "wandb_log",
+    "warn_once",
+]
 
 PREFIXES = ("hessian", "eos", "pf", "dal", "cap")
+
+# -- the names every callback, function and the report use (README, "Metric names") -------------
+SHARPNESS = "eos/sharpness"
+THRESHOLD = "eos/threshold"
+RATIO = "eos/ratio"
+PRECONDITIONED_SHARPNESS = "eos/preconditioned_sharpness"
+EOS_LR = "eos/lr"
+WARMUP = "eos/warmup"
+WARNING = "eos/warning"
+FIRST_EDGE_STEP = "eos/first_edge_step"
+SHARPENING_SLOPE = "eos/sharpening_slope"
+LOSS_NON_MONOTONICITY = "eos/loss_non_monotonicity"
+NEGATIVE_CURVATURE = "eos/accumulated_negative_curvature"
+UNSTABLE_DIRECTIONS = "pf/unstable_directions"
+OSCILLATING_DIRECTIONS = "pf/oscillating_directions"
+UNSTABLE_GRAD_FRACTION = "pf/unstable_grad_fraction"
+GRAD_NORM = "pf/grad_norm"
+HG_RATIO = "pf/hg_ratio"
+RAYLEIGH_QUOTIENT = "pf/rayleigh_quotient"
+DRIFT_RATIO = "pf/drift_ratio"
+DAL_LR = "dal/lr"
+DAL_HG_RATIO = "dal/hg_ratio"
+CAP_SHARPNESS = "cap/sharpness"
+EIGENVALUE = re.compile(r"^hessian/(?:(?P<tag>.+)/)?eig_(?P<bottom>bottom_)?(?P<i>\d+)$")
+"""``hessian/eig_{i}``, ``hessian/eig_bottom_{i}`` and their ``hessian/<tag>/...`` forms."""
+
+
+def direction(stem: str, i: int) -> str:
+    """``pf/<stem>_<i>``, the per-direction metrics: stems ``hlambda``, ``log_growth``, ``regime``,
+    ``projection``; ``i = 1`` is the sharpest direction."""
+    return f"pf/{stem}_{i}"
+
+
+def direction_pattern(stem: str) -> re.Pattern[str]:
+    """The pattern of :func:`direction`'s names for ``stem``, the index as its group 1."""
+    return re.compile(rf"^pf/{stem}_(\d+)$")
 
 
 def metric_name(group: str, name: str, tag: str | None = None) -> str:

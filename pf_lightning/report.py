@@ -25,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from . import logging as names
 from . import wandb_reader
 
 __all__ = [
@@ -45,9 +46,9 @@ __all__ = [
 Series = tuple[np.ndarray, np.ndarray]  # steps, values
 Drawn = dict[str, Series]
 Source = Literal["auto", "csv", "wandb"]
-_EIG = re.compile(r"^hessian/(?:(?P<tag>.+)/)?eig_(?P<bottom>bottom_)?(?P<i>\d+)$")
-_HLAMBDA = re.compile(r"^pf/hlambda_(\d+)$")
-_PREFIXES = ("hessian/", "eos/", "pf/", "dal/")
+_EIG = names.EIGENVALUE
+_HLAMBDA = names.direction_pattern("hlambda")
+_PREFIXES = tuple(f"{prefix}/" for prefix in names.PREFIXES)
 
 
 @dataclass
@@ -206,24 +207,24 @@ def _by_index(keys: Iterable[str], pattern: re.Pattern) -> list[str]:
 
 def plot_sharpness(run: RunMetrics, path: Path) -> Drawn | None:
     """``eos/sharpness`` against ``eos/threshold``, and their ratio (1.0 is the edge of stability)."""
-    sharpness, threshold, ratio = (run.get(f"eos/{k}") for k in ("sharpness", "threshold", "ratio"))
+    sharpness, threshold, ratio = (run.get(k) for k in (names.SHARPNESS, names.THRESHOLD, names.RATIO))
     if sharpness is None:
         return None
-    preconditioned = run.get("eos/preconditioned_sharpness") is not None
+    preconditioned = run.get(names.PRECONDITIONED_SHARPNESS) is not None
     figure, (top, bottom) = _figure(2, f"{run.name}: sharpness against the stability threshold")
     label = "preconditioned sharpness λmax(P⁻¹H)" if preconditioned else "sharpness λmax(H)"
     top.plot(*sharpness, marker=".", label=label)
-    drawn: Drawn = {"eos/sharpness": sharpness}
+    drawn: Drawn = {names.SHARPNESS: sharpness}
     if threshold is not None:
         top.plot(*threshold, "k--", drawstyle="steps-post", label="threshold")
-        drawn["eos/threshold"] = threshold
+        drawn[names.THRESHOLD] = threshold
     if _spread(np.concatenate([s[1] for s in drawn.values()])):
         top.set_yscale("log")
     top.set_ylabel("eigenvalue")
     top.legend(loc="best")
     if ratio is not None:
         bottom.plot(*ratio, marker=".", color="tab:red")
-        drawn["eos/ratio"] = ratio
+        drawn[names.RATIO] = ratio
     bottom.axhline(1.0, color="k", linestyle="--", linewidth=1)
     bottom.set_ylabel("sharpness / threshold")
     _save(figure, path)
@@ -239,8 +240,8 @@ def plot_spectrum(run: RunMetrics, path: Path) -> Drawn | None:
         return None
     tags = sorted(groups, key=lambda t: (t != "", t))
     figure, axes = _figure(len(tags), f"{run.name}: Hessian spectrum over training")
-    threshold = run.get("eos/threshold")
-    overlay = threshold is not None and run.get("eos/preconditioned_sharpness") is None
+    threshold = run.get(names.THRESHOLD)
+    overlay = threshold is not None and run.get(names.PRECONDITIONED_SHARPNESS) is None
     drawn: Drawn = {}
     for ax, tag in zip(axes, tags, strict=True):
         for key in groups[tag]:
@@ -250,7 +251,7 @@ def plot_spectrum(run: RunMetrics, path: Path) -> Drawn | None:
             drawn[key] = run.series[key]
         if tag == "" and overlay:
             ax.plot(*threshold, "k--", drawstyle="steps-post", label="stability threshold")
-            drawn["eos/threshold"] = threshold
+            drawn[names.THRESHOLD] = threshold
         ax.set_ylabel("eigenvalue")
         ax.set_title(f"parameters of monitor {tag!r}" if tag else "all measured parameters", fontsize=10)
         ax.legend(loc="best", fontsize=8, ncols=2)
@@ -273,8 +274,8 @@ def plot_regimes(run: RunMetrics, path: Path) -> Drawn | None:
     keys = _by_index(run.series, _HLAMBDA)
     if not keys:
         return None
-    counts = [k for k in ("pf/oscillating_directions", "pf/unstable_directions") if k in run.series]
-    fraction = run.get("pf/unstable_grad_fraction")
+    counts = [k for k in (names.OSCILLATING_DIRECTIONS, names.UNSTABLE_DIRECTIONS) if k in run.series]
+    fraction = run.get(names.UNSTABLE_GRAD_FRACTION)
     figure, axes = _figure(1 + bool(counts) + (fraction is not None), f"{run.name}: principal-flow regimes")
     top, drawn = axes[0], {}
     values = np.concatenate([run.series[k][1] for k in keys])
@@ -301,15 +302,17 @@ def plot_regimes(run: RunMetrics, path: Path) -> Drawn | None:
     if fraction is not None:
         axes[panel].plot(*fraction, marker=".", color="tab:red")
         axes[panel].set_ylabel("unstable share of ‖g‖²")
-        drawn["pf/unstable_grad_fraction"] = fraction
+        drawn[names.UNSTABLE_GRAD_FRACTION] = fraction
     _save(figure, path)
     return drawn
 
 
 def plot_learning_rate(run: RunMetrics, path: Path) -> Drawn | None:
     """``lr-*`` (LearningRateMonitor) and ``dal/lr``; the monitor's ``eos/lr`` when neither was logged."""
-    keys = sorted(k for k in run.series if k.startswith("lr-")) + [k for k in ("dal/lr",) if k in run.series]
-    keys = keys or [k for k in ("eos/lr",) if k in run.series]
+    keys = sorted(k for k in run.series if k.startswith("lr-")) + [
+        k for k in (names.DAL_LR,) if k in run.series
+    ]
+    keys = keys or [k for k in (names.EOS_LR,) if k in run.series]
     if not keys:
         return None
     figure, (ax,) = _figure(1, f"{run.name}: learning rate")
@@ -350,23 +353,23 @@ def plot_loss(run: RunMetrics, path: Path) -> Drawn | None:
 
 def plot_sharpness_across_runs(runs: list[RunMetrics], path: Path) -> Drawn | None:
     """Each run's sharpness (solid) and threshold (dashed, same colour): Cohen et al.'s first figure."""
-    runs = [r for r in runs if r.get("eos/sharpness") is not None]
+    runs = [r for r in runs if r.get(names.SHARPNESS) is not None]
     if len(runs) < 2:
         return None
     figure, (top, bottom) = _figure(2, "sharpness against the stability threshold, by run")
     drawn: Drawn = {}
     for run, color in zip(runs, _colors(len(runs)), strict=True):
-        threshold = run.get("eos/threshold")
+        threshold = run.get(names.THRESHOLD)
         label = run.name if threshold is None else f"{run.name} (threshold {threshold[1][-1]:.4g})"
-        top.plot(*run.series["eos/sharpness"], marker=".", color=color, label=label)
-        drawn[f"{run.name}:eos/sharpness"] = run.series["eos/sharpness"]
+        top.plot(*run.series[names.SHARPNESS], marker=".", color=color, label=label)
+        drawn[f"{run.name}:{names.SHARPNESS}"] = run.series[names.SHARPNESS]
         if threshold is not None:
             top.plot(*threshold, "--", color=color, drawstyle="steps-post")
             drawn[f"{run.name}:eos/threshold"] = threshold
-        if (ratio := run.get("eos/ratio")) is not None:
+        if (ratio := run.get(names.RATIO)) is not None:
             bottom.plot(*ratio, marker=".", color=color, label=run.name)
             drawn[f"{run.name}:eos/ratio"] = ratio
-    if _spread(np.concatenate([s[1] for k, s in drawn.items() if not k.endswith("eos/ratio")])):
+    if _spread(np.concatenate([s[1] for k, s in drawn.items() if not k.endswith(names.RATIO)])):
         top.set_yscale("log")
     top.set_ylabel("sharpness (dashed: threshold)")
     top.legend(loc="best", fontsize=8)

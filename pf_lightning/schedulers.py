@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from . import logging as names
 from ._validation import Checks, is_int, is_number
 from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr
 
@@ -188,7 +189,7 @@ class DriftAdaptiveLR(_MeasuredLR):
         # and Trainer(callbacks=[LRAdaptation()]) measures ||Hg||/||g|| every step
     """
 
-    monitor = "dal/hg_ratio"
+    monitor = names.DAL_HG_RATIO
     _quantity = "||Hg||/||g||"
     _numbers = ("p", "max_lr", "warmup_steps")
 
@@ -327,7 +328,7 @@ class SharpnessCappedLR(_MeasuredLR):
         # with Trainer(callbacks=[HessianEigenMonitor(), EdgeOfStabilityMonitor(), LRAdaptation()])
     """
 
-    monitor = "cap/sharpness"
+    monitor = names.CAP_SHARPNESS
     _quantity = "sharpness"
     _lists = ("base_lrs", "_last_lr", "_uncapped")
     _numbers = ("fraction",)

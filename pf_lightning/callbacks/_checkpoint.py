@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from .. import logging as names
 from ..linalg import EigenResult
 from ..linalg._common import WHICH
 
@@ -204,7 +205,7 @@ def eos_from_state(state: Any) -> tuple[list[dict[str, Any]], list[float], int |
     accumulated negative curvature, whether the last ratio was above the warning level."""
     keys = ("history", "losses", "first_edge_step", "negative_curvature", "above")
     state = mapping(state, keys, "EdgeOfStabilityMonitor")
-    history = history_from_state(state["history"], ("eos/sharpness", "eos/threshold", "eos/ratio"))
+    history = history_from_state(state["history"], (names.SHARPNESS, names.THRESHOLD, names.RATIO))
     _check(isinstance(state["losses"], list | tuple), "the loss window is not a list")
     for value in state["losses"]:  # a diverging run records NaN losses: any number is a loss
         _check(isinstance(value, int | float) and not isinstance(value, bool), f"a loss is {value!r}")

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from .. import logging as names
 from .. import stability
 from .._validation import Checks
 from ..curvature.drift import gradient_curvature
@@ -145,7 +146,7 @@ class EdgeOfStabilityMonitor(Callback):
 
     def add_listener(self, listener: EdgeListener) -> None:
         """Call ``listener(trainer, pl_module, metrics)`` after every measurement whose ``eos/*`` metrics
-        (untagged names, e.g. ``"eos/sharpness"``) were logged."""
+        (untagged names, e.g. ``names.SHARPNESS``) were logged."""
         if listener not in self._listeners:
             self._listeners.append(listener)
 
@@ -228,10 +229,10 @@ class EdgeOfStabilityMonitor(Callback):
         if measured is None:
             return
         metrics, dynamics, edge = measured
-        step, ratio, warming = trainer.global_step, metrics["eos/ratio"], "eos/warmup" in metrics
+        step, ratio, warming = trainer.global_step, metrics[names.RATIO], names.WARMUP in metrics
         fire = ratio >= self.warn_ratio and not self._above and not warming
         if fire:
-            metrics["eos/warning"] = 1.0
+            metrics[names.WARNING] = 1.0
             self._warn_once(
                 "edge",
                 f"step {step}: sharpness {metrics['eos/sharpness']:.4g} reached {ratio:.2f} x the stability "
@@ -282,7 +283,7 @@ class EdgeOfStabilityMonitor(Callback):
         recent = self.history[-(self.slope_window - 1) :]
         history = EdgeHistory(
             step=self.history[-1]["step"] if self.history else None,
-            sharpness=tuple((h["step"], h["eos/sharpness"]) for h in recent),
+            sharpness=tuple((h["step"], h[names.SHARPNESS]) for h in recent),
             first_edge_step=self.first_edge_step,
             negative_curvature=self.negative_curvature,
         )
@@ -298,11 +299,11 @@ class EdgeOfStabilityMonitor(Callback):
             slope_window=self.slope_window,
             warming=warming,
         )
-        metrics["eos/lr"] = lr
+        metrics[names.EOS_LR] = lr
         if dynamics.preconditioned:
-            metrics["eos/preconditioned_sharpness"] = metrics["eos/sharpness"]
+            metrics[names.PRECONDITIONED_SHARPNESS] = metrics[names.SHARPNESS]
         if warming:
-            metrics["eos/warmup"] = 1.0
+            metrics[names.WARMUP] = 1.0
         return metrics, dynamics, edge
 
     def _preconditioned(
@@ -318,7 +319,7 @@ class EdgeOfStabilityMonitor(Callback):
                 f"{type(optimizer).__name__} has no preconditioner before its first step ({err}): this "
                 "measurement logs the threshold alone, flagged eos/warmup",
             )
-            metrics = {"eos/threshold": dynamics.threshold, "eos/warmup": 1.0}
+            metrics = {names.THRESHOLD: dynamics.threshold, names.WARMUP: 1.0}
             log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
             return None
         self._preconditioned_latest = result
@@ -369,9 +370,9 @@ class EdgeOfStabilityMonitor(Callback):
             self._skip(trainer, err, "proxies skipped", self.metric("proxies_skipped"))
             return
         metrics = {
-            "pf/hg_ratio": gc.hg_ratio,
-            "pf/rayleigh_quotient": gc.rayleigh_quotient,
-            "pf/drift_ratio": float(stability.drift_ratio(lr, gc.grad_norm, gc.hg_norm)),
+            names.HG_RATIO: gc.hg_ratio,
+            names.RAYLEIGH_QUOTIENT: gc.rayleigh_quotient,
+            names.DRIFT_RATIO: float(stability.drift_ratio(lr, gc.grad_norm, gc.hg_norm)),
         }
         log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
 
@@ -396,13 +397,13 @@ class EdgeOfStabilityMonitor(Callback):
         steps = [h["step"] for h in history]
         k = min(len(h["eigenvalues"]) for h in history)
         ys = [[h["eigenvalues"][i] for h in history] for i in range(k)]
-        ys.append([h["eos/threshold"] for h in history])
+        ys.append([h[names.THRESHOLD] for h in history])
         keys = [f"eig_{i + 1}" for i in range(k)] + ["threshold"]
         chart = wandb.plot.line_series(
             xs=steps, ys=ys, keys=keys, title="Hessian eigenvalues vs stability threshold", xname="step"
         )
         rows = [
-            [h["step"], i + 1, v, h["eos/threshold"]] for h in history for i, v in enumerate(h["eigenvalues"])
+            [h["step"], i + 1, v, h[names.THRESHOLD]] for h in history for i, v in enumerate(h["eigenvalues"])
         ]
         spectra = wandb.Table(columns=["step", "index", "eigenvalue", "threshold"], data=rows)
         tables = {

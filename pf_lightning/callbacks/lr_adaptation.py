@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
+from .. import logging as names
 from .._validation import Checks, parameter_names
 from ..curvature import HVP_CHOICES, HessianOperator
 from ..curvature.drift import gradient_curvature
@@ -295,13 +296,15 @@ class LRAdaptation(Callback):
             )
             metrics = {"hg_ratio": math.nan, "skipped": 1.0}
         # The scheduler reads dal/hg_ratio from callback_metrics; NaN makes it hold its previous rate.
-        log_metrics(trainer, {f"dal/{key}": value for key, value in metrics.items()}, trainer.global_step)
+        log_metrics(
+            trainer, {metric_name("dal", key): value for key, value in metrics.items()}, trainer.global_step
+        )
         return metrics["hg_ratio"]
 
     def _on_edge(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
         # Called only for measurements the EoS monitor completed: a skipped one keeps the previous cap.
-        sharpness = float(metrics["eos/sharpness"])
-        log_metrics(trainer, {"cap/sharpness": sharpness}, trainer.global_step)
+        sharpness = float(metrics[names.SHARPNESS])
+        log_metrics(trainer, {names.CAP_SHARPNESS: sharpness}, trainer.global_step)
         if self._last_end is None:  # measured before the first step of this fit: cap that step already
             for scheduler in self.schedulers:
                 if isinstance(scheduler, SharpnessCappedLR):

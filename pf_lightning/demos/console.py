@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from .. import logging as names
 from ..callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
 
 __all__ = ["MeasurementTable", "edge_summary"]
@@ -92,7 +93,7 @@ class MeasurementTable(Callback):
         if measured:
             h = measured[-1]
             line += f"  {h['eos/sharpness']:9.4g} {h['eos/threshold']:9.4g} {h['eos/ratio']:6.3f}  "
-            line += _regime(h["eos/ratio"])
+            line += _regime(h[names.RATIO])
         print(line, flush=True)
 
 
@@ -108,7 +109,7 @@ def edge_summary(eos: EdgeOfStabilityMonitor, reached: float = 0.95) -> dict[str
         measurements from the first one at the edge on: ``ratio_min``, ``ratio_mean``, ``ratio_max``,
         ``measurements``.
     """
-    ratios = [(h["step"], h["eos/ratio"]) for h in eos.history]
+    ratios = [(h["step"], h[names.RATIO]) for h in eos.history]
     out = {
         "first_step": math.nan,
         "initial_ratio": ratios[0][1] if ratios else math.nan,

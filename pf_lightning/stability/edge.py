@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import logging as names
 from .optimizers import StepDynamics
 from .principal_flow import REGIME_CODES, _as_real_tensor, unstable_gradient_fraction
 from .trends import accumulated_negative_curvature, non_monotonicity, progressive_sharpening_slope
@@ -107,41 +108,41 @@ def edge_of_stability(
     threshold, h = dynamics.threshold, dynamics.gd_step
     sharpness = float(lam[0])
     ratio = sharpness / threshold
-    metrics = {"eos/threshold": threshold, "eos/sharpness": sharpness, "eos/ratio": ratio}
+    metrics = {names.THRESHOLD: threshold, names.SHARPNESS: sharpness, names.RATIO: ratio}
 
     growth = dynamics.log_growth(lam)
-    names = dynamics.regimes(lam)
+    regime = dynamics.regimes(lam)
     for i, value in enumerate(lam.tolist()):
-        metrics[f"pf/hlambda_{i + 1}"] = h * value
-        metrics[f"pf/log_growth_{i + 1}"] = float(growth[i])
-        metrics[f"pf/regime_{i + 1}"] = float(REGIME_CODES[names[i]])
-    metrics["pf/unstable_directions"] = float(sum(r == "unstable" for r in names))
-    metrics["pf/oscillating_directions"] = float(sum(r == "oscillating" for r in names))
+        metrics[names.direction("hlambda", i + 1)] = h * value
+        metrics[names.direction("log_growth", i + 1)] = float(growth[i])
+        metrics[names.direction("regime", i + 1)] = float(REGIME_CODES[regime[i]])
+    metrics[names.UNSTABLE_DIRECTIONS] = float(sum(r == "unstable" for r in regime))
+    metrics[names.OSCILLATING_DIRECTIONS] = float(sum(r == "oscillating" for r in regime))
     if projections is not None:
         c = _as_real_tensor(projections).detach().reshape(-1).to("cpu", torch.float64)
         if c.shape != lam.shape or grad_norm is None:
             raise ValueError(f"projections need one entry per eigenvalue and grad_norm, got {tuple(c.shape)}")
         for i, value in enumerate(c.tolist()):
-            metrics[f"pf/projection_{i + 1}"] = value
+            metrics[names.direction("projection", i + 1)] = value
         # Unstable (rho > 1 with lambda > 0) exactly where h * lambda > 2, for every rule.
-        metrics["pf/unstable_grad_fraction"] = float(unstable_gradient_fraction(h, lam, c, grad_norm))
-        metrics["pf/grad_norm"] = float(grad_norm)
+        metrics[names.UNSTABLE_GRAD_FRACTION] = float(unstable_gradient_fraction(h, lam, c, grad_norm))
+        metrics[names.GRAD_NORM] = float(grad_norm)
 
     recent = [*history.sharpness[len(history.sharpness) - (slope_window - 1) :], (step, sharpness)]
     slope = progressive_sharpening_slope([s for s, _ in recent], [v for _, v in recent])
     if not math.isnan(slope):
-        metrics["eos/sharpening_slope"] = float(slope)
+        metrics[names.SHARPENING_SLOPE] = float(slope)
     if len(losses) >= 2:
-        metrics["eos/loss_non_monotonicity"] = float(non_monotonicity(list(losses)))
+        metrics[names.LOSS_NON_MONOTONICITY] = float(non_monotonicity(list(losses)))
     first_edge = history.first_edge_step
     if first_edge is None and ratio >= 1.0 and not warming:
         first_edge = step
     if first_edge is not None:
-        metrics["eos/first_edge_step"] = float(first_edge)
+        metrics[names.FIRST_EDGE_STEP] = float(first_edge)
     curvature = history.negative_curvature
     if lambda_min is not None:
         steps = max(step - (0 if history.step is None else history.step), 0)
         curvature += accumulated_negative_curvature([dynamics.lr * steps], [float(lambda_min)])
-        metrics["eos/accumulated_negative_curvature"] = curvature
+        metrics[names.NEGATIVE_CURVATURE] = curvature
     kept = (*history.sharpness, (step, sharpness))[-max(slope_window - 1, 1) :]
     return metrics, EdgeHistory(step, kept, first_edge, curvature)
