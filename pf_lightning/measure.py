@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import Checks
-from .curvature import HessianOperator, PreconditionedOperator, optimizer_preconditioner
+from .curvature import HessianOperator, ParameterSpace, PreconditionedOperator, optimizer_preconditioner
 from .curvature.operator import check_arguments
 from .curvature.precondition import check_diagonal
 from .linalg import EigenResult, lanczos, lobpcg
@@ -351,7 +351,16 @@ class MeasurementSpec:
         warm_start: EigenResult | None = None,
         preconditioner: torch.optim.Optimizer | Tensor | None = None,
     ) -> EigenResult:
-        """:func:`hessian_eigenpairs` on the probe set with these settings."""
+        """:func:`hessian_eigenpairs` on the probe set with these settings.
+
+        A ``warm_start`` that cannot serve (no eigenvectors, as from a checkpoint without them; vectors of
+        another length, from other parameters or another sharding; non-finite ones) starts cold instead
+        of failing: the callbacks keep results across fits and resumes."""
+        if warm_start is not None:
+            vectors = warm_start.eigenvectors
+            n = ParameterSpace(_unwrap(model), self.params, dtype=self.dtype).n
+            usable = vectors.ndim == 2 and vectors.numel() > 0 and vectors.shape[0] == n
+            warm_start = warm_start if usable and bool(torch.isfinite(vectors).all()) else None
         return hessian_eigenpairs(
             model,
             self.loss_fn,

@@ -365,10 +365,10 @@ def plot_sharpness_across_runs(runs: list[RunMetrics], path: Path) -> Drawn | No
         drawn[f"{run.name}:{names.SHARPNESS}"] = run.series[names.SHARPNESS]
         if threshold is not None:
             top.plot(*threshold, "--", color=color, drawstyle="steps-post")
-            drawn[f"{run.name}:eos/threshold"] = threshold
+            drawn[f"{run.name}:{names.THRESHOLD}"] = threshold
         if (ratio := run.get(names.RATIO)) is not None:
             bottom.plot(*ratio, marker=".", color=color, label=run.name)
-            drawn[f"{run.name}:eos/ratio"] = ratio
+            drawn[f"{run.name}:{names.RATIO}"] = ratio
     if _spread(np.concatenate([s[1] for k, s in drawn.items() if not k.endswith(names.RATIO)])):
         top.set_yscale("log")
     top.set_ylabel("sharpness (dashed: threshold)")

@@ -20,6 +20,7 @@ from pf_lightning.stability import (
     edge_of_stability,
     optimizer_rule,
     optimizer_threshold,
+    optimizers,
     register_optimizer_rule,
     step_dynamics,
 )
@@ -79,15 +80,16 @@ def _moment(optimizer, p, key):
     return optimizer.state[p][key].detach().double()
 
 
-def _reference_update(optimizer, p, grad):
-    """-lr (a g + b m) / P from the rule's dynamics and P, after the step just taken."""
+def _reference_update(optimizer, p, before, grad):
+    """-lr (a (g + w theta) + b m) / P from the rule's dynamics, P and coupled decay w, after the step."""
     rule = optimizer_rule(optimizer)
     group = optimizer.param_groups[0]
     state = optimizer.state[p]
     d = rule.dynamics(group, state)
-    P = rule.preconditioner(group, state).double()
+    P = rule.preconditioner(group, state).double() if rule.preconditioned else torch.ones_like(grad)
     m = state["exp_avg"].double() if d.momentum_weight else torch.zeros_like(grad)
-    return -d.lr * (d.gradient_weight * grad + d.momentum_weight * m) / P
+    g = grad + rule.coupled_weight_decay(group) * before
+    return -d.lr * (d.gradient_weight * g + d.momentum_weight * m) / P
 
 
 @pytest.mark.parametrize(
@@ -102,22 +104,24 @@ def _reference_update(optimizer, p, grad):
         lambda p: torch.optim.RMSprop(p, lr=1e-2),
         lambda p: torch.optim.RMSprop(p, lr=1e-2, centered=True),
         lambda p: torch.optim.Adagrad(p, lr=1e-1, lr_decay=0.05),
+        lambda p: torch.optim.ASGD(p, lr=1e-1, lambd=0.1, alpha=0.75, weight_decay=0.01),
     ],
 )
-def test_preconditioned_rules_reproduce_the_real_step(make):
+def test_rules_reproduce_the_real_step(make):
     """The rule's (a, b, P) of the last step give exactly the update torch.optim applied."""
     torch.manual_seed(0)
     A = torch.randn(6, 6, dtype=torch.float64)
     A = A @ A.T / 6
     p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
     optimizer = make([p])
-    for step in range(12):  # through RAdam's warm-up (rho_t <= 5 until step 6)
+    for _ in range(12):  # through RAdam's warm-up (rho_t <= 5 until step 6)
         optimizer.zero_grad()
         (0.5 * p @ A @ p).backward()
         before, grad = p.detach().clone(), p.grad.detach().clone()
         optimizer.step()
-        expected = _reference_update(optimizer, p, grad)
-        torch.testing.assert_close(p.detach() - before, expected, rtol=1e-9, atol=1e-14, msg=f"step {step}")
+        expected = _reference_update(optimizer, p, before, grad)
+        rtol = 1e-6 if isinstance(optimizer, torch.optim.ASGD) else 1e-9  # ASGD keeps eta in float32
+        torch.testing.assert_close(p.detach() - before, expected, rtol=rtol, atol=1e-14)
 
 
 # -- the EoS monitor for every torch.optim optimizer -------------------------------------------
@@ -156,8 +160,8 @@ def _threshold_reference(name, group, state):
         if nesterov:
             return (2 + 2 * momentum) / (lr * (1 + 2 * momentum))
         return (2 + 2 * momentum) / (lr * (1 - group["dampening"]))
-    if name == "ASGD":
-        return 2 / float(state["eta"]) if "eta" in state else 2 / lr
+    if name == "ASGD":  # torch: step t used eta = lr / (1 + lambd lr (t - 1))^alpha
+        return 2 / (lr / (1 + group["lambd"] * lr * max(t - 1, 0)) ** group["alpha"])
     if name in ("Adam", "AdamW", "Adamax", "AdamSubclass"):
         return (2 + 2 * beta1) / ((1 - beta1) * lr)
     if name == "NAdam":  # Nesterov form of Adam: u = (a g + b m) / P with the mu schedule
@@ -195,6 +199,11 @@ SUPPORTED = {
     "ASGD": lambda p: torch.optim.ASGD(p, lr=0.05, lambd=1e-3, weight_decay=1e-2),
     "Adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2),
     "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+    "Adam-decoupled": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
+    "NAdam-coupled": lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=1e-2),
+    "RAdam-decoupled": lambda p: torch.optim.RAdam(
+        p, lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True
+    ),
     "Adamax": lambda p: torch.optim.Adamax(p, lr=1e-2),
     "NAdam": lambda p: torch.optim.NAdam(p, lr=1e-2),
     "RAdam": lambda p: torch.optim.RAdam(p, lr=1e-2),
@@ -203,7 +212,7 @@ SUPPORTED = {
     "Adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
     "AdamSubclass": lambda p: AdamSubclass(p, lr=1e-2),
 }
-COUPLED = {"SGD": 1e-2, "ASGD": 1e-2 + 1e-3, "Adam": 1e-2}
+COUPLED = {"SGD": 1e-2, "ASGD": 1e-2 + 1e-3, "Adam": 1e-2, "NAdam-coupled": 1e-2}  # L2 in the gradient
 
 
 def _dense_hessian(model, batch):
@@ -269,13 +278,14 @@ def test_every_supported_optimizer_logs_the_edge_against_a_dense_reference(tmp_p
     monitor = HessianEigenMonitor(k=1, every_n_steps=4, probe=probe, tol=1e-9)
     eos = EdgeOfStabilityMonitor()
     eos.add_listener(check)
+    preconditioned = optimizer_rule(SUPPORTED[name]([torch.nn.Parameter(torch.zeros(1))])).preconditioned
     with (
-        pytest.warns()
-        if optimizer_rule(SUPPORTED[name]([torch.nn.Parameter(torch.zeros(1))])).preconditioned
+        pytest.warns(RuntimeWarning, match="no preconditioner before its first step")
+        if preconditioned
         else _nothing()
     ):
         trainer(tmp_path, max_steps=12, callbacks=[monitor, eos]).fit(model)
-    preconditioned = "eos/preconditioned_sharpness" in eos.history[-1]
+    assert preconditioned == ("eos/preconditioned_sharpness" in eos.history[-1])
     # Every measurement logs the edge; an adaptive optimizer's fit-start one (no state yet) the threshold.
     assert seen == ([4, 8, 12] if preconditioned else [0, 4, 8, 12])
     assert [h["step"] for h in monitor.history] == [0, 4, 8, 12]
@@ -306,7 +316,9 @@ def test_an_optimizer_without_a_rule_stops_at_set_up_with_its_name(tmp_path, mak
         t.fit(model)
 
 
-def test_a_registered_rule_serves_a_custom_optimizer_and_its_subclasses(tmp_path):
+def test_a_registered_rule_serves_a_custom_optimizer_and_its_subclasses(monkeypatch):
+    monkeypatch.setattr(optimizers, "_RULES", dict(optimizers._RULES))  # no rule outlives the test
+
     class HalfStepSGD(torch.optim.SGD):
         """Steps half of lr: its edge is 4/lr."""
 
@@ -356,7 +368,8 @@ def test_log_growth_on_a_quadratic_is_the_optimizers_own(tmp_path, momentum):
         else:
             expected = math.log(abs(1 - lr * lam))
         assert last[f"pf/log_growth_{i + 1}"] == pytest.approx(expected, abs=1e-6)
-        assert last[f"pf/hlambda_{i + 1}"] == pytest.approx(2 * lam / last["eos/threshold"], rel=1e-9)
+        # h lambda: lr lambda for gradient descent, lr lambda / (1 + beta) for heavy ball (2 at its edge).
+        assert last[f"pf/hlambda_{i + 1}"] == pytest.approx(lr * lam / (1 + momentum), rel=1e-9)
     # N = 12 optimizer steps with lambda_min = -2 throughout: lr * 12 * (-2), each step counted once.
     assert [h["step"] for h in eos.history] == [0, 4, 8, 12]
     assert last["eos/accumulated_negative_curvature"] == pytest.approx(lr * 12 * -2.0, rel=1e-9)
@@ -379,6 +392,16 @@ def test_edge_of_stability_function_outside_lightning():
     assert again["eos/first_edge_step"] == 10.0
     assert again["eos/sharpening_slope"] == pytest.approx((36 - 40) / 5)
     assert history == EdgeHistory(10, ((10, 40.0),), 10, pytest.approx(-1.0))
+
+
+@pytest.mark.parametrize("past", [1, 2, 3, 4, 7])
+def test_sharpening_slope_fits_the_last_window_of_measurements(past):
+    points = [(10 * s, 3.0 + s + 0.5 * s * s) for s in range(past + 1)]
+    history = EdgeHistory(points[-2][0], tuple(points[:-1]))
+    metrics, _ = edge_of_stability([points[-1][1]], StepDynamics(0.1), step=points[-1][0], history=history)
+    window = points[-5:]  # slope_window = 5: the current measurement and the four before it
+    expected = np.polyfit([s for s, _ in window], [v for _, v in window], 1)[0]
+    assert metrics["eos/sharpening_slope"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_two_edge_monitors_resume_from_one_checkpoint(tmp_path):

@@ -174,20 +174,6 @@ def warn_fresh_start(owner: str, err: Exception) -> None:
     )
 
 
-def usable_warm_start(result: EigenResult | None, n: int) -> bool:
-    """Whether ``result``'s eigenvectors can start a measurement on ``n`` parameters: there are some,
-    of that length (not another parameter set or sharding after a resume), and finite."""
-    if result is None:
-        return False
-    vectors = result.eigenvectors
-    return (
-        vectors.ndim == 2
-        and vectors.numel() > 0
-        and vectors.shape[0] == n
-        and bool(torch.isfinite(vectors).all())
-    )
-
-
 def monitor_from_state(state: Any) -> tuple[list[dict[str, Any]], EigenResult | None, int, float, int]:
     """A :class:`~pf_lightning.HessianEigenMonitor` state: history, latest result, last step, seconds,
     measurements taken (the history is capped, so it cannot tell the trace and density cadence)."""

@@ -1,11 +1,14 @@
 """EdgeOfStabilityMonitor: sharpness against the stability threshold of the optimizer in use.
 
-After every measurement of a :class:`HessianEigenMonitor` it logs the sharpness, the threshold of
-the optimizer actually stepping (2/lr for SGD, (2 + 2 beta)/lr for heavy-ball momentum,
-(2 + 2 beta)/(lr (1 + 2 beta)) for Nesterov, and for Adam-family optimizers the preconditioned
-sharpness lambda_max(P^-1 H) against (2 + 2 beta1)/((1 - beta1) lr), Cohen et al. 2021, 2022), their
-ratio (1.0 is the edge), the principal-flow regime of every tracked direction (Dherin et al. 2023),
-trends of the run, and an early warning with a hook for user actions.
+After every measurement of a :class:`HessianEigenMonitor` it logs the sharpness, the threshold of the
+optimizer actually stepping and their ratio (1.0 is the edge), the per-step growth and regime of every
+tracked direction under that optimizer's own step, trends of the run, and an early warning with a hook for
+user actions. What it knows of an optimizer (threshold, preconditioner, step dynamics, weight-decay
+coupling) is its rule in :mod:`pf_lightning.stability.optimizers`: 2/lr for SGD, (2 + 2 beta)/lr for
+heavy ball, and for preconditioning optimizers (Adam family, RMSprop, Adagrad, Adadelta) the
+preconditioned sharpness lambda_max(P^-1 (H + W)), e.g. against (2 + 2 beta1)/((1 - beta1) lr) for Adam
+(Cohen et al. 2021, 2022). The metrics are computed by
+:func:`~pf_lightning.stability.edge_of_stability`; this callback measures what it needs and logs them.
 
 With an adaptive optimizer the warning waits for the preconditioner to settle (10 steps, see
 :data:`~pf_lightning.curvature.precondition.PRECONDITIONER_WARMUP_STEPS`): after the first steps ``P``
@@ -140,8 +143,11 @@ class EdgeOfStabilityMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Two instances differ by the Hessian monitor they read (its name) and the optimizer they judge.
+        # Two instances differ by the Hessian monitor they read (its name) and the optimizer they judge;
+        # one reading the unnamed monitor keeps the key of earlier versions, so their checkpoints load.
         name = None if self.monitor is None else self.monitor.name
+        if name is None:
+            return cached_state_key(self, optimizer_index=self.optimizer_index)
         return cached_state_key(self, monitor=name, optimizer_index=self.optimizer_index)
 
     def add_listener(self, listener: EdgeListener) -> None:
@@ -175,6 +181,8 @@ class EdgeOfStabilityMonitor(Callback):
                 )
             self.monitor = next((cb for cb in full if cb.name is None), full[0])
         self.monitor.add_listener(self._on_measurement)
+        if stage == "fit":
+            self._preconditioned_latest = None  # another fit may bring another model
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -214,10 +222,10 @@ class EdgeOfStabilityMonitor(Callback):
             )
         if self.fixed_threshold is None:
             return stability.step_dynamics(optimizer), optimizer
-        # A given threshold: gradient descent with that edge, at the optimizer's own rate.
-        lr = float(optimizer.param_groups[0]["lr"])
-        weight = 2.0 / (self.fixed_threshold * lr)
-        return StepDynamics(lr, weight, label=type(optimizer).__name__, formula="given"), optimizer
+        # A given threshold: gradient descent with that edge.
+        return StepDynamics(
+            2.0 / self.fixed_threshold, label=type(optimizer).__name__, formula="given"
+        ), optimizer
 
     # -- per measurement ---------------------------------------------------------------------
     def _on_measurement(self, trainer: Trainer, pl_module: LightningModule, result: EigenResult) -> None:
@@ -235,7 +243,7 @@ class EdgeOfStabilityMonitor(Callback):
             metrics[names.WARNING] = 1.0
             self._warn_once(
                 "edge",
-                f"step {step}: sharpness {metrics['eos/sharpness']:.4g} reached {ratio:.2f} x the stability "
+                f"step {step}: sharpness {metrics[names.SHARPNESS]:.4g} reached {ratio:.2f} x the stability "
                 f"threshold {dynamics.threshold:.4g} of {dynamics.label} ({dynamics.formula})",
             )
         if not warming:
@@ -248,7 +256,17 @@ class EdgeOfStabilityMonitor(Callback):
         # Capped like the monitor's own history: a long run must not grow with its measurements.
         del self.history[: max(0, len(self.history) - self.monitor.max_history)]
         for listener in self._listeners:
-            listener(trainer, pl_module, metrics)
+            try:
+                listener(trainer, pl_module, metrics)
+            except Exception as err:
+                # A listener of a callback with on_error="raise" stops training whatever this policy.
+                owner = getattr(listener, "__self__", None)
+                name = getattr(listener, "__qualname__", type(listener).__name__)
+                policy = "raise" if getattr(owner, "on_error", None) == "raise" else self.on_error
+                skip_or_raise(
+                    err, on_error=policy, warned=self._warned, trainer=trainer,
+                    what=f"EoS listener {name} failed", metric=self.metric("listener_failed"),
+                )  # fmt: skip
         if fire and self.on_warning is not None:
             try:
                 self.on_warning(trainer, pl_module, metrics)
@@ -276,7 +294,7 @@ class EdgeOfStabilityMonitor(Callback):
             eigenvalues = preconditioned.eigenvalues[:1]
             warming = stability.optimizer_steps(optimizer) < self.preconditioner_warmup_steps
         else:
-            decay = 0.0 if self.fixed_threshold is not None else stability.coupled_weight_decay(optimizer)
+            decay = self._coupled_weight_decay(optimizer)
             # L2 weight decay adds decay * theta to the gradient: the step sees H + decay * I.
             eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + decay
             projections, grad_norm = self._gradient(pl_module, result)
@@ -294,6 +312,7 @@ class EdgeOfStabilityMonitor(Callback):
             projections=projections,
             grad_norm=grad_norm,
             lambda_min=float(result.eigenvalues[-1]) if monitor.which == "both" else None,
+            lr=lr,
             losses=self._loss_values() if len(self.losses) >= 2 else (),
             history=history,
             slope_window=self.slope_window,
@@ -305,6 +324,21 @@ class EdgeOfStabilityMonitor(Callback):
         if warming:
             metrics[names.WARMUP] = 1.0
         return metrics, dynamics, edge
+
+    def _coupled_weight_decay(self, optimizer: Any) -> float:
+        """Group 0's L2 weight decay (0 for decoupled decay, or an optimizer without a rule)."""
+        try:
+            rule = stability.optimizer_rule(optimizer)
+        except stability.UnsupportedOptimizer:
+            return 0.0
+        decays = {rule.coupled_weight_decay(group) for group in optimizer.param_groups}
+        if len(decays) > 1:
+            self._warn_once(
+                "decays",
+                f"parameter groups have different L2 weight decays {sorted(decays)}: the sharpness adds "
+                "group 0's to every eigenvalue (the preconditioned sharpness uses each group's own)",
+            )
+        return rule.coupled_weight_decay(optimizer.param_groups[0])
 
     def _preconditioned(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any, dynamics: StepDynamics

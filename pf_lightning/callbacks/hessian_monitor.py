@@ -34,7 +34,6 @@ from ._checkpoint import (
     cached_state_key,
     monitor_from_state,
     result_state,
-    usable_warm_start,
     warn_fresh_start,
 )
 from ._faults import OnError, check_on_error, skip_or_raise
@@ -372,7 +371,7 @@ class HessianEigenMonitor(Callback):
         previous, self._last_step = self._last_step, step
         try:
             result = self.spec.eigenpairs(
-                pl_module, self.k, self.which, warm_start=self._warm_start(pl_module)
+                pl_module, self.k, self.which, warm_start=self.latest if self.warm_start else None
             )
         except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
             if self.on_error == "raise":
@@ -407,17 +406,6 @@ class HessianEigenMonitor(Callback):
             what=f"{where} {what}",
             metric=self.metric(flag),
         )
-
-    def _warm_start(self, pl_module: LightningModule) -> EigenResult | None:
-        """The previous result to start from, when it can serve: a checkpoint without vectors, vectors of
-        another length (other parameters, or another sharding after a resume) or non-finite ones start
-        cold rather than fail."""
-        warm = self.latest if self.warm_start else None
-        if warm is None or not usable_warm_start(
-            warm, ParameterSpace(pl_module, self.params, dtype=self.spec.dtype).n
-        ):
-            return None
-        return warm
 
     @property
     def probe(self) -> ProbeSet | None:

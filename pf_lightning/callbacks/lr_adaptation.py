@@ -214,7 +214,8 @@ class LRAdaptation(Callback):
             raise MisconfigurationException(
                 "no EdgeOfStabilityMonitor measures the optimizer SharpnessCappedLR wraps: set its optimizer_index"
             )
-        self.eos = matching[0]
+        # The edge of the training loss: the monitor reading the unnamed Hessian monitor, not a held-out one.
+        self.eos = next((cb for cb in matching if cb.monitor.name is None), matching[0])
         self.eos.add_listener(self._on_edge)
 
     # -- per step ----------------------------------------------------------------------------

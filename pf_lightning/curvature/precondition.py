@@ -53,10 +53,17 @@ def optimizer_preconditioner(
         PreconditionerUnavailable: the optimizer does not precondition, a parameter is not in it, or a
             parameter has no state yet (measure after the first optimizer step).
     """
+    group_of = {
+        id(p): index for index, settings in enumerate(optimizer.param_groups) for p in settings["params"]
+    }
     diagonals, decays = [], []
     for name, p in zip(space.names, space.params, strict=True):
+        if id(p) not in group_of:
+            raise PreconditionerUnavailable(
+                f"parameter {name!r} is not optimized by this {type(optimizer).__name__}"
+            )
         try:
-            diagonal, decay = parameter_preconditioner(optimizer, p)
+            diagonal, decay = parameter_preconditioner(optimizer, p, group_of[id(p)])
         except PreconditionerUnavailable as err:
             raise PreconditionerUnavailable(f"{err} (parameter {name!r})") from err
         diagonal = local_part(diagonal).reshape(-1)  # FSDP2 keeps optimizer state as DTensors

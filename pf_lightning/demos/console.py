@@ -92,7 +92,7 @@ class MeasurementTable(Callback):
         measured = [h for h in (eos.history if eos else []) if h["step"] == entry["step"]]
         if measured:
             h = measured[-1]
-            line += f"  {h['eos/sharpness']:9.4g} {h['eos/threshold']:9.4g} {h['eos/ratio']:6.3f}  "
+            line += f"  {h[names.SHARPNESS]:9.4g} {h[names.THRESHOLD]:9.4g} {h[names.RATIO]:6.3f}  "
             line += _regime(h[names.RATIO])
         print(line, flush=True)
 

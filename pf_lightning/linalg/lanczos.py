@@ -47,7 +47,10 @@ from ._common import (
 from .operator import LinearOperator, OffloadedOperator
 from .result import EigenResult
 
-__all__ = ["default_basis_size", "lanczos"]
+__all__ = ["WARM_START_MIX", "default_basis_size", "lanczos"]
+
+WARM_START_MIX = 1.0
+"""Weight of the random vector added to a warm start (relative to the warm start's unit vector)."""
 
 
 def default_basis_size(n_wanted: int, n: int) -> int:
@@ -94,7 +97,9 @@ def lanczos(
             :class:`NonConvergenceWarning` is raised when it runs out. Default ``max(300, 40 * k)``.
         basis_size: Lanczos vectors kept between restarts (memory: ``basis_size + 1`` vectors, plus
             3 work vectors; see the module docstring).
-        v0: start vector (e.g. built from a previous result); a seeded Gaussian vector otherwise.
+        v0: a warm start (e.g. the sum of a previous result's eigenvectors): the start vector is its
+            direction plus a seeded Gaussian one of equal norm (:data:`WARM_START_MIX`), so that a
+            direction the previous result missed is still in the Krylov space; the Gaussian alone otherwise.
         seed: seed of the start vector and of any vector drawn after a breakdown.
         basis_device: keep the basis (and the returned eigenvectors) on this device, e.g. ``"cpu"``
             for a model too large for the accelerator to hold ``basis_size + 1`` copies of its
@@ -126,13 +131,19 @@ def lanczos(
         raise ValueError(f"max_matvec must be >= 1, got {max_matvec!r}")
 
     generator = make_generator(seed)
-    v = op.randn(1, generator)[:, 0] if v0 is None else v0.reshape(-1).to(op.device, op.dtype)
-    if v.shape[0] != op.n:
-        raise ValueError(f"v0 has {v.shape[0]} entries, the operator acts on {op.n}")
+    v = op.randn(1, generator)[:, 0]
     nrm = float(op.inner(v, v)) ** 0.5
-    if not math.isfinite(nrm) or nrm == 0.0:
-        v = op.randn(1, generator)[:, 0]
-        nrm = float(op.inner(v, v)) ** 0.5
+    if v0 is not None:
+        w = v0.reshape(-1).to(op.device, op.dtype)
+        if w.shape[0] != op.n:
+            raise ValueError(f"v0 has {w.shape[0]} entries, the operator acts on {op.n}")
+        w_norm = float(op.inner(w, w)) ** 0.5
+        if math.isfinite(w_norm) and w_norm > 0.0:
+            # The previous directions plus a random one of equal weight: a start vector from the previous
+            # eigenvectors alone can be all but orthogonal to a direction that has just become the
+            # sharpest, and Lanczos then converges, residual and all, on the one below it (seen on NAdam).
+            v = w / w_norm + WARM_START_MIX * v / nrm
+            nrm = float(op.inner(v, v)) ** 0.5
 
     # One basis vector per row: each new vector is written, and each product's input read, in one
     # contiguous stretch (columns of an (n, m + 1) matrix cost 30% more per step on a CPU at n = 55k).

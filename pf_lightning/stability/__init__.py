@@ -1,7 +1,9 @@
 r"""Stability thresholds, principal-flow coefficients, drift proxies and the DAL learning rate.
 
-Pure functions on floats and tensors: nothing here knows about models, operators or Lightning. The
-callbacks and schedulers feed them the eigenpairs, gradient norms and optimizer settings they measure.
+Pure functions on floats and tensors, and the optimizer rules that read an optimizer's settings and
+state (never its parameters, never writing to it): nothing here knows about models, operators or
+Lightning. The callbacks and schedulers feed them the eigenpairs, gradient norms and optimizer settings
+they measure.
 
 **Thresholds** (Cohen et al. 2021, arXiv 2103.00065; Cohen et al. 2022, arXiv 2207.14484). On a
 quadratic with curvature :math:`\lambda` an optimizer is stable iff :math:`\lambda` is below

@@ -69,6 +69,7 @@ def edge_of_stability(
     projections: Tensor | Sequence[float] | None = None,
     grad_norm: float | None = None,
     lambda_min: float | None = None,
+    lr: float | None = None,
     losses: Sequence[float] = (),
     history: EdgeHistory = EdgeHistory(),
     slope_window: int = 5,
@@ -85,6 +86,7 @@ def edge_of_stability(
         projections: :math:`g^\top u_i` on the matching eigenvectors (with ``grad_norm``), or None.
         grad_norm: :math:`\lVert g\rVert`.
         lambda_min: the most negative Hessian eigenvalue, for the accumulated negative curvature.
+        lr: the step of that sum (default ``dynamics.lr``).
         losses: recent per-step losses, oldest first.
         history: what the previous measurements left.
         slope_window: measurements in the sharpening slope.
@@ -128,7 +130,7 @@ def edge_of_stability(
         metrics[names.UNSTABLE_GRAD_FRACTION] = float(unstable_gradient_fraction(h, lam, c, grad_norm))
         metrics[names.GRAD_NORM] = float(grad_norm)
 
-    recent = [*history.sharpness[len(history.sharpness) - (slope_window - 1) :], (step, sharpness)]
+    recent = [*history.sharpness[-(slope_window - 1) :], (step, sharpness)]
     slope = progressive_sharpening_slope([s for s, _ in recent], [v for _, v in recent])
     if not math.isnan(slope):
         metrics[names.SHARPENING_SLOPE] = float(slope)
@@ -142,7 +144,8 @@ def edge_of_stability(
     curvature = history.negative_curvature
     if lambda_min is not None:
         steps = max(step - (0 if history.step is None else history.step), 0)
-        curvature += accumulated_negative_curvature([dynamics.lr * steps], [float(lambda_min)])
+        step_size = dynamics.lr if lr is None else lr
+        curvature += accumulated_negative_curvature([step_size * steps], [float(lambda_min)])
         metrics[names.NEGATIVE_CURVATURE] = curvature
     kept = (*history.sharpness, (step, sharpness))[-max(slope_window - 1, 1) :]
     return metrics, EdgeHistory(step, kept, first_edge, curvature)

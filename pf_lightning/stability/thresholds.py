@@ -21,8 +21,9 @@ class StabilityThreshold:
     Attributes:
         value: the threshold; the optimizer is stable along a direction whose (preconditioned, if
             ``preconditioned``) curvature is below it.
-        optimizer: the update rule the threshold was derived for: ``"gd"``, ``"heavy_ball"``,
-            ``"nesterov"``, ``"adam"``, ``"rmsprop"``, ``"adagrad"`` or a caller's own label.
+        optimizer: the update rule the threshold was derived for (``StepDynamics.label``): ``"gd"``,
+            ``"heavy_ball"``, ``"nesterov"``, ``"adam"``, ``"adamw"``, ``"adamax"``, ``"nadam"``,
+            ``"radam"``, ``"rmsprop"``, ``"adagrad"``, ``"adadelta"`` or a caller's own label.
         preconditioned: whether ``value`` applies to :math:`\\lambda_{\\max}(P^{-1}H)` (adaptive
             methods) rather than :math:`\\lambda_{\\max}(H)`.
         formula: the formula with the numbers used, for humans, e.g. ``"(2 + 2*beta)/lr"``.

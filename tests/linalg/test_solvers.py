@@ -166,3 +166,15 @@ def test_warm_start_needs_fewer_products():
         assert warm.all_converged
         torch.testing.assert_close(warm.eigenvalues, cold_b.eigenvalues, rtol=1e-6, atol=1e-6)
     assert warm_lanczos.n_hvp < cold_b.n_hvp
+
+
+def test_a_warm_start_along_a_lower_eigenvector_still_finds_the_top():
+    """A previous top direction that is now the second: alone it is an eigenvector (Lanczos would stop
+    at once, converged on 9); mixed with a random vector the solver finds 10."""
+    eigs = torch.cat([torch.tensor([10.0, 9.0]), torch.linspace(-1.0, 1.0, 40)]).double()
+    A = torch.diag(eigs)
+    v0 = torch.zeros(eigs.numel(), dtype=torch.float64)
+    v0[1], v0[0] = 1.0, 1e-9
+    result = lanczos(DenseOperator(A), 1, tol=1e-6, v0=v0)
+    assert result.all_converged
+    assert float(result.eigenvalues[0]) == pytest.approx(10.0, rel=1e-6)
