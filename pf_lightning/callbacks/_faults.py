@@ -37,6 +37,36 @@ def check_on_error(on_error: Any) -> None:
         )
 
 
+def notify(
+    listeners: list[Any],
+    args: tuple,
+    *,
+    on_error: str,
+    warned: set[str],
+    trainer: Any,
+    what: str,
+    metric: str,
+) -> None:
+    """Call every listener with ``args``; one that raises is skipped or re-raised like a measurement, under
+    ``on_error`` unless its owner (the callback whose bound method it is) has ``on_error="raise"``: that
+    callback skips its own failures otherwise, so what reaches here must stop training."""
+    for listener in listeners:
+        try:
+            listener(*args)
+        except Exception as err:
+            owner = getattr(listener, "__self__", None)
+            name = getattr(listener, "__qualname__", type(listener).__name__)
+            policy = "raise" if getattr(owner, "on_error", None) == "raise" else on_error
+            skip_or_raise(
+                err,
+                on_error=policy,
+                warned=warned,
+                trainer=trainer,
+                what=f"{what} {name} failed",
+                metric=metric,
+            )
+
+
 def skip_or_raise(
     err: Exception,
     *,

@@ -37,7 +37,7 @@ from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
 from ..stability import EdgeHistory, PreconditionerUnavailable, StepDynamics
 from ._checkpoint import UnreadableState, cached_state_key, eos_from_state, warn_fresh_start
-from ._faults import OnError, check_on_error, skip_or_raise
+from ._faults import OnError, check_on_error, notify, skip_or_raise
 from .hessian_monitor import HessianEigenMonitor
 
 WarningAction = Callable[[Trainer, LightningModule, dict[str, float]], None]
@@ -255,18 +255,10 @@ class EdgeOfStabilityMonitor(Callback):
         )
         # Capped like the monitor's own history: a long run must not grow with its measurements.
         del self.history[: max(0, len(self.history) - self.monitor.max_history)]
-        for listener in self._listeners:
-            try:
-                listener(trainer, pl_module, metrics)
-            except Exception as err:
-                # A listener of a callback with on_error="raise" stops training whatever this policy.
-                owner = getattr(listener, "__self__", None)
-                name = getattr(listener, "__qualname__", type(listener).__name__)
-                policy = "raise" if getattr(owner, "on_error", None) == "raise" else self.on_error
-                skip_or_raise(
-                    err, on_error=policy, warned=self._warned, trainer=trainer,
-                    what=f"EoS listener {name} failed", metric=self.metric("listener_failed"),
-                )  # fmt: skip
+        notify(
+            self._listeners, (trainer, pl_module, metrics), on_error=self.on_error, warned=self._warned,
+            trainer=trainer, what="EoS listener", metric=self.metric("listener_failed"),
+        )  # fmt: skip
         if fire and self.on_warning is not None:
             try:
                 self.on_warning(trainer, pl_module, metrics)

@@ -36,7 +36,7 @@ from ._checkpoint import (
     result_state,
     warn_fresh_start,
 )
-from ._faults import OnError, check_on_error, skip_or_raise
+from ._faults import OnError, check_on_error, notify, skip_or_raise
 from ._probe import build_probe, resolve_loss_fn
 
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
@@ -385,22 +385,18 @@ class HessianEigenMonitor(Callback):
         self._record(trainer, result)
         self._measured += 1
         self._spectrum_extras(trainer, pl_module)
-        for listener in self._listeners:
-            try:
-                listener(trainer, pl_module, result)
-            except Exception as err:
-                # A listener of a callback with on_error="raise" (it skips its own failures otherwise)
-                # stops training whatever this monitor's policy.
-                owner = getattr(listener, "__self__", None)
-                name = getattr(listener, "__qualname__", type(listener).__name__)
-                self._skip(trainer, err, f"listener {name} failed", "listener_failed", owner)
+        where = f"Hessian ({self.name})" if self.name else "Hessian"
+        notify(
+            self._listeners, (trainer, pl_module, result), on_error=self.on_error, warned=self._warned,
+            trainer=trainer, what=f"{where} listener", metric=self.metric("listener_failed"),
+        )  # fmt: skip
         return result
 
-    def _skip(self, trainer: Trainer, err: Exception, what: str, flag: str, owner: Any = None) -> None:
+    def _skip(self, trainer: Trainer, err: Exception, what: str, flag: str) -> None:
         where = f"Hessian ({self.name})" if self.name else "Hessian"
         skip_or_raise(
             err,
-            on_error="raise" if getattr(owner, "on_error", None) == "raise" else self.on_error,
+            on_error=self.on_error,
             warned=self._warned,
             trainer=trainer,
             what=f"{where} {what}",

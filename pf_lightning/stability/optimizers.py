@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from .principal_flow import _as_real_tensor, log_growth, regimes
-from .thresholds import StabilityThreshold, UnsupportedOptimizer
+from .thresholds import StabilityThreshold, UnsupportedOptimizer, _check_beta, _check_lr
 
 __all__ = [
     "OptimizerRule",
@@ -273,18 +273,8 @@ def _steps(state: State) -> float:
     return _float(state.get("step", 0))
 
 
-def _beta(value: Any, name: str) -> float:
-    beta = _float(value)
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"{name} must satisfy 0 <= {name} < 1, got {beta!r}")
-    return beta
-
-
 def _lr(group: Group) -> float:
-    lr = _float(group["lr"])
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be positive and finite, got {lr!r}")
-    return lr
+    return _check_lr(_float(group["lr"]))
 
 
 def _entry(state: State, key: str) -> Tensor:
@@ -307,7 +297,7 @@ def _decoupled_flag(group: Group) -> float:
 # -- SGD family --------------------------------------------------------------------------------
 def _sgd(group: Group, state: State) -> StepDynamics:
     lr = _lr(group)
-    beta = _beta(group.get("momentum", 0.0), "momentum")
+    beta = _check_beta(group.get("momentum", 0.0), "momentum")
     if beta == 0.0:
         return StepDynamics(lr, label="gd", formula=f"2/lr, lr={lr:g}")
     dampening = _float(group.get("dampening", 0.0))
@@ -339,7 +329,7 @@ def _asgd(group: Group, state: State) -> StepDynamics:
 # -- Adam family -------------------------------------------------------------------------------
 def _adam_like(label: str) -> Callable[[Group, State], StepDynamics]:
     def dynamics(group: Group, state: State) -> StepDynamics:
-        lr, beta1 = _lr(group), _beta(group["betas"][0], "beta1")
+        lr, beta1 = _lr(group), _check_beta(group["betas"][0], "beta1")
         return StepDynamics(
             lr, 0.0, 1.0, beta1, preconditioned=True, label=label,
             formula=f"(2 + 2*beta1)/((1 - beta1)*lr), lr={lr:g}, beta1={beta1:g}",
@@ -361,7 +351,7 @@ def _adamax_p(group: Group, state: State) -> Tensor:
 
 
 def _nadam(group: Group, state: State) -> StepDynamics:
-    lr, beta1 = _lr(group), _beta(group["betas"][0], "beta1")
+    lr, beta1 = _lr(group), _check_beta(group["betas"][0], "beta1")
     decay = _float(group["momentum_decay"])
 
     def mu(t: float) -> float:
@@ -392,7 +382,7 @@ def _radam_rho(group: Group, t: float) -> tuple[float, float]:
 
 
 def _radam(group: Group, state: State) -> StepDynamics:
-    lr, beta1 = _lr(group), _beta(group["betas"][0], "beta1")
+    lr, beta1 = _lr(group), _check_beta(group["betas"][0], "beta1")
     rho_inf, rho_t = _radam_rho(group, _steps(state))
     if rho_t <= 5.0:  # RAdam's warm-up: the bias-corrected momentum alone, P = 1 - beta1^t
         rect, note = 1.0, "warm-up, unrectified"
@@ -418,7 +408,7 @@ def _radam_p(group: Group, state: State) -> Tensor:
 # -- RMSprop, Adagrad, Adadelta ----------------------------------------------------------------
 def _rmsprop(group: Group, state: State) -> StepDynamics:
     lr = _lr(group)
-    beta = _beta(group.get("momentum", 0.0), "momentum")
+    beta = _check_beta(group.get("momentum", 0.0), "momentum")
     if beta == 0.0:
         return StepDynamics(lr, preconditioned=True, label="rmsprop", formula=f"2/lr, lr={lr:g}")
     # The buffer v = beta v + g/P: heavy ball on the preconditioned problem.
