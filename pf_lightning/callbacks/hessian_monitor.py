@@ -252,10 +252,14 @@ class HessianEigenMonitor(Callback):
                 )
             patterns_of[name] = patterns if isinstance(patterns, str) else list(patterns)
         shared = SharedProbe()
-        monitors = [cls(name=name, params=params, **kwargs) for name, params in patterns_of.items()]
-        for monitor in monitors:
-            monitor._shared_probe = shared
-        return monitors
+        return [
+            cls(name=name, params=params, **kwargs)._sharing(shared) for name, params in patterns_of.items()
+        ]
+
+    def _sharing(self, shared: SharedProbe) -> HessianEigenMonitor:
+        """This monitor, drawing its probe from (or into) ``shared``."""
+        self._shared_probe = shared
+        return self
 
     @property
     @override
