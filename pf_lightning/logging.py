@@ -27,6 +27,7 @@ __all__ = [
     "PREFIXES",
     "direction",
     "direction_pattern",
+    "eigenvalue",
     "log_metrics",
     "metric_name",
     "tagged",
@@ -61,6 +62,12 @@ DAL_HG_RATIO = "dal/hg_ratio"
 CAP_SHARPNESS = "cap/sharpness"
 EIGENVALUE = re.compile(r"^hessian/(?:(?P<tag>.+)/)?eig_(?P<bottom>bottom_)?(?P<i>\d+)$")
 """``hessian/eig_{i}``, ``hessian/eig_bottom_{i}`` and their ``hessian/<tag>/...`` forms."""
+
+
+def eigenvalue(i: int, tag: str | None = None, bottom: bool = False) -> str:
+    """``hessian/eig_{i}`` (i = 1 the largest), or ``hessian/eig_bottom_{i}`` (i = 1 the most negative),
+    under ``hessian/<tag>/`` for a named monitor: the names :data:`EIGENVALUE` matches."""
+    return metric_name("hessian", f"eig_bottom_{i}" if bottom else f"eig_{i}", tag)
 
 
 def direction(stem: str, i: int) -> str:

@@ -25,7 +25,15 @@ from ..curvature.distributed import any_rank
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
-from ..logging import define_wandb_metrics, log_metrics, metric_name, wandb_experiments, wandb_log, warn_once
+from ..logging import (
+    define_wandb_metrics,
+    eigenvalue,
+    log_metrics,
+    metric_name,
+    wandb_experiments,
+    wandb_log,
+    warn_once,
+)
 from ..measure import MeasurementSpec
 from ..probe import ProbeSet
 from ._budget import TimeBudget
@@ -477,10 +485,12 @@ class HessianEigenMonitor(Callback):
     def _record(self, trainer: Trainer, result: EigenResult) -> None:
         """Log a measurement's metrics at its step and append it to the history."""
         top = result.eigenvalues[: self.k]
-        metrics = {self.metric(f"eig_{i + 1}"): float(v) for i, v in enumerate(top)}
+        metrics = {eigenvalue(i + 1, self.name): float(v) for i, v in enumerate(top)}
         if self.which == "both":
             bottom = result.eigenvalues[self.k :].flip(0)
-            metrics.update({self.metric(f"eig_bottom_{i + 1}"): float(v) for i, v in enumerate(bottom)})
+            metrics.update(
+                {eigenvalue(i + 1, self.name, bottom=True): float(v) for i, v in enumerate(bottom)}
+            )
             metrics[self.metric("eig_min")] = float(bottom[0])
         metrics.update(
             {
