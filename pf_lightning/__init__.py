@@ -6,14 +6,25 @@ from .curvature.distributed import CollectiveFailure, MeasurementAborted
 from .curvature.drift import GradientCurvature, gradient_curvature
 from .curvature.groups import parameter_groups
 from .linalg import EigenResult, NonConvergenceWarning, NonFiniteOperatorError
-from .measure import hessian_density, hessian_eigenpairs, hessian_trace, output_loss
+from .measure import (
+    BatchSharpness,
+    CriticalSharpness,
+    batch_sharpness,
+    critical_sharpness,
+    hessian_density,
+    hessian_eigenpairs,
+    hessian_trace,
+    output_loss,
+)
 from .probe import ProbeSet
 from .schedulers import DriftAdaptiveLR, SharpnessCappedLR
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BatchSharpness",
     "CollectiveFailure",
+    "CriticalSharpness",
     "DriftAdaptiveLR",
     "EdgeOfStabilityMonitor",
     "EigenResult",
@@ -30,6 +41,8 @@ __all__ = [
     "ProbeSet",
     "SharpnessCappedLR",
     "__version__",
+    "batch_sharpness",
+    "critical_sharpness",
     "gradient_curvature",
     "hessian_density",
     "hessian_eigenpairs",

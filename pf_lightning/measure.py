@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,10 +12,16 @@ import torch
 from torch import Tensor, nn
 
 from ._validation import Checks
-from .curvature import HessianOperator, ParameterSpace, PreconditionedOperator, optimizer_preconditioner
+from .curvature import (
+    HessianOperator,
+    NonFiniteLossError,
+    ParameterSpace,
+    PreconditionedOperator,
+    optimizer_preconditioner,
+)
 from .curvature.operator import check_arguments
 from .curvature.precondition import check_diagonal
-from .linalg import EigenResult, lanczos, lobpcg
+from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
 from .linalg._common import WHICH
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
@@ -398,3 +406,315 @@ class MeasurementSpec:
 
     def _operator_settings(self) -> dict[str, Any]:
         return {"params": self.params, "hvp": self.hvp, "seed": self.seed, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class BatchSharpness:
+    """The batch sharpness of :func:`batch_sharpness`.
+
+    Attributes:
+        value: the mean over the measured batches of :math:`g_B^\\top H_B g_B / \\lVert g_B\\rVert^2`.
+        stderr: its standard error, the sample standard deviation (ddof 1) over :math:`\\sqrt{n}` (NaN for
+            one batch).
+        n_batches: batches measured.
+        n_skipped: batches skipped because their gradient was zero or their loss, gradient or product
+            was not finite.
+        n_hvp: Hessian-vector products spent.
+        seconds: wall time.
+        values: the per-batch ratios, in order.
+    """
+
+    value: float
+    stderr: float
+    n_batches: int
+    n_skipped: int
+    n_hvp: int
+    seconds: float
+    values: tuple[float, ...] = ()
+
+
+def batch_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Any,
+    *,
+    hvp: str = "auto",
+    seed: int = 0,
+    params: str | Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
+    rel_stderr: float | None = None,
+    max_batches: int | None = None,
+) -> BatchSharpness:
+    r"""Batch sharpness (Andreyev & Beneventano, arXiv 2412.20553): the mean over mini-batches of
+
+    .. math:: \frac{g_B^\top H_B\, g_B}{\lVert g_B\rVert^2},
+
+    with :math:`g_B` and :math:`H_B` the gradient and Hessian of one mini-batch's mean loss: the curvature a
+    mini-batch step meets along its own direction. Under mini-batch SGD it is this quantity, not
+    :math:`\lambda_{\max}` of the full-batch Hessian, that rises towards :math:`2/\eta`. One gradient and one
+    Hessian-vector product per batch (finite differences where second order is unavailable). The mean of
+    the ratios is not the ratio of the means (their "expectation inside" variant, another quantity).
+
+    Under an initialized ``torch.distributed`` process group the ``i``-th batches of all ranks form one
+    mini-batch, the global batch that data-parallel training steps on: every rank must pass the same
+    number of batches, and every rank returns the same result.
+
+    Args:
+        model: the module (not a DDP wrapper).
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the mean loss of one batch.
+        batches: an iterable of mini-batches (a list, or a ``DataLoader`` with the training batch size).
+        hvp: the HVP backend, as for :func:`hessian_eigenpairs`.
+        seed: seeds the dropout masks of each batch (batch ``i`` uses ``seed + i``).
+        params: glob patterns selecting the parameters.
+        dtype: measure in this dtype.
+        rel_stderr: stop once ``stderr <= rel_stderr * |value|`` (after at least three batches), like the
+            estimator of the paper (0.5% there); None measures every batch given.
+        max_batches: measure at most this many batches.
+
+    Returns:
+        :class:`BatchSharpness`.
+
+    Raises:
+        ValueError: a bad argument, or no batch with a finite, non-zero gradient.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> loss_fn = lambda m, b: 0.5 * ((m(b) ** 2).sum(dim=1)).mean()
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> round(batch_sharpness(model, loss_fn, [x[:1], x[1:]]).value, 6)  # H_B = x_B^T x_B: 1 and 4
+        2.5
+    """
+    _check.batches("batches", batches, single_batch=False)
+    _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
+    _check.number("rel_stderr", rel_stderr, above=0, allow_none=True, hint="a relative error such as 0.02")
+    _check.integer("max_batches", max_batches, 1, allow_none=True)
+    model = _unwrap(model)
+    start = time.perf_counter()
+    values: list[float] = []
+    skipped = n_hvp = 0
+    for index, batch in enumerate(batches):
+        if max_batches is not None and len(values) + skipped >= max_batches:
+            break
+        with HessianOperator(
+            model, loss_fn, [batch], params=params, hvp=hvp, seed=(seed + index) % 2**32, dtype=dtype
+        ) as op:
+            try:
+                g = op.gradient()
+                norm_sq = float(op.inner(g, g))
+                if not (math.isfinite(norm_sq) and norm_sq > 0):
+                    skipped += 1
+                    continue
+                curvature = float(op.inner(g, op.matvec(g)))
+            except (NonFiniteLossError, NonFiniteOperatorError):
+                skipped += 1
+                continue
+            finally:
+                n_hvp += op.n_matvec
+        if not math.isfinite(curvature):
+            skipped += 1
+            continue
+        values.append(curvature / norm_sq)
+        if rel_stderr is not None and len(values) >= 3:
+            mean, err = _mean_stderr(values)
+            if err <= rel_stderr * abs(mean):
+                break
+    if not values:
+        raise ValueError(
+            f"no batch had a finite, non-zero gradient ({skipped} skipped): check the batches and the parameters"
+        )
+    mean, err = _mean_stderr(values)
+    return BatchSharpness(mean, err, len(values), skipped, n_hvp, time.perf_counter() - start, tuple(values))
+
+
+def _mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, math.nan
+    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+@dataclass(frozen=True)
+class CriticalSharpness:
+    """The critical sharpness of :func:`critical_sharpness`.
+
+    Attributes:
+        value: :math:`2/\\eta_c` (0 when the loss never rose along the direction, up to
+            :math:`2^{40}` times ``initial_step``, or stopped changing: a saturated network).
+        step: :math:`\\eta_c`, within ``rel_tol`` (``inf`` when the loss never rose).
+        n_forward: forward passes over ``batches`` (each a pass over every batch), the first at
+            :math:`\\eta = 0` included.
+        n_backward: gradients computed (1 for the default direction, 0 for a given one).
+        seconds: wall time.
+    """
+
+    value: float
+    step: float
+    n_forward: int
+    n_backward: int
+    seconds: float
+
+
+def critical_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Any,
+    direction: Tensor | None = None,
+    *,
+    initial_step: float = 0.01,
+    rel_tol: float = 0.01,
+    max_forward: int = 60,
+    seed: int = 0,
+    params: str | Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> CriticalSharpness:
+    r"""Critical sharpness (Kalra et al., arXiv 2601.16979): :math:`2/\eta_c`, with :math:`\eta_c` the smallest
+    step :math:`\eta > 0` at which the mean loss over ``batches`` rises above its value at :math:`\theta`
+    along :math:`\theta + \eta d`.
+
+    Forward passes only for a given ``direction``, so it runs where second-order autograd cannot
+    (FSDP2 shards, fused attention, checkpointing). On a quadratic
+    :math:`L(\theta + \eta d) - L(\theta) = \eta g^\top d + \tfrac12\eta^2 d^\top H d`, so
+    :math:`\eta_c = -2 g^\top d / d^\top H d` and the value is :math:`d^\top H d / (-g^\top d)`:
+    the Rayleigh quotient :math:`g^\top H g / \lVert g\rVert^2` for :math:`d = -g` (8.125/4.25 = 1.912 in
+    the example).
+
+    The search brackets :math:`\eta_c` by doubling or halving ``initial_step``, then interpolates the
+    root of :math:`(L(\theta + \eta d) - L(\theta))/\eta` (linear on a quadratic, so exact there) and checks
+    it with two passes at :math:`(1 \pm \text{rel\_tol}/2)` times the root; bisection where that fails.
+    The model is left exactly as it was (parameters, buffers, modes, ``.grad``, random states).
+
+    Args:
+        model: the module (not a DDP wrapper).
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
+        batches: the batches whose sample-weighted mean loss is searched (this rank's under a process
+            group, as for :func:`hessian_eigenpairs`).
+        direction: a flat tensor over the measured parameters (``named_parameters()`` order, this rank's
+            slices under FSDP2), e.g. the optimizer's next update; default :math:`-\nabla L` (one gradient).
+        initial_step: the first step tried, e.g. the learning rate.
+        rel_tol: relative accuracy of :math:`\eta_c`.
+        max_forward: forward passes allowed.
+        seed: seeds the dropout masks, fixed for every pass.
+        params: glob patterns selecting the parameters ``direction`` runs over.
+        dtype: run the passes in this dtype.
+
+    Returns:
+        :class:`CriticalSharpness`.
+
+    Raises:
+        ValueError: a bad argument; a ``direction`` of the wrong length, not finite or zero; a direction
+            along which the loss rises at every step tried (it points uphill); no bracket within
+            ``max_forward`` passes.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        >>> loss_fn = lambda m, b: 0.5 * (m(b) ** 2).sum() / 2  # H = diag(1, 4) / 2 for b = diag(1, 2)
+        >>> round(critical_sharpness(model, loss_fn, torch.diag(torch.tensor([1.0, 2.0]))).value, 3)
+        1.912
+    """
+    _check_measurement(model, loss_fn, batches, "finite_difference", seed, params, dtype)
+    _check.number("initial_step", initial_step, above=0, hint="a step such as the learning rate")
+    _check.number("rel_tol", rel_tol, above=0, below=1, hint="a relative accuracy such as 0.01")
+    _check.integer("max_forward", max_forward, 4)
+    if direction is not None:
+        _check.instance("direction", direction, Tensor, "None or a flat Tensor over the measured parameters")
+    model = _unwrap(model)
+    start = time.perf_counter()
+    with HessianOperator(
+        model, loss_fn, batches, params=params, hvp="finite_difference", seed=seed, dtype=dtype
+    ) as op:
+        space, n_backward = op.space, 0
+        if direction is None:
+            d, n_backward = -op.gradient(), 1
+        else:
+            d = direction.detach().reshape(-1)
+            if direction.dim() != 1 or d.numel() != space.n:
+                raise ValueError(
+                    f"`direction` must be a flat tensor of the {space.n} measured parameters (named_parameters() "
+                    f"order), got shape {tuple(direction.shape)}"
+                )
+            d = d.to(device=space.device, dtype=space.dtype)
+        if not bool(torch.isfinite(d).all()) or not bool(d.abs().max() > 0):
+            raise ValueError("`direction` must be finite and non-zero (a zero gradient has no critical step)")
+        saved = [p.detach().clone() for p in space.local_params()]
+        pieces = space.unflatten(d.to(space.dtype))
+        counter = {"forward": 0}
+
+        def rise(eta: float) -> float:
+            """L(theta + eta d) - L(theta)."""
+            if counter["forward"] >= max_forward:
+                raise ValueError(
+                    f"critical_sharpness: no bracket of the critical step within max_forward={max_forward} "
+                    "passes: raise max_forward or give an initial_step closer to it"
+                )
+            with torch.no_grad():
+                for p, value, piece in zip(space.local_params(), saved, pieces, strict=True):
+                    p.copy_(value)
+                    p.add_(piece, alpha=eta)
+            counter["forward"] += 1
+            return op.loss() - base
+
+        try:
+            counter["forward"] += 1
+            base = op.loss()
+            step = _critical_step(rise, float(initial_step), float(rel_tol))
+        finally:
+            with torch.no_grad():
+                for p, value in zip(space.local_params(), saved, strict=True):
+                    p.copy_(value)
+    value = 0.0 if math.isinf(step) else 2.0 / step
+    return CriticalSharpness(value, step, counter["forward"], n_backward, time.perf_counter() - start)
+
+
+def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -> float:
+    """The smallest eta > 0 with rise(eta) > 0, within rel_tol (inf if it never rises up to 2^40 eta, or
+    stays unchanged over three doublings)."""
+    tiny, huge = eta * 2.0**-40, eta * 2.0**40
+    r = rise(eta)
+    if r > 0:  # halve down to a step where the loss does not rise
+        hi, r_hi = eta, r
+        while True:
+            eta /= 2.0
+            if eta < tiny:
+                raise ValueError("the loss rises along `direction` at every step tried: it points uphill")
+            r = rise(eta)
+            if r <= 0:
+                lo, r_lo = eta, r
+                break
+            hi, r_hi = eta, r
+    else:  # double up to a step where it rises
+        lo, r_lo, flat = eta, r, 0
+        while True:
+            eta *= 2.0
+            if eta > huge or flat >= 3:  # a saturated loss (tanh, a plateau) stays below: no critical step
+                return math.inf
+            r = rise(eta)
+            if r > 0:
+                hi, r_hi = eta, r
+                break
+            flat = flat + 1 if abs(r - r_lo) <= 1e-9 * max(abs(r), 1e-30) else 0
+            lo, r_lo = eta, r
+    while hi - lo > rel_tol * lo:
+        # rise(eta) / eta is linear in eta on a quadratic: its root is the critical step there.
+        s_lo, s_hi = r_lo / lo, r_hi / hi
+        root = lo + (hi - lo) * (-s_lo) / (s_hi - s_lo) if s_hi > s_lo else (lo + hi) / 2
+        if not lo < root < hi:
+            root = (lo + hi) / 2
+        below, above = root * (1 - rel_tol / 4), root * (1 + rel_tol / 4)
+        for probe in (below, above) if lo < below and above < hi else ((lo + hi) / 2,):
+            r = rise(probe)
+            if r > 0:
+                if probe < hi:
+                    hi, r_hi = probe, r
+            elif probe > lo:
+                lo, r_lo = probe, r
+    return (lo + hi) / 2

@@ -396,6 +396,42 @@ class HessianOperator(LinearOperator):
         self.backend.begin_block(Xp)
         return self._accumulate(lambda index: self.backend.apply(index, Xp).to(X.dtype), torch.zeros_like(X))
 
+    def loss(self) -> float:
+        """The sample-weighted mean loss over all ranks' batches at the current parameters (forward passes
+        only, with the products' dropout masks), identical on every rank: one small all-reduce.
+
+        Raises:
+            NonFiniteLossError: the loss of a batch (on any rank) is NaN or infinite.
+        """
+        self._require_context()
+        buffer = torch.zeros(2, dtype=torch.float64, device=self.device)  # weighted sum, total weight
+        failure: Exception | None = None
+        with torch.no_grad():
+            if (
+                self.space.sharded
+            ):  # every rank runs the same passes (FSDP's all-gathers); padding at weight 0
+                for index in range(self._n_batches):
+                    own = index < len(self.probe)
+                    weight = self.probe.weights[index] if own else 0.0
+                    buffer[0] += weight * self._loss(index if own else 0).detach().double()
+                    buffer[1] += weight
+            else:
+                for index, weight in enumerate(self.probe.weights if self.probe is not None else ()):
+                    try:
+                        buffer[0] += weight * self.loss_at(index).detach().double()
+                        buffer[1] += weight
+                    except Exception as err:  # held for the collective below, which every rank takes
+                        if not is_distributed() or is_agreed(err):
+                            raise
+                        failure = err
+                        break
+        if is_distributed():
+            self._reduce(buffer, failure)
+        value = float(buffer[0] / buffer[1])
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"the mean loss is {value}: check the batches and the parameters")
+        return value
+
     def gradient(self) -> Tensor:
         """The flat gradient of the same sample-weighted mean loss (same dropout masks as the products)."""
         self._require_context()

@@ -12,7 +12,7 @@ import torch_workers
 from cases import dense_hessian
 from workers import global_case, model_copy, spawn
 
-from pf_lightning.measure import hessian_trace
+from pf_lightning.measure import batch_sharpness, critical_sharpness, hessian_trace
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -78,6 +78,17 @@ def test_ddp_matches_one_process_on_the_union_with_one_collective_per_product(ra
     assert torch.equal(r0["after_nan"], r1["after_nan"])
     assert relative_error(r0["after_nan"], evals[:1]) < 1e-8
 
+    # Batch sharpness: the ranks' first batches are one global mini-batch (the union, sample-weighted).
+    model = model_copy(case, torch.float64)
+    union = [torch.cat([a, b]) for a, b in zip(case.batches[0], case.batches[2], strict=True)]
+    assert r0["batch_sharpness"] == r1["batch_sharpness"]
+    assert r0["batch_sharpness"] == pytest.approx(
+        batch_sharpness(model, case.loss_fn, [union]).value, rel=1e-9
+    )
+    # Critical sharpness of the mean loss over the union of the shards, identical on both ranks.
+    single = critical_sharpness(model, case.loss_fn, case.batches, rel_tol=1e-4).value
+    assert r0["critical"] == r1["critical"] == pytest.approx(single, rel=1e-3)
+
 
 def test_fsdp2_matches_one_process_within_the_finite_difference_bound(ranks):
     case = global_case()
@@ -109,3 +120,7 @@ def test_fsdp2_matches_one_process_within_the_finite_difference_bound(ranks):
     assert "finite_difference" in r0["exact_backend"]
     assert r1["nan"] == "NonFiniteLossError" and r0["nan"] == "NonFiniteLossError"
     assert relative_error(r0["after_nan"], evals[:1]) < 1e-6
+    # Critical sharpness on the shards (forward passes and one sharded gradient): the one-process value.
+    reference = critical_sharpness(model_copy(case, torch.float64), case.loss_fn, case.batches, rel_tol=1e-4)
+    assert r0["critical"] == r1["critical"] == pytest.approx(reference.value, rel=1e-3)
+    assert r0["critical_unchanged"] and r1["critical_unchanged"]

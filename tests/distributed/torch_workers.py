@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from workers import count_collectives, global_case, model_copy, poisoned, shard
 
-from pf_lightning import hessian_eigenpairs
+from pf_lightning import batch_sharpness, critical_sharpness, hessian_eigenpairs
 from pf_lightning.curvature import NonFiniteLossError, ParameterSpace
 from pf_lightning.linalg import NonFiniteOperatorError
 from pf_lightning.measure import hessian_trace
@@ -62,6 +62,9 @@ def ddp(rank: int) -> dict[str, Any]:
     out["trace"] = hessian_trace(model, case.loss_fn, mine, method="hutchinson", n_hvp=6, seed=3).trace
     out["nan"] = _skip_together(model, case.loss_fn, mine, rank)
     out["after_nan"] = _measure(model, case.loss_fn, mine, k=1, tol=1e-9)["eigenvalues"]
+    # Each rank's first batch: together one global mini-batch, as DDP steps on.
+    out["batch_sharpness"] = batch_sharpness(model, case.loss_fn, mine[:1]).value
+    out["critical"] = critical_sharpness(model, case.loss_fn, mine, rel_tol=1e-4).value
     return out
 
 
@@ -97,6 +100,12 @@ def fsdp(rank: int) -> dict[str, Any]:
         out["exact_backend"] = str(err)
     out["nan"] = _skip_together(model, case.loss_fn, mine, rank)
     out["after_nan"] = _measure(model, case.loss_fn, mine, k=1, tol=1e-8)["eigenvalues"]
+    before = [p.to_local().detach().clone() for p in model.parameters()]
+    out["critical"] = critical_sharpness(model, case.loss_fn, mine, rel_tol=1e-4).value  # sharded, no HVP
+    out["critical_unchanged"] = all(
+        torch.equal(a, p.to_local()) and p.grad is None
+        for a, p in zip(before, model.parameters(), strict=True)
+    )
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import string
 
 import lightning as L
@@ -42,6 +43,8 @@ from pf_lightning import (
     PreconditionedOperator,
     ProbeSet,
     SharpnessCappedLR,
+    batch_sharpness,
+    critical_sharpness,
     gradient_curvature,
     hessian_density,
     hessian_eigenpairs,
@@ -367,6 +370,40 @@ HESSIAN_DENSITY = {
     **COMMON_MEASUREMENT,
 }
 
+BATCH_SHARPNESS = {
+    "model": HESSIAN_OPERATOR["model"],
+    "loss_fn": HESSIAN_OPERATOR["loss_fn"],
+    "batches": (st.sampled_from([batches()]), bad_batches | st.just(torch.ones(3))),
+    "rel_stderr": (good_number(above=0, below=10, none_ok=True), bad_number(above=0, none_ok=True)),
+    "max_batches": (good_int(1, 5, none_ok=True), bad_int(1, none_ok=True)),
+    **COMMON_MEASUREMENT,
+}
+
+CRITICAL_SHARPNESS = {
+    "model": HESSIAN_OPERATOR["model"],
+    "loss_fn": HESSIAN_OPERATOR["loss_fn"],
+    "batches": HESSIAN_EIGENPAIRS["batches"],
+    "direction": (
+        st.none(),
+        st.sampled_from(
+            [
+                5,
+                "down",
+                torch.ones(3),
+                torch.ones(N_PARAMS, 1),
+                torch.zeros(N_PARAMS),
+                torch.full((N_PARAMS,), math.nan),
+            ]
+        ),
+    ),
+    "initial_step": (good_number(above=1e-3, below=1.0), bad_number(above=0)),
+    "rel_tol": (good_number(above=1e-3, below=0.5), bad_number(above=0, below=1)),
+    "max_forward": (good_int(40, 80), bad_int(4)),
+    "seed": COMMON_MEASUREMENT["seed"],
+    "params": COMMON_MEASUREMENT["params"],
+    "dtype": COMMON_MEASUREMENT["dtype"],
+}
+
 PARAMETER_SPACE = {
     "model": HESSIAN_OPERATOR["model"],
     "patterns": COMMON_MEASUREMENT["params"],
@@ -452,6 +489,8 @@ TARGETS = {
     "hessian_eigenpairs": (hessian_eigenpairs, HESSIAN_EIGENPAIRS, ValueError),
     "hessian_trace": (hessian_trace, HESSIAN_TRACE, ValueError),
     "hessian_density": (hessian_density, HESSIAN_DENSITY, ValueError),
+    "batch_sharpness": (batch_sharpness, BATCH_SHARPNESS, ValueError),
+    "critical_sharpness": (critical_sharpness, CRITICAL_SHARPNESS, ValueError),
     "gradient_curvature": (_gradient_curvature, GRADIENT_CURVATURE, ValueError),
     "output_loss": (_output_loss, OUTPUT_LOSS, ValueError),
     "parameter_groups": (parameter_groups, PARAMETER_GROUPS, ValueError),

@@ -1,0 +1,186 @@
+"""batch_sharpness and critical_sharpness against hand computations: dense float64 Hessians of each
+batch from torch.func, closed forms on quadratics, and a bisection of the loss along the direction."""
+
+import math
+
+import pytest
+import torch
+from lightning_models import digits
+from torch import nn
+
+from pf_lightning.measure import batch_sharpness, critical_sharpness
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+
+
+def _mse(model, batch):
+    x, y = batch
+    out = model(x.double())
+    return 0.5 * ((out - nn.functional.one_hot(y, 10).double()) ** 2).sum(dim=1).mean()
+
+
+def _batches(size, count):
+    x, y = digits(size * count)
+    return [(x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]) for i in range(count)]
+
+
+def _flat_loss(model, batch):
+    params = dict(model.named_parameters())
+    names = list(params)
+
+    def loss(flat):
+        pieces, offset = {}, 0
+        for name in names:
+            n = params[name].numel()
+            pieces[name] = flat[offset : offset + n].view_as(params[name])
+            offset += n
+        x, y = batch
+        out = torch.func.functional_call(model, pieces, (x.double(),))
+        return 0.5 * ((out - nn.functional.one_hot(y, 10).double()) ** 2).sum(dim=1).mean()
+
+    return loss, torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+
+def test_batch_sharpness_is_the_mean_of_per_batch_rayleigh_quotients():
+    model, batches = _mlp(), _batches(16, 6)
+    expected, numerators, denominators = [], [], []
+    for batch in batches:
+        loss, theta = _flat_loss(model, batch)
+        g = torch.func.grad(loss)(theta)
+        H = torch.func.hessian(loss)(theta)
+        numerators.append(float(g @ H @ g))
+        denominators.append(float(g @ g))
+        expected.append(numerators[-1] / denominators[-1])
+    result = batch_sharpness(model, _mse, batches, hvp="double_backward")
+    mean = sum(expected) / len(expected)
+    std = math.sqrt(sum((v - mean) ** 2 for v in expected) / (len(expected) - 1))
+    assert result.value == pytest.approx(mean, rel=1e-5)
+    assert result.stderr == pytest.approx(std / math.sqrt(len(expected)), rel=1e-5)
+    assert list(result.values) == pytest.approx(expected, rel=1e-5)
+    assert (result.n_batches, result.n_skipped, result.n_hvp) == (6, 0, 6)
+    # The mean of the ratios, not the ratio of the means (EoSS's "expectation inside", another quantity).
+    assert result.value != pytest.approx(sum(numerators) / sum(denominators), rel=1e-3)
+
+
+def test_batch_sharpness_stops_at_the_relative_error_or_the_batch_cap():
+    model, batches = _mlp(), _batches(16, 12)
+    every = batch_sharpness(model, _mse, batches)
+    loose = batch_sharpness(model, _mse, batches, rel_stderr=0.5)
+    assert loose.n_batches == 3 and loose.stderr <= 0.5 * loose.value
+    assert loose.values == every.values[:3]
+    assert batch_sharpness(model, _mse, batches, max_batches=4).n_batches == 4
+    assert every.n_batches == 12
+
+
+def test_batches_without_a_usable_gradient_are_skipped_and_counted():
+    model, batches = _mlp(), _batches(16, 3)
+    x, y = batches[0]
+    nan_batch = (torch.full_like(x, math.nan), y)
+
+    flat_batch = torch.zeros(4)  # a batch on which the loss does not depend on the parameters
+
+    def loss_fn(m, batch):
+        if isinstance(batch, torch.Tensor):
+            return sum(p.sum() for p in m.parameters()) * 0.0
+        return _mse(m, batch)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    result = batch_sharpness(model, loss_fn, [batches[0], nan_batch, flat_batch, batches[1]])
+    assert (result.n_batches, result.n_skipped) == (2, 2)
+    assert math.isfinite(result.value)
+    assert result.value == pytest.approx(batch_sharpness(model, _mse, [batches[0], batches[1]]).value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with pytest.raises(ValueError, match="no batch had a finite, non-zero gradient"):
+        batch_sharpness(model, loss_fn, [nan_batch, flat_batch])
+    with pytest.raises(ValueError, match="batches"):
+        batch_sharpness(model, _mse, x)  # one tensor is not a list of mini-batches
+
+
+class Quadratic(nn.Module):
+    def __init__(self, n=8, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        Q = torch.randn(n, n, generator=generator, dtype=torch.float64)
+        self.register_buffer("A", Q @ Q.T / n + 0.1 * torch.eye(n, dtype=torch.float64))
+        self.register_buffer("b", torch.randn(n, generator=generator, dtype=torch.float64))
+        self.theta = nn.Parameter(torch.randn(n, generator=generator, dtype=torch.float64))
+
+    def loss(self, batch=None):
+        return 0.5 * self.theta @ self.A @ self.theta - self.b @ self.theta
+
+
+def test_critical_sharpness_on_a_quadratic_is_the_rayleigh_quotient():
+    model = Quadratic()
+    A, g = model.A, (model.A @ model.theta - model.b).detach()
+    result = critical_sharpness(model, lambda m, b: m.loss(), [torch.zeros(1)], initial_step=1e-3)
+    assert result.value == pytest.approx(float(g @ A @ g / (g @ g)), rel=1e-2)
+    assert result.n_backward == 1 and result.n_forward <= 20
+    d = -(g + 0.3 * torch.randn(g.shape, generator=torch.Generator().manual_seed(1), dtype=g.dtype))
+    assert float(g @ d) < 0
+    given = critical_sharpness(model, lambda m, b: m.loss(), [torch.zeros(1)], d, initial_step=10.0)
+    assert given.value == pytest.approx(float(d @ A @ d / -(g @ d)), rel=1e-2)
+    assert given.n_backward == 0
+
+
+def test_critical_sharpness_on_an_mlp_matches_a_bisection_of_the_loss():
+    model, batches = _mlp(), _batches(32, 2)
+    loss0 = sum(_mse(model, b) for b in batches).item() / 2
+    params = [p.detach().clone() for p in model.parameters()]
+    g = torch.cat(
+        [
+            t.reshape(-1)
+            for t in torch.autograd.grad(sum(_mse(model, b) for b in batches) / 2, model.parameters())
+        ]
+    )
+
+    def rise(eta):
+        shifted = {}
+        offset = 0
+        for (name, p), saved in zip(model.named_parameters(), params, strict=True):
+            shifted[name] = saved - eta * g[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        with torch.no_grad():
+            out = [
+                0.5
+                * (
+                    (torch.func.functional_call(model, shifted, (x.double(),)) - nn.functional.one_hot(y, 10))
+                    ** 2
+                )
+                .sum(dim=1)
+                .mean()
+                for x, y in batches
+            ]
+        return float(sum(out) / 2) - loss0
+
+    lo, hi = 1e-4, 1e-4
+    while rise(hi) <= 0:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):  # a fine bisection, independent of the search under test
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rise(mid) <= 0 else (lo, mid)
+    result = critical_sharpness(model, _mse, batches, rel_tol=1e-3)
+    assert result.step == pytest.approx(hi, rel=1e-2)
+    assert result.value == pytest.approx(2 / hi, rel=1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
+def test_critical_sharpness_refuses_bad_directions_and_leaves_the_model_alone():
+    model = Quadratic()
+    loss_fn = lambda m, b: m.loss()  # noqa: E731
+    g = (model.A @ model.theta - model.b).detach()
+    before = model.theta.detach().clone()
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="flat tensor of the 8 measured parameters"):
+        critical_sharpness(model, loss_fn, [torch.zeros(1)], torch.ones(9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="finite and non-zero"):
+        critical_sharpness(model, loss_fn, [torch.zeros(1)], torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="uphill"):
+        critical_sharpness(model, loss_fn, [torch.zeros(1)], g)
+    assert torch.equal(model.theta.detach(), before)
+    assert torch.equal(torch.get_rng_state(), state)
+    flat = nn.Linear(3, 1)  # a loss that never rises along d: no critical step
+    result = critical_sharpness(flat, lambda m, b: -m.weight.sum(), [torch.zeros(1)], torch.ones(4))
+    assert result.value == 0.0 and math.isinf(result.step)
