@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from cases import Case, dense_hessian
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import DigitsClassifier, digits, trainer
 from torch.utils.data import DataLoader, TensorDataset
@@ -215,21 +216,13 @@ SUPPORTED = {
 COUPLED = {"SGD": 1e-2, "ASGD": 1e-2 + 1e-3, "Adam": 1e-2, "NAdam-coupled": 1e-2}  # L2 in the gradient
 
 
+def _mse(m, batch):
+    out = m(batch[0].double())
+    return 0.5 * ((out - torch.nn.functional.one_hot(batch[1], 10).double()) ** 2).sum(1).mean()
+
+
 def _dense_hessian(model, batch):
-    x, y = batch
-    params = dict(model.named_parameters())
-    names = list(params)
-
-    def loss(flat):
-        pieces, offset = {}, 0
-        for name in names:
-            n = params[name].numel()
-            pieces[name] = flat[offset : offset + n].view_as(params[name])
-            offset += n
-        return model.loss_with(pieces, (x, y))
-
-    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
-    return torch.func.hessian(loss)(flat)
+    return dense_hessian(Case("probe", model, _mse, [batch]))
 
 
 class _Digits(DigitsClassifier):
@@ -239,10 +232,6 @@ class _Digits(DigitsClassifier):
 
     def configure_optimizers(self):
         return self.make(self.parameters())
-
-    def loss_with(self, params, batch):
-        out = torch.func.functional_call(self, params, (batch[0].double(),))
-        return 0.5 * ((out - torch.nn.functional.one_hot(batch[1], 10).double()) ** 2).sum(1).mean()
 
 
 @pytest.mark.parametrize("name", sorted(SUPPORTED))

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from cases import Case, dense_hessian
 from lightning_models import digits
 from torch import nn
 
@@ -27,30 +28,12 @@ def _batches(size, count):
     return [(x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]) for i in range(count)]
 
 
-def _flat_loss(model, batch):
-    params = dict(model.named_parameters())
-    names = list(params)
-
-    def loss(flat):
-        pieces, offset = {}, 0
-        for name in names:
-            n = params[name].numel()
-            pieces[name] = flat[offset : offset + n].view_as(params[name])
-            offset += n
-        x, y = batch
-        out = torch.func.functional_call(model, pieces, (x.double(),))
-        return 0.5 * ((out - nn.functional.one_hot(y, 10).double()) ** 2).sum(dim=1).mean()
-
-    return loss, torch.cat([p.detach().reshape(-1) for p in params.values()])
-
-
 def test_batch_sharpness_is_the_mean_of_per_batch_rayleigh_quotients():
     model, batches = _mlp(), _batches(16, 6)
     expected, numerators, denominators = [], [], []
     for batch in batches:
-        loss, theta = _flat_loss(model, batch)
-        g = torch.func.grad(loss)(theta)
-        H = torch.func.hessian(loss)(theta)
+        H = dense_hessian(Case("batch", model, _mse, [batch]))
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(_mse(model, batch), model.parameters())])
         numerators.append(float(g @ H @ g))
         denominators.append(float(g @ g))
         expected.append(numerators[-1] / denominators[-1])
