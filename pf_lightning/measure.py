@@ -488,18 +488,22 @@ def batch_sharpness(
         2.5
     """
     _check.batches("batches", batches, single_batch=False)
+    if isinstance(batches, tuple) and batches and all(isinstance(t, Tensor) for t in batches):
+        _check.fail("batches", "a list of mini-batches", batches, "one (x, y) batch: wrap it in a list")
     _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
     _check.number("rel_stderr", rel_stderr, above=0, allow_none=True, hint="a relative error such as 0.02")
     _check.integer("max_batches", max_batches, 1, allow_none=True)
     model = _unwrap(model)
     start = time.perf_counter()
+    _same_count_on_every_rank(batches, model)
     values: list[float] = []
     skipped = n_hvp = 0
+    backend = hvp
     for index, batch in enumerate(batches):
         if max_batches is not None and len(values) + skipped >= max_batches:
             break
         with HessianOperator(
-            model, loss_fn, [batch], params=params, hvp=hvp, seed=(seed + index) % 2**32, dtype=dtype
+            model, loss_fn, [batch], params=params, hvp=backend, seed=(seed + index) % 2**32, dtype=dtype
         ) as op:
             try:
                 g = op.gradient()
@@ -508,6 +512,7 @@ def batch_sharpness(
                     skipped += 1
                     continue
                 curvature = float(op.inner(g, op.matvec(g)))
+                backend = op.backend_name  # 'auto' settles on the first batch: no trial product after it
             except (NonFiniteLossError, NonFiniteOperatorError):
                 skipped += 1
                 continue
@@ -527,6 +532,21 @@ def batch_sharpness(
         )
     mean, err = _mean_stderr(values)
     return BatchSharpness(mean, err, len(values), skipped, n_hvp, time.perf_counter() - start, tuple(values))
+
+
+def _same_count_on_every_rank(batches: Any, model: nn.Module) -> None:
+    """Under a process group every rank must measure as many batches (each product is a collective)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    count = float(len(batches)) if hasattr(batches, "__len__") else -1.0
+    device = next(model.parameters()).device
+    extremes = torch.tensor([count, -count], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    if float(extremes[0]) != -float(extremes[1]):
+        raise ValueError(
+            "`batches` must hold the same number of mini-batches on every rank (the i-th batches of all ranks "
+            f"form one global mini-batch), got from {-float(extremes[1]):g} to {float(extremes[0]):g}"
+        )
 
 
 def _mean_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -585,7 +605,9 @@ def critical_sharpness(
 
     The search brackets :math:`\eta_c` by doubling or halving ``initial_step``, then interpolates the
     root of :math:`(L(\theta + \eta d) - L(\theta))/\eta` (linear on a quadratic, so exact there) and checks
-    it with two passes at :math:`(1 \pm \text{rel\_tol}/2)` times the root; bisection where that fails.
+    it with two passes at :math:`(1 \pm \text{rel\_tol}/4)` times the root; bisection where that fails.
+    A step at which the loss overflows counts as a rise. When ``max_forward`` runs out after the bracket
+    was found, the midpoint of the bracket reached is returned.
     The model is left exactly as it was (parameters, buffers, modes, ``.grad``, random states).
 
     Args:
@@ -609,6 +631,7 @@ def critical_sharpness(
         ValueError: a bad argument; a ``direction`` of the wrong length, not finite or zero; a direction
             along which the loss rises at every step tried (it points uphill); no bracket within
             ``max_forward`` passes.
+        NonFiniteLossError: the loss at the current parameters is not finite.
 
     Example::
 
@@ -623,49 +646,56 @@ def critical_sharpness(
     """
     _check_measurement(model, loss_fn, batches, "finite_difference", seed, params, dtype)
     _check.number("initial_step", initial_step, above=0, hint="a step such as the learning rate")
-    _check.number("rel_tol", rel_tol, above=0, below=1, hint="a relative accuracy such as 0.01")
+    _check.number("rel_tol", rel_tol, above=1e-9, below=1, hint="a relative accuracy such as 0.01")
     _check.integer("max_forward", max_forward, 4)
     if direction is not None:
         _check.instance("direction", direction, Tensor, "None or a flat Tensor over the measured parameters")
     model = _unwrap(model)
     start = time.perf_counter()
+    counter = {"forward": 0}
     with HessianOperator(
         model, loss_fn, batches, params=params, hvp="finite_difference", seed=seed, dtype=dtype
     ) as op:
         space, n_backward = op.space, 0
+        d = torch.zeros(space.n, dtype=space.dtype, device=space.device)
         if direction is None:
-            d, n_backward = -op.gradient(), 1
+            d, n_backward = -op.gradient().to(space.dtype), 1
         else:
-            d = direction.detach().reshape(-1)
-            if direction.dim() != 1 or d.numel() != space.n:
-                raise ValueError(
-                    f"`direction` must be a flat tensor of the {space.n} measured parameters (named_parameters() "
-                    f"order), got shape {tuple(direction.shape)}"
-                )
-            d = d.to(device=space.device, dtype=space.dtype)
-        if not bool(torch.isfinite(d).all()) or not bool(d.abs().max() > 0):
-            raise ValueError("`direction` must be finite and non-zero (a zero gradient has no critical step)")
+            # This rank's own check, reported to every rank by the next collective (the base loss).
+            with op.local_step():
+                if direction.dim() != 1 or direction.numel() != space.n:
+                    raise ValueError(
+                        f"`direction` must be a flat tensor of the {space.n} measured parameters "
+                        f"(named_parameters() order), got shape {tuple(direction.shape)}"
+                    )
+                d = direction.detach().to(device=space.device, dtype=space.dtype)
         saved = [p.detach().clone() for p in space.local_params()]
-        pieces = space.unflatten(d.to(space.dtype))
-        counter = {"forward": 0}
 
         def rise(eta: float) -> float:
-            """L(theta + eta d) - L(theta)."""
+            """L(theta + eta d) - L(theta); inf where the loss overflows (it rose)."""
             if counter["forward"] >= max_forward:
-                raise ValueError(
+                raise _OutOfPasses(
                     f"critical_sharpness: no bracket of the critical step within max_forward={max_forward} "
                     "passes: raise max_forward or give an initial_step closer to it"
                 )
             with torch.no_grad():
-                for p, value, piece in zip(space.local_params(), saved, pieces, strict=True):
+                for p, value, piece in zip(space.local_params(), saved, space.unflatten(d), strict=True):
                     p.copy_(value)
                     p.add_(piece, alpha=eta)
             counter["forward"] += 1
-            return op.loss() - base
+            try:
+                return op.loss() - base
+            except NonFiniteLossError:  # agreed by every rank
+                return math.inf
 
         try:
             counter["forward"] += 1
             base = op.loss()
+            norm_sq = float(op.inner(d, d))  # over every rank's slice
+            if not (math.isfinite(norm_sq) and norm_sq > 0):
+                raise ValueError(
+                    "`direction` must be finite and non-zero (a zero gradient has no critical step)"
+                )
             step = _critical_step(rise, float(initial_step), float(rel_tol))
         finally:
             with torch.no_grad():
@@ -675,9 +705,13 @@ def critical_sharpness(
     return CriticalSharpness(value, step, counter["forward"], n_backward, time.perf_counter() - start)
 
 
+class _OutOfPasses(ValueError):
+    """The line search ran out of forward passes."""
+
+
 def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -> float:
     """The smallest eta > 0 with rise(eta) > 0, within rel_tol (inf if it never rises up to 2^40 eta, or
-    stays unchanged over three doublings)."""
+    falls by the same amount over three doublings: a saturated loss)."""
     tiny, huge = eta * 2.0**-40, eta * 2.0**40
     r = rise(eta)
     if r > 0:  # halve down to a step where the loss does not rise
@@ -685,7 +719,10 @@ def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -
         while True:
             eta /= 2.0
             if eta < tiny:
-                raise ValueError("the loss rises along `direction` at every step tried: it points uphill")
+                raise ValueError(
+                    "the loss rises along `direction` at every step tried: it points uphill (or initial_step "
+                    "is far too large)"
+                )
             r = rise(eta)
             if r <= 0:
                 lo, r_lo = eta, r
@@ -695,26 +732,37 @@ def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -
         lo, r_lo, flat = eta, r, 0
         while True:
             eta *= 2.0
-            if eta > huge or flat >= 3:  # a saturated loss (tanh, a plateau) stays below: no critical step
+            if eta > huge or flat >= 3:
                 return math.inf
             r = rise(eta)
             if r > 0:
                 hi, r_hi = eta, r
                 break
-            flat = flat + 1 if abs(r - r_lo) <= 1e-9 * max(abs(r), 1e-30) else 0
+            # Strictly below and unchanged: a plateau. A rise of exactly 0 is a step below the dtype's
+            # resolution (bfloat16), not a plateau.
+            flat = flat + 1 if r < 0 and abs(r - r_lo) <= 1e-9 * abs(r) else 0
             lo, r_lo = eta, r
-    while hi - lo > rel_tol * lo:
-        # rise(eta) / eta is linear in eta on a quadratic: its root is the critical step there.
-        s_lo, s_hi = r_lo / lo, r_hi / hi
-        root = lo + (hi - lo) * (-s_lo) / (s_hi - s_lo) if s_hi > s_lo else (lo + hi) / 2
-        if not lo < root < hi:
-            root = (lo + hi) / 2
-        below, above = root * (1 - rel_tol / 4), root * (1 + rel_tol / 4)
-        for probe in (below, above) if lo < below and above < hi else ((lo + hi) / 2,):
-            r = rise(probe)
-            if r > 0:
-                if probe < hi:
+    try:
+        while hi - lo > rel_tol * lo:
+            # rise(eta) / eta is linear in eta on a quadratic: its root is the critical step there.
+            s_lo, s_hi = r_lo / lo, (r_hi / hi if math.isfinite(r_hi) else math.inf)
+            root = (
+                lo + (hi - lo) * (-s_lo) / (s_hi - s_lo)
+                if math.isfinite(s_hi) and s_hi > s_lo
+                else (lo + hi) / 2
+            )
+            if not lo < root < hi:
+                root = (lo + hi) / 2
+            below, above = root * (1 - rel_tol / 4), root * (1 + rel_tol / 4)
+            probes = (below, above) if lo < below and above < hi else ((lo + hi) / 2,)
+            for probe in probes:
+                if not lo < probe < hi:  # the bracket moved past it
+                    continue
+                r = rise(probe)
+                if r > 0:
                     hi, r_hi = probe, r
-            elif probe > lo:
-                lo, r_lo = probe, r
+                else:
+                    lo, r_lo = probe, r
+    except _OutOfPasses:  # the bracket is found: its midpoint, within the width reached
+        pass
     return (lo + hi) / 2

@@ -70,16 +70,16 @@ def test_batches_without_a_usable_gradient_are_skipped_and_counted():
             return sum(p.sum() for p in m.parameters()) * 0.0
         return _mse(m, batch)
 
-    before = [p.detach().clone() for p in model.parameters()]
     result = batch_sharpness(model, loss_fn, [batches[0], nan_batch, flat_batch, batches[1]])
     assert (result.n_batches, result.n_skipped) == (2, 2)
     assert math.isfinite(result.value)
     assert result.value == pytest.approx(batch_sharpness(model, _mse, [batches[0], batches[1]]).value)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="no batch had a finite, non-zero gradient"):
         batch_sharpness(model, loss_fn, [nan_batch, flat_batch])
     with pytest.raises(ValueError, match="batches"):
         batch_sharpness(model, _mse, x)  # one tensor is not a list of mini-batches
+    with pytest.raises(ValueError, match="wrap it in a list"):
+        batch_sharpness(model, _mse, batches[0])  # nor is one (x, y) batch
 
 
 class Quadratic(nn.Module):
@@ -167,3 +167,25 @@ def test_critical_sharpness_refuses_bad_directions_and_leaves_the_model_alone():
     flat = nn.Linear(3, 1)  # a loss that never rises along d: no critical step
     result = critical_sharpness(flat, lambda m, b: -m.weight.sum(), [torch.zeros(1)], torch.ones(4))
     assert result.value == 0.0 and math.isinf(result.step)
+
+
+def test_a_saturated_loss_has_no_critical_step_and_costs_few_passes():
+    """tanh saturates: along d the loss falls to a plateau below its start and never rises again."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    loss_fn = lambda m, b: ((torch.tanh(m(b)) - 1) ** 2).mean()  # noqa: E731
+    result = critical_sharpness(model, loss_fn, [torch.ones(4, 1)], torch.ones(1), initial_step=1.0)
+    assert result.value == 0.0 and math.isinf(result.step)
+    assert result.n_forward <= 12  # three unchanged doublings, not 2^40
+
+
+def test_a_step_that_overflows_the_loss_counts_as_a_rise():
+    """(|theta|^2)^150 along d = -theta_0: it rises again past eta = 2 and overflows to inf far beyond."""
+    model = nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+    loss_fn = lambda m, b: (m.weight**2).sum() ** 150  # noqa: E731
+    d = -model.weight.detach().reshape(-1).clone()
+    result = critical_sharpness(model, loss_fn, [torch.zeros(1)], d, initial_step=1e6, rel_tol=1e-3)
+    assert result.step == pytest.approx(2.0, rel=1e-3)

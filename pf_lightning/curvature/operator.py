@@ -407,14 +407,20 @@ class HessianOperator(LinearOperator):
         buffer = torch.zeros(2, dtype=torch.float64, device=self.device)  # weighted sum, total weight
         failure: Exception | None = None
         with torch.no_grad():
-            if (
-                self.space.sharded
-            ):  # every rank runs the same passes (FSDP's all-gathers); padding at weight 0
+            if self.space.sharded:
+                # Every rank runs the same passes (FSDP's all-gathers); a rank out of batches pads at weight 0.
                 for index in range(self._n_batches):
                     own = index < len(self.probe)
                     weight = self.probe.weights[index] if own else 0.0
                     buffer[0] += weight * self._loss(index if own else 0).detach().double()
                     buffer[1] += weight
+                # Without a backward FSDP2 keeps the root's parameters gathered after the pass, and the next
+                # pass would reuse them: a caller that moves the shards between passes would not be seen.
+                from torch.distributed.fsdp import FSDPModule
+
+                for module in self.model.modules():
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
             else:
                 for index, weight in enumerate(self.probe.weights if self.probe is not None else ()):
                     try:

@@ -123,4 +123,5 @@ def test_fsdp2_matches_one_process_within_the_finite_difference_bound(ranks):
     # Critical sharpness on the shards (forward passes and one sharded gradient): the one-process value.
     reference = critical_sharpness(model_copy(case, torch.float64), case.loss_fn, case.batches, rel_tol=1e-4)
     assert r0["critical"] == r1["critical"] == pytest.approx(reference.value, rel=1e-3)
+    assert r0["critical_root"] == r1["critical_root"] == pytest.approx(reference.value, rel=1e-3)
     assert r0["critical_unchanged"] and r1["critical_unchanged"]

@@ -106,6 +106,9 @@ def fsdp(rank: int) -> dict[str, Any]:
         torch.equal(a, p.to_local()) and p.grad is None
         for a, p in zip(before, model.parameters(), strict=True)
     )
+    root_only = model_copy(case, torch.float64)  # the root holds every parameter: gathered after a pass
+    fully_shard(root_only, mesh=mesh)
+    out["critical_root"] = critical_sharpness(root_only, case.loss_fn, mine, rel_tol=1e-4).value
     return out
 
 
