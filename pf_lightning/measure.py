@@ -19,6 +19,7 @@ from .curvature import (
     PreconditionedOperator,
     optimizer_preconditioner,
 )
+from .curvature.distributed import is_distributed
 from .curvature.operator import check_arguments
 from .curvature.precondition import check_diagonal
 from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
@@ -536,7 +537,7 @@ def batch_sharpness(
 
 def _same_count_on_every_rank(batches: Any, model: nn.Module) -> None:
     """Under a process group every rank must measure as many batches (each product is a collective)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return
     count = float(len(batches)) if hasattr(batches, "__len__") else -1.0
     device = next(model.parameters()).device

@@ -11,7 +11,7 @@ preconditioned sharpness lambda_max(P^-1 (H + W)), e.g. against (2 + 2 beta1)/((
 :func:`~pf_lightning.stability.edge_of_stability`; this callback measures what it needs and logs them.
 
 With an adaptive optimizer the warning waits for the preconditioner to settle (10 steps, see
-:data:`~pf_lightning.curvature.precondition.PRECONDITIONER_WARMUP_STEPS`): after the first steps ``P``
+:data:`~pf_lightning.stability.PRECONDITIONER_WARMUP_STEPS`): after the first steps ``P``
 rests on one or a few squared gradients and the preconditioned sharpness is inflated far past a
 threshold derived for a frozen ``P``.
 """
@@ -32,10 +32,9 @@ from .. import logging as names
 from .. import stability
 from .._validation import Checks
 from ..curvature.drift import gradient_curvature
-from ..curvature.precondition import PRECONDITIONER_WARMUP_STEPS
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
-from ..stability import EdgeHistory, PreconditionerUnavailable, StepDynamics
+from ..stability import PRECONDITIONER_WARMUP_STEPS, EdgeHistory, PreconditionerUnavailable, StepDynamics
 from ._checkpoint import UnreadableState, cached_state_key, eos_from_state, warn_fresh_start
 from ._faults import OnError, check_on_error, notify, skip_or_raise
 from .hessian_monitor import HessianEigenMonitor
@@ -71,7 +70,7 @@ class EdgeOfStabilityMonitor(Callback):
 
     Adaptive optimizers: the sharpness, threshold and ratio are logged from the first measurement
     on, but until the optimizer has taken ``preconditioner_warmup_steps`` steps (an attribute, default
-    10, :data:`~pf_lightning.curvature.precondition.PRECONDITIONER_WARMUP_STEPS`; 0 warns from the
+    10, :data:`~pf_lightning.stability.PRECONDITIONER_WARMUP_STEPS`; 0 warns from the
     first step) those measurements are flagged ``eos/warmup`` and neither raise the edge warning nor
     call ``on_warning`` nor count as ``eos/first_edge_step``.
 
@@ -158,7 +157,7 @@ class EdgeOfStabilityMonitor(Callback):
 
     def metric(self, name: str) -> str:
         """The logged name of ``eos/<name>`` (``eos/<monitor name>/<name>`` for a named monitor)."""
-        return next(iter(tagged({f"eos/{name}": 0.0}, None if self.monitor is None else self.monitor.name)))
+        return metric_name("eos", name, None if self.monitor is None else self.monitor.name)
 
     # -- set-up ------------------------------------------------------------------------------
     @override

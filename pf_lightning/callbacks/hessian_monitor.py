@@ -397,21 +397,24 @@ class HessianEigenMonitor(Callback):
         self._record(trainer, result)
         self._measured += 1
         self._spectrum_extras(trainer, pl_module)
-        where = f"Hessian ({self.name})" if self.name else "Hessian"
         notify(
             self._listeners, (trainer, pl_module, result), on_error=self.on_error, warned=self._warned,
-            trainer=trainer, what=f"{where} listener", metric=self.metric("listener_failed"),
+            trainer=trainer, what=f"{self._label} listener", metric=self.metric("listener_failed"),
         )  # fmt: skip
         return result
 
+    @property
+    def _label(self) -> str:
+        """How this monitor names itself in warnings."""
+        return f"Hessian ({self.name})" if self.name else "Hessian"
+
     def _skip(self, trainer: Trainer, err: Exception, what: str, flag: str) -> None:
-        where = f"Hessian ({self.name})" if self.name else "Hessian"
         skip_or_raise(
             err,
             on_error=self.on_error,
             warned=self._warned,
             trainer=trainer,
-            what=f"{where} {what}",
+            what=f"{self._label} {what}",
             metric=self.metric(flag),
         )
 

@@ -37,6 +37,7 @@ error :math:`(\eta/2)\lVert Hg\rVert/\lVert g\rVert`.
 
 from .edge import EdgeHistory, edge_of_stability
 from .optimizers import (
+    PRECONDITIONER_WARMUP_STEPS,
     OptimizerRule,
     PreconditionerUnavailable,
     StepDynamics,
@@ -77,6 +78,7 @@ from .trends import (
 )
 
 __all__ = [
+    "PRECONDITIONER_WARMUP_STEPS",
     "REGIME_CODES",
     "EdgeHistory",
     "OptimizerRule",
