@@ -216,6 +216,50 @@ SUPPORTED = {
 COUPLED = {"SGD": 1e-2, "ASGD": 1e-2 + 1e-3, "Adam": 1e-2, "NAdam-coupled": 1e-2}  # L2 in the gradient
 
 
+UPDATE_CASES = {
+    **SUPPORTED,
+    "SGD-nesterov-decay": lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.1
+    ),
+    "Adam-amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, weight_decay=1e-2),
+    "Adamax-decay": lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=0.1),
+    "RMSprop-plain": lambda p: torch.optim.RMSprop(p, lr=1e-3, weight_decay=0.1),
+    "Adagrad-initial": lambda p: torch.optim.Adagrad(p, lr=0.05, initial_accumulator_value=0.5),
+    "Adadelta-decay": lambda p: torch.optim.Adadelta(p, lr=1.0, weight_decay=0.1),
+    "two-groups": lambda p: torch.optim.SGD(
+        [{"params": [p[0]], "momentum": 0.9}, {"params": [p[1]], "lr": 0.2}], lr=0.05
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UPDATE_CASES))
+def test_the_predicted_next_update_is_the_step_torch_takes(name):
+    """optimizer_update, from the state and without stepping, equals the step torch.optim then takes: from
+    the first step (empty state) on, for every rule, on two parameters laid out flat."""
+    from pf_lightning.curvature import ParameterSpace, optimizer_update
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    optimizer = UPDATE_CASES[name](list(model.parameters()))
+    space = ParameterSpace(model)
+    for _ in range(8):  # through RAdam's warm-up and NAdam's schedule
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        state_before = {
+            k: v.clone() if torch.is_tensor(v) else v
+            for k, v in optimizer.state_dict()["state"].get(0, {}).items()
+        }
+        predicted = optimizer_update(optimizer, space, space.flatten(grads))
+        after_prediction = optimizer.state_dict()["state"].get(0, {})
+        for key, value in state_before.items():  # the prediction left the state alone
+            assert torch.equal(torch.as_tensor(after_prediction[key]), torch.as_tensor(value)), key
+        before = space.values()
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = g
+        optimizer.step()
+        rtol = 1e-6 if name.startswith(("ASGD", "NAdam")) else 1e-10  # eta, mu_product kept in float32
+        torch.testing.assert_close(predicted, space.values() - before, rtol=rtol, atol=1e-15)
+
+
 def _mse(m, batch):
     out = m(batch[0].double())
     return 0.5 * ((out - torch.nn.functional.one_hot(batch[1], 10).double()) ** 2).sum(1).mean()

@@ -11,7 +11,13 @@ from .operator import (
     NonFiniteLossError,
 )
 from .params import ParameterSpace
-from .precondition import PreconditionedOperator, PreconditionerUnavailable, optimizer_preconditioner
+from .precondition import (
+    PreconditionedOperator,
+    PreconditionerUnavailable,
+    optimizer_preconditioner,
+    optimizer_update,
+    optimizer_weight_decay,
+)
 from .state import measurement_context
 
 __all__ = [
@@ -30,5 +36,7 @@ __all__ = [
     "PreconditionerUnavailable",
     "measurement_context",
     "optimizer_preconditioner",
+    "optimizer_update",
+    "optimizer_weight_decay",
     "parameter_groups",
 ]

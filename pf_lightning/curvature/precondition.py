@@ -1,4 +1,5 @@
-r"""The preconditioned view of the Hessian, with the diagonal an optimizer's rule reads from its state.
+r"""An optimizer's state over the measured parameters: its preconditioned view of the Hessian, its weight
+decay and its next update, each from the optimizer's rule.
 
 What ``P`` is for each optimizer (Adam's :math:`(1 - \beta_1^t)(\sqrt{\nu_t/(1 - \beta_2^t)} + \epsilon)`,
 Adamax's :math:`(1 - \beta_1^t)u_t`, RMSprop's :math:`\sqrt{\nu} + \epsilon`, ...) is the optimizer's rule
@@ -16,7 +17,13 @@ from torch import Tensor
 
 from .._validation import Checks
 from ..linalg.operator import LinearOperator
-from ..stability.optimizers import PreconditionerUnavailable, parameter_preconditioner
+from ..stability.optimizers import (
+    PreconditionerUnavailable,
+    UnsupportedOptimizer,
+    coupled_weight_decay,
+    optimizer_rule,
+    parameter_preconditioner,
+)
 from .distributed import local_part
 from .params import ParameterSpace
 
@@ -27,7 +34,22 @@ __all__ = [
     "PreconditionerUnavailable",
     "check_diagonal",
     "optimizer_preconditioner",
+    "optimizer_update",
+    "optimizer_weight_decay",
 ]
+
+
+def _group_indices(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> list[int]:
+    """The index of the parameter group that optimizes each parameter of ``space``."""
+    group_of = {
+        id(p): index for index, settings in enumerate(optimizer.param_groups) for p in settings["params"]
+    }
+    missing = [name for name, p in zip(space.names, space.params, strict=True) if id(p) not in group_of]
+    if missing:
+        raise PreconditionerUnavailable(
+            f"parameter {missing[0]!r} is not optimized by this {type(optimizer).__name__}"
+        )
+    return [group_of[id(p)] for p in space.params]
 
 
 def optimizer_preconditioner(
@@ -39,23 +61,62 @@ def optimizer_preconditioner(
         PreconditionerUnavailable: the optimizer does not precondition, a parameter is not in it, or a
             parameter has no state yet (measure after the first optimizer step).
     """
-    group_of = {
-        id(p): index for index, settings in enumerate(optimizer.param_groups) for p in settings["params"]
-    }
-    diagonals, decays = [], []
-    for name, p in zip(space.names, space.params, strict=True):
-        if id(p) not in group_of:
-            raise PreconditionerUnavailable(
-                f"parameter {name!r} is not optimized by this {type(optimizer).__name__}"
-            )
+    diagonals = []
+    for name, p, group in zip(space.names, space.params, _group_indices(optimizer, space), strict=True):
         try:
-            diagonal, decay = parameter_preconditioner(optimizer, p, group_of[id(p)])
+            diagonal, _ = parameter_preconditioner(optimizer, p, group)
         except PreconditionerUnavailable as err:
             raise PreconditionerUnavailable(f"{err} (parameter {name!r})") from err
-        diagonal = local_part(diagonal).reshape(-1)  # FSDP2 keeps optimizer state as DTensors
-        diagonals.append(diagonal)
-        decays.append(torch.full_like(diagonal, decay))
-    return torch.cat(diagonals).to(space.dtype), torch.cat(decays).to(space.dtype)
+        diagonals.append(local_part(diagonal).reshape(-1))  # FSDP2 keeps optimizer state as DTensors
+    return torch.cat(diagonals).to(space.dtype), optimizer_weight_decay(optimizer, space)
+
+
+def optimizer_weight_decay(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> Tensor:
+    """The flat diagonal ``W`` of the weight decay that enters the gradient, per parameter of ``space``
+    (the step sees ``H + W``; zero where decay is decoupled or off).
+
+    Raises:
+        PreconditionerUnavailable: a parameter of ``space`` is not optimized by ``optimizer``.
+    """
+    groups = _group_indices(optimizer, space)
+    decays = [coupled_weight_decay(optimizer, group) for group in groups]
+    return torch.cat(
+        [
+            torch.full((n,), decay, dtype=space.dtype, device=space.device)
+            for n, decay in zip(space.numels, decays, strict=True)
+        ]
+    )
+
+
+def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gradient: Tensor) -> Tensor:
+    """The flat change of the parameters of ``space`` that ``optimizer``'s next step would make with the
+    flat ``gradient`` (this rank's slices under FSDP2), from its state and without stepping it.
+
+    Computed in float64 by the optimizer's rule (:attr:`~pf_lightning.stability.OptimizerRule.update`),
+    returned in the space's dtype.
+
+    Raises:
+        PreconditionerUnavailable: a parameter is not optimized by ``optimizer``.
+        UnsupportedOptimizer: the optimizer's rule has no update (or the optimizer no rule).
+    """
+    rule = optimizer_rule(optimizer)
+    if rule.update is None:
+        raise UnsupportedOptimizer(
+            f"the rule {rule.name!r} of {type(optimizer).__name__} has no `update`: its next step is unknown"
+        )
+    pieces = space.unflatten(gradient.detach().to(torch.float64))
+    out = []
+    for p, grad, group in zip(space.params, pieces, _group_indices(optimizer, space), strict=True):
+        state = {
+            key: local_part(value).to(torch.float64)
+            if isinstance(value, Tensor) and value.is_floating_point()
+            else value
+            for key, value in optimizer.state.get(p, {}).items()
+        }
+        param = local_part(p).detach().to(torch.float64)
+        settings = optimizer.param_groups[group]
+        out.append(rule.update(settings, state, grad.reshape(param.shape), param).reshape(-1))
+    return torch.cat(out).to(space.dtype)
 
 
 def check_diagonal(name: str, diagonal: Any, n: int, allow_zero: bool = False) -> None:

@@ -258,6 +258,10 @@ class OptimizerRule:
         state_keys: the state entries ``preconditioner`` reads (for error messages and documentation).
         coupled_weight_decay: ``coupled_weight_decay(group) -> float``, the weight decay that enters the
             gradient (the step sees :math:`H + wI`); 0 when decay is decoupled or off.
+        update: ``update(group, state, grad, param) -> Tensor``, the change of one
+            parameter that the optimizer's next step would make with gradient ``grad``, computed from
+            ``state`` without changing it (an empty ``state``: the first step's); ``None`` where unknown.
+            The inputs come in the dtype to compute in (float64 from :func:`optimizer_update`).
 
     Example::
 
@@ -274,6 +278,7 @@ class OptimizerRule:
     coupled_weight_decay: Callable[[Group], float] = field(
         default=lambda group: float(group.get("weight_decay", 0.0))
     )
+    update: Callable[[Group, State, Tensor, Tensor], Tensor] | None = None
 
     @property
     def preconditioned(self) -> bool:
@@ -309,6 +314,28 @@ def _decoupled_flag(group: Group) -> float:
     return 0.0 if group.get("decoupled_weight_decay") else float(group.get("weight_decay", 0.0))
 
 
+def _moment(state: State, key: str, like: Tensor, fill: float = 0.0) -> Tensor:
+    """A state tensor in ``like``'s dtype, or its value before the first step."""
+    value = state.get(key)
+    if isinstance(value, Tensor):
+        return value.detach().to(like.dtype)
+    return torch.full_like(like, fill)
+
+
+def _l2(group: Group, grad: Tensor, param: Tensor) -> Tensor:
+    """The gradient the step sees under coupled (L2) weight decay."""
+    decay = _float(group.get("weight_decay", 0.0))
+    return grad + decay * param if decay else grad
+
+
+def _adam_l2(group: Group, grad: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradient and the decoupled shrink ``-lr w theta`` (zero unless decay is decoupled)."""
+    decay = _float(group.get("weight_decay", 0.0))
+    if decay and group.get("decoupled_weight_decay"):
+        return grad, -_lr(group) * decay * param
+    return _l2(group, grad, param), torch.zeros_like(param)
+
+
 # -- SGD family --------------------------------------------------------------------------------
 def _sgd(group: Group, state: State) -> StepDynamics:
     lr = _lr(group)
@@ -341,6 +368,26 @@ def _asgd(group: Group, state: State) -> StepDynamics:
     )
 
 
+def _sgd_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
+    grad = _l2(group, grad, param)
+    beta = _float(group.get("momentum", 0.0))
+    if beta:
+        buffer = state.get("momentum_buffer")
+        if isinstance(buffer, Tensor):  # the first step copies the gradient, undamped
+            buffer = (
+                beta * buffer.detach().to(grad.dtype) + (1.0 - _float(group.get("dampening", 0.0))) * grad
+            )
+        else:
+            buffer = grad
+        grad = grad + beta * buffer if group.get("nesterov", False) else buffer
+    return -_lr(group) * grad
+
+
+def _asgd_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
+    eta = _float(state.get("eta", group["lr"]))  # the state holds this step's decayed step
+    return -eta * (_l2(group, grad, param) + _float(group["lambd"]) * param)
+
+
 # -- Adam family -------------------------------------------------------------------------------
 def _adam_like(label: str) -> Callable[[Group, State], StepDynamics]:
     def dynamics(group: Group, state: State) -> StepDynamics:
@@ -365,6 +412,26 @@ def _adamax_p(group: Group, state: State) -> Tensor:
     return _entry(state, "exp_inf") * (1.0 - _float(group["betas"][0]) ** _steps(state))
 
 
+def _adam_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
+    grad, shrink = _adam_l2(group, grad, param)
+    beta1, beta2 = (_float(b) for b in group["betas"])
+    t = _steps(state) + 1.0
+    m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
+    v = beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
+    if group.get("amsgrad"):
+        v = torch.maximum(_moment(state, "max_exp_avg_sq", grad), v)
+    denom = (v / (1.0 - beta2**t)).sqrt() + _float(group["eps"])
+    return shrink - _lr(group) / (1.0 - beta1**t) * m / denom
+
+
+def _adamax_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
+    grad = _l2(group, grad, param)
+    beta1, beta2 = (_float(b) for b in group["betas"])
+    m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
+    u = torch.maximum(beta2 * _moment(state, "exp_inf", grad), grad.abs() + _float(group["eps"]))
+    return -_lr(group) / (1.0 - beta1 ** (_steps(state) + 1.0)) * m / u
+
+
 def _nadam(group: Group, state: State) -> StepDynamics:
     lr, beta1 = _lr(group), _check_beta(group["betas"][0], "beta1")
     decay = _float(group["momentum_decay"])
@@ -387,6 +454,23 @@ def _nadam(group: Group, state: State) -> StepDynamics:
 def _nadam_p(group: Group, state: State) -> Tensor:
     beta2 = _float(group["betas"][1])
     return (_entry(state, "exp_avg_sq") / (1.0 - beta2 ** _steps(state))).sqrt().add(_float(group["eps"]))
+
+
+def _nadam_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
+    grad, shrink = _adam_l2(group, grad, param)
+    lr, (beta1, beta2), decay = (
+        _lr(group),
+        (_float(b) for b in group["betas"]),
+        _float(group["momentum_decay"]),
+    )
+    t = _steps(state) + 1.0
+    mu, mu_next = (beta1 * (1.0 - 0.5 * 0.96 ** (s * decay)) for s in (t, t + 1.0))
+    product = _float(state.get("mu_product", 1.0)) * mu
+    m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
+    v = beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
+    denom = (v / (1.0 - beta2**t)).sqrt() + _float(group["eps"])
+    step = lr * (1.0 - mu) / (1.0 - product) * grad + lr * mu_next / (1.0 - product * mu_next) * m
+    return shrink - step / denom
 
 
 def _radam_rho(group: Group, t: float) -> tuple[float, float]:
@@ -420,6 +504,20 @@ def _radam_p(group: Group, state: State) -> Tensor:
     return nu.sqrt().add(_float(group["eps"])) * (bias1 / math.sqrt(1.0 - beta2**t))
 
 
+def _radam_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
+    grad, shrink = _adam_l2(group, grad, param)
+    beta1, beta2 = (_float(b) for b in group["betas"])
+    t = _steps(state) + 1.0
+    m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
+    v = beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
+    step = _lr(group) * m / (1.0 - beta1**t)
+    rho_inf, rho_t = _radam_rho(group, t)
+    if rho_t > 5.0:
+        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        step = step * rect * math.sqrt(1.0 - beta2**t) / (v.sqrt() + _float(group["eps"]))
+    return shrink - step
+
+
 # -- RMSprop, Adagrad, Adadelta ----------------------------------------------------------------
 def _rmsprop(group: Group, state: State) -> StepDynamics:
     lr = _lr(group)
@@ -440,6 +538,19 @@ def _rmsprop_p(group: Group, state: State) -> Tensor:
     return nu.sqrt().add(_float(group["eps"]))
 
 
+def _rmsprop_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
+    grad = _l2(group, grad, param)
+    alpha = _float(group["alpha"])
+    nu = alpha * _moment(state, "square_avg", grad) + (1.0 - alpha) * grad.square()
+    if group.get("centered"):
+        nu = nu - (alpha * _moment(state, "grad_avg", grad) + (1.0 - alpha) * grad).square()
+    step = grad / (nu.sqrt() + _float(group["eps"]))
+    beta = _float(group.get("momentum", 0.0))
+    if beta:
+        step = beta * _moment(state, "momentum_buffer", grad) + step
+    return -_lr(group) * step
+
+
 def _adagrad(group: Group, state: State) -> StepDynamics:
     lr, decay = _lr(group), _float(group.get("lr_decay", 0.0))
     step = lr / (1.0 + max(_steps(state) - 1.0, 0.0) * decay)  # the last step's lr / (1 + (t - 1) lr_decay)
@@ -455,6 +566,13 @@ def _adagrad_p(group: Group, state: State) -> Tensor:
     return _entry(state, "sum").sqrt().add(_float(group["eps"]))
 
 
+def _adagrad_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
+    grad = _l2(group, grad, param)
+    step = _lr(group) / (1.0 + _steps(state) * _float(group.get("lr_decay", 0.0)))
+    total = _moment(state, "sum", grad, _float(group.get("initial_accumulator_value", 0.0))) + grad.square()
+    return -step * grad / (total.sqrt() + _float(group["eps"]))
+
+
 def _adadelta(group: Group, state: State) -> StepDynamics:
     lr = _lr(group)
     return StepDynamics(lr, preconditioned=True, label="adadelta", formula=f"2/lr, lr={lr:g}")
@@ -468,28 +586,57 @@ def _adadelta_p(group: Group, state: State) -> Tensor:
     return _entry(state, "square_avg").add(eps).sqrt() / _entry(state, "acc_delta").add(eps).sqrt()
 
 
+def _adadelta_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
+    grad = _l2(group, grad, param)
+    rho, eps = _float(group["rho"]), _float(group["eps"])
+    square_avg = rho * _moment(state, "square_avg", grad) + (1.0 - rho) * grad.square()
+    delta = (_moment(state, "acc_delta", grad) + eps).sqrt() / (square_avg + eps).sqrt() * grad
+    return -_lr(group) * delta
+
+
 _RULES: dict[type, OptimizerRule] = {
-    torch.optim.SGD: OptimizerRule("sgd", _sgd),
+    torch.optim.SGD: OptimizerRule("sgd", _sgd, update=_sgd_update),
     torch.optim.ASGD: OptimizerRule(
         "asgd",
         _asgd,
         # param *= 1 - lambd * eta before the gradient step: for gradient descent the same as L2 decay.
         coupled_weight_decay=lambda g: float(g.get("weight_decay", 0.0)) + float(g.get("lambd", 0.0)),
+        update=_asgd_update,
     ),
     torch.optim.Adam: OptimizerRule(
-        "adam", _adam_like("adam"), _adam_p, ("exp_avg_sq", "max_exp_avg_sq", "step"), _decoupled_flag
+        "adam",
+        _adam_like("adam"),
+        _adam_p,
+        ("exp_avg_sq", "max_exp_avg_sq", "step"),
+        _decoupled_flag,
+        _adam_update,
     ),
     torch.optim.AdamW: OptimizerRule(
-        "adamw", _adam_like("adamw"), _adam_p, ("exp_avg_sq", "max_exp_avg_sq", "step"), lambda g: 0.0
+        "adamw",
+        _adam_like("adamw"),
+        _adam_p,
+        ("exp_avg_sq", "max_exp_avg_sq", "step"),
+        lambda g: 0.0,
+        _adam_update,
     ),
-    torch.optim.Adamax: OptimizerRule("adamax", _adam_like("adamax"), _adamax_p, ("exp_inf", "step")),
+    torch.optim.Adamax: OptimizerRule(
+        "adamax", _adam_like("adamax"), _adamax_p, ("exp_inf", "step"), update=_adamax_update
+    ),
     torch.optim.NAdam: OptimizerRule(
-        "nadam", _nadam, _nadam_p, ("exp_avg_sq", "mu_product", "step"), _decoupled_flag
+        "nadam", _nadam, _nadam_p, ("exp_avg_sq", "mu_product", "step"), _decoupled_flag, _nadam_update
     ),
-    torch.optim.RAdam: OptimizerRule("radam", _radam, _radam_p, ("exp_avg_sq", "step"), _decoupled_flag),
-    torch.optim.RMSprop: OptimizerRule("rmsprop", _rmsprop, _rmsprop_p, ("square_avg", "grad_avg")),
-    torch.optim.Adagrad: OptimizerRule("adagrad", _adagrad, _adagrad_p, ("sum", "step")),
-    torch.optim.Adadelta: OptimizerRule("adadelta", _adadelta, _adadelta_p, ("square_avg", "acc_delta")),
+    torch.optim.RAdam: OptimizerRule(
+        "radam", _radam, _radam_p, ("exp_avg_sq", "step"), _decoupled_flag, _radam_update
+    ),
+    torch.optim.RMSprop: OptimizerRule(
+        "rmsprop", _rmsprop, _rmsprop_p, ("square_avg", "grad_avg"), update=_rmsprop_update
+    ),
+    torch.optim.Adagrad: OptimizerRule(
+        "adagrad", _adagrad, _adagrad_p, ("sum", "step"), update=_adagrad_update
+    ),
+    torch.optim.Adadelta: OptimizerRule(
+        "adadelta", _adadelta, _adadelta_p, ("square_avg", "acc_delta"), update=_adadelta_update
+    ),
 }
 
 _REFUSED: dict[str, str] = {
