@@ -18,6 +18,8 @@ from .curvature import (
     ParameterSpace,
     PreconditionedOperator,
     optimizer_preconditioner,
+    optimizer_update,
+    optimizer_weight_decay,
 )
 from .curvature.distributed import is_distributed
 from .curvature.operator import check_arguments
@@ -27,6 +29,7 @@ from .linalg._common import WHICH
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 from .probe import ProbeSet
+from .stability.optimizers import step_dynamics
 
 __all__ = [
     "METHODS",
@@ -414,7 +417,7 @@ class BatchSharpness:
     """The batch sharpness of :func:`batch_sharpness`.
 
     Attributes:
-        value: the mean over the measured batches of :math:`g_B^\\top H_B g_B / \\lVert g_B\\rVert^2`.
+        value: the mean over the measured batches of the per-batch quotient (``along``).
         stderr: its standard error, the sample standard deviation (ddof 1) over :math:`\\sqrt{n}` (NaN for
             one batch).
         n_batches: batches measured.
@@ -422,7 +425,11 @@ class BatchSharpness:
             was not finite.
         n_hvp: Hessian-vector products spent.
         seconds: wall time.
-        values: the per-batch ratios, in order.
+        values: the per-batch quotients, in order.
+        along: ``"gradient"`` (:math:`g_B^\\top H_B g_B / \\lVert g_B\\rVert^2`), ``"update"`` (along the
+            optimizer's next update :math:`s`: :math:`s^\\top H_B s / s^\\top g_B`) or
+            ``"preconditioned gradient"`` (:math:`x^\\top H_B x / x^\\top P x`, :math:`x = P^{-1} g_B`).
+        threshold: the level the value is compared with (the edge): None without an optimizer.
     """
 
     value: float
@@ -432,6 +439,60 @@ class BatchSharpness:
     n_hvp: int
     seconds: float
     values: tuple[float, ...] = ()
+    along: str = "gradient"
+    threshold: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """``value / threshold`` (1.0 is the edge), None without a threshold."""
+        return None if self.threshold is None else self.value / self.threshold
+
+
+class _Quotient:
+    """The direction a batch's quotient is taken along, from the optimizer's rule (one per measurement).
+
+    Each batch gives :math:`(x^\\top (H_B + W) x) / (x^\\top \\tilde g_B)` with :math:`\\tilde g_B = g_B + W\\theta`
+    the gradient the optimizer sees (``W`` its coupled weight decay): :math:`x = g_B` without an
+    optimizer, :math:`x = P^{-1}\\tilde g_B` for a preconditioning one (so :math:`x^\\top\\tilde g_B =
+    x^\\top P x`), and :math:`x = -\\Delta\\theta / \\eta` along its next update otherwise.
+    """
+
+    def __init__(self, model: nn.Module, params: Any, dtype: Any, optimizer: Any) -> None:
+        self.optimizer, self.along, self.threshold = optimizer, "gradient", None
+        self.diagonal = self.decay = self.theta = None
+        if optimizer is None:
+            return
+        space = ParameterSpace(model, params, dtype=dtype)
+        dynamics = step_dynamics(optimizer)
+        self.space, self.lr = space, float(optimizer.param_groups[0]["lr"])
+        if dynamics.preconditioned:
+            self.diagonal, self.decay = optimizer_preconditioner(optimizer, space)
+            self.along, self.threshold = "preconditioned gradient", dynamics.threshold
+        else:
+            self.decay = optimizer_weight_decay(optimizer, space)
+            # The quotient along the actual step compares with 2/lr: the loss of a quadratic rises along
+            # the step -lr s exactly when s^T H s / s^T g > 2/lr (at heavy ball's edge it is lambda/(1 + beta)).
+            self.along, self.threshold = "update", 2.0 / self.lr
+        self.theta = space.values() if bool(self.decay.any()) else None
+        if self.theta is None:
+            self.decay = None
+
+    def __call__(self, gradient: Tensor) -> tuple[Tensor, Tensor]:
+        """The direction ``x`` and the gradient the optimizer sees, for one batch's gradient."""
+        seen = (
+            gradient if self.theta is None else gradient + self.decay.to(gradient) * self.theta.to(gradient)
+        )
+        if self.optimizer is None:
+            return gradient, gradient
+        if self.diagonal is not None:
+            return seen / self.diagonal.to(seen), seen
+        return -optimizer_update(self.optimizer, self.space, gradient).to(seen) / self.lr, seen
+
+    def curvature(self, op: HessianOperator, x: Tensor) -> float:
+        product = op.matvec(x)
+        if self.decay is not None:
+            product = product + self.decay.to(x) * x
+        return float(op.inner(x, product))
 
 
 def batch_sharpness(
@@ -445,6 +506,7 @@ def batch_sharpness(
     dtype: torch.dtype | None = None,
     rel_stderr: float | None = None,
     max_batches: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> BatchSharpness:
     r"""Batch sharpness (Andreyev & Beneventano, arXiv 2412.20553): the mean over mini-batches of
 
@@ -460,6 +522,24 @@ def batch_sharpness(
     mini-batch, the global batch that data-parallel training steps on: every rank must pass the same
     number of batches, and every rank returns the same result.
 
+    With the ``optimizer`` that trains the model, the quotient follows its rule (REFERENCE §6.1), with
+    :math:`\tilde g_B = g_B + W\theta` the gradient it sees under coupled weight decay :math:`W`:
+
+    * a preconditioning optimizer (Adam family, RMSprop, Adagrad, Adadelta): the Rayleigh quotient of the
+      pencil :math:`(H_B + W, P)` along :math:`x = P^{-1}\tilde g_B`, i.e. :math:`x^\top (H_B + W) x / x^\top P x`,
+      compared with the optimizer's threshold (:math:`38/\eta` for Adam with :math:`\beta_1 = 0.9`), like the
+      preconditioned sharpness;
+    * any other (SGD with or without momentum, ASGD): the quotient along the optimizer's next update
+      :math:`s = -\Delta\theta/\eta` (heavy ball: :math:`s = \beta v + g_B`),
+      :math:`s^\top (H_B + W) s / s^\top \tilde g_B`, compared with :math:`2/\eta`: a quadratic's loss rises
+      along the step exactly when it exceeds :math:`2/\eta`. At heavy ball's edge
+      (:math:`\lambda = (2 + 2\beta)/\eta`, period-two oscillation, :math:`s = g/(1 + \beta)`) it is
+      :math:`\lambda/(1 + \beta) = 2/\eta`. Batches whose :math:`s^\top \tilde g_B` is zero are skipped;
+      a negative one (momentum against this batch's gradient) is kept, as in the paper's estimator.
+
+    ``P``, ``W`` and the momentum are read from the optimizer's state, which is left untouched;
+    :attr:`BatchSharpness.threshold` holds the level compared with.
+
     Args:
         model: the module (not a DDP wrapper).
         loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the mean loss of one batch.
@@ -471,12 +551,15 @@ def batch_sharpness(
         rel_stderr: stop once ``stderr <= rel_stderr * |value|`` (after at least three batches), like the
             estimator of the paper (0.5% there); None measures every batch given.
         max_batches: measure at most this many batches.
+        optimizer: the optimizer training ``model``: take the quotient its rule gives (see above).
 
     Returns:
         :class:`BatchSharpness`.
 
     Raises:
         ValueError: a bad argument, or no batch with a finite, non-zero gradient.
+        UnsupportedOptimizer: ``optimizer`` has no rule (:func:`~pf_lightning.stability.optimizer_rule`).
+        PreconditionerUnavailable: a preconditioning ``optimizer`` before its first step.
 
     Example::
 
@@ -494,9 +577,14 @@ def batch_sharpness(
     _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
     _check.number("rel_stderr", rel_stderr, above=0, allow_none=True, hint="a relative error such as 0.02")
     _check.integer("max_batches", max_batches, 1, allow_none=True)
+    if optimizer is not None:
+        _check.instance(
+            "optimizer", optimizer, torch.optim.Optimizer, "None or the torch.optim optimizer in use"
+        )
     model = _unwrap(model)
     start = time.perf_counter()
     _same_count_on_every_rank(batches, model)
+    quotient = _Quotient(model, params, dtype, optimizer)
     values: list[float] = []
     skipped = n_hvp = 0
     backend = hvp
@@ -507,12 +595,12 @@ def batch_sharpness(
             model, loss_fn, [batch], params=params, hvp=backend, seed=(seed + index) % 2**32, dtype=dtype
         ) as op:
             try:
-                g = op.gradient()
-                norm_sq = float(op.inner(g, g))
-                if not (math.isfinite(norm_sq) and norm_sq > 0):
+                x, seen = quotient(op.gradient())
+                denominator = float(op.inner(x, seen))
+                if not (math.isfinite(denominator) and denominator != 0):
                     skipped += 1
                     continue
-                curvature = float(op.inner(g, op.matvec(g)))
+                curvature = quotient.curvature(op, x)
                 backend = op.backend_name  # 'auto' settles on the first batch: no trial product after it
             except (NonFiniteLossError, NonFiniteOperatorError):
                 skipped += 1
@@ -522,7 +610,7 @@ def batch_sharpness(
         if not math.isfinite(curvature):
             skipped += 1
             continue
-        values.append(curvature / norm_sq)
+        values.append(curvature / denominator)
         if rel_stderr is not None and len(values) >= 3:
             mean, err = _mean_stderr(values)
             if err <= rel_stderr * abs(mean):
@@ -532,7 +620,10 @@ def batch_sharpness(
             f"no batch had a finite, non-zero gradient ({skipped} skipped): check the batches and the parameters"
         )
     mean, err = _mean_stderr(values)
-    return BatchSharpness(mean, err, len(values), skipped, n_hvp, time.perf_counter() - start, tuple(values))
+    seconds = time.perf_counter() - start
+    return BatchSharpness(
+        mean, err, len(values), skipped, n_hvp, seconds, tuple(values), quotient.along, quotient.threshold
+    )
 
 
 def _same_count_on_every_rank(batches: Any, model: nn.Module) -> None:

@@ -95,6 +95,99 @@ class Quadratic(nn.Module):
         return 0.5 * self.theta @ self.A @ self.theta - self.b @ self.theta
 
 
+def _train(model, optimizer, batches, steps):
+    for i in range(steps):
+        optimizer.zero_grad()
+        _mse(model, batches[i % len(batches)]).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+
+
+def _flat_gradient(model, batch):
+    return torch.cat([t.reshape(-1) for t in torch.autograd.grad(_mse(model, batch), model.parameters())])
+
+
+def _state_copy(optimizer):
+    return [
+        {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for st in optimizer.state.values()
+    ]
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_with_momentum_the_quotient_is_taken_along_the_next_update(nesterov):
+    """SGD with momentum and L2 decay: s = beta v + (g + w theta) (Nesterov: g~ + beta s), the quotient
+    s^T (H + w) s / s^T (g + w theta) from dense Hessians, compared with 2/lr; the state is untouched."""
+    model, batches = _mlp(), _batches(16, 4)
+    beta, w, lr = 0.9, 0.01, 0.05
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta, weight_decay=w, nesterov=nesterov)
+    _train(model, optimizer, batches, 5)
+    v = torch.cat([optimizer.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = []
+    for batch in batches:
+        H = dense_hessian(Case("batch", model, _mse, [batch]))
+        seen = _flat_gradient(model, batch) + w * theta
+        s = beta * v + seen
+        if nesterov:
+            s = seen + beta * s
+        expected.append(float(s @ (H @ s + w * s)) / float(s @ seen))
+    before = _state_copy(optimizer)
+    result = batch_sharpness(model, _mse, batches, hvp="double_backward", optimizer=optimizer)
+    assert list(result.values) == pytest.approx(expected, rel=1e-6)
+    assert result.along == "update" and result.threshold == pytest.approx(2 / lr)
+    assert result.ratio == pytest.approx(result.value * lr / 2)
+    for saved, state in zip(before, optimizer.state.values(), strict=True):
+        assert all(torch.equal(saved[k], state[k]) for k in saved if torch.is_tensor(saved[k]))
+
+
+def test_with_adam_the_quotient_is_the_preconditioned_rayleigh_quotient():
+    """x = P^-1 g_B with torch's Adam P = (1 - b1^t)(sqrt(v/(1 - b2^t)) + eps): x^T H x / x^T P x, compared
+    with Adam's threshold (2 + 2 b1)/((1 - b1) lr)."""
+    model, batches = _mlp(), _batches(16, 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    _train(model, optimizer, batches, 7)
+    b1, b2 = 0.9, 0.99
+    P = torch.cat(
+        [
+            (1 - b1**7) * ((optimizer.state[p]["exp_avg_sq"] / (1 - b2**7)).sqrt() + 1e-8).reshape(-1)
+            for p in model.parameters()
+        ]
+    )
+    expected = []
+    for batch in batches:
+        H = dense_hessian(Case("batch", model, _mse, [batch]))
+        x = _flat_gradient(model, batch) / P
+        expected.append(float(x @ H @ x) / float(x @ (P * x)))
+    result = batch_sharpness(model, _mse, batches, hvp="double_backward", optimizer=optimizer)
+    assert list(result.values) == pytest.approx(expected, rel=1e-6)
+    assert result.along == "preconditioned gradient"
+    assert result.threshold == pytest.approx((2 + 2 * b1) / ((1 - b1) * 1e-3))
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(RuntimeError, match="first step"):  # no second moments yet
+        batch_sharpness(model, _mse, batches, optimizer=fresh)
+
+
+def test_at_heavy_balls_edge_the_update_quotient_sits_at_two_over_lr():
+    """On a quadratic at lr * lambda = 2 + 2 beta (heavy ball's threshold) the iterates settle into the
+    period-two oscillation: the quotient along the update is lambda/(1 + beta) = 2/lr, a ratio of 1, while
+    the gradient quotient gives lambda, (1 + beta) times the ratio of the update variant's 2/lr."""
+    lam, beta = 4.0, 0.5
+    lr = (2 + 2 * beta) / lam
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    loss_fn = lambda m, b: 0.5 * lam * (m(b) ** 2).mean()  # noqa: E731
+    batch = torch.ones(1, 1, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta)
+    for _ in range(200):  # the other root of the recurrence, -beta, dies out
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+    along_update = batch_sharpness(model, loss_fn, [batch], optimizer=optimizer)
+    assert along_update.ratio == pytest.approx(1.0, rel=1e-9)
+    assert batch_sharpness(model, loss_fn, [batch]).value == pytest.approx(lam, rel=1e-12)
+
+
 def test_critical_sharpness_on_a_quadratic_is_the_rayleigh_quotient():
     model = Quadratic()
     A, g = model.A, (model.A @ model.theta - model.b).detach()
