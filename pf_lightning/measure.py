@@ -662,6 +662,8 @@ class CriticalSharpness:
             :math:`\\eta = 0` included.
         n_backward: gradients computed (1 for the default direction, 0 for a given one).
         seconds: wall time.
+        threshold: with an ``optimizer``, :math:`2/\\eta` (the step along its update is
+            :math:`\\eta d`, so the next step raises the loss where ``value`` exceeds it); else None.
     """
 
     value: float
@@ -669,6 +671,12 @@ class CriticalSharpness:
     n_forward: int
     n_backward: int
     seconds: float
+    threshold: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """``value / threshold``: above 1 the optimizer's next step raises the loss (None without one)."""
+        return None if self.threshold is None else self.value / self.threshold
 
 
 def critical_sharpness(
@@ -683,6 +691,7 @@ def critical_sharpness(
     seed: int = 0,
     params: str | Sequence[str] | None = None,
     dtype: torch.dtype | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> CriticalSharpness:
     r"""Critical sharpness (Kalra et al., arXiv 2601.16979): :math:`2/\eta_c`, with :math:`\eta_c` the smallest
     step :math:`\eta > 0` at which the mean loss over ``batches`` rises above its value at :math:`\theta`
@@ -708,13 +717,19 @@ def critical_sharpness(
         batches: the batches whose sample-weighted mean loss is searched (this rank's under a process
             group, as for :func:`hessian_eigenpairs`).
         direction: a flat tensor over the measured parameters (``named_parameters()`` order, this rank's
-            slices under FSDP2), e.g. the optimizer's next update; default :math:`-\nabla L` (one gradient).
+            slices under FSDP2); default :math:`-\nabla L` (one gradient), or with ``optimizer`` its next
+            update per unit learning rate, :math:`d = \Delta\theta/\eta`, computed by its rule from its state
+            and the gradient over ``batches`` without stepping it (:func:`~pf_lightning.curvature.optimizer_update`).
         initial_step: the first step tried, e.g. the learning rate.
         rel_tol: relative accuracy of :math:`\eta_c`.
         max_forward: forward passes allowed.
         seed: seeds the dropout masks, fixed for every pass.
         params: glob patterns selecting the parameters ``direction`` runs over.
         dtype: run the passes in this dtype.
+        optimizer: the optimizer training ``model`` (group 0's learning rate :math:`\eta`): search along
+            its next update and compare with :math:`2/\eta` (``threshold``, ``ratio``). The ratio is
+            :math:`1/\mu_c` for the smallest multiple :math:`\mu_c` of the actual step that raises the loss,
+            whatever the optimizer: the edge (1.0) is where its next step overshoots.
 
     Returns:
         :class:`CriticalSharpness`.
@@ -742,6 +757,14 @@ def critical_sharpness(
     _check.integer("max_forward", max_forward, 4)
     if direction is not None:
         _check.instance("direction", direction, Tensor, "None or a flat Tensor over the measured parameters")
+    if optimizer is not None:
+        _check.instance(
+            "optimizer", optimizer, torch.optim.Optimizer, "None or the torch.optim optimizer in use"
+        )
+        if direction is not None:
+            _check.fail(
+                "direction", "None when `optimizer` is given (its next update is the direction)", direction
+            )
     model = _unwrap(model)
     start = time.perf_counter()
     counter = {"forward": 0}
@@ -751,7 +774,12 @@ def critical_sharpness(
         space, n_backward = op.space, 0
         d = torch.zeros(space.n, dtype=space.dtype, device=space.device)
         if direction is None:
-            d, n_backward = -op.gradient().to(space.dtype), 1
+            gradient, n_backward = op.gradient(), 1
+            if optimizer is None:
+                d = -gradient.to(space.dtype)
+            else:
+                lr = float(optimizer.param_groups[0]["lr"])
+                d = optimizer_update(optimizer, space, gradient) / lr
         else:
             # This rank's own check, reported to every rank by the next collective (the base loss).
             with op.local_step():
@@ -794,7 +822,10 @@ def critical_sharpness(
                 for p, value in zip(space.local_params(), saved, strict=True):
                     p.copy_(value)
     value = 0.0 if math.isinf(step) else 2.0 / step
-    return CriticalSharpness(value, step, counter["forward"], n_backward, time.perf_counter() - start)
+    threshold = None if optimizer is None else 2.0 / float(optimizer.param_groups[0]["lr"])
+    return CriticalSharpness(
+        value, step, counter["forward"], n_backward, time.perf_counter() - start, threshold
+    )
 
 
 class _OutOfPasses(ValueError):

@@ -201,6 +201,54 @@ def test_critical_sharpness_on_a_quadratic_is_the_rayleigh_quotient():
     assert given.n_backward == 0
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9),
+        lambda p: torch.optim.Adam(p, lr=0.05),
+        lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5),
+    ],
+)
+def test_critical_sharpness_along_the_optimizers_next_update(make):
+    """d = the step a copy of the optimizer takes, over lr: the value is d^T A d / (-g^T d), the threshold
+    2/lr, and the ratio the inverse of the multiple of the actual step at which the loss stops falling."""
+    import copy
+
+    model = Quadratic()
+    loss_fn = lambda m, b: m.loss()  # noqa: E731
+    optimizer = make(model.parameters())
+    for _ in range(4):
+        optimizer.zero_grad()
+        model.loss().backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    twin_model = copy.deepcopy(model)
+    twin = make(twin_model.parameters())
+    twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    twin_model.loss().backward()
+    twin.step()
+    lr = optimizer.param_groups[0]["lr"]
+    step = (twin_model.theta - model.theta).detach()
+    A, g = model.A, (model.A @ model.theta - model.b).detach()
+    before = _state_copy(optimizer)
+    result = critical_sharpness(
+        model, loss_fn, [torch.zeros(1)], initial_step=lr, optimizer=optimizer, rel_tol=1e-3
+    )
+    d = step / lr
+    assert result.value == pytest.approx(float(d @ A @ d / -(g @ d)), rel=2e-3)
+    assert result.threshold == pytest.approx(2 / lr) and result.n_backward == 1
+    multiple = 1 / result.ratio  # the loss at theta + multiple * step equals the loss at theta
+    with torch.no_grad():
+        base = float(model.loss())
+        model.theta.add_(multiple * step)
+        assert float(model.loss()) == pytest.approx(base, rel=1e-2, abs=1e-9)
+        model.theta.sub_(multiple * step)
+    for saved, state in zip(before, optimizer.state.values(), strict=True):  # the optimizer did not step
+        assert all(torch.equal(saved[k], state[k]) for k in saved if torch.is_tensor(saved[k]))
+    with pytest.raises(ValueError, match="direction"):
+        critical_sharpness(model, loss_fn, [torch.zeros(1)], -g, optimizer=optimizer)
+
+
 def test_critical_sharpness_on_an_mlp_matches_a_bisection_of_the_loss():
     model, batches = _mlp(), _batches(32, 2)
     loss0 = sum(_mse(model, b) for b in batches).item() / 2
