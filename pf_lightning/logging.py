@@ -11,7 +11,7 @@ Names (README, "Metric names"): ``hessian/eig_{i}`` (i = 1 is the largest), ``he
 and ``dal/*`` and ``cap/*`` for the diagnostics and schedulers built on them. Failures are flags logged
 as 1.0 at the step they happened (callbacks/_faults.py): ``hessian/skipped``, ``hessian/trace_skipped``,
 ``hessian/density_skipped``, ``hessian/listener_failed``, ``eos/skipped``, ``eos/proxies_skipped``,
-``dal/skipped``; ``eos/warmup`` marks measurements before an adaptive optimizer's preconditioner settled.
+``dal/skipped``, ``eos/batch_sharpness_skipped``, ``eos/critical_skipped``; ``eos/warmup`` marks measurements before an adaptive optimizer's preconditioner settled.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ FIRST_EDGE_STEP = "eos/first_edge_step"
 SHARPENING_SLOPE = "eos/sharpening_slope"
 LOSS_NON_MONOTONICITY = "eos/loss_non_monotonicity"
 NEGATIVE_CURVATURE = "eos/accumulated_negative_curvature"
+BATCH_SHARPNESS = "eos/batch_sharpness"
+BATCH_SHARPNESS_STDERR = "eos/batch_sharpness_stderr"
+BATCH_THRESHOLD = "eos/batch_threshold"
+BATCH_RATIO = "eos/batch_ratio"
+BATCH_COUNT = "eos/batch_sharpness_batches"
+CRITICAL_SHARPNESS = "eos/critical_sharpness"
+CRITICAL_RATIO = "eos/critical_ratio"
+CRITICAL_FORWARD = "eos/critical_forward"
 UNSTABLE_DIRECTIONS = "pf/unstable_directions"
 OSCILLATING_DIRECTIONS = "pf/oscillating_directions"
 UNSTABLE_GRAD_FRACTION = "pf/unstable_grad_fraction"

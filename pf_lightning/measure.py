@@ -398,6 +398,46 @@ class MeasurementSpec:
         """:func:`hessian_density` on the probe set with these settings."""
         return hessian_density(model, self.loss_fn, self.probe, n_steps=n_steps, **self._operator_settings())
 
+    def batch_sharpness(
+        self,
+        model: nn.Module,
+        batches: Any,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        rel_stderr: float | None = None,
+        max_batches: int | None = None,
+    ) -> BatchSharpness:
+        """:func:`batch_sharpness` on ``batches`` (mini-batches, not the probe) with these settings."""
+        return batch_sharpness(
+            model,
+            self.loss_fn,
+            batches,
+            optimizer=optimizer,
+            rel_stderr=rel_stderr,
+            max_batches=max_batches,
+            **self._operator_settings(),
+        )
+
+    def critical_sharpness(
+        self,
+        model: nn.Module,
+        batches: Any,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        initial_step: float = 0.01,
+    ) -> CriticalSharpness:
+        """:func:`critical_sharpness` on ``batches`` with these settings (forward passes only: no backend)."""
+        return critical_sharpness(
+            _unwrap(model),
+            self.loss_fn,
+            batches,
+            optimizer=optimizer,
+            initial_step=initial_step,
+            seed=self.seed,
+            params=self.params,
+            dtype=self.dtype,
+        )
+
     def operator(self, model: nn.Module, batches: Any = None) -> HessianOperator:
         """A :class:`~pf_lightning.HessianOperator` with these settings on the probe set (or ``batches``),
         for diagnostics that need gradients or single products."""

@@ -60,7 +60,10 @@ def _fit_parameters(tmp_path, callbacks, steps=8):
 def test_training_is_bit_identical_with_and_without_the_callbacks(tmp_path):
     plain = _fit_parameters(tmp_path / "a", [])
     hessian = HessianEigenMonitor(k=2, every_n_steps=3, probe=48, which="both")
-    monitored = _fit_parameters(tmp_path / "b", [hessian, EdgeOfStabilityMonitor(proxies=True)])
+    # Mini-batches of 32: batch sharpness on by default; critical sharpness every 3 steps.
+    eos = EdgeOfStabilityMonitor(proxies=True, critical_every_n_steps=3)
+    monitored = _fit_parameters(tmp_path / "b", [hessian, eos])
+    assert "eos/batch_sharpness" in eos.history[-1]
     assert len(hessian.history) >= 3
     assert all(torch.equal(a, b) for a, b in zip(plain[0], monitored[0], strict=True))
     for key, state in plain[1].items():

@@ -1,15 +1,21 @@
 """batch_sharpness and critical_sharpness against hand computations: dense float64 Hessians of each
 batch from torch.func, closed forms on quadratics, and a bisection of the loss along the direction."""
 
+import copy
 import math
 
+import lightning as L
 import pytest
 import torch
 from cases import Case, dense_hessian
-from lightning_models import digits
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_models import DigitsClassifier, digits, trainer
 from torch import nn
+from torch.utils.data import DataLoader
 
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.measure import batch_sharpness, critical_sharpness
+from pf_lightning.stability import OptimizerRule, optimizer_rule, optimizers, register_optimizer_rule
 
 
 def _mlp(seed=0):
@@ -330,3 +336,155 @@ def test_a_step_that_overflows_the_loss_counts_as_a_rise():
     d = -model.weight.detach().reshape(-1).clone()
     result = critical_sharpness(model, loss_fn, [torch.zeros(1)], d, initial_step=1e6, rel_tol=1e-3)
     assert result.step == pytest.approx(2.0, rel=1e-3)
+
+
+# -- in a Lightning run ----------------------------------------------------------------------------
+class _LastBatch(L.Callback):
+    """Keeps the batch, parameters and optimizer of the last step (after the monitors' hooks ran)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batch = batch
+        self.optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
+def _quotient_monte_carlo(model, n_batches, size, seed):
+    """Mean and standard error of g^T H g / ||g||^2 over fresh batches of the model's data, in float64
+    through torch.func (another code path than the monitor's)."""
+    x, y = digits(model.hparams.n)
+    net = copy.deepcopy(model.net).double()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    generator = torch.Generator().manual_seed(seed)
+    quotients = []
+    for _ in range(n_batches):
+        idx = torch.randperm(len(x), generator=generator)[:size]
+        target = nn.functional.one_hot(y[idx], 10).double()
+
+        def loss(p, idx=idx, target=target):
+            out = torch.func.functional_call(net, p, (x[idx].double(),))
+            return 0.5 * ((out - target) ** 2).sum(dim=1).mean()
+
+        g = torch.func.grad(loss)(params)
+        _, hg = torch.func.jvp(torch.func.grad(loss), (params,), (g,))
+        quotients.append(float(sum((g[k] * hg[k]).sum() for k in g) / sum((g[k] ** 2).sum() for k in g)))
+    mean = sum(quotients) / n_batches
+    std = math.sqrt(sum((q - mean) ** 2 for q in quotients) / (n_batches - 1))
+    return mean, std / math.sqrt(n_batches)
+
+
+def test_a_mini_batch_run_logs_batch_sharpness_within_error_bars_of_a_monte_carlo_estimate(tmp_path):
+    """Mini-batch SGD: eos/batch_* by default at every measurement; the last value (at the final
+    parameters) agrees with 400 fresh batches measured independently, within the combined error bars."""
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.3, n=512, batch_size=32)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=15, at_fit_end=False)
+    eos = EdgeOfStabilityMonitor(batch_sharpness_batches=40, batch_sharpness_rel_stderr=0.01)
+    trainer(tmp_path, max_steps=30, callbacks=[monitor, eos]).fit(model)
+    assert [h["step"] for h in eos.history] == [0, 15, 30]
+    last = eos.history[-1]
+    assert last["eos/batch_threshold"] == pytest.approx(2 / 0.3)  # plain SGD: along g, against 2/lr
+    assert last["eos/batch_ratio"] == pytest.approx(last["eos/batch_sharpness"] * 0.3 / 2)
+    mean, stderr = _quotient_monte_carlo(model, 400, 32, seed=12345)
+    logged, logged_err = last["eos/batch_sharpness"], last["eos/batch_sharpness_stderr"]
+    assert abs(logged - mean) <= 3 * math.hypot(logged_err, stderr), (logged, logged_err, mean, stderr)
+    # The logged error bar is the sample formula: its spread matches the independent one's.
+    n = last["eos/batch_sharpness_batches"]
+    assert logged_err * math.sqrt(n) == pytest.approx(stderr * math.sqrt(400), rel=0.5)
+
+
+def test_full_batch_runs_and_batch_sharpness_false_log_no_batch_sharpness(tmp_path):
+    for model, kwargs in [
+        (DigitsClassifier(lr=0.3, n=128), {}),
+        (DigitsClassifier(lr=0.3, n=128, batch_size=32), {"batch_sharpness": False}),
+    ]:
+        eos = EdgeOfStabilityMonitor(**kwargs)
+        trainer(tmp_path, max_steps=4, callbacks=[HessianEigenMonitor(k=1, every_n_steps=2), eos]).fit(model)
+        assert eos.history and not any("eos/batch_sharpness" in h for h in eos.history)
+
+
+def test_in_a_run_critical_sharpness_follows_the_next_update_on_the_batch_just_trained(tmp_path):
+    """Every n steps: the line search along a stepped copy of the optimizer on the last batch, bisected
+    here, gives the logged value; the ratio is against 2/lr."""
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.2, n=256, batch_size=32, momentum=0.9)
+    eos = EdgeOfStabilityMonitor(critical_every_n_steps=5, batch_sharpness=False)
+    last = _LastBatch()
+    t = trainer(tmp_path, max_steps=10, callbacks=[HessianEigenMonitor(k=1, every_n_steps=100), eos, last])
+    t.fit(model)
+    value, ratio = (float(t.callback_metrics[k]) for k in ("eos/critical_sharpness", "eos/critical_ratio"))
+    assert ratio == pytest.approx(value * 0.2 / 2, rel=1e-6)
+    twin = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.2, momentum=0.9)
+    optimizer.load_state_dict(last.optimizer_state)
+    twin.loss(last.batch).backward()
+    before = [p.detach().clone() for p in twin.parameters()]
+    optimizer.step()
+    step = [p.detach() - b for p, b in zip(twin.parameters(), before, strict=True)]
+
+    def rise(mu):
+        with torch.no_grad():
+            for p, b, s in zip(twin.parameters(), before, step, strict=True):
+                p.copy_(b + mu * s)
+            return float(twin.loss(last.batch)) - base
+
+    with torch.no_grad():
+        for p, b in zip(twin.parameters(), before, strict=True):
+            p.copy_(b)
+        base = float(twin.loss(last.batch))
+    lo, hi = 1e-3, 1e3  # the multiple of the actual step at which the loss stops falling
+    assert rise(lo) < 0 < rise(hi)
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if rise(mid) <= 0 else (lo, mid)
+    assert ratio == pytest.approx(1 / lo, rel=0.02)
+
+
+def test_the_edge_warning_judges_batch_sharpness_under_mini_batches(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(lr=0.3, n=256, batch_size=32)
+    eos = EdgeOfStabilityMonitor(warn_ratio=0.05)
+    with pytest.warns(RuntimeWarning, match=r"batch sharpness .* reached .* x the stability threshold"):
+        trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1, every_n_steps=2), eos]).fit(model)
+    assert eos.history[0]["eos/warning"] == 1.0
+
+
+def test_under_mini_batches_the_first_edge_step_is_judged_on_batch_sharpness():
+    """edge_of_stability: with a batch sharpness the edge is its ratio's (0.9 of 2/lr for lambda_max does
+    not count, 1.05 for the batch quotient does), without one lambda_max's."""
+    from pf_lightning.stability import StepDynamics, edge_of_stability
+
+    gd = StepDynamics(0.1)  # threshold 20
+    below, _ = edge_of_stability([18.0], gd, step=5, batch_sharpness=21.0, batch_stderr=0.4)
+    assert below["eos/batch_ratio"] == pytest.approx(1.05) and below["eos/first_edge_step"] == 5.0
+    assert below["eos/batch_threshold"] == 20.0 and below["eos/batch_sharpness_stderr"] == 0.4
+    above, _ = edge_of_stability([22.0], gd, step=5, batch_sharpness=15.0, batch_threshold=16.0)
+    assert above["eos/batch_ratio"] == pytest.approx(15 / 16) and "eos/first_edge_step" not in above
+    alone, _ = edge_of_stability([22.0], gd, step=5)
+    assert alone["eos/first_edge_step"] == 5.0 and "eos/batch_ratio" not in alone
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        x, y = digits(64)
+        return iter(zip(x, y, strict=True))
+
+
+def test_batch_sharpness_and_critical_sharpness_that_cannot_apply_stop_at_set_up(tmp_path):
+    model = DigitsClassifier(n=64)
+    model.train_dataloader = lambda: DataLoader(_Stream(), batch_size=16)
+    eos = EdgeOfStabilityMonitor(batch_sharpness=True)
+    with pytest.raises(MisconfigurationException, match=r"batch_sharpness=True .* iterable"):
+        trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1, probe=32), eos]).fit(model)
+
+    class Custom(torch.optim.SGD):
+        pass
+
+    rule = optimizer_rule(torch.optim.SGD)
+    register_optimizer_rule(Custom, OptimizerRule("custom", rule.dynamics))  # no `update`
+    try:
+        model = DigitsClassifier(n=64, batch_size=16)
+        model.configure_optimizers = lambda: Custom(model.parameters(), lr=0.1)
+        eos = EdgeOfStabilityMonitor(critical_every_n_steps=1)
+        with pytest.raises(MisconfigurationException, match="critical_every_n_steps needs the next update"):
+            trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1), eos]).fit(model)
+    finally:
+        optimizers._RULES.pop(Custom)

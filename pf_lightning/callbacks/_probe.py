@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from ..curvature.state import rng_state
 from ..measure import loss_of
@@ -100,6 +100,67 @@ def draw_probe(dataloader: Any, size: int, device: Any) -> ProbeSet:
             "the training dataloader yielded no batch to build the probe set from"
         )
     return ProbeSet(batches, weights=counts)
+
+
+class TrainingBatches:
+    """Fresh mini-batches drawn like the training loader's: from its dataset, through its collate function,
+    of its batch size times the gradient accumulation (one optimizer step's samples), each draw in an
+    order of its own from a seeded generator, so the same seed draws the same batches and the training
+    run's data order and random streams are untouched.
+
+    Under DDP every rank draws from the whole dataset with its own seed: the ``i``-th batches of all ranks
+    form one global mini-batch of ``world_size`` times the per-rank size, as in training.
+    """
+
+    def __init__(self, dataset: Any, collate_fn: Callable, size: int, device: Any) -> None:
+        self.dataset, self.collate_fn, self.size, self.device = dataset, collate_fn, size, device
+
+    @classmethod
+    def from_trainer(cls, trainer: Any, device: Any) -> TrainingBatches:
+        """The plan of ``trainer``'s training loader.
+
+        Raises:
+            ValueError: the loader cannot be drawn from (no single ``DataLoader``, an iterable dataset or
+                no batch size), with the reason.
+        """
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(f"the training dataloader is a {type(loader).__name__}, not one DataLoader")
+        dataset = loader.dataset
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "the training dataset is iterable: fresh batches cannot be drawn from it by index"
+            )
+        size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+        if not isinstance(size, int) or size < 1:
+            raise ValueError("the training dataloader has no fixed batch_size")
+        size *= max(int(trainer.accumulate_grad_batches), 1)
+        if size > len(dataset):
+            raise ValueError(f"a batch of {size} samples is larger than the dataset ({len(dataset)})")
+        return cls(dataset, loader.collate_fn, size, device)
+
+    def draw(self, count: int, seed: int) -> Iterator[Any]:
+        """Up to ``count`` batches, drawn lazily: consecutive slices of one random order of the dataset
+        (without replacement within a draw while the dataset lasts), the order from ``seed``."""
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        per_order = len(self.dataset) // self.size
+        for i in range(count):
+            if i % per_order == 0:
+                order = torch.randperm(len(self.dataset), generator=generator)
+            start = (i % per_order) * self.size
+            indices = order[start : start + self.size].tolist()
+            with rng_state():  # a dataset's random transforms draw from the global generators
+                batch = self.collate_fn([self.dataset[j] for j in indices])
+            yield move_to_device(batch, self.device)
+
+
+def trains_on_mini_batches(trainer: Any) -> bool:
+    """Whether an optimizer step sees less than the epoch: the loader yields more batches than are
+    accumulated into one step (per rank under DDP). An unsized loader counts as mini-batch training."""
+    try:
+        return len(trainer.train_dataloader) > max(int(trainer.accumulate_grad_batches), 1)
+    except TypeError:
+        return True
 
 
 @contextlib.contextmanager

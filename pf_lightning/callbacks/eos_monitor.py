@@ -19,6 +19,7 @@ threshold derived for a frozen ``P``.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +35,11 @@ from .._validation import Checks
 from ..curvature.drift import gradient_curvature
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
+from ..measure import BatchSharpness
 from ..stability import PRECONDITIONER_WARMUP_STEPS, EdgeHistory, PreconditionerUnavailable, StepDynamics
 from ._checkpoint import UnreadableState, cached_state_key, eos_from_state, warn_fresh_start
 from ._faults import OnError, check_on_error, notify, skip_or_raise
+from ._probe import TrainingBatches, trains_on_mini_batches
 from .hessian_monitor import HessianEigenMonitor
 
 WarningAction = Callable[[Trainer, LightningModule, dict[str, float]], None]
@@ -62,6 +65,22 @@ class EdgeOfStabilityMonitor(Callback):
         slope_window: measurements over which the progressive-sharpening slope is fitted.
         chart_every: with W&B, log the chart of top-k eigenvalues against the threshold every this
             many measurements (and at the end of fit).
+        batch_sharpness: log the batch sharpness (``eos/batch_sharpness``, ``_stderr``, ``eos/batch_threshold``,
+            ``eos/batch_ratio``, ``eos/batch_sharpness_batches``) at every measurement, on fresh mini-batches
+            drawn like the training loader's (:func:`~pf_lightning.batch_sharpness` with the optimizer's
+            rule: along its next update against 2/lr for SGD, the preconditioned quotient against its
+            threshold for Adam and the other preconditioning optimizers). ``None`` (default): when training
+            uses mini-batches (the loader yields more batches than one optimizer step accumulates);
+            then the edge warning and ``eos/first_edge_step`` judge ``eos/batch_ratio``, the quantity that
+            reaches the threshold under mini-batch training, not ``eos/ratio``.
+        batch_sharpness_batches: at most this many mini-batches per measurement (one gradient and one
+            Hessian-vector product each).
+        batch_sharpness_rel_stderr: stop drawing once the standard error is this fraction of the value.
+        critical_every_n_steps: every this many optimizer steps, log the critical sharpness along the
+            optimizer's next update on the batch just trained (``eos/critical_sharpness``,
+            ``eos/critical_ratio`` against 2/lr: above 1 that step would raise the batch's loss;
+            ``eos/critical_forward`` passes): one gradient and about 10 forward passes, no
+            Hessian-vector product (:func:`~pf_lightning.critical_sharpness`). None: off.
         on_error: ``"skip"``: diagnostics that fail at run time (the preconditioned measurement, the
             principal-flow gradient, the proxies, a NaN, any ``Exception``) are skipped for that step,
             flagged as ``eos/skipped`` (``eos/proxies_skipped`` for the proxies), warned once per error
@@ -99,9 +118,21 @@ class EdgeOfStabilityMonitor(Callback):
         slope_window: int = 5,
         chart_every: int = 10,
         on_error: OnError = "skip",
+        batch_sharpness: bool | None = None,
+        batch_sharpness_batches: int = 20,
+        batch_sharpness_rel_stderr: float = 0.02,
+        critical_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         check_on_error(on_error)
+        if batch_sharpness is not None:
+            check.flag("batch_sharpness", batch_sharpness)
+        check.integer("batch_sharpness_batches", batch_sharpness_batches, 2)
+        check.number(
+            "batch_sharpness_rel_stderr", batch_sharpness_rel_stderr, above=0, below=1,
+            hint="a relative standard error such as 0.02",
+        )  # fmt: skip
+        check.integer("critical_every_n_steps", critical_every_n_steps, 1, allow_none=True)
         if monitor is not None:
             check.instance("monitor", monitor, HessianEigenMonitor, "None or a HessianEigenMonitor")
         check.integer("optimizer_index", optimizer_index, 0)
@@ -124,6 +155,9 @@ class EdgeOfStabilityMonitor(Callback):
         self.on_warning, self.proxies, self.proxy_every_n_steps = on_warning, proxies, proxy_every_n_steps
         self.slope_window, self.chart_every = slope_window, chart_every
         self.on_error = on_error
+        self.batch_sharpness, self.batch_sharpness_batches = batch_sharpness, batch_sharpness_batches
+        self.batch_sharpness_rel_stderr = float(batch_sharpness_rel_stderr)
+        self.critical_every_n_steps = critical_every_n_steps
         self.preconditioner_warmup_steps = PRECONDITIONER_WARMUP_STEPS
         # Per-step losses stay on the device (0-d float64 tensors) until a measurement reads them: a
         # float() every step would wait for the GPU each step and stall its asynchronous queue.
@@ -138,6 +172,9 @@ class EdgeOfStabilityMonitor(Callback):
         self._preconditioned_latest: EigenResult | None = None
         self._warned: set[str] = set()
         self._listeners: list[EdgeListener] = []
+        self._batches: TrainingBatches | None = None
+        self._batches_resolved = False
+        self._batches_error: MisconfigurationException | None = None
 
     @property
     @override
@@ -182,6 +219,7 @@ class EdgeOfStabilityMonitor(Callback):
         self.monitor.add_listener(self._on_measurement)
         if stage == "fit":
             self._preconditioned_latest = None  # another fit may bring another model
+            self._batches, self._batches_resolved, self._batches_error = None, False, None
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -199,10 +237,25 @@ class EdgeOfStabilityMonitor(Callback):
                 raise MisconfigurationException(
                     f"`threshold` must be given for this optimizer: {err}"
                 ) from err
+        if self.critical_every_n_steps is not None:
+            optimizer = optimizers[self.optimizer_index]
+            try:
+                update = stability.optimizer_rule(optimizer).update
+            except stability.UnsupportedOptimizer:
+                update = None
+            if update is None:
+                raise MisconfigurationException(
+                    f"critical_every_n_steps needs the next update of {type(optimizer).__name__}, which no rule "
+                    "gives: register an OptimizerRule with `update=` (pf_lightning.stability.register_optimizer_rule), "
+                    "or set critical_every_n_steps=None"
+                )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_loss_step, self._pending_losses = trainer.global_step, []
+        self._training_batches(trainer, pl_module)
+        if self._batches_error is not None:  # found by a measurement at fit start, before this hook
+            raise self._batches_error
         optimizers = trainer.optimizers
         if len(optimizers) > 1:
             rank_zero_info(
@@ -210,6 +263,33 @@ class EdgeOfStabilityMonitor(Callback):
                 f"{self.optimizer_index} ({type(optimizers[self.optimizer_index]).__name__}): set optimizer_index= "
                 "to choose another"
             )
+
+    def _training_batches(self, trainer: Trainer, pl_module: LightningModule) -> TrainingBatches | None:
+        """Where batch sharpness draws its mini-batches, settled once per fit (None: not measured).
+
+        Raises:
+            MisconfigurationException: ``batch_sharpness=True`` but the training loader cannot be drawn from.
+        """
+        if self._batches_resolved:
+            return self._batches
+        self._batches_resolved = True
+        wanted = self.batch_sharpness
+        if wanted is False or (wanted is None and not trains_on_mini_batches(trainer)):
+            return None
+        try:
+            self._batches = TrainingBatches.from_trainer(trainer, pl_module.device)
+        except ValueError as err:
+            if wanted:
+                self._batches_error = MisconfigurationException(
+                    f"batch_sharpness=True needs mini-batches drawn like the training loader's, but {err}: "
+                    "give the Trainer one map-style DataLoader with a batch_size, or set batch_sharpness=False"
+                )
+                raise self._batches_error from err
+            self._warn_once(
+                "batches", f"mini-batch training, but batch sharpness is not measured: {err}; eos/ratio compares "
+                "the full-batch sharpness, which under mini-batch SGD stays below the threshold",
+            )  # fmt: skip
+        return self._batches
 
     def _dynamics(self, trainer: Trainer) -> tuple[StepDynamics, torch.optim.Optimizer]:
         optimizer = trainer.optimizers[self.optimizer_index]
@@ -236,14 +316,21 @@ class EdgeOfStabilityMonitor(Callback):
         if measured is None:
             return
         metrics, dynamics, edge = measured
-        step, ratio, warming = trainer.global_step, metrics[names.RATIO], names.WARMUP in metrics
+        step, warming = trainer.global_step, names.WARMUP in metrics
+        # Mini-batch training reaches the edge in batch sharpness, full-batch training in sharpness.
+        if names.BATCH_RATIO in metrics:
+            quantity, value = "batch sharpness", metrics[names.BATCH_SHARPNESS]
+            ratio, level = metrics[names.BATCH_RATIO], metrics[names.BATCH_THRESHOLD]
+        else:
+            quantity, value = "sharpness", metrics[names.SHARPNESS]
+            ratio, level = metrics[names.RATIO], dynamics.threshold
         fire = ratio >= self.warn_ratio and not self._above and not warming
         if fire:
             metrics[names.WARNING] = 1.0
             self._warn_once(
                 "edge",
-                f"step {step}: sharpness {metrics[names.SHARPNESS]:.4g} reached {ratio:.2f} x the stability "
-                f"threshold {dynamics.threshold:.4g} of {dynamics.label} ({dynamics.formula})",
+                f"step {step}: {quantity} {value:.4g} reached {ratio:.2f} x the stability threshold {level:.4g} "
+                f"of {dynamics.label} ({dynamics.formula if level == dynamics.threshold else '2/lr along its update'})",
             )
         if not warming:
             self._above = ratio >= self.warn_ratio
@@ -289,6 +376,7 @@ class EdgeOfStabilityMonitor(Callback):
             # L2 weight decay adds decay * theta to the gradient: the step sees H + decay * I.
             eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + decay
             projections, grad_norm = self._gradient(pl_module, result)
+        batch = None if warming else self._measure_batch_sharpness(trainer, pl_module, optimizer)
         recent = self.history[-(self.slope_window - 1) :]
         history = EdgeHistory(
             step=self.history[-1]["step"] if self.history else None,
@@ -308,13 +396,39 @@ class EdgeOfStabilityMonitor(Callback):
             history=history,
             slope_window=self.slope_window,
             warming=warming,
+            batch_sharpness=None if batch is None else batch.value,
+            batch_stderr=math.nan if batch is None else batch.stderr,
+            batch_threshold=None if batch is None else batch.threshold,
         )
+        if batch is not None:
+            metrics[names.BATCH_COUNT] = float(batch.n_batches)
         metrics[names.EOS_LR] = lr
         if dynamics.preconditioned:
             metrics[names.PRECONDITIONED_SHARPNESS] = metrics[names.SHARPNESS]
         if warming:
             metrics[names.WARMUP] = 1.0
         return metrics, dynamics, edge
+
+    def _measure_batch_sharpness(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
+    ) -> BatchSharpness | None:
+        """Batch sharpness on fresh mini-batches, or None (not measured; a failure is skipped and flagged)."""
+        source = self._training_batches(trainer, pl_module)
+        if source is None:
+            return None
+        spec, step = self.monitor.spec, trainer.global_step
+        seed = hash((spec.seed, step, trainer.global_rank))  # each rank its own batches, each step new ones
+        try:
+            return spec.batch_sharpness(
+                pl_module,
+                source.draw(self.batch_sharpness_batches, seed),
+                optimizer=None if self.fixed_threshold is not None else optimizer,
+                rel_stderr=self.batch_sharpness_rel_stderr,
+                max_batches=self.batch_sharpness_batches,
+            )
+        except Exception as err:  # never BaseException
+            self._skip(trainer, err, "batch sharpness skipped", self.metric("batch_sharpness_skipped"))
+            return None
 
     def _coupled_weight_decay(self, optimizer: Any) -> float:
         """Group 0's L2 weight decay (0 for decoupled decay, or an optimizer without a rule)."""
@@ -382,6 +496,25 @@ class EdgeOfStabilityMonitor(Callback):
             self._pending_losses = []
         if self.proxies and step % self.proxy_every_n_steps == 0:
             self._log_proxies(trainer, pl_module, batch)
+        if self.critical_every_n_steps is not None and step % self.critical_every_n_steps == 0:
+            self._log_critical(trainer, pl_module, batch)
+
+    def _log_critical(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Critical sharpness along the optimizer's next update, on the batch just trained."""
+        optimizer = trainer.optimizers[self.optimizer_index]
+        try:
+            result = self.monitor.spec.critical_sharpness(
+                pl_module, [batch], optimizer=optimizer, initial_step=float(optimizer.param_groups[0]["lr"])
+            )
+        except Exception as err:  # never BaseException
+            self._skip(trainer, err, "critical sharpness skipped", self.metric("critical_skipped"))
+            return
+        metrics = {
+            names.CRITICAL_SHARPNESS: result.value,
+            names.CRITICAL_RATIO: float(result.ratio),
+            names.CRITICAL_FORWARD: float(result.n_forward),
+        }
+        log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
 
     def _log_proxies(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         monitor = self.monitor

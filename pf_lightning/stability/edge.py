@@ -74,6 +74,9 @@ def edge_of_stability(
     history: EdgeHistory = EdgeHistory(),
     slope_window: int = 5,
     warming: bool = False,
+    batch_sharpness: float | None = None,
+    batch_stderr: float = math.nan,
+    batch_threshold: float | None = None,
 ) -> tuple[dict[str, float], EdgeHistory]:
     r"""The ``eos/*`` and ``pf/*`` metrics of one measurement, and the history for the next.
 
@@ -91,6 +94,11 @@ def edge_of_stability(
         history: what the previous measurements left.
         slope_window: measurements in the sharpening slope.
         warming: an adaptive optimizer's preconditioner has not settled: no first edge step.
+        batch_sharpness: for mini-batch training, the batch sharpness measured with the optimizer's rule
+            (:func:`~pf_lightning.batch_sharpness`), with its ``batch_stderr`` and the ``batch_threshold``
+            it compares with (default the optimizer's): logged as ``eos/batch_*``, and then the edge
+            (``eos/first_edge_step``) is judged on ``eos/batch_ratio``, the quantity that reaches the
+            threshold under mini-batch training, instead of ``eos/ratio``.
 
     Returns:
         The metrics and the updated history.
@@ -136,8 +144,16 @@ def edge_of_stability(
         metrics[names.SHARPENING_SLOPE] = float(slope)
     if len(losses) >= 2:
         metrics[names.LOSS_NON_MONOTONICITY] = float(non_monotonicity(list(losses)))
+    edge_ratio = ratio
+    if batch_sharpness is not None:
+        level = threshold if batch_threshold is None else float(batch_threshold)
+        edge_ratio = float(batch_sharpness) / level
+        metrics[names.BATCH_SHARPNESS] = float(batch_sharpness)
+        metrics[names.BATCH_SHARPNESS_STDERR] = float(batch_stderr)
+        metrics[names.BATCH_THRESHOLD] = level
+        metrics[names.BATCH_RATIO] = edge_ratio
     first_edge = history.first_edge_step
-    if first_edge is None and ratio >= 1.0 and not warming:
+    if first_edge is None and edge_ratio >= 1.0 and not warming:
         first_edge = step
     if first_edge is not None:
         metrics[names.FIRST_EDGE_STEP] = float(first_edge)

@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning_models import DigitsClassifier, digits
 from torch.utils.data import DataLoader, TensorDataset
 
-from pf_lightning import HessianEigenMonitor
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 
 SHARDS = ((0, 24), (24, 34))  # rank 0: 24 samples, rank 1: 10 (uneven on purpose)
 STEPS = 4
@@ -32,9 +32,9 @@ STEPS = 4
 class ShardedDigits(DigitsClassifier):
     """Full-batch gradient descent on this rank's own slice of digits, in float64."""
 
-    def __init__(self, fsdp: bool = False) -> None:
+    def __init__(self, fsdp: bool = False, batch_sizes: tuple[int, int] | None = None) -> None:
         super().__init__(hidden=8, lr=0.05, loss="mse")
-        self.fsdp = fsdp
+        self.fsdp, self.batch_sizes = fsdp, batch_sizes
         self.double()
 
     def configure_model(self) -> None:
@@ -50,8 +50,12 @@ class ShardedDigits(DigitsClassifier):
 
     def train_dataloader(self) -> DataLoader:
         x, y = digits(SHARDS[-1][1])
-        lo, hi = SHARDS[self.trainer.global_rank]
-        return DataLoader(TensorDataset(x[lo:hi], y[lo:hi]), batch_size=hi - lo)
+        rank = self.trainer.global_rank
+        lo, hi = SHARDS[rank]
+        size = hi - lo if self.batch_sizes is None else self.batch_sizes[rank]
+        return DataLoader(
+            TensorDataset(x[lo:hi], y[lo:hi]), batch_size=size, shuffle=self.batch_sizes is not None
+        )
 
 
 class RankProbe:
@@ -115,6 +119,37 @@ def fit(strategy: Any, out: str, nan_probe: bool = False) -> L.Trainer:
     trainer = two_ranks(strategy, out, STEPS, callbacks)
     trainer.fit(model)
     return trainer
+
+
+MINI_BATCHES = (8, 5)  # per rank: one global mini-batch of 13 samples
+
+
+class EdgeRecorder(Callback):
+    """Saves, per rank, the weights and the batch sharpness of the last measurement (the final step)."""
+
+    def __init__(self, eos: EdgeOfStabilityMonitor, out: str) -> None:
+        self.eos, self.out = eos, out
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        torch.set_num_threads(1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last = self.eos.history[-1]
+        record = {
+            "step": last["step"],
+            "weights": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+            "metrics": {k: v for k, v in last.items() if k.startswith("eos/")},
+        }
+        torch.save(record, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+def fit_minibatch(strategy: Any, out: str) -> None:
+    """Mini-batch SGD on the uneven shards: batch sharpness on by default, on both ranks' draws."""
+    L.seed_everything(0, verbose=False)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_end=False)
+    eos = EdgeOfStabilityMonitor(batch_sharpness_batches=6)
+    trainer = two_ranks(strategy, out, STEPS, [monitor, eos, EdgeRecorder(eos, out)])
+    trainer.fit(ShardedDigits(batch_sizes=MINI_BATCHES))
 
 
 def two_ranks(strategy: Any, out: str, max_steps: int, callbacks: list[Callback]) -> L.Trainer:

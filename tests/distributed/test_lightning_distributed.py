@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from cases import Case, dense_hessian
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_workers import STEPS, ShardedDigits, fit, fit_with_time_budget
+from lightning_models import digits
+from lightning_workers import (
+    MINI_BATCHES,
+    SHARDS,
+    STEPS,
+    ShardedDigits,
+    fit,
+    fit_minibatch,
+    fit_with_time_budget,
+)
+from torch.utils.data import TensorDataset, default_collate
 from workers import load
 
 from pf_lightning import HessianEigenMonitor
@@ -66,6 +76,36 @@ def test_ddp_spawn_matches_one_process_and_skips_nan_together(tmp_path):
     assert len(ranks[0]["warnings"]) == 1 and not ranks[1]["warnings"]
     assert float(trainer.callback_metrics["hessian/bad/skipped"]) == 1.0
     assert float(trainer.callback_metrics["hessian/n_hvp"]) > 0
+
+
+@pytest.mark.slow
+def test_ddp_spawn_batch_sharpness_is_one_value_over_both_ranks_draws(tmp_path):
+    """Mini-batch DDP: both ranks log the same batch sharpness, and it is the mean over global mini-batches
+    (rank 0's i-th draw with rank 1's i-th draw) of g^T H g / ||g||^2 from dense Hessians of their union."""
+    from pf_lightning.callbacks._probe import TrainingBatches
+
+    fit_minibatch("ddp_spawn", str(tmp_path))
+    ranks = load(tmp_path)
+    m0, m1 = ranks[0]["metrics"], ranks[1]["metrics"]
+    assert m0["eos/batch_sharpness"] == m1["eos/batch_sharpness"]
+    assert m0["eos/batch_sharpness_stderr"] == m1["eos/batch_sharpness_stderr"]
+    n, step = int(m0["eos/batch_sharpness_batches"]), ranks[0]["step"]
+    model = ShardedDigits()
+    model.load_state_dict(ranks[0]["weights"])
+    x, y = digits(SHARDS[-1][1])
+    draws = []
+    for rank, ((lo, hi), size) in enumerate(zip(SHARDS, MINI_BATCHES, strict=True)):
+        source = TrainingBatches(TensorDataset(x[lo:hi], y[lo:hi]), default_collate, size, "cpu")
+        draws.append(list(source.draw(n, hash((0, step, rank)))))
+    quotients = []
+    for a, b in zip(*draws, strict=True):
+        union = [a, b]
+        H = dense_hessian(Case("global batch", model.net, mse, union))
+        loss = sum(mse(model.net, batch) * len(batch[0]) for batch in union) / 13
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, model.net.parameters())])
+        quotients.append(float(g @ H @ g / (g @ g)))
+    assert m0["eos/batch_sharpness"] == pytest.approx(sum(quotients) / n, rel=1e-6)
+    assert m0["eos/batch_ratio"] == pytest.approx(m0["eos/batch_sharpness"] * 0.05 / 2, rel=1e-9)
 
 
 def test_ranks_postpone_together_under_a_time_budget(tmp_path):

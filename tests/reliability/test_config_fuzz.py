@@ -234,6 +234,10 @@ EOS_MONITOR = {
     "slope_window": (good_int(2), bad_int(2)),
     "chart_every": (good_int(1), bad_int(1)),
     "on_error": (st.sampled_from(["skip", "raise"]), bad_choice({"skip", "raise"})),
+    "batch_sharpness": (st.sampled_from([None, True, False]), bad_flag.filter(lambda v: v is not None)),
+    "batch_sharpness_batches": (good_int(2), bad_int(2)),
+    "batch_sharpness_rel_stderr": (good_number(above=0, below=1), bad_number(above=0, below=1)),
+    "critical_every_n_steps": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
 }
 
 LR_ADAPTATION = {
@@ -376,6 +380,7 @@ BATCH_SHARPNESS = {
     "batches": (st.sampled_from([batches()]), bad_batches | st.just(torch.ones(3))),
     "rel_stderr": (good_number(above=0, below=10, none_ok=True), bad_number(above=0, none_ok=True)),
     "max_batches": (good_int(1, 5, none_ok=True), bad_int(1, none_ok=True)),
+    "optimizer": (st.none(), st.sampled_from([5, "sgd", object(), torch.ones(3)])),
     **COMMON_MEASUREMENT,
 }
 
@@ -399,6 +404,7 @@ CRITICAL_SHARPNESS = {
     "initial_step": (good_number(above=1e-3, below=1.0), bad_number(above=0)),
     "rel_tol": (good_number(above=1e-3, below=0.5), bad_number(above=0, below=1)),
     "max_forward": (good_int(40, 80), bad_int(4)),
+    "optimizer": (st.none(), st.sampled_from([5, "sgd", object(), torch.ones(3)])),
     "seed": COMMON_MEASUREMENT["seed"],
     "params": COMMON_MEASUREMENT["params"],
     "dtype": COMMON_MEASUREMENT["dtype"],
