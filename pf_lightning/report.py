@@ -206,7 +206,9 @@ def _by_index(keys: Iterable[str], pattern: re.Pattern) -> list[str]:
 
 
 def plot_sharpness(run: RunMetrics, path: Path) -> Drawn | None:
-    """``eos/sharpness`` against ``eos/threshold``, and their ratio (1.0 is the edge of stability)."""
+    """``eos/sharpness`` against ``eos/threshold``, and their ratio (1.0 is the edge of stability); where
+    logged, the batch sharpness with its standard-error band and its threshold, and the critical sharpness,
+    in the same panels (their ratios against their own thresholds below)."""
     sharpness, threshold, ratio = (run.get(k) for k in (names.SHARPNESS, names.THRESHOLD, names.RATIO))
     if sharpness is None:
         return None
@@ -218,15 +220,45 @@ def plot_sharpness(run: RunMetrics, path: Path) -> Drawn | None:
     if threshold is not None:
         top.plot(*threshold, "k--", drawstyle="steps-post", label="threshold")
         drawn[names.THRESHOLD] = threshold
-    if _spread(np.concatenate([s[1] for s in drawn.values()])):
+    batch, stderr = run.get(names.BATCH_SHARPNESS), run.get(names.BATCH_SHARPNESS_STDERR)
+    if batch is not None:
+        line = top.plot(*batch, marker=".", color="tab:green", label="batch sharpness (± 2 s.e.)")[0]
+        drawn[names.BATCH_SHARPNESS] = batch
+        if stderr is not None and np.array_equal(stderr[0], batch[0]):
+            band = 2 * np.nan_to_num(stderr[1])
+            top.fill_between(batch[0], batch[1] - band, batch[1] + band, color=line.get_color(), alpha=0.2)
+            drawn[names.BATCH_SHARPNESS_STDERR] = stderr
+        level = run.get(names.BATCH_THRESHOLD)
+        if level is not None and (
+            threshold is None or not np.allclose(level[1], np.interp(level[0], *threshold))
+        ):
+            top.plot(
+                *level, ":", color=line.get_color(), drawstyle="steps-post", label="batch threshold 2/lr"
+            )
+            drawn[names.BATCH_THRESHOLD] = level
+    critical = run.get(names.CRITICAL_SHARPNESS)
+    if critical is not None:
+        top.plot(*critical, ".", color="tab:purple", markersize=3, label="critical sharpness 2/η_c")
+        drawn[names.CRITICAL_SHARPNESS] = critical
+    if _spread(np.concatenate([s[1] for key, s in drawn.items() if key != names.BATCH_SHARPNESS_STDERR])):
         top.set_yscale("log")
-    top.set_ylabel("eigenvalue")
+    top.set_ylabel("curvature")
     top.legend(loc="best")
     if ratio is not None:
-        bottom.plot(*ratio, marker=".", color="tab:red")
+        bottom.plot(*ratio, marker=".", color="tab:red", label="sharpness / threshold")
         drawn[names.RATIO] = ratio
+    for key, color, text in (
+        (names.BATCH_RATIO, "tab:green", "batch sharpness / its threshold"),
+        (names.CRITICAL_RATIO, "tab:purple", "critical sharpness / (2/lr)"),
+    ):
+        series = run.get(key)
+        if series is not None:
+            bottom.plot(*series, "." if key == names.CRITICAL_RATIO else ".-", color=color, label=text)
+            drawn[key] = series
     bottom.axhline(1.0, color="k", linestyle="--", linewidth=1)
-    bottom.set_ylabel("sharpness / threshold")
+    bottom.set_ylabel("ratio (1.0 is the edge)")
+    if len(drawn.keys() & {names.RATIO, names.BATCH_RATIO, names.CRITICAL_RATIO}) > 1:
+        bottom.legend(loc="best")
     _save(figure, path)
     return drawn
 

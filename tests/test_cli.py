@@ -16,7 +16,13 @@ from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.cli import cli_main, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SINGLE_PROCESS = ["eos_digits.yaml", "adaptive_eos_digits.yaml", "transformer_lm.yaml", "dal_digits.yaml"]
+SINGLE_PROCESS = [
+    "eos_digits.yaml",
+    "adaptive_eos_digits.yaml",
+    "transformer_lm.yaml",
+    "dal_digits.yaml",
+    "stochastic_edge_digits.yaml",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,6 +47,8 @@ def shrunk(name: str, tmp_path: Path, steps: int = 3) -> Path:
     for callback in trainer["callbacks"]:
         if callback["class_path"] == "pf_lightning.HessianEigenMonitor":
             callback["init_args"].update(every_n_steps=1, probe=16 if "transformer" in name else 64)
+        if callback.get("init_args", {}).get("critical_every_n_steps"):
+            callback["init_args"].update(critical_every_n_steps=1, batch_sharpness_batches=4)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return path
@@ -70,6 +78,13 @@ def test_config_trains_a_few_steps(name, tmp_path, capsys):
     assert "sharpness" in capsys.readouterr().out  # MeasurementTable's header
     if name == "transformer_lm.yaml":
         assert {"hessian/attn/eig_1", "hessian/mlp/eig_1", "hessian/embed/eig_1"} <= rows[0].keys()
+    if (
+        name == "stochastic_edge_digits.yaml"
+    ):  # mini-batches of 8: batch sharpness by default, critical opted in
+        batch = {int(r["step"]): float(r["eos/batch_ratio"]) for r in rows if r.get("eos/batch_ratio")}
+        critical = {int(r["step"]) for r in rows if r.get("eos/critical_ratio")}
+        assert sorted(batch) == [0, 1, 2, 3] and all(v > 0 for v in batch.values())
+        assert critical == {1, 2, 3}
     if name == "dal_digits.yaml":
         # LRAdaptation installed DAL: each rate is 2/v from the v measured before it.
         lr = {int(r["step"]): float(r["dal/lr"]) for r in rows if r.get("dal/lr")}

@@ -259,3 +259,40 @@ def test_loss_window_holds_one_full_loss_per_optimizer_step(tmp_path):
     recorded = [sum(v for s, v in seen[2 * i : 2 * i + 2]) / 2 for i in range(3)]
     for entry, reference in zip(eos.losses, recorded, strict=True):
         assert entry == pytest.approx(reference, rel=0.2)
+
+
+def test_wandb_chart_holds_batch_and_critical_sharpness_of_a_mini_batch_run(tmp_path, monkeypatch):
+    """The spectrum-vs-threshold chart of a heavy-ball mini-batch run: λ_max, the threshold, the batch
+    sharpness with its ±2 s.e. band and its own threshold 2/lr, and the critical sharpness, as logged."""
+    import wandb
+    from wandb_offline import offline_env
+
+    from pf_lightning.wandb_reader import find_run_file, tables
+
+    offline_env(monkeypatch, tmp_path)
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.1, batch_size=32, momentum=0.5)
+    eos = EdgeOfStabilityMonitor(chart_every=1, critical_every_n_steps=2, batch_sharpness_batches=3)
+    try:
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
+        callbacks = [HessianEigenMonitor(k=1, every_n_steps=2, probe=64), eos]
+        trainer(tmp_path, max_steps=4, logger=logger, callbacks=callbacks).fit(model)
+        logger.experiment.finish()
+    finally:
+        wandb.teardown()
+    charts = [
+        t for key, t in tables(find_run_file(tmp_path).parent).items() if "spectrum_vs_threshold" in key
+    ]
+    final = max(charts, key=lambda t: len(t["data"]))  # the chart logged at the end of fit
+    assert final["columns"] == ["step", "lineKey", "lineVal"]
+    lines: dict[str, list] = {}
+    for step, key, value in final["data"]:
+        lines.setdefault(key, []).append((step, value))
+    assert {"eig_1", "threshold", "batch_sharpness", "batch_threshold", "critical_sharpness"} <= lines.keys()
+    band = [lines[f"batch_sharpness {sign} 2 s.e."] for sign in "-+"]
+    for h, (step, value), low, high in zip(eos.history, lines["batch_sharpness"], *band, strict=True):
+        assert step == h["step"] and value == pytest.approx(h["eos/batch_sharpness"])
+        half = 2 * h["eos/batch_sharpness_stderr"]
+        assert low[1] == pytest.approx(value - half) and high[1] == pytest.approx(value + half)
+    assert all(row[1] == pytest.approx(2 / 0.1) for row in lines["batch_threshold"])
+    assert [row[0] for row in lines["critical_sharpness"]] == [2, 4]

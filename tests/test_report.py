@@ -207,3 +207,36 @@ def test_report_command(tmp_path, csv_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path / "nothing-here")])
     assert exit_info.value.code == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_mini_batch_run_plots_batch_and_critical_sharpness_against_their_thresholds(tmp_path):
+    """Heavy ball on mini-batches: the sharpness panel holds λ_max, the batch sharpness (its band), its
+    own threshold 2/lr next to (2 + 2β)/lr, and the critical sharpness; the ratio panel all three ratios,
+    each series exactly as logged."""
+    model = DigitsMLP(hidden=(32, 32), optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.5))
+    eos = EdgeOfStabilityMonitor(critical_every_n_steps=2, batch_sharpness_batches=4)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=8,
+        logger=CSVLogger(tmp_path, name="run", version=""),
+        callbacks=[HessianEigenMonitor(k=1, every_n_steps=4, probe=64), eos],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, DigitsDataModule(n=256, batch_size=32))
+    written = write_report(tmp_path / "run", tmp_path / "plots", progress=False, echo=lambda m: None)
+    drawn = {p.stem: series for p, series in written.items()}["sharpness"]
+    expected = {
+        "eos/batch_sharpness", "eos/batch_sharpness_stderr", "eos/batch_threshold", "eos/batch_ratio",
+        "eos/critical_sharpness", "eos/critical_ratio",
+    }  # fmt: skip
+    assert expected <= drawn.keys()
+    assert np.allclose(drawn["eos/batch_threshold"][1], 2 / 0.1)
+    assert np.allclose(drawn["eos/threshold"][1], (2 + 2 * 0.5) / 0.1)
+    np.testing.assert_array_equal(drawn["eos/critical_sharpness"][0], [2, 4, 6, 8])
+    logged = csv_columns(tmp_path / "run" / "metrics.csv")
+    for key in expected:
+        np.testing.assert_array_equal(drawn[key][1], logged[key][1])
+    assert_png(tmp_path / "plots" / "sharpness.png")

@@ -150,7 +150,10 @@ class TrainingBatches:
             start = (i % per_order) * self.size
             indices = order[start : start + self.size].tolist()
             with rng_state():  # a dataset's random transforms draw from the global generators
-                batch = self.collate_fn([self.dataset[j] for j in indices])
+                # As DataLoader fetches: one __getitems__ call where the dataset batches its indexing.
+                getitems = getattr(self.dataset, "__getitems__", None)
+                samples = getitems(indices) if getitems is not None else [self.dataset[j] for j in indices]
+                batch = self.collate_fn(samples)
             yield move_to_device(batch, self.device)
 
 

@@ -175,6 +175,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._batches: TrainingBatches | None = None
         self._batches_resolved = False
         self._batches_error: MisconfigurationException | None = None
+        self._critical: list[tuple[int, float]] = []  # (step, value) for the W&B chart, capped as the history
 
     @property
     @override
@@ -515,6 +516,8 @@ class EdgeOfStabilityMonitor(Callback):
             names.CRITICAL_FORWARD: float(result.n_forward),
         }
         log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
+        self._critical.append((trainer.global_step, result.value))
+        del self._critical[: max(0, len(self._critical) - self.monitor.max_history)]
 
     def _log_proxies(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         monitor = self.monitor
@@ -546,7 +549,9 @@ class EdgeOfStabilityMonitor(Callback):
             self._skip(trainer, err, "W&B chart skipped", None)
 
     def _log_chart(self, trainer: Trainer, step: int) -> None:
-        """W&B: the top-k eigenvalues and the threshold over steps as one line chart, the spectra as a table."""
+        """W&B: the top-k eigenvalues, the threshold and, where measured, the batch sharpness (± 2 standard
+        errors) with its threshold and the critical sharpness over steps as one line chart; the spectra
+        as a table."""
         history = self.history
         if not wandb_experiments(trainer) or not history:
             return
@@ -554,11 +559,35 @@ class EdgeOfStabilityMonitor(Callback):
 
         steps = [h["step"] for h in history]
         k = min(len(h["eigenvalues"]) for h in history)
-        ys = [[h["eigenvalues"][i] for h in history] for i in range(k)]
-        ys.append([h[names.THRESHOLD] for h in history])
-        keys = [f"eig_{i + 1}" for i in range(k)] + ["threshold"]
+        series: list[tuple[str, list[float], list[float]]] = [
+            (f"eig_{i + 1}", steps, [h["eigenvalues"][i] for h in history]) for i in range(k)
+        ]
+        series.append(("threshold", steps, [h[names.THRESHOLD] for h in history]))
+        batch = [h for h in history if names.BATCH_SHARPNESS in h]
+        if batch:
+            at = [h["step"] for h in batch]
+            value = [h[names.BATCH_SHARPNESS] for h in batch]
+            band = [
+                2 * h[names.BATCH_SHARPNESS_STDERR] if math.isfinite(h[names.BATCH_SHARPNESS_STDERR]) else 0.0
+                for h in batch
+            ]
+            series += [
+                ("batch_sharpness", at, value),
+                ("batch_sharpness - 2 s.e.", at, [v - b for v, b in zip(value, band, strict=True)]),
+                ("batch_sharpness + 2 s.e.", at, [v + b for v, b in zip(value, band, strict=True)]),
+            ]
+            if any(h[names.BATCH_THRESHOLD] != h[names.THRESHOLD] for h in batch):
+                series.append(("batch_threshold", at, [h[names.BATCH_THRESHOLD] for h in batch]))
+        if self._critical:
+            series.append(
+                ("critical_sharpness", [s for s, _ in self._critical], [v for _, v in self._critical])
+            )
         chart = wandb.plot.line_series(
-            xs=steps, ys=ys, keys=keys, title="Hessian eigenvalues vs stability threshold", xname="step"
+            xs=[xs for _, xs, _ in series],
+            ys=[ys for _, _, ys in series],
+            keys=[key for key, _, _ in series],
+            title="Hessian eigenvalues vs stability threshold",
+            xname="step",
         )
         rows = [
             [h["step"], i + 1, v, h[names.THRESHOLD]] for h in history for i, v in enumerate(h["eigenvalues"])

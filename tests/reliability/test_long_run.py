@@ -121,14 +121,17 @@ def exceeded(snapshots: list[Snapshot]) -> list[str]:
     return [key for key, value in growth(snapshots).items() if value > TOLERANCE[key]]
 
 
-def run(tmp_path, steps: int, extra_listener: Callable | None = None):
+def run(tmp_path, steps: int, extra_listener: Callable | None = None, critical_every_n_steps: int | None = 7):
     L.seed_everything(0)
     monitor = HessianEigenMonitor(
         k=2, every_n_steps=1, probe=32, tol=1e-2, max_hvp=20, max_history=MAX_HISTORY
     )
     if extra_listener is not None:
         monitor.add_listener(extra_listener)
-    eos = EdgeOfStabilityMonitor(proxies=True)
+    # Mini-batches of 32: batch sharpness at every measurement (on two batches), critical sharpness every 7.
+    eos = EdgeOfStabilityMonitor(
+        proxies=True, batch_sharpness_batches=2, critical_every_n_steps=critical_every_n_steps
+    )
     adaptation = LRAdaptation(functools.partial(DriftAdaptiveLR, p=1.0, max_lr=1.0))
     checkpoints = Checkpoints([steps // 3, 2 * steps // 3, steps])
     trainer = L.Trainer(
@@ -212,7 +215,10 @@ def test_the_check_catches_a_result_kept_per_measurement(tmp_path, one_thread):
     """Negative control: the same run and the same tolerances, with every result kept."""
     kept: list[EigenResult] = []
     steps = 450
-    *_, snapshots = run(tmp_path, steps, extra_listener=lambda trainer, module, result: kept.append(result))
+    # Without the critical sharpness: its line search leaves freed pages in the allocator that the leaked
+    # results then fill, so the RSS did not grow (0.0 MB against 29 MB without it; tensors and bytes did).
+    keep = lambda trainer, module, result: kept.append(result)  # noqa: E731
+    *_, snapshots = run(tmp_path, steps, extra_listener=keep, critical_every_n_steps=None)
     print("growth with a leak", growth(snapshots))
     assert len(kept) == steps + 1
     assert {"tensors", "tensor_bytes", "objects", "rss_mb"} <= set(exceeded(snapshots))

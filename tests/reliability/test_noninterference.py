@@ -77,6 +77,9 @@ class Case:
     eos: bool = False
     proxies: bool = False
     proxy_every_n_steps: int = 1
+    # Mini-batches of 16: batch sharpness runs at every EoS measurement (on few batches here).
+    batch_sharpness_batches: int = 2
+    critical_every_n_steps: int | None = None
     # DriftAdaptiveLR(p=0) measured by LRAdaptation: "served" (configure_optimizers returns it, in both
     # runs, and LRAdaptation() feeds it) or "installed" (LRAdaptation(factory) installs it).
     dal: str | None = None
@@ -123,6 +126,8 @@ def cases(draw: st.DrawFn, hvps: tuple[str, ...] = FAST_HVPS) -> Case:
         eos=eos,
         proxies=eos and draw(st.booleans()),
         proxy_every_n_steps=draw(st.integers(1, 3)),
+        batch_sharpness_batches=draw(st.integers(2, 3)),
+        critical_every_n_steps=draw(st.sampled_from([None, 1, 3])),
         dal=dal,
         dal_every_n_steps=draw(st.integers(1, 3)),
         dal_hvp=draw(st.sampled_from(["forward_difference", "auto"])),
@@ -270,7 +275,12 @@ def make_callbacks(case: Case, model: nn.Module, loader: DataLoader) -> list[Cal
         callbacks += HessianEigenMonitor.per_group(groups(model), **common)
     if case.eos:
         callbacks.append(
-            EdgeOfStabilityMonitor(proxies=case.proxies, proxy_every_n_steps=case.proxy_every_n_steps)
+            EdgeOfStabilityMonitor(
+                proxies=case.proxies,
+                proxy_every_n_steps=case.proxy_every_n_steps,
+                batch_sharpness_batches=case.batch_sharpness_batches,
+                critical_every_n_steps=case.critical_every_n_steps,
+            )
         )
     if case.dal == "served":
         callbacks.append(LRAdaptation(every_n_steps=case.dal_every_n_steps, hvp=case.dal_hvp))
