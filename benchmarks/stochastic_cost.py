@@ -102,6 +102,7 @@ def measure(batch_size: int, repeats: int) -> dict:
         "step_ms": 1e3 * unit,
         "ratios": {key: [t / unit for t in values] for key, values in times.items() if key != "step"},
         "counts": {key: statistics.median(values) for key, values in counts.items()},
+        "batches": (min(counts["batches"]), max(counts["batches"])),
     }
 
 
@@ -125,7 +126,8 @@ def markdown(results: list[dict], command: str, repeats: int) -> str:
     for r in results:
         c, q = r["counts"], r["ratios"]
         lines.append(
-            f"| {r['batch_size']} | {r['step_ms']:.2f} ms | {cell(q['batch'])}: {c['batches']:.0f} batches, "
+            f"| {r['batch_size']} | {r['step_ms']:.2f} ms | {cell(q['batch'])}: {c['batches']:.0f} batches "
+            f"({r['batches'][0]:.0f}–{r['batches'][1]:.0f}), "
             f"{c['hvp_batch']:.0f} HVPs | {cell(q['critical'])}: 1 gradient, {c['forward']:.0f} forward passes "
             f"| {cell(q['top1'])}: {c['hvp1']:.0f} HVPs | {cell(q['top5'])}: {c['hvp5']:.0f} HVPs |"
         )

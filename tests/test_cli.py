@@ -121,6 +121,10 @@ EXAMPLE_RUNS = {  # a few steps each; the summaries they print are what a user r
     "adaptive_edge_of_stability.py": (["--lrs", "0.002", "--steps", "4", "--every", "2"], "Summary"),
     "transformer_lm.py": (["--steps", "2", "--every", "1", "--probe", "8"], "lambda_max per parameter group"),
     "ddp_digits.py": (["--steps", "2", "--every", "1"], "max relative difference"),
+    "stochastic_edge.py": (
+        ["--batch-sizes", "32", "--lrs", "0.5", "--steps", "4", "--every", "2", "--critical-every", "2"],
+        "Ratios against 2/lr",
+    ),
 }
 
 
