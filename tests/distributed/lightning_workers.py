@@ -95,12 +95,15 @@ class Recorder(Callback):
         )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
         self.record.update(
             global_step=trainer.global_step,
             measurements=len(self.monitor.history),
             final_eigenvalues=self.monitor.latest.eigenvalues.cpu(),
             skipped=None if self.bad is None else (self.bad.latest is None, len(self.bad.history)),
             skipped_metric=float(trainer.callback_metrics.get("hessian/bad/skipped", float("nan"))),
+            edge={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eos/")},
+            final_weights={k: full(v).detach().cpu().clone() for k, v in pl_module.state_dict().items()},
         )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -115,7 +118,9 @@ def fit(strategy: Any, out: str, nan_probe: bool = False) -> L.Trainer:
     model = ShardedDigits(fsdp=fsdp)
     monitor = HessianEigenMonitor(k=3, every_n_steps=2, tol=1e-8, max_hvp=800, at_fit_end=False)
     bad = HessianEigenMonitor(k=2, every_n_steps=2, probe=RankProbe(), name="bad") if nan_probe else None
-    callbacks = [monitor, *([bad] if bad else []), Recorder(monitor, bad, out)]
+    # The stochastic edge in the same run: batch sharpness on draws of the whole shard, critical sharpness.
+    eos = EdgeOfStabilityMonitor(batch_sharpness=True, batch_sharpness_batches=3, critical_every_n_steps=2)
+    callbacks = [monitor, *([bad] if bad else []), eos, Recorder(monitor, bad, out)]
     trainer = two_ranks(strategy, out, STEPS, callbacks)
     trainer.fit(model)
     return trainer

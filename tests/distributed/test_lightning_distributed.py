@@ -60,6 +60,20 @@ def check_agreement(ranks: list[dict], rtol: float) -> None:
     err = float(((r0["eigenvalues"] - want) / want.abs()).abs().max())
     assert err < rtol, (r0["eigenvalues"], want)
     assert r0["global_step"] == STEPS and r0["measurements"] == 3  # fit start, steps 2 and 4
+    # Batch sharpness (forced on: each rank's draws are its whole shard) and critical sharpness along the
+    # optimizer's next update ran on both ranks and agree; neither was skipped.
+    e0, e1 = r0["edge"], r1["edge"]
+    for key in ("eos/batch_sharpness", "eos/batch_ratio", "eos/critical_sharpness", "eos/critical_ratio"):
+        assert key in e0 and e0[key] == e1[key] and e0[key] > 0, key
+    assert not any(k.endswith("skipped") for k in e0)
+    # Each global draw is the union of the shards: the quotient of the full loss at the final weights.
+    model = ShardedDigits()
+    model.load_state_dict(r0["final_weights"])
+    union = [b for r in ranks for b in r["probe"]]
+    H = dense_hessian(Case("digits", model.net, mse, union))
+    loss = sum(mse(model.net, b) * len(b[0]) for b in union) / 34
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, model.net.parameters())])
+    assert e0["eos/batch_sharpness"] == pytest.approx(float(g @ H @ g / (g @ g)), rel=rtol)
 
 
 @pytest.mark.slow
