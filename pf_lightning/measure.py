@@ -29,7 +29,7 @@ from .linalg._common import WHICH
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 from .probe import ProbeSet
-from .stability.optimizers import step_dynamics
+from .stability.optimizers import step_dynamics, update_threshold
 
 __all__ = [
     "METHODS",
@@ -466,6 +466,10 @@ class BatchSharpness:
         n_hvp: Hessian-vector products spent.
         seconds: wall time.
         values: the per-batch quotients, in order.
+        n_uphill: measured batches along whose update the loss rises at every step size
+            (:math:`s^\\top \\tilde g_B < 0`, momentum against that batch's gradient): their quotient is
+            negative and pulls the mean down, though the step raises that batch's loss (``along="update"``
+            only; 0 otherwise).
         along: ``"gradient"`` (:math:`g_B^\\top H_B g_B / \\lVert g_B\\rVert^2`), ``"update"`` (along the
             optimizer's next update :math:`s`: :math:`s^\\top H_B s / s^\\top g_B`) or
             ``"preconditioned gradient"`` (:math:`x^\\top H_B x / x^\\top P x`, :math:`x = P^{-1} g_B`).
@@ -481,6 +485,7 @@ class BatchSharpness:
     values: tuple[float, ...] = ()
     along: str = "gradient"
     threshold: float | None = None
+    n_uphill: int = 0
 
     @property
     def ratio(self) -> float | None:
@@ -510,9 +515,7 @@ class _Quotient:
             self.along, self.threshold = "preconditioned gradient", dynamics.threshold
         else:
             self.decay = optimizer_weight_decay(optimizer, space)
-            # The quotient along the actual step compares with 2/lr: the loss of a quadratic rises along
-            # the step -lr s exactly when s^T H s / s^T g > 2/lr (at heavy ball's edge it is lambda/(1 + beta)).
-            self.along, self.threshold = "update", 2.0 / self.lr
+            self.along, self.threshold = "update", update_threshold(optimizer)
         self.theta = space.values() if bool(self.decay.any()) else None
         if self.theta is None:
             self.decay = None
@@ -583,7 +586,9 @@ def batch_sharpness(
     Args:
         model: the module (not a DDP wrapper).
         loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the mean loss of one batch.
-        batches: an iterable of mini-batches (a list, or a ``DataLoader`` with the training batch size).
+        batches: an iterable of mini-batches (a list, or a ``DataLoader`` with the training batch size); a
+            :class:`~pf_lightning.ProbeSet` among them is one mini-batch of several micro-batches (gradient
+            accumulation: the mean loss over their union, one micro-batch in memory at a time).
         hvp: the HVP backend, as for :func:`hessian_eigenpairs`.
         seed: seeds the dropout masks of each batch (batch ``i`` uses ``seed + i``).
         params: glob patterns selecting the parameters.
@@ -626,13 +631,14 @@ def batch_sharpness(
     _same_count_on_every_rank(batches, model)
     quotient = _Quotient(model, params, dtype, optimizer)
     values: list[float] = []
-    skipped = n_hvp = 0
+    skipped = n_hvp = uphill = 0
     backend = hvp
     for index, batch in enumerate(batches):
         if max_batches is not None and len(values) + skipped >= max_batches:
             break
+        micro = batch if isinstance(batch, ProbeSet) else [batch]  # micro-batches of one mini-batch
         with HessianOperator(
-            model, loss_fn, [batch], params=params, hvp=backend, seed=(seed + index) % 2**32, dtype=dtype
+            model, loss_fn, micro, params=params, hvp=backend, seed=(seed + index) % 2**32, dtype=dtype
         ) as op:
             try:
                 x, seen = quotient(op.gradient())
@@ -651,6 +657,7 @@ def batch_sharpness(
             skipped += 1
             continue
         values.append(curvature / denominator)
+        uphill += denominator < 0
         if rel_stderr is not None and len(values) >= 3:
             mean, err = _mean_stderr(values)
             if err <= rel_stderr * abs(mean):
@@ -662,7 +669,16 @@ def batch_sharpness(
     mean, err = _mean_stderr(values)
     seconds = time.perf_counter() - start
     return BatchSharpness(
-        mean, err, len(values), skipped, n_hvp, seconds, tuple(values), quotient.along, quotient.threshold
+        mean,
+        err,
+        len(values),
+        skipped,
+        n_hvp,
+        seconds,
+        tuple(values),
+        quotient.along,
+        quotient.threshold,
+        uphill,
     )
 
 
@@ -696,8 +712,9 @@ class CriticalSharpness:
 
     Attributes:
         value: :math:`2/\\eta_c` (0 when the loss never rose along the direction, up to
-            :math:`2^{40}` times ``initial_step``, or stopped changing: a saturated network).
-        step: :math:`\\eta_c`, within ``rel_tol`` (``inf`` when the loss never rose).
+            :math:`2^{40}` times ``initial_step``, or stopped changing: a saturated network; ``inf`` when,
+            with an ``optimizer``, its next update points uphill: the loss rises at every step size).
+        step: :math:`\\eta_c`, within ``rel_tol`` (``inf`` when the loss never rose, 0 uphill).
         n_forward: forward passes over ``batches`` (each a pass over every batch), the first at
             :math:`\\eta = 0` included.
         n_backward: gradients computed (1 for the default direction, 0 for a given one).
@@ -769,7 +786,9 @@ def critical_sharpness(
         optimizer: the optimizer training ``model`` (group 0's learning rate :math:`\eta`): search along
             its next update and compare with :math:`2/\eta` (``threshold``, ``ratio``). The ratio is
             :math:`1/\mu_c` for the smallest multiple :math:`\mu_c` of the actual step that raises the loss,
-            whatever the optimizer: the edge (1.0) is where its next step overshoots.
+            whatever the optimizer: the edge (1.0) is where its next step overshoots. An update that
+            points uphill on ``batches`` (momentum against their gradient, or coupled weight decay: the
+            search runs on the loss itself, without the optimizer's L2 term) gives ``inf``, not an error.
 
     Returns:
         :class:`CriticalSharpness`.
@@ -856,13 +875,18 @@ def critical_sharpness(
                 raise ValueError(
                     "`direction` must be finite and non-zero (a zero gradient has no critical step)"
                 )
-            step = _critical_step(rise, float(initial_step), float(rel_tol))
+            try:
+                step = _critical_step(rise, float(initial_step), float(rel_tol))
+            except _Uphill:
+                if optimizer is None:
+                    raise
+                step = 0.0  # the optimizer's next step raises the loss at any size: eta_c = 0
         finally:
             with torch.no_grad():
                 for p, value in zip(space.local_params(), saved, strict=True):
                     p.copy_(value)
-    value = 0.0 if math.isinf(step) else 2.0 / step
-    threshold = None if optimizer is None else 2.0 / float(optimizer.param_groups[0]["lr"])
+    value = 0.0 if math.isinf(step) else (math.inf if step == 0.0 else 2.0 / step)
+    threshold = None if optimizer is None else update_threshold(optimizer)
     return CriticalSharpness(
         value, step, counter["forward"], n_backward, time.perf_counter() - start, threshold
     )
@@ -870,6 +894,10 @@ def critical_sharpness(
 
 class _OutOfPasses(ValueError):
     """The line search ran out of forward passes."""
+
+
+class _Uphill(ValueError):
+    """The loss rose at every step tried along the direction."""
 
 
 def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -> float:
@@ -882,7 +910,7 @@ def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -
         while True:
             eta /= 2.0
             if eta < tiny:
-                raise ValueError(
+                raise _Uphill(
                     "the loss rises along `direction` at every step tried: it points uphill (or initial_step "
                     "is far too large)"
                 )

@@ -3,6 +3,7 @@ batch from torch.func, closed forms on quadratics, and a bisection of the loss a
 
 import copy
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -438,28 +439,115 @@ def test_in_a_run_critical_sharpness_follows_the_next_update_on_the_batch_just_t
     assert ratio == pytest.approx(1 / lo, rel=0.02)
 
 
-def test_the_edge_warning_judges_batch_sharpness_under_mini_batches(tmp_path):
+@pytest.mark.parametrize("batch_size", [4, 64])
+def test_the_edge_warning_names_the_larger_ratio_under_mini_batches(tmp_path, batch_size):
+    """At batch 4 the batch sharpness is the nearer to its threshold, at batch 64 lambda_max: the warning
+    fires on the larger ratio and names it."""
     L.seed_everything(0)
-    model = DigitsClassifier(lr=0.3, n=256, batch_size=32)
+    model = DigitsClassifier(lr=0.3, n=256, batch_size=batch_size)
     eos = EdgeOfStabilityMonitor(warn_ratio=0.05)
-    with pytest.warns(RuntimeWarning, match=r"batch sharpness .* reached .* x the stability threshold"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1, every_n_steps=2), eos]).fit(model)
-    assert eos.history[0]["eos/warning"] == 1.0
+    first = eos.history[0]
+    batch_larger = first["eos/batch_ratio"] > first["eos/ratio"]
+    assert batch_larger == (batch_size == 4), first
+    edge = [str(w.message) for w in caught if "x the stability threshold" in str(w.message)]
+    assert len(edge) == 1 and edge[0].startswith(
+        f"step 0: {'batch sharpness' if batch_larger else 'sharpness'} "
+    )
+    larger = max(first["eos/batch_ratio"], first["eos/ratio"])
+    assert f"reached {larger:.2f} x" in edge[0] and first["eos/warning"] == 1.0
 
 
-def test_under_mini_batches_the_first_edge_step_is_judged_on_batch_sharpness():
-    """edge_of_stability: with a batch sharpness the edge is its ratio's (0.9 of 2/lr for lambda_max does
-    not count, 1.05 for the batch quotient does), without one lambda_max's."""
+def test_under_mini_batches_the_edge_is_judged_on_the_larger_ratio():
+    """edge_of_stability: with a batch sharpness the edge is reached when either ratio reaches 1 (the batch
+    quotient at small batches, lambda_max at large ones); without one, lambda_max's alone."""
     from pf_lightning.stability import StepDynamics, edge_of_stability
 
     gd = StepDynamics(0.1)  # threshold 20
-    below, _ = edge_of_stability([18.0], gd, step=5, batch_sharpness=21.0, batch_stderr=0.4)
-    assert below["eos/batch_ratio"] == pytest.approx(1.05) and below["eos/first_edge_step"] == 5.0
-    assert below["eos/batch_threshold"] == 20.0 and below["eos/batch_sharpness_stderr"] == 0.4
-    above, _ = edge_of_stability([22.0], gd, step=5, batch_sharpness=15.0, batch_threshold=16.0)
-    assert above["eos/batch_ratio"] == pytest.approx(15 / 16) and "eos/first_edge_step" not in above
+    batch_above, _ = edge_of_stability([18.0], gd, step=5, batch_sharpness=21.0, batch_stderr=0.4)
+    assert batch_above["eos/batch_ratio"] == pytest.approx(1.05) and batch_above["eos/first_edge_step"] == 5.0
+    assert batch_above["eos/batch_threshold"] == 20.0 and batch_above["eos/batch_sharpness_stderr"] == 0.4
+    sharp_above, _ = edge_of_stability([22.0], gd, step=5, batch_sharpness=15.0, batch_threshold=16.0)
+    assert (
+        sharp_above["eos/batch_ratio"] == pytest.approx(15 / 16) and sharp_above["eos/first_edge_step"] == 5.0
+    )
+    both_below, _ = edge_of_stability([19.0], gd, step=5, batch_sharpness=15.0, batch_threshold=16.0)
+    assert "eos/first_edge_step" not in both_below
     alone, _ = edge_of_stability([22.0], gd, step=5)
     assert alone["eos/first_edge_step"] == 5.0 and "eos/batch_ratio" not in alone
+
+
+def test_an_update_against_the_batch_gradient_is_counted_uphill_and_critical_is_infinite():
+    """Heavy ball whose buffer points against this batch's gradient: s^T g < 0, the quotient is negative
+    and counted in n_uphill; critical sharpness along that update is inf (the loss rises at every step),
+    not an error; a given uphill direction without an optimizer stays an error."""
+    lam, lr, beta = 4.0, 0.1, 0.9
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    loss_fn = lambda m, b: 0.5 * lam * (m(b) ** 2).mean()  # noqa: E731  # g = lam * w = 4
+    batch = torch.ones(1, 1, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta)
+    optimizer.state[model.weight]["momentum_buffer"] = torch.full((1, 1), -10.0, dtype=torch.float64)
+    s = beta * -10.0 + 4.0  # -5: the step -lr s moves w up, the loss rises at every step size
+    result = batch_sharpness(model, loss_fn, [batch], optimizer=optimizer)
+    assert result.values[0] == pytest.approx(s * lam * s / (s * 4.0))  # -5 * 4 * -5 / -20 = -5
+    assert result.n_uphill == 1
+    critical = critical_sharpness(model, loss_fn, [batch], optimizer=optimizer, initial_step=lr)
+    assert math.isinf(critical.value) and math.isinf(critical.ratio) and critical.step == 0.0
+    with pytest.raises(ValueError, match="points uphill"):
+        critical_sharpness(model, loss_fn, [batch], torch.ones(1, dtype=torch.float64))
+
+
+def test_an_optimizer_that_maximizes_has_no_next_update_to_measure():
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+    with pytest.raises(Exception, match="maximize=True"):
+        critical_sharpness(model, _mse, _batches(8, 1), optimizer=optimizer)
+
+
+def test_training_batches_follow_the_loaders_sampler_accumulation_and_leave_the_rngs_alone():
+    """Drawn from the indices the sampler yields (a subset), through __getitems__ where the dataset has it,
+    the same for the same seed, as micro-batches under accumulation (one ProbeSet per mini-batch, whose
+    batch sharpness is that of their union), with torch's global generator untouched."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import SubsetRandomSampler, TensorDataset
+
+    from pf_lightning import ProbeSet
+    from pf_lightning.callbacks._probe import TrainingBatches
+
+    class Batched(TensorDataset):
+        fetched = 0
+
+        def __getitems__(self, indices):
+            Batched.fetched += 1
+            return [self[i] for i in indices]
+
+    x, y = digits(64)
+    subset = list(range(10, 40))
+    loader = DataLoader(Batched(x, y), batch_size=5, sampler=SubsetRandomSampler(subset))
+    fake = SimpleNamespace(train_dataloader=loader, accumulate_grad_batches=2)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    source = TrainingBatches.from_trainer(fake, "cpu")
+    first, again = list(source.draw(4, seed=7)), list(source.draw(4, seed=7))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(isinstance(b, ProbeSet) and len(b) == 2 for b in first) and Batched.fetched == 16
+    rows = {tuple(r.tolist()) for r in x[10:40]}
+    for a, b in zip(first, again, strict=True):
+        for (xa, ya), (xb, yb) in zip(a.batches, b.batches, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb) and len(xa) == 5
+            assert all(tuple(r.tolist()) in rows for r in xa)  # only the sampler's subset
+    drawn = [torch.cat([b[0] for b in m.batches]) for m in first[:3]]  # one order: no repeats in 3 x 10
+    assert len({tuple(r.tolist()) for d in drawn for r in d}) == 30
+    model = _mlp()
+    union = [(torch.cat([b[0] for b in m.batches]), torch.cat([b[1] for b in m.batches])) for m in first]
+    assert batch_sharpness(model, _mse, first).values == pytest.approx(
+        batch_sharpness(model, _mse, union).values, rel=1e-10
+    )
 
 
 class _Stream(torch.utils.data.IterableDataset):

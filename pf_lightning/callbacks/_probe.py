@@ -103,25 +103,50 @@ def draw_probe(dataloader: Any, size: int, device: Any) -> ProbeSet:
 
 
 class TrainingBatches:
-    """Fresh mini-batches drawn like the training loader's: from its dataset, through its collate function,
-    of its batch size times the gradient accumulation (one optimizer step's samples), each draw in an
-    order of its own from a seeded generator, so the same seed draws the same batches and the training
-    run's data order and random streams are untouched.
+    """Fresh mini-batches drawn like the training loader's: from the indices its sampler yields in an epoch
+    (a subset, a DDP shard, a weighted draw), through its dataset and collate function, of its batch size;
+    under gradient accumulation one mini-batch is that many micro-batches (a :class:`ProbeSet`, measured
+    one micro-batch at a time, as training holds them). Each draw has an order of its own from a seeded
+    generator: the same seed draws the same batches, and the training run's data order and random streams
+    are untouched (a dataset that holds a random generator of its own is the exception: its state moves).
 
-    Under DDP every rank draws from the whole dataset with its own seed: the ``i``-th batches of all ranks
-    form one global mini-batch of ``world_size`` times the per-rank size, as in training.
+    Under DDP each rank draws from its own shard (its ``DistributedSampler``): the ``i``-th batches of all
+    ranks form one global mini-batch of ``world_size`` times the per-rank size, as in training. The batches
+    are moved to the module's device; Lightning's batch-transfer hooks are not applied (as for the probe).
+
+    Args:
+        dataset: a map-style dataset.
+        collate_fn: the loader's collate function.
+        size: samples per micro-batch (the loader's batch size).
+        device: where to move the batches.
+        pool: the indices to draw from (None: every index of ``dataset``).
+        micro: micro-batches per mini-batch (the gradient accumulation).
     """
 
-    def __init__(self, dataset: Any, collate_fn: Callable, size: int, device: Any) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        collate_fn: Callable,
+        size: int,
+        device: Any,
+        pool: list[int] | None = None,
+        micro: int = 1,
+    ) -> None:
         self.dataset, self.collate_fn, self.size, self.device = dataset, collate_fn, size, device
+        self.pool = torch.arange(len(dataset)) if pool is None else torch.as_tensor(sorted(pool))
+        self.micro = micro
+        if size * micro > len(self.pool):
+            raise ValueError(
+                f"a mini-batch of {size * micro} samples is larger than the {len(self.pool)} samples drawn from"
+            )
 
     @classmethod
     def from_trainer(cls, trainer: Any, device: Any) -> TrainingBatches:
         """The plan of ``trainer``'s training loader.
 
         Raises:
-            ValueError: the loader cannot be drawn from (no single ``DataLoader``, an iterable dataset or
-                no batch size), with the reason.
+            ValueError: the loader cannot be drawn from (no single ``DataLoader``, an iterable dataset,
+                no batch size, or a mini-batch larger than an epoch), with the reason.
         """
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
@@ -134,27 +159,42 @@ class TrainingBatches:
         size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
         if not isinstance(size, int) or size < 1:
             raise ValueError("the training dataloader has no fixed batch_size")
-        size *= max(int(trainer.accumulate_grad_batches), 1)
-        if size > len(dataset):
-            raise ValueError(f"a batch of {size} samples is larger than the dataset ({len(dataset)})")
-        return cls(dataset, loader.collate_fn, size, device)
+        sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+        with untouched_iteration(loader):  # a sampler may draw from the global or its own generator
+            pool = [int(i) for i in sampler]
+        whole = len(pool) == len(dataset) and sorted(pool) == list(range(len(dataset)))
+        return cls(
+            dataset,
+            loader.collate_fn,
+            size,
+            device,
+            None if whole else pool,
+            max(int(trainer.accumulate_grad_batches), 1),
+        )
+
+    def _fetch(self, indices: list[int]) -> Any:
+        with rng_state():  # a dataset's random transforms draw from the global generators
+            # As DataLoader fetches: one __getitems__ call where the dataset batches its indexing.
+            getitems = getattr(self.dataset, "__getitems__", None)
+            samples = getitems(indices) if getitems is not None else [self.dataset[j] for j in indices]
+            batch = self.collate_fn(samples)
+        return move_to_device(batch, self.device)
 
     def draw(self, count: int, seed: int) -> Iterator[Any]:
-        """Up to ``count`` batches, drawn lazily: consecutive slices of one random order of the dataset
-        (without replacement within a draw while the dataset lasts), the order from ``seed``."""
+        """Up to ``count`` mini-batches, drawn lazily: consecutive slices of one random order of the pool
+        (without replacement while the pool lasts, then a new order), the order from ``seed``."""
         generator = torch.Generator().manual_seed(seed % 2**63)
-        per_order = len(self.dataset) // self.size
+        span = self.size * self.micro
+        per_order = len(self.pool) // span
         for i in range(count):
             if i % per_order == 0:
-                order = torch.randperm(len(self.dataset), generator=generator)
-            start = (i % per_order) * self.size
-            indices = order[start : start + self.size].tolist()
-            with rng_state():  # a dataset's random transforms draw from the global generators
-                # As DataLoader fetches: one __getitems__ call where the dataset batches its indexing.
-                getitems = getattr(self.dataset, "__getitems__", None)
-                samples = getitems(indices) if getitems is not None else [self.dataset[j] for j in indices]
-                batch = self.collate_fn(samples)
-            yield move_to_device(batch, self.device)
+                order = self.pool[torch.randperm(len(self.pool), generator=generator)]
+            start = (i % per_order) * span
+            chunks = [
+                order[start + j * self.size : start + (j + 1) * self.size].tolist() for j in range(self.micro)
+            ]
+            batches = [self._fetch(indices) for indices in chunks]
+            yield batches[0] if self.micro == 1 else ProbeSet(batches)
 
 
 def trains_on_mini_batches(trainer: Any) -> bool:

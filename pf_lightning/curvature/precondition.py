@@ -21,6 +21,7 @@ from ..stability.optimizers import (
     PreconditionerUnavailable,
     UnsupportedOptimizer,
     coupled_weight_decay,
+    group_settings,
     optimizer_rule,
     parameter_preconditioner,
 )
@@ -97,7 +98,8 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
 
     Raises:
         PreconditionerUnavailable: a parameter is not optimized by ``optimizer``.
-        UnsupportedOptimizer: the optimizer's rule has no update (or the optimizer no rule).
+        UnsupportedOptimizer: the optimizer's rule has no update (or the optimizer no rule), or a group
+            has ``maximize=True``.
     """
     rule = optimizer_rule(optimizer)
     if rule.update is None:
@@ -114,7 +116,7 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
             for key, value in optimizer.state.get(p, {}).items()
         }
         param = local_part(p).detach().to(torch.float64)
-        settings = optimizer.param_groups[group]
+        settings = group_settings(optimizer, group)  # refuses maximize=True
         out.append(rule.update(settings, state, grad.reshape(param.shape), param).reshape(-1))
     return torch.cat(out).to(space.dtype)
 

@@ -43,6 +43,7 @@ from .optimizers import (
     StepDynamics,
     coupled_weight_decay,
     edge_lr,
+    group_settings,
     optimizer_rule,
     optimizer_steps,
     optimizer_threshold,
@@ -50,6 +51,7 @@ from .optimizers import (
     register_optimizer_rule,
     step_dynamics,
     supported_optimizers,
+    update_threshold,
 )
 from .principal_flow import (
     REGIME_CODES,
@@ -95,6 +97,7 @@ __all__ = [
     "euler_local_error",
     "first_crossing_step",
     "gradient_projections",
+    "group_settings",
     "hg_ratio",
     "log_growth",
     "non_monotonicity",
@@ -116,4 +119,5 @@ __all__ = [
     "threshold_heavy_ball",
     "threshold_nesterov",
     "unstable_gradient_fraction",
+    "update_threshold",
 ]

@@ -97,8 +97,9 @@ def edge_of_stability(
         batch_sharpness: for mini-batch training, the batch sharpness measured with the optimizer's rule
             (:func:`~pf_lightning.batch_sharpness`), with its ``batch_stderr`` and the ``batch_threshold``
             it compares with (default the optimizer's): logged as ``eos/batch_*``, and then the edge
-            (``eos/first_edge_step``) is judged on ``eos/batch_ratio``, the quantity that reaches the
-            threshold under mini-batch training, instead of ``eos/ratio``.
+            (``eos/first_edge_step``) is judged on the larger of ``eos/ratio`` and ``eos/batch_ratio``:
+            at small batches the batch sharpness is the one nearer its threshold, at large ones the
+            full-batch sharpness.
 
     Returns:
         The metrics and the updated history.
@@ -147,11 +148,11 @@ def edge_of_stability(
     edge_ratio = ratio
     if batch_sharpness is not None:
         level = threshold if batch_threshold is None else float(batch_threshold)
-        edge_ratio = float(batch_sharpness) / level
+        edge_ratio = max(ratio, float(batch_sharpness) / level)
         metrics[names.BATCH_SHARPNESS] = float(batch_sharpness)
         metrics[names.BATCH_SHARPNESS_STDERR] = float(batch_stderr)
         metrics[names.BATCH_THRESHOLD] = level
-        metrics[names.BATCH_RATIO] = edge_ratio
+        metrics[names.BATCH_RATIO] = float(batch_sharpness) / level
     first_edge = history.first_edge_step
     if first_edge is None and edge_ratio >= 1.0 and not warming:
         first_edge = step

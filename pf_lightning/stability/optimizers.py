@@ -75,6 +75,7 @@ __all__ = [
     "StepDynamics",
     "coupled_weight_decay",
     "edge_lr",
+    "group_settings",
     "optimizer_rule",
     "optimizer_steps",
     "optimizer_threshold",
@@ -82,6 +83,7 @@ __all__ = [
     "register_optimizer_rule",
     "step_dynamics",
     "supported_optimizers",
+    "update_threshold",
 ]
 
 
@@ -400,11 +402,14 @@ def _adam_like(label: str) -> Callable[[Group, State], StepDynamics]:
     return dynamics
 
 
+def _adam_denominator(group: Group, nu: Tensor, t: float) -> Tensor:
+    """sqrt(nu / (1 - beta2^t)) + eps: the denominator of Adam's (and NAdam's) step t."""
+    return (nu / (1.0 - _float(group["betas"][1]) ** t)).sqrt().add(_float(group["eps"]))
+
+
 def _adam_p(group: Group, state: State) -> Tensor:
-    beta1, beta2 = (_float(b) for b in group["betas"])
     t = _steps(state)
-    nu = _adam_moment(group, state)
-    return (nu / (1.0 - beta2**t)).sqrt().add(_float(group["eps"])) * (1.0 - beta1**t)
+    return _adam_denominator(group, _adam_moment(group, state), t) * (1.0 - _float(group["betas"][0]) ** t)
 
 
 def _adamax_p(group: Group, state: State) -> Tensor:
@@ -420,8 +425,7 @@ def _adam_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Ten
     v = beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
     if group.get("amsgrad"):
         v = torch.maximum(_moment(state, "max_exp_avg_sq", grad), v)
-    denom = (v / (1.0 - beta2**t)).sqrt() + _float(group["eps"])
-    return shrink - _lr(group) / (1.0 - beta1**t) * m / denom
+    return shrink - _lr(group) / (1.0 - beta1**t) * m / _adam_denominator(group, v, t)
 
 
 def _adamax_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
@@ -432,12 +436,16 @@ def _adamax_update(group: Group, state: State, grad: Tensor, param: Tensor) -> T
     return -_lr(group) / (1.0 - beta1 ** (_steps(state) + 1.0)) * m / u
 
 
+def _nadam_mu(group: Group, t: float) -> float:
+    """NAdam's momentum schedule mu_t = beta1 (1 - 0.96^(t psi) / 2)."""
+    return _float(group["betas"][0]) * (1.0 - 0.5 * 0.96 ** (t * _float(group["momentum_decay"])))
+
+
 def _nadam(group: Group, state: State) -> StepDynamics:
     lr, beta1 = _lr(group), _check_beta(group["betas"][0], "beta1")
-    decay = _float(group["momentum_decay"])
 
     def mu(t: float) -> float:
-        return beta1 * (1.0 - 0.5 * 0.96 ** (t * decay))
+        return _nadam_mu(group, t)
 
     # The coefficients of the last step t (as P is the last step's); before any step, the first one's.
     t = _steps(state)
@@ -452,25 +460,19 @@ def _nadam(group: Group, state: State) -> StepDynamics:
 
 
 def _nadam_p(group: Group, state: State) -> Tensor:
-    beta2 = _float(group["betas"][1])
-    return (_entry(state, "exp_avg_sq") / (1.0 - beta2 ** _steps(state))).sqrt().add(_float(group["eps"]))
+    return _adam_denominator(group, _entry(state, "exp_avg_sq"), _steps(state))
 
 
 def _nadam_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
     grad, shrink = _adam_l2(group, grad, param)
-    lr, (beta1, beta2), decay = (
-        _lr(group),
-        (_float(b) for b in group["betas"]),
-        _float(group["momentum_decay"]),
-    )
+    lr, (beta1, beta2) = _lr(group), (_float(b) for b in group["betas"])
     t = _steps(state) + 1.0
-    mu, mu_next = (beta1 * (1.0 - 0.5 * 0.96 ** (s * decay)) for s in (t, t + 1.0))
+    mu, mu_next = _nadam_mu(group, t), _nadam_mu(group, t + 1.0)
     product = _float(state.get("mu_product", 1.0)) * mu
     m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
     v = beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
-    denom = (v / (1.0 - beta2**t)).sqrt() + _float(group["eps"])
     step = lr * (1.0 - mu) / (1.0 - product) * grad + lr * mu_next / (1.0 - product * mu_next) * m
-    return shrink - step / denom
+    return shrink - step / _adam_denominator(group, v, t)
 
 
 def _radam_rho(group: Group, t: float) -> tuple[float, float]:
@@ -480,13 +482,20 @@ def _radam_rho(group: Group, t: float) -> tuple[float, float]:
     return rho_inf, rho_t
 
 
+def _radam_rectification(group: Group, t: float) -> float | None:
+    """RAdam's variance rectification r_t at step t, None during its warm-up (rho_t <= 5: unrectified)."""
+    rho_inf, rho_t = _radam_rho(group, t)
+    if rho_t <= 5.0:
+        return None
+    return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+
+
 def _radam(group: Group, state: State) -> StepDynamics:
     lr, beta1 = _lr(group), _check_beta(group["betas"][0], "beta1")
-    rho_inf, rho_t = _radam_rho(group, _steps(state))
-    if rho_t <= 5.0:  # RAdam's warm-up: the bias-corrected momentum alone, P = 1 - beta1^t
+    rect = _radam_rectification(group, _steps(state))
+    if rect is None:  # RAdam's warm-up: the bias-corrected momentum alone, P = 1 - beta1^t
         rect, note = 1.0, "warm-up, unrectified"
     else:
-        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
         note = f"rectification r={rect:.4g}"
     return StepDynamics(
         lr, 0.0, rect, beta1, preconditioned=True, label="radam",
@@ -499,7 +508,7 @@ def _radam_p(group: Group, state: State) -> Tensor:
     t = _steps(state)
     nu = _entry(state, "exp_avg_sq")
     bias1 = 1.0 - beta1**t
-    if _radam_rho(group, t)[1] <= 5.0:
+    if _radam_rectification(group, t) is None:
         return torch.full_like(nu, bias1)
     return nu.sqrt().add(_float(group["eps"])) * (bias1 / math.sqrt(1.0 - beta2**t))
 
@@ -511,9 +520,8 @@ def _radam_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Te
     m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
     v = beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
     step = _lr(group) * m / (1.0 - beta1**t)
-    rho_inf, rho_t = _radam_rho(group, t)
-    if rho_t > 5.0:
-        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    rect = _radam_rectification(group, t)
+    if rect is not None:
         step = step * rect * math.sqrt(1.0 - beta2**t) / (v.sqrt() + _float(group["eps"]))
     return shrink - step
 
@@ -690,7 +698,13 @@ def optimizer_rule(optimizer: torch.optim.Optimizer | type) -> OptimizerRule:
     )
 
 
-def _group(optimizer: torch.optim.Optimizer, group: int) -> Group:
+def group_settings(optimizer: torch.optim.Optimizer, group: int) -> Group:
+    """The settings of parameter group ``group``, checked: in range, and not ascending the loss.
+
+    Raises:
+        ValueError: ``group`` is out of range.
+        UnsupportedOptimizer: the group has ``maximize=True``.
+    """
     if not 0 <= group < len(optimizer.param_groups):
         raise ValueError(
             f"group must index optimizer.param_groups (0..{len(optimizer.param_groups) - 1}), got {group}"
@@ -715,7 +729,9 @@ def step_dynamics(optimizer: torch.optim.Optimizer, group: int = 0) -> StepDynam
         >>> step_dynamics(torch.optim.SGD([p], lr=0.1, momentum=0.9)).label
         'heavy_ball'
     """
-    return optimizer_rule(optimizer).dynamics(_group(optimizer, group), _group_state(optimizer, group))
+    return optimizer_rule(optimizer).dynamics(
+        group_settings(optimizer, group), _group_state(optimizer, group)
+    )
 
 
 def _group_state(optimizer: torch.optim.Optimizer, group: int) -> State:
@@ -751,7 +767,7 @@ def optimizer_threshold(optimizer: torch.optim.Optimizer, group: int = 0) -> Sta
 
 def coupled_weight_decay(optimizer: torch.optim.Optimizer, group: int = 0) -> float:
     """The weight decay of group ``group`` that enters the gradient, so the step sees ``H + w I``."""
-    return optimizer_rule(optimizer).coupled_weight_decay(_group(optimizer, group))
+    return optimizer_rule(optimizer).coupled_weight_decay(group_settings(optimizer, group))
 
 
 def parameter_preconditioner(
@@ -782,7 +798,20 @@ def parameter_preconditioner(
     state = optimizer.state.get(param, {})
     if not state:
         raise PreconditionerUnavailable(f"{kind} has no state yet: measure after the first step")
-    return rule.preconditioner(_group(optimizer, group), state), coupled_weight_decay(optimizer, group)
+    return rule.preconditioner(group_settings(optimizer, group), state), coupled_weight_decay(
+        optimizer, group
+    )
+
+
+def update_threshold(optimizer: torch.optim.Optimizer) -> float:
+    r"""The level a curvature along the optimizer's next update is compared with: :math:`2/\eta` (group 0's).
+
+    With the update written :math:`-\eta s`, a quadratic's loss rises along it exactly when
+    :math:`s^\top H s / s^\top g > 2/\eta` (for :math:`s^\top g > 0`), whatever the optimizer: the
+    threshold of the quotients taken along the update (batch sharpness along it, critical sharpness).
+    At heavy ball's edge the quotient is :math:`\lambda/(1 + \beta) = 2/\eta`.
+    """
+    return 2.0 / _lr(group_settings(optimizer, 0))
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
@@ -810,6 +839,6 @@ def edge_lr(optimizer: torch.optim.Optimizer, sharpness: float, group: int = 0) 
     sharpness = float(sharpness)
     if not (sharpness > 0 and math.isfinite(sharpness)):
         raise ValueError(f"sharpness must be positive and finite, got {sharpness!r}")
-    settings, state = _group(optimizer, group), _group_state(optimizer, group)
+    settings, state = group_settings(optimizer, group), _group_state(optimizer, group)
     # threshold * lr does not depend on lr: evaluated at lr = 1, a schedule at 0 still has an edge.
     return optimizer_rule(optimizer).dynamics({**settings, "lr": 1.0}, state).threshold / sharpness

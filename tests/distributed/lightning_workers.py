@@ -144,6 +144,9 @@ class EdgeRecorder(Callback):
             "step": last["step"],
             "weights": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
             "metrics": {k: v for k, v in last.items() if k.startswith("eos/")},
+            "logged": {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("eos/", "hessian/"))
+            },
         }
         torch.save(record, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
@@ -155,6 +158,36 @@ def fit_minibatch(strategy: Any, out: str) -> None:
     eos = EdgeOfStabilityMonitor(batch_sharpness_batches=6)
     trainer = two_ranks(strategy, out, STEPS, [monitor, eos, EdgeRecorder(eos, out)])
     trainer.fit(ShardedDigits(batch_sizes=MINI_BATCHES))
+
+
+class FlakyShard(TensorDataset):
+    """A shard whose batched fetch fails on rank 1 for indices out of order: training reads it in order,
+    the batch-sharpness draws in a random order, so only rank 1's draw fails."""
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        if dist.get_rank() == 1 and indices != sorted(indices):
+            raise RuntimeError("rank 1 cannot read this sample")
+        return [self[i] for i in indices]
+
+
+class FlakyDigits(ShardedDigits):
+    def train_dataloader(self) -> DataLoader:
+        x, y = digits(SHARDS[-1][1])
+        rank = self.trainer.global_rank
+        lo, hi = SHARDS[rank]
+        return DataLoader(FlakyShard(x[lo:hi], y[lo:hi]), batch_size=MINI_BATCHES[rank])
+
+
+def fit_flaky_draw(out: str) -> None:
+    """Batch sharpness whose draw fails on rank 1 only: both ranks skip it, and the fit goes on."""
+    L.seed_everything(0, verbose=False)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_end=False)
+    eos = EdgeOfStabilityMonitor(batch_sharpness_batches=2)
+    # A rank left waiting in a collective fails within a minute rather than hanging the test.
+    strategy = DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        two_ranks(strategy, out, STEPS, [monitor, eos, EdgeRecorder(eos, out)]).fit(FlakyDigits())
 
 
 def two_ranks(strategy: Any, out: str, max_steps: int, callbacks: list[Callback]) -> L.Trainer:

@@ -23,6 +23,7 @@ from lightning_workers import (
     STEPS,
     ShardedDigits,
     fit,
+    fit_flaky_draw,
     fit_minibatch,
     fit_with_time_budget,
 )
@@ -120,6 +121,16 @@ def test_ddp_spawn_batch_sharpness_is_one_value_over_both_ranks_draws(tmp_path):
         quotients.append(float(g @ H @ g / (g @ g)))
     assert m0["eos/batch_sharpness"] == pytest.approx(sum(quotients) / n, rel=1e-6)
     assert m0["eos/batch_ratio"] == pytest.approx(m0["eos/batch_sharpness"] * 0.05 / 2, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_draw_that_fails_on_one_rank_skips_batch_sharpness_on_both_and_training_goes_on(tmp_path):
+    fit_flaky_draw(str(tmp_path))
+    ranks = load(tmp_path)
+    for r in ranks:
+        assert r["step"] == STEPS and "eos/batch_sharpness" not in r["metrics"]
+        assert r["logged"]["eos/batch_sharpness_skipped"] == 1.0 and r["logged"]["hessian/eig_1"] > 0
+    assert ranks[0]["logged"]["eos/ratio"] == ranks[1]["logged"]["eos/ratio"]
 
 
 def test_ranks_postpone_together_under_a_time_budget(tmp_path):
