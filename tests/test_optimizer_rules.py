@@ -2,6 +2,7 @@
 recurrences on quadratics, dense float64 Hessians and preconditioners written out here from torch's
 update formulas; and the EoS monitor that reads it, for every torch.optim optimizer."""
 
+import copy
 import math
 
 import lightning as L
@@ -244,14 +245,13 @@ def test_the_predicted_next_update_is_the_step_torch_takes(name):
     space = ParameterSpace(model)
     for _ in range(8):  # through RAdam's warm-up and NAdam's schedule
         grads = [torch.randn_like(p) for p in model.parameters()]
-        state_before = {
-            k: v.clone() if torch.is_tensor(v) else v
-            for k, v in optimizer.state_dict()["state"].get(0, {}).items()
-        }
+        state_before = copy.deepcopy(optimizer.state_dict()["state"])
         predicted = optimizer_update(optimizer, space, space.flatten(grads))
-        after_prediction = optimizer.state_dict()["state"].get(0, {})
-        for key, value in state_before.items():  # the prediction left the state alone
-            assert torch.equal(torch.as_tensor(after_prediction[key]), torch.as_tensor(value)), key
+        after_prediction = optimizer.state_dict()["state"]
+        assert after_prediction.keys() == state_before.keys()  # the prediction left every state alone
+        for index, saved in state_before.items():
+            for key, value in saved.items():
+                assert torch.equal(torch.as_tensor(after_prediction[index][key]), torch.as_tensor(value)), key
         before = space.values()
         for p, g in zip(model.parameters(), grads, strict=True):
             p.grad = g

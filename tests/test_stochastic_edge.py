@@ -174,6 +174,66 @@ def test_with_adam_the_quotient_is_the_preconditioned_rayleigh_quotient():
         batch_sharpness(model, _mse, batches, optimizer=fresh)
 
 
+UPDATE_OPTIMIZERS = {  # along the update: s = -(the step a copy of the optimizer takes) / lr, vs 2/lr
+    "sgd-dampening-decay": lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.02
+    ),
+    "asgd": lambda p: torch.optim.ASGD(p, lr=0.05, lambd=1e-3, weight_decay=0.01),
+}
+PRECONDITIONED_OPTIMIZERS = {  # along P^-1 (g + w theta): x^T (H + w) x / x^T P x, vs the threshold
+    "rmsprop-centered": (lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, centered=True), 0.0),
+    "adagrad-decay": (lambda p: torch.optim.Adagrad(p, lr=0.05, weight_decay=0.01), 0.01),
+    "adam-coupled-decay": (lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.05), 0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UPDATE_OPTIMIZERS))
+def test_the_update_quotient_follows_the_step_a_copy_of_the_optimizer_takes(name):
+    model, batches = _mlp(), _batches(16, 3)
+    make = UPDATE_OPTIMIZERS[name]
+    optimizer = make(model.parameters())
+    _train(model, optimizer, batches, 4)
+    lr, w = 0.05, optimizer.param_groups[0]["weight_decay"] + optimizer.param_groups[0].get("lambd", 0.0)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = []
+    for batch in batches:
+        twin = copy.deepcopy(model)
+        twin_optimizer = make(twin.parameters())
+        twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        _mse(twin, batch).backward()
+        twin_optimizer.step()
+        s = -(torch.cat([p.detach().reshape(-1) for p in twin.parameters()]) - theta) / lr
+        H = dense_hessian(Case("batch", model, _mse, [batch]))
+        seen = _flat_gradient(model, batch) + w * theta
+        expected.append(float(s @ (H @ s + w * s)) / float(s @ seen))
+    result = batch_sharpness(model, _mse, batches, hvp="double_backward", optimizer=optimizer)
+    rtol = 1e-5 if name == "asgd" else 1e-8  # ASGD keeps its step eta in float32
+    assert list(result.values) == pytest.approx(expected, rel=rtol)
+    assert result.along == "update" and result.threshold == pytest.approx(2 / lr)
+
+
+@pytest.mark.parametrize("name", sorted(PRECONDITIONED_OPTIMIZERS))
+def test_the_preconditioned_quotient_uses_the_optimizers_p_and_coupled_decay(name):
+    from test_optimizer_rules import _p_reference
+
+    model, batches = _mlp(), _batches(16, 3)
+    make, w = PRECONDITIONED_OPTIMIZERS[name]
+    optimizer = make(model.parameters())
+    _train(model, optimizer, batches, 6)
+    group = optimizer.param_groups[0]
+    kind = {"rmsprop-centered": "RMSprop", "adagrad-decay": "Adagrad", "adam-coupled-decay": "Adam"}[name]
+    P = torch.cat([_p_reference(kind, group, optimizer.state[p]).reshape(-1) for p in model.parameters()])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    expected = []
+    for batch in batches:
+        H = dense_hessian(Case("batch", model, _mse, [batch]))
+        x = (_flat_gradient(model, batch) + w * theta) / P
+        expected.append(float(x @ (H @ x + w * x)) / float(x @ (P * x)))
+    result = batch_sharpness(model, _mse, batches, hvp="double_backward", optimizer=optimizer)
+    assert list(result.values) == pytest.approx(expected, rel=1e-8)
+    assert result.along == "preconditioned gradient" and result.n_uphill == 0
+
+
 def test_at_heavy_balls_edge_the_update_quotient_sits_at_two_over_lr():
     """On a quadratic at lr * lambda = 2 + 2 beta (heavy ball's threshold) the iterates settle into the
     period-two oscillation: the quotient along the update is lambda/(1 + beta) = 2/lr, a ratio of 1, while
