@@ -330,6 +330,18 @@ def _l2(group: Group, grad: Tensor, param: Tensor) -> Tensor:
     return grad + decay * param if decay else grad
 
 
+def _first_moment(group: Group, state: State, grad: Tensor) -> Tensor:
+    """The next ``exp_avg``, beta1 m + (1 - beta1) g (Adam, Adamax, NAdam, RAdam)."""
+    beta1 = _float(group["betas"][0])
+    return beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
+
+
+def _second_moment(group: Group, state: State, grad: Tensor) -> Tensor:
+    """The next ``exp_avg_sq``, beta2 v + (1 - beta2) g^2 (Adam, NAdam, RAdam)."""
+    beta2 = _float(group["betas"][1])
+    return beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
+
+
 def _adam_l2(group: Group, grad: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
     """The gradient and the decoupled shrink ``-lr w theta`` (zero unless decay is decoupled)."""
     decay = _float(group.get("weight_decay", 0.0))
@@ -419,21 +431,19 @@ def _adamax_p(group: Group, state: State) -> Tensor:
 
 def _adam_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
     grad, shrink = _adam_l2(group, grad, param)
-    beta1, beta2 = (_float(b) for b in group["betas"])
     t = _steps(state) + 1.0
-    m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
-    v = beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
+    v = _second_moment(group, state, grad)
     if group.get("amsgrad"):
         v = torch.maximum(_moment(state, "max_exp_avg_sq", grad), v)
-    return shrink - _lr(group) / (1.0 - beta1**t) * m / _adam_denominator(group, v, t)
+    bias1 = 1.0 - _float(group["betas"][0]) ** t
+    return shrink - _lr(group) / bias1 * _first_moment(group, state, grad) / _adam_denominator(group, v, t)
 
 
 def _adamax_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
     grad = _l2(group, grad, param)
     beta1, beta2 = (_float(b) for b in group["betas"])
-    m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
     u = torch.maximum(beta2 * _moment(state, "exp_inf", grad), grad.abs() + _float(group["eps"]))
-    return -_lr(group) / (1.0 - beta1 ** (_steps(state) + 1.0)) * m / u
+    return -_lr(group) / (1.0 - beta1 ** (_steps(state) + 1.0)) * _first_moment(group, state, grad) / u
 
 
 def _nadam_mu(group: Group, t: float) -> float:
@@ -465,12 +475,10 @@ def _nadam_p(group: Group, state: State) -> Tensor:
 
 def _nadam_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
     grad, shrink = _adam_l2(group, grad, param)
-    lr, (beta1, beta2) = _lr(group), (_float(b) for b in group["betas"])
-    t = _steps(state) + 1.0
+    lr, t = _lr(group), _steps(state) + 1.0
     mu, mu_next = _nadam_mu(group, t), _nadam_mu(group, t + 1.0)
     product = _float(state.get("mu_product", 1.0)) * mu
-    m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
-    v = beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
+    m, v = _first_moment(group, state, grad), _second_moment(group, state, grad)
     step = lr * (1.0 - mu) / (1.0 - product) * grad + lr * mu_next / (1.0 - product * mu_next) * m
     return shrink - step / _adam_denominator(group, v, t)
 
@@ -517,11 +525,10 @@ def _radam_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Te
     grad, shrink = _adam_l2(group, grad, param)
     beta1, beta2 = (_float(b) for b in group["betas"])
     t = _steps(state) + 1.0
-    m = beta1 * _moment(state, "exp_avg", grad) + (1.0 - beta1) * grad
-    v = beta2 * _moment(state, "exp_avg_sq", grad) + (1.0 - beta2) * grad.square()
-    step = _lr(group) * m / (1.0 - beta1**t)
+    step = _lr(group) * _first_moment(group, state, grad) / (1.0 - beta1**t)
     rect = _radam_rectification(group, t)
     if rect is not None:
+        v = _second_moment(group, state, grad)
         step = step * rect * math.sqrt(1.0 - beta2**t) / (v.sqrt() + _float(group["eps"]))
     return shrink - step
 
