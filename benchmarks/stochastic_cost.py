@@ -58,7 +58,7 @@ def measure(batch_size: int, repeats: int) -> dict:
     x, y = (x - x.mean(0)) / x.std(0).clamp_min(1e-6), torch.tensor(y)
     net = nn.Sequential(nn.Linear(64, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 10))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
-    source = TrainingBatches(TensorDataset(x, y), default_collate, batch_size, "cpu")
+    source = TrainingBatches(TensorDataset(x, y), default_collate, batch_size)
     train = source.draw(10**9, seed=1)
     for _ in range(200):  # off the initialization: a trained state, momentum buffers filled
         optimizer.zero_grad()

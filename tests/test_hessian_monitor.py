@@ -1,5 +1,6 @@
 """HessianEigenMonitor in real Trainer runs: values, logging, cadence, resume, non-interference, errors."""
 
+import copy
 import csv
 import warnings
 
@@ -264,3 +265,64 @@ def test_a_second_fit_with_the_same_monitor_measures_again(tmp_path):
         L.seed_everything(0)
         trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(DigitsClassifier(n=128, batch_size=64))
     assert [h["step"] for h in monitor.history] == [4, 4]  # history accumulates across fits
+
+
+class _Uncast(L.LightningModule):
+    """A model whose training_step does not cast its inputs: it relies on Lightning's precision plugin to
+    convert the float32 batches, as most user code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x)
+        return 0.5 * ((out - torch.nn.functional.one_hot(y, 10).to(out.dtype)) ** 2).sum(dim=1).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        x, y = digits(128)  # float32
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "rtol"),
+    [("64-true", torch.float64, 1e-6), ("bf16-true", torch.bfloat16, 1e-4), ("16-true", torch.float16, 1e-4)],
+)
+def test_true_precisions_measure_the_default_probe_converted_as_training_batches_are(
+    tmp_path, precision, dtype, rtol
+):
+    """The default probe goes through the precision plugin (float32 data become float64, bfloat16,
+    float16) before the measurement's own dtype rule (float32 for 16-bit weights): the top eigenvalue
+    equals a float64 dense Hessian of the cast model on the cast probe."""
+    from cases import Case, dense_hessian
+
+    L.seed_everything(0)
+    model = _Uncast()
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, tol=1e-7, at_fit_end=False)
+    trainer(tmp_path, max_steps=2, precision=precision, callbacks=[monitor]).fit(model)
+    assert [h["step"] for h in monitor.history] == [0, 2] and monitor.probe.batches[0][0].dtype == dtype
+    x, y = digits(128)
+    reference = copy.deepcopy(model.net).double()
+    batch = (x.to(dtype).double(), y)  # the probe as the plugin converted it
+
+    def loss_fn(net, b):
+        return 0.5 * ((net(b[0]) - torch.nn.functional.one_hot(b[1], 10).double()) ** 2).sum(1).mean()
+
+    top = float(torch.linalg.eigvalsh(dense_hessian(Case("uncast", reference, loss_fn, [batch])))[-1])
+    assert float(monitor.latest.eigenvalues[0]) == pytest.approx(top, rel=rtol)
+
+
+def test_the_probe_goes_through_the_modules_batch_transfer_hooks(tmp_path):
+    """A normalization done in on_after_batch_transfer (a common place for it) reaches the probe too."""
+    L.seed_everything(0)
+    model = _Uncast()
+    model.on_after_batch_transfer = lambda batch, dataloader_idx: (batch[0] / 2, batch[1])
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_end=False)
+    trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
+    x, _ = digits(128)
+    assert torch.equal(monitor.probe.batches[0][0], x[:64] / 2)

@@ -589,10 +589,21 @@ def test_training_batches_follow_the_loaders_sampler_accumulation_and_leave_the_
     x, y = digits(64)
     subset = list(range(10, 40))
     loader = DataLoader(Batched(x, y), batch_size=5, sampler=SubsetRandomSampler(subset))
-    fake = SimpleNamespace(train_dataloader=loader, accumulate_grad_batches=2)
+    identity = SimpleNamespace(  # the training loop's conversions, as they are for float32 on CPU
+        convert_input=lambda b: b,
+        on_before_batch_transfer=lambda b, i: b,
+        batch_to_device=lambda b, dataloader_idx: b,
+    )
+    fake = SimpleNamespace(
+        train_dataloader=loader,
+        accumulate_grad_batches=2,
+        precision_plugin=identity,
+        lightning_module=identity,
+        strategy=identity,
+    )
     torch.manual_seed(3)
     before = torch.get_rng_state()
-    source = TrainingBatches.from_trainer(fake, "cpu")
+    source = TrainingBatches.from_trainer(fake)
     first, again = list(source.draw(4, seed=7)), list(source.draw(4, seed=7))
     assert torch.equal(torch.get_rng_state(), before)
     assert all(isinstance(b, ProbeSet) and len(b) == 2 for b in first) and Batched.fetched == 16

@@ -13,25 +13,43 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..curvature.state import rng_state
 from ..measure import loss_of
-from ..probe import ProbeSet, map_tensors, move_to_device, sample_count
+from ..probe import ProbeSet, map_tensors, sample_count
 
 DEFAULT_PROBE_SIZE = 512
 
 
+def training_input(trainer: Any) -> Callable[[Any], Any]:
+    """The conversion Lightning's training loop applies to a batch before ``training_step``: the precision
+    plugin's (float64 inputs under ``"64-true"``, bfloat16 under ``"bf16-true"``), the module's
+    ``on_before_batch_transfer``, and the strategy's device move with ``transfer_batch_to_device`` and
+    ``on_after_batch_transfer``. The probe and the batch-sharpness draws go through it, so they reach the
+    loss as the training batches do (the measurement then casts to its own dtype, if it has one)."""
+    module, strategy, precision = trainer.lightning_module, trainer.strategy, trainer.precision_plugin
+
+    def convert(batch: Any) -> Any:
+        with rng_state():  # a hook's random augmentation must not move the training run's streams
+            batch = precision.convert_input(batch)
+            batch = module.on_before_batch_transfer(batch, 0)
+            return strategy.batch_to_device(batch, dataloader_idx=0)
+
+    return convert
+
+
 def build_probe(trainer: Any, pl_module: Any, probe: Any) -> ProbeSet:
-    """The probe set a monitor's ``probe`` argument asks for, on the module's device."""
+    """The probe set a monitor's ``probe`` argument asks for, converted as training batches are."""
+    convert = training_input(trainer)
     if isinstance(probe, ProbeSet):
-        return ProbeSet(probe, device=pl_module.device)
+        return ProbeSet([convert(b) for b in probe.batches], weights=probe.weights)
     if probe is None or isinstance(probe, int):
         loader = trainer.train_dataloader
         if loader is None:
             raise MisconfigurationException(
                 "no training dataloader to draw the probe from: pass `probe=` batches"
             )
-        return draw_probe(loader, DEFAULT_PROBE_SIZE if probe is None else probe, pl_module.device)
+        return draw_probe(loader, DEFAULT_PROBE_SIZE if probe is None else probe, convert)
     with untouched_iteration(probe):
         batches = list(probe)
-    return ProbeSet(batches, device=pl_module.device)
+    return ProbeSet([convert(b) for b in batches])
 
 
 @contextlib.contextmanager
@@ -70,7 +88,7 @@ def untouched_iteration(loader: Any) -> Iterator[None]:
             generator.set_state(state)
 
 
-def draw_probe(dataloader: Any, size: int, device: Any) -> ProbeSet:
+def draw_probe(dataloader: Any, size: int, convert: Callable[[Any], Any]) -> ProbeSet:
     """The first ``size`` samples the training dataloader yields, drawn once under isolated RNG.
 
     Iterating a shuffling loader draws from torch's global generator or the loader's own;
@@ -90,7 +108,7 @@ def draw_probe(dataloader: Any, size: int, device: Any) -> ProbeSet:
                         lambda t, keep=keep, count=count: t[:keep] if t.ndim and t.shape[0] == count else t,
                     )
                     count = keep
-            batches.append(move_to_device(batch, device))
+            batches.append(convert(batch))
             counts.append(count)
             total += count
             if total >= size:
@@ -112,13 +130,14 @@ class TrainingBatches:
 
     Under DDP each rank draws from its own shard (its ``DistributedSampler``): the ``i``-th batches of all
     ranks form one global mini-batch of ``world_size`` times the per-rank size, as in training. The batches
-    are moved to the module's device; Lightning's batch-transfer hooks are not applied (as for the probe).
+    go through the training loop's conversion (:func:`training_input`: precision plugin, transfer hooks,
+    device), as the probe does.
 
     Args:
         dataset: a map-style dataset.
         collate_fn: the loader's collate function.
         size: samples per micro-batch (the loader's batch size).
-        device: where to move the batches.
+        convert: applied to each collated batch (None: none).
         pool: the indices to draw from (None: every index of ``dataset``).
         micro: micro-batches per mini-batch (the gradient accumulation).
     """
@@ -128,11 +147,11 @@ class TrainingBatches:
         dataset: Any,
         collate_fn: Callable,
         size: int,
-        device: Any,
+        convert: Callable[[Any], Any] | None = None,
         pool: list[int] | None = None,
         micro: int = 1,
     ) -> None:
-        self.dataset, self.collate_fn, self.size, self.device = dataset, collate_fn, size, device
+        self.dataset, self.collate_fn, self.size, self.convert = dataset, collate_fn, size, convert
         self.pool = torch.arange(len(dataset)) if pool is None else torch.as_tensor(sorted(pool))
         self.micro = micro
         if size * micro > len(self.pool):
@@ -141,7 +160,7 @@ class TrainingBatches:
             )
 
     @classmethod
-    def from_trainer(cls, trainer: Any, device: Any) -> TrainingBatches:
+    def from_trainer(cls, trainer: Any) -> TrainingBatches:
         """The plan of ``trainer``'s training loader.
 
         Raises:
@@ -167,7 +186,7 @@ class TrainingBatches:
             dataset,
             loader.collate_fn,
             size,
-            device,
+            training_input(trainer),
             None if whole else pool,
             max(int(trainer.accumulate_grad_batches), 1),
         )
@@ -178,7 +197,7 @@ class TrainingBatches:
             getitems = getattr(self.dataset, "__getitems__", None)
             samples = getitems(indices) if getitems is not None else [self.dataset[j] for j in indices]
             batch = self.collate_fn(samples)
-        return move_to_device(batch, self.device)
+        return batch if self.convert is None else self.convert(batch)
 
     def draw(self, count: int, seed: int) -> Iterator[Any]:
         """Up to ``count`` mini-batches, drawn lazily: consecutive slices of one random order of the pool

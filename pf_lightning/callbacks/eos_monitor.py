@@ -284,7 +284,7 @@ class EdgeOfStabilityMonitor(Callback):
         if wanted is False or (wanted is None and not trains_on_mini_batches(trainer)):
             return None
         try:
-            self._batches = TrainingBatches.from_trainer(trainer, pl_module.device)
+            self._batches = TrainingBatches.from_trainer(trainer)
         except ValueError as err:
             if wanted:
                 self._batches_error = MisconfigurationException(

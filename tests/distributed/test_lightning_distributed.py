@@ -110,7 +110,7 @@ def test_ddp_spawn_batch_sharpness_is_one_value_over_both_ranks_draws(tmp_path):
     x, y = digits(SHARDS[-1][1])
     draws = []
     for rank, ((lo, hi), size) in enumerate(zip(SHARDS, MINI_BATCHES, strict=True)):
-        source = TrainingBatches(TensorDataset(x[lo:hi], y[lo:hi]), default_collate, size, "cpu")
+        source = TrainingBatches(TensorDataset(x[lo:hi], y[lo:hi]), default_collate, size)
         draws.append(list(source.draw(n, hash((0, step, rank)))))
     quotients = []
     for a, b in zip(*draws, strict=True):
