@@ -326,3 +326,13 @@ def test_the_probe_goes_through_the_modules_batch_transfer_hooks(tmp_path):
     trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
     x, _ = digits(128)
     assert torch.equal(monitor.probe.batches[0][0], x[:64] / 2)
+
+
+def test_a_probe_larger_than_the_data_warns_and_says_the_size_used(tmp_path):
+    model = _Uncast()  # 128 samples
+    monitor = HessianEigenMonitor(k=1, probe=5000, every_n_steps=2, at_fit_end=False)
+    with pytest.warns(
+        UserWarning, match=r"probe=5000 asks for more samples .* \(128\): the probe holds those 128"
+    ):
+        trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
+    assert monitor.probe.total_weight == 128

@@ -165,3 +165,35 @@ def test_explicit_weights_replace_sample_counts():
     torch.testing.assert_close(
         weighted.eigenvalues, torch.tensor([9 / 101, 100 / 101]).sort(descending=True).values
     )
+
+
+def test_a_loss_that_does_not_depend_on_the_parameters_is_named_and_not_a_fallback():
+    """Issue 16, item 5: a clear ValueError, no 'falling back to finite differences' warning."""
+    import warnings
+
+    from pf_lightning.curvature import FiniteDifferenceFallbackWarning
+
+    model = torch.nn.Linear(3, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="does not depend on the measured parameters"):
+            hessian_eigenpairs(model, lambda m, b: (b**2).sum(), [torch.randn(8, 3)], k=1)
+    assert not [w for w in caught if issubclass(w.category, FiniteDifferenceFallbackWarning)]
+
+
+def test_a_batch_the_loss_fails_on_is_named_by_its_index():
+    model = torch.nn.Linear(3, 1)
+    batches = [torch.randn(8, 3), torch.randn(4, 5)]  # the second does not fit the model
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as info:
+        hessian_eigenpairs(model, lambda m, b: m(b).pow(2).mean(), batches, k=1, hvp="double_backward")
+    assert any("probe batch 1 of 2" in note for note in info.value.__notes__)
+
+
+def test_forward_over_reverse_on_a_kernel_without_forward_ad_names_the_fix():
+    lstm = torch.nn.LSTM(3, 4, batch_first=True)
+    with pytest.raises(
+        NotImplementedError, match=r"hvp='forward_over_reverse' does not run .* use hvp='double"
+    ):
+        hessian_eigenpairs(
+            lstm, lambda m, b: m(b)[0].pow(2).mean(), [torch.randn(2, 5, 3)], k=1, hvp="forward_over_reverse"
+        )

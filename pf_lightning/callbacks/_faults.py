@@ -67,6 +67,11 @@ def notify(
             )
 
 
+def _notes(err: BaseException) -> str:
+    """The notes an error collected on its way up (e.g. which probe batch raised), for its warning."""
+    return "".join(f" {note}" for note in getattr(err, "__notes__", ()))
+
+
 def skip_or_raise(
     err: Exception,
     *,
@@ -90,7 +95,7 @@ def skip_or_raise(
     warn_once(
         warned,
         f"{what}:{type(err).__name__}",
-        f"{what} at step {step} ({type(err).__name__}: {err}); training goes on{later}",
+        f"{what} at step {step} ({type(err).__name__}: {err}{_notes(err)}); training goes on{later}",
     )
     if metric is not None:
         log_metrics(trainer, {metric: 1.0}, step)

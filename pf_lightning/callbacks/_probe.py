@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -46,7 +47,9 @@ def build_probe(trainer: Any, pl_module: Any, probe: Any) -> ProbeSet:
             raise MisconfigurationException(
                 "no training dataloader to draw the probe from: pass `probe=` batches"
             )
-        return draw_probe(loader, DEFAULT_PROBE_SIZE if probe is None else probe, convert)
+        return draw_probe(
+            loader, DEFAULT_PROBE_SIZE if probe is None else probe, convert, requested=probe is not None
+        )
     with untouched_iteration(probe):
         batches = list(probe)
     return ProbeSet([convert(b) for b in batches])
@@ -88,13 +91,16 @@ def untouched_iteration(loader: Any) -> Iterator[None]:
             generator.set_state(state)
 
 
-def draw_probe(dataloader: Any, size: int, convert: Callable[[Any], Any]) -> ProbeSet:
+def draw_probe(
+    dataloader: Any, size: int, convert: Callable[[Any], Any], requested: bool = False
+) -> ProbeSet:
     """The first ``size`` samples the training dataloader yields, drawn once under isolated RNG.
 
     Iterating a shuffling loader draws from torch's global generator or the loader's own;
     :func:`untouched_iteration` puts them back, so building the probe leaves the training run's data
     order and random stream untouched. Under DDP the loader carries a ``DistributedSampler`` and each
-    rank draws from its own shard.
+    rank draws from its own shard. ``requested``: the size is the user's ``probe=N``, and a loader that
+    holds fewer samples is warned about (the probe then holds all of them).
     """
     batches, counts, total = [], [], 0
     with untouched_iteration(dataloader):
@@ -116,6 +122,12 @@ def draw_probe(dataloader: Any, size: int, convert: Callable[[Any], Any]) -> Pro
     if not batches:
         raise MisconfigurationException(
             "the training dataloader yielded no batch to build the probe set from"
+        )
+    if requested and total < size:
+        rank_zero_warn(
+            f"probe={size} asks for more samples than the training dataloader yields ({total}): the probe "
+            f"holds those {total} samples",
+            category=UserWarning,
         )
     return ProbeSet(batches, weights=counts)
 

@@ -165,7 +165,14 @@ class ForwardOverReverseHVP(HVPBackend):
         pieces = [piece.movedim(-1, 0) for piece in self.space.unflatten(V)]
         tangents = dict(zip(self._keys, pieces, strict=True))
         with math_attention():
-            out = vmap(hvp, randomness="same")(tangents)
+            try:
+                out = vmap(hvp, randomness="same")(tangents)
+            except NotImplementedError as err:  # a kernel without forward-mode AD (LSTM, some fused ops)
+                reason = str(err).splitlines()[0][:200]
+                raise NotImplementedError(
+                    f"hvp='forward_over_reverse' does not run on this model ({reason}): use "
+                    "hvp='double_backward', or 'auto' (double backward, finite differences where it fails)"
+                ) from err
         return torch.cat([out[key].reshape(V.shape[1], -1) for key in self._keys], dim=1).mT.contiguous()
 
 

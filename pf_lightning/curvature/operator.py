@@ -218,11 +218,24 @@ class HessianOperator(LinearOperator):
     def _loss(self, index: int) -> Tensor:
         with rng_state():
             seeded(self.seed * 1_000_003 + index)
-            loss = self.loss_fn(self.model, self.probe.batches[index])
+            try:
+                loss = self.loss_fn(self.model, self.probe.batches[index])
+            except Exception as err:  # the type is kept (callers tell errors apart): the batch is noted
+                err.add_note(
+                    f"(raised by loss_fn on probe batch {index} of {len(self.probe)}: check that batch's "
+                    "shapes and dtypes against what the model expects)"
+                )
+                raise
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar Tensor, got {type(loss).__name__}"
                 f"{'' if not isinstance(loss, Tensor) else f' of shape {tuple(loss.shape)}'}"
+            )
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            raise ValueError(
+                f"the loss of probe batch {index} does not depend on the measured parameters (it has no "
+                "grad_fn): compute it from the model's output with gradients enabled (not under "
+                "torch.no_grad() or .detach()), and select parameters the loss uses with `params`"
             )
         return loss.reshape(())
 
