@@ -5,6 +5,7 @@ from .curvature import HessianOperator, NonFiniteLossError, ParameterSpace, Prec
 from .curvature.distributed import CollectiveFailure, MeasurementAborted
 from .curvature.drift import GradientCurvature, gradient_curvature
 from .curvature.groups import parameter_groups
+from .curvature.state import is_measuring
 from .linalg import EigenResult, NonConvergenceWarning, NonFiniteOperatorError
 from .measure import (
     BatchSharpness,
@@ -47,6 +48,7 @@ __all__ = [
     "hessian_density",
     "hessian_eigenpairs",
     "hessian_trace",
+    "is_measuring",
     "output_loss",
     "parameter_groups",
 ]

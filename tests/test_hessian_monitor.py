@@ -336,3 +336,55 @@ def test_a_probe_larger_than_the_data_warns_and_says_the_size_used(tmp_path):
     ):
         trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
     assert monitor.probe.total_weight == 128
+
+
+class _SideEffects(_Uncast):
+    """A training_step with side effects: a counter, a queue and an EMA teacher, optionally guarded."""
+
+    def __init__(self, guarded: bool) -> None:
+        super().__init__()
+        self.guarded, self.seen, self.queue, self.flags = guarded, 0, [], []
+        self.teacher = copy.deepcopy(self.net).requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        import pf_lightning
+
+        self.flags.append(pf_lightning.is_measuring()) if not self.guarded else None
+        if not (self.guarded and pf_lightning.is_measuring()):
+            self.seen += 1
+            self.queue.append(batch_idx)
+            with torch.no_grad():
+                for t, s in zip(self.teacher.parameters(), self.net.parameters(), strict=True):
+                    t.mul_(0.9).add_(s, alpha=0.1)
+        return super().training_step(batch, batch_idx)
+
+
+def test_side_effects_of_training_step_are_warned_and_is_measuring_guards_them(tmp_path):
+    """Unguarded, the counter, the queue and the teacher's in-place update move with every product and are
+    named in one warning; guarded by is_measuring(), they move once per training step, as without the
+    monitor, and nothing is warned."""
+    import warnings
+
+    import pf_lightning
+
+    assert not pf_lightning.is_measuring()
+    loose = _SideEffects(guarded=False)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, probe=64, at_fit_end=False)
+    with pytest.warns(UserWarning, match=r"training_step changed .*queue, seen.*is_measuring") as caught:
+        trainer(tmp_path, max_steps=2, callbacks=[monitor]).fit(loose)
+    assert sum("while serving as a measurement's loss" in str(w.message) for w in caught) == 1
+    assert "teacher.0.weight" in next(str(w.message) for w in caught if "serving" in str(w.message))
+    assert loose.seen > 2 and True in loose.flags and False in loose.flags
+
+    guarded = _SideEffects(guarded=True)
+    plain = _SideEffects(guarded=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(log_every_n_steps|num_workers|LeafSpec).*")
+        trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1, every_n_steps=2, probe=64)]).fit(
+            guarded
+        )
+    trainer(tmp_path, max_steps=2).fit(plain)
+    assert guarded.seen == plain.seen == 2 and guarded.queue == plain.queue
+    for a, b in zip(guarded.teacher.parameters(), plain.teacher.parameters(), strict=True):
+        assert torch.equal(a, b)

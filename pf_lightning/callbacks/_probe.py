@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..curvature.distributed import is_sharded
 from ..curvature.state import rng_state
 from ..measure import loss_of
 from ..probe import ProbeSet, map_tensors, sample_count
@@ -305,17 +307,60 @@ def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
     )
 
 
+def _side_effects(module: nn.Module) -> dict[str, Any]:
+    """What a loss call must leave alone and is not restored: the module's public plain attributes
+    (numbers, strings; containers by identity and length) and every parameter's in-place version."""
+    seen: dict[str, Any] = {}
+    for name, value in vars(module).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, int | float | str | bool):
+            seen[name] = value
+        elif isinstance(value, list | dict | set | collections.deque):
+            seen[name] = (id(value), len(value))
+    for name, p in module.named_parameters():
+        if not is_sharded(p):  # FSDP2 swaps its own parameters around a forward pass
+            seen[name] = p._version  # bumped by every in-place update (an EMA teacher's copy_/mul_)
+    return seen
+
+
 def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
-    """The loss the measurement differentiates, always on the module's uncompiled code."""
+    """The loss the measurement differentiates, always on the module's uncompiled code.
+
+    A loss call that changes the module's public plain attributes (a counter, a queue) or updates a
+    parameter in place (an EMA teacher) is warned about, once per fit and monitor: the measurement runs
+    the loss once per probe batch and product, and restores neither. Guard such updates with
+    ``pf_lightning.is_measuring()``.
+    """
     if loss_fn is None and not getattr(module, "automatic_optimization", True):
         raise MisconfigurationException(
             "with manual optimization, training_step steps the optimizer itself and cannot serve as a loss: "
             "pass `loss_fn=lambda module, batch: ...` to the callback"
         )
     base = loss_fn or training_step_loss
+    source = "loss_fn" if loss_fn is not None else "training_step"
+    warned: list[bool] = []
 
     def loss(module: nn.Module, batch: Any) -> Tensor:
+        before = None if warned else _side_effects(module)
         with uncompiled(module):
-            return base(module, batch)
+            out = base(module, batch)
+        if before is not None:
+            after = _side_effects(module)
+            changed = sorted(k for k in before if after.get(k) != before[k])
+            if changed:
+                warned.append(True)
+                rank_zero_warn(
+                    f"{source} changed {', '.join(changed[:5])} while serving as a measurement's loss: a "
+                    "measurement calls it once per probe batch and Hessian-vector product and restores neither "
+                    "attributes nor in-place parameter updates. Guard them with `if not pf_lightning.is_measuring():`"
+                    + (
+                        ""
+                        if loss_fn is not None
+                        else ", or pass the callback a `loss_fn=` without side effects"
+                    ),
+                    category=UserWarning,
+                )
+        return out
 
     return loss

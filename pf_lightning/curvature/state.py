@@ -13,11 +13,17 @@ A measurement must not disturb training (DESIGN principle 1). Inside :func:`meas
 
 Everything is restored in ``finally`` blocks: a measurement that raises half-way (a NaN, a shape
 error, a ``KeyboardInterrupt``) leaves the model exactly as one that finishes.
+
+What the loss itself does beyond computing the loss is not undone: a ``training_step`` serving as the
+loss runs once per probe batch and product, so a counter it increments, a queue it appends to, or a
+parameter it updates in place (an EMA teacher) would move with every product. :func:`is_measuring` is
+True inside every measurement, for a ``training_step`` to guard such updates with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import random
 from collections.abc import Iterator
 
@@ -30,7 +36,7 @@ try:  # numpy is optional at run time
 except ImportError:  # pragma: no cover
     np = None
 
-__all__ = ["cast_model", "measurement_context", "rng_state", "seeded"]
+__all__ = ["cast_model", "is_measuring", "measurement_context", "rng_state", "seeded"]
 
 
 @contextlib.contextmanager
@@ -90,10 +96,27 @@ def cast_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
             t.data = original
 
 
+_MEASURING = contextvars.ContextVar("pf_lightning_measuring", default=False)
+
+
+def is_measuring() -> bool:
+    """True while a pf-lightning measurement runs the loss (in any of its passes), False otherwise.
+
+    Guard what a ``training_step`` must do once per training step, not once per product::
+
+        def training_step(self, batch, batch_idx):
+            loss = ...
+            if not pf_lightning.is_measuring():
+                self.seen += len(batch)        # a counter, a queue, an EMA teacher's update
+            return loss
+    """
+    return _MEASURING.get()
+
+
 @contextlib.contextmanager
 def measurement_context(model: nn.Module) -> Iterator[None]:
     """Run a measurement on ``model`` and restore its buffers, modes, ``.grad`` and random states
-    (on any exit, an exception included)."""
+    (on any exit, an exception included); :func:`is_measuring` is True inside."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     grads = [(p, p.grad) for p in model.parameters()]
@@ -101,6 +124,7 @@ def measurement_context(model: nn.Module) -> Iterator[None]:
         (m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm) and m.training
     ]
     device_type = next((p.device.type for p in model.parameters()), "cpu")
+    token = _MEASURING.set(True)
     try:
         for p, _ in grads:
             p.grad = None
@@ -109,6 +133,7 @@ def measurement_context(model: nn.Module) -> Iterator[None]:
         with rng_state(), torch.autocast(device_type=device_type, enabled=False):
             yield
     finally:
+        _MEASURING.reset(token)
         for m, flag in tracking:
             m.track_running_stats = flag
         with torch.no_grad():
