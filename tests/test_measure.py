@@ -197,3 +197,47 @@ def test_forward_over_reverse_on_a_kernel_without_forward_ad_names_the_fix():
         hessian_eigenpairs(
             lstm, lambda m, b: m(b)[0].pow(2).mean(), [torch.randn(2, 5, 3)], k=1, hvp="forward_over_reverse"
         )
+
+
+class _Checkpointed(torch.nn.Module):
+    """A block under torch.utils.checkpoint after a first layer (so its input requires grad)."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 8), torch.nn.Linear(8, 1)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.tanh(self.e(x))
+        block = lambda t: torch.tanh(self.a(t))  # noqa: E731
+        h = block(h) if self.reentrant is None else checkpoint(block, h, use_reentrant=self.reentrant)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_is_measured_exactly_or_by_backward_differences(reentrant):
+    """Non-reentrant: exact double backward. Reentrant (refuses autograd.grad): 'auto' falls back, once,
+    to finite differences of ordinary backward passes; explicit double backward names the fix."""
+    import warnings
+
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def loss(m, b):
+        return m(b).pow(2).mean()
+
+    reference = hessian_eigenpairs(_Checkpointed(None).double(), loss, [x], k=2, tol=1e-9).eigenvalues
+    model = _Checkpointed(reentrant).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = hessian_eigenpairs(model, loss, [x], k=2, tol=1e-9)
+    fallbacks = [w for w in caught if "hvp='auto'" in str(w.message)]
+    assert result.info["hvp"] == ("finite_difference" if reentrant else "double_backward")
+    assert len(fallbacks) == (1 if reentrant else 0)
+    torch.testing.assert_close(result.eigenvalues, reference, rtol=1e-7, atol=0)
+    assert all(p.grad is None for p in model.parameters())  # backward passes left no .grad behind
+    if reentrant:
+        with pytest.raises(RuntimeError, match=r"reentrant activation checkpointing.*use hvp='auto'"):
+            hessian_eigenpairs(model, loss, [x], k=1, hvp="double_backward")

@@ -89,7 +89,16 @@ class DoubleBackwardHVP(HVPBackend):
             return self._graphs[index]
         with torch.enable_grad(), math_attention():
             loss = self.loss_at(index)
-            grads = torch.autograd.grad(loss, self.space.params, create_graph=True, allow_unused=True)
+            try:
+                grads = torch.autograd.grad(loss, self.space.params, create_graph=True, allow_unused=True)
+            except RuntimeError as err:
+                if "use_reentrant=True" not in str(err):
+                    raise
+                raise RuntimeError(
+                    "double backward does not run through reentrant activation checkpointing "
+                    "(torch.utils.checkpoint(..., use_reentrant=True)): use hvp='auto' or 'finite_difference' "
+                    "(products from ordinary backward passes), or use_reentrant=False for exact products"
+                ) from err
         grads = [
             torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.space.params, strict=True)
         ]

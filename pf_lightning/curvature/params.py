@@ -115,6 +115,7 @@ class ParameterSpace:
         self.global_n = self.layout.global_n if self.layout is not None else self.n
         self.dtype = dtype
         self.device = local[0].device
+        self._checked = self._backward_only = False  # whether autograd.grad runs through the model
 
     def __len__(self) -> int:
         return len(self.params)
@@ -136,12 +137,28 @@ class ParameterSpace:
 
         Plain parameters use ``torch.autograd.grad`` (``.grad`` untouched). Sharded ones need an ordinary
         ``backward``: FSDP2 connects its sharded parameters to the graph only through the hooks that
-        reduce-scatter gradients into ``.grad``. Their ``.grad`` is cleared before and after; the caller
+        reduce-scatter gradients into ``.grad``; so do models with reentrant activation checkpointing
+        (``torch.utils.checkpoint(..., use_reentrant=True)`` refuses ``autograd.grad``), found on the
+        first gradient. Their ``.grad`` is cleared before and after; the caller
         (:func:`~pf_lightning.curvature.state.measurement_context`) restores the training run's own.
         """
-        if not self.sharded:
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
-            return self.flatten(grads)
+        if not self.sharded and not self._backward_only:
+            try:
+                # The graph is kept until it is known that autograd.grad runs through it: reentrant
+                # checkpointing refuses it (after consuming part of the graph) but allows backward.
+                grads = torch.autograd.grad(
+                    loss,
+                    self.params,
+                    allow_unused=True,
+                    materialize_grads=True,
+                    retain_graph=not self._checked,
+                )
+                self._checked = True
+                return self.flatten(grads)
+            except RuntimeError as err:
+                if self._checked or "use_reentrant=True" not in str(err):
+                    raise
+                self._backward_only = self._checked = True  # torch.utils.checkpoint(use_reentrant=True)
         for p in self.params:
             p.grad = None
         loss.backward()
