@@ -241,3 +241,22 @@ def test_activation_checkpointing_is_measured_exactly_or_by_backward_differences
     if reentrant:
         with pytest.raises(RuntimeError, match=r"reentrant activation checkpointing.*use hvp='auto'"):
             hessian_eigenpairs(model, loss, [x], k=1, hvp="double_backward")
+
+
+def test_a_loss_less_precise_than_the_measurement_is_warned_once():
+    """A float64 measurement whose loss comes back in float32 (as Hugging Face's causal-LM loss casts the
+    logits) says so, once; a float64 loss does not."""
+    import warnings
+
+    from pf_lightning.curvature import operator
+
+    operator._LOWER_PRECISION_WARNED.clear()
+    model = torch.nn.Linear(3, 1).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hessian_eigenpairs(model, lambda m, b: m(b).float().pow(2).mean(), [x], k=1)
+        hessian_eigenpairs(model, lambda m, b: m(b).float().pow(2).mean(), [x], k=1)
+        hessian_eigenpairs(model, lambda m, b: m(b).pow(2).mean(), [x], k=1)
+    messages = [str(w.message) for w in caught if "comes back in" in str(w.message)]
+    assert len(messages) == 1 and "torch.float32 while the measurement runs in torch.float64" in messages[0]

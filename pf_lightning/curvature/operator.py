@@ -231,6 +231,8 @@ class HessianOperator(LinearOperator):
                 f"loss_fn must return a scalar Tensor, got {type(loss).__name__}"
                 f"{'' if not isinstance(loss, Tensor) else f' of shape {tuple(loss.shape)}'}"
             )
+        if loss.is_floating_point() and loss.dtype.itemsize < self.space.dtype.itemsize:
+            _warn_lower_precision(loss.dtype, self.space.dtype)
         if torch.is_grad_enabled() and not loss.requires_grad:
             raise ValueError(
                 f"the loss of probe batch {index} does not depend on the measured parameters (it has no "
@@ -462,6 +464,24 @@ class HessianOperator(LinearOperator):
                 ).to(self.dtype)
 
         return self._accumulate(term, torch.zeros(self.n, dtype=self.dtype, device=self.device))
+
+
+_LOWER_PRECISION_WARNED: set[tuple[torch.dtype, torch.dtype]] = set()
+
+
+def _warn_lower_precision(got: torch.dtype, wanted: torch.dtype) -> None:
+    """Once per process and pair: the loss is less precise than the measurement it serves."""
+    if (got, wanted) in _LOWER_PRECISION_WARNED or not _is_rank_zero():
+        return
+    _LOWER_PRECISION_WARNED.add((got, wanted))
+    warnings.warn(
+        f"the loss comes back in {got} while the measurement runs in {wanted}: every product is then only as "
+        f"accurate as {got} (finite differences of a float32 loss are about 1e-4 off, not 1e-9 as in float64; "
+        "Hugging Face's causal-LM loss casts the logits to float32). Compute the loss in "
+        f"{wanted} (e.g. a loss_fn on the logits kept in {wanted}) for a {wanted} measurement",
+        UserWarning,
+        stacklevel=5,
+    )
 
 
 class _LossFailed(Exception):
