@@ -260,3 +260,32 @@ def test_a_loss_less_precise_than_the_measurement_is_warned_once():
         hessian_eigenpairs(model, lambda m, b: m(b).pow(2).mean(), [x], k=1)
     messages = [str(w.message) for w in caught if "comes back in" in str(w.message)]
     assert len(messages) == 1 and "torch.float32 while the measurement runs in torch.float64" in messages[0]
+
+
+class _HuggingFaceStyle(_Checkpointed):
+    """Hugging Face's convention: a boolean `gradient_checkpointing` that the forward reads (transformers
+    checkpoints with use_reentrant=True unless told otherwise)."""
+
+    def __init__(self) -> None:
+        super().__init__(reentrant=True)
+        self.gradient_checkpointing = True
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(self.gradient_checkpointing)
+        self.reentrant = True if self.gradient_checkpointing else None
+        return super().forward(x)
+
+
+def test_hugging_face_style_checkpointing_is_off_inside_a_measurement_so_auto_stays_exact():
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def loss(m, b):
+        return m(b).pow(2).mean()
+
+    reference = hessian_eigenpairs(_Checkpointed(None).double(), loss, [x], k=2, tol=1e-9).eigenvalues
+    model = _HuggingFaceStyle().double()
+    result = hessian_eigenpairs(model, loss, [x], k=2, tol=1e-9)
+    assert result.info["hvp"] == "double_backward" and not any(model.seen)
+    torch.testing.assert_close(result.eigenvalues, reference, rtol=1e-10, atol=0)
+    assert model.gradient_checkpointing is True  # given back on exit

@@ -7,6 +7,10 @@ A measurement must not disturb training (DESIGN principle 1). Inside :func:`meas
 - the CPU, CUDA, Python and NumPy random states are restored, so dropout masks drawn for the
   measurement do not shift the training run's random stream;
 - autocast is disabled: second derivatives in float16 overflow to NaN (Lightning issue 12600);
+- modules that follow Hugging Face's convention of a boolean ``gradient_checkpointing`` attribute
+  (``model.gradient_checkpointing_enable()``) run without activation checkpointing, and get it back on
+  exit: double backward through checkpointed segments is refused (reentrant) or can fail on recompute,
+  and without it ``hvp="auto"`` stays exact, at the cost of the probe batch's full activations;
 - ``.grad`` is never written, since every backend uses ``torch.autograd.grad``; the training run's
   ``.grad`` tensors are set aside for the duration anyway and put back on exit, so a user loss function
   that calls ``backward`` writes fresh tensors instead of accumulating into them.
@@ -123,6 +127,7 @@ def measurement_context(model: nn.Module) -> Iterator[None]:
     tracking = [
         (m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm) and m.training
     ]
+    checkpointing = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     token = _MEASURING.set(True)
     try:
@@ -130,12 +135,16 @@ def measurement_context(model: nn.Module) -> Iterator[None]:
             p.grad = None
         for m, _ in tracking:
             m.track_running_stats = False
+        for m in checkpointing:
+            m.gradient_checkpointing = False
         with rng_state(), torch.autocast(device_type=device_type, enabled=False):
             yield
     finally:
         _MEASURING.reset(token)
         for m, flag in tracking:
             m.track_running_stats = flag
+        for m in checkpointing:
+            m.gradient_checkpointing = True
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
