@@ -317,25 +317,26 @@ def test_true_precisions_measure_the_default_probe_converted_as_training_batches
     assert float(monitor.latest.eigenvalues[0]) == pytest.approx(top, rel=rtol)
 
 
-def test_the_probe_goes_through_the_modules_batch_transfer_hooks(tmp_path):
-    """A normalization done in on_after_batch_transfer (a common place for it) reaches the probe too."""
-    L.seed_everything(0)
-    model = _Uncast()
-    model.on_after_batch_transfer = lambda batch, dataloader_idx: (batch[0] / 2, batch[1])
-    monitor = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_end=False)
-    trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
-    x, _ = digits(128)
-    assert torch.equal(monitor.probe.batches[0][0], x[:64] / 2)
+def test_a_drawn_probe_goes_through_the_batch_hooks_a_given_one_only_through_the_precision(tmp_path):
+    """A normalization in on_after_batch_transfer (the module's) or on_before_batch_transfer (the
+    DataModule's, as the loop dispatches it) reaches the probe drawn from the loader; batches handed in
+    as `probe=` are taken as training_step takes them (not normalized twice), cast by the precision."""
+    x, y = digits(128)
 
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
 
-def test_a_probe_larger_than_the_data_warns_and_says_the_size_used(tmp_path):
-    model = _Uncast()  # 128 samples
-    monitor = HessianEigenMonitor(k=1, probe=5000, every_n_steps=2, at_fit_end=False)
-    with pytest.warns(
-        UserWarning, match=r"probe=5000 asks for more samples .* \(128\): the probe holds those 128"
-    ):
-        trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
-    assert monitor.probe.total_weight == 128
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            return (batch[0] * 3, batch[1])
+
+    for probe, expected in ((None, x[:64].double() * 3 / 2), ([(x[:32], y[:32])], x[:32].double())):
+        L.seed_everything(0)
+        model = _Uncast()
+        model.on_after_batch_transfer = lambda batch, dataloader_idx: (batch[0] / 2, batch[1])
+        monitor = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_end=False, probe=probe)
+        trainer(tmp_path, max_steps=1, precision="64-true", callbacks=[monitor]).fit(model, Data())
+        assert torch.equal(monitor.probe.batches[0][0], expected.double())
 
 
 class _SideEffects(_Uncast):

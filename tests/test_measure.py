@@ -230,6 +230,9 @@ def test_activation_checkpointing_is_measured_exactly_or_by_backward_differences
 
     reference = hessian_eigenpairs(_Checkpointed(None).double(), loss, [x], k=2, tol=1e-9).eigenvalues
     model = _Checkpointed(reentrant).double()
+    training_grads = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), training_grads, strict=True):
+        p.grad = g
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = hessian_eigenpairs(model, loss, [x], k=2, tol=1e-9)
@@ -237,9 +240,13 @@ def test_activation_checkpointing_is_measured_exactly_or_by_backward_differences
     assert result.info["hvp"] == ("finite_difference" if reentrant else "double_backward")
     assert len(fallbacks) == (1 if reentrant else 0)
     torch.testing.assert_close(result.eigenvalues, reference, rtol=1e-7, atol=0)
-    assert all(p.grad is None for p in model.parameters())  # backward passes left no .grad behind
+    # The backward passes wrote fresh .grad tensors, not into training's: those come back untouched.
+    for p, g in zip(model.parameters(), training_grads, strict=True):
+        assert p.grad is g and bool((g == 7.0).all())
     if reentrant:
-        with pytest.raises(RuntimeError, match=r"reentrant activation checkpointing.*use hvp='auto'"):
+        with pytest.raises(
+            RuntimeError, match=r"reentrant activation checkpointing.*hvp='finite_difference'"
+        ):
             hessian_eigenpairs(model, loss, [x], k=1, hvp="double_backward")
 
 

@@ -14,25 +14,31 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..curvature.distributed import is_sharded
-from ..curvature.state import rng_state
+from ..curvature.state import measuring, rng_state
 from ..measure import loss_of
-from ..probe import ProbeSet, map_tensors, sample_count
+from ..probe import ProbeSet, map_tensors, move_to_device, sample_count
 
 DEFAULT_PROBE_SIZE = 512
 
 
-def training_input(trainer: Any) -> Callable[[Any], Any]:
-    """The conversion Lightning's training loop applies to a batch before ``training_step``: the precision
-    plugin's (float64 inputs under ``"64-true"``, bfloat16 under ``"bf16-true"``), the module's
-    ``on_before_batch_transfer``, and the strategy's device move with ``transfer_batch_to_device`` and
-    ``on_after_batch_transfer``. The probe and the batch-sharpness draws go through it, so they reach the
-    loss as the training batches do (the measurement then casts to its own dtype, if it has one)."""
+def training_input(trainer: Any, hooks: bool = True) -> Callable[[Any], Any]:
+    """The conversion Lightning's training loop applies to a loader's batch before ``training_step``: the
+    precision plugin's (float64 inputs under ``"64-true"``, bfloat16 under ``"bf16-true"``), the batch
+    hooks ``on_before_batch_transfer``, ``transfer_batch_to_device`` and ``on_after_batch_transfer`` (the
+    module's or the DataModule's, as the loop picks them), and the strategy's device move. Batches drawn
+    from the loader (the default probe, the batch-sharpness draws) go through all of it, so they reach
+    the loss as the training batches do; ``hooks=False`` (batches a user hands in, already in the form
+    ``training_step`` takes) applies only the precision plugin and the device move, both idempotent.
+    The hooks run with :func:`~pf_lightning.is_measuring` True and the random states restored."""
     module, strategy, precision = trainer.lightning_module, trainer.strategy, trainer.precision_plugin
 
     def convert(batch: Any) -> Any:
-        with rng_state():  # a hook's random augmentation must not move the training run's streams
+        with rng_state(), measuring():  # a hook's random augmentation must not move training's streams
             batch = precision.convert_input(batch)
-            batch = module.on_before_batch_transfer(batch, 0)
+            if not hooks:
+                return move_to_device(batch, strategy.root_device)
+            # The loop's own dispatch (module or DataModule hook); a call, nothing of the module is written.
+            batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
             return strategy.batch_to_device(batch, dataloader_idx=0)
 
     return convert
@@ -40,8 +46,8 @@ def training_input(trainer: Any) -> Callable[[Any], Any]:
 
 def build_probe(trainer: Any, pl_module: Any, probe: Any) -> ProbeSet:
     """The probe set a monitor's ``probe`` argument asks for, converted as training batches are."""
-    convert = training_input(trainer)
     if isinstance(probe, ProbeSet):
+        convert = training_input(trainer, hooks=False)
         return ProbeSet([convert(b) for b in probe.batches], weights=probe.weights)
     if probe is None or isinstance(probe, int):
         loader = trainer.train_dataloader
@@ -49,11 +55,11 @@ def build_probe(trainer: Any, pl_module: Any, probe: Any) -> ProbeSet:
             raise MisconfigurationException(
                 "no training dataloader to draw the probe from: pass `probe=` batches"
             )
-        return draw_probe(
-            loader, DEFAULT_PROBE_SIZE if probe is None else probe, convert, requested=probe is not None
-        )
+        size = DEFAULT_PROBE_SIZE if probe is None else probe
+        return draw_probe(loader, size, training_input(trainer), requested=probe is not None)
     with untouched_iteration(probe):
         batches = list(probe)
+    convert = training_input(trainer, hooks=False)
     return ProbeSet([convert(b) for b in batches])
 
 
@@ -324,12 +330,17 @@ def _side_effects(module: nn.Module) -> dict[str, Any]:
     return seen
 
 
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # NaN is NaN
+
+
 def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
     """The loss the measurement differentiates, always on the module's uncompiled code.
 
     A loss call that changes the module's public plain attributes (a counter, a queue) or updates a
-    parameter in place (an EMA teacher) is warned about, once per fit and monitor: the measurement runs
-    the loss once per probe batch and product, and restores neither. Guard such updates with
+    parameter in place through autograd-visible ops (an EMA teacher's ``mul_``/``copy_``; updates through
+    ``.data`` are not seen) is warned about, once per fit and monitor: the measurement runs the loss once
+    per probe batch and product, and restores neither. Guard such updates with
     ``pf_lightning.is_measuring()``.
     """
     if loss_fn is None and not getattr(module, "automatic_optimization", True):
@@ -347,7 +358,7 @@ def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
             out = base(module, batch)
         if before is not None:
             after = _side_effects(module)
-            changed = sorted(k for k in before if after.get(k) != before[k])
+            changed = sorted(k for k in before if not _same(after.get(k), before[k]))
             if changed:
                 warned.append(True)
                 rank_zero_warn(

@@ -96,8 +96,9 @@ class DoubleBackwardHVP(HVPBackend):
                     raise
                 raise RuntimeError(
                     "double backward does not run through reentrant activation checkpointing "
-                    "(torch.utils.checkpoint(..., use_reentrant=True)): use hvp='auto' or 'finite_difference' "
-                    "(products from ordinary backward passes), or use_reentrant=False for exact products"
+                    "(torch.utils.checkpoint(..., use_reentrant=True)): finite differences of ordinary "
+                    "backward passes do (hvp='finite_difference', where 'auto' falls back); "
+                    "use_reentrant=False gives exact products"
                 ) from err
         grads = [
             torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.space.params, strict=True)

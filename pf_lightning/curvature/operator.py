@@ -163,7 +163,9 @@ class HessianOperator(LinearOperator):
         self._stack = contextlib.ExitStack()
         try:
             with self._failure:
-                self._stack.enter_context(measurement_context(self.model))
+                # Exact products need second-order autograd: Hugging Face-style checkpointing is off then.
+                exact = not self.space.sharded and self.requested != "finite_difference"
+                self._stack.enter_context(measurement_context(self.model, exact=exact))
                 self._stack.enter_context(cast_model(self.model, self.cast))
             if is_distributed():
                 # One collective: the total sample weight, and every rank's batch count (slot = rank); it
@@ -237,7 +239,8 @@ class HessianOperator(LinearOperator):
             raise ValueError(
                 f"the loss of probe batch {index} does not depend on the measured parameters (it has no "
                 "grad_fn): compute it from the model's output with gradients enabled (not under "
-                "torch.no_grad() or .detach()), and select parameters the loss uses with `params`"
+                "torch.no_grad() or torch.inference_mode(), not .detach()ed), and select parameters the "
+                "loss uses with `params`"
             )
         return loss.reshape(())
 

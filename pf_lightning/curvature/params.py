@@ -139,7 +139,9 @@ class ParameterSpace:
         ``backward``: FSDP2 connects its sharded parameters to the graph only through the hooks that
         reduce-scatter gradients into ``.grad``; so do models with reentrant activation checkpointing
         (``torch.utils.checkpoint(..., use_reentrant=True)`` refuses ``autograd.grad``), found on the
-        first gradient. Their ``.grad`` is cleared before and after; the caller
+        first gradient. A ``backward`` also fills the ``.grad`` of every other leaf the loss uses (the
+        model's are set aside and restored by the measurement; tensors a ``loss_fn`` closes over are not)
+        and runs ``.grad`` hooks, as a training backward would. Their ``.grad`` is cleared before and after; the caller
         (:func:`~pf_lightning.curvature.state.measurement_context`) restores the training run's own.
         """
         if not self.sharded and not self._backward_only:

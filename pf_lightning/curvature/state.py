@@ -40,7 +40,7 @@ try:  # numpy is optional at run time
 except ImportError:  # pragma: no cover
     np = None
 
-__all__ = ["cast_model", "is_measuring", "measurement_context", "rng_state", "seeded"]
+__all__ = ["cast_model", "is_measuring", "measurement_context", "measuring", "rng_state", "seeded"]
 
 
 @contextlib.contextmanager
@@ -118,37 +118,50 @@ def is_measuring() -> bool:
 
 
 @contextlib.contextmanager
-def measurement_context(model: nn.Module) -> Iterator[None]:
+def measuring() -> Iterator[None]:
+    """Mark the block as part of a measurement: :func:`is_measuring` is True inside."""
+    token = _MEASURING.set(True)
+    try:
+        yield
+    finally:
+        _MEASURING.reset(token)
+
+
+@contextlib.contextmanager
+def measurement_context(model: nn.Module, exact: bool = False) -> Iterator[None]:
     """Run a measurement on ``model`` and restore its buffers, modes, ``.grad`` and random states
-    (on any exit, an exception included); :func:`is_measuring` is True inside."""
+    (on any exit, an exception included); :func:`is_measuring` is True inside. ``exact``: the products
+    will need second-order autograd, so Hugging Face-style ``gradient_checkpointing`` is switched off
+    for the duration (finite differences keep it, and its memory savings)."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     grads = [(p, p.grad) for p in model.parameters()]
     tracking = [
         (m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm) and m.training
     ]
-    checkpointing = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    checkpointing = (
+        [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True] if exact else []
+    )
     device_type = next((p.device.type for p in model.parameters()), "cpu")
-    token = _MEASURING.set(True)
-    try:
-        for p, _ in grads:
-            p.grad = None
-        for m, _ in tracking:
-            m.track_running_stats = False
-        for m in checkpointing:
-            m.gradient_checkpointing = False
-        with rng_state(), torch.autocast(device_type=device_type, enabled=False):
-            yield
-    finally:
-        _MEASURING.reset(token)
-        for m, flag in tracking:
-            m.track_running_stats = flag
-        for m in checkpointing:
-            m.gradient_checkpointing = True
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for m, mode in modes:
-            m.training = mode
-        for p, g in grads:
-            p.grad = g
+    with measuring():
+        try:
+            for p, _ in grads:
+                p.grad = None
+            for m, _ in tracking:
+                m.track_running_stats = False
+            for m in checkpointing:
+                m.gradient_checkpointing = False
+            with rng_state(), torch.autocast(device_type=device_type, enabled=False):
+                yield
+        finally:
+            for m, flag in tracking:
+                m.track_running_stats = flag
+            for m in checkpointing:
+                m.gradient_checkpointing = True
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m, mode in modes:
+                m.training = mode
+            for p, g in grads:
+                p.grad = g
