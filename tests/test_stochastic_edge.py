@@ -591,7 +591,7 @@ def test_training_batches_follow_the_loaders_sampler_accumulation_and_leave_the_
     loader = DataLoader(Batched(x, y), batch_size=5, sampler=SubsetRandomSampler(subset))
     identity = SimpleNamespace(  # the training loop's conversions, as they are for float32 on CPU
         convert_input=lambda b: b,
-        on_before_batch_transfer=lambda b, i: b,
+        _on_before_batch_transfer=lambda b, dataloader_idx: b,
         batch_to_device=lambda b, dataloader_idx: b,
     )
     fake = SimpleNamespace(
