@@ -493,6 +493,12 @@ class BatchSharpness:
         return None if self.threshold is None else self.value / self.threshold
 
 
+def _update_per_unit_lr(optimizer: torch.optim.Optimizer, space: ParameterSpace, gradient: Tensor) -> Tensor:
+    """The optimizer's next update over group 0's learning rate: the direction whose quotients compare
+    with :func:`~pf_lightning.stability.update_threshold` (2/lr)."""
+    return optimizer_update(optimizer, space, gradient) / float(optimizer.param_groups[0]["lr"])
+
+
 class _Quotient:
     """The direction a batch's quotient is taken along, from the optimizer's rule (one per measurement).
 
@@ -509,7 +515,7 @@ class _Quotient:
             return
         space = ParameterSpace(model, params, dtype=dtype)
         dynamics = step_dynamics(optimizer)
-        self.space, self.lr = space, float(optimizer.param_groups[0]["lr"])
+        self.space = space
         if dynamics.preconditioned:
             self.diagonal, self.decay = optimizer_preconditioner(optimizer, space)
             self.along, self.threshold = "preconditioned gradient", dynamics.threshold
@@ -529,7 +535,7 @@ class _Quotient:
             return gradient, gradient
         if self.diagonal is not None:
             return seen / self.diagonal.to(seen), seen
-        return -optimizer_update(self.optimizer, self.space, gradient).to(seen) / self.lr, seen
+        return -_update_per_unit_lr(self.optimizer, self.space, gradient).to(seen), seen
 
     def curvature(self, op: HessianOperator, x: Tensor) -> float:
         product = op.matvec(x)
@@ -837,8 +843,7 @@ def critical_sharpness(
             if optimizer is None:
                 d = -gradient.to(space.dtype)
             else:
-                lr = float(optimizer.param_groups[0]["lr"])
-                d = optimizer_update(optimizer, space, gradient) / lr
+                d = _update_per_unit_lr(optimizer, space, gradient)
         else:
             # This rank's own check, reported to every rank by the next collective (the base loss).
             with op.local_step():

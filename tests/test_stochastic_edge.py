@@ -523,7 +523,7 @@ def test_the_edge_warning_names_the_larger_ratio_under_mini_batches(tmp_path, ba
 def test_under_mini_batches_the_edge_is_judged_on_the_larger_ratio():
     """edge_of_stability: with a batch sharpness the edge is reached when either ratio reaches 1 (the batch
     quotient at small batches, lambda_max at large ones); without one, lambda_max's alone."""
-    from pf_lightning.stability import StepDynamics, edge_of_stability
+    from pf_lightning.stability import StepDynamics, edge_of_stability, judged_edge
 
     gd = StepDynamics(0.1)  # threshold 20
     batch_above, _ = edge_of_stability([18.0], gd, step=5, batch_sharpness=21.0, batch_stderr=0.4)
@@ -533,6 +533,8 @@ def test_under_mini_batches_the_edge_is_judged_on_the_larger_ratio():
     assert (
         sharp_above["eos/batch_ratio"] == pytest.approx(15 / 16) and sharp_above["eos/first_edge_step"] == 5.0
     )
+    assert judged_edge(batch_above).quantity == "batch sharpness" and judged_edge(batch_above).ratio == 1.05
+    assert judged_edge(sharp_above).quantity == "sharpness" and judged_edge(sharp_above).ratio == 1.1
     both_below, _ = edge_of_stability([19.0], gd, step=5, batch_sharpness=15.0, batch_threshold=16.0)
     assert "eos/first_edge_step" not in both_below
     alone, _ = edge_of_stability([22.0], gd, step=5)

@@ -293,8 +293,8 @@ class EdgeOfStabilityMonitor(Callback):
                 )
                 raise self._batches_error from err
             self._warn_once(
-                "batches", f"mini-batch training, but batch sharpness is not measured: {err}; eos/ratio compares "
-                "the full-batch sharpness, which under mini-batch SGD stays below the threshold",
+                "batches", f"mini-batch training, but batch sharpness is not measured: {err}; the edge is judged on "
+                "eos/ratio alone, the full-batch sharpness, which at small batches can stay well below the threshold",
             )  # fmt: skip
         return self._batches
 
@@ -324,20 +324,16 @@ class EdgeOfStabilityMonitor(Callback):
             return
         metrics, dynamics, edge = measured
         step, warming = trainer.global_step, names.WARMUP in metrics
-        # Under mini-batches the edge is judged on the larger ratio (as edge_of_stability judges it).
-        if metrics.get(names.BATCH_RATIO, -math.inf) > metrics[names.RATIO]:
-            quantity, value = "batch sharpness", metrics[names.BATCH_SHARPNESS]
-            ratio, level = metrics[names.BATCH_RATIO], metrics[names.BATCH_THRESHOLD]
-        else:
-            quantity, value = "sharpness", metrics[names.SHARPNESS]
-            ratio, level = metrics[names.RATIO], dynamics.threshold
+        judged = stability.judged_edge(metrics)  # the larger of eos/ratio and eos/batch_ratio
+        ratio = judged.ratio
         fire = ratio >= self.warn_ratio and not self._above and not warming
         if fire:
             metrics[names.WARNING] = 1.0
+            formula = dynamics.formula if judged.threshold == dynamics.threshold else "2/lr along its update"
             self._warn_once(
                 "edge",
-                f"step {step}: {quantity} {value:.4g} reached {ratio:.2f} x the stability threshold {level:.4g} "
-                f"of {dynamics.label} ({dynamics.formula if level == dynamics.threshold else '2/lr along its update'})",
+                f"step {step}: {judged.quantity} {judged.value:.4g} reached {ratio:.2f} x the stability threshold "
+                f"{judged.threshold:.4g} of {dynamics.label} ({formula})",
             )
         if not warming:
             self._above = ratio >= self.warn_ratio

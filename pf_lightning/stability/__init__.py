@@ -35,7 +35,7 @@ through negative curvature, :math:`\eta\sum_t \min(\lambda_{\min,t}, 0)`, and th
 error :math:`(\eta/2)\lVert Hg\rVert/\lVert g\rVert`.
 """
 
-from .edge import EdgeHistory, edge_of_stability
+from .edge import EdgeHistory, JudgedEdge, edge_of_stability, judged_edge
 from .optimizers import (
     PRECONDITIONER_WARMUP_STEPS,
     OptimizerRule,
@@ -83,6 +83,7 @@ __all__ = [
     "PRECONDITIONER_WARMUP_STEPS",
     "REGIME_CODES",
     "EdgeHistory",
+    "JudgedEdge",
     "OptimizerRule",
     "PreconditionerUnavailable",
     "StabilityThreshold",
@@ -99,6 +100,7 @@ __all__ = [
     "gradient_projections",
     "group_settings",
     "hg_ratio",
+    "judged_edge",
     "log_growth",
     "non_monotonicity",
     "optimizer_rule",

@@ -28,7 +28,7 @@ with the :math:`\lambda_{\min}` measured at the end of its interval (Elkabetz & 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +39,7 @@ from .optimizers import StepDynamics
 from .principal_flow import REGIME_CODES, _as_real_tensor, unstable_gradient_fraction
 from .trends import accumulated_negative_curvature, non_monotonicity, progressive_sharpening_slope
 
-__all__ = ["EdgeHistory", "edge_of_stability"]
+__all__ = ["EdgeHistory", "JudgedEdge", "edge_of_stability", "judged_edge"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,30 @@ class EdgeHistory:
     sharpness: tuple[tuple[int, float], ...] = ()
     first_edge_step: int | None = None
     negative_curvature: float = 0.0
+
+
+@dataclass(frozen=True)
+class JudgedEdge:
+    """The quantity an edge is judged on: its name, value, threshold and their ratio."""
+
+    quantity: str
+    value: float
+    threshold: float
+    ratio: float
+
+
+def judged_edge(metrics: Mapping[str, float]) -> JudgedEdge:
+    """Which of a measurement's ratios the edge is judged on: the larger of ``eos/ratio`` and (under
+    mini-batch training, when logged) ``eos/batch_ratio``. At small batches the batch sharpness is the
+    one nearer its threshold, at large ones the full-batch sharpness."""
+    if metrics.get(names.BATCH_RATIO, -math.inf) > metrics[names.RATIO]:
+        return JudgedEdge(
+            "batch sharpness",
+            metrics[names.BATCH_SHARPNESS],
+            metrics[names.BATCH_THRESHOLD],
+            metrics[names.BATCH_RATIO],
+        )
+    return JudgedEdge("sharpness", metrics[names.SHARPNESS], metrics[names.THRESHOLD], metrics[names.RATIO])
 
 
 def edge_of_stability(
@@ -145,16 +169,14 @@ def edge_of_stability(
         metrics[names.SHARPENING_SLOPE] = float(slope)
     if len(losses) >= 2:
         metrics[names.LOSS_NON_MONOTONICITY] = float(non_monotonicity(list(losses)))
-    edge_ratio = ratio
     if batch_sharpness is not None:
         level = threshold if batch_threshold is None else float(batch_threshold)
-        edge_ratio = max(ratio, float(batch_sharpness) / level)
         metrics[names.BATCH_SHARPNESS] = float(batch_sharpness)
         metrics[names.BATCH_SHARPNESS_STDERR] = float(batch_stderr)
         metrics[names.BATCH_THRESHOLD] = level
         metrics[names.BATCH_RATIO] = float(batch_sharpness) / level
     first_edge = history.first_edge_step
-    if first_edge is None and edge_ratio >= 1.0 and not warming:
+    if first_edge is None and judged_edge(metrics).ratio >= 1.0 and not warming:
         first_edge = step
     if first_edge is not None:
         metrics[names.FIRST_EDGE_STEP] = float(first_edge)
