@@ -37,6 +37,14 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     Returns:
         The ``LightningCLI`` instance (its ``trainer``, ``model`` and ``datamodule`` are set).
     """
+    try:
+        import jsonargparse  # noqa: F401
+    except ModuleNotFoundError as err:  # an extra: the core install has no LightningCLI
+        raise ModuleNotFoundError(
+            "pf-lightning fit (LightningCLI) needs jsonargparse, which is not installed: "
+            "pip install 'pf-lightning[cli]'",
+            name="jsonargparse",
+        ) from err
     from lightning.pytorch.cli import LightningCLI
 
     return LightningCLI(
@@ -51,7 +59,11 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
 
 def report_main(args: Sequence[str] | None = None) -> int:
     """``pf-lightning report``: parse ``args``, write the plots, return the exit status."""
-    from .report import write_report
+    try:
+        from .report import write_report
+    except ModuleNotFoundError as err:  # matplotlib, an extra
+        print(f"pf-lightning report: {err}", file=sys.stderr)
+        return 1
 
     parser = argparse.ArgumentParser(
         prog="pf-lightning report",
@@ -77,7 +89,7 @@ def report_main(args: Sequence[str] | None = None) -> int:
             source=options.source,
             progress=False if options.no_progress else None,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as err:  # wandb, for W&B runs, is an extra
         print(f"pf-lightning report: {err}", file=sys.stderr)
         return 1
     return 0 if written else 1

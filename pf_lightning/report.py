@@ -21,9 +21,16 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+except ModuleNotFoundError as err:  # an extra: the core install measures and logs without it
+    raise ModuleNotFoundError(
+        "pf-lightning's report draws with matplotlib, which is not installed: pip install 'pf-lightning[report]'",
+        name=err.name,
+    ) from err
 
 from . import logging as names
 from . import wandb_reader

@@ -69,7 +69,13 @@ ZERO, FULL, FIRST, MIDDLE, LAST = range(5)
 
 def _pb() -> Any:
     # Imported on first use: ``import wandb`` costs a second, and only reading needs it.
-    from wandb.proto import wandb_internal_pb2
+    try:
+        from wandb.proto import wandb_internal_pb2
+    except ModuleNotFoundError as err:  # an extra: the core install has no wandb
+        raise ModuleNotFoundError(
+            "reading an offline W&B run needs wandb, which is not installed: pip install 'pf-lightning[wandb]'",
+            name=err.name,
+        ) from err
 
     return wandb_internal_pb2
 

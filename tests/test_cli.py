@@ -139,3 +139,81 @@ def test_example_runs(script, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert expected in done.stdout
     assert list((tmp_path / "runs").glob("**/metrics.csv"))
+
+
+_WITHOUT_EXTRAS = r"""
+import importlib.abc, importlib.metadata, sys
+
+BLOCKED = {"wandb", "matplotlib", "jsonargparse"}
+
+
+def hidden(lookup):  # no distribution metadata either (what torchmetrics checks before importing matplotlib)
+    def find(name, *args, **kwargs):
+        if name.lower() in BLOCKED:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return lookup(name, *args, **kwargs)
+
+    return find
+
+
+importlib.metadata.version = hidden(importlib.metadata.version)
+importlib.metadata.distribution = hidden(importlib.metadata.distribution)
+
+
+class NotInstalled(importlib.abc.MetaPathFinder):  # as if the extras were never installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NotInstalled())
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+from pf_lightning.demos import DigitsDataModule, DigitsMLP
+
+L.seed_everything(0)
+trainer = L.Trainer(max_steps=4, logger=CSVLogger(sys.argv[1]), callbacks=[HessianEigenMonitor(k=2, every_n_steps=2),
+    EdgeOfStabilityMonitor()], enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+trainer.fit(DigitsMLP(hidden=(16,)), DigitsDataModule(n=64))
+print("loaded:", sorted(BLOCKED & {m.partition(".")[0] for m in sys.modules}))
+for name in ("pf_lightning.report", "pf_lightning.cli"):
+    try:
+        module = __import__(name, fromlist=["_"])
+    except ModuleNotFoundError as err:
+        print(name, "->", err)
+from pf_lightning.cli import cli_main, report_main
+print("report exit", report_main([sys.argv[1]]))
+try:
+    cli_main(["fit", "--help"])
+except ModuleNotFoundError as err:
+    print("fit ->", err)
+"""
+
+
+def test_the_core_install_measures_and_logs_without_the_extras(tmp_path):
+    """wandb, matplotlib and jsonargparse unimportable (the core install): a fit with both monitors and a
+    CSVLogger logs the eigenvalues, loads none of them, and each extra's command names its install line."""
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "loaded: []" in out
+    assert "pf_lightning.report -> pf-lightning's report draws with matplotlib" in out
+    assert "pip install 'pf-lightning[report]'" in out and "report exit 1" in out
+    assert "fit -> pf-lightning fit (LightningCLI) needs jsonargparse" in out and "'pf-lightning[cli]'" in out
+    (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
+    with metrics.open() as f:
+        table = list(csv.DictReader(f))
+    rows = [row for row in table if row.get("hessian/eig_1")]
+    assert [int(row["step"]) for row in rows] == [0, 2, 4]
+    assert all(float(row["hessian/eig_1"]) >= float(row["hessian/eig_2"]) > 0 for row in rows)
+    assert [int(row["step"]) for row in table if row.get("eos/ratio")] == [0, 2, 4]
+

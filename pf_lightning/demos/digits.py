@@ -72,7 +72,9 @@ def load_digits_tensors(n: int | None = None) -> tuple[torch.Tensor, torch.Tenso
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # the digits ship inside scikit-learn: nothing is downloaded
-        raise ImportError("the digits examples need scikit-learn: pip install scikit-learn") from err
+        raise ImportError(
+            "the digits examples need scikit-learn: pip install 'pf-lightning[examples]'"
+        ) from err
 
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32)
