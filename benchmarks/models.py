@@ -7,6 +7,9 @@ Every model is float32 on the CPU and measured on one fixed probe batch with a c
 - ``cnn``: two 3x3 convolutions (tanh, GELU) and a linear head on digits as 1x8x8 images, ~25k;
 - ``transformer``: an embedding, two ``nn.TransformerEncoderLayer`` (d_model 64, 4 heads, GELU,
   dropout 0) and a linear head on the mean-pooled output, on synthetic token sequences, ~103k.
+- ``llama``: a Llama-style causal language model (:class:`LlamaStyleLM`: tied embeddings, RMSNorm,
+  rotary positions, SwiGLU, no biases; d_model 64, two blocks) on sequences of a random Markov chain,
+  next-token loss, ~70k.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODELS = ("mlp", "cnn", "transformer")
+MODELS = ("mlp", "cnn", "transformer", "llama")
 
 
 def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -78,6 +81,89 @@ class Transformer(nn.Module):
         return self.head(h.mean(dim=1))
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization with a learned gain. ``upcast`` computes it in float32 and casts
+    back, as Hugging Face's ``LlamaRMSNorm`` does (in a float64 model that is a float32 step)."""
+
+    def __init__(self, d: int, upcast: bool = False, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.upcast, self.eps = upcast, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float() if self.upcast else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding of ``x`` (batch, heads, time, head_dim), rotate-half convention."""
+    t, d = x.shape[-2], x.shape[-1]
+    freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    angle = torch.arange(t, dtype=torch.float64, device=x.device)[:, None] * freq
+    cos, sin = (
+        torch.cat([angle, angle], -1).cos().to(x.dtype),
+        torch.cat([angle, angle], -1).sin().to(x.dtype),
+    )
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, d: int, n_heads: int, hidden: int, upcast: bool) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.attn_norm, self.mlp_norm = RMSNorm(d, upcast), RMSNorm(d, upcast)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = self.attn_norm(x)
+        q, k, v = (f(h).view(b, t, self.n_heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        att = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True)
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class LlamaStyleLM(nn.Module):
+    """A Llama-style causal LM: tied input and output embeddings, RMSNorm, rotary positions, SwiGLU.
+
+    ``hf_casts`` adds the two casts of Hugging Face's Llama: RMSNorm in float32, and the logits cast to
+    float32 before the loss (``ForCausalLMLoss``). They change nothing in a float32 model; in a float64
+    model they make part of the loss float32.
+    """
+
+    def __init__(
+        self, vocab: int = 64, d: int = 64, n_layers: int = 2, n_heads: int = 4, hf_casts: bool = False
+    ) -> None:
+        super().__init__()
+        self.hf_casts = hf_casts
+        self.embed = nn.Embedding(vocab, d)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(LlamaBlock(d, n_heads, 8 * d // 3, hf_casts) for _ in range(n_layers))
+        self.norm = RMSNorm(d, hf_casts)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h) @ self.embed.weight.T  # tied: the output projection is the embedding
+
+    def loss(self, tokens: Tensor) -> Tensor:
+        """Mean next-token cross-entropy."""
+        logits = self(tokens)[:, :-1]
+        if self.hf_casts:
+            logits = logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def next_token_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return model.loss(batch[0])
+
+
 @dataclass
 class Bench:
     """A model at its measurement point, its loss and its data."""
@@ -124,14 +210,28 @@ def _tokens(n: int, vocab: int = 32, seq_len: int = 16, n_classes: int = 4) -> t
     return tokens, (counts @ w + 2.0 * first[tokens[:, 0]]).argmax(1)
 
 
-def _pretrain(model: nn.Module, data: tuple[Tensor, Tensor], steps: int, lr: float) -> None:
+def _markov_tokens(n: int, vocab: int = 64, seq_len: int = 32) -> tuple[Tensor, Tensor]:
+    """Sequences of a random Markov chain whose rows put most mass on a few tokens (so there is
+    something to learn); the target is the sequence itself (next-token loss)."""
+    g = torch.Generator().manual_seed(3)
+    transition = torch.softmax(3.0 * torch.randn(vocab, vocab, generator=g), dim=1)
+    tokens = torch.empty(n, seq_len, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab, (n,), generator=g)
+    for t in range(1, seq_len):
+        tokens[:, t] = torch.multinomial(transition[tokens[:, t - 1]], 1, generator=g)[:, 0]
+    return tokens, tokens
+
+
+def _pretrain(
+    model: nn.Module, data: tuple[Tensor, Tensor], steps: int, lr: float, loss_fn: Callable = cross_entropy
+) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(2)
     x, y = data
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (128,), generator=g)
         opt.zero_grad(set_to_none=True)
-        cross_entropy(model, (x[idx], y[idx])).backward()
+        loss_fn(model, (x[idx], y[idx])).backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -155,9 +255,13 @@ def make_bench(name: str, probe_size: int = 512, pretrain_steps: int = 100, quic
     elif name == "transformer":
         x, y = _tokens(2048)
         model = Transformer(d_model=32 if quick else 64)
+    elif name == "llama":
+        x, y = _markov_tokens(2048)
+        model = LlamaStyleLM(d=32 if quick else 64)
     else:
         raise KeyError(f"unknown model {name!r}; choose from {MODELS}")
     model.train()
-    _pretrain(model, (x, y), pretrain_steps, lr=1e-3)
+    loss_fn = next_token_loss if name == "llama" else cross_entropy
+    _pretrain(model, (x, y), pretrain_steps, lr=1e-3, loss_fn=loss_fn)
     probe = (x[:probe_size].contiguous(), y[:probe_size].contiguous())
-    return Bench(name, model, cross_entropy, probe, (x, y))
+    return Bench(name, model, loss_fn, probe, (x, y))

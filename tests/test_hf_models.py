@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from pf_lightning import HessianEigenMonitor, hessian_eigenpairs
+from benchmarks.models import LlamaStyleLM
+from pf_lightning import HessianEigenMonitor, HessianOperator, hessian_eigenpairs
 from pf_lightning.curvature import FiniteDifferenceFallbackWarning
 from pf_lightning.measure import loss_of, output_loss
 
@@ -161,3 +162,133 @@ def test_monitor_on_a_hugging_face_style_module_with_dict_batches(tmp_path):
     # float64 finite differences: ~1e-10 per product; a warm-started float32 run of this test was off
     # by 3e-3 (float32 central differences of a trained transformer are noisier than at init).
     torch.testing.assert_close(monitor.latest.eigenvalues, exact.eigenvalues, rtol=1e-6, atol=0)
+
+
+def _llama(hf_casts: bool = False) -> LlamaStyleLM:
+    torch.manual_seed(0)
+    return LlamaStyleLM(vocab=VOCAB, d=16, n_layers=1, n_heads=2, hf_casts=hf_casts).double()
+
+
+def _next_token(model: LlamaStyleLM, batch: Tensor) -> Tensor:
+    return model.loss(batch)
+
+
+def _token_batches() -> list[Tensor]:
+    return [batch["input_ids"] for batch in dict_batches((12, 8))]
+
+
+def test_finite_differences_on_a_llama_style_model_in_float64_match_double_backward():
+    """Tied embeddings, RMSNorm, rotary positions, SwiGLU, all in float64: central differences at the
+    default step agree with the exact eigenvalues to 1e-7 (measured: about 1e-10)."""
+    model, batches = _llama(), _token_batches()
+    exact = hessian_eigenpairs(
+        model, _next_token, batches, k=3, hvp="double_backward", tol=1e-10, max_hvp=600
+    )
+    fd = hessian_eigenpairs(model, _next_token, batches, k=3, hvp="finite_difference", tol=1e-10, max_hvp=600)
+    torch.testing.assert_close(fd.eigenvalues, exact.eigenvalues, rtol=1e-7, atol=0)
+
+
+def test_a_loss_cast_to_float32_is_warned_and_sets_the_finite_difference_step():
+    """Hugging Face's casts (RMSNorm and the logits in float32) in a float64 model: the loss comes back in
+    float32, which is warned, and the step follows float32's epsilon. At float64's step (the rule before)
+    the float32 rounding of the gradients, divided by a step 200 times too short, put products about 10%
+    off. The eigenvalues are then as accurate as float32 finite differences: 6e-3 on this untrained
+    model, whose sharp top eigenvalue (59) makes the truncation error large (BENCHMARKS.md, "Accuracy of
+    finite differences": 3e-6 to 4e-4 on the pre-trained benchmark models)."""
+    from pf_lightning.curvature import operator
+
+    operator._LOWER_PRECISION_WARNED.clear()
+    clean, casts = _llama(), _llama(hf_casts=True)
+    batches = _token_batches()
+    V = torch.randn(
+        sum(p.numel() for p in clean.parameters()),
+        3,
+        generator=torch.Generator().manual_seed(4),
+        dtype=torch.float64,
+    )
+    with HessianOperator(clean, _next_token, batches, hvp="double_backward") as op:
+        exact = op.matmat(V)
+    with pytest.warns(
+        UserWarning, match="comes back in torch.float32 while the measurement runs in torch.float64"
+    ):
+        with HessianOperator(casts, _next_token, batches, hvp="finite_difference") as op:
+            fd = op.matmat(V)
+            assert op.backend.precision == torch.float32
+    error = float((fd - exact).norm() / exact.norm())
+    assert error < 5e-3
+    top_exact = hessian_eigenpairs(clean, _next_token, batches, k=2, hvp="double_backward", tol=1e-9)
+    top_fd = hessian_eigenpairs(casts, _next_token, batches, k=2, hvp="finite_difference", tol=1e-5)
+    torch.testing.assert_close(top_fd.eigenvalues, top_exact.eigenvalues, rtol=1e-2, atol=0)
+
+
+def _hf_model(name: str) -> nn.Module:
+    """A tiny Hugging Face Llama (tied embeddings, RMSNorm, SwiGLU, grouped-query attention) or GPT-2, built
+    from its config (random init, no download), trained 30 Adam steps so that its spectrum is not that of
+    an untrained network."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "llama":
+        config = LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True, use_cache=False,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(
+            vocab_size=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            use_cache=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model = GPT2LMHeadModel(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        output_loss(model, _hf_batches()[0]).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model.train()
+
+
+def _hf_batches() -> list[dict[str, Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 64, (8, 16), generator=gen) for _ in range(2)]
+    return [{"input_ids": batch, "labels": batch} for batch in ids]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_hugging_face_checkpointing_is_measured_exactly(name, reentrant):
+    """``gradient_checkpointing_enable()`` on real transformers models, in both modes: ``"auto"`` stays on
+    double backward (the flag is off inside the measurement) and gives the eigenvalues of the model without
+    checkpointing, to float32 round-off; the flag is back on afterwards."""
+    model, batches = _hf_model(name), _hf_batches()
+    exact = hessian_eigenpairs(model, output_loss, batches, k=3, hvp="double_backward", tol=1e-6, max_hvp=600)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = hessian_eigenpairs(model, output_loss, batches, k=3, tol=1e-6, max_hvp=600)
+    assert checkpointed.info["hvp"] == "double_backward"
+    torch.testing.assert_close(checkpointed.eigenvalues, exact.eigenvalues, rtol=1e-5, atol=0)
+    assert model.is_gradient_checkpointing
+
+
+def test_hugging_face_llama_in_float64_warns_of_its_float32_loss_and_finite_differences_follow_it():
+    """Hugging Face's Llama computes RMSNorm and the loss's logits in float32, also in a float64 model: the
+    measurement says so, and finite differences, at float32's step, are as accurate as float32's allow
+    (measured 1.9e-4; 6.7e-4 at float64's step, the rule before)."""
+    from pf_lightning.curvature import operator
+
+    operator._LOWER_PRECISION_WARNED.clear()
+    model, batches = _hf_model("llama").double(), _hf_batches()
+    with pytest.warns(
+        UserWarning, match="comes back in torch.float32 while the measurement runs in torch.float64"
+    ):
+        exact = hessian_eigenpairs(
+            model, output_loss, batches, k=3, hvp="double_backward", tol=1e-9, max_hvp=600
+        )
+    fd = hessian_eigenpairs(model, output_loss, batches, k=3, hvp="finite_difference", tol=1e-5, max_hvp=600)
+    torch.testing.assert_close(fd.eigenvalues, exact.eigenvalues, rtol=5e-4, atol=0)

@@ -12,13 +12,19 @@ and a block :math:`V` of flat vectors, on the parameters of a :class:`ParameterS
   :math:`(\nabla L(\theta + hv) - \nabla L(\theta - hv)) / 2h`. It needs no second-order autograd, so
   it works with fused attention kernels, sharded (DTensor) parameters and very large models.
 
-The step is :math:`h = \epsilon^{1/3} \max(1, \|\theta\|/\sqrt{n}) / \|v\|` with :math:`\epsilon` the
-machine epsilon of the parameters' dtype: the step that balances the :math:`O(h^2)` truncation error of
-a central difference against the :math:`O(\epsilon / h)` rounding error of the two gradients, for a
-move of unit length whatever the norm of ``v``, grown only where the typical parameter
+The step is :math:`h = c\,\epsilon^{1/3} \max(1, \|\theta\|/\sqrt{n}) / \|v\|`, with :math:`\epsilon`
+the machine epsilon of the precision the gradients are computed in (the parameters' dtype, or the
+loss's when it comes back coarser, as a float32 loss of a float64 model does) and :math:`c` =
+:data:`STEP_FACTOR`. :math:`\epsilon^{1/3}` balances the :math:`O(h^2)` truncation error of a central
+difference against the :math:`O(\epsilon / h)` rounding error of the two gradients, for a move of unit
+length whatever the norm of ``v``, grown only where the typical parameter
 (:math:`\|\theta\|/\sqrt{n}`, its root mean square) is larger than 1 so that the move stays well
 above the parameters' rounding. (Scaling by :math:`\|\theta\|` itself, as this module once did, takes
 steps 6-54 times too long on ordinary networks: 0.6-13% error on the top eigenvalues in float32.)
+The constant is measured (``benchmarks/fd_accuracy.py``, BENCHMARKS.md): an eigenvalue feels the
+truncation error along its own eigenvector in full but the rounding noise only through its small
+projection there, so the step that is best for eigenvalues is shorter than the one that balances
+the two errors in a product's norm.
 """
 
 from __future__ import annotations
@@ -32,7 +38,22 @@ from torch import Tensor, nn
 
 from .params import ParameterSpace
 
-__all__ = ["BACKENDS", "DoubleBackwardHVP", "FiniteDifferenceHVP", "ForwardOverReverseHVP", "HVPBackend"]
+__all__ = [
+    "BACKENDS",
+    "STEP_FACTOR",
+    "DoubleBackwardHVP",
+    "FiniteDifferenceHVP",
+    "ForwardOverReverseHVP",
+    "HVPBackend",
+]
+
+STEP_FACTOR = 0.3
+"""The finite-difference step over ``eps^(1/3)`` of a unit move. The best step is model-dependent:
+truncation dominates along the sharp directions of transformers, rounding where the top eigenvalues
+are small. Measured on the top-5 eigenvalues in float32 (``benchmarks/fd_accuracy.py``), the largest
+error over the benchmark models is 3.7e-4 at 0.3, against 4.2e-3 at 1 (the rule before) and 1.6e-4 at
+0.1; 0.1 also puts a tanh MLP whose top eigenvalues are 0.03 at 1.4e-3 and short of convergence,
+where 0.3 keeps it near 1e-4."""
 
 
 def math_attention():
@@ -190,14 +211,16 @@ class FiniteDifferenceHVP(HVPBackend):
     """Products by central differences of two ordinary gradients (no second-order autograd).
 
     The parameters are moved to ``theta +- h v`` in place and copied back from a saved copy after each
-    product, so they end bit-identical. On smooth losses the relative error of a product is about
-    ``eps^(2/3)``: 2e-5 to 3e-4 in float32 and below 1e-9 in float64 on the test and benchmark models
-    (the tests assert 2e-3 and 1e-7). Across a kink of a piecewise-linear activation (ReLU) the gradient jumps
+    product, so they end bit-identical. The step (module docstring) is set by the precision of the
+    gradients: the parameters' dtype, or the loss's when the first gradient shows it coarser (that
+    column is then taken again at the coarser step). On smooth losses the top eigenvalues are within
+    about 1e-4 in float32 and 1e-9 in float64 of the exact ones on the benchmark models (BENCHMARKS.md,
+    "Accuracy of finite differences"). Across a kink of a piecewise-linear activation (ReLU) the gradient jumps
     and the difference quotient is meaningless: prefer an exact backend for ReLU networks, or a
     smooth activation (GELU, SiLU, tanh) where only finite differences run.
 
     Args:
-        relative_step: override of the step's ``eps^(1/3)`` factor.
+        relative_step: a fixed step per unit move, in place of ``STEP_FACTOR * eps^(1/3)``.
         column_norms: the global norms of the columns of a flat block (one all-reduce when vectors
             are sharded, so that every rank takes the same step).
     """
@@ -213,7 +236,8 @@ class FiniteDifferenceHVP(HVPBackend):
         column_norms: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__(space, loss_at)
-        self.relative_step = relative_step or torch.finfo(space.dtype).eps ** (1.0 / 3.0)
+        self.relative_step = relative_step
+        self.precision = space.dtype  # of the gradients: the loss's dtype when it is coarser (see _gradient)
         self._column_norms = column_norms or (lambda X: torch.linalg.vector_norm(X, dim=0))
         self._saved: list[Tensor] | None = None
         self._scale = 1.0
@@ -223,9 +247,18 @@ class FiniteDifferenceHVP(HVPBackend):
         # The step of each column depends on global norms: take them once per application, not per batch.
         self._block = (V, self._column_norms(V).tolist())
 
+    def step(self) -> float:
+        """The step of a unit move (before the parameter scale), for the gradients' precision."""
+        if self.relative_step is not None:
+            return self.relative_step
+        return STEP_FACTOR * torch.finfo(self.precision).eps ** (1.0 / 3.0)
+
     def _gradient(self, index: int) -> Tensor:
         with torch.enable_grad():
-            return self.space.gradient(self.loss_at(index))
+            loss = self.loss_at(index)
+            if loss.is_floating_point() and torch.finfo(loss.dtype).eps > torch.finfo(self.precision).eps:
+                self.precision = loss.dtype
+            return self.space.gradient(loss)
 
     def _shift(self, v: list[Tensor], h: float) -> None:
         with torch.no_grad():
@@ -251,10 +284,14 @@ class FiniteDifferenceHVP(HVPBackend):
                 if v_norm == 0.0 or not math.isfinite(v_norm):
                     out[:, col] = 0.0 if v_norm == 0.0 else float("nan")
                     continue
-                h = self.relative_step * self._scale / v_norm
                 pieces = self.space.unflatten(v)
-                self._shift(pieces, h)
-                g_plus = self._gradient(index)
+                while True:  # twice at most per coarser precision: the first gradient may reveal it
+                    precision = self.precision
+                    h = self.step() * self._scale / v_norm
+                    self._shift(pieces, h)
+                    g_plus = self._gradient(index)
+                    if self.precision == precision:
+                        break
                 self._shift(pieces, -h)
                 g_minus = self._gradient(index)
                 out[:, col] = (g_plus - g_minus) / (2.0 * h)
