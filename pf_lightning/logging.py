@@ -16,7 +16,10 @@ as 1.0 at the step they happened (callbacks/_faults.py): ``hessian/skipped``, ``
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,12 +28,17 @@ import torch
 __all__ = [
     "EIGENVALUE",
     "PREFIXES",
+    "SETTINGS_KEY",
+    "WANDB_SUMMARIES",
+    "announce_run",
     "direction",
     "direction_pattern",
     "eigenvalue",
     "log_metrics",
     "metric_name",
     "tagged",
+    "tensorboard_layout",
+    "tensorboard_writers",
     "wandb_experiments",
     "wandb_log",
     "warn_once",
@@ -69,6 +77,7 @@ DRIFT_RATIO = "pf/drift_ratio"
 DAL_LR = "dal/lr"
 DAL_HG_RATIO = "dal/hg_ratio"
 CAP_SHARPNESS = "cap/sharpness"
+EIG_MIN = "hessian/eig_min"
 EIGENVALUE = re.compile(r"^hessian/(?:(?P<tag>.+)/)?eig_(?P<bottom>bottom_)?(?P<i>\d+)$")
 """``hessian/eig_{i}``, ``hessian/eig_bottom_{i}`` and their ``hessian/<tag>/...`` forms."""
 
@@ -77,6 +86,22 @@ def eigenvalue(i: int, tag: str | None = None, bottom: bool = False) -> str:
     """``hessian/eig_{i}`` (i = 1 the largest), or ``hessian/eig_bottom_{i}`` (i = 1 the most negative),
     under ``hessian/<tag>/`` for a named monitor: the names :data:`EIGENVALUE` matches."""
     return metric_name("hessian", f"eig_bottom_{i}" if bottom else f"eig_{i}", tag)
+
+
+WANDB_SUMMARIES: dict[str, str] = {
+    SHARPNESS: "max",
+    RATIO: "max",
+    BATCH_SHARPNESS: "max",
+    BATCH_RATIO: "max",
+    CRITICAL_RATIO: "max",
+    "hessian/eig_1": "max",
+    EIG_MIN: "min",
+}
+"""The W&B run summary of these metrics is their extreme over the run (how close training came to the
+edge), not their last value; every other metric keeps W&B's default (the last value)."""
+
+SETTINGS_KEY = "pf_lightning"
+"""The callbacks' settings go to every logger's hyperparameters (the W&B run config) under this key."""
 
 
 def direction(stem: str, i: int) -> str:
@@ -119,12 +144,35 @@ def log_metrics(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
 
 def warn_once(seen: set[str], key: str, message: str) -> None:
     """One rank-zero warning per ``key`` for the owner of ``seen``: a problem that repeats at every
-    measurement is reported once (the logged flags record every occurrence)."""
-    if key not in seen:
-        seen.add(key)
-        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+    measurement is reported once (the logged flags record every occurrence).
 
-        rank_zero_warn(message, category=RuntimeWarning)
+    The warning points at the user's code (the first caller outside pf-lightning, Lightning and torch:
+    the line that called ``trainer.fit``), and tqdm's bars (Lightning's progress bar) are cleared while
+    it prints and redrawn after, so it never lands in the middle of a progress line."""
+    if key in seen:
+        return
+    seen.add(key)
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from tqdm import tqdm
+
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        return
+    with tqdm.external_write_mode(file=sys.stderr):
+        warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller point at the first frame
+    outside pf-lightning, Lightning and torch (1, the caller itself, if there is none)."""
+    roots = ("pf_lightning", "lightning", "lightning_fabric", "pytorch_lightning", "torch")
+    modules = [sys.modules.get(root) for root in roots]
+    internal = tuple(
+        os.path.dirname(module.__file__) + os.sep for module in modules if getattr(module, "__file__", None)
+    )
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1
 
 
 def wandb_experiments(trainer: Any) -> list[Any]:
@@ -144,13 +192,87 @@ def wandb_experiments(trainer: Any) -> list[Any]:
     return runs
 
 
-def define_wandb_metrics(trainer: Any) -> None:
-    """Chart every pf-lightning metric against ``trainer/global_step`` (the x-axis users expect).
+def define_wandb_metrics(trainer: Any, tag: str | None = None) -> None:
+    """Chart every pf-lightning metric against ``trainer/global_step`` (the x-axis users expect), and
+    summarize those of :data:`WANDB_SUMMARIES` (under ``tag``, a named monitor's) by their extreme.
 
     ``define_metric`` is idempotent, so every monitor may call this at the start of every fit."""
     for run in wandb_experiments(trainer):
         for prefix in PREFIXES:
             run.define_metric(f"{prefix}/*", step_metric="trainer/global_step")
+        for name, summary in WANDB_SUMMARIES.items():
+            group, rest = name.split("/", 1)
+            run.define_metric(
+                metric_name(group, rest, tag), step_metric="trainer/global_step", summary=summary
+            )
+
+
+def _is_rank_zero(trainer: Any) -> bool:
+    return getattr(trainer, "global_rank", 0) == 0
+
+
+def _plain(value: Any) -> Any:
+    """A setting as every logger stores it: numbers, strings, booleans and None kept, the rest as text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def announce_run(trainer: Any, tags: list[str | None]) -> None:
+    """Once per fit, from the first :class:`~pf_lightning.HessianEigenMonitor`: every pf-lightning
+    callback's ``settings()`` to every logger's hyperparameters under :data:`SETTINGS_KEY` (the W&B run
+    config, hparams.yaml of a CSVLogger, TensorBoard's hparams, MLflow's params), and the TensorBoard
+    custom-scalars layout (:func:`tensorboard_layout`) for the whole-Hessian monitors named ``tags``."""
+    callbacks = [cb for cb in trainer.callbacks if type(cb).__module__.startswith("pf_lightning.")]
+    try:
+        settings = {}
+        for cb in callbacks:
+            if callable(getattr(cb, "settings", None)):
+                key, values = cb.settings()
+                settings[key] = {name: _plain(value) for name, value in values.items()}
+        for logger in trainer.loggers if settings else ():
+            logger.log_hyperparams({SETTINGS_KEY: settings})
+        for writer in tensorboard_writers(trainer):
+            writer.add_custom_scalars(tensorboard_layout(tags))
+    except Exception as err:  # what the loggers show of the set-up is never worth stopping a fit for
+        warn_once(
+            set(), "announce", f"the callbacks' settings and dashboard layout were not logged ({err!r})"
+        )
+
+
+def tensorboard_writers(trainer: Any) -> list[Any]:
+    """The ``SummaryWriter``s of the attached ``TensorBoardLogger``s (on rank zero)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not _is_rank_zero(trainer):
+        return []
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def tensorboard_layout(tags: list[str | None]) -> dict[str, dict[str, list]]:
+    """TensorBoard's custom-scalars layout: for each whole-Hessian monitor (``tags``: their names, ``None``
+    for the unnamed one), the sharpness with its threshold in one chart, the top-k eigenvalues with the
+    threshold, and the ratios (sharpness, batch and critical, over their thresholds)."""
+
+    def exact(metrics: tuple[str, ...], tag: str | None) -> str:
+        """A regex matching exactly these ``eos/<name>`` metrics, under ``tag``."""
+        return "|".join(f"^{re.escape(metric_name('eos', m.split('/', 1)[1], tag))}$" for m in metrics)
+
+    layout = {}
+    for tag in tags or [None]:
+        top_k = f"^{re.escape(metric_name('hessian', 'eig_', tag))}\\d+$"
+        sharpness = (SHARPNESS, THRESHOLD, BATCH_SHARPNESS, BATCH_THRESHOLD, CRITICAL_SHARPNESS)
+        layout[f"pf-lightning{'' if tag is None else f' ({tag})'}"] = {
+            "sharpness and its threshold": ["Multiline", [exact(sharpness, tag)]],
+            "top-k eigenvalues and the threshold": ["Multiline", [top_k, exact((THRESHOLD,), tag)]],
+            "ratio to the threshold (1 = the edge)": [
+                "Multiline",
+                [exact((RATIO, BATCH_RATIO, CRITICAL_RATIO), tag)],
+            ],
+        }
+    return layout
 
 
 def wandb_log(trainer: Any, payload: Mapping[str, Any], step: int) -> None:

@@ -217,3 +217,15 @@ def test_the_core_install_measures_and_logs_without_the_extras(tmp_path):
     assert all(float(row["hessian/eig_1"]) >= float(row["hessian/eig_2"]) > 0 for row in rows)
     assert [int(row["step"]) for row in table if row.get("eos/ratio")] == [0, 2, 4]
 
+
+@pytest.mark.parametrize(
+    ("callback", "choices"),
+    [
+        ("HessianEigenMonitor", "{auto,double_backward,forward_over_reverse,finite_difference}"),
+        ("LRAdaptation", "{forward_difference,auto,double_backward,forward_over_reverse,finite_difference}"),
+    ],
+)
+def test_fit_help_lists_the_hvp_choices(callback, choices, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.callbacks.help", f"pf_lightning.{callback}"])
+    assert f"--trainer.callbacks.hvp {choices}" in capsys.readouterr().out.replace("\n", " ")

@@ -48,6 +48,10 @@ EdgeListener = Callable[[Trainer, LightningModule, dict[str, float]], None]
 check = Checks(MisconfigurationException)
 
 
+PROGRESS_BAR = (names.RATIO, names.BATCH_RATIO)
+"""Shown in Lightning's progress bar after each measurement (kept there until the next one)."""
+
+
 class EdgeOfStabilityMonitor(Callback):
     """Edge-of-stability and principal-flow diagnostics from the latest Hessian eigenpairs.
 
@@ -181,6 +185,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._batches: TrainingBatches | None = None
         self._batches_resolved = False
         self._batches_error: MisconfigurationException | None = None
+        self._progress: dict[str, float] = {}
         self._critical: list[tuple[int, float]] = []  # (step, value) for the W&B chart, capped as the history
 
     @property
@@ -198,6 +203,23 @@ class EdgeOfStabilityMonitor(Callback):
         (untagged names, e.g. ``names.SHARPNESS``) were logged."""
         if listener not in self._listeners:
             self._listeners.append(listener)
+
+    def settings(self) -> tuple[str, dict[str, Any]]:
+        """What this monitor was asked for, as the loggers record it (the W&B run config under
+        ``pf_lightning``): its key there, and its arguments."""
+        name = None if self.monitor is None else self.monitor.name
+        values = {
+            "optimizer_index": self.optimizer_index,
+            "threshold": self.fixed_threshold,
+            "warn_ratio": self.warn_ratio,
+            "proxies": self.proxies,
+            "batch_sharpness": self.batch_sharpness,
+            "batch_sharpness_batches": self.batch_sharpness_batches,
+            "batch_sharpness_rel_stderr": self.batch_sharpness_rel_stderr,
+            "critical_every_n_steps": self.critical_every_n_steps,
+            "chart_every": self.chart_every,
+        }
+        return f"EdgeOfStabilityMonitor{'' if name is None else f'[{name}]'}", values
 
     def metric(self, name: str) -> str:
         """The logged name of ``eos/<name>`` (``eos/<monitor name>/<name>`` for a named monitor)."""
@@ -339,6 +361,10 @@ class EdgeOfStabilityMonitor(Callback):
             self._above = ratio >= self.warn_ratio
         self.first_edge_step, self.negative_curvature = edge.first_edge_step, edge.negative_curvature
         log_metrics(trainer, tagged(metrics, self.monitor.name), step)
+        # For the progress bar at the next training-batch end (the only hook where Lightning takes self.log).
+        self._progress = {
+            self.metric(key.split("/", 1)[1]): metrics[key] for key in PROGRESS_BAR if key in metrics
+        }
         self.history.append(
             {"step": step, "eigenvalues": result.eigenvalues[: self.monitor.k].tolist(), **metrics}
         )
@@ -490,6 +516,11 @@ class EdgeOfStabilityMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        for key, value in self._progress.items():  # the latest ratios in the bar, not to the loggers again
+            pl_module.log(
+                key, value, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True
+            )
+        self._progress = {}
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._pending_losses.append(loss.detach())

@@ -26,10 +26,12 @@ from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
 from ..logging import (
+    announce_run,
     define_wandb_metrics,
     eigenvalue,
     log_metrics,
     metric_name,
+    tensorboard_writers,
     wandb_experiments,
     wandb_log,
     warn_once,
@@ -49,6 +51,8 @@ from ._probe import build_probe, resolve_loss_fn
 
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
 
+
+HVPChoice = Literal[HVP_CHOICES]  # the choices, for LightningCLI --help and validation
 
 check = Checks(MisconfigurationException)
 
@@ -134,7 +138,7 @@ class HessianEigenMonitor(Callback):
         at_fit_start: bool = True,
         at_fit_end: bool = True,
         warmup_steps: int = 0,
-        hvp: str = "auto",
+        hvp: HVPChoice = "auto",
         tol: float = 1e-3,
         max_hvp: int | None = None,
         warm_start: bool = True,
@@ -282,6 +286,22 @@ class HessianEigenMonitor(Callback):
     def metric(self, name: str) -> str:
         return metric_name("hessian", name, self.name)
 
+    def settings(self) -> tuple[str, dict[str, Any]]:
+        """What this monitor was asked for, as the loggers record it (the W&B run config under
+        ``pf_lightning``): its key there, and its arguments."""
+        probe = self._probe_arg
+        if probe is not None and not is_int(probe):
+            probe = (
+                f"{len(probe)} batches given" if isinstance(probe, Sequence | ProbeSet) else "batches given"
+            )
+        names = ("k", "which", "every_n_steps", "every_n_epochs", "warmup_steps", "hvp", "tol", "max_hvp")
+        more = ("warm_start", "max_time_fraction", "params", "dtype", "seed", "trace_every", "density_every")
+        values = {name: getattr(self, name) for name in (*names, *more)}
+        return f"HessianEigenMonitor{'' if self.name is None else f'[{self.name}]'}", {
+            **values,
+            "probe": probe,
+        }
+
     # -- set-up ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -317,7 +337,10 @@ class HessianEigenMonitor(Callback):
             basis_device=self.basis_device,
         )
         self._budget.start_fit()
-        define_wandb_metrics(trainer)
+        define_wandb_metrics(trainer, self.name)
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, HessianEigenMonitor)]
+        if monitors[0] is self:
+            announce_run(trainer, [cb.name for cb in monitors if cb.params is None])
         # Fail now, not at the first measurement, if there is no loss or the probe does not fit the
         # model; guarded like a measurement, so BatchNorm statistics and the random stream are kept.
         try:
@@ -545,15 +568,32 @@ class HessianEigenMonitor(Callback):
         log_metrics(trainer, metrics, trainer.global_step)
 
     def _log_density(self, trainer: Trainer) -> None:
-        """With W&B, the density evaluated at bin centres, as a histogram over the spectral range."""
-        if not wandb_experiments(trainer) or self.density is None:
+        """The density evaluated at bin centres, as a histogram over the spectral range: to W&B and to
+        TensorBoard (its mass per bin as the bucket counts)."""
+        writers, runs = tensorboard_writers(trainer), wandb_experiments(trainer)
+        if self.density is None or not (writers or runs):
             return
-        import wandb
+        edges = self.density.grid(n_points=121).double()
+        centres, widths = (edges[1:] + edges[:-1]) / 2, edges[1:] - edges[:-1]
+        values = self.density.density(centres).double()
+        if runs:
+            import wandb
 
-        edges = self.density.grid(n_points=121)
-        values = self.density.density((edges[1:] + edges[:-1]) / 2)
-        histogram = wandb.Histogram(np_histogram=(values.numpy(), edges.numpy()))
-        wandb_log(trainer, {self.metric("density"): histogram}, trainer.global_step)
+            histogram = wandb.Histogram(np_histogram=(values.numpy(), edges.numpy()))
+            wandb_log(trainer, {self.metric("density"): histogram}, trainer.global_step)
+        mass = values * widths
+        for writer in writers:
+            writer.add_histogram_raw(
+                self.metric("density"),
+                min=float(edges[0]),
+                max=float(edges[-1]),
+                num=float(mass.sum()),
+                sum=float((mass * centres).sum()),
+                sum_squares=float((mass * centres**2).sum()),
+                bucket_limits=edges[1:].tolist(),
+                bucket_counts=mass.tolist(),
+                global_step=trainer.global_step,
+            )
 
     # -- checkpointing -----------------------------------------------------------------------
     @override

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -40,6 +40,7 @@ from .eos_monitor import EdgeOfStabilityMonitor
 
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 HG_METHODS = ("forward_difference", *HVP_CHOICES)
+HGMethod = Literal[HG_METHODS]  # the choices, for LightningCLI --help and validation
 check = Checks(MisconfigurationException)
 
 
@@ -115,7 +116,7 @@ class LRAdaptation(Callback):
         scheduler: SchedulerFactory | None = None,
         optimizer_index: int = 0,
         every_n_steps: int = 1,
-        hvp: str = "forward_difference",
+        hvp: HGMethod = "forward_difference",
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         params: str | list[str] | None = None,
         seed: int = 0,
@@ -141,6 +142,18 @@ class LRAdaptation(Callback):
         self._last_logged: int | None = None
         self._last_end: int | None = None
         self._warned: set[str] = set()
+
+    def settings(self) -> tuple[str, dict[str, Any]]:
+        """What this callback was asked for, as the loggers record it (the W&B run config under
+        ``pf_lightning``): its key there, and its arguments."""
+        factory = self.factory
+        scheduler = None if factory is None else getattr(factory, "__qualname__", None) or repr(factory)
+        values = {
+            "scheduler": scheduler,
+            "optimizer_index": self.optimizer_index,
+            "every_n_steps": self.every_n_steps,
+        }
+        return "LRAdaptation", {**values, "hvp": self.hvp, "params": self.params, "seed": self.seed}
 
     # -- set-up ------------------------------------------------------------------------------
     @override

@@ -1,0 +1,139 @@
+"""What the loggers hold after a real fit with both monitors: the W&B run summary (extremes), the run
+config (the callbacks' settings), TensorBoard's custom-scalars layout and density histogram, the CSV
+logger's hparams.yaml. Everything is read back from the files the real libraries wrote."""
+
+import csv
+import linecache
+import re
+import sys
+import warnings
+
+import lightning as L
+import pytest
+import yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning_models import DigitsClassifier, trainer
+
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+from pf_lightning.logging import SETTINGS_KEY, WANDB_SUMMARIES
+
+
+def _fit(tmp_path, logger, **monitor):
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.6)
+    hessian = HessianEigenMonitor(k=2, every_n_steps=2, **monitor)
+    eos = EdgeOfStabilityMonitor()
+    fitted = trainer(tmp_path, max_steps=8, logger=logger, callbacks=[hessian, eos], log_every_n_steps=1)
+    fitted.fit(model)
+    return hessian, eos, fitted
+
+
+def test_wandb_summary_holds_the_extremes_and_the_config_the_settings(tmp_path, monkeypatch):
+    import wandb
+    from wandb_offline import offline_env
+
+    from pf_lightning.wandb_reader import config, find_run_file, history, metric_definitions, summary
+
+    offline_env(monkeypatch, tmp_path)
+    try:
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
+        hessian, eos, _ = _fit(tmp_path, logger)
+        logger.experiment.finish()
+    finally:
+        wandb.teardown()
+    path = find_run_file(tmp_path)
+    ratios = [h["eos/ratio"] for h in eos.history]
+    assert len(ratios) >= 4 and max(ratios) != ratios[-1]  # the maximum is not the last value
+    logged = [row["eos/ratio"] for row in history(path) if "eos/ratio" in row]
+    assert logged == pytest.approx(ratios, rel=1e-6)
+    final = summary(path)
+    assert final["eos/ratio"]["max"] == pytest.approx(max(ratios), rel=1e-6)
+    assert final["hessian/eig_1"]["max"] == pytest.approx(max(h["eigenvalues"][0] for h in hessian.history))
+    summaries = {m["name"]: m["summary"] for m in metric_definitions(path) if m["name"]}
+    for name, kind in WANDB_SUMMARIES.items():
+        assert summaries[name] == [kind]
+    settings = config(path)[SETTINGS_KEY]
+    assert settings["HessianEigenMonitor"]["k"] == 2 and settings["HessianEigenMonitor"]["every_n_steps"] == 2
+    assert (
+        settings["HessianEigenMonitor"]["hvp"] == "auto" and settings["HessianEigenMonitor"]["probe"] is None
+    )
+    assert settings["EdgeOfStabilityMonitor"]["warn_ratio"] == 1.0
+
+
+def test_tensorboard_layout_draws_sharpness_with_its_threshold_and_the_density(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    hessian, _, _ = _fit(tmp_path, logger, density_every=2)
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "histograms": 0, "scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"eos/sharpness", "eos/threshold", "eos/ratio", "hessian/eig_1", "hessian/eig_2"} <= set(scalars)
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {
+        chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart
+    }
+
+    def drawn(title):
+        return {tag for tag in scalars if any(re.search(pattern, tag) for pattern in charts[title])}
+
+    assert drawn("sharpness and its threshold") == {"eos/sharpness", "eos/threshold"}
+    assert drawn("top-k eigenvalues and the threshold") == {"hessian/eig_1", "hessian/eig_2", "eos/threshold"}
+    assert drawn("ratio to the threshold (1 = the edge)") == {"eos/ratio"}
+    densities = events.Histograms("hessian/density")
+    assert [d.step for d in densities] == [0, 4, 8]  # the first, third and fifth measurement
+    last = densities[-1].histogram_value
+    assert last.num == pytest.approx(1.0, abs=0.02)  # the broadened density's mass over its grid
+    top = float(hessian.history[-1]["eigenvalues"][0])
+    assert last.min < top < last.max  # the grid covers the spectrum up to the top eigenvalue
+
+
+def test_csv_logger_keeps_the_settings_in_hparams(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    _fit(tmp_path, logger)
+    hparams = yaml.safe_load((tmp_path / "csv" / "version_0" / "hparams.yaml").read_text())
+    assert hparams[SETTINGS_KEY]["HessianEigenMonitor"]["k"] == 2
+    assert hparams[SETTINGS_KEY]["EdgeOfStabilityMonitor"]["batch_sharpness"] is None
+
+
+def test_the_progress_bar_shows_the_latest_ratio_and_the_loggers_get_each_value_once(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    _, eos, fitted = _fit(tmp_path, logger)
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
+        rows = [row for row in csv.DictReader(f) if row.get("eos/ratio")]
+    assert [int(row["step"]) for row in rows] == [h["step"] for h in eos.history] == [0, 2, 4, 6, 8]
+    assert fitted.progress_bar_metrics["eos/ratio"] == pytest.approx(eos.history[-1]["eos/ratio"], rel=1e-6)
+
+
+def test_the_edge_warning_points_at_the_line_that_called_fit(tmp_path):
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.6)
+    monitors = [HessianEigenMonitor(k=1, every_n_steps=2), EdgeOfStabilityMonitor()]
+    fitting = trainer(tmp_path, max_steps=2, callbacks=monitors)
+    with pytest.warns(RuntimeWarning, match="reached .* the stability threshold") as caught:
+        fitting.fit(model)
+    (edge,) = [w for w in caught if "stability threshold" in str(w.message)]
+    assert edge.filename == __file__ and "fitting.fit(model)" in linecache.getline(edge.filename, edge.lineno)
+
+
+def test_a_warning_clears_the_progress_bar_line_before_it_prints(capsys):
+    """tqdm's bars (Lightning's progress bar) are cleared while the warning prints and redrawn after."""
+    from tqdm import tqdm
+
+    from pf_lightning.logging import warn_once
+
+    bar = tqdm(total=10, file=sys.stderr, ascii=True, mininterval=0)
+    bar.update(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        )  # print, as outside pytest
+        warn_once(set(), "edge", "the edge, on a line of its own")
+    bar.close()
+    err = capsys.readouterr().err
+    before = err[: err.index(__file__)]
+    assert "3/10" in before and before.endswith("\r")  # the bar was drawn, then its line cleared
+    assert "3/10" in err[err.index("on a line of its own") :]  # and drawn again after the warning
