@@ -81,6 +81,11 @@ def report_main(args: Sequence[str] | None = None) -> int:
         help="which logs to read (default: both CSV and offline W&B)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--html",
+        action="store_true",
+        help="also write report.html: all plots, settings and measurements on one page",
+    )
     options = parser.parse_args(args)
     try:
         written = write_report(
@@ -88,6 +93,7 @@ def report_main(args: Sequence[str] | None = None) -> int:
             options.out,
             source=options.source,
             progress=False if options.no_progress else None,
+            html=options.html,
         )
     except (FileNotFoundError, ValueError, ModuleNotFoundError) as err:  # wandb, for W&B runs, is an extra
         print(f"pf-lightning report: {err}", file=sys.stderr)

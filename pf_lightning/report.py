@@ -4,10 +4,12 @@ A run is a CSVLogger's ``metrics.csv`` or an offline W&B run (``wandb/offline-ru
 with :mod:`pf_lightning.wandb_reader`); a folder may hold several (one per learning rate, say). For
 each run it writes PNGs of the sharpness against the stability threshold (``eos/*``), the top-k
 spectrum over time (``hessian/eig_i``, one panel per named monitor), the principal-flow regimes
-(``pf/*``), the learning rate (``lr-*`` from ``LearningRateMonitor``, ``dal/lr``) and the loss; with
-several runs, also the sharpness of all of them on one figure (Cohen et al.'s first figure). A plot
-without data is skipped with a message. Every ``plot_*`` function returns the series it drew, keyed
-by metric name, so tests can compare them with what was logged.
+(``pf/*``), the learning rate (``lr-*`` from ``LearningRateMonitor``, ``dal/lr``), the loss and the
+quality of each measurement (residuals, products, trace); with several runs, also the sharpness of all
+of them on one figure (Cohen et al.'s first figure). Logs of one run by several loggers are merged into
+one run. A plot without data is skipped with a message. ``html=True`` adds one self-contained page
+(:func:`write_html`). Every ``plot_*`` function returns the series it drew, keyed by metric name, so
+tests can compare them with what was logged.
 """
 
 from __future__ import annotations
@@ -38,15 +40,20 @@ from . import wandb_reader
 __all__ = [
     "PLOTS",
     "RunMetrics",
+    "constant_axis",
     "find_runs",
+    "measurement_table",
     "plot_learning_rate",
     "plot_loss",
+    "plot_measurement",
     "plot_regimes",
     "plot_sharpness",
     "plot_sharpness_across_runs",
     "plot_spectrum",
     "read_csv_metrics",
+    "read_settings",
     "read_wandb_metrics",
+    "write_html",
     "write_report",
 ]
 
@@ -66,6 +73,7 @@ class RunMetrics:
     source: Path
     kind: Literal["csv", "wandb"]
     series: dict[str, Series] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # the callbacks' settings, as logged under ``pf_lightning``
 
     def get(self, key: str) -> Series | None:
         return self.series.get(key)
@@ -167,24 +175,66 @@ def find_runs(root: Path, source: Source = "auto", progress: bool | None = None)
         kinds = {"auto": "metrics.csv or wandb/offline-run-*/run-*.wandb", "csv": "metrics.csv"}
         raise FileNotFoundError(f"no {kinds.get(source, 'run-*.wandb')} under {root}")
     base = root.parent if root.is_file() else root
-    names = [
-        owner.relative_to(base).as_posix() if base in owner.parents else (base.resolve().name or "run")
-        for _, _, owner in found
-    ]
-    # Two runs named by one folder (a CSV and a W&B log of one run, or repeated runs): say which is which.
-    unique = []
-    for i, (path, kind, _) in enumerate(found):
-        twins = [found[j][1] for j, n in enumerate(names) if n == names[i]]
-        if len(twins) == 1:
-            unique.append(names[i])
-        else:
-            unique.append(f"{names[i]} ({kind if twins.count(kind) == 1 else f'{kind} {path.stem}'})")
-    names = unique
     runs = []
-    for (path, kind, _), name in zip(found, names, strict=True):
+    for path, kind, owner in found:
+        name = owner.relative_to(base).as_posix() if base in owner.parents else (base.resolve().name or "run")
         reader = read_csv_metrics if kind == "csv" else read_wandb_metrics
-        runs.append(RunMetrics(name, path, kind, reader(path, progress)))
+        runs.append(RunMetrics(name, path, kind, reader(path, progress), read_settings(path, kind)))
+    runs = _merge_twins(runs)
+    # Two runs named by one folder (repeated runs, or two loggers of runs that differ): say which is which.
+    names = [run.name for run in runs]
+    for i, run in enumerate(runs):
+        twins = [runs[j].kind for j, n in enumerate(names) if n == names[i]]
+        if len(twins) > 1:
+            run.name = (
+                f"{names[i]} ({run.kind if twins.count(run.kind) == 1 else f'{run.kind} {run.source.stem}'})"
+            )
     return runs
+
+
+def _same_run(a: RunMetrics, b: RunMetrics) -> bool:
+    """Two logs of one run (a CSVLogger and a WandbLogger side by side): they share pf-lightning metrics,
+    and every shared one has the same steps and values (float32 round-off aside)."""
+    shared = [k for k in a.series.keys() & b.series.keys() if k.startswith(_PREFIXES)]
+    return bool(shared) and all(
+        np.array_equal(a.series[k][0], b.series[k][0])
+        and np.allclose(a.series[k][1], b.series[k][1], rtol=1e-6, atol=0, equal_nan=True)
+        for k in shared
+    )
+
+
+def _merge_twins(runs: list[RunMetrics]) -> list[RunMetrics]:
+    """One run per training run: logs of the same run by several loggers become one, with every metric
+    any of them holds (the longer series where two hold one)."""
+    merged: list[RunMetrics] = []
+    for run in runs:
+        twin = next((m for m in merged if _same_run(m, run)), None)
+        if twin is None:
+            merged.append(run)
+            continue
+        for key, series in run.series.items():
+            if key not in twin.series or len(series[0]) > len(twin.series[key][0]):
+                twin.series[key] = series
+        twin.settings = twin.settings or run.settings
+    return merged
+
+
+def read_settings(path: Path, kind: Literal["csv", "wandb"]) -> dict:
+    """The callbacks' settings a run logged (``pf_lightning`` in its hyperparameters): from the
+    ``hparams.yaml`` beside a CSVLogger's ``metrics.csv``, or from an offline W&B run's config. Empty
+    where there are none (a run logged without the callbacks, or by an older version)."""
+    try:
+        if kind == "csv":  # Lightning's own reader: hparams.yaml may hold tuples and other Python tags
+            from lightning.pytorch.core.saving import load_hparams_from_yaml
+
+            hparams = Path(path).with_name("hparams.yaml")
+            logged = load_hparams_from_yaml(hparams) if hparams.is_file() else {}
+        else:
+            logged = wandb_reader.config(Path(path))
+    except Exception:  # settings only annotate the report: a file it cannot read leaves them out
+        return {}
+    settings = (logged or {}).get(names.SETTINGS_KEY)
+    return settings if isinstance(settings, dict) else {}
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -346,6 +396,14 @@ def plot_regimes(run: RunMetrics, path: Path) -> Drawn | None:
     return drawn
 
 
+def constant_axis(values: np.ndarray) -> tuple[float, float] | None:
+    """The y-range for a constant positive series, from 0 to a quarter above it (matplotlib would zoom
+    onto ±5% of the one value, which reads as a varying one); ``None`` for anything else."""
+    if values.size and np.all(values == values[0]) and values[0] > 0:
+        return 0.0, 1.25 * float(values[0])
+    return None
+
+
 def plot_learning_rate(run: RunMetrics, path: Path) -> Drawn | None:
     """``lr-*`` (LearningRateMonitor) and ``dal/lr``; the monitor's ``eos/lr`` when neither was logged."""
     keys = sorted(k for k in run.series if k.startswith("lr-")) + [
@@ -357,10 +415,19 @@ def plot_learning_rate(run: RunMetrics, path: Path) -> Drawn | None:
     figure, (ax,) = _figure(1, f"{run.name}: learning rate")
     drawn = {}
     for key in keys:
-        ax.plot(*run.series[key], drawstyle="steps-post", label=key)
+        values = run.series[key][1]
+        constant = values.size and np.all(values == values[0])
+        ax.plot(
+            *run.series[key],
+            drawstyle="steps-post",
+            label=f"{key} (constant {values[0]:.4g})" if constant else key,
+        )
         drawn[key] = run.series[key]
-    if _spread(np.concatenate([s[1] for s in drawn.values()])):
+    everything = np.concatenate([s[1] for s in drawn.values()])
+    if _spread(everything):
         ax.set_yscale("log")
+    elif (limits := constant_axis(everything)) is not None:
+        ax.set_ylim(*limits)
     ax.set_ylabel("learning rate")
     ax.legend(loc="best")
     _save(figure, path)
@@ -368,7 +435,8 @@ def plot_learning_rate(run: RunMetrics, path: Path) -> Drawn | None:
 
 
 def plot_loss(run: RunMetrics, path: Path) -> Drawn | None:
-    """Every logged loss (``train_loss``, ``val_loss``, ...), on a log axis when positive."""
+    """Every logged loss (``train_loss``, ``val_loss``, ...), on a log axis when positive, with the step
+    the edge of stability was first reached (``eos/first_edge_step``) marked."""
     keys = sorted(
         k
         for k in run.series
@@ -384,8 +452,60 @@ def plot_loss(run: RunMetrics, path: Path) -> Drawn | None:
     values = np.concatenate([s[1] for s in drawn.values()])
     if values.size and np.nanmin(values) > 0:
         ax.set_yscale("log")
+    edge = run.get(names.FIRST_EDGE_STEP)
+    if edge is not None and np.isfinite(edge[1]).any():
+        step = edge[1][np.isfinite(edge[1])][0]
+        ax.axvline(
+            step,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"edge of stability reached (step {step:.0f})",
+        )
+        drawn[names.FIRST_EDGE_STEP] = edge
     ax.set_ylabel("loss")
     ax.legend(loc="best")
+    _save(figure, path)
+    return drawn
+
+
+_RESIDUAL = re.compile(r"^hessian/(?:(?P<tag>.+)/)?residual_max$")
+
+
+def plot_measurement(run: RunMetrics, path: Path) -> Drawn | None:
+    """How good each measurement was: the largest relative residual of its eigenpairs (log axis; below the
+    monitor's ``tol`` when converged), its Hessian-vector products, and the trace where logged
+    (``hessian/trace`` with ± 2 standard errors); one line per monitor."""
+    tags = {m["tag"]: k for k in run.series if (m := _RESIDUAL.match(k))}
+    if not tags:
+        return None
+    metric = lambda tag, name: names.metric_name("hessian", name, tag)  # noqa: E731
+    traced = [tag for tag in tags if run.get(metric(tag, "trace")) is not None]
+    figure, axes = _figure(3 if traced else 2, f"{run.name}: measurement quality")
+    drawn: Drawn = {}
+    for tag, color in zip(tags, _colors(len(tags)), strict=True):
+        label = tag or "all parameters"
+        for ax, name, style in ((axes[0], "residual_max", ".-"), (axes[1], "n_hvp", ".-")):
+            series = run.get(metric(tag, name))
+            if series is not None:
+                ax.plot(*series, style, color=color, label=label)
+                drawn[metric(tag, name)] = series
+        if tag in traced:
+            trace, std = run.get(metric(tag, "trace")), run.get(metric(tag, "trace_std"))
+            axes[2].plot(*trace, ".-", color=color, label=label)
+            drawn[metric(tag, "trace")] = trace
+            if std is not None and np.array_equal(std[0], trace[0]):
+                axes[2].fill_between(
+                    trace[0], trace[1] - 2 * std[1], trace[1] + 2 * std[1], color=color, alpha=0.2
+                )
+                drawn[metric(tag, "trace_std")] = std
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("largest relative residual")
+    axes[1].set_ylabel("Hessian-vector products")
+    if traced:
+        axes[2].set_ylabel("trace (± 2 s.e.)")
+    if len(tags) > 1:
+        axes[0].legend(loc="best")
     _save(figure, path)
     return drawn
 
@@ -418,6 +538,11 @@ def plot_sharpness_across_runs(runs: list[RunMetrics], path: Path) -> Drawn | No
     return drawn
 
 
+def _folder_name(name: str) -> str:
+    """A run's name as a folder name: ``lr_0.4``, ``lr_0.4_csv`` (no stray underscores)."""
+    return re.sub(r"[^\w.=+-]+", "_", name).strip("_") or "run"
+
+
 def _colors(n: int) -> list[str]:
     return [f"C{i % 10}" for i in range(n)]
 
@@ -428,7 +553,82 @@ PLOTS: dict[str, tuple[Callable[[RunMetrics, Path], Drawn | None], str]] = {
     "regimes": (plot_regimes, "no pf/hlambda_* (logged for SGD-family optimizers by EdgeOfStabilityMonitor)"),
     "learning_rate": (plot_learning_rate, "no lr-* (LearningRateMonitor), dal/lr or eos/lr"),
     "loss": (plot_loss, "no metric named *loss*"),
+    "measurement": (plot_measurement, "no hessian/residual_max (add HessianEigenMonitor)"),
 }
+
+
+_TABLE_COLUMNS = (
+    names.SHARPNESS, names.THRESHOLD, names.RATIO, names.BATCH_SHARPNESS, names.BATCH_RATIO, names.CRITICAL_RATIO,
+    "hessian/residual_max", "hessian/n_hvp",
+)  # fmt: skip
+
+
+def measurement_table(run: RunMetrics) -> tuple[list[str], list[list[float]]]:
+    """One row per step with a measurement: the top-k eigenvalues of the whole-Hessian monitor, then the
+    edge metrics and the measurement's quality where logged."""
+    eigs = _by_index(
+        (k for k in run.series if (m := _EIG.match(k)) and not m["tag"] and not m["bottom"]), _EIG
+    )
+    columns = [*eigs, *(k for k in _TABLE_COLUMNS if k in run.series)]
+    if not columns:
+        return [], []
+    steps = sorted({int(step) for key in columns for step in run.series[key][0]})
+    lookup = {
+        key: dict(zip(run.series[key][0].tolist(), run.series[key][1].tolist(), strict=True))
+        for key in columns
+    }
+    return ["step", *columns], [
+        [step, *(lookup[key].get(step, math.nan) for key in columns)] for step in steps
+    ]
+
+
+def write_html(runs: list[RunMetrics], images: dict[str, list[Path]], path: Path) -> Path:
+    """One self-contained page (plots inlined as PNG data): per run, its settings, its plots
+    (``images[run.name]``) and a table of its measurements; ``images[""]``, plots of all runs, at the end.
+    Opens in any browser without the files beside it."""
+    import base64
+    import html
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.6g}"
+        return html.escape(str(value))
+
+    def figure(image: Path) -> str:
+        data = base64.b64encode(image.read_bytes()).decode("ascii")
+        return f"<figure><img alt='{html.escape(image.stem)}' src='data:image/png;base64,{data}'></figure>"
+
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>pf-lightning report</title><style>",
+        "body{font-family:sans-serif;margin:2em;color:#222} img{max-width:100%;border:1px solid #ddd}",
+        "table{border-collapse:collapse;font-size:13px;margin:1em 0} td,th{border:1px solid #ccc;padding:2px 8px;",
+        "text-align:right} th{background:#f3f3f3} h2{border-bottom:2px solid #ccc} .plots{display:flex;",
+        "flex-wrap:wrap;gap:1em} .plots figure{margin:0;flex:1 1 560px}</style></head><body>",
+        f"<h1>pf-lightning report</h1><p>{len(runs)} run(s).</p>",
+    ]
+    for run in runs:
+        parts.append(
+            f"<h2>{html.escape(run.name)}</h2><p>from <code>{html.escape(str(run.source))}</code></p>"
+        )
+        if run.settings:  # folded: the plots come first
+            parts.append("<details><summary>settings of the callbacks</summary>")
+            for callback, values in run.settings.items():
+                rows = "".join(f"<tr><th>{cell(k)}</th><td>{cell(v)}</td></tr>" for k, v in values.items())
+                parts.append(f"<h3>{html.escape(callback)}</h3><table>{rows}</table>")
+            parts.append("</details>")
+        parts.append(
+            "<div class='plots'>" + "".join(figure(image) for image in images.get(run.name, [])) + "</div>"
+        )
+        header, rows = measurement_table(run)
+        if rows:
+            head = "".join(f"<th>{cell(h)}</th>" for h in header)
+            body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+            parts.append(f"<h3>Measurements</h3><table><tr>{head}</tr>{body}</table>")
+    if images.get(""):
+        parts.append("<h2>All runs</h2><div class='plots'>" + "".join(map(figure, images[""])) + "</div>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
 
 
 def write_report(
@@ -437,6 +637,7 @@ def write_report(
     source: Source = "auto",
     progress: bool | None = None,
     echo: Callable[[str], None] = print,
+    html: bool = False,
 ) -> dict[Path, Drawn]:
     """Read every run under ``root`` and write its PNGs; returns what each written file shows.
 
@@ -446,6 +647,8 @@ def write_report(
         source: ``"csv"``, ``"wandb"`` or ``"auto"`` (both).
         progress: show progress bars (``None``: only on a terminal).
         echo: where messages go (a skipped plot says why).
+        html: also write ``report.html`` in ``out``: every plot, each run's settings and a table of its
+            measurements on one self-contained page (:func:`write_html`).
 
     Raises:
         FileNotFoundError: no run under ``root``.
@@ -454,9 +657,10 @@ def write_report(
     out = Path(out) if out is not None else (root.parent if root.is_file() else root) / "plots"
     runs = find_runs(root, source, progress)
     written: dict[Path, Drawn] = {}
+    images: dict[str, list[Path]] = {}  # by run name; "" for the plots of all runs
     tasks = [(run, name) for run in runs for name in PLOTS]
     for run, name in tqdm(tasks, desc="plotting", unit="plot", disable=_off(progress)):
-        folder = out if len(runs) == 1 else out / re.sub(r"[^\w.=+-]+", "_", run.name)
+        folder = out if len(runs) == 1 else out / _folder_name(run.name)
         plot, missing = PLOTS[name]
         path = folder / f"{name}.png"
         drawn = plot(run, path)
@@ -464,8 +668,13 @@ def write_report(
             echo(f"{run.name}: skipped {name}.png: {missing}")
         else:
             written[path] = drawn
+            images.setdefault(run.name, []).append(path)
     if len(runs) > 1 and (drawn := plot_sharpness_across_runs(runs, out / "sharpness_runs.png")) is not None:
         written[out / "sharpness_runs.png"] = drawn
+        images[""] = [out / "sharpness_runs.png"]
     for path in sorted(written):
         echo(f"wrote {path}")
+    if html:
+        out.mkdir(parents=True, exist_ok=True)
+        echo(f"wrote {write_html(runs, images, out / 'report.html')}")
     return written

@@ -19,11 +19,11 @@ from wandb_offline import offline_env
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.cli import main
 from pf_lightning.demos import DigitsDataModule, DigitsMLP
-from pf_lightning.report import find_runs, read_wandb_metrics, write_report
+from pf_lightning.report import constant_axis, find_runs, measurement_table, read_wandb_metrics, write_report
 from pf_lightning.wandb_reader import find_run_file, history
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PLOTS = {"sharpness", "spectrum", "regimes", "learning_rate", "loss"}
+PLOTS = {"sharpness", "spectrum", "regimes", "learning_rate", "loss", "measurement"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,7 +174,7 @@ def test_plots_without_data_are_skipped_with_a_message(tmp_path):
     written = write_report(tmp_path, progress=False, echo=messages.append)
     assert [p.name for p in written] == ["loss.png"] and (tmp_path / "plots" / "loss.png").is_file()
     skipped = [m for m in messages if "skipped" in m]
-    assert len(skipped) == 4 and any("EdgeOfStabilityMonitor" in m for m in skipped)
+    assert len(skipped) == 5 and any("EdgeOfStabilityMonitor" in m for m in skipped)
 
 
 def test_several_runs_get_a_folder_each_and_a_comparison(tmp_path):
@@ -240,3 +240,92 @@ def test_a_mini_batch_run_plots_batch_and_critical_sharpness_against_their_thres
     for key in expected:
         np.testing.assert_array_equal(drawn[key][1], logged[key][1])
     assert_png(tmp_path / "plots" / "sharpness.png")
+
+
+def test_one_run_logged_by_csv_and_wandb_is_one_run(tmp_path, monkeypatch):
+    """A CSVLogger and a WandbLogger on one run (as ``examples/edge_of_stability.py --logger both``
+    writes them): one run, one folder with a clean name, every metric either log holds."""
+    offline_env(monkeypatch, tmp_path)
+    run_dir = tmp_path / "runs" / "lr_0.4"
+    run_dir.mkdir(parents=True)
+    loggers = [
+        CSVLogger(tmp_path / "runs", name="lr_0.4", version=""),
+        WandbLogger(save_dir=run_dir, offline=True),
+    ]
+    try:
+        eos, monitors = short_run(tmp_path, loggers)
+        loggers[1].experiment.finish()
+    finally:
+        wandb.teardown()
+    short_run(tmp_path, CSVLogger(tmp_path / "runs", name="lr_0.2", version=""), lr=0.2)
+    runs = find_runs(tmp_path / "runs")
+    assert [r.name for r in runs] == ["lr_0.2", "lr_0.4"]
+    assert runs[1].settings["HessianEigenMonitor"]["k"] == 2  # from hparams.yaml or the W&B config
+    written = write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
+    assert {p.parent.name for p in written} == {"lr_0.2", "lr_0.4", "out"}
+    drawn = {p.stem: series for p, series in written.items() if p.parent.name == "lr_0.4"}
+    assert_matches_monitors(drawn, eos, monitors)
+
+
+def test_a_constant_learning_rate_is_drawn_from_zero():
+    assert constant_axis(np.full(5, 0.4)) == (0.0, 0.5)
+    assert constant_axis(np.array([0.4, 0.2])) is None and constant_axis(np.zeros(3)) is None
+
+
+def test_the_loss_plot_marks_the_first_edge_step_and_the_measurement_plot_the_residuals(tmp_path):
+    rows = [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(30)]
+    rows += [
+        {
+            "step": s,
+            "eos/first_edge_step": 20.0,
+            "hessian/residual_max": 1e-4 * (s + 1),
+            "hessian/n_hvp": 20.0,
+        }
+        for s in (20, 25)
+    ]
+    rows += [{"step": s, "hessian/trace": 5.0 + s, "hessian/trace_std": 0.1} for s in (20, 25)]
+    write_csv(tmp_path / "metrics.csv", rows)
+    written = write_report(tmp_path, progress=False, echo=lambda _: None)
+    drawn = {p.stem: series for p, series in written.items()}
+    np.testing.assert_array_equal(drawn["loss"]["eos/first_edge_step"][1], [20.0, 20.0])
+    assert set(drawn["measurement"]) == {
+        "hessian/residual_max",
+        "hessian/n_hvp",
+        "hessian/trace",
+        "hessian/trace_std",
+    }
+    np.testing.assert_allclose(drawn["measurement"]["hessian/residual_max"][1], [2.1e-3, 2.6e-3])
+    assert_png(tmp_path / "plots" / "measurement.png")
+
+
+def test_the_html_report_opens_in_a_real_browser(csv_run, tmp_path):
+    """``--html``: one self-contained page with the settings, every plot inlined and the measurements,
+    rendered by headless Chromium (installed by ``.ci/run`` where missing)."""
+    import shutil
+    import subprocess
+
+    run_dir, _, monitors = csv_run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run_dir), "--out", str(tmp_path / "out"), "--no-progress", "--html"])
+    assert exit_info.value.code == 0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == len(PLOTS) and "<h3>HessianEigenMonitor</h3>" in page
+    header, rows = measurement_table(find_runs(run_dir)[0])
+    assert header[:3] == ["step", "hessian/eig_1", "hessian/eig_2"]
+    assert [row[0] for row in rows] == [h["step"] for h in monitors[0].history]
+    np.testing.assert_allclose(
+        [row[1] for row in rows], [h["eigenvalues"][0] for h in monitors[0].history], rtol=1e-6
+    )
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={shot}",
+         "--window-size=1280,2400", (tmp_path / "out" / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert_png(shot, min_bytes=20_000)
+    image = imread(shot)
+    colored = (np.ptp(image[..., :3], axis=-1) > 0.3).mean()  # the plots' coloured lines, not just text
+    assert colored > 0.001
