@@ -1,4 +1,8 @@
-"""Read W&B *offline* runs back (wandb 0.31 ships no reader for ``.wandb`` files).
+"""Read W&B *offline* runs back, in-process: history, summary, config, metric definitions and tables.
+
+wandb's Python API reads runs from the server only; wandb 0.31's command line can print a ``.wandb``
+file's records (``wandb leet inspect --json``, from its Go core) and reads the history rows identically
+(``tests/test_wandb_offline.py`` cross-checks the two where the installed wandb has that command).
 
 Used by ``pf-lightning report`` to plot an offline run, and by the tests to check what was logged.
 
