@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["cli_main", "main", "report_main"]
+__all__ = ["cli_main", "main", "report_main", "workspace_main"]
 
 _USAGE = """\
 pf-lightning: Hessian eigenpairs and edge-of-stability diagnostics for Lightning runs.
@@ -22,6 +22,7 @@ pf-lightning: Hessian eigenpairs and edge-of-stability diagnostics for Lightning
   pf-lightning fit --config configs/eos_digits.yaml     train (LightningCLI: fit, validate, test, predict)
   pf-lightning report <run dir> [--out DIR]            PNG plots from metrics.csv or an offline W&B run
   pf-lightning report --help                           options of the report command
+  pf-lightning workspace --entity E --project P        create the W&B workspace (online; wandb-workspaces)
 
 LightningCLI's own help follows.
 """
@@ -101,6 +102,35 @@ def report_main(args: Sequence[str] | None = None) -> int:
     return 0 if written else 1
 
 
+def workspace_main(args: Sequence[str] | None = None) -> int:
+    """``pf-lightning workspace``: create the W&B workspace of :mod:`pf_lightning.wandb_workspace`."""
+    parser = argparse.ArgumentParser(
+        prog="pf-lightning workspace",
+        description="Create a W&B workspace with the pf-lightning panels in a project (needs a W&B login).",
+    )
+    parser.add_argument("--entity", required=True, help="the W&B entity (user or team)")
+    parser.add_argument("--project", required=True, help="the W&B project the runs log to")
+    parser.add_argument("--k", type=int, default=5, help="tracked eigenvalues to chart (default 5)")
+    parser.add_argument("--name", default="pf-lightning", help="the workspace's name")
+    options = parser.parse_args(args)
+    try:
+        from .wandb_workspace import build_workspace
+
+        workspace = build_workspace(options.entity, options.project, options.k, options.name)
+    except (ModuleNotFoundError, ValueError) as err:
+        print(f"pf-lightning workspace: {err}", file=sys.stderr)
+        return 1
+    try:
+        workspace.save()
+    except Exception as err:  # no login, no network, no such entity or project
+        print(
+            f"pf-lightning workspace: W&B did not save it ({err}); log in with `wandb login`", file=sys.stderr
+        )
+        return 1
+    print(f"pf-lightning workspace: saved {workspace.url}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``pf-lightning`` console script: ``report`` here, the rest to LightningCLI.
 
@@ -110,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "report":
         raise SystemExit(report_main(args[1:]))
+    if args and args[0] == "workspace":
+        raise SystemExit(workspace_main(args[1:]))
     if not args or args[0] in ("-h", "--help"):
         print(_USAGE)
     cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself, without a warning

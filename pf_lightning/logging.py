@@ -78,6 +78,9 @@ DAL_LR = "dal/lr"
 DAL_HG_RATIO = "dal/hg_ratio"
 CAP_SHARPNESS = "cap/sharpness"
 EIG_MIN = "hessian/eig_min"
+RESIDUAL_MAX = "hessian/residual_max"
+N_HVP = "hessian/n_hvp"
+SECONDS = "hessian/seconds"
 EIGENVALUE = re.compile(r"^hessian/(?:(?P<tag>.+)/)?eig_(?P<bottom>bottom_)?(?P<i>\d+)$")
 """``hessian/eig_{i}``, ``hessian/eig_bottom_{i}`` and their ``hessian/<tag>/...`` forms."""
 

@@ -559,7 +559,7 @@ PLOTS: dict[str, tuple[Callable[[RunMetrics, Path], Drawn | None], str]] = {
 
 _TABLE_COLUMNS = (
     names.SHARPNESS, names.THRESHOLD, names.RATIO, names.BATCH_SHARPNESS, names.BATCH_RATIO, names.CRITICAL_RATIO,
-    "hessian/residual_max", "hessian/n_hvp",
+    names.RESIDUAL_MAX, names.N_HVP,
 )  # fmt: skip
 
 

@@ -137,3 +137,29 @@ def test_a_warning_clears_the_progress_bar_line_before_it_prints(capsys):
     before = err[: err.index(__file__)]
     assert "3/10" in before and before.endswith("\r")  # the bar was drawn, then its line cleared
     assert "3/10" in err[err.index("on a line of its own") :]  # and drawn again after the warning
+
+
+def test_the_wandb_workspace_charts_what_a_fit_logs(tmp_path):
+    """The workspace's panels, built offline: every metric they chart is one a real fit logs (or the
+    batch and critical sharpness, logged under mini-batches and ``critical_every_n_steps``), against
+    ``trainer/global_step``, unsmoothed."""
+    from pf_lightning import logging as names
+    from pf_lightning.wandb_workspace import X_AXIS, build_workspace
+
+    workspace = build_workspace("an-entity", "a-project", k=2)
+    panels = [panel for section in workspace.sections for panel in section.panels]
+    charted = {metric for panel in panels for metric in panel.y}
+    logger = CSVLogger(tmp_path, name="csv")
+    _fit(tmp_path, logger)
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
+        logged = set(next(csv.reader(f)))
+    stochastic = {names.BATCH_SHARPNESS, names.BATCH_THRESHOLD, names.BATCH_RATIO}
+    stochastic |= {names.CRITICAL_SHARPNESS, names.CRITICAL_RATIO}
+    assert charted - logged == stochastic
+    assert {"hessian/eig_1", "hessian/eig_2", "eos/threshold", "pf/hlambda_2"} <= charted
+    assert all(panel.x == X_AXIS and panel.smoothing_type == "none" for panel in panels)
+    assert workspace.settings.x_axis == X_AXIS
+    spec = workspace._to_model().model_dump(by_alias=True)  # what .save() sends: the spec validates offline
+    assert spec["entity"] == "an-entity" and spec["displayName"] == "pf-lightning"
+    with pytest.raises(ValueError, match="k must be"):
+        build_workspace("e", "p", k=0)
