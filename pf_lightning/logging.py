@@ -226,23 +226,43 @@ def _plain(value: Any) -> Any:
 def announce_run(trainer: Any, tags: list[str | None]) -> None:
     """Once per fit, from the first :class:`~pf_lightning.HessianEigenMonitor`: every pf-lightning
     callback's ``settings()`` to every logger's hyperparameters under :data:`SETTINGS_KEY` (the W&B run
-    config, hparams.yaml of a CSVLogger, TensorBoard's hparams, MLflow's params), and the TensorBoard
-    custom-scalars layout (:func:`tensorboard_layout`) for the whole-Hessian monitors named ``tags``."""
-    callbacks = [cb for cb in trainer.callbacks if type(cb).__module__.startswith("pf_lightning.")]
-    try:
-        settings = {}
-        for cb in callbacks:
-            if callable(getattr(cb, "settings", None)):
+    config, hparams.yaml of a CSVLogger, MLflow's params; TensorBoard keeps the module's hyperparameters
+    only, so there they go to the Text tab), and the TensorBoard custom-scalars layout
+    (:func:`tensorboard_layout`) for the whole-Hessian monitors named ``tags``. A logger that refuses is
+    warned about once; training goes on."""
+    settings = {}
+    for cb in trainer.callbacks:
+        ours = any(cls.__module__.startswith("pf_lightning.") for cls in type(cb).__mro__)  # subclasses too
+        if ours and callable(getattr(cb, "settings", None)):
+            try:
                 key, values = cb.settings()
                 settings[key] = {name: _plain(value) for name, value in values.items()}
-        for logger in trainer.loggers if settings else ():
+            except Exception as err:  # what the loggers show of the set-up is never worth stopping a fit for
+                warn_once(set(), "settings", f"the settings of {type(cb).__name__} were not logged ({err!r})")
+    for logger in trainer.loggers if settings else ():
+        try:
             logger.log_hyperparams({SETTINGS_KEY: settings})
-        for writer in tensorboard_writers(trainer):
+        except Exception as err:  # e.g. MLflow refuses a changed parameter on a second fit
+            warn_once(
+                set(), "settings", f"{type(logger).__name__} did not take the callbacks' settings ({err!r})"
+            )
+    for writer in tensorboard_writers(trainer):
+        try:
+            # TensorBoard's HParams tab keeps the first hyperparameters of a run (the module's): a text entry.
+            if settings:
+                writer.add_text(SETTINGS_KEY, _markdown(settings))
             writer.add_custom_scalars(tensorboard_layout(tags))
-    except Exception as err:  # what the loggers show of the set-up is never worth stopping a fit for
-        warn_once(
-            set(), "announce", f"the callbacks' settings and dashboard layout were not logged ({err!r})"
-        )
+        except Exception as err:
+            warn_once(set(), "layout", f"the TensorBoard layout was not written ({err!r})")
+
+
+def _markdown(settings: dict[str, dict[str, Any]]) -> str:
+    """The settings as markdown tables, one per callback (TensorBoard's Text tab renders them)."""
+    parts = []
+    for callback, values in settings.items():
+        rows = "\n".join(f"| {name} | {value} |" for name, value in values.items())
+        parts.append(f"**{callback}**\n\n| setting | value |\n|---|---|\n{rows}")
+    return "\n\n".join(parts)
 
 
 def tensorboard_writers(trainer: Any) -> list[Any]:

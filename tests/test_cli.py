@@ -144,7 +144,7 @@ def test_example_runs(script, tmp_path):
 _WITHOUT_EXTRAS = r"""
 import importlib.abc, importlib.metadata, sys
 
-BLOCKED = {"wandb", "matplotlib", "jsonargparse"}
+BLOCKED = {"wandb", "matplotlib", "jsonargparse"}  # scikit-learn, the fourth extra: not imported (checked below)
 
 
 def hidden(lookup):  # no distribution metadata either (what torchmetrics checks before importing matplotlib)
@@ -172,13 +172,18 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
-from pf_lightning.demos import DigitsDataModule, DigitsMLP
+import torch
+
+from pf_lightning.demos import DigitsMLP
+
+x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, :10] > 0).long().argmax(1)), batch_size=64)
 
 L.seed_everything(0)
 trainer = L.Trainer(max_steps=4, logger=CSVLogger(sys.argv[1]), callbacks=[HessianEigenMonitor(k=2, every_n_steps=2),
     EdgeOfStabilityMonitor()], enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
-trainer.fit(DigitsMLP(hidden=(16,)), DigitsDataModule(n=64))
-print("loaded:", sorted(BLOCKED & {m.partition(".")[0] for m in sys.modules}))
+trainer.fit(DigitsMLP(hidden=(16,)), data)
+print("loaded:", sorted((BLOCKED | {"sklearn"}) & {m.partition(".")[0] for m in sys.modules}))
 for name in ("pf_lightning.report", "pf_lightning.cli"):
     try:
         module = __import__(name, fromlist=["_"])
@@ -226,6 +231,13 @@ def test_the_core_install_measures_and_logs_without_the_extras(tmp_path):
     ],
 )
 def test_fit_help_lists_the_hvp_choices(callback, choices, capsys):
+    from typing import get_args
+
+    from pf_lightning.callbacks.hessian_monitor import HVPChoice
+    from pf_lightning.callbacks.lr_adaptation import HG_METHODS, HGMethod
+    from pf_lightning.curvature import HVP_CHOICES
+
+    assert get_args(HVPChoice) == HVP_CHOICES and get_args(HGMethod) == HG_METHODS
     with pytest.raises(SystemExit):
         cli_main(["fit", "--trainer.callbacks.help", f"pf_lightning.{callback}"])
     assert f"--trainer.callbacks.hvp {choices}" in capsys.readouterr().out.replace("\n", " ")

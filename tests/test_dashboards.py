@@ -18,12 +18,19 @@ from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.logging import SETTINGS_KEY, WANDB_SUMMARIES
 
 
-def _fit(tmp_path, logger, **monitor):
+def _fit(tmp_path, logger, progress_bar=False, **monitor):
     L.seed_everything(0)
     model = DigitsClassifier(n=128, lr=0.6)
     hessian = HessianEigenMonitor(k=2, every_n_steps=2, **monitor)
     eos = EdgeOfStabilityMonitor()
-    fitted = trainer(tmp_path, max_steps=8, logger=logger, callbacks=[hessian, eos], log_every_n_steps=1)
+    fitted = trainer(
+        tmp_path,
+        max_steps=8,
+        logger=logger,
+        callbacks=[hessian, eos],
+        log_every_n_steps=1,
+        enable_progress_bar=progress_bar,
+    )
     fitted.fit(model)
     return hessian, eos, fitted
 
@@ -100,7 +107,7 @@ def test_csv_logger_keeps_the_settings_in_hparams(tmp_path):
 
 def test_the_progress_bar_shows_the_latest_ratio_and_the_loggers_get_each_value_once(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
-    _, eos, fitted = _fit(tmp_path, logger)
+    _, eos, fitted = _fit(tmp_path, logger, progress_bar=True)
     with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
         rows = [row for row in csv.DictReader(f) if row.get("eos/ratio")]
     assert [int(row["step"]) for row in rows] == [h["step"] for h in eos.history] == [0, 2, 4, 6, 8]
@@ -163,3 +170,29 @@ def test_the_wandb_workspace_charts_what_a_fit_logs(tmp_path):
     assert spec["entity"] == "an-entity" and spec["displayName"] == "pf-lightning"
     with pytest.raises(ValueError, match="k must be"):
         build_workspace("e", "p", k=0)
+
+
+def test_the_progress_bar_value_neither_breaks_a_dataloader_iter_step_nor_leaks_into_the_next_fit(tmp_path):
+    """A ``training_step(self, dataloader_iter)`` gives Lightning no batch size to infer (it refuses a
+    ``self.log`` without one); a ratio measured at the end of one fit is not shown in the next."""
+
+    class IteratorStep(DigitsClassifier):
+        def training_step(self, dataloader_iter):
+            batch, _, _ = next(dataloader_iter)
+            return self.loss(batch)
+
+    L.seed_everything(0)
+    model = IteratorStep(n=128, lr=0.6)
+    x, y = model.train_dataloader().dataset.tensors
+    probe, loss = [(x, y)], lambda module, batch: module.loss(batch)
+    hessian = HessianEigenMonitor(k=1, every_n_steps=2, probe=probe, loss_fn=loss)
+    eos = EdgeOfStabilityMonitor()
+    first = trainer(tmp_path, max_steps=3, callbacks=[hessian, eos], enable_progress_bar=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*progress bar.*")  # the fallback would warn
+        first.fit(model)  # measured at steps 0 and 2 (shown at the next batch end), and 3 at fit end
+    assert len(eos.history) == 3
+    late = HessianEigenMonitor(k=1, every_n_steps=2, probe=probe, loss_fn=loss, at_fit_start=False)
+    second = trainer(tmp_path, max_steps=1, callbacks=[late, eos], enable_progress_bar=True)
+    second.fit(IteratorStep(n=128, lr=0.6))
+    assert "eos/ratio" not in second.progress_bar_metrics  # the first fit's last ratio stayed with it

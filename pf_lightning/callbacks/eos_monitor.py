@@ -248,6 +248,7 @@ class EdgeOfStabilityMonitor(Callback):
         self.monitor.add_listener(self._on_measurement)
         if stage == "fit":
             self._preconditioned_latest = None  # another fit may bring another model
+            self._progress = {}  # nothing from an earlier fit in this one's progress bar
             self._batches, self._batches_resolved, self._batches_error = None, False, None
 
     @override
@@ -516,11 +517,8 @@ class EdgeOfStabilityMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for key, value in self._progress.items():  # the latest ratios in the bar, not to the loggers again
-            pl_module.log(
-                key, value, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True
-            )
-        self._progress = {}
+        if self._progress:
+            self._show_progress(trainer, pl_module)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._pending_losses.append(loss.detach())
@@ -539,6 +537,23 @@ class EdgeOfStabilityMonitor(Callback):
             self._log_proxies(trainer, pl_module, batch)
         if self.critical_every_n_steps is not None and step % self.critical_every_n_steps == 0:
             self._log_critical(trainer, pl_module, batch)
+
+    def _show_progress(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The latest ratios in Lightning's progress bar (not to the loggers again); never worth a fit."""
+        progress, self._progress = self._progress, {}
+        if trainer.progress_bar_callback is None or getattr(trainer, "barebones", False):
+            return
+        try:
+            for (
+                key,
+                value,
+            ) in progress.items():  # batch_size: a dataloader_iter training_step has none to infer
+                pl_module.log(
+                    key, value, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1,
+                    rank_zero_only=True,
+                )  # fmt: skip
+        except Exception as err:
+            self._warn_once("progress", f"the ratios are not shown in the progress bar ({err!r})")
 
     def _log_critical(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """Critical sharpness along the optimizer's next update, on the batch just trained."""
@@ -579,6 +594,7 @@ class EdgeOfStabilityMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._progress = {}  # a measurement at fit end has no batch end left to show it
         if self.history:
             self._chart(trainer, trainer.global_step)
 

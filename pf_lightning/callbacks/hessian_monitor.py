@@ -52,7 +52,8 @@ from ._probe import build_probe, resolve_loss_fn
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
 
 
-HVPChoice = Literal[HVP_CHOICES]  # the choices, for LightningCLI --help and validation
+HVPChoice = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
+"""``HVP_CHOICES`` written out for type checkers and LightningCLI's ``--help`` (a test keeps them equal)."""
 
 check = Checks(MisconfigurationException)
 

@@ -40,7 +40,10 @@ from .eos_monitor import EdgeOfStabilityMonitor
 
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 HG_METHODS = ("forward_difference", *HVP_CHOICES)
-HGMethod = Literal[HG_METHODS]  # the choices, for LightningCLI --help and validation
+HGMethod = Literal[
+    "forward_difference", "auto", "double_backward", "forward_over_reverse", "finite_difference"
+]
+"""``HG_METHODS`` written out for type checkers and LightningCLI's ``--help`` (a test keeps them equal)."""
 check = Checks(MisconfigurationException)
 
 

@@ -479,7 +479,7 @@ def _warn_lower_precision(got: torch.dtype, wanted: torch.dtype) -> None:
     _LOWER_PRECISION_WARNED.add((got, wanted))
     warnings.warn(
         f"the loss comes back in {got} while the measurement runs in {wanted}: every product is then only as "
-        f"accurate as {got} (finite differences then take {got}'s step, and are 3e-6 to 4e-4 off in float32 "
+        f"accurate as {got} (finite differences then take {got}'s step, and are up to 4e-4 off in float32 "
         f"against 1e-10 in float64 on the benchmark models; a tight {wanted} tolerance is out of reach. "
         "Hugging Face's causal-LM loss casts the logits to float32). Compute the loss in "
         f"{wanted} (e.g. a loss_fn on the logits kept in {wanted}) for a {wanted} measurement",
