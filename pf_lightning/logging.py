@@ -103,6 +103,20 @@ WANDB_SUMMARIES: dict[str, str] = {
 """The W&B run summary of these metrics is their extreme over the run (how close training came to the
 edge), not their last value; every other metric keeps W&B's default (the last value)."""
 
+EDGE_CHARTS: dict[str, tuple[str, ...]] = {
+    "sharpness and its threshold": (
+        SHARPNESS,
+        THRESHOLD,
+        BATCH_SHARPNESS,
+        BATCH_THRESHOLD,
+        CRITICAL_SHARPNESS,
+    ),
+    "ratio to the threshold (1 = the edge)": (RATIO, BATCH_RATIO, CRITICAL_RATIO),
+}
+"""The edge charts of the dashboards (TensorBoard's layout, the W&B workspace): title and the ``eos/*``
+metrics drawn together; each dashboard adds the top-k eigenvalues with the threshold."""
+TOP_K_CHART = "top-k eigenvalues and the threshold"
+
 SETTINGS_KEY = "pf_lightning"
 """The callbacks' settings go to every logger's hyperparameters (the W&B run config) under this key."""
 
@@ -286,15 +300,9 @@ def tensorboard_layout(tags: list[str | None]) -> dict[str, dict[str, list]]:
     layout = {}
     for tag in tags or [None]:
         top_k = f"^{re.escape(metric_name('hessian', 'eig_', tag))}\\d+$"
-        sharpness = (SHARPNESS, THRESHOLD, BATCH_SHARPNESS, BATCH_THRESHOLD, CRITICAL_SHARPNESS)
-        layout[f"pf-lightning{'' if tag is None else f' ({tag})'}"] = {
-            "sharpness and its threshold": ["Multiline", [exact(sharpness, tag)]],
-            "top-k eigenvalues and the threshold": ["Multiline", [top_k, exact((THRESHOLD,), tag)]],
-            "ratio to the threshold (1 = the edge)": [
-                "Multiline",
-                [exact((RATIO, BATCH_RATIO, CRITICAL_RATIO), tag)],
-            ],
-        }
+        charts = {title: ["Multiline", [exact(metrics, tag)]] for title, metrics in EDGE_CHARTS.items()}
+        charts[TOP_K_CHART] = ["Multiline", [top_k, exact((THRESHOLD,), tag)]]
+        layout[f"pf-lightning{'' if tag is None else f' ({tag})'}"] = charts
     return layout
 
 

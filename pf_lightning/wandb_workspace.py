@@ -42,20 +42,8 @@ def build_workspace(entity: str, project: str, k: int = 5, name: str = "pf-light
         return wr.LinePlot(title=title, x=X_AXIS, y=metrics, log_y=log_y, smoothing_type="none")
 
     eigenvalues = [names.eigenvalue(i) for i in range(1, k + 1)]
-    edge = [
-        line(
-            "sharpness and its threshold",
-            [
-                names.SHARPNESS,
-                names.THRESHOLD,
-                names.BATCH_SHARPNESS,
-                names.BATCH_THRESHOLD,
-                names.CRITICAL_SHARPNESS,
-            ],
-        ),
-        line("top-k eigenvalues and the threshold", [*eigenvalues, names.THRESHOLD]),
-        line("ratio to the threshold (1 = the edge)", [names.RATIO, names.BATCH_RATIO, names.CRITICAL_RATIO]),
-    ]
+    edge = [line(title, list(metrics)) for title, metrics in names.EDGE_CHARTS.items()]
+    edge.insert(1, line(names.TOP_K_CHART, [*eigenvalues, names.THRESHOLD]))
     flow = [
         line("ηλᵢ (2λᵢ / threshold)", [names.direction("hlambda", i) for i in range(1, k + 1)]),
         line("directions", [names.UNSTABLE_DIRECTIONS, names.OSCILLATING_DIRECTIONS]),
