@@ -149,16 +149,20 @@ def _off(progress: bool | None) -> bool | None:
     return None if progress is None else not progress  # tqdm: disable=None hides the bar off a terminal
 
 
-def find_runs(root: Path, source: Source = "auto", progress: bool | None = None) -> list[RunMetrics]:
+def find_runs(
+    root: Path, source: Source = "auto", progress: bool | None = None, echo: Callable[[str], None] = print
+) -> list[RunMetrics]:
     """Every run at or under ``root``: a ``metrics.csv``, a ``.wandb`` file, or folders holding them.
 
     Args:
         root: a run folder, a parent of several, or one ``metrics.csv`` / ``run-*.wandb`` file.
         source: ``"csv"`` or ``"wandb"`` to read only that kind; ``"auto"`` reads both.
         progress: show progress bars (``None``: only on a terminal).
+        echo: where a skipped run's message goes (offline W&B runs without wandb installed).
 
     Raises:
         FileNotFoundError: nothing to read under ``root``.
+        ModuleNotFoundError: only offline W&B runs there, and no wandb to read them.
     """
     root = Path(root)
     if not root.exists():
@@ -179,7 +183,18 @@ def find_runs(root: Path, source: Source = "auto", progress: bool | None = None)
     for path, kind, owner in found:
         name = owner.relative_to(base).as_posix() if base in owner.parents else (base.resolve().name or "run")
         reader = read_csv_metrics if kind == "csv" else read_wandb_metrics
-        runs.append(RunMetrics(name, path, kind, reader(path, progress), read_settings(path, kind)))
+        try:
+            series = reader(path, progress)
+        except ModuleNotFoundError as err:  # wandb, an extra: the CSV runs beside it are still plotted
+            if len(found) == 1:
+                raise
+            echo(f"skipped {path}: {err}")
+            continue
+        runs.append(RunMetrics(name, path, kind, series, read_settings(path, kind)))
+    if not runs:
+        raise ModuleNotFoundError(
+            f"no run under {root} could be read without wandb: pip install 'pf-lightning[wandb]'"
+        )
     runs = _merge_twins(runs)
     # Two runs named by one folder (repeated runs, or two loggers of runs that differ): say which is which.
     names = [run.name for run in runs]
@@ -655,7 +670,7 @@ def write_report(
     """
     root = Path(root)
     out = Path(out) if out is not None else (root.parent if root.is_file() else root) / "plots"
-    runs = find_runs(root, source, progress)
+    runs = find_runs(root, source, progress, echo)
     written: dict[Path, Drawn] = {}
     images: dict[str, list[Path]] = {}  # by run name; "" for the plots of all runs
     tasks = [(run, name) for run in runs for name in PLOTS]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import struct
+import sys
 
 import lightning as L
 import numpy as np
@@ -329,3 +330,20 @@ def test_the_html_report_opens_in_a_real_browser(csv_run, tmp_path):
     image = imread(shot)
     colored = (np.ptp(image[..., :3], axis=-1) > 0.3).mean()  # the plots' coloured lines, not just text
     assert colored > 0.001
+
+
+def test_without_wandb_the_csv_runs_beside_an_offline_wandb_run_are_still_plotted(tmp_path, monkeypatch):
+    write_csv(
+        tmp_path / "runs" / "csv_run" / "metrics.csv",
+        [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(9)],
+    )
+    wandb_file = tmp_path / "runs" / "w" / "wandb" / "offline-run-1-x" / "run-x.wandb"
+    wandb_file.parent.mkdir(parents=True)
+    wandb_file.write_bytes(b":W&B\xe1\xbe\x00")  # never parsed: reading it needs wandb first
+    monkeypatch.setitem(sys.modules, "wandb.proto", None)  # as if wandb were not installed
+    messages = []
+    written = write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=messages.append)
+    assert [p.name for p in written] == ["loss.png"]
+    assert any(m.startswith(f"skipped {wandb_file}") and "pf-lightning[wandb]" in m for m in messages)
+    with pytest.raises(ModuleNotFoundError, match=r"pf-lightning\[wandb\]"):
+        write_report(wandb_file, tmp_path / "out2", progress=False, echo=messages.append)
