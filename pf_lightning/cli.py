@@ -117,7 +117,7 @@ def workspace_main(args: Sequence[str] | None = None) -> int:
         from .wandb_workspace import build_workspace
 
         workspace = build_workspace(options.entity, options.project, options.k, options.name)
-    except (ModuleNotFoundError, ValueError) as err:
+    except (ImportError, ValueError) as err:  # not installed, or versions that do not fit together
         print(f"pf-lightning workspace: {err}", file=sys.stderr)
         return 1
     try:

@@ -265,6 +265,9 @@ def announce_run(trainer: Any, tags: list[str | None]) -> None:
             # TensorBoard's HParams tab keeps the first hyperparameters of a run (the module's): a text entry.
             if settings:
                 writer.add_text(SETTINGS_KEY, _markdown(settings))
+        except Exception as err:
+            warn_once(set(), "settings", f"TensorBoard did not take the callbacks' settings ({err!r})")
+        try:
             writer.add_custom_scalars(tensorboard_layout(tags))
         except Exception as err:
             warn_once(set(), "layout", f"the TensorBoard layout was not written ({err!r})")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -208,13 +208,18 @@ def find_runs(
 
 
 def _same_run(a: RunMetrics, b: RunMetrics) -> bool:
-    """Two logs of one run (a CSVLogger and a WandbLogger side by side): they share pf-lightning metrics,
-    and every shared one has the same steps and values (float32 round-off aside)."""
-    shared = [k for k in a.series.keys() & b.series.keys() if k.startswith(_PREFIXES)]
-    return bool(shared) and all(
-        np.array_equal(a.series[k][0], b.series[k][0])
-        and np.allclose(a.series[k][1], b.series[k][1], rtol=1e-6, atol=0, equal_nan=True)
-        for k in shared
+    """Two logs of one run (a CSVLogger and a WandbLogger side by side): of different kinds, sharing
+    pf-lightning metrics, and every shared metric (the loss and learning rate too) has the same steps
+    and values (float32 round-off aside). Two runs of one kind are never one run."""
+    shared = a.series.keys() & b.series.keys()
+    return (
+        a.kind != b.kind
+        and any(k.startswith(_PREFIXES) for k in shared)
+        and all(
+            np.array_equal(a.series[k][0], b.series[k][0])
+            and np.allclose(a.series[k][1], b.series[k][1], rtol=1e-6, atol=0, equal_nan=True)
+            for k in shared
+        )
     )
 
 
@@ -243,13 +248,15 @@ def read_settings(path: Path, kind: Literal["csv", "wandb"]) -> dict:
             from lightning.pytorch.core.saving import load_hparams_from_yaml
 
             hparams = Path(path).with_name("hparams.yaml")
-            logged = load_hparams_from_yaml(hparams) if hparams.is_file() else {}
+            logged = load_hparams_from_yaml(hparams, use_omegaconf=False) if hparams.is_file() else {}
         else:
             logged = wandb_reader.config(Path(path))
     except Exception:  # settings only annotate the report: a file it cannot read leaves them out
         return {}
     settings = (logged or {}).get(names.SETTINGS_KEY)
-    return settings if isinstance(settings, dict) else {}
+    if not isinstance(settings, Mapping):
+        return {}
+    return {str(key): dict(values) for key, values in settings.items() if isinstance(values, Mapping)}
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -488,8 +495,8 @@ _RESIDUAL = re.compile(r"^hessian/(?:(?P<tag>.+)/)?residual_max$")
 
 
 def plot_measurement(run: RunMetrics, path: Path) -> Drawn | None:
-    """How good each measurement was: the largest relative residual of its eigenpairs (log axis; below the
-    monitor's ``tol`` when converged), its Hessian-vector products, and the trace where logged
+    """How good each measurement was: the largest relative residual of its eigenpairs (log axis; a converged
+    measurement's is below the monitor's ``tol``), its Hessian-vector products, and the trace where logged
     (``hessian/trace`` with ± 2 standard errors); one line per monitor."""
     tags = {m["tag"]: k for k in run.series if (m := _RESIDUAL.match(k))}
     if not tags:
@@ -499,7 +506,7 @@ def plot_measurement(run: RunMetrics, path: Path) -> Drawn | None:
     figure, axes = _figure(3 if traced else 2, f"{run.name}: measurement quality")
     drawn: Drawn = {}
     for tag, color in zip(tags, _colors(len(tags)), strict=True):
-        label = tag or "all parameters"
+        label = tag or "unnamed monitor"
         for ax, name, style in ((axes[0], "residual_max", ".-"), (axes[1], "n_hvp", ".-")):
             series = run.get(metric(tag, name))
             if series is not None:
@@ -580,7 +587,8 @@ _TABLE_COLUMNS = (
 
 def measurement_table(run: RunMetrics) -> tuple[list[str], list[list[float]]]:
     """One row per step with a measurement: the top-k eigenvalues of the whole-Hessian monitor, then the
-    edge metrics and the measurement's quality where logged."""
+    edge metrics and the measurement's quality where logged (``None`` where a metric was not logged at
+    that step; a logged NaN stays NaN)."""
     eigs = _by_index(
         (k for k in run.series if (m := _EIG.match(k)) and not m["tag"] and not m["bottom"]), _EIG
     )
@@ -592,9 +600,7 @@ def measurement_table(run: RunMetrics) -> tuple[list[str], list[list[float]]]:
         key: dict(zip(run.series[key][0].tolist(), run.series[key][1].tolist(), strict=True))
         for key in columns
     }
-    return ["step", *columns], [
-        [step, *(lookup[key].get(step, math.nan) for key in columns)] for step in steps
-    ]
+    return ["step", *columns], [[step, *(lookup[key].get(step) for key in columns)] for step in steps]
 
 
 def write_html(runs: list[RunMetrics], images: dict[str, list[Path]], path: Path) -> Path:
@@ -605,8 +611,10 @@ def write_html(runs: list[RunMetrics], images: dict[str, list[Path]], path: Path
     import html
 
     def cell(value: object) -> str:
+        if value is None:
+            return ""  # not logged at this step
         if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.6g}"
+            return f"{value:.6g}"  # nan and inf included: a failed measurement shows
         return html.escape(str(value))
 
     def figure(image: Path) -> str:
@@ -629,7 +637,7 @@ def write_html(runs: list[RunMetrics], images: dict[str, list[Path]], path: Path
             parts.append("<details><summary>settings of the callbacks</summary>")
             for callback, values in run.settings.items():
                 rows = "".join(f"<tr><th>{cell(k)}</th><td>{cell(v)}</td></tr>" for k, v in values.items())
-                parts.append(f"<h3>{html.escape(callback)}</h3><table>{rows}</table>")
+                parts.append(f"<h3>{cell(callback)}</h3><table>{rows}</table>")
             parts.append("</details>")
         parts.append(
             "<div class='plots'>" + "".join(figure(image) for image in images.get(run.name, [])) + "</div>"
@@ -674,8 +682,15 @@ def write_report(
     written: dict[Path, Drawn] = {}
     images: dict[str, list[Path]] = {}  # by run name; "" for the plots of all runs
     tasks = [(run, name) for run in runs for name in PLOTS]
+    folders: dict[str, Path] = {}  # by run name; two names that clean to one folder get a suffix
+    for run in runs:
+        folder, n = (out, 1) if len(runs) == 1 else (out / _folder_name(run.name), 1)
+        while folder in folders.values():
+            n += 1
+            folder = out / f"{_folder_name(run.name)}_{n}"
+        folders[run.name] = folder
     for run, name in tqdm(tasks, desc="plotting", unit="plot", disable=_off(progress)):
-        folder = out if len(runs) == 1 else out / _folder_name(run.name)
+        folder = folders[run.name]
         plot, missing = PLOTS[name]
         path = folder / f"{name}.png"
         drawn = plot(run, path)

@@ -7,7 +7,7 @@ network::
     pf-lightning workspace --entity ENTITY --project PROJECT      # prints the workspace's URL
 
 Sections: the edge of stability (sharpness with its threshold, batch and critical sharpness, the top-k
-eigenvalues with the threshold, the ratios), principal flow (ηλᵢ, unstable and oscillating
+eigenvalues with the threshold, the ratios), principal flow (hλᵢ, unstable and oscillating
 directions), and the measurements (residuals, products, seconds). Smoothing is off (measurements are
 sparse) and the x-axis is ``trainer/global_step``. Needs the ``wandb-workspaces`` package:
 ``pip install 'pf-lightning[wandb]'``.
@@ -45,7 +45,9 @@ def build_workspace(entity: str, project: str, k: int = 5, name: str = "pf-light
     edge = [line(title, list(metrics)) for title, metrics in names.EDGE_CHARTS.items()]
     edge.insert(1, line(names.TOP_K_CHART, [*eigenvalues, names.THRESHOLD]))
     flow = [
-        line("ηλᵢ (2λᵢ / threshold)", [names.direction("hlambda", i) for i in range(1, k + 1)]),
+        line(
+            "hλᵢ = 2λᵢ / threshold (ηλᵢ under GD)", [names.direction("hlambda", i) for i in range(1, k + 1)]
+        ),
         line("directions", [names.UNSTABLE_DIRECTIONS, names.OSCILLATING_DIRECTIONS]),
     ]
     quality = [

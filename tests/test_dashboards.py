@@ -196,3 +196,10 @@ def test_the_progress_bar_value_neither_breaks_a_dataloader_iter_step_nor_leaks_
     second = trainer(tmp_path, max_steps=1, callbacks=[late, eos], enable_progress_bar=True)
     second.fit(IteratorStep(n=128, lr=0.6))
     assert "eos/ratio" not in second.progress_bar_metrics  # the first fit's last ratio stayed with it
+
+
+def test_the_workspace_command_names_a_bad_argument(capsys):
+    from pf_lightning.cli import workspace_main
+
+    assert workspace_main(["--entity", "e", "--project", "p", "--k", "0"]) == 1
+    assert "k must be a positive number" in capsys.readouterr().err

@@ -347,3 +347,27 @@ def test_without_wandb_the_csv_runs_beside_an_offline_wandb_run_are_still_plotte
     assert any(m.startswith(f"skipped {wandb_file}") and "pf-lightning[wandb]" in m for m in messages)
     with pytest.raises(ModuleNotFoundError, match=r"pf-lightning\[wandb\]"):
         write_report(wandb_file, tmp_path / "out2", progress=False, echo=messages.append)
+
+
+def test_runs_of_one_kind_or_with_different_losses_are_never_merged(tmp_path, csv_run):
+    """Same initialisation and seed, different learning rates: identical eigenvalues at step 0 but different
+    losses. Two CSV runs stay two runs, and each keeps its own settings from its hparams.yaml."""
+    run_dir, _, _ = csv_run
+    assert find_runs(run_dir)[0].settings["HessianEigenMonitor"]["k"] == 2  # a CSV-only run's settings
+    for lr, loss in ((0.1, 1.0), (0.2, 2.0)):
+        rows = [{"step": 0, "hessian/eig_1": 3.5, "hessian/n_hvp": 20.0}]
+        rows += [{"step": s, "train_loss": loss / (s + 1), "lr-SGD": lr} for s in range(5)]
+        write_csv(tmp_path / "runs" / f"lr_{lr}" / "metrics.csv", rows)
+    runs = find_runs(tmp_path / "runs")
+    assert [r.name for r in runs] == ["lr_0.1", "lr_0.2"]
+    assert [float(r.series["lr-SGD"][1][0]) for r in runs] == [0.1, 0.2]
+
+
+def test_two_run_names_that_clean_to_one_folder_get_two_folders(tmp_path):
+    for name in ("lr 0.1", "lr_0.1"):
+        write_csv(
+            tmp_path / "runs" / name / "metrics.csv",
+            [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(5)],
+        )
+    written = write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
+    assert sorted(p.parent.name for p in written) == ["lr_0.1", "lr_0.1_2"]
