@@ -36,6 +36,7 @@ __all__ = [
     "eigenvalue",
     "log_metrics",
     "metric_name",
+    "tag_name",
     "tagged",
     "tensorboard_layout",
     "tensorboard_writers",
@@ -81,6 +82,9 @@ EIG_MIN = "hessian/eig_min"
 RESIDUAL_MAX = "hessian/residual_max"
 N_HVP = "hessian/n_hvp"
 SECONDS = "hessian/seconds"
+CONVERGED = "hessian/converged"
+TRACE = "hessian/trace"
+TRACE_STD = "hessian/trace_std"
 EIGENVALUE = re.compile(r"^hessian/(?:(?P<tag>.+)/)?eig_(?P<bottom>bottom_)?(?P<i>\d+)$")
 """``hessian/eig_{i}``, ``hessian/eig_bottom_{i}`` and their ``hessian/<tag>/...`` forms."""
 
@@ -137,15 +141,15 @@ def metric_name(group: str, name: str, tag: str | None = None) -> str:
     return f"{group}/{tag}/{name}" if tag else f"{group}/{name}"
 
 
+def tag_name(name: str, tag: str | None) -> str:
+    """``group/name`` as ``group/tag/name`` (unchanged without a tag)."""
+    group, rest = name.split("/", 1)
+    return metric_name(group, rest, tag)
+
+
 def tagged(metrics: Mapping[str, float], tag: str | None) -> dict[str, float]:
     """``metrics`` keyed ``group/tag/name`` instead of ``group/name`` (unchanged without a tag)."""
-    if not tag:
-        return dict(metrics)
-    out = {}
-    for key, value in metrics.items():
-        group, name = key.split("/", 1)
-        out[metric_name(group, name, tag)] = value
-    return out
+    return {tag_name(key, tag): value for key, value in metrics.items()}
 
 
 def log_metrics(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
@@ -218,10 +222,7 @@ def define_wandb_metrics(trainer: Any, tag: str | None = None) -> None:
         for prefix in PREFIXES:
             run.define_metric(f"{prefix}/*", step_metric="trainer/global_step")
         for name, summary in WANDB_SUMMARIES.items():
-            group, rest = name.split("/", 1)
-            run.define_metric(
-                metric_name(group, rest, tag), step_metric="trainer/global_step", summary=summary
-            )
+            run.define_metric(tag_name(name, tag), step_metric="trainer/global_step", summary=summary)
 
 
 def _is_rank_zero(trainer: Any) -> bool:

@@ -197,12 +197,12 @@ def find_runs(
         )
     runs = _merge_twins(runs)
     # Two runs named by one folder (repeated runs, or two loggers of runs that differ): say which is which.
-    names = [run.name for run in runs]
+    labels = [run.name for run in runs]  # (not `names`: that is the metric-name module here)
     for i, run in enumerate(runs):
-        twins = [runs[j].kind for j, n in enumerate(names) if n == names[i]]
+        twins = [runs[j].kind for j, n in enumerate(labels) if n == labels[i]]
         if len(twins) > 1:
             run.name = (
-                f"{names[i]} ({run.kind if twins.count(run.kind) == 1 else f'{run.kind} {run.source.stem}'})"
+                f"{labels[i]} ({run.kind if twins.count(run.kind) == 1 else f'{run.kind} {run.source.stem}'})"
             )
     return runs
 
@@ -491,7 +491,7 @@ def plot_loss(run: RunMetrics, path: Path) -> Drawn | None:
     return drawn
 
 
-_RESIDUAL = re.compile(r"^hessian/(?:(?P<tag>.+)/)?residual_max$")
+_RESIDUAL = re.compile(rf"^hessian/(?:(?P<tag>.+)/)?{re.escape(names.RESIDUAL_MAX.split('/', 1)[1])}$")
 
 
 def plot_measurement(run: RunMetrics, path: Path) -> Drawn | None:
@@ -501,26 +501,26 @@ def plot_measurement(run: RunMetrics, path: Path) -> Drawn | None:
     tags = {m["tag"]: k for k in run.series if (m := _RESIDUAL.match(k))}
     if not tags:
         return None
-    metric = lambda tag, name: names.metric_name("hessian", name, tag)  # noqa: E731
-    traced = [tag for tag in tags if run.get(metric(tag, "trace")) is not None]
+    metric = names.tag_name
+    traced = [tag for tag in tags if run.get(metric(names.TRACE, tag)) is not None]
     figure, axes = _figure(3 if traced else 2, f"{run.name}: measurement quality")
     drawn: Drawn = {}
     for tag, color in zip(tags, _colors(len(tags)), strict=True):
         label = tag or "unnamed monitor"
-        for ax, name, style in ((axes[0], "residual_max", ".-"), (axes[1], "n_hvp", ".-")):
-            series = run.get(metric(tag, name))
+        for ax, name in ((axes[0], names.RESIDUAL_MAX), (axes[1], names.N_HVP)):
+            series = run.get(metric(name, tag))
             if series is not None:
-                ax.plot(*series, style, color=color, label=label)
-                drawn[metric(tag, name)] = series
+                ax.plot(*series, ".-", color=color, label=label)
+                drawn[metric(name, tag)] = series
         if tag in traced:
-            trace, std = run.get(metric(tag, "trace")), run.get(metric(tag, "trace_std"))
+            trace, std = run.get(metric(names.TRACE, tag)), run.get(metric(names.TRACE_STD, tag))
             axes[2].plot(*trace, ".-", color=color, label=label)
-            drawn[metric(tag, "trace")] = trace
+            drawn[metric(names.TRACE, tag)] = trace
             if std is not None and np.array_equal(std[0], trace[0]):
                 axes[2].fill_between(
                     trace[0], trace[1] - 2 * std[1], trace[1] + 2 * std[1], color=color, alpha=0.2
                 )
-                drawn[metric(tag, "trace_std")] = std
+                drawn[metric(names.TRACE_STD, tag)] = std
     axes[0].set_yscale("log")
     axes[0].set_ylabel("largest relative residual")
     axes[1].set_ylabel("Hessian-vector products")

@@ -19,6 +19,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from .. import logging as names
 from .._validation import Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, measurement_context
 from ..curvature.distributed import any_rank
@@ -31,6 +32,8 @@ from ..logging import (
     eigenvalue,
     log_metrics,
     metric_name,
+    tag_name,
+    tagged,
     tensorboard_writers,
     wandb_experiments,
     wandb_log,
@@ -518,15 +521,14 @@ class HessianEigenMonitor(Callback):
             metrics.update(
                 {eigenvalue(i + 1, self.name, bottom=True): float(v) for i, v in enumerate(bottom)}
             )
-            metrics[self.metric("eig_min")] = float(bottom[0])
-        metrics.update(
-            {
-                self.metric("residual_max"): float(result.relative_residuals.max()),
-                self.metric("n_hvp"): float(result.n_hvp),
-                self.metric("seconds"): result.seconds,
-                self.metric("converged"): float(result.all_converged),
-            }
-        )
+            metrics[tag_name(names.EIG_MIN, self.name)] = float(bottom[0])
+        quality = {
+            names.RESIDUAL_MAX: float(result.relative_residuals.max()),
+            names.N_HVP: float(result.n_hvp),
+            names.SECONDS: result.seconds,
+            names.CONVERGED: float(result.all_converged),
+        }
+        metrics.update(tagged(quality, self.name))
         if not result.all_converged:
             self._warn_once(
                 "converged", f"some eigenpairs did not converge (tol={self.tol}); see hessian/converged"
@@ -557,8 +559,9 @@ class HessianEigenMonitor(Callback):
             except Exception as err:
                 self._skip(trainer, err, "trace skipped", "trace_skipped")
             else:
-                metrics[self.metric("trace")] = estimate.trace
-                metrics[self.metric("trace_std")] = estimate.std_error
+                metrics.update(
+                    tagged({names.TRACE: estimate.trace, names.TRACE_STD: estimate.std_error}, self.name)
+                )
                 self.history[-1]["trace"] = estimate.trace
         if self.density_every and count % self.density_every == 1 % self.density_every:
             try:
