@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
-from lightning_workers import ShardedDigits
+from lightning_workers import EndProcessGroup, ShardedDigits
 from torch import nn
 from workers import WORLD, count_collectives, free_port, global_case, model_copy, shard
 
@@ -247,7 +247,7 @@ def fit(out: str, loss: ProbeLoss, steps: int = 4, timeout_s: float | None = Non
         devices=WORLD,
         strategy=strategy,
         max_steps=steps,
-        callbacks=[monitor, Record(monitor, out, at=4)],
+        callbacks=[monitor, Record(monitor, out, at=4), EndProcessGroup()],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

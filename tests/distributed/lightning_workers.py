@@ -190,6 +190,20 @@ def fit_flaky_draw(out: str) -> None:
         two_ranks(strategy, out, STEPS, [monitor, eos, EdgeRecorder(eos, out)]).fit(FlakyDigits())
 
 
+class EndProcessGroup(Callback):
+    """Both ranks meet and destroy the process group when a fit ends normally.
+
+    Lightning destroys only an NCCL process group (at exit); a gloo one is left to the interpreter's
+    finalization, where its worker threads can abort a process whose fit succeeded ("terminate called
+    without an active exception", SIGABRT; pytorch/pytorch#179291). Seen once in CI, on a loaded machine.
+    """
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def two_ranks(strategy: Any, out: str, max_steps: int, callbacks: list[Callback]) -> L.Trainer:
     """A two-process CPU trainer on the ranks' own data shards, without logger or checkpoints."""
     return L.Trainer(
@@ -198,7 +212,7 @@ def two_ranks(strategy: Any, out: str, max_steps: int, callbacks: list[Callback]
         devices=2,
         strategy=strategy,
         max_steps=max_steps,
-        callbacks=callbacks,
+        callbacks=[*callbacks, EndProcessGroup()],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
