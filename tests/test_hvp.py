@@ -162,6 +162,33 @@ def test_auto_uses_double_backward_when_it_runs():
         assert op.backend_name == "double_backward"
 
 
+@pytest.mark.parametrize("name", ["mlp", "attention"])
+def test_auto_spends_no_product_on_choosing_its_backend(name, reference, monkeypatch):
+    """'auto' tries double backward on the first real product: every batch product the backend computes
+    is one the operator counts (the solver's n_hvp), and the first block is exact."""
+    from pf_lightning.curvature.hvp import DoubleBackwardHVP
+
+    applied = []
+    original = DoubleBackwardHVP.apply
+
+    def counted(self, index, V):
+        applied.append(V.shape[1])
+        return original(self, index, V)
+
+    monkeypatch.setattr(DoubleBackwardHVP, "apply", counted)
+    case = make_case(name)
+    V = torch.randn(case.n, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with HessianOperator(case.model, case.loss_fn, case.batches) as op:
+        HV = op.matmat(V)
+        op.matvec(V[:, 0])
+        assert op.backend_name == "double_backward"
+        assert sum(applied) == op.n_matvec * len(case.batches) == 4 * len(case.batches)
+    assert relative_error(HV, reference(name) @ V) < 1e-6
+    applied.clear()
+    result = hessian_eigenpairs(case.model, case.loss_fn, case.batches, k=2, tol=1e-6)
+    assert sum(applied) == result.n_hvp * len(case.batches)
+
+
 def test_preconditioned_operator_is_dense_d_h_d(reference):
     case = make_case("mlp")
     optimizer = torch.optim.Adam(case.model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8)

@@ -1,17 +1,23 @@
-"""The wall-time budget of a :class:`~pf_lightning.HessianEigenMonitor`'s measurements.
+"""The budgets of a :class:`~pf_lightning.HessianEigenMonitor`'s measurements: work and wall time.
 
-``max_time_fraction`` caps one monitor's measuring time as a fraction of the time spent on
-everything else in the fit (training, validation, logging, other callbacks). A measurement is charged
-its whole wall time (the eigenpairs, the trace and density at their cadence, the listeners such as
-the edge-of-stability diagnostics, and a failed attempt), and a due measurement is postponed while
-the time charged so far plus the expected cost of this one (the last one's) would exceed the fraction
-of the rest.
+Both cap what measuring costs as a fraction of the rest of one fit, and both postpone a due measurement
+while the cost charged so far plus the expected cost of this one (the last one's) would exceed that
+fraction of the rest. They differ in the unit:
+
+- ``max_work_fraction`` counts work in sample-gradients (:class:`~pf_lightning.curvature.WorkMeter`:
+  every Hessian-vector product, gradient and forward pass of the measurement, its trace, density and
+  listeners such as the edge-of-stability diagnostics, times its probe samples) against the samples the
+  fit has trained on. The counts do not depend on the machine, so the measured and postponed steps are
+  the same in every run.
+- ``max_time_fraction`` counts wall time against the time spent on everything else in the fit
+  (training, validation, logging, other callbacks), a failed attempt included. It follows the machine's
+  real costs and its noise: the measured steps differ from run to run.
 
 The window is one fit (a resumed fit, or a second ``fit`` with the same monitor, starts a fresh one),
 and its first measurement is always taken: there is no cost to expect before it. So the cap holds
 from the second measurement of a fit on, approximately (a measurement dearer than the last one, e.g.
 one that also takes the trace, can overshoot it), and for each monitor on its own: several monitors
-(``per_group``) each count the others' time as the rest of the fit.
+(``per_group``) each count the others' cost as the rest of the fit.
 """
 
 from __future__ import annotations
@@ -19,42 +25,76 @@ from __future__ import annotations
 import time
 
 
-class TimeBudget:
-    """Measuring time against the rest of one fit's wall time.
+class Budget:
+    """A measuring cost against the rest of one fit, in the unit of a subclass (its :meth:`rest`).
 
-    The cap itself is the monitor's ``max_time_fraction``, read at every decision.
+    The cap itself is the monitor's fraction, read at every decision.
     """
 
     def __init__(self) -> None:
-        self.total = 0.0  # every fit's measuring time (kept in checkpoints)
-        self._start: float | None = None
+        self.total = 0.0  # every fit's measuring cost (the time budget's is kept in checkpoints)
+        self._open = False
         self._spent = 0.0
         self._last: float | None = None  # the last measurement of this fit, None before the first
         self._count = 0  # measurements charged in this fit
 
     def start_fit(self) -> None:
-        self._start, self._spent, self._last, self._count = time.perf_counter(), 0.0, None, 0
+        self._open, self._spent, self._last, self._count = True, 0.0, None, 0
 
-    def charge(self, seconds: float) -> None:
-        self._spent += seconds
-        self.total += seconds
-        self._last = seconds
+    def charge(self, cost: float) -> None:
+        self._spent += cost
+        self.total += cost
+        self._last = cost
         self._count += 1
 
-    def _rest(self, start: float) -> float:
-        return time.perf_counter() - start - self._spent
+    def rest(self) -> float:  # pragma: no cover - interface
+        """The fit's cost apart from measuring so far, in the budget's unit."""
+        raise NotImplementedError
 
     def over(self, fraction: float | None) -> bool:
-        """Whether one more measurement, expected to last as long as the last one of this fit, would take
-        the measuring time past ``fraction`` of the rest of the fit's time (never before the first)."""
-        if fraction is None or self._start is None or self._last is None:
+        """Whether one more measurement, expected to cost as much as the last one of this fit, would take
+        the measuring cost past ``fraction`` of the rest of the fit (never before the first)."""
+        if fraction is None or not self._open or self._last is None:
             return False
-        return self._spent + self._last > fraction * self._rest(self._start)
+        return self._spent + self._last > fraction * self.rest()
 
     def overhead(self) -> float | None:
-        """This fit's measuring time over the rest of its wall time so far; ``None`` until the fit has
-        measured twice (after its first measurement the rest is the set-up's few milliseconds, and the
-        ratio says nothing about the run)."""
-        if self._start is None or self._count < 2:
+        """This fit's measuring cost over the rest of it so far; ``None`` until the fit has measured twice
+        (after its first measurement the rest is the set-up's, and the ratio says nothing about the run)."""
+        if not self._open or self._count < 2:
             return None
-        return self._spent / max(self._rest(self._start), 1e-9)
+        return self._spent / max(self.rest(), 1e-9)
+
+
+class TimeBudget(Budget):
+    """Measuring seconds against the rest of the fit's wall time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start = 0.0
+
+    def start_fit(self) -> None:
+        super().start_fit()
+        self._start = time.perf_counter()
+
+    def rest(self) -> float:
+        return time.perf_counter() - self._start - self._spent
+
+
+class WorkBudget(Budget):
+    """Measuring work against the work of training, both in sample-gradients: training spends one per
+    sample of every micro-batch (:meth:`trained`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trained = 0.0
+
+    def start_fit(self) -> None:
+        super().start_fit()
+        self._trained = 0.0
+
+    def trained(self, samples: int) -> None:
+        self._trained += samples
+
+    def rest(self) -> float:
+        return self._trained

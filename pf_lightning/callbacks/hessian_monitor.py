@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from .. import logging as names
 from .._validation import Checks, is_int, is_tag, parameter_names
-from ..curvature import HVP_CHOICES, ParameterSpace, measurement_context
+from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
 from ..curvature.distributed import any_rank
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
@@ -40,8 +40,8 @@ from ..logging import (
     warn_once,
 )
 from ..measure import MeasurementSpec
-from ..probe import ProbeSet
-from ._budget import TimeBudget
+from ..probe import ProbeSet, sample_count
+from ._budget import TimeBudget, WorkBudget
 from ._checkpoint import (
     UnreadableState,
     cached_state_key,
@@ -90,9 +90,15 @@ class HessianEigenMonitor(Callback):
         tol: relative residual tolerance of each eigenpair.
         max_hvp: Hessian-vector products allowed per measurement (``None``: the solver's default).
         warm_start: start each measurement from the previous eigenvectors.
-        max_time_fraction: cap on the time spent measuring (listeners included) over the rest of the fit's
-            wall time, ``hessian/time_fraction``, from the fit's second measurement on: a due measurement
-            that would exceed it is postponed to the next due step that fits (``hessian/postponed``).
+        max_work_fraction: cap on the work of measuring (listeners included) over the work of training,
+            both counted in sample-gradients (a Hessian-vector product on ``p`` probe samples costs
+            ``2p``, a training micro-batch of ``b`` samples ``b``), ``hessian/work_fraction``, from the
+            fit's second measurement on: a due measurement that would exceed it is postponed to the next
+            due step that fits (``hessian/postponed``). The counts do not depend on the machine, so two
+            runs measure at the same steps (README, "Cost").
+        max_time_fraction: the same cap on wall time: the time spent measuring over the rest of the fit's
+            wall time, ``hessian/time_fraction``. It follows the machine's real costs, so the measured
+            steps differ from run to run.
         params: glob patterns restricting the measured parameters.
         dtype: measure in this dtype (default: the parameters' own; float32 for half-precision weights).
         max_history: measurements kept in ``.history`` (oldest dropped first).
@@ -146,6 +152,7 @@ class HessianEigenMonitor(Callback):
         tol: float = 1e-3,
         max_hvp: int | None = None,
         warm_start: bool = True,
+        max_work_fraction: float | None = None,
         max_time_fraction: float | None = None,
         params: str | Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
@@ -175,6 +182,7 @@ class HessianEigenMonitor(Callback):
         check.choice("which", which, ("top", "both"))
         check.choice("hvp", hvp, HVP_CHOICES)
         check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
+        check.number("max_work_fraction", max_work_fraction, above=0, allow_none=True)
         check.number("max_time_fraction", max_time_fraction, above=0, allow_none=True)
         for flag, value in (
             ("at_fit_start", at_fit_start),
@@ -198,6 +206,7 @@ class HessianEigenMonitor(Callback):
         self.which, self.hvp, self.tol, self.max_hvp = which, hvp, float(tol), max_hvp
         self.at_fit_start, self.at_fit_end, self.warmup_steps = at_fit_start, at_fit_end, warmup_steps
         self.warm_start, self.max_time_fraction, self.params = warm_start, max_time_fraction, params
+        self.max_work_fraction = max_work_fraction
         self.dtype, self.max_history, self.name, self.seed = dtype, max_history, name, seed
         self.trace_every, self.trace_hvp = trace_every, trace_hvp
         self.density_every, self.density_steps = density_every, density_steps
@@ -212,6 +221,7 @@ class HessianEigenMonitor(Callback):
         self._listeners: list[Listener] = []
         self._last_step = self._postponed_step = -1
         self._budget = TimeBudget()
+        self._work = WorkBudget()
         self._start = "fit"  # "resumed" from a checkpoint, or "unreadable" (its state could not be read)
         self._measured = 0  # measurements taken (the history is capped): the trace and density cadence
         self._warned: set[str] = set()
@@ -299,7 +309,16 @@ class HessianEigenMonitor(Callback):
                 f"{len(probe)} batches given" if isinstance(probe, Sequence | ProbeSet) else "batches given"
             )
         names = ("k", "which", "every_n_steps", "every_n_epochs", "warmup_steps", "hvp", "tol", "max_hvp")
-        more = ("warm_start", "max_time_fraction", "params", "dtype", "seed", "trace_every", "density_every")
+        more = (
+            "warm_start",
+            "max_work_fraction",
+            "max_time_fraction",
+            "params",
+            "dtype",
+            "seed",
+            "trace_every",
+            "density_every",
+        )
         values = {name: getattr(self, name) for name in (*names, *more)}
         return f"HessianEigenMonitor{'' if self.name is None else f'[{self.name}]'}", {
             **values,
@@ -341,6 +360,7 @@ class HessianEigenMonitor(Callback):
             basis_device=self.basis_device,
         )
         self._budget.start_fit()
+        self._work.start_fit()
         define_wandb_metrics(trainer, self.name)
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, HessianEigenMonitor)]
         if monitors[0] is self:
@@ -369,6 +389,14 @@ class HessianEigenMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.max_work_fraction is not None:
+            try:
+                self._work.trained(sample_count(batch))
+            except ValueError as err:
+                raise MisconfigurationException(
+                    f"max_work_fraction counts the samples of every training batch: {err}. Use "
+                    "max_time_fraction instead, or batches that hold a tensor with one row per sample"
+                ) from err
         if self._due(trainer.global_step):
             self.measure(trainer, pl_module)
 
@@ -399,11 +427,17 @@ class HessianEigenMonitor(Callback):
             return None
         begin = time.perf_counter()
         try:
-            result = self._measure_now(trainer, pl_module, step)
-        finally:  # a failed attempt costs time too
+            with WorkMeter() as meter:
+                result = self._measure_now(trainer, pl_module, step)
+        finally:  # a failed attempt costs time and work too
             self._budget.charge(time.perf_counter() - begin)
-        if result is not None and (overhead := self._budget.overhead()) is not None:
-            log_metrics(trainer, {self.metric("time_fraction"): overhead}, step)
+            self._work.charge(meter.work)
+        fractions = {self.metric("time_fraction"): self._budget.overhead()}
+        if self.max_work_fraction is not None:
+            fractions[self.metric("work_fraction")] = self._work.overhead()
+        fractions = {key: value for key, value in fractions.items() if value is not None}
+        if result is not None and fractions:
+            log_metrics(trainer, fractions, step)
         return result
 
     def _measure_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> EigenResult | None:
@@ -462,13 +496,15 @@ class HessianEigenMonitor(Callback):
         return self.hvp if self.spec is None else self.spec.hvp
 
     def _postponed(self, trainer: Trainer, pl_module: LightningModule, step: int) -> bool:
-        fraction = self.max_time_fraction
-        over = self._budget.over(fraction)
-        if fraction is not None:  # wall clocks differ between ranks: postpone together
-            (over,) = any_rank([over], pl_module.device)
+        work, time_ = self.max_work_fraction, self.max_time_fraction
+        over_work, over_time = self._work.over(work), self._budget.over(time_)
+        if work is not None or time_ is not None:  # clocks and shards differ between ranks: postpone together
+            over_work, over_time = any_rank([over_work, over_time], pl_module.device)
+        over = over_work or over_time
         if over and step != self._postponed_step:  # the step hook and fit end may both ask at one step
             self._postponed_step = step
-            self._warn_once("budget", f"measuring would exceed max_time_fraction={fraction}: postponed")
+            cap = f"max_work_fraction={work}" if over_work else f"max_time_fraction={time_}"
+            self._warn_once("budget", f"measuring would exceed {cap}: postponed")
             log_metrics(trainer, {self.metric("postponed"): 1.0}, step)
         return over
 

@@ -6,9 +6,11 @@ from .groups import parameter_groups
 from .hvp import BACKENDS, DoubleBackwardHVP, FiniteDifferenceHVP, ForwardOverReverseHVP
 from .operator import (
     HVP_CHOICES,
+    PRODUCT_COST,
     FiniteDifferenceFallbackWarning,
     HessianOperator,
     NonFiniteLossError,
+    WorkMeter,
 )
 from .params import ParameterSpace
 from .precondition import (
@@ -23,6 +25,7 @@ from .state import measurement_context
 __all__ = [
     "BACKENDS",
     "HVP_CHOICES",
+    "PRODUCT_COST",
     "CollectiveFailure",
     "DoubleBackwardHVP",
     "FiniteDifferenceFallbackWarning",
@@ -34,6 +37,7 @@ __all__ = [
     "ParameterSpace",
     "PreconditionedOperator",
     "PreconditionerUnavailable",
+    "WorkMeter",
     "measurement_context",
     "optimizer_preconditioner",
     "optimizer_update",

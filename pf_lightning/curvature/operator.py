@@ -41,7 +41,7 @@ from .hvp import BACKENDS, DoubleBackwardHVP, FiniteDifferenceHVP, ForwardOverRe
 from .params import ParameterSpace, select_parameters
 from .state import cast_model, measurement_context, rng_state, seeded
 
-__all__ = ["HVP_CHOICES", "HessianOperator", "NonFiniteLossError"]
+__all__ = ["HVP_CHOICES", "PRODUCT_COST", "HessianOperator", "NonFiniteLossError", "WorkMeter"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 HVP_CHOICES = ("auto", *BACKENDS)
@@ -67,6 +67,37 @@ class NonFiniteLossError(FloatingPointError):
 
 class FiniteDifferenceFallbackWarning(UserWarning):
     """``hvp="auto"`` found no exact backend that runs on this model and uses finite differences."""
+
+
+PRODUCT_COST = 2.0
+"""One Hessian-vector product in gradients of the same batch: finite differences take exactly two; double
+backward through a cached graph 1.9-2.5 on CPU and 1.5-2.3 on an H100 (REFERENCE §5, BENCHMARKS.md)."""
+FORWARD_COST = 1.0 / 3.0
+"""One forward pass (a loss without its gradient) in gradients: the backward costs about two forwards."""
+
+
+class WorkMeter:
+    """Counts the work of every :class:`HessianOperator` left inside ``with meter:``, in sample-gradients.
+
+    An operator's work is ``(PRODUCT_COST * products + gradients + FORWARD_COST * loss passes)`` times the
+    samples of this rank's probe: the unit is one sample's gradient, the unit in which training spends
+    ``batch size`` per micro-batch. It depends on the product counts alone, not on the machine, so a
+    budget counted in it (``HessianEigenMonitor(max_work_fraction=...)``) measures the same steps in
+    every run. Meters nest; each one counts what was done inside it.
+    """
+
+    def __init__(self) -> None:
+        self.work = 0.0
+
+    def __enter__(self) -> WorkMeter:
+        _METERS.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _METERS.remove(self)
+
+
+_METERS: list[WorkMeter] = []
 
 
 def _is_rank_zero() -> bool:
@@ -153,6 +184,7 @@ class HessianOperator(LinearOperator):
         # sharded: batches every rank runs (the most any rank holds)
         self._n_batches = 0 if self.probe is None else len(self.probe)
         self._local_error: NonFiniteLossError | None = None
+        self.n_gradient = self.n_loss = 0  # besides n_matvec: what the work meters are charged
 
     @property
     def global_n(self) -> int:
@@ -181,6 +213,10 @@ class HessianOperator(LinearOperator):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if _METERS and self.probe is not None:
+            passes = PRODUCT_COST * self.n_matvec + self.n_gradient + FORWARD_COST * self.n_loss
+            for meter in _METERS:
+                meter.work += passes * self.probe.total_weight
         if self.backend is not None:
             self.backend.release()
         self.backend = None
@@ -270,29 +306,34 @@ class HessianOperator(LinearOperator):
         weight = self.probe.weights[index] if own else 0.0
         return loss * (weight * data_parallel_size(self.space.params) / self._total_weight)
 
-    def _make_backend(self, name: str) -> HVPBackend:
+    def _make_backend(self, name: str, X: Tensor) -> tuple[HVPBackend, Tensor | None]:
+        """The backend for ``name``, and for ``"auto"`` the product of batch 0 with the first block ``X``.
+
+        ``"auto"`` tries the exact backend on that product itself, so the trial is the measurement's
+        first term and costs nothing extra; the graph it builds stays cached. Every rank must choose the
+        same backend, so the outcome is agreed (one small collective) before use. An error of the loss
+        itself (not of its double backward) is a failure of the measurement.
+        """
         if self.space.sharded:
-            return FiniteDifferenceHVP(self.space, self._sharded_loss, column_norms=self._column_norms)
+            return FiniteDifferenceHVP(self.space, self._sharded_loss, column_norms=self._column_norms), None
         if name == "double_backward":
-            return DoubleBackwardHVP(self.space, self.loss_at, cache_graphs=self.cache_graphs)
+            return DoubleBackwardHVP(self.space, self.loss_at, cache_graphs=self.cache_graphs), None
         if name == "forward_over_reverse":
-            return ForwardOverReverseHVP(self.space, self.loss_at, self.model)
+            return ForwardOverReverseHVP(self.space, self.loss_at, self.model), None
         if name == "finite_difference":
-            return FiniteDifferenceHVP(self.space, self.loss_at)
-        # auto: try the exact backend on the first batch; the graph it builds stays cached. Every rank
-        # must choose the same backend, so the outcome is agreed (one small collective) before use. An
-        # error of the loss itself (not of its double backward) is a failure of the measurement.
+            return FiniteDifferenceHVP(self.space, self.loss_at), None
         backend = DoubleBackwardHVP(self.space, _TrialLoss(self.loss_at), cache_graphs=self.cache_graphs)
         failure: BaseException | None = None
+        first: Tensor | None = None
         with self._failure:
             try:
-                trial = backend.apply(0, torch.ones(self.n, 1, dtype=self.space.dtype, device=self.device))
-                if not bool(torch.isfinite(trial).all()):
+                first = backend.apply(0, X)
+                if not bool(torch.isfinite(first).all()):
                     raise RuntimeError("double backward gave a non-finite product")
             except _LossFailed as err:
                 raise err.error from None
             except (RuntimeError, NotImplementedError) as err:
-                failure = err
+                failure, first = err, None
         backend.loss_at = self.loss_at
         try:
             (failed,) = any_rank([failure is not None], self.device, self._failure.take(), NonFiniteLossError)
@@ -300,7 +341,7 @@ class HessianOperator(LinearOperator):
             backend.release()
             raise
         if not failed:
-            return backend
+            return backend, first
         backend.release()
         if _is_rank_zero():
             reason = "on another rank" if failure is None else str(failure).splitlines()[0][:160]
@@ -310,7 +351,7 @@ class HessianOperator(LinearOperator):
                 FiniteDifferenceFallbackWarning,
                 stacklevel=4,
             )
-        return FiniteDifferenceHVP(self.space, self.loss_at)
+        return FiniteDifferenceHVP(self.space, self.loss_at), None
 
     @property
     def backend_name(self) -> str:
@@ -401,8 +442,10 @@ class HessianOperator(LinearOperator):
 
     def _matmat(self, X: Tensor) -> Tensor:
         self._require_context()
+        Xp = X.to(self.space.dtype)  # the passes' dtype (bfloat16 on request); products come back in X's
+        first: Tensor | None = None  # batch 0's product, when choosing the backend computed it
         if self.backend is None:  # chosen on the first product: a gradient alone needs no backend
-            self.backend = self._make_backend(self.requested)
+            self.backend, first = self._make_backend(self.requested, Xp)
             if self.backend.name == "finite_difference" and self.space.dtype == torch.bfloat16:
                 warnings.warn(
                     "finite-difference products in bfloat16 are 1-39% off on the top eigenvalues (README, "
@@ -410,9 +453,13 @@ class HessianOperator(LinearOperator):
                     UserWarning,
                     stacklevel=3,
                 )
-        Xp = X.to(self.space.dtype)  # the passes' dtype (bfloat16 on request); products come back in X's
         self.backend.begin_block(Xp)
-        return self._accumulate(lambda index: self.backend.apply(index, Xp).to(X.dtype), torch.zeros_like(X))
+
+        def term(index: int) -> Tensor:
+            product = first if index == 0 and first is not None else self.backend.apply(index, Xp)
+            return product.to(X.dtype)
+
+        return self._accumulate(term, torch.zeros_like(X))
 
     def loss(self) -> float:
         """The sample-weighted mean loss over all ranks' batches at the current parameters (forward passes
@@ -422,6 +469,7 @@ class HessianOperator(LinearOperator):
             NonFiniteLossError: the loss of a batch (on any rank) is NaN or infinite.
         """
         self._require_context()
+        self.n_loss += 1
         buffer = torch.zeros(2, dtype=torch.float64, device=self.device)  # weighted sum, total weight
         failure: Exception | None = None
         with torch.no_grad():
@@ -459,6 +507,7 @@ class HessianOperator(LinearOperator):
     def gradient(self) -> Tensor:
         """The flat gradient of the same sample-weighted mean loss (same dropout masks as the products)."""
         self._require_context()
+        self.n_gradient += 1
 
         def term(index: int) -> Tensor:
             with torch.enable_grad():
