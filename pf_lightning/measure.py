@@ -25,7 +25,7 @@ from .curvature.distributed import is_distributed
 from .curvature.operator import check_arguments
 from .curvature.precondition import check_diagonal
 from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
-from .linalg._common import WHICH
+from .linalg._common import WHICH, guard_count
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 from .probe import ProbeSet
@@ -42,6 +42,12 @@ __all__ = [
 ]
 
 METHODS = ("auto", "lanczos", "lobpcg")
+WARM_INFO = ("warm_costs", "warm_method", "warm_streak")
+"""The entries of a warm result's ``info`` that choose the next warm start (kept in checkpoints)."""
+WARM_RETRY = 8
+"""``method="auto"`` warm-starts by whichever of its two warm starts cost fewer products the last time
+each ran, and tries the other one after this many measurements in a row with the same one (see
+:func:`_warm_method`)."""
 TRACE_METHODS = ("hutch++", "hutchinson")
 _check = Checks()
 
@@ -100,6 +106,39 @@ def _warm_vectors(warm_start: EigenResult | None, n: int) -> Tensor | None:
     return vectors
 
 
+def _warm_method(warm_start: EigenResult, n_wanted: int, max_hvp: int | None) -> tuple[str, dict]:
+    """The warm start ``method="auto"`` takes, and the bookkeeping its result carries to the next one.
+
+    Two warm starts, each best in its own regime: ``"block"``, LOBPCG from the previous eigenvectors and
+    their ``neighbours`` (``k + max(2, k // 2)`` products where nothing moved, a few blocks where the
+    parameters moved a little), and ``"lanczos"``, Lanczos from their sum plus a random vector (cheaper
+    where the top directions rotate between measurements, as at the edge of stability 100 steps apart,
+    and for large ``k``). The product count of each one's last run is carried from result to result
+    (``info["warm_costs"]``); the cheaper one is taken, the other one again after :data:`WARM_RETRY`
+    measurements in a row (a direction rising into the top ``k`` from below the block's guards is found
+    by Lanczos then at the latest). The first warm start is a block one. The choice depends on product
+    counts only: the same in every run.
+    """
+    info = warm_start.info
+    costs = dict(info.get("warm_costs", {}))
+    last, streak = info.get("warm_method"), info.get("warm_streak", 0)
+    if "block" not in costs:
+        choice = "block"
+    elif "lanczos" not in costs:
+        choice = "lanczos"
+    else:
+        choice = "block" if costs["block"] <= costs["lanczos"] else "lanczos"
+        if choice == last and streak >= WARM_RETRY:
+            choice = "lanczos" if choice == "block" else "block"
+    if choice == "block" and max_hvp is not None and max_hvp < n_wanted + guard_count(n_wanted):
+        choice = "lanczos"  # not even one block of products
+    return choice, {
+        "warm_costs": costs,
+        "warm_method": choice,
+        "warm_streak": streak + 1 if choice == last else 1,
+    }
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module to differentiate: DDP's wrapper does not support ``torch.autograd.grad``."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -153,8 +192,12 @@ def hessian_eigenpairs(
         warm_start: a previous result on the same parameters: its eigenvectors start the solver.
         seed: seeds start vectors and the dropout masks held fixed during the measurement.
         params: glob patterns selecting the parameters (all trainable ones by default).
-        method: ``"auto"`` (Lanczos, started from the previous eigenvectors when warm), ``"lanczos"``
-            or ``"lobpcg"`` (a block method, warm-started from all previous eigenvectors).
+        method: ``"auto"``: cold, Lanczos; warm, LOBPCG from the previous eigenvectors and their
+            ``neighbours`` as one block (``k + max(2, k // 2)`` products when nothing moved) or Lanczos
+            from their sum, whichever cost fewer products the last time (see :func:`_warm_method`;
+            ``info["warm_method"]``); ``"lanczos"`` (warm: from the sum of the previous eigenvectors)
+            or ``"lobpcg"`` (a block method, warm-started from all previous eigenvectors, with
+            ``max(2, k // 2)`` random guard vectors).
         preconditioner: an optimizer that preconditions (Adam family, RMSprop, Adagrad, Adadelta: the
             ``P`` its rule reads from its state, and its coupled weight decay ``W``) or a flat positive
             diagonal ``P``: then the eigenpairs are those of ``P^{-1/2} (H + W) P^{-1/2}`` (the
@@ -257,8 +300,22 @@ def hessian_eigenpairs(
         if method == "lobpcg":
             result = lobpcg(op, k, X0=X0, **common)
         else:
-            v0 = None if X0 is None else X0.to(dtype=op.dtype).sum(dim=1)
-            result = lanczos(op, k, v0=v0, **common)
+            warm, bookkeeping = (
+                ("lanczos", {})
+                if X0 is None or method == "lanczos"
+                else _warm_method(warm_start, n_wanted, max_hvp)
+            )
+            if warm == "block":
+                guards = warm_start.neighbours
+                usable = guards is not None and guards.ndim == 2 and guards.shape[0] == X0.shape[0]
+                block = torch.cat([X0, guards.to(X0.device, X0.dtype)], dim=1) if usable else X0
+                result = lobpcg(op, k, X0=block, **common)
+            else:
+                v0 = None if X0 is None else X0.to(dtype=op.dtype).sum(dim=1)
+                result = lanczos(op, k, v0=v0, neighbours=method == "auto", **common)
+            if bookkeeping:
+                bookkeeping["warm_costs"][warm] = result.n_hvp
+                result.info.update(bookkeeping)
         result.info.update(
             {"hvp": hessian.backend_name, "n_params": hessian.n, "sharded": hessian.space.sharded}
         )

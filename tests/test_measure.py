@@ -107,6 +107,78 @@ def test_warm_start_after_a_training_step(method):
     assert warm.info["warm_start"]
 
 
+@pytest.mark.parametrize("which", ["top", "both"])
+def test_a_block_warm_start_where_nothing_moved_costs_k_plus_its_guards(which, reference):
+    case = make_case("mlp")
+    cold = hessian_eigenpairs(case.model, case.loss_fn, case.batches, k=3, which=which, tol=1e-10)
+    assert cold.method == "lanczos" and cold.neighbours.shape == (case.n, 2 if which == "top" else 3)
+    warm = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, k=3, which=which, tol=1e-6, warm_start=cold
+    )
+    wanted = 3 if which == "top" else 6
+    assert warm.info["warm_method"] == "block" and warm.n_hvp == wanted + max(2, wanted // 2)
+    torch.testing.assert_close(warm.eigenvalues, expected(reference("mlp"), 3, which), rtol=1e-6, atol=1e-8)
+    assert warm.info["warm_costs"] == {"block": warm.n_hvp}
+
+
+class Quadratic(torch.nn.Module):
+    """L(theta) = theta^T A theta / 2 with A in the batch: the Hessian is A, whatever theta."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.ones(n, dtype=torch.float64))
+
+    def loss(self, A: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.theta @ (A[0] @ self.theta)
+
+
+def quadratic_top(model, A, **kwargs):
+    return hessian_eigenpairs(model, lambda m, b: m.loss(b), [A[None]], **kwargs)
+
+
+SPECTRUM = torch.cat([torch.tensor([10.0, 9.0, 8.0]), torch.linspace(-1.0, 1.0, 37)]).double()
+
+
+def test_a_direction_rising_from_the_neighbours_is_in_the_block_and_found():
+    """Eigenvectors fixed, the third eigenvalue rises past the first: a Rayleigh-Ritz step on the previous
+    top vector alone would report 10 with a zero residual; its neighbours carry the riser."""
+    eigs = SPECTRUM.clone()
+    model = Quadratic(eigs.numel())
+    before = quadratic_top(model, torch.diag(eigs), k=1, tol=1e-10)
+    eigs[2] = 11.0
+    after = quadratic_top(model, torch.diag(eigs), k=1, tol=1e-8, warm_start=before)
+    assert after.info["warm_method"] == "block" and float(after.eigenvalues[0]) == pytest.approx(
+        11.0, rel=1e-8
+    )
+
+
+def test_auto_takes_the_cheaper_warm_start_and_retries_the_other_and_lanczos_finds_a_deep_riser():
+    from pf_lightning.measure import WARM_RETRY
+
+    eigs = SPECTRUM.clone()
+    model = Quadratic(eigs.numel())
+    previous = quadratic_top(model, torch.diag(eigs), k=1, tol=1e-10)
+    methods, costs = [], {}
+    for _ in range(WARM_RETRY + 3):
+        previous = quadratic_top(model, torch.diag(eigs), k=1, tol=1e-8, warm_start=previous)
+        methods.append(previous.info["warm_method"][0])
+        costs[previous.info["warm_method"]] = previous.n_hvp
+    # each one tried once, then the cheaper (the block: 3 products where nothing moves), and after
+    # WARM_RETRY of it in a row Lanczos once more
+    assert costs["block"] == 3 < costs["lanczos"]
+    assert "".join(methods) == "bl" + "b" * WARM_RETRY + "l"
+    assert previous.info["warm_costs"] == costs
+    # A direction far below the guards rises past the top with the eigenvectors fixed: a block start
+    # cannot see it (its Rayleigh-Ritz step is exact on the old directions); the Lanczos retry finds it
+    # within WARM_RETRY + 1 measurements.
+    eigs[20] = 12.0
+    found = []
+    for _ in range(WARM_RETRY + 1):
+        previous = quadratic_top(model, torch.diag(eigs), k=1, tol=1e-8, warm_start=previous)
+        found.append(float(previous.eigenvalues[0]))
+    assert found[0] == pytest.approx(10.0) and 12.0 in [round(v, 6) for v in found]
+
+
 def test_bad_input_fails_clearly():
     case = make_case("mlp")
     call = lambda **kw: hessian_eigenpairs(case.model, case.loss_fn, case.batches, **kw)  # noqa: E731

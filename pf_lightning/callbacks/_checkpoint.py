@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from .. import logging as names
 from ..linalg import EigenResult
 from ..linalg._common import WHICH
+from ..measure import WARM_INFO
 
 
 class UnreadableState(ValueError):
@@ -45,7 +46,10 @@ def result_state(result: EigenResult | None, with_vectors: bool) -> dict[str, An
         return None
     keep = with_vectors and not result.info.get("sharded", False)
     vectors = result.eigenvectors.detach().cpu() if keep else torch.empty(0, result.k)
+    neighbours = result.neighbours.detach().cpu() if keep and result.neighbours is not None else None
     return {
+        "neighbours": neighbours,
+        "warm": {key: result.info[key] for key in WARM_INFO if key in result.info},
         "eigenvalues": result.eigenvalues.detach().cpu(),
         "eigenvectors": vectors,
         "residuals": result.residuals.detach().cpu(),
@@ -131,7 +135,18 @@ def result_from_state(state: Any) -> EigenResult | None:
     _check(state["which"] in WHICH, f"latest which is {state['which']!r}")
     _check(isinstance(state["method"], str), "latest method is not a string")
     tol = finite(state["tol"], "latest tol")
+    # Saved since the block warm starts: the next warm start's choice and guards (absent in older states).
+    neighbours = state.get("neighbours")
+    if neighbours is not None:
+        _finite_tensor(neighbours, "latest neighbours", 2)
+        _check(
+            vectors.numel() > 0 and neighbours.shape[0] == vectors.shape[0], "latest neighbours do not match"
+        )
+    warm = state.get("warm", {})
+    _check(isinstance(warm, Mapping) and set(warm) <= set(WARM_INFO), f"latest warm-start record is {warm!r}")
     return EigenResult(
+        neighbours=neighbours,
+        info=dict(warm),
         eigenvalues=eigenvalues,
         eigenvectors=vectors,
         residuals=residuals,

@@ -40,6 +40,13 @@ def check_k(op: LinearOperator, k: int, which: str) -> int:
     return n_wanted
 
 
+def guard_count(n_wanted: int) -> int:
+    """Guard vectors carried beyond the wanted pairs by a block method (LOBPCG's ``extra``) and returned
+    as a result's ``neighbours`` for a block warm start: they speed up the last wanted pair when its
+    gap is small, and hold the directions next in line."""
+    return max(2, n_wanted // 2)
+
+
 def check_tol(tol: float) -> float:
     if not (isinstance(tol, int | float) and 0 < tol < 1):
         raise ValueError(f"tol is a relative residual tolerance in (0, 1), got {tol!r}")
@@ -111,6 +118,7 @@ def finish(
     which: str,
     method: str,
     info: dict,
+    neighbours: Tensor | None = None,
 ) -> EigenResult:
     """Sort descending, build the result, warn once if some pair did not converge."""
     order = torch.argsort(theta, descending=True)
@@ -125,6 +133,7 @@ def finish(
         which=which,
         method=method,
         info=info,
+        neighbours=neighbours,
     )
     if not result.all_converged:
         worst = float((result.residuals / result.eigenvalues.abs().clamp_min(1e-30)).max())

@@ -38,6 +38,7 @@ from ._common import (
     check_tol,
     converged_mask,
     finish,
+    guard_count,
     lanczos_step,
     make_generator,
     orthonormalize,
@@ -84,6 +85,7 @@ def lanczos(
     v0: Tensor | None = None,
     seed: int = 0,
     basis_device: torch.device | str | None = None,
+    neighbours: bool = False,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -104,6 +106,9 @@ def lanczos(
         basis_device: keep the basis (and the returned eigenvectors) on this device, e.g. ``"cpu"``
             for a model too large for the accelerator to hold ``basis_size + 1`` copies of its
             parameters; each product moves one vector there and back. ``None``: the operator's device.
+        neighbours: also return the Ritz vectors of the next ``max(2, k // 2)`` Ritz values beyond the
+            wanted ones (``EigenResult.neighbours``, approximate: they were not asked to converge), the
+            guards of a later block warm start; formed with the eigenvectors, while the basis is there.
 
     Returns:
         An :class:`EigenResult` with eigenvalues in descending order.
@@ -188,15 +193,22 @@ def lanczos(
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
         if bool(conv.all()) or complete or used >= budget:
-            vectors = V[:j].mT @ S[:, wanted].to(op.dtype)
+            columns = wanted
+            if neighbours:
+                near = select_block(theta, n_wanted + guard_count(n_wanted), which)
+                columns = torch.cat([wanted, near[~torch.isin(near, wanted)]])
+            formed = V[:j].mT @ S[:, columns].to(op.dtype)
+            vectors = formed[:, : wanted.numel()]
+            guards = formed[:, wanted.numel() :] if formed.shape[1] > wanted.numel() else None
             info = {
                 "restarts": restarts,
                 "basis_size": m,
                 "warm_start": v0 is not None,
                 "basis_device": str(V.device),
             }
-            del V, w  # free the basis before the result's vectors are sorted (a copy of k)
+            del V, w, formed  # free the basis before the result's vectors are sorted (a copy of k)
             return finish(
+                neighbours=guards,
                 theta=theta[wanted].to(op.dtype),
                 vectors=vectors,
                 res=res[wanted].to(op.dtype),

@@ -33,6 +33,7 @@ from ._common import (
     check_tol,
     converged_mask,
     finish,
+    guard_count,
     make_generator,
     orthonormalize,
     select,
@@ -76,7 +77,8 @@ def lobpcg(
         X0: ``(n, b0)`` start block, typically the eigenvectors of a previous result; missing
             columns are filled with seeded Gaussian vectors.
         extra: guard vectors carried beyond the wanted ones (they speed up convergence of the
-            last wanted pair when its gap is small). Default ``max(2, k // 2)``.
+            last wanted pair when its gap is small; the result returns them as ``neighbours``).
+            Default ``max(2, k // 2)``.
         seed: seed of the random columns.
         basis_device: keep the block, its images and the search directions on this device (``"cpu"``
             for host memory); each product moves the active columns there and back.
@@ -90,7 +92,7 @@ def lobpcg(
     if basis_device is not None and torch.device(basis_device) != op.device:
         op = OffloadedOperator(op, basis_device)
     n = op.global_n
-    extra = max(2, n_wanted // 2) if extra is None else int(extra)
+    extra = guard_count(n_wanted) if extra is None else int(extra)
     if extra < 0:
         raise ValueError(f"extra must be >= 0, got {extra}")
     b = min(n_wanted + extra, n)
@@ -137,7 +139,10 @@ def lobpcg(
                 "warm_start": X0 is not None,
                 "basis_device": str(X.device),
             }
+            guards = torch.ones_like(theta, dtype=torch.bool)
+            guards[wanted] = False
             return finish(
+                neighbours=X[:, guards] if bool(guards.any()) else None,
                 theta=theta[wanted].to(op.dtype),
                 vectors=X[:, wanted],
                 res=res[wanted].to(op.dtype),

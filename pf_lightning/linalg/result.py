@@ -26,6 +26,10 @@ class EigenResult:
         which: ``"top"``, ``"bottom"`` or ``"both"``.
         method: the solver that produced it (``"lanczos"``, ``"lobpcg"``, ``"dense"``).
         info: free-form details (backend, restarts, warm start, ...).
+        neighbours: shape ``(n, g)`` or None: approximate Ritz vectors of the next ``g`` eigenvalues
+            beyond the wanted ones (below the top ones, above the bottom ones), when the solver was
+            asked for them. A block warm start carries them as guards, so that a direction rising
+            into the wanted ones is in its first Rayleigh-Ritz step.
     """
 
     eigenvalues: Tensor
@@ -38,6 +42,7 @@ class EigenResult:
     which: str = "top"
     method: str = ""
     info: dict = field(default_factory=dict, compare=False)
+    neighbours: Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def k(self) -> int:

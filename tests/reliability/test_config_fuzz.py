@@ -201,6 +201,10 @@ HESSIAN_MONITOR = {
     "tol": (good_number(above=0, below=1), bad_number(above=0, below=1)),
     "max_hvp": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
     "warm_start": (st.booleans(), bad_flag),
+    "max_work_fraction": (
+        good_number(above=0, none_ok=True),
+        bad_number(above=0, none_ok=True),
+    ),
     "max_time_fraction": (
         good_number(above=0, none_ok=True),
         bad_number(above=0, none_ok=True),
