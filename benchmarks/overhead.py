@@ -59,11 +59,11 @@ class DigitsMLP(L.LightningModule):
 
 
 def fit_seconds(
-    batch_size: int | None, steps: int, monitored: bool, every: int, fraction: float | None = None, k: int = 5
+    batch_size: int | None, steps: int, monitored: bool, every: int, settings: dict | None = None
 ) -> tuple[float, float, list[int], float]:
     L.seed_everything(0, verbose=False)
     model = DigitsMLP(batch_size)
-    monitor = HessianEigenMonitor(k=k, every_n_steps=every, max_time_fraction=fraction)
+    monitor = HessianEigenMonitor(every_n_steps=every, **(settings or {}))
     callbacks = [monitor, EdgeOfStabilityMonitor()] if monitored else []
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
@@ -90,17 +90,20 @@ def run(steps: int, repeats: int, every: int) -> list[dict]:
     # The capped runs are 4x longer: the budget then has room for more than the cold first measurement,
     # and the table shows the interval it settles on.
     regimes = [
-        ("full batch (1797)", None, None, 5, steps),
-        ("full batch (1797), k=1", None, None, 1, steps),
-        ("full batch (1797), max_time_fraction=0.05", None, 0.05, 5, 4 * steps),
-        ("mini-batch 128", 128, None, 5, steps),
-        ("mini-batch 128, max_time_fraction=0.05", 128, 0.05, 5, 4 * steps),
+        ("full batch (1797)", None, {}, steps),
+        ("full batch (1797), k=1", None, {"k": 1}, steps),
+        ("full batch (1797), probe=128", None, {"probe": 128}, steps),
+        ("full batch (1797), max_work_fraction=0.05", None, {"max_work_fraction": 0.05}, 4 * steps),
+        ("full batch (1797), max_time_fraction=0.05", None, {"max_time_fraction": 0.05}, 4 * steps),
+        ("mini-batch 128", 128, {}, steps),
+        ("mini-batch 128, max_work_fraction=0.05", 128, {"max_work_fraction": 0.05}, 4 * steps),
+        ("mini-batch 128, max_time_fraction=0.05", 128, {"max_time_fraction": 0.05}, 4 * steps),
     ]
-    for label, batch_size, fraction, k, n_steps in regimes:
+    for label, batch_size, settings, n_steps in regimes:
         plain, monitored, measuring, schedules, hvps = [], [], [], [], []
         for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
             plain.append(fit_seconds(batch_size, n_steps, False, every)[0])
-            seconds, inside, schedule, mean_hvp = fit_seconds(batch_size, n_steps, True, every, fraction, k)
+            seconds, inside, schedule, mean_hvp = fit_seconds(batch_size, n_steps, True, every, settings)
             hvps.append(mean_hvp)
             monitored.append(seconds)
             measuring.append(inside)
@@ -119,6 +122,7 @@ def run(steps: int, repeats: int, every: int) -> list[dict]:
                 "in_run": statistics.median(m / (s - m) for m, s in zip(measuring, monitored, strict=True)),
                 "measurements": statistics.median(len(s) for s in schedules),
                 "schedule": schedules[median_run],
+                "reproducible": all(s == schedules[0] for s in schedules),
                 "hvps": statistics.median(hvps),
                 "spread": (min(plain), max(plain), min(monitored), max(monitored)),
             }
@@ -138,24 +142,26 @@ def markdown(rows: list[dict], steps: int, repeats: int, every: int, command: st
         "## Training overhead of the monitors",
         "",
         f"Run: `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, "
-        f"{_device()}. {steps} optimizer steps ({4 * steps} with the time cap) of the digits MLP "
+        f"{_device()}. {steps} optimizer steps ({4 * steps} with a work or time cap) of the digits MLP "
         f"(64-200-200-10, tanh, squared error, SGD lr 0.2), with and without "
         f"`HessianEigenMonitor(every_n_steps={every})` + `EdgeOfStabilityMonitor()` at their defaults (k = 5, "
         f"512 probe samples, tol 1e-3, warm starts, measured at fit start and end too); median wall time of "
         f"`trainer.fit` over {repeats} interleaved repeats (range in parentheses). *Measuring* is the wall time of the measurements "
         f"(listeners included), and *in-run* that time over the rest of the same fit (the overhead "
-        f"estimate that fits on a loaded machine cannot blur; `max_time_fraction` caps it). Load average "
+        f"estimate that fits on a loaded machine cannot blur; `max_time_fraction` caps it, `max_work_fraction` "
+        f"caps the work of measuring against the work of training, in sample-gradients). Load average "
         f"at the end: {os.getloadavg()[0]:.2f}.",
         "",
         "| regime | steps | without (s) | with both monitors (s) | overhead | measured at steps "
-        "| HVPs each | measuring (s) | in-run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| same steps in every repeat | HVPs each | measuring (s) | in-run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['regime']} | {r['steps']} | {r['plain']:.2f} ({r['spread'][0]:.2f}–{r['spread'][1]:.2f}) "
             f"| {r['monitored']:.2f} ({r['spread'][2]:.2f}–{r['spread'][3]:.2f}) "
-            f"| **{100 * r['overhead']:+.1f}%** | {_schedule(r['schedule'], every)} | {r['hvps']:.0f} "
+            f"| **{100 * r['overhead']:+.1f}%** | {_schedule(r['schedule'], every)} "
+            f"| {'yes' if r['reproducible'] else 'no'} | {r['hvps']:.0f} "
             f"| {r['measuring']:.2f} | {100 * r['in_run']:.1f}% |"
         )
     return "\n".join(lines) + "\n"

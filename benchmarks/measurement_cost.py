@@ -1,0 +1,195 @@
+"""What one measurement costs against its floor, and what warm starts save along a run.
+
+Two tables, written to BENCHMARKS.md with ``--out`` (section "measurement-cost"):
+
+- **The floor.** One cold top-5 measurement (``hessian_eigenpairs``, ``hvp="auto"``, tol 1e-3) on each
+  benchmark model (``benchmarks/models.py``: the digits MLP and CNN, the small transformer classifier,
+  the Llama-style LM): its products against the ideal count (Lanczos with full reorthogonalization and
+  a basis large enough never to restart, same start vector), and its seconds per product against one
+  exact product through the cached gradient graph on the same probe (median of 20, the graph already
+  built): the time of everything else a measurement does (graph build, the solver's linear algebra,
+  Python) spread over its products.
+- **Warm starts along a run.** Full-batch GD (lr 0.2) on the digits MLP from step 300, measuring the
+  top-k every 1, 5 or 100 steps, 12 measurements: the mean products of a cold start, of Lanczos from the
+  sum of the previous eigenvectors (``method="lanczos"``), and of ``method="auto"`` (a block restart
+  from the previous eigenvectors and their neighbours, or Lanczos, whichever was cheaper last), with
+  the sequence of its choices; and the products of a warm start where nothing moved.
+
+Usage: ``python benchmarks/measurement_cost.py --out BENCHMARKS.md`` (about 3 minutes on 2 CPU threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.models import make_bench
+from benchmarks.report import rewrite
+from pf_lightning import hessian_eigenpairs
+from pf_lightning.curvature import HessianOperator
+from pf_lightning.linalg import lanczos
+
+MODELS = ("mlp", "cnn", "transformer", "llama")
+
+
+def _median_seconds(fn, repeats: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor_row(name: str, k: int = 5) -> dict:
+    bench = make_bench(name)
+    probe = [bench.probe]
+
+    def measure():
+        return hessian_eigenpairs(bench.model, bench.loss_fn, probe, k=k, tol=1e-3)
+
+    result = measure()
+    seconds = _median_seconds(measure, repeats=5)
+    with HessianOperator(bench.model, bench.loss_fn, probe, hvp="double_backward") as op:
+        ideal = lanczos(op, k, tol=1e-3, basis_size=min(op.n, 400))
+        v = torch.randn(op.n, generator=torch.Generator().manual_seed(0)).to(op.dtype)
+        product = _median_seconds(lambda: op.matvec(v))
+    row = {
+        "model": name,
+        "params": bench.n_params,
+        "probe": len(bench.probe[0]),
+        "n_hvp": result.n_hvp,
+        "ideal": ideal.n_hvp,
+        "seconds": seconds,
+        "per_product": seconds / result.n_hvp,
+        "product": product,
+    }
+    print(row, flush=True)
+    return row
+
+
+def _digits_run():
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    x, y = (x - x.mean(0)) / x.std(0).clamp_min(1e-6), torch.tensor(y)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 10))
+
+    def loss_fn(model, batch):
+        return 0.5 * ((model(batch[0]) - F.one_hot(batch[1], 10).float()) ** 2).sum(1).mean()
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.2)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss_fn(net, (x, y)).backward()
+            optimizer.step()
+
+    train(300)
+    return net, loss_fn, [(x[:512], y[:512])], train
+
+
+def warm_rows(ks=(1, 5, 20), gaps=(1, 5, 100), measurements: int = 12) -> list[dict]:
+    rows = []
+    for k in ks:
+        for gap in gaps:
+            net, loss_fn, probe, train = _digits_run()
+            first = hessian_eigenpairs(net, loss_fn, probe, k=k)
+            still = hessian_eigenpairs(net, loss_fn, probe, k=k, warm_start=first)
+            auto = lanczos_warm = first
+            cold_n, lanczos_n, auto_n, choices = [], [], [], []
+            for _ in range(measurements):
+                train(gap)
+                cold_n.append(hessian_eigenpairs(net, loss_fn, probe, k=k).n_hvp)
+                lanczos_warm = hessian_eigenpairs(
+                    net, loss_fn, probe, k=k, warm_start=lanczos_warm, method="lanczos"
+                )
+                auto = hessian_eigenpairs(net, loss_fn, probe, k=k, warm_start=auto)
+                lanczos_n.append(lanczos_warm.n_hvp)
+                auto_n.append(auto.n_hvp)
+                choices.append(auto.info["warm_method"][0])
+            rows.append(
+                {
+                    "k": k,
+                    "gap": gap,
+                    "still": still.n_hvp,
+                    "cold": statistics.mean(cold_n),
+                    "lanczos": statistics.mean(lanczos_n),
+                    "auto": statistics.mean(auto_n),
+                    "choices": "".join(choices),
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(floor: list[dict], warm: list[dict], command: str) -> str:
+    lines = [
+        "## Measurement cost: the floor and warm starts",
+        "",
+        f"Run: `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads; load average at the end {os.getloadavg()[0]:.2f}.",
+        "",
+        '**The floor** (one cold top-5 measurement, tol 1e-3, `hvp="auto"`; models of the tables above). '
+        "*Ideal*: Lanczos with full reorthogonalization and a basis that never restarts. *Per product*: the "
+        "measurement's seconds (median of 5) over its products, against one exact product through the cached "
+        "gradient graph (median of 20).",
+        "",
+        "| model | parameters | probe | products | ideal | seconds | per product (ms) | cached product (ms) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in floor:
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {r['probe']} | {r['n_hvp']} | {r['ideal']} | {r['seconds']:.3f} "
+            f"| {1e3 * r['per_product']:.2f} | {1e3 * r['product']:.2f} | **{r['per_product'] / r['product']:.2f}** |"
+        )
+    lines += [
+        "",
+        "**Warm starts along a run** (full-batch GD, lr 0.2, on the digits MLP from step 300; 512-sample probe; "
+        "mean products over 12 measurements). *Still*: a warm start on unchanged parameters. *auto's choices*: "
+        "b = block restart (LOBPCG from the previous eigenvectors and their neighbours), l = Lanczos from their sum.",
+        "",
+        "| k | every | still | cold | Lanczos from the sum | auto | auto / cold | auto's choices |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in warm:
+        lines.append(
+            f"| {r['k']} | {r['gap']} | {r['still']} | {r['cold']:.1f} | {r['lanczos']:.1f} | **{r['auto']:.1f}** "
+            f"| {r['auto'] / r['cold']:.2f} | `{r['choices']}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=None, help="rewrite the measurement-cost section of this file"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")
+    body = markdown(
+        [floor_row(name) for name in MODELS],
+        warm_rows(),
+        "python benchmarks/measurement_cost.py --out BENCHMARKS.md",
+    )
+    print(body)
+    if args.out is not None:
+        rewrite(args.out, "measurement-cost", body)
+
+
+if __name__ == "__main__":
+    main()
