@@ -330,7 +330,8 @@ def test_a_drawn_probe_goes_through_the_batch_hooks_a_given_one_only_through_the
         def on_before_batch_transfer(self, batch, dataloader_idx):
             return (batch[0] * 3, batch[1])
 
-    for probe, expected in ((None, x[:64].double() * 3 / 2), ([(x[:32], y[:32])], x[:32].double())):
+    # The drawn probe: both loader batches of 64, stacked into one.
+    for probe, expected in ((None, x.double() * 3 / 2), ([(x[:32], y[:32])], x[:32].double())):
         L.seed_everything(0)
         model = _Uncast()
         model.on_after_batch_transfer = lambda batch, dataloader_idx: (batch[0] / 2, batch[1])
@@ -434,3 +435,57 @@ def test_a_fit_with_reentrant_checkpointing_is_measured_not_skipped(tmp_path):
     x, y = digits(64)
     direct = hessian_eigenpairs(plain, lambda m, b: m.training_step(b, 0), [(x, y)], k=2, tol=1e-6)
     torch.testing.assert_close(monitor.latest.eigenvalues, direct.eigenvalues, rtol=1e-3, atol=0)
+
+
+def test_a_drawn_probe_is_stacked_into_one_forward_pass_and_measures_the_same_hessian(tmp_path):
+    """Four loader batches of 32 become one batch of 128 (or two of 64 with probe_batch_size=64): the same
+    samples and the same Hessian of their mean loss as the loader's batches measured one by one."""
+    L.seed_everything(0)
+    monitors = {
+        size: HessianEigenMonitor(
+            k=2,
+            tol=1e-10,
+            probe=128,
+            probe_batch_size=size,
+            name=str(size),
+            at_fit_end=False,
+            every_n_steps=None,
+        )
+        for size in (None, 64, "loader")
+    }
+    model = DigitsClassifier(n=256, batch_size=32).double()
+    trainer(tmp_path, max_steps=1, callbacks=list(monitors.values())).fit(model)
+    shapes = {size: [b[0].shape[0] for b in m.probe.batches] for size, m in monitors.items()}
+    assert shapes == {None: [128], 64: [64, 64], "loader": [32, 32, 32, 32]}
+    loader = monitors["loader"].probe.batches
+    assert torch.equal(monitors[None].probe.batches[0][0], torch.cat([b[0] for b in loader]))
+    reference = monitors["loader"].history[0]["eigenvalues"]
+    for size in (None, 64):
+        assert monitors[size].history[0]["eigenvalues"] == pytest.approx(reference, rel=1e-9)
+
+
+def test_batch_normalization_keeps_the_loader_batches_and_unstackable_batches_stay_as_they_are(tmp_path):
+    from pf_lightning import ProbeSet
+    from pf_lightning.callbacks._probe import stack_batches
+
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=1, probe=96, at_fit_end=False, every_n_steps=None)
+    trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(
+        DigitsClassifier(n=128, batch_size=32, batchnorm=True)
+    )
+    assert [b[0].shape[0] for b in monitor.probe.batches] == [32, 32, 32]
+    # Sequences padded to different lengths cannot be stacked; dicts with a shared mask can.
+    ragged = ProbeSet([torch.zeros(4, 7), torch.zeros(4, 9)])
+    assert stack_batches(ragged) is ragged
+    mask = torch.ones(3, 3)
+    dicts = ProbeSet(
+        [
+            {"x": torch.arange(4.0)[:, None], "mask": mask},
+            {"x": torch.arange(4.0, 6.0)[:, None], "mask": mask},
+        ]
+    )
+    stacked = stack_batches(dicts)
+    assert len(stacked) == 1 and stacked.weights == [6.0]
+    assert (
+        torch.equal(stacked.batches[0]["x"][:, 0], torch.arange(6.0)) and stacked.batches[0]["mask"] is mask
+    )

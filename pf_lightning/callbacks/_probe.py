@@ -44,8 +44,14 @@ def training_input(trainer: Any, hooks: bool = True) -> Callable[[Any], Any]:
     return convert
 
 
-def build_probe(trainer: Any, pl_module: Any, probe: Any) -> ProbeSet:
-    """The probe set a monitor's ``probe`` argument asks for, converted as training batches are."""
+def build_probe(trainer: Any, pl_module: Any, probe: Any, batch_size: int | str | None = None) -> ProbeSet:
+    """The probe set a monitor's ``probe`` argument asks for, converted as training batches are.
+
+    A probe drawn from the training loader is stacked into batches of ``batch_size`` samples (``None``:
+    one batch), one forward pass each, where the loader's batches have one structure and shapes
+    (:func:`stack_batches`): a product on 512 samples in one batch costs 2.5 times less than on four
+    batches of 128 (REFERENCE §7). ``"loader"``, or a module with batch normalization (whose batch
+    statistics are part of the loss training sees), keeps the loader's batches."""
     if isinstance(probe, ProbeSet):
         convert = training_input(trainer, hooks=False)
         return ProbeSet([convert(b) for b in probe.batches], weights=probe.weights)
@@ -56,11 +62,78 @@ def build_probe(trainer: Any, pl_module: Any, probe: Any) -> ProbeSet:
                 "no training dataloader to draw the probe from: pass `probe=` batches"
             )
         size = DEFAULT_PROBE_SIZE if probe is None else probe
-        return draw_probe(loader, size, training_input(trainer), requested=probe is not None)
+        drawn = draw_probe(loader, size, training_input(trainer), requested=probe is not None)
+        coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
+        if batch_size == "loader" or coupled:
+            return drawn
+        return stack_batches(drawn, batch_size)
     with untouched_iteration(probe):
         batches = list(probe)
     convert = training_input(trainer, hooks=False)
     return ProbeSet([convert(b) for b in batches])
+
+
+class _Unstackable(Exception):
+    pass
+
+
+def _concat(items: list[Any], counts: list[int]) -> Any:
+    """The batches ``items`` (of ``counts`` samples) as one: tensors with the samples along their leading
+    dimension concatenated, everything else equal in all of them."""
+    first = items[0]
+    if all(isinstance(x, Tensor) for x in items):
+        if all(
+            x.ndim and x.shape[0] == c and x.shape[1:] == first.shape[1:]
+            for x, c in zip(items, counts, strict=True)
+        ):
+            return torch.cat(items)
+        if all(x.shape == first.shape and torch.equal(x, first) for x in items):
+            return first  # not per sample (e.g. a mask shared by the batch)
+        raise _Unstackable
+    if isinstance(first, collections.abc.Mapping) and all(
+        isinstance(x, collections.abc.Mapping) and x.keys() == first.keys() for x in items
+    ):
+        merged = {key: _concat([x[key] for x in items], counts) for key in first}
+        try:
+            return type(first)(merged)
+        except Exception:  # a mapping type that cannot be built from a dict
+            return merged
+    if isinstance(first, tuple | list) and all(
+        type(x) is type(first) and len(x) == len(first) for x in items
+    ):
+        parts = [_concat([x[i] for x in items], counts) for i in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    if all(type(x) is type(first) for x in items):
+        with contextlib.suppress(Exception):
+            if all(bool(x == first) for x in items):
+                return first
+    raise _Unstackable
+
+
+def stack_batches(probe: ProbeSet, batch_size: int | None = None) -> ProbeSet:
+    """``probe``'s consecutive batches concatenated into batches of at most ``batch_size`` samples
+    (``None``: all of them), the same samples in the same order; ``probe`` itself where its batches
+    cannot be stacked (different structures, or shapes beyond the sample dimension, as with padded
+    sequences of different lengths). A batch larger than ``batch_size`` stays as it is."""
+    groups: list[list[int]] = []
+    for index, weight in enumerate(probe.weights):
+        if groups and (
+            batch_size is None or sum(probe.weights[i] for i in groups[-1]) + weight <= batch_size
+        ):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    if len(groups) == len(probe):
+        return probe
+    batches, weights = [], []
+    for group in groups:
+        counts = [int(probe.weights[i]) for i in group]
+        try:
+            batches.append(_concat([probe.batches[i] for i in group], counts))
+        except _Unstackable:
+            return probe
+        weights.append(float(sum(counts)))
+    return ProbeSet(batches, weights=weights)
 
 
 @contextlib.contextmanager

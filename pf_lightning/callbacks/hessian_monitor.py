@@ -115,6 +115,12 @@ class HessianEigenMonitor(Callback):
             copies of their parameters); see :func:`~pf_lightning.hessian_eigenpairs`.
         checkpoint_eigenvectors: save the latest eigenvectors in checkpoints, so the first measurement
             after a resume is warm-started (``n x k`` floats; never saved when they are FSDP2 shards).
+        probe_batch_size: a drawn probe is stacked into batches of at most this many samples, one
+            forward pass each (``None``: one batch; a product on 512 samples in one batch costs 2.5
+            times less than on four batches of 128); ``"loader"`` keeps the loader's batches, as a loss
+            that couples the samples of a batch (in-batch negatives) needs. A module with batch
+            normalization keeps them too: its batch statistics are part of the loss training sees.
+            Batches given as ``probe`` are used as they are.
         on_error: ``"skip"``: a measurement that fails at run time (NaN or infinite loss or product, a
             probe batch the model cannot consume, a loss that is not returned, any ``Exception``) is
             skipped with the model left as it was, flagged as ``hessian/skipped`` at that step, warned
@@ -166,6 +172,7 @@ class HessianEigenMonitor(Callback):
         basis_device: str | None = None,
         checkpoint_eigenvectors: bool = True,
         on_error: OnError = "skip",
+        probe_batch_size: int | Literal["loader"] | None = None,
     ) -> None:
         super().__init__()
         check_on_error(on_error)
@@ -196,6 +203,8 @@ class HessianEigenMonitor(Callback):
                 check.integer("probe", probe, 1, hint="a probe size is a number of training samples")
             else:
                 check.batches("probe", probe, single_batch=False)
+        if probe_batch_size != "loader":
+            check.integer("probe_batch_size", probe_batch_size, 1, allow_none=True, hint="or 'loader'")
         check.function("loss_fn", loss_fn, "loss_fn(module, batch) -> Tensor", 2)
         check.patterns("params", params)
         check.dtype("dtype", dtype)
@@ -215,6 +224,7 @@ class HessianEigenMonitor(Callback):
         self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
         self.density: SpectralDensity | None = None
         self._probe_arg, self._loss_arg = probe, loss_fn
+        self.probe_batch_size = probe_batch_size
         self.spec: MeasurementSpec | None = None  # resolved when a fit starts
         self.latest: EigenResult | None = None
         self.history: list[dict[str, Any]] = []
@@ -310,6 +320,7 @@ class HessianEigenMonitor(Callback):
             )
         names = ("k", "which", "every_n_steps", "every_n_epochs", "warmup_steps", "hvp", "tol", "max_hvp")
         more = (
+            "probe_batch_size",
             "warm_start",
             "max_work_fraction",
             "max_time_fraction",
@@ -343,7 +354,7 @@ class HessianEigenMonitor(Callback):
         if shared is not None and shared.probe is not None:
             probe = shared.probe
         else:
-            probe = build_probe(trainer, pl_module, self._probe_arg)
+            probe = build_probe(trainer, pl_module, self._probe_arg, self.probe_batch_size)
             if shared is not None:
                 shared.probe = probe
         self._check_module(pl_module)
