@@ -10,7 +10,7 @@ Names (README, "Metric names"): ``hessian/eig_{i}`` (i = 1 is the largest), ``he
 ``hessian/seconds``, ``hessian/converged``, ``hessian/skipped``, ``hessian/trace``; ``eos/*``, ``pf/*``
 and ``dal/*`` and ``cap/*`` for the diagnostics and schedulers built on them. Failures are flags logged
 as 1.0 at the step they happened (callbacks/_faults.py): ``hessian/skipped``, ``hessian/trace_skipped``,
-``hessian/density_skipped``, ``hessian/listener_failed``, ``eos/skipped``, ``eos/proxies_skipped``,
+``hessian/density_skipped``, ``hessian/stderr_skipped``, ``hessian/listener_failed``, ``eos/skipped``, ``eos/proxies_skipped``,
 ``dal/skipped``, ``eos/batch_sharpness_skipped``, ``eos/critical_skipped``; ``eos/warmup`` marks measurements before an adaptive optimizer's preconditioner settled.
 """
 
@@ -85,6 +85,7 @@ SECONDS = "hessian/seconds"
 CONVERGED = "hessian/converged"
 TRACE = "hessian/trace"
 TRACE_STD = "hessian/trace_std"
+EIG_1_STDERR = "hessian/eig_1_stderr"
 EIGENVALUE = re.compile(r"^hessian/(?:(?P<tag>.+)/)?eig_(?P<bottom>bottom_)?(?P<i>\d+)$")
 """``hessian/eig_{i}``, ``hessian/eig_bottom_{i}`` and their ``hessian/<tag>/...`` forms."""
 

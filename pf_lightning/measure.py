@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,12 +29,13 @@ from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
 from .linalg._common import WHICH, guard_count
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
-from .probe import ProbeSet
+from .probe import ProbeSet, map_tensors
 from .stability.optimizers import step_dynamics, update_threshold
 
 __all__ = [
     "METHODS",
     "MeasurementSpec",
+    "eigenvalue_stderr",
     "hessian_density",
     "hessian_eigenpairs",
     "hessian_trace",
@@ -324,6 +326,67 @@ def hessian_eigenpairs(
     return result
 
 
+def split_samples(probe: ProbeSet, chunks: int) -> list[ProbeSet]:
+    """The probe's samples in about ``chunks`` groups, in order: its batches dealt round-robin where it holds
+    at least ``chunks`` of them, otherwise each batch cut along its samples (tensors whose leading
+    dimension is the batch's sample count; the rest shared). Fewer groups where the batches are smaller."""
+    if len(probe) >= chunks:
+        groups = [list(range(c, len(probe), chunks)) for c in range(chunks)]
+        return [ProbeSet([probe.batches[i] for i in g], [probe.weights[i] for i in g]) for g in groups]
+    pieces = -(-chunks // len(probe))
+    out: list[tuple[Any, float]] = []
+    for batch, weight in zip(probe.batches, probe.weights, strict=True):
+        count = int(weight)
+        edges = [round(i * count / pieces) for i in range(pieces + 1)]
+        for lo, hi in itertools.pairwise(edges):
+            if hi > lo:
+                cut = map_tensors(
+                    batch, lambda t, lo=lo, hi=hi, n=count: t[lo:hi] if t.ndim and t.shape[0] == n else t
+                )
+                out.append((cut, float(hi - lo)))
+    return [ProbeSet([b], [w]) for b, w in out]
+
+
+def eigenvalue_stderr(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batches: Any,
+    vector: Tensor,
+    *,
+    chunks: int = 8,
+    hvp: str = "auto",
+    seed: int = 0,
+    params: str | Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> float:
+    r"""The sampling error of an eigenvalue measured on ``batches``: the standard error of the Rayleigh
+    quotient :math:`v^\top H v / v^\top v` of ``vector`` over groups of the probe's samples.
+
+    The eigenvalue of the probe's Hessian is, to first order in the sample set, the sample-weighted mean
+    of the quotients :math:`q_c = v^\top H_c v` of its groups (:func:`split_samples`, ``chunks`` of
+    them); their spread says how far another probe of that size would put it. One product per group
+    (about two over the whole probe, with each group's gradient graph). The groups are treated as
+    independent draws: the weighted standard error ``sqrt(sum w_c^2 (q_c - q)^2 / (sum w_c)^2 *
+    C / (C - 1))``. NaN where the probe gives fewer than two groups, and under ``torch.distributed``
+    (the ranks' shards would give different groups).
+    """
+    probe = batches if isinstance(batches, ProbeSet) else ProbeSet(batches)
+    groups = split_samples(probe, chunks)
+    if len(groups) < 2 or is_distributed():  # ranks' shards would give different groups: not agreed yet
+        return math.nan
+    model = _unwrap(model)
+    quotients, weights = [], []
+    for group in groups:
+        with HessianOperator(model, loss_fn, group, hvp=hvp, seed=seed, params=params, dtype=dtype) as op:
+            v = vector.to(op.device, op.dtype)
+            quotients.append(float(op.inner(v, op.matvec(v)) / op.inner(v, v)))
+        weights.append(group.total_weight)
+    q, w = torch.tensor(quotients, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
+    mean = (w * q).sum() / w.sum()
+    n = len(groups)
+    return float(((w**2 * (q - mean) ** 2).sum() / w.sum() ** 2 * n / (n - 1)).sqrt())
+
+
 def hessian_trace(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], Tensor],
@@ -493,6 +556,12 @@ class MeasurementSpec:
             seed=self.seed,
             params=self.params,
             dtype=self.dtype,
+        )
+
+    def eigenvalue_stderr(self, model: nn.Module, vector: Tensor, chunks: int = 8) -> float:
+        """:func:`eigenvalue_stderr` of ``vector`` on the probe set with these settings."""
+        return eigenvalue_stderr(
+            model, self.loss_fn, self.probe, vector, chunks=chunks, **self._operator_settings()
         )
 
     def operator(self, model: nn.Module, batches: Any = None) -> HessianOperator:

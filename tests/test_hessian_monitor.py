@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_models import DigitsClassifier, digits, trainer
+from lightning_models import DigitsClassifier, digits, logged, trainer
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor, hessian_eigenpairs
 
@@ -489,3 +489,18 @@ def test_batch_normalization_keeps_the_loader_batches_and_unstackable_batches_st
     assert (
         torch.equal(stacked.batches[0]["x"][:, 0], torch.arange(6.0)) and stacked.batches[0]["mask"] is mask
     )
+
+
+def test_the_sampling_error_of_eig_1_is_logged_with_every_measurement(tmp_path):
+    from pf_lightning import eigenvalue_stderr
+
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=2, every_n_steps=2, tol=1e-8)
+    model = DigitsClassifier(n=128).double()
+    t = trainer(tmp_path, max_steps=4, callbacks=[monitor], logger=CSVLogger(tmp_path))
+    t.fit(model)
+    stderr = logged(t)["hessian/eig_1_stderr"]
+    assert sorted(stderr) == [0, 2, 4]
+    assert all(0 < v < 0.5 * monitor.history[0]["eigenvalues"][0] for v in stderr.values())
+    want = eigenvalue_stderr(model, lambda m, b: m.loss(b), monitor.probe, monitor.latest.eigenvectors[:, 0])
+    assert stderr[4] == pytest.approx(want, rel=1e-9) and monitor.history[-1]["eig_1_stderr"] == stderr[4]

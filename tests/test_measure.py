@@ -4,7 +4,7 @@ import pytest
 import torch
 from cases import CASES, make_case
 
-from pf_lightning import EigenResult, NonFiniteLossError, hessian_eigenpairs
+from pf_lightning import EigenResult, NonFiniteLossError, ProbeSet, hessian_eigenpairs
 
 
 def expected(H, k, which):
@@ -368,3 +368,38 @@ def test_hugging_face_style_checkpointing_is_off_inside_a_measurement_so_auto_st
     assert result.info["hvp"] == "double_backward" and not any(model.seen)
     torch.testing.assert_close(result.eigenvalues, reference, rtol=1e-10, atol=0)
     assert model.gradient_checkpointing is True  # given back on exit
+
+
+def test_eigenvalue_stderr_is_the_weighted_spread_of_the_groups_rayleigh_quotients():
+    """Least squares, L = |Xw - y|^2 / 2n: the Hessian of a group is X_c^T X_c / n_c, so its quotient along
+    v is |X_c v|^2 / (n_c |v|^2), in closed form. 20 samples in one batch cut into 8 groups of 2-3."""
+    from pf_lightning import eigenvalue_stderr
+    from pf_lightning.measure import split_samples
+
+    g = torch.Generator().manual_seed(0)
+    X, y = (
+        torch.randn(20, 4, generator=g, dtype=torch.float64),
+        torch.randn(20, generator=g, dtype=torch.float64),
+    )
+    model = torch.nn.Linear(4, 1, bias=False).double()
+
+    def loss_fn(m, batch):
+        return 0.5 * ((m(batch[0])[:, 0] - batch[1]) ** 2).mean()
+
+    v = torch.randn(4, generator=g, dtype=torch.float64)
+    groups = split_samples(ProbeSet([(X, y)]), 8)
+    sizes = [int(p.total_weight) for p in groups]
+    assert len(sizes) == 8 and sum(sizes) == 20 and set(sizes) == {2, 3}
+    q, w = [], []
+    for p in groups:
+        Xc = p.batches[0][0]
+        q.append(float((Xc @ v).square().sum() / (len(Xc) * v @ v)))
+        w.append(len(Xc))
+    q, w = torch.tensor(q, dtype=torch.float64), torch.tensor(w, dtype=torch.float64)
+    mean = (w * q).sum() / w.sum()
+    want = float(((w**2 * (q - mean) ** 2).sum() / w.sum() ** 2 * 8 / 7).sqrt())
+    assert eigenvalue_stderr(model, loss_fn, [(X, y)], v) == pytest.approx(want, rel=1e-12)
+    # Batches dealt round-robin when there are at least as many as the groups
+    assert [
+        len(p) for p in split_samples(ProbeSet([(X[i : i + 2], y[i : i + 2]) for i in range(0, 20, 2)]), 4)
+    ] == [3, 3, 2, 2]

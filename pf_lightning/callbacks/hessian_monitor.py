@@ -22,7 +22,7 @@ from typing_extensions import override
 from .. import logging as names
 from .._validation import Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
-from ..curvature.distributed import any_rank
+from ..curvature.distributed import any_rank, is_distributed
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
@@ -104,6 +104,11 @@ class HessianEigenMonitor(Callback):
         max_history: measurements kept in ``.history`` (oldest dropped first).
         name: tag for a second instance (metrics become ``hessian/<name>/...``, e.g. a held-out probe).
         seed: seeds start vectors and the dropout masks fixed within a measurement.
+        stderr_every: every this many measurements (``None``: never), also measure the sampling error
+            of ``eig_1`` on the probe, ``hessian/eig_1_stderr``: the standard error of the top
+            eigenvector's Rayleigh quotient over 8 groups of the probe's samples
+            (:func:`~pf_lightning.eigenvalue_stderr`; about two products' worth on the whole probe). Not
+            under ``torch.distributed`` (warned once).
         trace_every: also estimate the trace (Hutch++, ``trace_hvp`` products) every this many
             measurements; logged as ``hessian/trace`` and ``hessian/trace_std``.
         trace_hvp: products per trace estimate.
@@ -165,6 +170,7 @@ class HessianEigenMonitor(Callback):
         max_history: int = 10_000,
         name: str | None = None,
         seed: int = 0,
+        stderr_every: int | None = 1,
         trace_every: int | None = None,
         trace_hvp: int = 60,
         density_every: int | None = None,
@@ -182,6 +188,7 @@ class HessianEigenMonitor(Callback):
         check.integer("warmup_steps", warmup_steps, 0)
         check.integer("max_hvp", max_hvp, 1, allow_none=True)
         check.integer("max_history", max_history, 1)
+        check.integer("stderr_every", stderr_every, 1, allow_none=True)
         check.integer("trace_every", trace_every, 1, allow_none=True)
         check.integer("trace_hvp", trace_hvp, 3)
         check.integer("density_every", density_every, 1, allow_none=True)
@@ -217,7 +224,7 @@ class HessianEigenMonitor(Callback):
         self.warm_start, self.max_time_fraction, self.params = warm_start, max_time_fraction, params
         self.max_work_fraction = max_work_fraction
         self.dtype, self.max_history, self.name, self.seed = dtype, max_history, name, seed
-        self.trace_every, self.trace_hvp = trace_every, trace_hvp
+        self.trace_every, self.trace_hvp, self.stderr_every = trace_every, trace_hvp, stderr_every
         self.density_every, self.density_steps = density_every, density_steps
         self.basis_device, self.checkpoint_eigenvectors = basis_device, checkpoint_eigenvectors
         self.on_error = on_error
@@ -327,6 +334,7 @@ class HessianEigenMonitor(Callback):
             "params",
             "dtype",
             "seed",
+            "stderr_every",
             "trace_every",
             "density_every",
         )
@@ -600,6 +608,17 @@ class HessianEigenMonitor(Callback):
         history); a failed one is skipped and flagged like a failed measurement."""
         count = self._measured
         metrics: dict[str, float] = {}
+        if self.stderr_every and count % self.stderr_every == 1 % self.stderr_every:
+            if is_distributed():
+                self._warn_once("stderr", "hessian/eig_1_stderr is not measured under torch.distributed")
+            else:
+                try:
+                    stderr = self.spec.eigenvalue_stderr(pl_module, self.latest.eigenvectors[:, 0])
+                except Exception as err:
+                    self._skip(trainer, err, "eig_1_stderr skipped", "stderr_skipped")
+                else:
+                    metrics[tag_name(names.EIG_1_STDERR, self.name)] = stderr
+                    self.history[-1]["eig_1_stderr"] = stderr
         if self.trace_every and count % self.trace_every == 1 % self.trace_every:
             try:
                 estimate = self.spec.trace(pl_module, self.trace_hvp)

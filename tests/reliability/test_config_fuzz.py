@@ -201,6 +201,7 @@ HESSIAN_MONITOR = {
     "tol": (good_number(above=0, below=1), bad_number(above=0, below=1)),
     "max_hvp": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
     "warm_start": (st.booleans(), bad_flag),
+    "stderr_every": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
     "probe_batch_size": (st.one_of(good_int(1, none_ok=True), st.just("loader")), bad_int(1, none_ok=True)),
     "max_work_fraction": (
         good_number(above=0, none_ok=True),
