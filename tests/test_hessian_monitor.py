@@ -495,7 +495,7 @@ def test_the_sampling_error_of_eig_1_is_logged_with_every_measurement(tmp_path):
     from pf_lightning import eigenvalue_stderr
 
     L.seed_everything(0)
-    monitor = HessianEigenMonitor(k=2, every_n_steps=2, tol=1e-8)
+    monitor = HessianEigenMonitor(k=2, every_n_steps=2, tol=1e-8, stderr_every=1)
     model = DigitsClassifier(n=128).double()
     t = trainer(tmp_path, max_steps=4, callbacks=[monitor], logger=CSVLogger(tmp_path))
     t.fit(model)

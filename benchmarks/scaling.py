@@ -1,0 +1,129 @@
+"""How one top-5 measurement scales with the model and with the probe, on the CPU.
+
+Llama-style causal LMs (``benchmarks/models.py``: tied embeddings, RMSNorm, rotary positions, SwiGLU),
+built in code at random initialization, from 0.1M to a GPT-2-small-sized 110M parameters (d 768, 12
+layers, a vocabulary of 32,000), each measured once: ``hessian_eigenpairs(k=5, tol=1e-3)`` on a probe of
+8 sequences of 32 tokens; then the 1M model with probes of 128 to 2048 sequences. Each configuration
+runs in a fresh process, so its peak resident memory (``ru_maxrss``) is its own. The growth exponents
+are least-squares slopes in log-log.
+
+Usage: ``python benchmarks/scaling.py --out BENCHMARKS.md`` (about 10 minutes on 2 CPU threads, 12 GB
+of memory at the largest size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.models import LlamaStyleLM, next_token_loss  # noqa: E402
+from benchmarks.report import rewrite  # noqa: E402
+from pf_lightning import hessian_eigenpairs  # noqa: E402
+
+SIZES = (  # (d, layers, heads, vocab)
+    (64, 2, 4, 64),
+    (128, 4, 4, 256),
+    (320, 8, 5, 1024),
+    (512, 9, 8, 2048),
+    (768, 12, 12, 32000),
+)
+PROBES = (128, 256, 512, 1024, 2048)
+SEQ = 32
+
+
+def one(d: int, layers: int, heads: int, vocab: int, probe: int) -> dict:
+    """One measurement in this process: parameters, products, seconds, peak memory."""
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model = LlamaStyleLM(vocab=vocab, d=d, n_layers=layers, n_heads=heads)
+    tokens = torch.randint(0, vocab, (probe, SEQ), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    result = hessian_eigenpairs(model, next_token_loss, [(tokens, tokens)], k=5, tol=1e-3)
+    seconds = time.perf_counter() - start
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "probe": probe,
+        "tokens": probe * SEQ,
+        "n_hvp": result.n_hvp,
+        "seconds": seconds,
+        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "converged": result.all_converged,
+    }
+
+
+def run(config: tuple[int, ...]) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", json.dumps(config)], capture_output=True, text=True, check=True
+    )
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(row, flush=True)
+    return row
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
+
+
+def markdown(sizes: list[dict], probes: list[dict], command: str) -> str:
+    lines = [
+        "## Scaling of one measurement (CPU)",
+        "",
+        f"Run: `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, "
+        f"2 CPU threads; load average at the end {os.getloadavg()[0]:.2f}. One top-5 measurement "
+        f'(`hessian_eigenpairs`, tol 1e-3, `hvp="auto"`: double backward) of a Llama-style LM at random '
+        f"initialization; sequences of {SEQ} tokens; each configuration in a fresh process (peak resident "
+        "memory its own, the model, the probe, the gradient graph and the Krylov basis of 21 vectors included).",
+        "",
+        "| parameters | probe (sequences) | products | seconds | seconds per product | peak memory (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in [*sizes, *probes]:
+        lines.append(
+            f"| {r['params']:,} | {r['probe']} | {r['n_hvp']} | {r['seconds']:.1f} | {r['seconds'] / r['n_hvp']:.3f} "
+            f"| {r['peak_gb']:.2f} |"
+        )
+    a = slope([r["params"] for r in sizes], [r["seconds"] / r["n_hvp"] for r in sizes])
+    m = slope([r["params"] for r in sizes[1:]], [r["peak_gb"] for r in sizes[1:]])
+    b = slope([r["probe"] for r in probes], [r["seconds"] / r["n_hvp"] for r in probes])
+    lines += [
+        "",
+        f"Fitted growth (log-log slopes): seconds per product ∝ parameters^**{a:.2f}** (probe fixed); "
+        f"peak memory ∝ parameters^**{m:.2f}** (from 1M on; below it the interpreter's own memory dominates); "
+        f"seconds per product ∝ probe^**{b:.2f}** (the {probes[0]['params']:,}-parameter model).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help="rewrite the scaling section of this file")
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(*json.loads(args.one))))
+        return
+    sizes = [run((*size, 8)) for size in SIZES]
+    probes = [run((*SIZES[1], probe)) for probe in PROBES]
+    body = markdown(sizes, probes, "python benchmarks/scaling.py --out BENCHMARKS.md")
+    print(body)
+    if args.out is not None:
+        rewrite(args.out, "scaling", body)
+
+
+if __name__ == "__main__":
+    main()
