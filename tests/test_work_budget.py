@@ -41,7 +41,7 @@ def test_a_meter_charges_products_gradients_and_forward_passes_by_probe_samples(
 def _fit(tmp_path):
     L.seed_everything(0)
     monitor = HessianEigenMonitor(
-        k=1, every_n_steps=1, probe=PROBE, max_work_fraction=FRACTION, at_fit_end=False
+        k=1, every_n_steps=1, probe=PROBE, max_work_fraction=FRACTION, at_fit_end=False, stderr_every=None
     )
     t = trainer(tmp_path, max_steps=120, callbacks=[monitor], logger=CSVLogger(tmp_path))
     with pytest.warns(RuntimeWarning, match="max_work_fraction=0.5: postponed"):
