@@ -16,11 +16,12 @@ as 1.0 at the step they happened (callbacks/_faults.py): ``hessian/skipped``, ``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "eigenvalue",
     "log_metrics",
     "metric_name",
+    "progress_mark",
     "tag_name",
     "tagged",
     "tensorboard_layout",
@@ -181,6 +183,31 @@ def warn_once(seen: set[str], key: str, message: str) -> None:
         return
     with tqdm.external_write_mode(file=sys.stderr):
         warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+
+
+@contextlib.contextmanager
+def progress_mark(trainer: Any, text: str) -> Iterator[None]:
+    """``text`` at the end of the training progress bar's metrics while the block runs (a measurement,
+    which holds the bar still for its duration), the bar's own metrics back afterwards. For Lightning's
+    ``TQDMProgressBar`` (the default); other bars are left as they are."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    callback = getattr(trainer, "progress_bar_callback", None)
+    bar = getattr(callback, "train_progress_bar", None) if isinstance(callback, TQDMProgressBar) else None
+    if bar is None or getattr(bar, "disable", True) or not _is_rank_zero(trainer):
+        yield
+        return
+    before = bar.postfix
+    try:
+        bar.set_postfix_str(f"{before}, {text}" if before else text, refresh=True)
+    except Exception:  # a bar that cannot show it is no reason to skip the measurement
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            bar.set_postfix_str(before or "", refresh=False)
 
 
 def _user_stacklevel() -> int:

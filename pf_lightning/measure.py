@@ -44,8 +44,12 @@ __all__ = [
 ]
 
 METHODS = ("auto", "lanczos", "lobpcg")
-WARM_INFO = ("warm_costs", "warm_method", "warm_streak")
+WARM_INFO = ("warm_costs", "warm_method", "warm_streak", "warm_retry")
 """The entries of a warm result's ``info`` that choose the next warm start (kept in checkpoints)."""
+BLOCK_MARGIN = 0.85
+"""The block warm start is taken over Lanczos when its last cost was at most this fraction of Lanczos's:
+where the two cost about the same (measurements far apart) the block's dearer linear algebra and its
+occasional misses are not worth it; where it wins, it wins by 30-70% (BENCHMARKS.md, "Measurement cost")."""
 WARM_RETRY = 8
 """``method="auto"`` warm-starts by whichever of its two warm starts cost fewer products the last time
 each ran, and tries the other one after this many measurements in a row with the same one (see
@@ -116,29 +120,31 @@ def _warm_method(warm_start: EigenResult, n_wanted: int, max_hvp: int | None) ->
     parameters moved a little), and ``"lanczos"``, Lanczos from their sum plus a random vector (cheaper
     where the top directions rotate between measurements, as at the edge of stability 100 steps apart,
     and for large ``k``). The product count of each one's last run is carried from result to result
-    (``info["warm_costs"]``); the cheaper one is taken, the other one again after :data:`WARM_RETRY`
-    measurements in a row (a direction rising into the top ``k`` from below the block's guards is found
-    by Lanczos then at the latest). The first warm start is a block one. The choice depends on product
-    counts only: the same in every run.
+    (``info["warm_costs"]``). The block one is taken when it was clearly cheaper (:data:`BLOCK_MARGIN`),
+    Lanczos otherwise; after :data:`WARM_RETRY` measurements in a row with one, the other is tried again
+    (a direction rising into the top ``k`` from below the block's guards is found by Lanczos then at the
+    latest), and each block retry that does not pay doubles the wait before the next one (at most 64).
+    The first warm start is a block one. The choice depends on product counts only: the same in every
+    run.
     """
     info = warm_start.info
     costs = dict(info.get("warm_costs", {}))
     last, streak = info.get("warm_method"), info.get("warm_streak", 0)
+    wait = info.get("warm_retry", WARM_RETRY)
+    if last == "block" and streak == 1 and "lanczos" in costs:  # a block retry just ran: did it pay?
+        wait = WARM_RETRY if costs["block"] <= BLOCK_MARGIN * costs["lanczos"] else min(2 * wait, 64)
     if "block" not in costs:
         choice = "block"
     elif "lanczos" not in costs:
         choice = "lanczos"
     else:
-        choice = "block" if costs["block"] <= costs["lanczos"] else "lanczos"
-        if choice == last and streak >= WARM_RETRY:
+        choice = "block" if costs["block"] <= BLOCK_MARGIN * costs["lanczos"] else "lanczos"
+        if choice == last and streak >= (wait if choice == "lanczos" else WARM_RETRY):
             choice = "lanczos" if choice == "block" else "block"
     if choice == "block" and max_hvp is not None and max_hvp < n_wanted + guard_count(n_wanted):
         choice = "lanczos"  # not even one block of products
-    return choice, {
-        "warm_costs": costs,
-        "warm_method": choice,
-        "warm_streak": streak + 1 if choice == last else 1,
-    }
+    bookkeeping = (costs, choice, streak + 1 if choice == last else 1, wait)
+    return choice, dict(zip(WARM_INFO, bookkeeping, strict=True))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

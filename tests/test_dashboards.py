@@ -203,3 +203,24 @@ def test_the_workspace_command_names_a_bad_argument(capsys):
 
     assert workspace_main(["--entity", "e", "--project", "p", "--k", "0"]) == 1
     assert "k must be a positive number" in capsys.readouterr().err
+
+
+def test_the_progress_bar_marks_a_measurement_while_it_runs(tmp_path):
+    """The bar stands still while a measurement runs: its metrics end with a mark for that time only."""
+    from lightning.pytorch import Callback
+
+    seen = {"during": [], "after": []}
+
+    class Bar(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen["after"].append(trainer.progress_bar_callback.train_progress_bar.postfix or "")
+
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, name="probe2")
+    monitor.add_listener(
+        lambda trainer, *_: seen["during"].append(trainer.progress_bar_callback.train_progress_bar.postfix)
+    )
+    fitting = trainer(tmp_path, max_steps=4, callbacks=[monitor, Bar()], enable_progress_bar=True)
+    fitting.fit(DigitsClassifier(n=64, batch_size=32))
+    assert len(seen["during"]) == 3 and all(p.endswith("measuring Hessian (probe2)…") for p in seen["during"])
+    assert seen["after"] and not any("measuring" in p for p in seen["after"])

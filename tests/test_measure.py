@@ -403,3 +403,29 @@ def test_eigenvalue_stderr_is_the_weighted_spread_of_the_groups_rayleigh_quotien
     assert [
         len(p) for p in split_samples(ProbeSet([(X[i : i + 2], y[i : i + 2]) for i in range(0, 20, 2)]), 4)
     ] == [3, 3, 2, 2]
+
+
+def test_a_block_retry_that_does_not_pay_doubles_the_wait_before_the_next():
+    from pf_lightning.measure import WARM_RETRY, _warm_method
+
+    def after(**info):
+        previous = EigenResult(*(torch.ones(1),) * 2, torch.zeros(1), torch.ones(1, dtype=torch.bool), 1, 0.0)
+        previous.info.update(info)
+        return _warm_method(previous, 1, None)
+
+    failed = {"warm_costs": {"block": 40, "lanczos": 30}, "warm_method": "block", "warm_streak": 1}
+    assert after(**failed, warm_retry=WARM_RETRY) == (
+        "lanczos",
+        {**failed, "warm_method": "lanczos", "warm_retry": 2 * WARM_RETRY},
+    )
+    waiting = {**failed, "warm_method": "lanczos", "warm_retry": 2 * WARM_RETRY}
+    assert after(**{**waiting, "warm_streak": 2 * WARM_RETRY - 1})[0] == "lanczos"
+    assert after(**{**waiting, "warm_streak": 2 * WARM_RETRY})[0] == "block"
+    assert after(**{**failed, "warm_retry": 64})[1]["warm_retry"] == 64  # at most 64
+    paid = {
+        "warm_costs": {"block": 20, "lanczos": 30},
+        "warm_method": "block",
+        "warm_streak": 1,
+        "warm_retry": 32,
+    }
+    assert after(**paid)[1]["warm_retry"] == WARM_RETRY and after(**paid)[0] == "block"

@@ -32,6 +32,7 @@ from ..logging import (
     eigenvalue,
     log_metrics,
     metric_name,
+    progress_mark,
     tag_name,
     tagged,
     tensorboard_writers,
@@ -447,7 +448,7 @@ class HessianEigenMonitor(Callback):
             return None
         begin = time.perf_counter()
         try:
-            with WorkMeter() as meter:
+            with WorkMeter() as meter, progress_mark(trainer, f"measuring {self._label}…"):
                 result = self._measure_now(trainer, pl_module, step)
         finally:  # a failed attempt costs time and work too
             self._budget.charge(time.perf_counter() - begin)
