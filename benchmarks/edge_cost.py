@@ -29,7 +29,7 @@ BASIS_SIZES = (12, 20, 40)
 REFERENCE = (BASIS_SIZES[0], False)  # eigenvalues and rotation are read off the cold run of the first size
 
 
-def _median_ms(fn, repeats: int = 20) -> float:
+def median_ms(fn, repeats: int = 20) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -61,10 +61,10 @@ def main() -> None:
 
     graph = torch.autograd.grad(loss_fn(net, probe[0]), params, create_graph=True)
     vector = [torch.randn_like(p) for p in params]
-    hvp_ms = _median_ms(lambda: torch.autograd.grad(graph, params, vector, retain_graph=True))
-    gradient_ms = _median_ms(lambda: torch.autograd.grad(loss_fn(net, probe[0]), params))
+    hvp_ms = median_ms(lambda: torch.autograd.grad(graph, params, vector, retain_graph=True))
+    gradient_ms = median_ms(lambda: torch.autograd.grad(loss_fn(net, probe[0]), params))
     print(
-        f"full-batch step (forward + backward, 1797 samples): {_median_ms(step):.2f} ms; gradient on the "
+        f"full-batch step (forward + backward, 1797 samples): {median_ms(step):.2f} ms; gradient on the "
         f"probe: {gradient_ms:.2f} ms; one HVP through the cached graph: {hvp_ms:.2f} ms"
     )
     optimizer.zero_grad()

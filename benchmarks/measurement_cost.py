@@ -34,6 +34,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.edge_cost import median_ms
 from benchmarks.models import make_bench
 from benchmarks.report import rewrite
 from pf_lightning import hessian_eigenpairs
@@ -44,13 +45,7 @@ MODELS = ("mlp", "cnn", "transformer", "llama")
 
 
 def _median_seconds(fn, repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_ms(fn, repeats) / 1e3
 
 
 def floor_row(name: str, k: int = 5) -> dict:

@@ -3,9 +3,10 @@
 Llama-style causal LMs (``benchmarks/models.py``: tied embeddings, RMSNorm, rotary positions, SwiGLU),
 built in code at random initialization, from 0.1M to a GPT-2-small-sized 110M parameters (d 768, 12
 layers, a vocabulary of 32,000), each measured once: ``hessian_eigenpairs(k=5, tol=1e-3)`` on a probe of
-8 sequences of 32 tokens; then the 1M model with probes of 128 to 2048 sequences. Each configuration
-runs in a fresh process, so its peak resident memory (``ru_maxrss``) is its own. The growth exponents
-are least-squares slopes in log-log.
+8 sequences of 32 tokens; then the 0.1M model with probes of 128 to 2048 sequences. Each configuration
+runs in a fresh process, so its peak resident memory (``ru_maxrss``) is its own; ``--cache FILE`` keeps
+each configuration's row, so a rerun measures only the missing ones. The growth exponents are
+least-squares slopes in log-log.
 
 Usage: ``python benchmarks/scaling.py --out BENCHMARKS.md`` (about 10 minutes on 2 CPU threads, 12 GB
 of memory at the largest size).
@@ -64,12 +65,18 @@ def one(d: int, layers: int, heads: int, vocab: int, probe: int) -> dict:
     }
 
 
-def run(config: tuple[int, ...]) -> dict:
+def run(config: tuple[int, ...], cache: Path | None = None) -> dict:
+    rows = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    if json.dumps(config) in rows:
+        return rows[json.dumps(config)]
     out = subprocess.run(
         [sys.executable, __file__, "--one", json.dumps(config)], capture_output=True, text=True, check=True
     )
     row = json.loads(out.stdout.strip().splitlines()[-1])
     print(row, flush=True)
+    if cache is not None:
+        rows[json.dumps(config)] = row
+        cache.write_text(json.dumps(rows, indent=1))
     return row
 
 
@@ -113,12 +120,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="rewrite the scaling section of this file")
+    parser.add_argument("--cache", type=Path, default=None, help="rows measured so far (JSON), reused")
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(one(*json.loads(args.one))))
         return
-    sizes = [run((*size, 8)) for size in SIZES]
-    probes = [run((*SIZES[1], probe)) for probe in PROBES]
+    sizes = [run((*size, 8), args.cache) for size in SIZES]
+    probes = [run((*SIZES[0], probe), args.cache) for probe in PROBES]
     body = markdown(sizes, probes, "python benchmarks/scaling.py --out BENCHMARKS.md")
     print(body)
     if args.out is not None:

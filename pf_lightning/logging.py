@@ -187,27 +187,33 @@ def warn_once(seen: set[str], key: str, message: str) -> None:
 
 @contextlib.contextmanager
 def progress_mark(trainer: Any, text: str) -> Iterator[None]:
-    """``text`` at the end of the training progress bar's metrics while the block runs (a measurement,
-    which holds the bar still for its duration), the bar's own metrics back afterwards. For Lightning's
-    ``TQDMProgressBar`` (the default); other bars are left as they are."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
+    """``text`` on the training progress bar while the block runs (a measurement, which holds the bar
+    still for its duration), the bar as it was afterwards: at the end of the metrics of Lightning's
+    ``TQDMProgressBar``, after the task's description of its ``RichProgressBar``; other bars are left as
+    they are. Showing it is never worth a measurement: a bar that refuses is left alone."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
     callback = getattr(trainer, "progress_bar_callback", None)
-    bar = getattr(callback, "train_progress_bar", None) if isinstance(callback, TQDMProgressBar) else None
-    if bar is None or getattr(bar, "disable", True) or not _is_rank_zero(trainer):
-        yield
-        return
-    before = bar.postfix
-    try:
-        bar.set_postfix_str(f"{before}, {text}" if before else text, refresh=True)
-    except Exception:  # a bar that cannot show it is no reason to skip the measurement
-        yield
-        return
+    restore: Any = None
+    with contextlib.suppress(Exception):
+        if not _is_rank_zero(trainer) or callback is None or callback.is_disabled:
+            pass
+        elif isinstance(callback, TQDMProgressBar) and callback.train_progress_bar is not None:
+            bar, before = callback.train_progress_bar, callback.train_progress_bar.postfix
+            bar.set_postfix_str(f"{before}, {text}" if before else text, refresh=True)
+            restore = lambda: bar.set_postfix_str(before or "", refresh=False)  # noqa: E731
+        elif isinstance(callback, RichProgressBar) and callback.train_progress_bar_id is not None:
+            progress, task = callback.progress, callback.train_progress_bar_id
+            before = progress.tasks[task].description
+            progress.update(task, description=f"{before} · {text}")
+            progress.refresh()
+            restore = lambda: progress.update(task, description=before)  # noqa: E731
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):
-            bar.set_postfix_str(before or "", refresh=False)
+        if restore is not None:
+            with contextlib.suppress(Exception):
+                restore()
 
 
 def _user_stacklevel() -> int:

@@ -205,22 +205,32 @@ def test_the_workspace_command_names_a_bad_argument(capsys):
     assert "k must be a positive number" in capsys.readouterr().err
 
 
-def test_the_progress_bar_marks_a_measurement_while_it_runs(tmp_path):
-    """The bar stands still while a measurement runs: its metrics end with a mark for that time only."""
+@pytest.mark.parametrize("bar", ["tqdm", "rich"])
+def test_the_progress_bar_marks_a_measurement_while_it_runs(tmp_path, bar):
+    """The bar stands still while a measurement runs: it carries a mark for that time only (TQDM: at the
+    end of its metrics; Rich: after the task's description)."""
     from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    def shown(trainer):  # "" before the training bar exists (the fit-start measurement)
+        callback = trainer.progress_bar_callback
+        if isinstance(callback, TQDMProgressBar):
+            return (callback._train_progress_bar.postfix or "") if callback._train_progress_bar else ""
+        task = callback.train_progress_bar_id
+        return "" if task is None else callback.progress.tasks[task].description
 
     seen = {"during": [], "after": []}
 
     class Bar(Callback):
         def on_train_batch_start(self, trainer, *args):
-            seen["after"].append(trainer.progress_bar_callback.train_progress_bar.postfix or "")
+            seen["after"].append(shown(trainer))
 
     L.seed_everything(0)
     monitor = HessianEigenMonitor(k=1, every_n_steps=2, name="probe2")
-    monitor.add_listener(
-        lambda trainer, *_: seen["during"].append(trainer.progress_bar_callback.train_progress_bar.postfix)
-    )
-    fitting = trainer(tmp_path, max_steps=4, callbacks=[monitor, Bar()], enable_progress_bar=True)
+    monitor.add_listener(lambda trainer, *_: seen["during"].append(shown(trainer)))
+    progress = TQDMProgressBar() if bar == "tqdm" else RichProgressBar()
+    fitting = trainer(tmp_path, max_steps=4, callbacks=[monitor, Bar(), progress], enable_progress_bar=True)
     fitting.fit(DigitsClassifier(n=64, batch_size=32))
-    assert len(seen["during"]) == 3 and all(p.endswith("measuring Hessian (probe2)…") for p in seen["during"])
+    assert seen["during"][0] == "" and len(seen["during"]) == 3
+    assert all(p.endswith("measuring Hessian (probe2)…") for p in seen["during"][1:])
     assert seen["after"] and not any("measuring" in p for p in seen["after"])

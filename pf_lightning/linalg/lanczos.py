@@ -199,7 +199,8 @@ def lanczos(
                 columns = torch.cat([wanted, near[~torch.isin(near, wanted)]])
             formed = V[:j].mT @ S[:, columns].to(op.dtype)
             vectors = formed[:, : wanted.numel()]
-            guards = formed[:, wanted.numel() :] if formed.shape[1] > wanted.numel() else None
+            # a copy: a view would keep all of `formed` (the eigenvectors too) alive with the result
+            guards = formed[:, wanted.numel() :].clone() if formed.shape[1] > wanted.numel() else None
             info = {
                 "restarts": restarts,
                 "basis_size": m,
