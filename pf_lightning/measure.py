@@ -51,9 +51,8 @@ BLOCK_MARGIN = 0.85
 where the two cost about the same (measurements far apart) the block's dearer linear algebra and its
 occasional misses are not worth it; where it wins, it wins by 30-70% (BENCHMARKS.md, "Measurement cost")."""
 WARM_RETRY = 8
-"""``method="auto"`` warm-starts by whichever of its two warm starts cost fewer products the last time
-each ran, and tries the other one after this many measurements in a row with the same one (see
-:func:`_warm_method`)."""
+"""After this many block warm starts in a row, ``method="auto"`` takes one by Lanczos, and it waits at least
+this many Lanczos ones before it tries a block again (see :func:`_warm_method`)."""
 TRACE_METHODS = ("hutch++", "hutchinson")
 _check = Checks()
 
@@ -201,8 +200,8 @@ def hessian_eigenpairs(
         seed: seeds start vectors and the dropout masks held fixed during the measurement.
         params: glob patterns selecting the parameters (all trainable ones by default).
         method: ``"auto"``: cold, Lanczos; warm, LOBPCG from the previous eigenvectors and their
-            ``neighbours`` as one block (``k + max(2, k // 2)`` products when nothing moved) or Lanczos
-            from their sum, whichever cost fewer products the last time (see :func:`_warm_method`;
+            ``neighbours`` as one block (``k + max(2, k // 2)`` products when nothing moved) where that was
+            clearly cheaper the last time, Lanczos from their sum otherwise (see :func:`_warm_method`;
             ``info["warm_method"]``); ``"lanczos"`` (warm: from the sum of the previous eigenvectors)
             or ``"lobpcg"`` (a block method, warm-started from all previous eigenvectors, with
             ``max(2, k // 2)`` random guard vectors).
