@@ -295,7 +295,7 @@ def announce_run(trainer: Any, tags: list[str | None]) -> None:
             warn_once(
                 set(), "settings", f"{type(logger).__name__} did not take the callbacks' settings ({err!r})"
             )
-    for writer in tensorboard_writers(trainer):
+    for writer, prefix in tensorboard_writers(trainer):
         try:
             # TensorBoard's HParams tab keeps the first hyperparameters of a run (the module's): a text entry.
             if settings:
@@ -303,7 +303,7 @@ def announce_run(trainer: Any, tags: list[str | None]) -> None:
         except Exception as err:
             warn_once(set(), "settings", f"TensorBoard did not take the callbacks' settings ({err!r})")
         try:
-            writer.add_custom_scalars(tensorboard_layout(tags))
+            writer.add_custom_scalars(tensorboard_layout(tags, prefix))
         except Exception as err:
             warn_once(set(), "layout", f"the TensorBoard layout was not written ({err!r})")
 
@@ -317,27 +317,39 @@ def _markdown(settings: dict[str, dict[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
-def tensorboard_writers(trainer: Any) -> list[Any]:
-    """The ``SummaryWriter``s of the attached ``TensorBoardLogger``s (on rank zero)."""
+def tensorboard_writers(trainer: Any) -> list[tuple[Any, str]]:
+    """The ``SummaryWriter``s of the attached ``TensorBoardLogger``s (on rank zero), each with what its
+    logger puts before the metric names (``TensorBoardLogger(prefix="train")``: ``"train-"``; else ``""``),
+    so that what is written to the writer directly is named like the logged metrics."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     if not _is_rank_zero(trainer):
         return []
-    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    return [
+        (
+            logger.experiment,
+            f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else "",
+        )
+        for logger in trainer.loggers
+        if isinstance(logger, TensorBoardLogger)
+    ]
 
 
-def tensorboard_layout(tags: list[str | None]) -> dict[str, dict[str, list]]:
+def tensorboard_layout(tags: list[str | None], prefix: str = "") -> dict[str, dict[str, list]]:
     """TensorBoard's custom-scalars layout: for each whole-Hessian monitor (``tags``: their names, ``None``
     for the unnamed one), the sharpness with its threshold in one chart, the top-k eigenvalues with the
-    threshold, and the ratios (sharpness, batch and critical, over their thresholds)."""
+    threshold, and the ratios (sharpness, batch and critical, over their thresholds); ``prefix``: what the
+    logger puts before every metric name (see :func:`tensorboard_writers`)."""
 
     def exact(metrics: tuple[str, ...], tag: str | None) -> str:
         """A regex matching exactly these ``eos/<name>`` metrics, under ``tag``."""
-        return "|".join(f"^{re.escape(metric_name('eos', m.split('/', 1)[1], tag))}$" for m in metrics)
+        return "|".join(
+            f"^{re.escape(prefix + metric_name('eos', m.split('/', 1)[1], tag))}$" for m in metrics
+        )
 
     layout = {}
     for tag in tags or [None]:
-        top_k = f"^{re.escape(metric_name('hessian', 'eig_', tag))}\\d+$"
+        top_k = f"^{re.escape(prefix + metric_name('hessian', 'eig_', tag))}\\d+$"
         charts = {title: ["Multiline", [exact(metrics, tag)]] for title, metrics in EDGE_CHARTS.items()}
         charts[TOP_K_CHART] = ["Multiline", [top_k, exact((THRESHOLD,), tag)]]
         layout[f"pf-lightning{'' if tag is None else f' ({tag})'}"] = charts

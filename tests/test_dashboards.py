@@ -67,16 +67,21 @@ def test_wandb_summary_holds_the_extremes_and_the_config_the_settings(tmp_path, 
     assert settings["EdgeOfStabilityMonitor"]["warn_ratio"] == 1.0
 
 
-def test_tensorboard_layout_draws_sharpness_with_its_threshold_and_the_density(tmp_path):
+@pytest.mark.parametrize("prefix", ["", "train"])
+def test_tensorboard_layout_draws_sharpness_with_its_threshold_and_the_density(tmp_path, prefix):
+    """With TensorBoardLogger(prefix="train") every tag reads "train-...": the layout and the density too."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    logger = TensorBoardLogger(tmp_path, name="tb")
+    logger = TensorBoardLogger(tmp_path, name="tb", prefix=prefix)
+    p = f"{prefix}-" if prefix else ""
     hessian, _, _ = _fit(tmp_path, logger, density_every=2)
     events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "histograms": 0, "scalars": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"eos/sharpness", "eos/threshold", "eos/ratio", "hessian/eig_1", "hessian/eig_2"} <= set(scalars)
+    assert {
+        p + t for t in ("eos/sharpness", "eos/threshold", "eos/ratio", "hessian/eig_1", "hessian/eig_2")
+    } <= set(scalars)
     (config,) = events.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     charts = {
@@ -86,10 +91,14 @@ def test_tensorboard_layout_draws_sharpness_with_its_threshold_and_the_density(t
     def drawn(title):
         return {tag for tag in scalars if any(re.search(pattern, tag) for pattern in charts[title])}
 
-    assert drawn("sharpness and its threshold") == {"eos/sharpness", "eos/threshold"}
-    assert drawn("top-k eigenvalues and the threshold") == {"hessian/eig_1", "hessian/eig_2", "eos/threshold"}
-    assert drawn("ratio to the threshold (1 = the edge)") == {"eos/ratio"}
-    densities = events.Histograms("hessian/density")
+    assert drawn("sharpness and its threshold") == {p + "eos/sharpness", p + "eos/threshold"}
+    assert drawn("top-k eigenvalues and the threshold") == {
+        p + "hessian/eig_1",
+        p + "hessian/eig_2",
+        p + "eos/threshold",
+    }
+    assert drawn("ratio to the threshold (1 = the edge)") == {p + "eos/ratio"}
+    densities = events.Histograms(p + "hessian/density")
     assert [d.step for d in densities] == [0, 4, 8]  # the first, third and fifth measurement
     last = densities[-1].histogram_value
     assert last.num == pytest.approx(1.0, abs=0.02)  # the broadened density's mass over its grid

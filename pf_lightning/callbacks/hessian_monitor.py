@@ -654,9 +654,9 @@ class HessianEigenMonitor(Callback):
             histogram = wandb.Histogram(np_histogram=(values.numpy(), edges.numpy()))
             wandb_log(trainer, {self.metric("density"): histogram}, trainer.global_step)
         mass = values * widths
-        for writer in writers:
+        for writer, prefix in writers:
             writer.add_histogram_raw(
-                self.metric("density"),
+                prefix + self.metric("density"),
                 min=float(edges[0]),
                 max=float(edges[-1]),
                 num=float(mass.sum()),
