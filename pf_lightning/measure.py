@@ -29,7 +29,7 @@ from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
 from .linalg._common import WHICH, guard_count
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
-from .probe import ProbeSet, map_tensors
+from .probe import ProbeSet, map_tensors, sample_count
 from .stability.optimizers import step_dynamics, update_threshold
 
 __all__ = [
@@ -331,24 +331,26 @@ def hessian_eigenpairs(
     return result
 
 
-def split_samples(probe: ProbeSet, chunks: int) -> list[ProbeSet]:
+def split_samples(probe: ProbeSet, chunks: int, cut: bool = True) -> list[ProbeSet]:
     """The probe's samples in about ``chunks`` groups, in order: its batches dealt round-robin where it holds
-    at least ``chunks`` of them, otherwise each batch cut along its samples (tensors whose leading
-    dimension is the batch's sample count; the rest shared). Fewer groups where the batches are smaller."""
-    if len(probe) >= chunks:
-        groups = [list(range(c, len(probe), chunks)) for c in range(chunks)]
+    at least ``chunks`` of them (or where ``cut`` is False: a loss whose batches' samples interact, through
+    batch normalization or in-batch negatives, must keep its batches whole), otherwise each batch cut
+    along its samples (tensors whose leading dimension is the batch's sample count, the rest shared; the
+    batch's weight shared in proportion). Fewer groups where the batches are smaller."""
+    if len(probe) >= chunks or not cut:
+        groups = [list(range(c, len(probe), chunks)) for c in range(min(chunks, len(probe)))]
         return [ProbeSet([probe.batches[i] for i in g], [probe.weights[i] for i in g]) for g in groups]
     pieces = -(-chunks // len(probe))
     out: list[tuple[Any, float]] = []
     for batch, weight in zip(probe.batches, probe.weights, strict=True):
-        count = int(weight)
+        count = sample_count(batch)
         edges = [round(i * count / pieces) for i in range(pieces + 1)]
         for lo, hi in itertools.pairwise(edges):
             if hi > lo:
                 cut = map_tensors(
                     batch, lambda t, lo=lo, hi=hi, n=count: t[lo:hi] if t.ndim and t.shape[0] == n else t
                 )
-                out.append((cut, float(hi - lo)))
+                out.append((cut, weight * (hi - lo) / count))
     return [ProbeSet([b], [w]) for b, w in out]
 
 
@@ -359,6 +361,7 @@ def eigenvalue_stderr(
     vector: Tensor,
     *,
     chunks: int = 8,
+    cut: bool | None = None,
     hvp: str = "auto",
     seed: int = 0,
     params: str | Sequence[str] | None = None,
@@ -373,10 +376,14 @@ def eigenvalue_stderr(
     (about two over the whole probe, with each group's gradient graph). The groups are treated as
     independent draws: the weighted standard error ``sqrt(sum w_c^2 (q_c - q)^2 / (sum w_c)^2 *
     C / (C - 1))``. NaN where the probe gives fewer than two groups, and under ``torch.distributed``
-    (the ranks' shards would give different groups).
+    (the ranks' shards would give different groups). ``cut``: whether batches may be cut into groups of
+    their samples (``None``: unless the model has batch normalization, whose batch statistics are part
+    of the loss; pass ``False`` for a loss that couples a batch's samples).
     """
     probe = batches if isinstance(batches, ProbeSet) else ProbeSet(batches)
-    groups = split_samples(probe, chunks)
+    if cut is None:
+        cut = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in _unwrap(model).modules())
+    groups = split_samples(probe, chunks, cut)
     if len(groups) < 2 or is_distributed():  # ranks' shards would give different groups: not agreed yet
         return math.nan
     model = _unwrap(model)
@@ -563,11 +570,12 @@ class MeasurementSpec:
             dtype=self.dtype,
         )
 
-    def eigenvalue_stderr(self, model: nn.Module, vector: Tensor, chunks: int = 8) -> float:
+    def eigenvalue_stderr(
+        self, model: nn.Module, vector: Tensor, chunks: int = 8, cut: bool | None = None
+    ) -> float:
         """:func:`eigenvalue_stderr` of ``vector`` on the probe set with these settings."""
-        return eigenvalue_stderr(
-            model, self.loss_fn, self.probe, vector, chunks=chunks, **self._operator_settings()
-        )
+        settings = self._operator_settings()
+        return eigenvalue_stderr(model, self.loss_fn, self.probe, vector, chunks=chunks, cut=cut, **settings)
 
     def operator(self, model: nn.Module, batches: Any = None) -> HessianOperator:
         """A :class:`~pf_lightning.HessianOperator` with these settings on the probe set (or ``batches``),

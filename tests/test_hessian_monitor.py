@@ -504,3 +504,35 @@ def test_the_sampling_error_of_eig_1_is_logged_with_every_measurement(tmp_path):
     assert all(0 < v < 0.5 * monitor.history[0]["eigenvalues"][0] for v in stderr.values())
     want = eigenvalue_stderr(model, lambda m, b: m.loss(b), monitor.probe, monitor.latest.eigenvectors[:, 0])
     assert stderr[4] == pytest.approx(want, rel=1e-9) and monitor.history[-1]["eig_1_stderr"] == stderr[4]
+
+
+def test_finite_differences_keep_the_loader_batches_of_a_drawn_probe(tmp_path):
+    """No cached graph: a stacked probe would hold all its activations in every product."""
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(
+        k=1, probe=96, hvp="finite_difference", at_fit_end=False, every_n_steps=None
+    )
+    trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(DigitsClassifier(n=128, batch_size=32))
+    assert [b[0].shape[0] for b in monitor.probe.batches] == [32, 32, 32]
+
+
+def test_a_corrupted_warm_start_record_gives_a_fresh_start():
+    from pf_lightning.callbacks._checkpoint import UnreadableState, result_from_state, result_state
+
+    case_result = hessian_eigenpairs(*_quadratic_case(), k=1)
+    state = result_state(case_result, True)
+    assert result_from_state(state).info == {}
+    for bad in (
+        {"warm_costs": 3},
+        {"warm_costs": {"block": -1}},
+        {"warm_method": "power"},
+        {"warm_streak": "x"},
+    ):
+        with pytest.raises(UnreadableState):
+            result_from_state({**state, "warm": bad})
+
+
+def _quadratic_case():
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    x = torch.eye(3, dtype=torch.float64)
+    return model, lambda m, b: 0.5 * m(b[0]).square().sum(), [(x, torch.zeros(3))]

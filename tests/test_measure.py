@@ -1,5 +1,7 @@
 """``hessian_eigenpairs`` on the case models against dense ``eigh`` of the float64 reference."""
 
+import math
+
 import pytest
 import torch
 from cases import CASES, make_case
@@ -429,3 +431,31 @@ def test_a_block_retry_that_does_not_pay_doubles_the_wait_before_the_next():
         "warm_retry": 32,
     }
     assert after(**paid)[1]["warm_retry"] == WARM_RETRY and after(**paid)[0] == "block"
+
+
+def test_the_sampling_error_takes_the_weights_as_given_and_keeps_coupled_batches_whole():
+    from pf_lightning import eigenvalue_stderr
+    from pf_lightning.measure import split_samples
+
+    g = torch.Generator().manual_seed(1)
+    X, y = (
+        torch.randn(16, 3, generator=g, dtype=torch.float64),
+        torch.randn(16, generator=g, dtype=torch.float64),
+    )
+    model = torch.nn.Linear(3, 1, bias=False).double()
+
+    def loss_fn(m, batch):
+        return 0.5 * ((m(batch[0])[:, 0] - batch[1]) ** 2).mean()
+
+    v = torch.randn(3, generator=g, dtype=torch.float64)
+    counted = eigenvalue_stderr(model, loss_fn, [(X, y)], v)
+    # weights other than the sample count: the batch is still cut by its samples, weighted in proportion
+    weighted = ProbeSet([(X, y)], weights=[1000.0])
+    assert sum(p.total_weight for p in split_samples(weighted, 8)) == pytest.approx(1000.0)
+    assert eigenvalue_stderr(model, loss_fn, weighted, v) == pytest.approx(counted, rel=1e-12) and counted > 0
+    # batches kept whole: four batches give four groups; one batch, none (NaN)
+    four = ProbeSet([(X[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)])
+    assert [len(p) for p in split_samples(four, 8, cut=False)] == [1, 1, 1, 1]
+    assert math.isnan(eigenvalue_stderr(model, loss_fn, [(X, y)], v, cut=False))
+    normed = torch.nn.Sequential(torch.nn.BatchNorm1d(3), model).double()
+    assert math.isnan(eigenvalue_stderr(normed, loss_fn, [(X, y)], v))  # batch statistics: not cut

@@ -143,7 +143,17 @@ def result_from_state(state: Any) -> EigenResult | None:
             vectors.numel() > 0 and neighbours.shape[0] == vectors.shape[0], "latest neighbours do not match"
         )
     warm = state.get("warm", {})
-    _check(isinstance(warm, Mapping) and set(warm) <= set(WARM_INFO), f"latest warm-start record is {warm!r}")
+    costs = warm.get("warm_costs", {}) if isinstance(warm, Mapping) else None
+    _check(
+        isinstance(warm, Mapping)
+        and set(warm) <= set(WARM_INFO)
+        and isinstance(costs, Mapping)
+        and all(key in ("block", "lanczos") for key in costs)
+        and all(count(v, "a warm-start cost", 1) for v in costs.values())
+        and warm.get("warm_method", "block") in ("block", "lanczos")
+        and all(count(warm.get(key, 1), key, 1) for key in ("warm_streak", "warm_retry")),
+        f"latest warm-start record is {warm!r}",
+    )
     return EigenResult(
         neighbours=neighbours,
         info=dict(warm),

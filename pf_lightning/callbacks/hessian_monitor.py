@@ -22,7 +22,7 @@ from typing_extensions import override
 from .. import logging as names
 from .._validation import Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
-from ..curvature.distributed import any_rank, is_distributed
+from ..curvature.distributed import any_rank, is_distributed, is_sharded
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
@@ -123,8 +123,10 @@ class HessianEigenMonitor(Callback):
         checkpoint_eigenvectors: save the latest eigenvectors in checkpoints, so the first measurement
             after a resume is warm-started (``n x k`` floats; never saved when they are FSDP2 shards).
         probe_batch_size: a drawn probe is stacked into batches of at most this many samples, one
-            forward pass each (``None``: one batch; a product on 512 samples in one batch costs 2.5
-            times less than on four batches of 128); ``"loader"`` keeps the loader's batches, as a loss
+            forward pass each (``None``: one batch with double backward, whose cached graphs hold the whole
+            probe's activations anyway, the loader's batches with finite differences and on FSDP2
+            shards, whose products hold one batch's at a time; a product on 512 samples in one batch
+            costs 2.5 times less than on four batches of 128); ``"loader"`` keeps the loader's batches, as a loss
             that couples the samples of a batch (in-batch negatives) needs. A module with batch
             normalization keeps them too: its batch statistics are part of the loss training sees.
             Batches given as ``probe`` are used as they are.
@@ -364,7 +366,11 @@ class HessianEigenMonitor(Callback):
         if shared is not None and shared.probe is not None:
             probe = shared.probe
         else:
-            probe = build_probe(trainer, pl_module, self._probe_arg, self.probe_batch_size)
+            # Finite differences (asked for, or the only backend on sharded parameters) keep no graph: a
+            # stacked probe would hold all its activations at once in every product.
+            uncached = self.hvp == "finite_difference" or any(is_sharded(p) for p in pl_module.parameters())
+            size = "loader" if uncached and self.probe_batch_size is None else self.probe_batch_size
+            probe = build_probe(trainer, pl_module, self._probe_arg, size)
             if shared is not None:
                 shared.probe = probe
         self._check_module(pl_module)
@@ -615,7 +621,9 @@ class HessianEigenMonitor(Callback):
                 self._warn_once("stderr", "hessian/eig_1_stderr is not measured under torch.distributed")
             else:
                 try:
-                    stderr = self.spec.eigenvalue_stderr(pl_module, self.latest.eigenvectors[:, 0])
+                    coupled = self.probe_batch_size == "loader"  # the user's word: keep its batches whole
+                    vector = self.latest.eigenvectors[:, 0]
+                    stderr = self.spec.eigenvalue_stderr(pl_module, vector, cut=False if coupled else None)
                 except Exception as err:
                     self._skip(trainer, err, "eig_1_stderr skipped", "stderr_skipped")
                 else:
