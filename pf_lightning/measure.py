@@ -29,7 +29,7 @@ from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
 from .linalg._common import WHICH, guard_count
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
-from .probe import ProbeSet, map_tensors, sample_count
+from .probe import ProbeSet, couples_samples, map_tensors, sample_count
 from .stability.optimizers import step_dynamics, update_threshold
 
 __all__ = [
@@ -382,7 +382,7 @@ def eigenvalue_stderr(
     """
     probe = batches if isinstance(batches, ProbeSet) else ProbeSet(batches)
     if cut is None:
-        cut = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in _unwrap(model).modules())
+        cut = not couples_samples(_unwrap(model))
     groups = split_samples(probe, chunks, cut)
     if len(groups) < 2 or is_distributed():  # ranks' shards would give different groups: not agreed yet
         return math.nan

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._validation import Checks, is_number
 
-__all__ = ["ProbeSet", "map_tensors", "move_to_device", "sample_count"]
+__all__ = ["ProbeSet", "couples_samples", "map_tensors", "move_to_device", "sample_count"]
 
 _check = Checks()
 
@@ -44,6 +44,13 @@ def sample_count(batch: Any) -> int:
         f"cannot count the samples of a batch of type {type(batch).__name__}: it holds no tensor; pass "
         "`weights=` with one sample count per batch"
     )
+
+
+def couples_samples(model: nn.Module) -> bool:
+    """Whether the loss of a batch couples its samples through the model (batch normalization, whose
+    batch statistics enter every sample's output): its batches may then be neither stacked nor cut
+    without changing the loss."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:

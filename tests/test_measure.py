@@ -152,6 +152,7 @@ def test_a_direction_rising_from_the_neighbours_is_in_the_block_and_found():
     assert after.info["warm_method"] == "block" and float(after.eigenvalues[0]) == pytest.approx(
         11.0, rel=1e-8
     )
+    assert after.n_hvp == 3  # one Rayleigh-Ritz step on [e0, e1, e2]: random guards would need more
 
 
 def test_auto_takes_the_cheaper_warm_start_and_retries_the_other_and_lanczos_finds_a_deep_riser():
@@ -372,23 +373,28 @@ def test_hugging_face_style_checkpointing_is_off_inside_a_measurement_so_auto_st
     assert model.gradient_checkpointing is True  # given back on exit
 
 
+def least_squares(n: int, d: int, seed: int):
+    """L = |Xw - y|^2 / 2n on n random samples of d features, and a random direction v."""
+    g = torch.Generator().manual_seed(seed)
+    X, y = (
+        torch.randn(n, d, generator=g, dtype=torch.float64),
+        torch.randn(n, generator=g, dtype=torch.float64),
+    )
+    model = torch.nn.Linear(d, 1, bias=False).double()
+
+    def loss_fn(m, batch):
+        return 0.5 * ((m(batch[0])[:, 0] - batch[1]) ** 2).mean()
+
+    return X, y, model, loss_fn, torch.randn(d, generator=g, dtype=torch.float64)
+
+
 def test_eigenvalue_stderr_is_the_weighted_spread_of_the_groups_rayleigh_quotients():
     """Least squares, L = |Xw - y|^2 / 2n: the Hessian of a group is X_c^T X_c / n_c, so its quotient along
     v is |X_c v|^2 / (n_c |v|^2), in closed form. 20 samples in one batch cut into 8 groups of 2-3."""
     from pf_lightning import eigenvalue_stderr
     from pf_lightning.measure import split_samples
 
-    g = torch.Generator().manual_seed(0)
-    X, y = (
-        torch.randn(20, 4, generator=g, dtype=torch.float64),
-        torch.randn(20, generator=g, dtype=torch.float64),
-    )
-    model = torch.nn.Linear(4, 1, bias=False).double()
-
-    def loss_fn(m, batch):
-        return 0.5 * ((m(batch[0])[:, 0] - batch[1]) ** 2).mean()
-
-    v = torch.randn(4, generator=g, dtype=torch.float64)
+    X, y, model, loss_fn, v = least_squares(20, 4, seed=0)
     groups = split_samples(ProbeSet([(X, y)]), 8)
     sizes = [int(p.total_weight) for p in groups]
     assert len(sizes) == 8 and sum(sizes) == 20 and set(sizes) == {2, 3}
@@ -437,17 +443,7 @@ def test_the_sampling_error_takes_the_weights_as_given_and_keeps_coupled_batches
     from pf_lightning import eigenvalue_stderr
     from pf_lightning.measure import split_samples
 
-    g = torch.Generator().manual_seed(1)
-    X, y = (
-        torch.randn(16, 3, generator=g, dtype=torch.float64),
-        torch.randn(16, generator=g, dtype=torch.float64),
-    )
-    model = torch.nn.Linear(3, 1, bias=False).double()
-
-    def loss_fn(m, batch):
-        return 0.5 * ((m(batch[0])[:, 0] - batch[1]) ** 2).mean()
-
-    v = torch.randn(3, generator=g, dtype=torch.float64)
+    X, y, model, loss_fn, v = least_squares(16, 3, seed=1)
     counted = eigenvalue_stderr(model, loss_fn, [(X, y)], v)
     # weights other than the sample count: the batch is still cut by its samples, weighted in proportion
     weighted = ProbeSet([(X, y)], weights=[1000.0])

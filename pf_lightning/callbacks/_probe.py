@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..curvature.distributed import is_sharded
 from ..curvature.state import measuring, rng_state
 from ..measure import loss_of
-from ..probe import ProbeSet, map_tensors, move_to_device, sample_count
+from ..probe import ProbeSet, couples_samples, map_tensors, move_to_device, sample_count
 
 DEFAULT_PROBE_SIZE = 512
 
@@ -44,14 +44,18 @@ def training_input(trainer: Any, hooks: bool = True) -> Callable[[Any], Any]:
     return convert
 
 
-def build_probe(trainer: Any, pl_module: Any, probe: Any, batch_size: int | str | None = None) -> ProbeSet:
+def build_probe(
+    trainer: Any, pl_module: Any, probe: Any, batch_size: int | str | None = None, hvp: str = "auto"
+) -> ProbeSet:
     """The probe set a monitor's ``probe`` argument asks for, converted as training batches are.
 
     A probe drawn from the training loader is stacked into batches of ``batch_size`` samples (``None``:
     one batch), one forward pass each, where the loader's batches have one structure and shapes
     (:func:`stack_batches`): a product on 512 samples in one batch costs 2.5 times less than on four
-    batches of 128 (REFERENCE §7). ``"loader"``, or a module with batch normalization (whose batch
-    statistics are part of the loss training sees), keeps the loader's batches."""
+    batches of 128 (REFERENCE §7). The loader's batches are kept with ``"loader"``, for a module whose
+    loss couples a batch's samples (:func:`~pf_lightning.probe.couples_samples`), and, unless
+    ``batch_size`` is given, where products keep no graph (``hvp="finite_difference"``, FSDP2's sharded
+    parameters): a stacked probe would hold all its activations at once in every product."""
     if isinstance(probe, ProbeSet):
         convert = training_input(trainer, hooks=False)
         return ProbeSet([convert(b) for b in probe.batches], weights=probe.weights)
@@ -63,8 +67,8 @@ def build_probe(trainer: Any, pl_module: Any, probe: Any, batch_size: int | str 
             )
         size = DEFAULT_PROBE_SIZE if probe is None else probe
         drawn = draw_probe(loader, size, training_input(trainer), requested=probe is not None)
-        coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
-        if batch_size == "loader" or coupled:
+        uncached = hvp == "finite_difference" or any(is_sharded(p) for p in pl_module.parameters())
+        if batch_size == "loader" or couples_samples(pl_module) or (uncached and batch_size is None):
             return drawn
         return stack_batches(drawn, batch_size)
     with untouched_iteration(probe):

@@ -22,7 +22,7 @@ from typing_extensions import override
 from .. import logging as names
 from .._validation import Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
-from ..curvature.distributed import any_rank, is_distributed, is_sharded
+from ..curvature.distributed import any_rank, is_distributed
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
@@ -366,11 +366,7 @@ class HessianEigenMonitor(Callback):
         if shared is not None and shared.probe is not None:
             probe = shared.probe
         else:
-            # Finite differences (asked for, or the only backend on sharded parameters) keep no graph: a
-            # stacked probe would hold all its activations at once in every product.
-            uncached = self.hvp == "finite_difference" or any(is_sharded(p) for p in pl_module.parameters())
-            size = "loader" if uncached and self.probe_batch_size is None else self.probe_batch_size
-            probe = build_probe(trainer, pl_module, self._probe_arg, size)
+            probe = build_probe(trainer, pl_module, self._probe_arg, self.probe_batch_size, self.hvp)
             if shared is not None:
                 shared.probe = probe
         self._check_module(pl_module)
