@@ -6,10 +6,11 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._validation import Checks
@@ -22,7 +23,7 @@ from .curvature import (
     optimizer_update,
     optimizer_weight_decay,
 )
-from .curvature.distributed import is_distributed
+from .curvature.distributed import LocalFailure, all_reduce_sum, is_distributed, reduce_agreed, world_size
 from .curvature.operator import check_arguments
 from .curvature.precondition import check_diagonal
 from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
@@ -177,6 +178,7 @@ def hessian_eigenpairs(
     dtype: torch.dtype | None = None,
     cache_graphs: bool = True,
     basis_device: torch.device | str | None = None,
+    gradient: bool = False,
 ) -> EigenResult:
     """Top-k (and/or bottom-k) eigenpairs of the Hessian of the mean loss over ``batches``.
 
@@ -222,6 +224,10 @@ def hessian_eigenpairs(
             model's device otherwise: ``basis_size + 1`` (default ``max(2k + 10, 20)``) plus about
             5 parameter-sized vectors for Lanczos, about ``11 (k + max(2, k // 2))`` for LOBPCG, plus
             the products' own (finite differences: 3; double backward: each probe batch's graph).
+        gradient: also return the gradient of the mean loss over ``batches`` (``EigenResult.gradient``,
+            in the eigenvectors' layout and on their device; this rank's slices under FSDP2). With
+            double backward it is read off the gradient graphs the products cached, at no pass; otherwise
+            it costs one gradient.
 
     Returns:
         :class:`EigenResult` with eigenvalues in descending order; ``info["hvp"]`` names the backend.
@@ -258,6 +264,7 @@ def hessian_eigenpairs(
         )
     _check.flag("cache_graphs", cache_graphs)
     _check.usable_device("basis_device", basis_device)
+    _check.flag("gradient", gradient)
     model = _unwrap(model)
     hessian = HessianOperator(
         model,
@@ -328,6 +335,8 @@ def hessian_eigenpairs(
         )
         if preconditioner is not None:
             result.info["preconditioned"] = True
+        if gradient:  # before leaving: the products' cached graphs hold it
+            result = replace(result, gradient=hessian.gradient().to(result.eigenvectors.device))
     return result
 
 
@@ -375,28 +384,53 @@ def eigenvalue_stderr(
     them); their spread says how far another probe of that size would put it. One product per group
     (about two over the whole probe, with each group's gradient graph). The groups are treated as
     independent draws: the weighted standard error ``sqrt(sum w_c^2 (q_c - q)^2 / (sum w_c)^2 *
-    C / (C - 1))``. NaN where the probe gives fewer than two groups, and under ``torch.distributed``
-    (the ranks' shards would give different groups). ``cut``: whether batches may be cut into groups of
-    their samples (``None``: unless the model has batch normalization, whose batch statistics are part
-    of the loss; pass ``False`` for a loss that couples a batch's samples).
+    C / (C - 1))``. NaN where the probe gives fewer than two groups. ``cut``: whether batches may be cut
+    into groups of their samples (``None``: unless the model has batch normalization, whose batch
+    statistics are part of the loss; pass ``False`` for a loss that couples a batch's samples).
+
+    Under ``torch.distributed`` ``batches`` is this rank's shard and ``vector`` what the eigenpair
+    measurement returned (this rank's slices under FSDP2): every rank splits its own shard, group ``c`` is
+    the union of the ranks' groups ``c`` (their count agreed on: the fewest any rank has, a rank with more
+    dealing its groups round-robin into that many), and the result is the same on every rank.
     """
     probe = batches if isinstance(batches, ProbeSet) else ProbeSet(batches)
-    if cut is None:
-        cut = not couples_samples(_unwrap(model))
-    groups = split_samples(probe, chunks, cut)
-    if len(groups) < 2 or is_distributed():  # ranks' shards would give different groups: not agreed yet
-        return math.nan
     model = _unwrap(model)
-    quotients, weights = [], []
+    if cut is None:
+        cut = not couples_samples(model)
+    groups = (
+        _agreed_groups(model, probe, chunks, cut) if is_distributed() else split_samples(probe, chunks, cut)
+    )
+    if len(groups) < 2:
+        return math.nan
+    quotients = []
     for group in groups:
         with HessianOperator(model, loss_fn, group, hvp=hvp, seed=seed, params=params, dtype=dtype) as op:
             v = vector.to(op.device, op.dtype)
             quotients.append(float(op.inner(v, op.matvec(v)) / op.inner(v, v)))
-        weights.append(group.total_weight)
-    q, w = torch.tensor(quotients, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
+            device = op.device
+    q = torch.tensor(quotients, dtype=torch.float64)
+    w = all_reduce_sum(
+        torch.tensor([g.total_weight for g in groups], dtype=torch.float64, device=device)
+    ).cpu()
     mean = (w * q).sum() / w.sum()
     n = len(groups)
     return float(((w**2 * (q - mean) ** 2).sum() / w.sum() ** 2 * n / (n - 1)).sqrt())
+
+
+def _agreed_groups(model: nn.Module, probe: ProbeSet, chunks: int, cut: bool) -> list[ProbeSet]:
+    """This rank's groups of :func:`eigenvalue_stderr`, as many as every other rank's (one collective that
+    also reports a rank's failure to split its shard)."""
+    hold, groups = LocalFailure(), []
+    with hold:
+        groups = split_samples(probe, chunks, cut)
+    counts = torch.zeros(world_size(), dtype=torch.float64, device=next(model.parameters()).device)
+    counts[dist.get_rank()] = len(groups)
+    reduce_agreed(counts, hold.take())
+    count = int(counts.min())
+    if count >= len(groups):
+        return groups
+    dealt = [groups[c::count] for c in range(count)]
+    return [ProbeSet([b for g in d for b in g.batches], [w for g in d for w in g.weights]) for d in dealt]
 
 
 def hessian_trace(
@@ -494,6 +528,7 @@ class MeasurementSpec:
         *,
         warm_start: EigenResult | None = None,
         preconditioner: torch.optim.Optimizer | Tensor | None = None,
+        gradient: bool = False,
     ) -> EigenResult:
         """:func:`hessian_eigenpairs` on the probe set with these settings.
 
@@ -520,6 +555,7 @@ class MeasurementSpec:
             preconditioner=preconditioner,
             dtype=self.dtype,
             basis_device=self.basis_device,
+            gradient=gradient,
         )
 
     def trace(self, model: nn.Module, n_hvp: int) -> TraceEstimate:

@@ -296,3 +296,32 @@ def test_wandb_chart_holds_batch_and_critical_sharpness_of_a_mini_batch_run(tmp_
         assert low[1] == pytest.approx(value - half) and high[1] == pytest.approx(value + half)
     assert all(row[1] == pytest.approx(2 / 0.1) for row in lines["batch_threshold"])
     assert [row[0] for row in lines["critical_sharpness"]] == [2, 4]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_edge_reads_the_measurement_s_gradient_and_builds_no_operator_of_its_own(tmp_path, optimizer):
+    """Full batch, double backward: a fit with the EoS monitor calls the probe's loss exactly as often as
+    one without it (the projections come from the gradient the measurement read off its cached graphs).
+    Under Adam the rule reads no projections, and the measurement is not asked for the gradient."""
+    calls, seen = [0], []
+
+    def loss_fn(model, batch):
+        calls[0] += 1
+        return model.loss(batch)
+
+    counts = {}
+    for with_eos in (False, True):
+        L.seed_everything(0)
+        calls[0] = 0
+        model = DigitsClassifier(n=128, lr=0.5 if optimizer == "sgd" else 1e-2, optimizer=optimizer)
+        monitor = HessianEigenMonitor(k=2, every_n_steps=2, tol=1e-4, loss_fn=loss_fn, hvp="double_backward")
+        monitor.add_listener(lambda trainer, module, result: seen.append(result.gradient))
+        callbacks = [EdgeOfStabilityMonitor(), monitor] if with_eos else [monitor]
+        trainer(tmp_path, max_steps=4, callbacks=callbacks).fit(model)
+        counts[with_eos] = calls[0]
+        if with_eos and optimizer == "sgd":
+            assert all(g is not None for g in seen[-3:]) and monitor.latest.gradient is None
+    if optimizer == "adam":  # the preconditioned measurement (its own loss calls) is the EoS monitor's
+        assert all(g is None for g in seen)
+    else:
+        assert counts[True] == counts[False] > 0

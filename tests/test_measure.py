@@ -455,3 +455,52 @@ def test_the_sampling_error_takes_the_weights_as_given_and_keeps_coupled_batches
     assert math.isnan(eigenvalue_stderr(model, loss_fn, [(X, y)], v, cut=False))
     normed = torch.nn.Sequential(torch.nn.BatchNorm1d(3), model).double()
     assert math.isnan(eigenvalue_stderr(normed, loss_fn, [(X, y)], v))  # batch statistics: not cut
+
+
+@pytest.mark.parametrize("hvp", ["double_backward", "auto", "finite_difference"])
+def test_the_gradient_comes_with_the_measurement_at_no_pass_from_cached_graphs(hvp):
+    """``gradient=True``: the sample-weighted mean gradient over the batches (plain autograd on a copy as
+    the reference). With double backward it is read off the products' cached graphs: not one loss call
+    more, and no work charged; finite differences take one gradient, a call per batch."""
+    import copy
+
+    from pf_lightning.curvature import WorkMeter
+
+    case = make_case("mlp")
+    calls = [0]
+
+    def counted(model, batch):
+        calls[0] += 1
+        return case.loss_fn(model, batch)
+
+    runs = {}
+    for gradient in (False, True):
+        calls[0] = 0
+        with WorkMeter() as meter:
+            result = hessian_eigenpairs(case.model, counted, case.batches, k=2, hvp=hvp, gradient=gradient)
+        runs[gradient] = (result, calls[0], meter.work)
+    (plain, plain_calls, plain_work), (result, with_calls, with_work) = runs[False], runs[True]
+    assert plain.gradient is None
+    assert torch.equal(result.eigenvalues, plain.eigenvalues)
+
+    reference = copy.deepcopy(case.model)
+    total = sum(x.shape[0] for x, _ in case.batches)
+    loss = sum(x.shape[0] * case.loss_fn(reference, (x, y)) for x, y in case.batches) / total
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(reference.parameters()))])
+    torch.testing.assert_close(result.gradient, want, rtol=1e-12, atol=1e-14)
+
+    extra = len(case.batches) if hvp == "finite_difference" else 0
+    assert with_calls == plain_calls + extra
+    assert with_work == pytest.approx(plain_work + extra / len(case.batches) * total)
+
+
+def test_the_gradient_of_a_preconditioned_measurement_is_the_loss_gradient():
+    case = make_case("mlp")
+    diagonal = torch.linspace(0.5, 2.0, case.n, dtype=torch.float64)
+    result = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, k=1, preconditioner=diagonal, gradient=True
+    )
+    plain = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, k=1, hvp="finite_difference", gradient=True
+    )
+    torch.testing.assert_close(result.gradient, plain.gradient, rtol=1e-12, atol=1e-14)

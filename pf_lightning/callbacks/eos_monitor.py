@@ -32,7 +32,7 @@ from typing_extensions import override
 from .. import logging as names
 from .. import stability
 from .._validation import Checks
-from ..curvature.distributed import LocalFailure, any_rank
+from ..curvature.distributed import LocalFailure, all_reduce_sum, any_rank
 from ..curvature.drift import gradient_curvature
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
@@ -245,7 +245,7 @@ class EdgeOfStabilityMonitor(Callback):
                     "without `params` (or pass monitor= explicitly)"
                 )
             self.monitor = next((cb for cb in full if cb.name is None), full[0])
-        self.monitor.add_listener(self._on_measurement)
+        self.monitor.add_listener(self._on_measurement, gradient=True)
         if stage == "fit":
             self._preconditioned_latest = None  # another fit may bring another model
             self._progress = {}  # nothing from an earlier fit in this one's progress bar
@@ -260,6 +260,7 @@ class EdgeOfStabilityMonitor(Callback):
             raise MisconfigurationException(
                 f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
             )
+        preconditioned = False
         if self.fixed_threshold is None:
             try:
                 stability.optimizer_threshold(optimizers[self.optimizer_index])
@@ -267,6 +268,10 @@ class EdgeOfStabilityMonitor(Callback):
                 raise MisconfigurationException(
                     f"`threshold` must be given for this optimizer: {err}"
                 ) from err
+            preconditioned = stability.optimizer_rule(optimizers[self.optimizer_index]).preconditioned
+        # The gradient's projections are read where the step is not preconditioned: the measurement
+        # hands over the probe gradient there (from its cached graphs), and does not take it otherwise.
+        self.monitor.add_listener(self._on_measurement, gradient=not preconditioned)
         if self.critical_every_n_steps is not None:
             optimizer = optimizers[self.optimizer_index]
             try:
@@ -405,7 +410,7 @@ class EdgeOfStabilityMonitor(Callback):
             decay = self._coupled_weight_decay(optimizer)
             # L2 weight decay adds decay * theta to the gradient: the step sees H + decay * I.
             eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + decay
-            projections, grad_norm = self._gradient(pl_module, result)
+            projections, grad_norm = self._gradient(result)
         batch = None if warming else self._measure_batch_sharpness(trainer, pl_module, optimizer)
         recent = self.history[-(self.slope_window - 1) :]
         history = EdgeHistory(
@@ -501,16 +506,21 @@ class EdgeOfStabilityMonitor(Callback):
         self._preconditioned_latest = result
         return result
 
-    def _gradient(self, pl_module: LightningModule, result: EigenResult) -> tuple[torch.Tensor, float]:
-        """The projections ``g^T u_i`` of the probe gradient on the tracked eigenvectors, and ``||g||``."""
+    def _gradient(self, result: EigenResult) -> tuple[torch.Tensor, float]:
+        """The projections ``g^T u_i`` of the probe gradient on the tracked eigenvectors, and ``||g||``.
+
+        The gradient comes with the measurement (this listener asks for it), read off the products'
+        cached gradient graphs."""
+        if result.gradient is None:
+            raise RuntimeError("the measurement carries no probe gradient: it was not asked for one")
         vectors = result.eigenvectors[:, : self.monitor.k]
-        with self.monitor.spec.operator(pl_module) as op:
-            gradient = op.gradient().to(vectors.dtype)
-            # Through the operator's inner product: with FSDP2 the vectors are this rank's slices and
-            # the projections and the norm are sums over all ranks' slices (one all-reduce).
-            gram = op.inner(vectors.to(gradient.device), torch.stack([gradient], dim=1)).double()
-            grad_norm = float(op.inner(gradient, gradient).double().clamp_min(0).sqrt())
-        return gram[:, 0].cpu(), grad_norm
+        gradient = result.gradient.to(vectors.dtype)
+        # With FSDP2 the vectors are this rank's slices: the projections and the squared norm are sums
+        # over all ranks' slices (one all-reduce).
+        parts = torch.cat([vectors.mT @ gradient, (gradient @ gradient).reshape(1)]).double()
+        if result.info.get("sharded"):
+            all_reduce_sum(parts)
+        return parts[:-1].cpu(), float(parts[-1].clamp_min(0).sqrt())
 
     # -- per step ----------------------------------------------------------------------------
     @override

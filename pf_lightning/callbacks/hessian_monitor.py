@@ -22,7 +22,7 @@ from typing_extensions import override
 from .. import logging as names
 from .._validation import Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
-from ..curvature.distributed import any_rank, is_distributed
+from ..curvature.distributed import any_rank
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
@@ -109,8 +109,8 @@ class HessianEigenMonitor(Callback):
             of ``eig_1`` on the probe, ``hessian/eig_1_stderr``: the standard error of the top
             eigenvector's Rayleigh quotient over 8 groups of the probe's samples
             (:func:`~pf_lightning.eigenvalue_stderr`: a gradient graph and a product per group, 16% of
-            a top-5 measurement's time on the digits MLP, hence every 10th by default). Not under
-            ``torch.distributed`` (warned once).
+            a top-5 measurement's time on the digits MLP, hence every 10th by default). Under DDP and
+            FSDP2 over the union of the ranks' groups, the same on every rank.
         trace_every: also estimate the trace (Hutch++, ``trace_hvp`` products) every this many
             measurements; logged as ``hessian/trace`` and ``hessian/trace_std``.
         trace_hvp: products per trace estimate.
@@ -240,6 +240,7 @@ class HessianEigenMonitor(Callback):
         self.latest: EigenResult | None = None
         self.history: list[dict[str, Any]] = []
         self._listeners: list[Listener] = []
+        self._gradient_readers: list[Listener] = []  # listeners that read ``result.gradient``
         self._last_step = self._postponed_step = -1
         self._budget = TimeBudget()
         self._work = WorkBudget()
@@ -313,10 +314,19 @@ class HessianEigenMonitor(Callback):
     def state_key(self) -> str:
         return cached_state_key(self, k=self.k, which=self.which, name=self.name)
 
-    def add_listener(self, listener: Listener) -> None:
-        """Call ``listener(trainer, pl_module, result)`` after every successful measurement."""
+    def add_listener(self, listener: Listener, *, gradient: bool = False) -> None:
+        """Call ``listener(trainer, pl_module, result)`` after every successful measurement.
+
+        ``gradient=True``: the listener reads ``result.gradient``, the probe's gradient, which the
+        measurement then takes from its own cached gradient graphs (no pass with double backward, one
+        gradient with finite differences) instead of the listener building its own. Adding a listener
+        again updates ``gradient``. ``.latest`` does not keep the gradient."""
         if listener not in self._listeners:
             self._listeners.append(listener)
+        if gradient and listener not in self._gradient_readers:
+            self._gradient_readers.append(listener)
+        elif not gradient and listener in self._gradient_readers:
+            self._gradient_readers.remove(listener)
 
     def metric(self, name: str) -> str:
         return metric_name("hessian", name, self.name)
@@ -467,7 +477,11 @@ class HessianEigenMonitor(Callback):
         previous, self._last_step = self._last_step, step
         try:
             result = self.spec.eigenpairs(
-                pl_module, self.k, self.which, warm_start=self.latest if self.warm_start else None
+                pl_module,
+                self.k,
+                self.which,
+                warm_start=self.latest if self.warm_start else None,
+                gradient=bool(self._gradient_readers),
             )
         except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
             if self.on_error == "raise":
@@ -477,7 +491,7 @@ class HessianEigenMonitor(Callback):
         if self.spec.hvp == "auto" and result.info.get("hvp") == "finite_difference":
             # Agreed by every rank: from now on this fit asks for finite differences directly.
             self.spec = dataclasses.replace(self.spec, hvp="finite_difference")
-        self.latest = result
+        self.latest = result if result.gradient is None else dataclasses.replace(result, gradient=None)
         self._record(trainer, result)
         self._measured += 1
         self._spectrum_extras(trainer, pl_module)
@@ -613,18 +627,15 @@ class HessianEigenMonitor(Callback):
         count = self._measured
         metrics: dict[str, float] = {}
         if self.stderr_every and count % self.stderr_every == 1 % self.stderr_every:
-            if is_distributed():
-                self._warn_once("stderr", "hessian/eig_1_stderr is not measured under torch.distributed")
+            try:
+                coupled = self.probe_batch_size == "loader"  # the user's word: keep its batches whole
+                vector = self.latest.eigenvectors[:, 0]
+                stderr = self.spec.eigenvalue_stderr(pl_module, vector, cut=False if coupled else None)
+            except Exception as err:
+                self._skip(trainer, err, "eig_1_stderr skipped", "stderr_skipped")
             else:
-                try:
-                    coupled = self.probe_batch_size == "loader"  # the user's word: keep its batches whole
-                    vector = self.latest.eigenvectors[:, 0]
-                    stderr = self.spec.eigenvalue_stderr(pl_module, vector, cut=False if coupled else None)
-                except Exception as err:
-                    self._skip(trainer, err, "eig_1_stderr skipped", "stderr_skipped")
-                else:
-                    metrics[tag_name(names.EIG_1_STDERR, self.name)] = stderr
-                    self.history[-1]["eig_1_stderr"] = stderr
+                metrics[tag_name(names.EIG_1_STDERR, self.name)] = stderr
+                self.history[-1]["eig_1_stderr"] = stderr
         if self.trace_every and count % self.trace_every == 1 % self.trace_every:
             try:
                 estimate = self.spec.trace(pl_module, self.trace_hvp)

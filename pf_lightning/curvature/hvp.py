@@ -104,6 +104,7 @@ class DoubleBackwardHVP(HVPBackend):
         super().__init__(space, loss_at)
         self.cache_graphs = cache_graphs
         self._graphs: dict[int, list[Tensor]] = {}
+        self._versions: dict[int, tuple[int, ...]] = {}  # the parameters' in-place versions at each graph
 
     def _gradient_graph(self, index: int) -> list[Tensor]:
         if index in self._graphs:
@@ -126,7 +127,19 @@ class DoubleBackwardHVP(HVPBackend):
         ]
         if self.cache_graphs:
             self._graphs[index] = grads
+            self._versions[index] = self._parameter_versions()
         return grads
+
+    def _parameter_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.space.params)
+
+    def cached_gradient(self, index: int) -> list[Tensor] | None:
+        """Batch ``index``'s gradient read off its cached gradient graph (no pass), or None where none is
+        cached or the parameters were updated in place since it was built (a gradient elsewhere)."""
+        graph = self._graphs.get(index)
+        if graph is None or self._versions.get(index) != self._parameter_versions():
+            return None
+        return [g.detach() for g in graph]
 
     def apply(self, index: int, V: Tensor) -> Tensor:
         grads = self._gradient_graph(index)
@@ -149,6 +162,7 @@ class DoubleBackwardHVP(HVPBackend):
 
     def release(self) -> None:
         self._graphs.clear()
+        self._versions.clear()
 
 
 class _LossModule(nn.Module):

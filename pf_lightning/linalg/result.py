@@ -30,6 +30,10 @@ class EigenResult:
             beyond the wanted ones (below the top ones, above the bottom ones), when the solver was
             asked for them. A block warm start carries them as guards, so that a direction rising
             into the wanted ones is in its first Rayleigh-Ritz step.
+        gradient: shape ``(n,)`` or None: the gradient of the loss whose Hessian the operator is, at the
+            same parameters and in the eigenvectors' layout, when the measurement was asked for it
+            (``hessian_eigenpairs(..., gradient=True)``: taken from the products' cached gradient graphs
+            where they exist, so it costs no pass).
     """
 
     eigenvalues: Tensor
@@ -43,6 +47,7 @@ class EigenResult:
     method: str = ""
     info: dict = field(default_factory=dict, compare=False)
     neighbours: Tensor | None = field(default=None, compare=False, repr=False)
+    gradient: Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def k(self) -> int:

@@ -99,6 +99,8 @@ class Recorder(Callback):
         self.record.update(
             global_step=trainer.global_step,
             measurements=len(self.monitor.history),
+            stderr=self.monitor.history[0].get("eig_1_stderr"),  # the fit-start measurement's (the 1st of 10)
+            stderr_skipped="hessian/stderr_skipped" in trainer.callback_metrics,
             final_eigenvalues=self.monitor.latest.eigenvalues.cpu(),
             skipped=None if self.bad is None else (self.bad.latest is None, len(self.bad.history)),
             skipped_metric=float(trainer.callback_metrics.get("hessian/bad/skipped", float("nan"))),

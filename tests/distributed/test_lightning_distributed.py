@@ -61,6 +61,9 @@ def check_agreement(ranks: list[dict], rtol: float) -> None:
     err = float(((r0["eigenvalues"] - want) / want.abs()).abs().max())
     assert err < rtol, (r0["eigenvalues"], want)
     assert r0["global_step"] == STEPS and r0["measurements"] == 3  # fit start, steps 2 and 4
+    # The sampling error of eig_1 over groups of both ranks' samples: one value on both ranks.
+    assert not r0["stderr_skipped"] and r0["stderr"] is not None and r0["stderr"] > 0
+    assert r0["stderr"] == r1["stderr"]
     # Batch sharpness (forced on: each rank's draws are its whole shard) and critical sharpness along the
     # optimizer's next update ran on both ranks and agree; neither was skipped.
     e0, e1 = r0["edge"], r1["edge"]

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch_workers
 from cases import dense_hessian
-from workers import global_case, model_copy, spawn
+from workers import global_case, model_copy, shard, spawn
 
-from pf_lightning.measure import batch_sharpness, critical_sharpness, hessian_trace
+from pf_lightning import ProbeSet
+from pf_lightning.measure import batch_sharpness, critical_sharpness, hessian_trace, split_samples
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -35,6 +36,32 @@ def big_and_small(calls: list[tuple[str, int]], n: int) -> tuple[list[int], list
     big = [numel for name, numel in calls if name == "all_reduce" and numel >= n]
     small = [numel for name, numel in calls if not (name == "all_reduce" and numel >= n)]
     return big, small
+
+
+def union_stderr(vector: torch.Tensor) -> float:
+    """The sampling error of ``vector``'s quotient over the union groups, from dense float64 Hessians:
+    each rank's shard split into 3 groups (rank 0's 12 + 7 samples give 4, dealt round-robin into 3;
+    rank 1's 5 give 3), group c the union of the ranks' groups c."""
+    import copy
+
+    case = global_case()
+    per_rank = [split_samples(ProbeSet(shard(case, rank)), 3) for rank in (0, 1)]
+    assert [len(g) for g in per_rank] == [4, 3]
+    dealt = [
+        [*per_rank[0][0].batches, *per_rank[0][3].batches],
+        per_rank[0][1].batches,
+        per_rank[0][2].batches,
+    ]
+    q, w = [], []
+    for c in range(3):
+        group = copy.copy(case)
+        group.batches = [*dealt[c], *per_rank[1][c].batches]
+        H = dense_hessian(group)
+        q.append(float(vector @ H @ vector / (vector @ vector)))
+        w.append(sum(x.shape[0] for x, _ in group.batches))
+    q, w = torch.tensor(q, dtype=torch.float64), torch.tensor(w, dtype=torch.float64)
+    mean = (w * q).sum() / w.sum()
+    return float(((w**2 * (q - mean) ** 2).sum() / w.sum() ** 2 * 3 / 2).sqrt())
 
 
 def test_ddp_matches_one_process_on_the_union_with_one_collective_per_product(ranks):
@@ -72,6 +99,10 @@ def test_ddp_matches_one_process_on_the_union_with_one_collective_per_product(ra
     )
     assert abs(r0["trace"] - single.trace) <= 1e-10 * abs(single.trace)
     assert r0["trace"] == r1["trace"]
+
+    # The sampling error over groups of both ranks' samples: one value, the dense one.
+    assert r0["stderr"] == r1["stderr"] > 0
+    assert r0["stderr"] == pytest.approx(union_stderr(r0["lanczos64"]["eigenvectors"][:, 0]), rel=1e-8)
 
     # A NaN on rank 1 only: both ranks raise the same error (no hang), and the next measurement agrees.
     assert r1["nan"] == "NonFiniteLossError" and r0["nan"] == "NonFiniteLossError"
@@ -117,6 +148,10 @@ def test_fsdp2_matches_one_process_within_the_finite_difference_bound(ranks):
         model_copy(case, torch.float64), case.loss_fn, case.batches, method="hutchinson", n_hvp=6, seed=3
     )
     assert abs(r0["trace"] - single.trace) <= 1e-6 * abs(single.trace)
+    v = torch.zeros(case.n, dtype=torch.float64)
+    v[r0["rows"]], v[r1["rows"]] = r0["auto"]["eigenvectors"][:, 0], r1["auto"]["eigenvectors"][:, 0]
+    assert r0["stderr"] == r1["stderr"] > 0
+    assert r0["stderr"] == pytest.approx(union_stderr(v), rel=1e-5)
     assert "finite_difference" in r0["exact_backend"]
     assert r1["nan"] == "NonFiniteLossError" and r0["nan"] == "NonFiniteLossError"
     assert relative_error(r0["after_nan"], evals[:1]) < 1e-6

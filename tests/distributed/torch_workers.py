@@ -12,7 +12,7 @@ from workers import count_collectives, global_case, model_copy, poisoned, shard
 from pf_lightning import batch_sharpness, critical_sharpness, hessian_eigenpairs
 from pf_lightning.curvature import NonFiniteLossError, ParameterSpace
 from pf_lightning.linalg import NonFiniteOperatorError
-from pf_lightning.measure import hessian_trace
+from pf_lightning.measure import eigenvalue_stderr, hessian_trace
 
 
 def _cast(batches: list, dtype: torch.dtype) -> list:
@@ -60,6 +60,9 @@ def ddp(rank: int) -> dict[str, Any]:
     ddp_model = nn.parallel.DistributedDataParallel(model)  # the wrapper is unwrapped by the measurement
     out["wrapped"] = _measure(ddp_model, case.loss_fn, mine, k=1, tol=1e-9)["eigenvalues"]
     out["trace"] = hessian_trace(model, case.loss_fn, mine, method="hutchinson", n_hvp=6, seed=3).trace
+    # 4 groups on rank 0, 3 on rank 1: rank 0 deals its 4 into 3
+    top = out["lanczos64"]["eigenvectors"][:, 0]
+    out["stderr"] = eigenvalue_stderr(model, case.loss_fn, mine, top, chunks=3, hvp="double_backward")
     out["nan"] = _skip_together(model, case.loss_fn, mine, rank)
     out["after_nan"] = _measure(model, case.loss_fn, mine, k=1, tol=1e-9)["eigenvalues"]
     # Each rank's first batch: together one global mini-batch, as DDP steps on.
@@ -93,6 +96,7 @@ def fsdp(rank: int) -> dict[str, Any]:
         for a, p in zip(before, model.parameters(), strict=True)
     )
     out["trace"] = hessian_trace(model, case.loss_fn, mine, method="hutchinson", n_hvp=6, seed=3).trace
+    out["stderr"] = eigenvalue_stderr(model, case.loss_fn, mine, out["auto"]["eigenvectors"][:, 0], chunks=3)
     try:
         hessian_eigenpairs(model, case.loss_fn, mine, k=1, hvp="double_backward")
         out["exact_backend"] = "no error"

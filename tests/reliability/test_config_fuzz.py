@@ -359,6 +359,7 @@ HESSIAN_EIGENPAIRS = {
     ),
     "cache_graphs": (st.booleans(), bad_flag),
     "basis_device": (good_device, bad_device),
+    "gradient": (st.booleans(), bad_flag),
     **COMMON_MEASUREMENT,
 }
 
