@@ -1,0 +1,41 @@
+"""``benchmarks/gpu_scale.py`` at its smoke-test sizes on the CPU: the script a lent GPU runs at 1B and 7B
+parameters must run there the first time."""
+
+import copy
+
+import pytest
+import torch
+
+from benchmarks import gpu_scale
+from benchmarks.models import next_token_loss
+from pf_lightning import hessian_eigenpairs
+
+
+def test_the_rows_hold_the_top_eigenvalue_in_bfloat16_and_critical_sharpness_per_step():
+    size, vocab, shape = gpu_scale.QUICK_SIZES["1B"], gpu_scale.QUICK_VOCAB, gpu_scale.QUICK_PROBE
+    row = gpu_scale.measure("1B", size, vocab, shape, "cpu")
+    top, critical = row["top1"], row["critical"]
+    assert "error" not in top and "error" not in critical, row
+    # The same model and probe in float64 (independent of bfloat16's rounding): bfloat16 passes are
+    # within a few percent (README, "Memory": 0.2-2% on the benchmark models).
+    model = gpu_scale.build(size, vocab, "cpu")
+    tokens = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1))
+    reference = hessian_eigenpairs(
+        copy.deepcopy(model).double(), next_token_loss, [(tokens, tokens)], k=1, tol=1e-8
+    )
+    assert top["eig_1"] == pytest.approx(float(reference.eigenvalues[0]), rel=0.02)
+    assert top["n_hvp"] <= 100 and top["rel_residual"] <= 1e-2 and top["converged"]
+    assert critical["fraction"] > 0 and critical["n_forward"] >= 3 and critical["step_seconds"] > 0
+    table = gpu_scale.render(
+        {"env": {"device": "cpu", "torch": torch.__version__}, "command": "c", "date": "d", "rows": [row]}
+    )
+    assert f"{top['eig_1']:.4g}" in table and f"{critical['fraction']:.2f}×" in table
+
+
+def test_a_model_whose_solver_vectors_fit_nowhere_is_reported_not_run(monkeypatch):
+    monkeypatch.setattr(gpu_scale, "_free", lambda device: (1e6, 2e6))
+    model = gpu_scale.build(gpu_scale.QUICK_SIZES["1B"], gpu_scale.QUICK_VOCAB, "cpu")
+    row = gpu_scale.top_eigenpair(model, [], "cpu")
+    n = sum(p.numel() for p in model.parameters())
+    assert row["vector_gib"] == pytest.approx(27 * 4 * n / 2**30)  # 20 + 1 basis, 5 work, 1 eigenvector
+    assert row["error"].startswith("not run: its float32 solver vectors need") and "n_hvp" not in row
