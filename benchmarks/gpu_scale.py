@@ -11,10 +11,11 @@ on the device, a probe of 4 sequences of 256 tokens:
 - **Top-1 eigenpair**: ``hessian_eigenpairs(k=1, tol=1e-2)``, double backward through the math attention
   kernel, its passes in bfloat16 and its solver vectors in float32 (the measurement's rule: a Krylov basis
   in bfloat16 breaks down). Lanczos holds at most ``basis_size + 1 + 5 + k`` = 27 float32 vectors of
-  the parameters' length (README, "Memory"): on the GPU where they fit beside the model (a third of its free memory left
-  for the gradient graph), with ``basis_device="cpu"`` where the host has room, and not run otherwise,
-  which the row says with the memory it would need (at 6.57B parameters a float32 vector is 26 GB:
-  27 of them are 661 GiB, more than one GPU and its host hold; at 1.07B, 108 GiB). Time, products, the GPU's peak.
+  the parameters' length (README, "Memory"): on the GPU where they fit beside the model and the
+  products' gradient graph (``placement``), with ``basis_device="cpu"`` where the host has room, and not
+  run otherwise, which the row says with the memory it would need (at 6.57B parameters a float32 vector
+  is 26 GB: 27 of them are 661 GiB, more than one GPU and its host hold; at 1.07B, 108 GiB, which an
+  H200's 141 GB hold beside the model). Time, products, the GPU's peak.
 - **Critical sharpness per step**: one training step (SGD with momentum 0.9 and the same probe, bfloat16
   weights and gradients) against ``critical_sharpness(..., optimizer=)`` along that optimizer's next
   update: forward passes and one gradient, as a fraction of a training step (medians of 3).
@@ -54,6 +55,7 @@ VOCAB, QUICK_VOCAB = 32000, 256
 PROBE, QUICK_PROBE = (4, 256), (2, 16)  # sequences, tokens
 LANCZOS_WORK_VECTORS = 5  # besides the basis and the k eigenvectors (README, "Memory")
 GIB = 2**30
+HOST_MARGIN = 4 * GIB
 
 
 def build(size: tuple[int, int, int], vocab: int, device: str) -> LlamaStyleLM:
@@ -86,21 +88,31 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
+def placement(need: float, reserve: float, gpu_free: float, host_free: float) -> str | None:
+    """Where ``need`` bytes of solver vectors go: ``"device"`` where they fit in the GPU's free memory
+    beside ``reserve`` (the products' gradient graph and blocks), ``"cpu"`` where the host's available
+    memory holds them with a few GiB to spare, None where neither does."""
+    if need + reserve <= gpu_free:
+        return "device"
+    if need + HOST_MARGIN <= host_free:
+        return "cpu"
+    return None
+
+
 def top_eigenpair(model: LlamaStyleLM, probe: list, device: str) -> dict[str, Any]:
     n = sum(p.numel() for p in model.parameters())
     need = (default_basis_size(1, n) + 1 + LANCZOS_WORK_VECTORS + 1) * 4 * n  # float32 solver vectors, k = 1
+    reserve = 4 * 2 * n + 4 * GIB  # bfloat16: the gradient graph, its product and a block, with room
     gpu, host = _free(device)
     row: dict[str, Any] = {"vector_gib": need / GIB}
-    if need <= gpu * 2 / 3:
-        basis_device = None
-    elif need <= host * 0.8:
-        basis_device = "cpu"
-    else:
+    where = placement(need, reserve, gpu, host)
+    if where is None:
         row["error"] = (
             f"not run: its float32 solver vectors need {need / GIB:.0f} GiB; free: {gpu / GIB:.0f} GiB on the "
             f"GPU, {host / GIB:.0f} GiB on the host"
         )
         return row
+    basis_device = None if where == "device" else "cpu"
     row["basis_device"] = basis_device or device
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

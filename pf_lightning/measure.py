@@ -226,8 +226,9 @@ def hessian_eigenpairs(
             the products' own (finite differences: 3; double backward: each probe batch's graph).
         gradient: also return the gradient of the mean loss over ``batches`` (``EigenResult.gradient``,
             in the eigenvectors' layout and on their device; this rank's slices under FSDP2). With
-            double backward it is read off the gradient graphs the products cached, at no pass; otherwise
-            it costs one gradient.
+            double backward and ``cache_graphs=True`` (the default) it is read off the gradient graphs
+            the products cached, at no pass; otherwise (finite differences, forward over reverse,
+            ``cache_graphs=False``) it costs one gradient.
 
     Returns:
         :class:`EigenResult` with eigenvalues in descending order; ``info["hvp"]`` names the backend.
@@ -393,12 +394,11 @@ def eigenvalue_stderr(
     the union of the ranks' groups ``c`` (their count agreed on: the fewest any rank has, a rank with more
     dealing its groups round-robin into that many), and the result is the same on every rank.
     """
-    probe = batches if isinstance(batches, ProbeSet) else ProbeSet(batches)
     model = _unwrap(model)
     if cut is None:
         cut = not couples_samples(model)
     groups = (
-        _agreed_groups(model, probe, chunks, cut) if is_distributed() else split_samples(probe, chunks, cut)
+        _agreed_groups(model, batches, chunks, cut) if is_distributed() else _groups(batches, chunks, cut)
     )
     if len(groups) < 2:
         return math.nan
@@ -417,12 +417,16 @@ def eigenvalue_stderr(
     return float(((w**2 * (q - mean) ** 2).sum() / w.sum() ** 2 * n / (n - 1)).sqrt())
 
 
-def _agreed_groups(model: nn.Module, probe: ProbeSet, chunks: int, cut: bool) -> list[ProbeSet]:
+def _groups(batches: Any, chunks: int, cut: bool) -> list[ProbeSet]:
+    return split_samples(batches if isinstance(batches, ProbeSet) else ProbeSet(batches), chunks, cut)
+
+
+def _agreed_groups(model: nn.Module, batches: Any, chunks: int, cut: bool) -> list[ProbeSet]:
     """This rank's groups of :func:`eigenvalue_stderr`, as many as every other rank's (one collective that
-    also reports a rank's failure to split its shard)."""
+    also reports a rank's failure to read or split its shard)."""
     hold, groups = LocalFailure(), []
     with hold:
-        groups = split_samples(probe, chunks, cut)
+        groups = _groups(batches, chunks, cut)
     counts = torch.zeros(world_size(), dtype=torch.float64, device=next(model.parameters()).device)
     counts[dist.get_rank()] = len(groups)
     reduce_agreed(counts, hold.take())

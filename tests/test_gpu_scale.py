@@ -39,3 +39,13 @@ def test_a_model_whose_solver_vectors_fit_nowhere_is_reported_not_run(monkeypatc
     n = sum(p.numel() for p in model.parameters())
     assert row["vector_gib"] == pytest.approx(27 * 4 * n / 2**30)  # 20 + 1 basis, 5 work, 1 eigenvector
     assert row["error"].startswith("not run: its float32 solver vectors need") and "n_hvp" not in row
+
+
+def test_the_solver_vectors_go_where_they_fit_at_1b_and_nowhere_at_7b():
+    """An H200 holds 1.07B parameters' 27 float32 vectors (108 GiB) beside the model; 6.57B's (661 GiB) fit
+    neither the GPU nor a 128 GiB host. Free memory as an H200 shows it once the bfloat16 model is loaded."""
+    gib = 2**30
+    for n, where in ((1_072_211_968, "device"), (6_573_527_040, None)):
+        need, reserve = 27 * 4 * n, 4 * 2 * n + 4 * gib
+        assert gpu_scale.placement(need, reserve, 139 * gib - 2 * n, 120 * gib) == where
+    assert gpu_scale.placement(108 * gib, 12 * gib, 80 * gib, 120 * gib) == "cpu"  # an 80 GB GPU: the host

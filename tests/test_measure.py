@@ -504,3 +504,33 @@ def test_the_gradient_of_a_preconditioned_measurement_is_the_loss_gradient():
         case.model, case.loss_fn, case.batches, k=1, hvp="finite_difference", gradient=True
     )
     torch.testing.assert_close(result.gradient, plain.gradient, rtol=1e-12, atol=1e-14)
+
+
+def test_the_cached_gradient_has_the_products_dropout_masks_and_is_not_read_once_parameters_moved():
+    """With dropout the cached graphs hold the gradient under each batch's fixed masks: the gradient a
+    fresh pass takes (finite differences cache nothing). After a product, a parameter moved in place makes
+    the cache stale: the operator then takes the gradient at the new point."""
+    from pf_lightning import HessianOperator
+
+    case = make_case("dropout")
+    cached = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, k=1, hvp="double_backward", gradient=True
+    )
+    fresh = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, k=1, hvp="finite_difference", gradient=True
+    )
+    torch.testing.assert_close(cached.gradient, fresh.gradient, rtol=1e-12, atol=1e-14)
+
+    weight = next(case.model.parameters())
+    with HessianOperator(case.model, case.loss_fn, case.batches, hvp="double_backward") as op:
+        op.matvec(torch.ones(op.n, dtype=op.dtype))
+        before = op.gradient()
+        with torch.no_grad():
+            weight.add_(0.1)
+        moved = op.gradient()
+    with HessianOperator(case.model, case.loss_fn, case.batches, hvp="double_backward") as op:
+        want = op.gradient()
+    with torch.no_grad():
+        weight.sub_(0.1)
+    assert not torch.allclose(before, moved)
+    torch.testing.assert_close(moved, want, rtol=1e-12, atol=1e-14)

@@ -32,7 +32,7 @@ from typing_extensions import override
 from .. import logging as names
 from .. import stability
 from .._validation import Checks
-from ..curvature.distributed import LocalFailure, all_reduce_sum, any_rank
+from ..curvature.distributed import LocalFailure, any_rank, reduce_agreed
 from ..curvature.drift import gradient_curvature
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
@@ -268,7 +268,10 @@ class EdgeOfStabilityMonitor(Callback):
                 raise MisconfigurationException(
                     f"`threshold` must be given for this optimizer: {err}"
                 ) from err
-            preconditioned = stability.optimizer_rule(optimizers[self.optimizer_index]).preconditioned
+            try:  # the dynamics each measurement reads (settings out of range are reported there)
+                preconditioned = stability.step_dynamics(optimizers[self.optimizer_index]).preconditioned
+            except (ValueError, stability.UnsupportedOptimizer):
+                preconditioned = False
         # The gradient's projections are read where the step is not preconditioned: the measurement
         # hands over the probe gradient there (from its cached graphs), and does not take it otherwise.
         self.monitor.add_listener(self._on_measurement, gradient=not preconditioned)
@@ -410,7 +413,7 @@ class EdgeOfStabilityMonitor(Callback):
             decay = self._coupled_weight_decay(optimizer)
             # L2 weight decay adds decay * theta to the gradient: the step sees H + decay * I.
             eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + decay
-            projections, grad_norm = self._gradient(result)
+            projections, grad_norm = self._gradient(result, pl_module.device)
         batch = None if warming else self._measure_batch_sharpness(trainer, pl_module, optimizer)
         recent = self.history[-(self.slope_window - 1) :]
         history = EdgeHistory(
@@ -506,7 +509,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._preconditioned_latest = result
         return result
 
-    def _gradient(self, result: EigenResult) -> tuple[torch.Tensor, float]:
+    def _gradient(self, result: EigenResult, device: torch.device) -> tuple[torch.Tensor, float]:
         """The projections ``g^T u_i`` of the probe gradient on the tracked eigenvectors, and ``||g||``.
 
         The gradient comes with the measurement (this listener asks for it), read off the products'
@@ -514,12 +517,17 @@ class EdgeOfStabilityMonitor(Callback):
         if result.gradient is None:
             raise RuntimeError("the measurement carries no probe gradient: it was not asked for one")
         vectors = result.eigenvectors[:, : self.monitor.k]
-        gradient = result.gradient.to(vectors.dtype)
         # With FSDP2 the vectors are this rank's slices: the projections and the squared norm are sums
-        # over all ranks' slices (one all-reduce).
-        parts = torch.cat([vectors.mT @ gradient, (gradient @ gradient).reshape(1)]).double()
+        # over all ranks' slices, reduced on the module's device (NCCL reduces no host tensor, and the
+        # vectors may be kept there: basis_device="cpu"); a rank whose local part fails reports it.
+        parts = torch.zeros(vectors.shape[1] + 1, dtype=torch.float64, device=device)
+        hold = LocalFailure()
+        with hold:
+            gradient = result.gradient.to(vectors.dtype)
+            local = torch.cat([vectors.mT @ gradient, (gradient @ gradient).reshape(1)])
+            parts.copy_(local.to(device=device, dtype=torch.float64))
         if result.info.get("sharded"):
-            all_reduce_sum(parts)
+            reduce_agreed(parts, hold.take())
         return parts[:-1].cpu(), float(parts[-1].clamp_min(0).sqrt())
 
     # -- per step ----------------------------------------------------------------------------

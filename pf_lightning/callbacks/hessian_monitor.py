@@ -319,7 +319,7 @@ class HessianEigenMonitor(Callback):
 
         ``gradient=True``: the listener reads ``result.gradient``, the probe's gradient, which the
         measurement then takes from its own cached gradient graphs (no pass with double backward, one
-        gradient with finite differences) instead of the listener building its own. Adding a listener
+        gradient with the other backends) instead of the listener building its own. Adding a listener
         again updates ``gradient``. ``.latest`` does not keep the gradient."""
         if listener not in self._listeners:
             self._listeners.append(listener)

@@ -135,7 +135,8 @@ class DoubleBackwardHVP(HVPBackend):
 
     def cached_gradient(self, index: int) -> list[Tensor] | None:
         """Batch ``index``'s gradient read off its cached gradient graph (no pass), or None where none is
-        cached or the parameters were updated in place since it was built (a gradient elsewhere)."""
+        cached or a measured parameter was updated in place since it was built (its version counter: a
+        gradient elsewhere; writes through ``.data`` are not seen, and no measurement makes them)."""
         graph = self._graphs.get(index)
         if graph is None or self._versions.get(index) != self._parameter_versions():
             return None
