@@ -10,11 +10,11 @@ on the device, a probe of 4 sequences of 256 tokens:
 - ``1B``: d 2048, 20 layers (1.07B parameters); ``7B``: d 4096, 32 layers (6.57B).
 - **Top-1 eigenpair**: ``hessian_eigenpairs(k=1, tol=1e-2)``, double backward through the math attention
   kernel, its passes in bfloat16 and its solver vectors in float32 (the measurement's rule: a Krylov basis
-  in bfloat16 breaks down). Lanczos holds at most ``basis_size + 1 + 5 + k`` = 27 float32 vectors of
+  in bfloat16 breaks down). Lanczos holds at most ``basis_size + 1 + 5 + k + max(2, k // 2)`` = 29 float32 vectors of
   the parameters' length (README, "Memory"): on the GPU where they fit beside the model and the
   products' gradient graph (``placement``), with ``basis_device="cpu"`` where the host has room, and not
   run otherwise, which the row says with the memory it would need (at 6.57B parameters a float32 vector
-  is 26 GB: 27 of them are 661 GiB, more than one GPU and its host hold; at 1.07B, 108 GiB, which an
+  is 26 GB: 29 of them are 710 GiB, more than one GPU and its host hold; at 1.07B, 116 GiB, which an
   H200's 141 GB hold beside the model). Time, products, the GPU's peak.
 - **Critical sharpness per step**: one training step (SGD with momentum 0.9 and the same probe, bfloat16
   weights and gradients) against ``critical_sharpness(..., optimizer=)`` along that optimizer's next
@@ -47,13 +47,14 @@ if str(ROOT) not in sys.path:
 from benchmarks.models import LlamaStyleLM, next_token_loss  # noqa: E402
 from benchmarks.report import rewrite  # noqa: E402
 from pf_lightning import critical_sharpness, hessian_eigenpairs  # noqa: E402
+from pf_lightning.linalg._common import guard_count  # noqa: E402
 from pf_lightning.linalg.lanczos import default_basis_size  # noqa: E402
 
 SIZES = {"1B": (2048, 20, 16), "7B": (4096, 32, 32)}  # d, layers, heads
 QUICK_SIZES = {"1B": (64, 2, 4), "7B": (96, 2, 4)}
 VOCAB, QUICK_VOCAB = 32000, 256
 PROBE, QUICK_PROBE = (4, 256), (2, 16)  # sequences, tokens
-LANCZOS_WORK_VECTORS = 5  # besides the basis and the k eigenvectors (README, "Memory")
+LANCZOS_WORK_VECTORS = 5  # besides the basis, the k eigenvectors and their neighbours (README, "Memory")
 GIB = 2**30
 HOST_MARGIN = 4 * GIB
 
@@ -101,7 +102,9 @@ def placement(need: float, reserve: float, gpu_free: float, host_free: float) ->
 
 def top_eigenpair(model: LlamaStyleLM, probe: list, device: str) -> dict[str, Any]:
     n = sum(p.numel() for p in model.parameters())
-    need = (default_basis_size(1, n) + 1 + LANCZOS_WORK_VECTORS + 1) * 4 * n  # float32 solver vectors, k = 1
+    need = (
+        (default_basis_size(1, n) + 1 + LANCZOS_WORK_VECTORS + 1 + guard_count(1)) * 4 * n
+    )  # float32, k = 1
     reserve = 4 * 2 * n + 4 * GIB  # bfloat16: the gradient graph, its product and a block, with room
     gpu, host = _free(device)
     row: dict[str, Any] = {"vector_gib": need / GIB}

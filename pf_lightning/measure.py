@@ -222,7 +222,8 @@ def hessian_eigenpairs(
             eigenvectors) on this device, e.g. ``"cpu"`` for models too large for the accelerator to
             hold them; only the vectors being multiplied go to the model's device. Memory on the
             model's device otherwise: ``basis_size + 1`` (default ``max(2k + 10, 20)``) plus about
-            5 parameter-sized vectors for Lanczos, about ``11 (k + max(2, k // 2))`` for LOBPCG, plus
+            5 parameter-sized vectors and the ``k`` eigenvectors with their ``max(2, k // 2)`` neighbours for
+            Lanczos, about ``11 (k + max(2, k // 2))`` for LOBPCG, plus
             the products' own (finite differences: 3; double backward: each probe batch's graph).
         gradient: also return the gradient of the mean loss over ``batches`` (``EigenResult.gradient``,
             in the eigenvectors' layout and on their device; this rank's slices under FSDP2). With

@@ -37,15 +37,17 @@ def test_a_model_whose_solver_vectors_fit_nowhere_is_reported_not_run(monkeypatc
     model = gpu_scale.build(gpu_scale.QUICK_SIZES["1B"], gpu_scale.QUICK_VOCAB, "cpu")
     row = gpu_scale.top_eigenpair(model, [], "cpu")
     n = sum(p.numel() for p in model.parameters())
-    assert row["vector_gib"] == pytest.approx(27 * 4 * n / 2**30)  # 20 + 1 basis, 5 work, 1 eigenvector
+    assert row["vector_gib"] == pytest.approx(
+        29 * 4 * n / 2**30
+    )  # 20 + 1 basis, 5 work, 1 eigenvector, 2 neighbours
     assert row["error"].startswith("not run: its float32 solver vectors need") and "n_hvp" not in row
 
 
 def test_the_solver_vectors_go_where_they_fit_at_1b_and_nowhere_at_7b():
-    """An H200 holds 1.07B parameters' 27 float32 vectors (108 GiB) beside the model; 6.57B's (661 GiB) fit
+    """An H200 holds 1.07B parameters' 29 float32 vectors (116 GiB) beside the model; 6.57B's (710 GiB) fit
     neither the GPU nor a 128 GiB host. Free memory as an H200 shows it once the bfloat16 model is loaded."""
     gib = 2**30
     for n, where in ((1_072_211_968, "device"), (6_573_527_040, None)):
-        need, reserve = 27 * 4 * n, 4 * 2 * n + 4 * gib
+        need, reserve = 29 * 4 * n, 4 * 2 * n + 4 * gib
         assert gpu_scale.placement(need, reserve, 139 * gib - 2 * n, 120 * gib) == where
-    assert gpu_scale.placement(108 * gib, 12 * gib, 80 * gib, 120 * gib) == "cpu"  # an 80 GB GPU: the host
+    assert gpu_scale.placement(116 * gib, 12 * gib, 80 * gib, 125 * gib) == "cpu"  # an 80 GB GPU: the host

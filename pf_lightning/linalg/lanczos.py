@@ -15,7 +15,7 @@ Memory, in vectors of the operator's length ``n`` (parameter-sized vectors for a
 ``basis_size + 1`` (default ``max(2k + 10, 20)``, ``k`` counting both ends for ``which="both"``),
 plus at most 5 work vectors, plus what one product needs (for the Hessian operator: its accumulator
 and the backend's own, see :mod:`pf_lightning.curvature.hvp`), plus at the end the ``k`` eigenvectors
-of the result, formed while the basis is still there (measured in ``tests/test_memory.py``). A
+of the result (and with ``neighbours=True`` their ``max(2, k // 2)`` neighbours), formed while the basis is still there (measured in ``tests/test_memory.py``). A
 restart recombines the basis in place, a block of entries of every vector at a time (less than one
 vector extra). With ``basis_device="cpu"`` the basis, the work vectors and the result live in host memory and the operator's device holds only the vector
 being multiplied and its product (plus the product's own needs).
@@ -193,21 +193,19 @@ def lanczos(
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
         if bool(conv.all()) or complete or used >= budget:
-            columns = wanted
-            if neighbours:
+            vectors = V[:j].mT @ S[:, wanted].to(op.dtype)
+            guards = None
+            if neighbours:  # formed on their own: a slice of one product would keep it all alive
                 near = select_block(theta, n_wanted + guard_count(n_wanted), which)
-                columns = torch.cat([wanted, near[~torch.isin(near, wanted)]])
-            formed = V[:j].mT @ S[:, columns].to(op.dtype)
-            vectors = formed[:, : wanted.numel()]
-            # a copy: a view would keep all of `formed` (the eigenvectors too) alive with the result
-            guards = formed[:, wanted.numel() :].clone() if formed.shape[1] > wanted.numel() else None
+                extra = near[~torch.isin(near, wanted)]
+                guards = V[:j].mT @ S[:, extra].to(op.dtype) if extra.numel() else None
             info = {
                 "restarts": restarts,
                 "basis_size": m,
                 "warm_start": v0 is not None,
                 "basis_device": str(V.device),
             }
-            del V, w, formed  # free the basis before the result's vectors are sorted (a copy of k)
+            del V, w  # free the basis before the result's vectors are sorted (a copy of k)
             return finish(
                 neighbours=guards,
                 theta=theta[wanted].to(op.dtype),
