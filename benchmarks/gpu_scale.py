@@ -89,6 +89,18 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
+def solver_bytes(n: int) -> int:
+    """The float32 vectors a top-1 Lanczos measurement holds at most (README, "Memory"): the basis
+    ``basis_size + 1``, 5 work vectors, the eigenvector and its neighbours."""
+    return (default_basis_size(1, n) + 1 + LANCZOS_WORK_VECTORS + 1 + guard_count(1)) * 4 * n
+
+
+def graph_reserve(n: int) -> int:
+    """GPU memory left beside the solver's vectors: in bfloat16 the gradient graph, its product and the
+    block being multiplied (about 4 parameter-sized tensors), and a few GiB of activations."""
+    return 4 * 2 * n + 4 * GIB
+
+
 def placement(need: float, reserve: float, gpu_free: float, host_free: float) -> str | None:
     """Where ``need`` bytes of solver vectors go: ``"device"`` where they fit in the GPU's free memory
     beside ``reserve`` (the products' gradient graph and blocks), ``"cpu"`` where the host's available
@@ -102,13 +114,10 @@ def placement(need: float, reserve: float, gpu_free: float, host_free: float) ->
 
 def top_eigenpair(model: LlamaStyleLM, probe: list, device: str) -> dict[str, Any]:
     n = sum(p.numel() for p in model.parameters())
-    need = (
-        (default_basis_size(1, n) + 1 + LANCZOS_WORK_VECTORS + 1 + guard_count(1)) * 4 * n
-    )  # float32, k = 1
-    reserve = 4 * 2 * n + 4 * GIB  # bfloat16: the gradient graph, its product and a block, with room
+    need = solver_bytes(n)
     gpu, host = _free(device)
     row: dict[str, Any] = {"vector_gib": need / GIB}
-    where = placement(need, reserve, gpu, host)
+    where = placement(need, graph_reserve(n), gpu, host)
     if where is None:
         row["error"] = (
             f"not run: its float32 solver vectors need {need / GIB:.0f} GiB; free: {gpu / GIB:.0f} GiB on the "

@@ -398,8 +398,9 @@ def eigenvalue_stderr(
     model = _unwrap(model)
     if cut is None:
         cut = not couples_samples(model)
+    device = next(model.parameters()).device  # of the collectives (NCCL reduces device tensors only)
     groups = (
-        _agreed_groups(model, batches, chunks, cut) if is_distributed() else _groups(batches, chunks, cut)
+        _agreed_groups(batches, chunks, cut, device) if is_distributed() else _groups(batches, chunks, cut)
     )
     if len(groups) < 2:
         return math.nan
@@ -408,7 +409,6 @@ def eigenvalue_stderr(
         with HessianOperator(model, loss_fn, group, hvp=hvp, seed=seed, params=params, dtype=dtype) as op:
             v = vector.to(op.device, op.dtype)
             quotients.append(float(op.inner(v, op.matvec(v)) / op.inner(v, v)))
-            device = op.device
     q = torch.tensor(quotients, dtype=torch.float64)
     w = all_reduce_sum(
         torch.tensor([g.total_weight for g in groups], dtype=torch.float64, device=device)
@@ -422,13 +422,13 @@ def _groups(batches: Any, chunks: int, cut: bool) -> list[ProbeSet]:
     return split_samples(batches if isinstance(batches, ProbeSet) else ProbeSet(batches), chunks, cut)
 
 
-def _agreed_groups(model: nn.Module, batches: Any, chunks: int, cut: bool) -> list[ProbeSet]:
+def _agreed_groups(batches: Any, chunks: int, cut: bool, device: torch.device) -> list[ProbeSet]:
     """This rank's groups of :func:`eigenvalue_stderr`, as many as every other rank's (one collective that
     also reports a rank's failure to read or split its shard)."""
     hold, groups = LocalFailure(), []
     with hold:
         groups = _groups(batches, chunks, cut)
-    counts = torch.zeros(world_size(), dtype=torch.float64, device=next(model.parameters()).device)
+    counts = torch.zeros(world_size(), dtype=torch.float64, device=device)
     counts[dist.get_rank()] = len(groups)
     reduce_agreed(counts, hold.take())
     count = int(counts.min())

@@ -37,9 +37,7 @@ def test_a_model_whose_solver_vectors_fit_nowhere_is_reported_not_run(monkeypatc
     model = gpu_scale.build(gpu_scale.QUICK_SIZES["1B"], gpu_scale.QUICK_VOCAB, "cpu")
     row = gpu_scale.top_eigenpair(model, [], "cpu")
     n = sum(p.numel() for p in model.parameters())
-    assert row["vector_gib"] == pytest.approx(
-        29 * 4 * n / 2**30
-    )  # 20 + 1 basis, 5 work, 1 eigenvector, 2 neighbours
+    assert row["vector_gib"] == gpu_scale.solver_bytes(n) / 2**30
     assert row["error"].startswith("not run: its float32 solver vectors need") and "n_hvp" not in row
 
 
@@ -48,6 +46,7 @@ def test_the_solver_vectors_go_where_they_fit_at_1b_and_nowhere_at_7b():
     neither the GPU nor a 128 GiB host. Free memory as an H200 shows it once the bfloat16 model is loaded."""
     gib = 2**30
     for n, where in ((1_072_211_968, "device"), (6_573_527_040, None)):
-        need, reserve = 29 * 4 * n, 4 * 2 * n + 4 * gib
-        assert gpu_scale.placement(need, reserve, 139 * gib - 2 * n, 120 * gib) == where
+        need = gpu_scale.solver_bytes(n)
+        assert need == 29 * 4 * n  # README, "Memory": 20 + 1 basis, 5 work, 1 eigenvector, 2 neighbours
+        assert gpu_scale.placement(need, gpu_scale.graph_reserve(n), 139 * gib - 2 * n, 120 * gib) == where
     assert gpu_scale.placement(116 * gib, 12 * gib, 80 * gib, 125 * gib) == "cpu"  # an 80 GB GPU: the host
