@@ -210,7 +210,9 @@ class ForwardOverReverseHVP(HVPBackend):
         # vmap over the block's columns: move them to the leading dimension of each piece.
         pieces = [piece.movedim(-1, 0) for piece in self.space.unflatten(V)]
         tangents = dict(zip(self._keys, pieces, strict=True))
-        with math_attention():
+        # Outside the transforms nothing is recorded: the parameters left out of the measurement still
+        # require grad, and without no_grad every product would carry (and keep alive) a graph through them.
+        with torch.no_grad(), math_attention():
             try:
                 out = vmap(hvp, randomness="same")(tangents)
             except NotImplementedError as err:  # a kernel without forward-mode AD (LSTM, some fused ops)
