@@ -3,6 +3,7 @@ Lanczos step that the eigensolver and the spectral density both take."""
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Literal
@@ -95,7 +96,10 @@ def converged_mask(theta: Tensor, res: Tensor, tol: float, scale: float) -> Tens
 
 
 def check_finite(W: Tensor) -> None:
-    if not bool(torch.isfinite(W).all()):
+    # The extremes propagate NaN and hold any infinity: a reduction, where isfinite(W) would allocate a
+    # mask of W's size (a quarter of a float32 vector) at every product.
+    low, high = torch.aminmax(W)
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         raise NonFiniteOperatorError(
             "the operator returned a non-finite value (NaN or inf): check the loss and the model's "
             "parameters on the probe batches"
@@ -177,7 +181,8 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor,
     Applies the operator to ``V[j]`` and removes the component along the whole basis with classical
     Gram-Schmidt run twice ("twice is enough"): the projection on ``v_j`` and ``v_{j-1}`` is the three-term
     recurrence, the rest removes the loss of orthogonality that creates spurious copies of converged Ritz
-    values. Every inner product goes through ``op.inner``.
+    values. Every inner product goes through ``op.inner``. The projections are removed from the product
+    in place (one fused matrix-vector update each): besides the basis, a step holds the product alone.
 
     Returns:
         The float64 coefficients of the product on the basis (column ``j`` of the projected matrix), the
@@ -185,10 +190,14 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor,
     """
     w = op.matvec(V[j])
     check_finite(w)
+    if w.requires_grad or w.untyped_storage().data_ptr() == V.untyped_storage().data_ptr():
+        # Updated in place below: never the basis (an operator that hands back its input), nor a tensor a
+        # graph may have saved (an operator whose products carry one).
+        w = w.detach().clone()
     basis = V[: j + 1].mT  # (n, j + 1): the blocks the operator's inner product takes
     h = op.inner(basis, w)
-    w = w - basis @ h
+    w.addmv_(basis, h, alpha=-1)
     h2 = op.inner(basis, w)
-    w = w - basis @ h2
+    w.addmv_(basis, h2, alpha=-1)
     beta = max(float(op.inner(w, w)), 0.0) ** 0.5
     return (h + h2).to(torch.float64), w, beta

@@ -118,7 +118,7 @@ def _lanczos_tridiagonal(op: LinearOperator, v: Tensor, n_steps: int) -> Tensor:
         if beta <= tol * norm_estimate:
             break
         betas.append(beta)
-        V[j + 1] = w / beta
+        torch.div(w, beta, out=V[j + 1])
     T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if betas:
         off = torch.tensor(betas, dtype=torch.float64)

@@ -12,13 +12,17 @@ Ritz vectors and their nearest neighbours (Wu & Simon 2000, Stewart 2001) and La
 :math:`v_{m+1}`: memory stays at ``basis_size + 1`` vectors whatever the number of steps.
 
 Memory, in vectors of the operator's length ``n`` (parameter-sized vectors for a Hessian): the basis
-``basis_size + 1`` (default ``max(2k + 10, 20)``, ``k`` counting both ends for ``which="both"``),
-plus at most 5 work vectors, plus what one product needs (for the Hessian operator: its accumulator
-and the backend's own, see :mod:`pf_lightning.curvature.hvp`), plus at the end the ``k`` eigenvectors
-of the result (and with ``neighbours=True`` their ``max(2, k // 2)`` neighbours), formed while the basis is still there (measured in ``tests/test_memory.py``). A
-restart recombines the basis in place, a block of entries of every vector at a time (less than one
-vector extra). With ``basis_device="cpu"`` the basis, the work vectors and the result live in host memory and the operator's device holds only the vector
-being multiplied and its product (plus the product's own needs).
+``basis_size + 1`` (default ``max(2k + 10, 20)``, ``k`` counting both ends for ``which="both"``), and
+one more: during a step the product, from which the projections on the basis are removed in place, and
+at the end the ``k`` eigenvectors of the result (and with ``neighbours=True`` their ``max(2, k // 2)``
+neighbours), formed while the basis is still there: :func:`lanczos_vectors`, measured in
+``tests/test_memory.py``. What one product needs comes on top (for the Hessian operator: its
+accumulator and the backend's own, see :mod:`pf_lightning.curvature.hvp`). A restart recombines the
+basis in place, a block of entries of every vector at a time (less than one vector extra). A small
+``basis_size`` (2 for ``k = 1``: 4 vectors) serves a model whose device holds only a few copies of its
+parameters, at more products. With ``basis_device="cpu"`` the basis, the product and the result live in
+host memory and the operator's device holds only the vector being multiplied and its product (plus the
+product's own needs).
 
 Every basis vector is reorthogonalized against the whole basis (two passes of classical Gram-Schmidt,
 each one ``inner`` per step), which keeps the Ritz values free of the ghost copies that plain Lanczos
@@ -48,7 +52,7 @@ from ._common import (
 from .operator import LinearOperator, OffloadedOperator
 from .result import EigenResult
 
-__all__ = ["WARM_START_MIX", "default_basis_size", "lanczos"]
+__all__ = ["WARM_START_MIX", "default_basis_size", "lanczos", "lanczos_vectors"]
 
 WARM_START_MIX = 1.0
 """Weight of the random vector added to a warm start (relative to the warm start's unit vector)."""
@@ -57,6 +61,20 @@ WARM_START_MIX = 1.0
 def default_basis_size(n_wanted: int, n: int) -> int:
     """Basis size used when none is given: room for the wanted pairs and as many again, at least 20."""
     return min(n, max(2 * n_wanted + 10, 20))
+
+
+def lanczos_vectors(n_wanted: int, n: int, basis_size: int | None = None, neighbours: bool = False) -> int:
+    """The most vectors of length ``n`` a :func:`lanczos` run holds at once (the module docstring's rule):
+    the basis, ``basis_size + 1``, and one more during a step (the product being orthogonalized) or, at the
+    end, the ``n_wanted`` eigenvectors and their neighbours. The operator's own needs come on top.
+
+    Example::
+
+        >>> lanczos_vectors(1, 10**9), lanczos_vectors(1, 10**9, neighbours=True), lanczos_vectors(1, 10**9, 2)
+        (22, 24, 4)
+    """
+    m = min(n, basis_size if basis_size is not None else default_basis_size(n_wanted, n))
+    return m + 1 + max(1, n_wanted + (guard_count(n_wanted) if neighbours else 0))
 
 
 def _recombine(V: Tensor, S: Tensor) -> None:
@@ -97,8 +115,8 @@ def lanczos(
             1% of the spectral scale are measured against that 1%).
         max_matvec: budget of operator applications; the result is flagged non-converged and a
             :class:`NonConvergenceWarning` is raised when it runs out. Default ``max(300, 40 * k)``.
-        basis_size: Lanczos vectors kept between restarts (memory: ``basis_size + 1`` vectors, plus
-            3 work vectors; see the module docstring).
+        basis_size: Lanczos vectors kept between restarts (memory: :func:`lanczos_vectors`); any value
+            above the number of wanted pairs converges, a small one in more products.
         v0: a warm start (e.g. the sum of a previous result's eigenvectors): the start vector is its
             direction plus a seeded Gaussian one of equal norm (:data:`WARM_START_MIX`), so that a
             direction the previous result missed is still in the Krylov space; the Gaussian alone otherwise.
@@ -147,13 +165,15 @@ def lanczos(
             # The previous directions plus a random one of equal weight: a start vector from the previous
             # eigenvectors alone can be all but orthogonal to a direction that has just become the
             # sharpest, and Lanczos then converges, residual and all, on the one below it (seen on NAdam).
-            v = w / w_norm + WARM_START_MIX * v / nrm
+            v.mul_(WARM_START_MIX / nrm).add_(w, alpha=1.0 / w_norm)  # in place: v is the solver's own
             nrm = float(op.inner(v, v)) ** 0.5
+        del w
 
     # One basis vector per row: each new vector is written, and each product's input read, in one
     # contiguous stretch (columns of an (n, m + 1) matrix cost 30% more per step on a CPU at n = 55k).
     V = torch.zeros(m + 1, op.n, dtype=op.dtype, device=op.device)
-    V[0] = v / nrm
+    torch.div(v, nrm, out=V[0])
+    del v
     H = torch.zeros(m + 1, m, dtype=torch.float64, device=op.device)
     eps = torch.finfo(op.dtype).eps
     used, restarts, scale = 0, 0, 0.0
@@ -166,8 +186,10 @@ def lanczos(
         complete = False
         if beta > 100 * eps * max(scale, 1e-300):
             H[j + 1, j] = beta
-            V[j + 1] = w / beta
+            torch.div(w, beta, out=V[j + 1])
+            del w  # the basis and the product are all a step holds
         else:
+            del w
             # An invariant subspace: its Ritz pairs are exact. Continue from a fresh direction
             # (coupling 0) unless the basis already spans the whole space.
             H[j + 1, j] = 0.0
@@ -205,7 +227,7 @@ def lanczos(
                 "warm_start": v0 is not None,
                 "basis_device": str(V.device),
             }
-            del V, w  # free the basis before the result's vectors are sorted (a copy of k)
+            del V  # free the basis before the result's vectors are sorted (a copy of k)
             return finish(
                 neighbours=guards,
                 theta=theta[wanted].to(op.dtype),

@@ -127,6 +127,49 @@ class _NaNOperator(LinearOperator):
         return torch.full_like(X, float("nan"))
 
 
+class _Identity(LinearOperator):
+    """Hands back its input: the product is the basis vector itself."""
+
+    def __init__(self, n=40):
+        super().__init__(n, torch.float64, "cpu")
+
+    def _matmat(self, X):
+        return X
+
+
+class _GraphCarrying(DenseOperator):
+    """Products that carry a graph (through a matrix that requires grad)."""
+
+    def _matmat(self, X):
+        return self.matrix.requires_grad_() @ X
+
+
+@pytest.mark.parametrize("where", ["start", "inf", "nan"])
+def test_the_finiteness_check_catches_one_bad_entry_anywhere(where):
+    class OneBad(DenseOperator):
+        def _matmat(self, X):
+            Y = self.matrix @ X
+            Y[{"start": 0, "inf": 17, "nan": -1}[where]] = float("nan" if where != "inf" else "-inf")
+            return Y
+
+    with pytest.raises(NonFiniteOperatorError, match="non-finite"):
+        lanczos(OneBad(symmetric(hessian_like(60))), 2)
+
+
+def test_lanczos_updates_products_in_place_but_never_the_basis_nor_a_graph():
+    """The step removes the projections from the product in place: an operator that returns its input, or a
+    product a graph holds, is copied first (the identity's eigenvalue is 1, found at once; the graph's
+    matrix keeps its own values)."""
+    result = lanczos(_Identity(), 1, tol=1e-10)
+    torch.testing.assert_close(result.eigenvalues, torch.ones(1, dtype=torch.float64))
+    A = symmetric(hessian_like(60))
+    op = _GraphCarrying(A.clone())
+    result = lanczos(op, 3, tol=1e-10)
+    torch.testing.assert_close(result.eigenvalues, wanted(hessian_like(60), 3, "top"), rtol=1e-9, atol=0)
+    assert not result.eigenvectors.requires_grad
+    torch.testing.assert_close(op.matrix.detach(), A, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_non_finite_operator_raises(solver):
     with pytest.raises(NonFiniteOperatorError, match="non-finite"):
