@@ -10,12 +10,14 @@ on the device, a probe of 4 sequences of 256 tokens:
 - ``1B``: d 2048, 20 layers (1.07B parameters); ``7B``: d 4096, 32 layers (6.57B).
 - **Top-1 eigenpair**: ``hessian_eigenpairs(k=1, tol=1e-2)``, double backward through the math attention
   kernel, its passes in bfloat16 and its solver vectors in float32 (the measurement's rule: a Krylov basis
-  in bfloat16 breaks down). Lanczos holds at most ``basis_size + 1 + 5 + k + max(2, k // 2)`` = 29 float32 vectors of
-  the parameters' length (README, "Memory"): on the GPU where they fit beside the model and the
-  products' gradient graph (``placement``), with ``basis_device="cpu"`` where the host has room, and not
-  run otherwise, which the row says with the memory it would need (at 6.57B parameters a float32 vector
-  is 26 GB: 29 of them are 710 GiB, more than one GPU and its host hold; at 1.07B, 116 GiB, which an
-  H200's 141 GB hold beside the model). Time, products, the GPU's peak.
+  in bfloat16 breaks down). Lanczos holds at most ``lanczos_vectors`` float32 vectors of the parameters'
+  length (README, "Memory"): 24 with the default basis (21, and the eigenvector with its 2 neighbours),
+  4 with ``basis_size=2`` (more products). ``choose`` takes the first that fits of: the default basis on
+  the GPU beside the model and the products' gradient graph, the default basis in host memory
+  (``basis_device="cpu"``), ``basis_size=2`` on the GPU, ``basis_size=2`` in host memory; none fitting,
+  the row says so with the memory needed. At 1.07B parameters the default basis is 96 GiB, which an
+  H200 holds beside the model; at 6.57B a float32 vector is 24.5 GiB, the default basis 587 GiB, and
+  ``basis_size=2``'s 98 GiB go to a 128 GiB host. Time, products, the GPU's peak.
 - **Critical sharpness per step**: one training step (SGD with momentum 0.9 and the same probe, bfloat16
   weights and gradients) against ``critical_sharpness(..., optimizer=)`` along that optimizer's next
   update: forward passes and one gradient, as a fraction of a training step (medians of 3).
@@ -47,14 +49,13 @@ if str(ROOT) not in sys.path:
 from benchmarks.models import LlamaStyleLM, next_token_loss  # noqa: E402
 from benchmarks.report import rewrite  # noqa: E402
 from pf_lightning import critical_sharpness, hessian_eigenpairs  # noqa: E402
-from pf_lightning.linalg._common import guard_count  # noqa: E402
-from pf_lightning.linalg.lanczos import default_basis_size  # noqa: E402
+from pf_lightning.linalg.lanczos import lanczos_vectors  # noqa: E402
 
 SIZES = {"1B": (2048, 20, 16), "7B": (4096, 32, 32)}  # d, layers, heads
 QUICK_SIZES = {"1B": (64, 2, 4), "7B": (96, 2, 4)}
 VOCAB, QUICK_VOCAB = 32000, 256
 PROBE, QUICK_PROBE = (4, 256), (2, 16)  # sequences, tokens
-LANCZOS_WORK_VECTORS = 5  # besides the basis, the k eigenvectors and their neighbours (README, "Memory")
+SMALL_BASIS = 2  # the fewest Lanczos vectors between restarts for k = 1: 4 vectors in all
 GIB = 2**30
 HOST_MARGIN = 4 * GIB
 
@@ -89,10 +90,10 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
-def solver_bytes(n: int) -> int:
-    """The float32 vectors a top-1 Lanczos measurement holds at most (README, "Memory"): the basis
-    ``basis_size + 1``, 5 work vectors, the eigenvector and its neighbours."""
-    return (default_basis_size(1, n) + 1 + LANCZOS_WORK_VECTORS + 1 + guard_count(1)) * 4 * n
+def solver_bytes(n: int, basis_size: int | None = None) -> int:
+    """The float32 vectors a top-1 Lanczos measurement holds at most (README, "Memory"); with the default
+    basis ``method="auto"`` also keeps the eigenvector's neighbours for the next warm start."""
+    return lanczos_vectors(1, n, basis_size, neighbours=basis_size is None) * 4 * n
 
 
 def graph_reserve(n: int) -> int:
@@ -112,16 +113,28 @@ def placement(need: float, reserve: float, gpu_free: float, host_free: float) ->
     return None
 
 
+def choose(n: int, gpu_free: float, host_free: float) -> tuple[int | None, str | None]:
+    """The solver's basis size and place: the default basis where it fits (the GPU first), else
+    ``SMALL_BASIS`` (4 vectors) where that fits; ``(None, None)`` where nothing does. In host memory the GPU
+    still holds the float32 vector being multiplied and its product beside the reserve."""
+    reserve = graph_reserve(n)
+    for basis_size in (None, SMALL_BASIS):
+        where = placement(solver_bytes(n, basis_size), reserve, gpu_free, host_free)
+        if where == "device" or (where == "cpu" and reserve + 2 * 4 * n <= gpu_free):
+            return basis_size, where
+    return None, None
+
+
 def top_eigenpair(model: LlamaStyleLM, probe: list, device: str) -> dict[str, Any]:
     n = sum(p.numel() for p in model.parameters())
-    need = solver_bytes(n)
     gpu, host = _free(device)
-    row: dict[str, Any] = {"vector_gib": need / GIB}
-    where = placement(need, graph_reserve(n), gpu, host)
+    basis_size, where = choose(n, gpu, host)
+    need = solver_bytes(n, SMALL_BASIS if where is None else basis_size)
+    row: dict[str, Any] = {"vector_gib": need / GIB, "basis_size": basis_size}
     if where is None:
         row["error"] = (
-            f"not run: its float32 solver vectors need {need / GIB:.0f} GiB; free: {gpu / GIB:.0f} GiB on the "
-            f"GPU, {host / GIB:.0f} GiB on the host"
+            f"not run: even basis_size={SMALL_BASIS}'s float32 solver vectors need {need / GIB:.0f} GiB; free: "
+            f"{gpu / GIB:.0f} GiB on the GPU, {host / GIB:.0f} GiB on the host"
         )
         return row
     basis_device = None if where == "device" else "cpu"
@@ -142,6 +155,7 @@ def top_eigenpair(model: LlamaStyleLM, probe: list, device: str) -> dict[str, An
                 max_hvp=100,
                 dtype=torch.bfloat16,
                 basis_device=basis_device,
+                basis_size=basis_size,
             )
         _sync(device)
         row.update(
@@ -228,7 +242,8 @@ def render(results: dict[str, Any]) -> str:
         if "error" in t:
             top = [f"{t['error']}", "", "", f"{t['vector_gib']:.0f} GiB", ""]
         else:
-            where = t["basis_device"] if t["basis_device"] == "cpu" else "GPU"
+            where = "host" if t["basis_device"] == "cpu" else "GPU"
+            where += f", basis_size={t['basis_size']}" if t.get("basis_size") else ""
             peak = f"{t['peak_gib']:.1f} GiB" if "peak_gib" in t else "–"
             top = [
                 f"{t['seconds']:.1f}",

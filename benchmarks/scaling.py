@@ -10,6 +10,12 @@ least-squares slopes in log-log.
 
 Usage: ``python benchmarks/scaling.py --out BENCHMARKS.md`` (about 10 minutes on 2 CPU threads, 12 GB
 of memory at the largest size).
+
+``--small-basis`` measures instead what a small Lanczos basis costs and saves: the top eigenpair
+(``k=1``) of the 0.8M, 10M and 110M models to ``tol=1e-2`` (the GPU script's setting), and of the first
+two to ``tol=1e-3`` (the monitors' default), with the default basis (21 vectors, 24 held at most with the
+eigenvector's neighbours) and with ``basis_size`` 3 and 2 (5 and 4 held): products, seconds and peak
+memory, each in a fresh process (``small-basis`` section; about 15 minutes).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.models import LlamaStyleLM, next_token_loss  # noqa: E402
 from benchmarks.report import rewrite  # noqa: E402
 from pf_lightning import hessian_eigenpairs  # noqa: E402
+from pf_lightning.linalg.lanczos import lanczos_vectors  # noqa: E402
 
 SIZES = (  # (d, layers, heads, vocab)
     (64, 2, 4, 64),
@@ -42,9 +49,20 @@ SIZES = (  # (d, layers, heads, vocab)
 )
 PROBES = (128, 256, 512, 1024, 2048)
 SEQ = 32
+SMALL_BASES = (None, 3, 2)
+SMALL_RUNS = ((1e-2, (SIZES[1], SIZES[2], SIZES[4])), (1e-3, (SIZES[1], SIZES[2])))  # tol, sizes
 
 
-def one(d: int, layers: int, heads: int, vocab: int, probe: int) -> dict:
+def one(
+    d: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    probe: int,
+    k: int = 5,
+    tol: float = 1e-3,
+    basis_size: int | None = None,
+) -> dict:
     """One measurement in this process: parameters, products, seconds, peak memory."""
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
@@ -52,9 +70,14 @@ def one(d: int, layers: int, heads: int, vocab: int, probe: int) -> dict:
     model = LlamaStyleLM(vocab=vocab, d=d, n_layers=layers, n_heads=heads)
     tokens = torch.randint(0, vocab, (probe, SEQ), generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
-    result = hessian_eigenpairs(model, next_token_loss, [(tokens, tokens)], k=5, tol=1e-3)
+    result = hessian_eigenpairs(
+        model, next_token_loss, [(tokens, tokens)], k=k, tol=tol, basis_size=basis_size, max_hvp=1000
+    )
     seconds = time.perf_counter() - start
     return {
+        "basis_size": basis_size,
+        "vectors": lanczos_vectors(k, result.info["n_params"], basis_size, neighbours=basis_size is None),
+        "eig_1": float(result.eigenvalues[0]),
         "params": sum(p.numel() for p in model.parameters()),
         "probe": probe,
         "tokens": probe * SEQ,
@@ -116,14 +139,51 @@ def markdown(sizes: list[dict], probes: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def small_basis_markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        "## A small basis: the top eigenpair in a few vectors (CPU)",
+        "",
+        f"Run: `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, "
+        f"2 CPU threads; load average at the end {os.getloadavg()[0]:.2f}. `hessian_eigenpairs(k=1, tol=..., "
+        f"basis_size=...)` of the Llama-style LMs above (random initialization, a probe of 8 "
+        f"sequences of {SEQ} tokens), each in a fresh process. Solver vectors: the most float32 vectors of the "
+        "parameters' length Lanczos holds at once (`lanczos_vectors`, measured in `tests/test_memory.py`); "
+        "peak memory: the process's, the model, its gradient graph and the interpreter included.",
+        "",
+        "| tol | parameters | basis_size | solver vectors | products | seconds | λ_max | peak memory (GB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        basis = "default (21)" if r["basis_size"] is None else str(r["basis_size"])
+        lines.append(
+            f"| {r['tol']:g} | {r['params']:,} | {basis} | {r['vectors']} | {r['n_hvp']} | {r['seconds']:.1f} "
+            f"| {r['eig_1']:.5g} "
+            f"| {r['peak_gb']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="rewrite the scaling section of this file")
     parser.add_argument("--cache", type=Path, default=None, help="rows measured so far (JSON), reused")
+    parser.add_argument("--small-basis", action="store_true", help="the small-basis table instead")
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(one(*json.loads(args.one))))
+        return
+    if args.small_basis:
+        rows = [
+            {**run((*size, 8, 1, tol, basis), args.cache), "tol": tol}
+            for tol, sizes in SMALL_RUNS
+            for size in sizes
+            for basis in SMALL_BASES
+        ]
+        body = small_basis_markdown(rows, "python benchmarks/scaling.py --small-basis --out BENCHMARKS.md")
+        print(body)
+        if args.out is not None:
+            rewrite(args.out, "small-basis", body)
         return
     sizes = [run((*size, 8), args.cache) for size in SIZES]
     probes = [run((*SIZES[0], probe), args.cache) for probe in PROBES]

@@ -58,6 +58,19 @@ TRACE_METHODS = ("hutch++", "hutchinson")
 _check = Checks()
 
 
+def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> None:
+    """``basis_size`` is None or an int above the number of wanted pairs (``k``, twice that for both ends)."""
+    n_wanted = 2 * k if which == "both" else k
+    check.integer(
+        "basis_size",
+        basis_size,
+        n_wanted + 1,
+        allow_none=True,
+        hint=f"more than the {n_wanted} eigenpairs wanted (k={k}, which={which!r}); "
+        "the solver keeps basis_size + 1 parameter-sized vectors and max(1, k) more",
+    )
+
+
 def _check_measurement(
     model: Any, loss_fn: Any, batches: Any, hvp: Any, seed: Any, params: Any, dtype: Any
 ) -> None:
@@ -178,6 +191,7 @@ def hessian_eigenpairs(
     dtype: torch.dtype | None = None,
     cache_graphs: bool = True,
     basis_device: torch.device | str | None = None,
+    basis_size: int | None = None,
     gradient: bool = False,
 ) -> EigenResult:
     """Top-k (and/or bottom-k) eigenpairs of the Hessian of the mean loss over ``batches``.
@@ -221,10 +235,20 @@ def hessian_eigenpairs(
         basis_device: keep the solver's vectors (Krylov basis, LOBPCG blocks, the returned
             eigenvectors) on this device, e.g. ``"cpu"`` for models too large for the accelerator to
             hold them; only the vectors being multiplied go to the model's device. Memory on the
-            model's device otherwise: ``basis_size + 1`` (default ``max(2k + 10, 20)``) plus about
-            5 parameter-sized vectors and the ``k`` eigenvectors with their ``max(2, k // 2)`` neighbours for
-            Lanczos, about ``11 (k + max(2, k // 2))`` for LOBPCG, plus
-            the products' own (finite differences: 3; double backward: each probe batch's graph).
+            model's device otherwise, in parameter-sized vectors: for Lanczos ``basis_size + 1`` (default
+            ``max(2k + 10, 20)``) and one more, or at the end the ``k`` eigenvectors with their
+            ``max(2, k // 2)`` neighbours (:func:`~pf_lightning.linalg.lanczos.lanczos_vectors`: 24 for
+            ``k = 1``); about ``11 (k + max(2, k // 2))`` for LOBPCG; plus the products' own (finite
+            differences: 3; double backward: each probe batch's graph) and the ``warm_start``'s eigenvectors.
+        basis_size: Lanczos vectors kept between restarts (``None``: ``max(2k + 10, 20)``), for a model
+            whose parameters the device (or the host, with ``basis_device``) holds only a few copies of:
+            the solver then keeps ``basis_size + 1`` vectors and one more (the product during a step, the
+            eigenvector at the end) for ``k = 1``. Any value above the number of wanted pairs converges to
+            the same eigenpairs; a small one takes more products (``basis_size=2``: 1.5-1.8 times the
+            default's for the top eigenpair to ``tol=1e-2`` on LMs of 0.8M-110M parameters; BENCHMARKS.md,
+            "A small basis"). With it, ``method="auto"`` warm-starts Lanczos from the
+            previous eigenvectors' sum (a block warm start holds ``11 (k + max(2, k // 2))`` vectors);
+            ``method="lobpcg"`` refuses it.
         gradient: also return the gradient of the mean loss over ``batches`` (``EigenResult.gradient``,
             in the eigenvectors' layout and on their device; this rank's slices under FSDP2). With
             double backward and ``cache_graphs=True`` (the default) it is read off the gradient graphs
@@ -257,6 +281,12 @@ def hessian_eigenpairs(
     _check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
     _check.integer("max_hvp", max_hvp, 1, allow_none=True)
     _check.choice("method", method, METHODS)
+    check_basis_size(_check, basis_size, k, which)
+    if method == "lobpcg" and basis_size is not None:
+        raise ValueError(
+            f"`basis_size` must be None with method='lobpcg' (a Lanczos setting; LOBPCG holds about "
+            f"11 (k + max(2, k // 2)) vectors), got {basis_size}: use method='lanczos' or 'auto', or drop it"
+        )
     if preconditioner is not None:
         _check.instance(
             "preconditioner",
@@ -316,9 +346,10 @@ def hessian_eigenpairs(
         if method == "lobpcg":
             result = lobpcg(op, k, X0=X0, **common)
         else:
+            few_vectors = basis_size is not None  # the caller bounds memory: no block, no neighbours
             warm, bookkeeping = (
                 ("lanczos", {})
-                if X0 is None or method == "lanczos"
+                if X0 is None or method == "lanczos" or few_vectors
                 else _warm_method(warm_start, n_wanted, max_hvp)
             )
             if warm == "block":
@@ -327,8 +358,12 @@ def hessian_eigenpairs(
                 block = torch.cat([X0, guards.to(X0.device, X0.dtype)], dim=1) if usable else X0
                 result = lobpcg(op, k, X0=block, **common)
             else:
-                v0 = None if X0 is None else X0.to(dtype=op.dtype).sum(dim=1)
-                result = lanczos(op, k, v0=v0, neighbours=method == "auto", **common)
+                v0 = None
+                if X0 is not None:  # one previous eigenvector starts it as it is: a view, no vector more
+                    X0 = X0.to(dtype=op.dtype)
+                    v0 = X0[:, 0] if X0.shape[1] == 1 else X0.sum(dim=1)
+                neighbours = method == "auto" and not few_vectors
+                result = lanczos(op, k, v0=v0, basis_size=basis_size, neighbours=neighbours, **common)
             if bookkeeping:
                 bookkeeping["warm_costs"][warm] = result.n_hvp
                 result.info.update(bookkeeping)
@@ -513,6 +548,7 @@ class MeasurementSpec:
         tol: relative residual tolerance of eigenpairs.
         max_hvp: products allowed per eigenpair measurement.
         basis_device: where the solver keeps its vectors.
+        basis_size: Lanczos vectors kept between restarts (None: the solver's default).
     """
 
     loss_fn: Callable[[nn.Module, Any], Tensor]
@@ -524,6 +560,7 @@ class MeasurementSpec:
     tol: float = 1e-3
     max_hvp: int | None = None
     basis_device: torch.device | str | None = None
+    basis_size: int | None = None
 
     def eigenpairs(
         self,
@@ -560,6 +597,7 @@ class MeasurementSpec:
             preconditioner=preconditioner,
             dtype=self.dtype,
             basis_device=self.basis_device,
+            basis_size=self.basis_size,
             gradient=gradient,
         )
 

@@ -37,16 +37,50 @@ def test_a_model_whose_solver_vectors_fit_nowhere_is_reported_not_run(monkeypatc
     model = gpu_scale.build(gpu_scale.QUICK_SIZES["1B"], gpu_scale.QUICK_VOCAB, "cpu")
     row = gpu_scale.top_eigenpair(model, [], "cpu")
     n = sum(p.numel() for p in model.parameters())
-    assert row["vector_gib"] == gpu_scale.solver_bytes(n) / 2**30
-    assert row["error"].startswith("not run: its float32 solver vectors need") and "n_hvp" not in row
+    assert row["vector_gib"] == gpu_scale.solver_bytes(n, 2) / 2**30 == 4 * 4 * n / 2**30
+    assert (
+        row["error"].startswith("not run: even basis_size=2's float32 solver vectors need")
+        and "n_hvp" not in row
+    )
 
 
-def test_the_solver_vectors_go_where_they_fit_at_1b_and_nowhere_at_7b():
-    """An H200 holds 1.07B parameters' 29 float32 vectors (116 GiB) beside the model; 6.57B's (710 GiB) fit
-    neither the GPU nor a 128 GiB host. Free memory as an H200 shows it once the bfloat16 model is loaded."""
+def test_a_small_basis_in_host_memory_runs_where_the_default_basis_fits_nowhere(monkeypatch):
+    """The 7B row's configuration at the smoke-test size: basis_size=2 in host memory, the eigenvalue of the
+    default basis all the same."""
+    model = gpu_scale.build(gpu_scale.QUICK_SIZES["1B"], gpu_scale.QUICK_VOCAB, "cpu")
+    n = sum(p.numel() for p in model.parameters())
+    free = (gpu_scale.graph_reserve(n) + 2 * 4 * n, gpu_scale.solver_bytes(n, 2) + gpu_scale.HOST_MARGIN)
+    monkeypatch.setattr(gpu_scale, "_free", lambda device: free)
+    tokens = torch.randint(
+        0, gpu_scale.QUICK_VOCAB, gpu_scale.QUICK_PROBE, generator=torch.Generator().manual_seed(1)
+    )
+    row = gpu_scale.top_eigenpair(model, [(tokens, tokens)], "cpu")
+    assert row["basis_size"] == 2 and row["basis_device"] == "cpu" and row["converged"], row
+    default = hessian_eigenpairs(
+        model, next_token_loss, [(tokens, tokens)], k=1, tol=1e-2, dtype=torch.bfloat16
+    )
+    assert row["eig_1"] == pytest.approx(float(default.eigenvalues[0]), rel=2e-2)  # both to tol 1e-2
+    table = gpu_scale.render(
+        {
+            "env": {"device": "cpu", "torch": "t"},
+            "command": "c",
+            "date": "d",
+            "rows": [{"size": "7B", "params": n, "tokens": 32, "top1": row, "critical": {"error": "e"}}],
+        }
+    )
+    assert "(host, basis_size=2)" in table
+
+
+def test_the_solver_vectors_go_where_they_fit_at_1b_and_7b():
+    """An H200 holds 1.07B parameters' 24 float32 vectors (96 GiB) beside the model; 6.57B's default basis
+    (24 vectors, 587 GiB) fits neither the GPU nor a 128 GiB host, basis_size=2's 4 vectors (98 GiB) fit the
+    host while the GPU holds the vector being multiplied and its product. Free memory as an H200 shows it
+    once the bfloat16 model is loaded."""
     gib = 2**30
-    for n, where in ((1_072_211_968, "device"), (6_573_527_040, None)):
-        need = gpu_scale.solver_bytes(n)
-        assert need == 29 * 4 * n  # README, "Memory": 20 + 1 basis, 5 work, 1 eigenvector, 2 neighbours
-        assert gpu_scale.placement(need, gpu_scale.graph_reserve(n), 139 * gib - 2 * n, 120 * gib) == where
-    assert gpu_scale.placement(116 * gib, 12 * gib, 80 * gib, 125 * gib) == "cpu"  # an 80 GB GPU: the host
+    for n, want in ((1_072_211_968, (None, "device")), (6_573_527_040, (2, "cpu"))):
+        # README, "Memory": 20 + 1 basis, 1 eigenvector, 2 neighbours; basis_size=2: 3 basis vectors and 1
+        assert gpu_scale.solver_bytes(n) == 24 * 4 * n and gpu_scale.solver_bytes(n, 2) == 4 * 4 * n
+        assert gpu_scale.choose(n, 139 * gib - 2 * n, 120 * gib) == want
+    assert gpu_scale.solver_bytes(6_573_527_040, 2) / gib == pytest.approx(97.96, abs=0.01)
+    assert gpu_scale.choose(1_072_211_968, 80 * gib, 125 * gib) == (None, "cpu")  # an 80 GB GPU: the host
+    assert gpu_scale.choose(6_573_527_040, 139 * gib, 60 * gib) == (None, None)  # a small host: nowhere

@@ -123,6 +123,38 @@ def test_a_block_warm_start_where_nothing_moved_costs_k_plus_its_guards(which, r
     assert warm.info["warm_costs"] == {"block": warm.n_hvp}
 
 
+@pytest.mark.parametrize(("k", "which", "basis_size"), [(1, "top", 2), (2, "top", 3), (1, "both", 3)])
+def test_a_small_basis_finds_the_dense_eigenpairs_and_warm_starts_lanczos(k, which, basis_size, reference):
+    """The few-vector solver of a model that fills its device: the same eigenpairs as the default basis,
+    from more products; a warm start stays within the memory asked for (Lanczos, no block, no neighbours)."""
+    case = make_case("mlp")
+    kwargs = {"k": k, "which": which, "tol": 1e-8, "max_hvp": 3000}
+    default = hessian_eigenpairs(case.model, case.loss_fn, case.batches, **kwargs)
+    small = hessian_eigenpairs(case.model, case.loss_fn, case.batches, basis_size=basis_size, **kwargs)
+    assert small.all_converged and small.info["basis_size"] == basis_size and small.neighbours is None
+    torch.testing.assert_close(small.eigenvalues, expected(reference("mlp"), k, which), rtol=1e-7, atol=1e-9)
+    assert small.n_hvp > default.n_hvp and small.info["restarts"] > default.info["restarts"]
+    warm = hessian_eigenpairs(
+        case.model, case.loss_fn, case.batches, basis_size=basis_size, warm_start=small, **kwargs
+    )
+    assert warm.method == "lanczos" and warm.info["warm_start"] and "warm_method" not in warm.info
+    assert warm.neighbours is None and warm.n_hvp < small.n_hvp
+    torch.testing.assert_close(warm.eigenvalues, small.eigenvalues, rtol=1e-7, atol=1e-9)
+
+
+def test_a_basis_size_that_cannot_hold_the_wanted_pairs_or_meets_lobpcg_names_the_fix():
+    case = make_case("mlp")
+    call = lambda **kw: hessian_eigenpairs(case.model, case.loss_fn, case.batches, **kw)  # noqa: E731
+    with pytest.raises(
+        ValueError, match=r"`basis_size` must be an int >= 4 or None, got 3 .*more than the 3"
+    ):
+        call(k=3, basis_size=3)
+    with pytest.raises(ValueError, match=r"`basis_size` must be an int >= 3 .* \(k=1, which='both'\)"):
+        call(k=1, which="both", basis_size=2)
+    with pytest.raises(ValueError, match=r"`basis_size` must be None with method='lobpcg'.*method='lanczos'"):
+        call(k=1, basis_size=5, method="lobpcg")
+
+
 class Quadratic(torch.nn.Module):
     """L(theta) = theta^T A theta / 2 with A in the batch: the Hessian is A, whatever theta."""
 

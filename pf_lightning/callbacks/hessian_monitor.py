@@ -40,7 +40,7 @@ from ..logging import (
     wandb_log,
     warn_once,
 )
-from ..measure import MeasurementSpec
+from ..measure import MeasurementSpec, check_basis_size
 from ..probe import ProbeSet, sample_count
 from ._budget import TimeBudget, WorkBudget
 from ._checkpoint import (
@@ -120,6 +120,11 @@ class HessianEigenMonitor(Callback):
         basis_device: keep the solver's vectors and ``.latest``'s eigenvectors on this device
             (``"cpu"``: host memory, for models too large for the accelerator to hold ``max(2k + 10, 20)``
             copies of their parameters); see :func:`~pf_lightning.hessian_eigenpairs`.
+        basis_size: Lanczos vectors kept between restarts (``None``: ``max(2k + 10, 20)``): with
+            ``basis_size`` the solver holds ``basis_size + 1 + max(1, k)`` parameter-sized vectors, for a
+            model whose device (or host) holds only a few copies of its parameters; measurements then
+            warm-start Lanczos, never the block method. Must exceed the pairs wanted (``k``, ``2k`` for
+            ``which="both"``); see :func:`~pf_lightning.hessian_eigenpairs`.
         checkpoint_eigenvectors: save the latest eigenvectors in checkpoints, so the first measurement
             after a resume is warm-started (``n x k`` floats; never saved when they are FSDP2 shards).
         probe_batch_size: a drawn probe is stacked into batches of at most this many samples, one
@@ -180,6 +185,7 @@ class HessianEigenMonitor(Callback):
         density_every: int | None = None,
         density_steps: int = 60,
         basis_device: str | None = None,
+        basis_size: int | None = None,
         checkpoint_eigenvectors: bool = True,
         on_error: OnError = "skip",
         probe_batch_size: int | Literal["loader"] | None = None,
@@ -222,6 +228,7 @@ class HessianEigenMonitor(Callback):
         check.tag("name", name)
         check.seed("seed", seed)
         check.device("basis_device", basis_device)
+        check_basis_size(check, basis_size, k, which)
         self.k, self.every_n_steps, self.every_n_epochs = k, every_n_steps, every_n_epochs
         self.which, self.hvp, self.tol, self.max_hvp = which, hvp, float(tol), max_hvp
         self.at_fit_start, self.at_fit_end, self.warmup_steps = at_fit_start, at_fit_end, warmup_steps
@@ -231,6 +238,7 @@ class HessianEigenMonitor(Callback):
         self.trace_every, self.trace_hvp, self.stderr_every = trace_every, trace_hvp, stderr_every
         self.density_every, self.density_steps = density_every, density_steps
         self.basis_device, self.checkpoint_eigenvectors = basis_device, checkpoint_eigenvectors
+        self.basis_size = basis_size
         self.on_error = on_error
         self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
         self.density: SpectralDensity | None = None
@@ -391,6 +399,7 @@ class HessianEigenMonitor(Callback):
             tol=self.tol,
             max_hvp=self.max_hvp,
             basis_device=self.basis_device,
+            basis_size=self.basis_size,
         )
         self._budget.start_fit()
         self._work.start_fit()

@@ -221,6 +221,7 @@ HESSIAN_MONITOR = {
     "density_every": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
     "density_steps": (good_int(2), bad_int(2)),
     "basis_device": (good_device, bad_device),
+    "basis_size": (good_int(41, 100, none_ok=True), bad_int(2, none_ok=True)),  # above 2k for any good k
     "checkpoint_eigenvectors": (st.booleans(), bad_flag),
     "on_error": (st.sampled_from(["skip", "raise"]), bad_choice({"skip", "raise"})),
 }
@@ -359,6 +360,7 @@ HESSIAN_EIGENPAIRS = {
     ),
     "cache_graphs": (st.booleans(), bad_flag),
     "basis_device": (good_device, bad_device),
+    "basis_size": (good_int(7, 40, none_ok=True), bad_int(2, none_ok=True)),  # above 2k for any good k
     "gradient": (st.booleans(), bad_flag),
     **COMMON_MEASUREMENT,
 }
@@ -523,6 +525,8 @@ def _consistent(target: str, kwargs: dict, bad: str | None = None) -> dict:
             kwargs["params"] = None
         elif kwargs["params"] is not None:  # a diagonal or a previous result on all 11 parameters
             kwargs["preconditioner"], kwargs["warm_start"] = None, None
+        if bad == "k" or (kwargs["method"] == "lobpcg" and bad not in ("basis_size", "method")):
+            kwargs["basis_size"] = None  # a Lanczos setting, which LOBPCG refuses; above a good k only
         if kwargs["method"] == "lobpcg" and kwargs["max_hvp"] is not None and bad != "max_hvp":
             kwargs["max_hvp"] = max(kwargs["max_hvp"], 12)  # one LOBPCG block (k = 3, both ends: 9)
     return kwargs
