@@ -6,9 +6,9 @@ Two tables, written to BENCHMARKS.md with ``--out`` (section "measurement-cost")
   benchmark model (``benchmarks/models.py``: the digits MLP and CNN, the small transformer classifier,
   the Llama-style LM): its products against the ideal count (Lanczos with full reorthogonalization and
   a basis large enough never to restart, same start vector), and its seconds per product against one
-  exact product through the cached gradient graph on the same probe (median of 20, the graph already
-  built): the time of everything else a measurement does (graph build, the solver's linear algebra,
-  Python) spread over its products.
+  exact product through the cached gradient graph on the same probe (the graph already built), the two
+  timed in alternation: the time of everything else a measurement does (graph build, the solver's linear
+  algebra, Python) spread over its products.
 - **Warm starts along a run.** Full-batch GD (lr 0.2) on the digits MLP from step 300, measuring the
   top-k every 1, 5 or 100 steps, 12 measurements: the mean products of a cold start, of Lanczos from the
   sum of the previous eigenvectors (``method="lanczos"``), and of ``method="auto"`` (a block restart
@@ -34,7 +34,6 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.edge_cost import median_ms
 from benchmarks.models import make_bench
 from benchmarks.report import rewrite
 from pf_lightning import hessian_eigenpairs
@@ -44,11 +43,9 @@ from pf_lightning.linalg import lanczos
 MODELS = ("mlp", "cnn", "transformer", "llama")
 
 
-def _median_seconds(fn, repeats: int = 20) -> float:
-    return median_ms(fn, repeats) / 1e3
-
-
-def floor_row(name: str, k: int = 5) -> dict:
+def floor_row(name: str, k: int = 5, rounds: int = 7) -> dict:
+    """One model's floor: the measurement and the cached product timed in alternation, ``rounds`` times
+    (this machine's speed drifts within seconds: a ratio of medians timed apart swung from 1.0 to 1.9)."""
     bench = make_bench(name)
     probe = [bench.probe]
 
@@ -56,20 +53,33 @@ def floor_row(name: str, k: int = 5) -> dict:
         return hessian_eigenpairs(bench.model, bench.loss_fn, probe, k=k, tol=1e-3)
 
     result = measure()
-    seconds = _median_seconds(measure, repeats=5)
     with HessianOperator(bench.model, bench.loss_fn, probe, hvp="double_backward") as op:
         ideal = lanczos(op, k, tol=1e-3, basis_size=min(op.n, 400))
-        v = torch.randn(op.n, generator=torch.Generator().manual_seed(0)).to(op.dtype)
-        product = _median_seconds(lambda: op.matvec(v))
+    v = torch.randn(ideal.eigenvectors.shape[0], generator=torch.Generator().manual_seed(0))
+    seconds, products = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        measure()
+        seconds.append(time.perf_counter() - start)
+        with HessianOperator(bench.model, bench.loss_fn, probe, hvp="double_backward") as op:
+            v = v.to(op.dtype)
+            op.matvec(v)  # builds the graph
+            start = time.perf_counter()
+            for _ in range(result.n_hvp):
+                op.matvec(v)
+            products.append((time.perf_counter() - start) / result.n_hvp)
+    ratios = [s / result.n_hvp / p for s, p in zip(seconds, products, strict=True)]
     row = {
         "model": name,
         "params": bench.n_params,
         "probe": len(bench.probe[0]),
         "n_hvp": result.n_hvp,
         "ideal": ideal.n_hvp,
-        "seconds": seconds,
-        "per_product": seconds / result.n_hvp,
-        "product": product,
+        "seconds": statistics.median(seconds),
+        "per_product": statistics.median(seconds) / result.n_hvp,
+        "product": statistics.median(products),
+        "ratio": statistics.median(ratios),
+        "ratio_range": (min(ratios), max(ratios)),
     }
     print(row, flush=True)
     return row
@@ -140,16 +150,19 @@ def markdown(floor: list[dict], warm: list[dict], command: str) -> str:
         "",
         '**The floor** (one cold top-5 measurement, tol 1e-3, `hvp="auto"`; models of the tables above). '
         "*Ideal*: Lanczos with full reorthogonalization and a basis that never restarts. *Per product*: the "
-        "measurement's seconds (median of 5) over its products, against one exact product through the cached "
-        "gradient graph (median of 20).",
+        "measurement's seconds over its products, against one exact product through the cached gradient graph "
+        "(as many products in a row, the graph already built), the two timed in alternation 7 times: medians, "
+        "and the median and range of the 7 ratios.",
         "",
-        "| model | parameters | probe | products | ideal | seconds | per product (ms) | cached product (ms) | ratio |",
+        "| model | parameters | probe | products | ideal | seconds | per product (ms) | cached product (ms) "
+        "| ratio (range) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in floor:
+        low, high = r["ratio_range"]
         lines.append(
             f"| {r['model']} | {r['params']:,} | {r['probe']} | {r['n_hvp']} | {r['ideal']} | {r['seconds']:.3f} "
-            f"| {1e3 * r['per_product']:.2f} | {1e3 * r['product']:.2f} | **{r['per_product'] / r['product']:.2f}** |"
+            f"| {1e3 * r['per_product']:.2f} | {1e3 * r['product']:.2f} | **{r['ratio']:.2f}** ({low:.2f}–{high:.2f}) |"
         )
     lines += [
         "",
