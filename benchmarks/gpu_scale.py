@@ -16,7 +16,7 @@ on the device, a probe of 4 sequences of 256 tokens:
   the GPU beside the model and the products' gradient graph, the default basis in host memory
   (``basis_device="cpu"``), ``basis_size=2`` on the GPU, ``basis_size=2`` in host memory; none fitting,
   the row says so with the memory needed. At 1.07B parameters the default basis is 96 GiB, which an
-  H200 holds beside the model; at 6.57B a float32 vector is 24.5 GiB, the default basis 587 GiB, and
+  H200 holds beside the model; at 6.57B a float32 vector is 24.5 GiB, the default basis 588 GiB, and
   ``basis_size=2``'s 98 GiB go to a 128 GiB host. Time, products, the GPU's peak.
 - **Critical sharpness per step**: one training step (SGD with momentum 0.9 and the same probe, bfloat16
   weights and gradients) against ``critical_sharpness(..., optimizer=)`` along that optimizer's next
@@ -132,9 +132,11 @@ def top_eigenpair(model: LlamaStyleLM, probe: list, device: str) -> dict[str, An
     need = solver_bytes(n, SMALL_BASIS if where is None else basis_size)
     row: dict[str, Any] = {"vector_gib": need / GIB, "basis_size": basis_size}
     if where is None:
+        beside = (graph_reserve(n) + 2 * 4 * n) / GIB  # what the GPU holds with the vectors on the host
         row["error"] = (
-            f"not run: even basis_size={SMALL_BASIS}'s float32 solver vectors need {need / GIB:.0f} GiB; free: "
-            f"{gpu / GIB:.0f} GiB on the GPU, {host / GIB:.0f} GiB on the host"
+            f"not run: even basis_size={SMALL_BASIS}'s float32 solver vectors need {need / GIB:.0f} GiB (on the "
+            f"host, with {beside:.0f} GiB on the GPU beside them); free: {gpu / GIB:.0f} GiB on the GPU, "
+            f"{host / GIB:.0f} GiB on the host"
         )
         return row
     basis_device = None if where == "device" else "cpu"

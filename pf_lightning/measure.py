@@ -67,7 +67,7 @@ def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> None
         n_wanted + 1,
         allow_none=True,
         hint=f"more than the {n_wanted} eigenpairs wanted (k={k}, which={which!r}); "
-        "the solver keeps basis_size + 1 parameter-sized vectors and max(1, k) more",
+        "the solver keeps basis_size + 1 parameter-sized vectors and as many more as the pairs wanted",
     )
 
 
@@ -242,8 +242,9 @@ def hessian_eigenpairs(
             differences: 3; double backward: each probe batch's graph) and the ``warm_start``'s eigenvectors.
         basis_size: Lanczos vectors kept between restarts (``None``: ``max(2k + 10, 20)``), for a model
             whose parameters the device (or the host, with ``basis_device``) holds only a few copies of:
-            the solver then keeps ``basis_size + 1`` vectors and one more (the product during a step, the
-            eigenvector at the end) for ``k = 1``. Any value above the number of wanted pairs converges to
+            the solver then keeps ``basis_size + 1`` vectors and as many more as the pairs wanted, at least
+            one (the product during a step, the eigenvectors at the end): 4 for the top eigenpair at
+            ``basis_size=2``. Any value above the number of wanted pairs converges to
             the same eigenpairs; a small one takes more products (``basis_size=2``: 1.5-1.8 times the
             default's for the top eigenpair to ``tol=1e-2`` on LMs of 0.8M-110M parameters; BENCHMARKS.md,
             "A small basis"). With it, ``method="auto"`` warm-starts Lanczos from the

@@ -73,7 +73,7 @@ def test_a_small_basis_in_host_memory_runs_where_the_default_basis_fits_nowhere(
 
 def test_the_solver_vectors_go_where_they_fit_at_1b_and_7b():
     """An H200 holds 1.07B parameters' 24 float32 vectors (96 GiB) beside the model; 6.57B's default basis
-    (24 vectors, 587 GiB) fits neither the GPU nor a 128 GiB host, basis_size=2's 4 vectors (98 GiB) fit the
+    (24 vectors, 588 GiB) fits neither the GPU nor a 128 GiB host, basis_size=2's 4 vectors (98 GiB) fit the
     host while the GPU holds the vector being multiplied and its product. Free memory as an H200 shows it
     once the bfloat16 model is loaded."""
     gib = 2**30

@@ -121,10 +121,13 @@ class HessianEigenMonitor(Callback):
             (``"cpu"``: host memory, for models too large for the accelerator to hold ``max(2k + 10, 20)``
             copies of their parameters); see :func:`~pf_lightning.hessian_eigenpairs`.
         basis_size: Lanczos vectors kept between restarts (``None``: ``max(2k + 10, 20)``): with
-            ``basis_size`` the solver holds ``basis_size + 1 + max(1, k)`` parameter-sized vectors, for a
-            model whose device (or host) holds only a few copies of its parameters; measurements then
-            warm-start Lanczos, never the block method. Must exceed the pairs wanted (``k``, ``2k`` for
-            ``which="both"``); see :func:`~pf_lightning.hessian_eigenpairs`.
+            ``basis_size`` the solver holds ``basis_size + 1`` parameter-sized vectors and as many more as
+            the pairs wanted (``k``, ``2k`` for ``which="both"``; at least one), for a model whose device
+            (or host) holds only a few copies of its parameters; ``.latest`` keeps its ``k`` (or ``2k``)
+            eigenvectors between measurements for the next warm start, which is by Lanczos, never the block
+            method. Must exceed the pairs wanted; see :func:`~pf_lightning.hessian_eigenpairs`. The trace and
+            density estimates (``trace_every``, ``density_every``) do not take it: the density holds
+            ``density_steps`` vectors.
         checkpoint_eigenvectors: save the latest eigenvectors in checkpoints, so the first measurement
             after a resume is warm-started (``n x k`` floats; never saved when they are FSDP2 shards).
         probe_batch_size: a drawn probe is stacked into batches of at most this many samples, one
@@ -359,6 +362,7 @@ class HessianEigenMonitor(Callback):
             "stderr_every",
             "trace_every",
             "density_every",
+            "basis_size",
         )
         values = {name: getattr(self, name) for name in (*names, *more)}
         return f"HessianEigenMonitor{'' if self.name is None else f'[{self.name}]'}", {

@@ -98,7 +98,7 @@ def converged_mask(theta: Tensor, res: Tensor, tol: float, scale: float) -> Tens
 def check_finite(W: Tensor) -> None:
     # The extremes propagate NaN and hold any infinity: a reduction, where isfinite(W) would allocate a
     # mask of W's size (a quarter of a float32 vector) at every product.
-    low, high = torch.aminmax(W)
+    low, high = torch.aminmax(W.detach())
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         raise NonFiniteOperatorError(
             "the operator returned a non-finite value (NaN or inf): check the loss and the model's "
@@ -190,9 +190,10 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor,
     """
     w = op.matvec(V[j])
     check_finite(w)
-    if w.requires_grad or w.untyped_storage().data_ptr() == V.untyped_storage().data_ptr():
+    inference = w.is_inference() and not torch.is_inference_mode_enabled()
+    if w.requires_grad or inference or w.untyped_storage().data_ptr() == V.untyped_storage().data_ptr():
         # Updated in place below: never the basis (an operator that hands back its input), nor a tensor a
-        # graph may have saved (an operator whose products carry one).
+        # graph may have saved (an operator whose products carry one), nor one made in inference mode.
         w = w.detach().clone()
     basis = V[: j + 1].mT  # (n, j + 1): the blocks the operator's inner product takes
     h = op.inner(basis, w)

@@ -66,7 +66,9 @@ def default_basis_size(n_wanted: int, n: int) -> int:
 def lanczos_vectors(n_wanted: int, n: int, basis_size: int | None = None, neighbours: bool = False) -> int:
     """The most vectors of length ``n`` a :func:`lanczos` run holds at once (the module docstring's rule):
     the basis, ``basis_size + 1``, and one more during a step (the product being orthogonalized) or, at the
-    end, the ``n_wanted`` eigenvectors and their neighbours. The operator's own needs come on top.
+    end, the ``n_wanted`` eigenvectors and their neighbours. The operator's own needs come on top, and
+    so does, for the one step that follows a breakdown (an exactly invariant Krylov space, rare before
+    the basis spans most of a small operator), the fresh vector drawn and orthonormalized (about 4).
 
     Example::
 

@@ -51,7 +51,10 @@ class LinearOperator:
         raise NotImplementedError
 
     def matmat(self, X: Tensor) -> Tensor:
-        """Apply the operator to the columns of ``X`` (shape ``(n, b)``)."""
+        """Apply the operator to the columns of ``X`` (shape ``(n, b)``).
+
+        The product belongs to the caller: the solvers update it in place (Lanczos copies one that
+        aliases its input, carries a graph or was made in inference mode first)."""
         if X.ndim != 2 or X.shape[0] != self.n:
             raise ValueError(f"matmat expects a block of shape ({self.n}, b), got {tuple(X.shape)}")
         self.n_matvec += X.shape[1]
