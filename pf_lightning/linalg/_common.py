@@ -95,15 +95,18 @@ def converged_mask(theta: Tensor, res: Tensor, tol: float, scale: float) -> Tens
     return res <= tol * torch.clamp(theta.abs(), min=floor)
 
 
+NON_FINITE_PRODUCT = (
+    "the operator returned a non-finite value (NaN or inf): check the loss and the model's parameters on "
+    "the probe batches"
+)
+
+
 def check_finite(W: Tensor) -> None:
     # The extremes propagate NaN and hold any infinity: a reduction, where isfinite(W) would allocate a
     # mask of W's size (a quarter of a float32 vector) at every product.
     low, high = torch.aminmax(W.detach())
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-        raise NonFiniteOperatorError(
-            "the operator returned a non-finite value (NaN or inf): check the loss and the model's "
-            "parameters on the probe batches"
-        )
+        raise NonFiniteOperatorError(NON_FINITE_PRODUCT)
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -183,13 +186,17 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor,
     recurrence, the rest removes the loss of orthogonality that creates spurious copies of converged Ritz
     values. Every inner product goes through ``op.inner``. The projections are removed from the product
     in place (one fused matrix-vector update each): besides the basis, a step holds the product alone.
+    A NaN or infinity in the product reaches the remainder's norm, which is checked in place of the
+    product itself (one read of a vector fewer per step); so is a norm that overflows.
+
+    Raises:
+        NonFiniteOperatorError: the product is not finite (or its norm overflows the dtype).
 
     Returns:
         The float64 coefficients of the product on the basis (column ``j`` of the projected matrix), the
         remainder ``w`` and its norm ``beta`` (the next coupling).
     """
     w = op.matvec(V[j])
-    check_finite(w)
     inference = w.is_inference() and not torch.is_inference_mode_enabled()
     if w.requires_grad or inference or w.untyped_storage().data_ptr() == V.untyped_storage().data_ptr():
         # Updated in place below: never the basis (an operator that hands back its input), nor a tensor a
@@ -200,5 +207,7 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor,
     w.addmv_(basis, h, alpha=-1)
     h2 = op.inner(basis, w)
     w.addmv_(basis, h2, alpha=-1)
-    beta = max(float(op.inner(w, w)), 0.0) ** 0.5
-    return (h + h2).to(torch.float64), w, beta
+    beta_squared = float(op.inner(w, w))
+    if not math.isfinite(beta_squared):
+        raise NonFiniteOperatorError(NON_FINITE_PRODUCT)
+    return (h + h2).to(torch.float64), w, max(beta_squared, 0.0) ** 0.5

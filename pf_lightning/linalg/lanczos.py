@@ -173,7 +173,7 @@ def lanczos(
 
     # One basis vector per row: each new vector is written, and each product's input read, in one
     # contiguous stretch (columns of an (n, m + 1) matrix cost 30% more per step on a CPU at n = 55k).
-    V = torch.zeros(m + 1, op.n, dtype=op.dtype, device=op.device)
+    V = torch.empty(m + 1, op.n, dtype=op.dtype, device=op.device)  # a row is written before it is read
     torch.div(v, nrm, out=V[0])
     del v
     H = torch.zeros(m + 1, m, dtype=torch.float64, device=op.device)

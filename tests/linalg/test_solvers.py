@@ -13,6 +13,7 @@ from pf_lightning.linalg import (
     lanczos,
     lobpcg,
 )
+from pf_lightning.linalg.density import slq_density
 
 SOLVERS = {"lanczos": lanczos, "lobpcg": lobpcg}
 
@@ -154,16 +155,23 @@ class _InferenceMode(DenseOperator):
             return self.matrix @ X
 
 
-@pytest.mark.parametrize("where", ["start", "inf", "nan"])
+@pytest.mark.parametrize("where", ["start", "inf", "nan", "overflow"])
 def test_the_finiteness_check_catches_one_bad_entry_anywhere(where):
+    """Checked on the remainder's norm, which a NaN or infinity anywhere in the product reaches; so does a
+    float32 product whose norm overflows (an eigenvalue near 1e19 would)."""
+
     class OneBad(DenseOperator):
         def _matmat(self, X):
             Y = self.matrix @ X
-            Y[{"start": 0, "inf": 17, "nan": -1}[where]] = float("nan" if where != "inf" else "-inf")
+            bad = {"start": float("nan"), "inf": float("-inf"), "nan": float("nan"), "overflow": 3e19}[where]
+            Y[{"start": 0, "inf": 17, "nan": -1, "overflow": 5}[where]] = bad
             return Y
 
+    A = symmetric(hessian_like(60))
     with pytest.raises(NonFiniteOperatorError, match="non-finite"):
-        lanczos(OneBad(symmetric(hessian_like(60))), 2)
+        lanczos(OneBad(A.float() if where == "overflow" else A), 2)
+    with pytest.raises(NonFiniteOperatorError, match="non-finite"):
+        slq_density(OneBad(A.float() if where == "overflow" else A), n_steps=10, n_vectors=1)
 
 
 def test_lanczos_updates_products_in_place_but_never_the_basis_nor_a_graph():
