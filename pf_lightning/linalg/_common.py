@@ -96,8 +96,8 @@ def converged_mask(theta: Tensor, res: Tensor, tol: float, scale: float) -> Tens
 
 
 NON_FINITE_PRODUCT = (
-    "the operator returned a non-finite value (NaN or inf): check the loss and the model's parameters on "
-    "the probe batches"
+    "the operator returned a non-finite value (NaN or inf) or, in Lanczos, a product whose norm overflows its "
+    "dtype: check the loss and the model's parameters on the probe batches"
 )
 
 
