@@ -95,10 +95,7 @@ def converged_mask(theta: Tensor, res: Tensor, tol: float, scale: float) -> Tens
     return res <= tol * torch.clamp(theta.abs(), min=floor)
 
 
-NON_FINITE_PRODUCT = (
-    "the operator returned a non-finite value (NaN or inf) or, in Lanczos, a product whose norm overflows its "
-    "dtype: check the loss and the model's parameters on the probe batches"
-)
+NON_FINITE_HINT = "check the loss and the model's parameters on the probe batches"
 
 
 def check_finite(W: Tensor) -> None:
@@ -106,7 +103,9 @@ def check_finite(W: Tensor) -> None:
     # mask of W's size (a quarter of a float32 vector) at every product.
     low, high = torch.aminmax(W.detach())
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-        raise NonFiniteOperatorError(NON_FINITE_PRODUCT)
+        raise NonFiniteOperatorError(
+            f"the operator returned a non-finite value (NaN or inf): {NON_FINITE_HINT}"
+        )
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -209,5 +208,8 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor,
     w.addmv_(basis, h2, alpha=-1)
     beta_squared = float(op.inner(w, w))
     if not math.isfinite(beta_squared):
-        raise NonFiniteOperatorError(NON_FINITE_PRODUCT)
+        raise NonFiniteOperatorError(
+            f"the operator returned a non-finite value (NaN or inf) or one whose norm overflows {w.dtype}: "
+            f"{NON_FINITE_HINT}"
+        )
     return (h + h2).to(torch.float64), w, max(beta_squared, 0.0) ** 0.5
