@@ -19,6 +19,8 @@ Sections, each printed as a markdown table and saved in ``--json``:
 5. ``bitwise``: training on the GPU with dropout, BatchNorm and momentum, with and without the
    callbacks: parameters, buffers, optimizer state and the CUDA random state after fit.
 6. ``nccl2``: whether NCCL runs two ranks on one GPU (it refuses; multi-GPU DDP needs more GPUs).
+7. ``floor``: one cold top-5 measurement's seconds per product against a cached-graph product on the
+   four benchmark models (``benchmarks/measurement_cost.py``'s floor, CUDA-synchronised).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from torch import nn  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from benchmarks.hvp_cost import hvp_cost  # noqa: E402
-from benchmarks.models import Bench, Transformer, _tokens, cross_entropy, make_bench  # noqa: E402
+from benchmarks.measurement_cost import floor_row, floor_table  # noqa: E402
+from benchmarks.models import MODELS, Bench, Transformer, _tokens, cross_entropy, make_bench  # noqa: E402
 from pf_lightning import (  # noqa: E402
     DriftAdaptiveLR,
     EdgeOfStabilityMonitor,
@@ -63,11 +66,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs()).max())
 
 
-def _to(bench: Bench, device: str) -> Bench:
-    move = lambda t: tuple(x.to(device) for x in t)  # noqa: E731
-    return Bench(bench.name, bench.model.to(device), bench.loss_fn, move(bench.probe), move(bench.train))
-
-
 def accuracy(device: str, quick: bool) -> list[dict[str, Any]]:
     rows = []
     for name in ("mlp", "cnn", "transformer"):
@@ -82,7 +80,7 @@ def accuracy(device: str, quick: bool) -> list[dict[str, Any]]:
             )
         ]
         ref = hessian_eigenpairs(ref_model, cross_entropy, probe64, k=5, tol=1e-10, max_hvp=3000)
-        gpu = _to(bench, device)
+        gpu = bench.to(device)
         for hvp in ("double_backward", "finite_difference"):
             start = time.perf_counter()
             res = hessian_eigenpairs(
@@ -162,9 +160,17 @@ def hvp_table(device: str, quick: bool) -> list[dict[str, Any]]:
         bench = make_bench(
             name, probe_size=128 if quick else 512, pretrain_steps=10 if quick else 100, quick=quick
         )
-        out.append(hvp_cost(_to(bench, device), repeats))
+        out.append(hvp_cost(bench.to(device), repeats))
     out.append(hvp_cost(large_transformer(device, quick), repeats, block=4))
     return out
+
+
+def floor(device: str, quick: bool) -> list[dict[str, Any]]:
+    """The measurement floor of ``benchmarks/measurement_cost.py`` on ``device``."""
+    return [
+        floor_row(name, device=device, budget=2.0 if quick else 20.0)
+        for name in (("mlp",) if quick else MODELS)
+    ]
 
 
 def attention(device: str, quick: bool) -> list[dict[str, Any]]:
@@ -565,6 +571,16 @@ def render(results: dict[str, Any]) -> str:
                 for r in rows
             ]
             out.append(f"| {label} | " + " | ".join(cells) + " |")
+    if isinstance(results.get("floor"), list):
+        out += [
+            "",
+            "**The measurement's floor on the GPU** (the CPU table's harness, `benchmarks/measurement_cost.py`, "
+            "CUDA-synchronised): one cold top-5 measurement's seconds per product against one exact product "
+            "through the cached gradient graph, timed in alternation; what is left above 1 is the solver's own "
+            "work and its waits on the device.",
+            "",
+            *floor_table(results["floor"]),
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -608,6 +624,7 @@ def main() -> None:
         "bitwise": lambda: bitwise(device),
         "nccl2": nccl_two_ranks_one_gpu if device.startswith("cuda") else lambda: ["skipped: no CUDA"],
         "hvp": lambda: hvp_table(device, args.quick),
+        "floor": lambda: floor(device, args.quick),
     }
     for name, run in sections.items():
         if args.only and name not in args.only:

@@ -15,7 +15,9 @@ Two tables, written to BENCHMARKS.md with ``--out`` (section "measurement-cost")
   from the previous eigenvectors and their neighbours, or Lanczos, whichever was cheaper last), with
   the sequence of its choices; and the products of a warm start where nothing moved.
 
-Usage: ``python benchmarks/measurement_cost.py --out BENCHMARKS.md`` (about 3 minutes on 2 CPU threads).
+Usage: ``python benchmarks/measurement_cost.py --out BENCHMARKS.md`` (about 3 minutes on 2 CPU threads);
+``--split mlp`` only prints where one measurement's time goes on that model (its products, the first one
+with the graph build, and the rest).
 """
 
 from __future__ import annotations
@@ -34,45 +36,48 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.models import make_bench
+from benchmarks.models import MODELS, make_bench
 from benchmarks.report import rewrite
 from pf_lightning import hessian_eigenpairs
 from pf_lightning.curvature import HessianOperator
 from pf_lightning.linalg import lanczos
 
-MODELS = ("mlp", "cnn", "transformer", "llama")
 
-
-def floor_row(name: str, k: int = 5, budget: float = 20.0) -> dict:
+def floor_row(name: str, k: int = 5, budget: float = 20.0, device: str = "cpu") -> dict:
     """One model's floor: the measurement and the cached product timed in alternation (this machine's speed
     drifts within seconds: a ratio of medians timed apart swung from 1.0 to 1.9), in as many rounds as fit
     ``budget`` seconds, 7 to 41. Reported: the median and range of the rounds' ratios, and the ratio of the
     fastest measurement to the fastest product (slowdowns from outside only add time: with many rounds the
-    fastest of each is the least disturbed)."""
-    bench = make_bench(name)
+    fastest of each is the least disturbed). On a CUDA ``device`` each time is read after synchronizing."""
+    bench = make_bench(name).to(device)
     probe = [bench.probe]
+
+    def clock() -> float:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def measure():
         return hessian_eigenpairs(bench.model, bench.loss_fn, probe, k=k, tol=1e-3)
 
-    start = time.perf_counter()
+    start = clock()
     result = measure()
-    rounds = min(41, max(7, round(budget / (2 * (time.perf_counter() - start)))))
+    rounds = min(41, max(7, round(budget / (2 * (clock() - start)))))
     with HessianOperator(bench.model, bench.loss_fn, probe, hvp="double_backward") as op:
         ideal = lanczos(op, k, tol=1e-3, basis_size=min(op.n, 400))
     v = torch.randn(ideal.eigenvectors.shape[0], generator=torch.Generator().manual_seed(0))
     seconds, products = [], []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = clock()
         measure()
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock() - start)
         with HessianOperator(bench.model, bench.loss_fn, probe, hvp="double_backward") as op:
-            v = v.to(op.dtype)
+            v = v.to(op.device, op.dtype)
             op.matvec(v)  # builds the graph
-            start = time.perf_counter()
+            start = clock()
             for _ in range(result.n_hvp):
                 op.matvec(v)
-            products.append((time.perf_counter() - start) / result.n_hvp)
+            products.append((clock() - start) / result.n_hvp)
     ratios = [s / result.n_hvp / p for s, p in zip(seconds, products, strict=True)]
     row = {
         "model": name,
@@ -90,6 +95,56 @@ def floor_row(name: str, k: int = 5, budget: float = 20.0) -> dict:
     }
     print(row, flush=True)
     return row
+
+
+def split_row(name: str, k: int = 5, rounds: int = 25) -> dict:
+    """Where one measurement's time goes on the CPU: its first product (which builds the gradient graph), its
+    other products, and everything else (set-up, the solver's work between products, the result); medians
+    over ``rounds`` measurements, each followed by as many cached-graph products in a row for comparison.
+    The operator's products are timed by wrapping ``HessianOperator._matmat`` for the duration."""
+    bench = make_bench(name)
+    probe = [bench.probe]
+    matmat, products = HessianOperator._matmat, []
+
+    def timed(op: HessianOperator, X: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = matmat(op, X)
+        products.append(time.perf_counter() - start)
+        return out
+
+    rows = []
+    HessianOperator._matmat = timed
+    try:
+        hessian_eigenpairs(bench.model, bench.loss_fn, probe, k=k, tol=1e-3)  # warm-up
+        for _ in range(rounds):
+            products.clear()
+            start = time.perf_counter()
+            n = hessian_eigenpairs(bench.model, bench.loss_fn, probe, k=k, tol=1e-3).n_hvp
+            total = time.perf_counter() - start
+            first, rest = products[0], products[1:]
+            with HessianOperator(bench.model, bench.loss_fn, probe, hvp="double_backward") as op:
+                v = torch.randn(op.n, generator=torch.Generator().manual_seed(0)).to(op.dtype)
+                op.matvec(v)
+                products.clear()
+                for _ in range(n):
+                    op.matvec(v)
+                cached = statistics.median(products)
+            rows.append((total, first, statistics.mean(rest), total - first - sum(rest), cached, n))
+    finally:
+        HessianOperator._matmat = matmat
+    median = lambda i: statistics.median(r[i] for r in rows)  # noqa: E731
+    out = {
+        "model": name,
+        "products": rows[0][5],
+        "measurement_ms": 1e3 * median(0),
+        "first_product_ms": 1e3 * median(1),
+        "other_products_ms": 1e3 * median(2),
+        "cached_product_ms": 1e3 * median(4),
+        "outside_products_ms": 1e3 * median(3),
+        "outside_per_product_ms": 1e3 * median(3) / rows[0][5],
+    }
+    print(out, flush=True)
+    return out
 
 
 def _digits_run():
@@ -148,6 +203,23 @@ def warm_rows(ks=(1, 5, 20), gaps=(1, 5, 100), measurements: int = 12) -> list[d
     return rows
 
 
+def floor_table(floor: list[dict]) -> list[str]:
+    """The floor rows as markdown table lines (this script's section, and the GPU one of ``gpu.py``)."""
+    lines = [
+        "| model | parameters | probe | products | ideal | seconds | per product (ms) | cached product (ms) "
+        "| rounds | ratio (range) | fastest / fastest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in floor:
+        low, high = r["ratio_range"]
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {r['probe']} | {r['n_hvp']} | {r['ideal']} | {r['seconds']:.3f} "
+            f"| {1e3 * r['per_product']:.2f} | {1e3 * r['product']:.2f} | {r['rounds']} "
+            f"| **{r['ratio']:.2f}** ({low:.2f}–{high:.2f}) | {r['best_ratio']:.2f} |"
+        )
+    return lines
+
+
 def markdown(floor: list[dict], warm: list[dict], command: str) -> str:
     lines = [
         "## Measurement cost: the floor and warm starts",
@@ -162,18 +234,7 @@ def markdown(floor: list[dict], warm: list[dict], command: str) -> str:
         "as many as fit 20 s): medians, the median and range of the rounds' ratios, and the fastest measurement "
         "against the fastest product (the least disturbed of each: slowdowns from outside only add time).",
         "",
-        "| model | parameters | probe | products | ideal | seconds | per product (ms) | cached product (ms) "
-        "| rounds | ratio (range) | fastest / fastest |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in floor:
-        low, high = r["ratio_range"]
-        lines.append(
-            f"| {r['model']} | {r['params']:,} | {r['probe']} | {r['n_hvp']} | {r['ideal']} | {r['seconds']:.3f} "
-            f"| {1e3 * r['per_product']:.2f} | {1e3 * r['product']:.2f} | {r['rounds']} "
-            f"| **{r['ratio']:.2f}** ({low:.2f}–{high:.2f}) | {r['best_ratio']:.2f} |"
-        )
-    lines += [
+        *floor_table(floor),
         "",
         "**Warm starts along a run** (full-batch GD, lr 0.2, on the digits MLP from step 300; 512-sample probe; "
         "mean products over 12 measurements). *Still*: a warm start on unchanged parameters. *auto's choices*: "
@@ -195,9 +256,18 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="rewrite the measurement-cost section of this file"
     )
+    parser.add_argument(
+        "--split",
+        choices=MODELS,
+        default=None,
+        help="only print where one measurement's time goes on this model (products and the rest)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
+    if args.split is not None:
+        split_row(args.split)
+        return
     body = markdown(
         [floor_row(name) for name in MODELS],
         warm_rows(),

@@ -178,6 +178,11 @@ class Bench:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def to(self, device: str | torch.device) -> Bench:
+        """The same bench on ``device`` (the model moved in place, the batches copied)."""
+        move = lambda t: tuple(x.to(device) for x in t)  # noqa: E731
+        return Bench(self.name, self.model.to(device), self.loss_fn, move(self.probe), move(self.train))
+
     def sgd_steps(self, steps: int, lr: float) -> None:
         """Full-batch SGD on the training set: what moves the parameters between two measurements."""
         opt = torch.optim.SGD(self.model.parameters(), lr=lr)

@@ -158,14 +158,14 @@ def orthonormalize(op: LinearOperator, W: Tensor, against: Tensor | None = None)
 
     Two passes of block classical Gram-Schmidt followed by an eigen-decomposition of the Gram
     matrix (SVQB, Stathopoulos & Wu 2002), which is stable where Cholesky-QR breaks down.
-    Every inner product goes through ``op.inner``.
+    Every inner product goes through ``op.inner``; the Gram matrix's eigenproblem runs on the CPU.
     """
     for _ in range(2):
         if W.shape[1] == 0:
             return W
         if against is not None and against.shape[1] > 0:
             W = W - against @ op.inner(against, W)
-        G = op.inner(W, W).to(torch.float64)
+        G = op.inner(W, W).to(device="cpu", dtype=torch.float64)
         G = 0.5 * (G + G.mT)
         d = G.diagonal().clamp_min(1e-300).rsqrt()
         evals, evecs = torch.linalg.eigh(d[:, None] * G * d[None, :])
@@ -173,7 +173,7 @@ def orthonormalize(op: LinearOperator, W: Tensor, against: Tensor | None = None)
         if not bool(keep.any()):
             return W[:, :0]
         T = (d[:, None] * evecs[:, keep]) * evals[keep].rsqrt()[None, :]
-        W = W @ T.to(W.dtype)
+        W = W @ T.to(device=W.device, dtype=W.dtype)
     return W
 
 
@@ -192,8 +192,8 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor,
         NonFiniteOperatorError: the product is not finite (or its norm overflows the dtype).
 
     Returns:
-        The float64 coefficients of the product on the basis (column ``j`` of the projected matrix), the
-        remainder ``w`` and its norm ``beta`` (the next coupling).
+        The float64 coefficients of the product on the basis (column ``j`` of the projected matrix), on the
+        CPU, the remainder ``w`` and its norm ``beta`` (the next coupling).
     """
     w = op.matvec(V[j])
     inference = w.is_inference() and not torch.is_inference_mode_enabled()
@@ -206,10 +206,13 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor,
     w.addmv_(basis, h, alpha=-1)
     h2 = op.inner(basis, w)
     w.addmv_(basis, h2, alpha=-1)
-    beta_squared = float(op.inner(w, w))
+    # One transfer to the host a step, the coefficients and the squared norm together: the solver's
+    # decisions and its small eigenproblems run there (an accelerator would wait on each scalar read).
+    host = torch.cat([h + h2, op.inner(w, w).reshape(1)]).to(device="cpu", dtype=torch.float64)
+    beta_squared = float(host[-1])
     if not math.isfinite(beta_squared):
         raise NonFiniteOperatorError(
             f"the operator returned a non-finite value (NaN or inf) or one whose norm overflows {w.dtype}: "
             f"{NON_FINITE_HINT}"
         )
-    return (h + h2).to(torch.float64), w, max(beta_squared, 0.0) ** 0.5
+    return host[:-1], w, max(beta_squared, 0.0) ** 0.5

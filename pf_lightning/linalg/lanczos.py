@@ -27,6 +27,13 @@ product's own needs).
 Every basis vector is reorthogonalized against the whole basis (two passes of classical Gram-Schmidt,
 each one ``inner`` per step), which keeps the Ritz values free of the ghost copies that plain Lanczos
 produces and makes the residual estimate trustworthy in float32.
+
+The projected matrix, its eigenproblem, the convergence test and every other decision are float64 on the
+CPU: a step moves one column of coefficients (and the remainder's squared norm) there in one transfer,
+and only a restart and the result move small matrices back. On an accelerator the solver then waits on
+the device once a step (it waited at up to five scalar reads and a float64 ``eigh`` on the device), and
+launches no small kernels there; ``benchmarks/gpu.py`` (section ``floor``) measures what a step costs
+beyond its product.
 """
 
 from __future__ import annotations
@@ -176,7 +183,9 @@ def lanczos(
     V = torch.empty(m + 1, op.n, dtype=op.dtype, device=op.device)  # a row is written before it is read
     torch.div(v, nrm, out=V[0])
     del v
-    H = torch.zeros(m + 1, m, dtype=torch.float64, device=op.device)
+    # The projected matrix, its eigenproblem and every decision live on the host, in float64:
+    # `lanczos_step` moves one column of coefficients there a step, nothing moves back until a restart.
+    H = torch.zeros(m + 1, m, dtype=torch.float64)
     eps = torch.finfo(op.dtype).eps
     used, restarts, scale = 0, 0, 0.0
 
@@ -217,12 +226,12 @@ def lanczos(
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
         if bool(conv.all()) or complete or used >= budget:
-            vectors = V[:j].mT @ S[:, wanted].to(op.dtype)
+            vectors = V[:j].mT @ S[:, wanted].to(op.device, op.dtype)
             guards = None
             if neighbours:  # formed on their own: a slice of one product would keep it all alive
                 near = select_block(theta, n_wanted + guard_count(n_wanted), which)
                 extra = near[~torch.isin(near, wanted)]
-                guards = V[:j].mT @ S[:, extra].to(op.dtype) if extra.numel() else None
+                guards = V[:j].mT @ S[:, extra].to(op.device, op.dtype) if extra.numel() else None
             info = {
                 "restarts": restarts,
                 "basis_size": m,
@@ -232,10 +241,10 @@ def lanczos(
             del V  # free the basis before the result's vectors are sorted (a copy of k)
             return finish(
                 neighbours=guards,
-                theta=theta[wanted].to(op.dtype),
+                theta=theta[wanted].to(op.device, op.dtype),
                 vectors=vectors,
-                res=res[wanted].to(op.dtype),
-                conv=conv,
+                res=res[wanted].to(op.device, op.dtype),
+                conv=conv.to(op.device),
                 n_hvp=used,
                 start=start,
                 tol=tol,
@@ -250,7 +259,7 @@ def lanczos(
         # carry the information that speeds up the next cycle.
         n_keep = min(n_wanted + (m - n_wanted) // 2, m - 1)
         keep = select_block(theta, n_keep, which)
-        _recombine(V, S[:, keep].to(op.dtype))
+        _recombine(V, S[:, keep].to(op.device, op.dtype))
         V[n_keep] = V[m]
         H.zero_()
         H[:n_keep, :n_keep] = torch.diag(theta[keep])

@@ -46,12 +46,14 @@ __all__ = ["lobpcg"]
 
 
 def _rayleigh_ritz(op: LinearOperator, S: Tensor, AS: Tensor) -> tuple[Tensor, Tensor]:
-    G = op.inner(S, AS).to(torch.float64)
+    """The Ritz values and coefficients of ``S``, float64 on the CPU (where every small matrix of the
+    solver lives: an accelerator would wait on each decision read from it)."""
+    G = op.inner(S, AS).to(device="cpu", dtype=torch.float64)
     return torch.linalg.eigh(0.5 * (G + G.mT))
 
 
 def _residual_norms(op: LinearOperator, R: Tensor) -> Tensor:
-    return op.inner(R, R).diagonal().to(torch.float64).clamp_min(0).sqrt()
+    return op.inner(R, R).diagonal().to(device="cpu", dtype=torch.float64).clamp_min(0).sqrt()
 
 
 def lobpcg(
@@ -115,13 +117,13 @@ def lobpcg(
     used = X.shape[1]
     check_finite(AX)
     theta, C = _rayleigh_ritz(op, X, AX)
-    Cw = C.to(op.dtype)
+    Cw = C.to(op.device, op.dtype)
     X, AX = X @ Cw, AX @ Cw
     P = AP = None
     iterations, scale = 0, float(theta.abs().max())
 
     while True:
-        R = AX - X * theta.to(op.dtype)[None, :]
+        R = AX - X * theta.to(op.device, op.dtype)[None, :]
         res = _residual_norms(op, R)
         scale = max(scale, float(theta.abs().max()))
         wanted = select(theta, k, which)
@@ -143,10 +145,10 @@ def lobpcg(
             guards[wanted] = False
             return finish(
                 neighbours=X[:, guards] if bool(guards.any()) else None,
-                theta=theta[wanted].to(op.dtype),
+                theta=theta[wanted].to(op.device, op.dtype),
                 vectors=X[:, wanted],
-                res=res[wanted].to(op.dtype),
-                conv=conv,
+                res=res[wanted].to(op.device, op.dtype),
+                conv=conv.to(op.device),
                 n_hvp=used,
                 start=start,
                 tol=tol,
@@ -173,7 +175,7 @@ def lobpcg(
         U, sv, _ = torch.linalg.svd(Cp, full_matrices=False)
         Cp = U[:, sv > 1e-10 * max(float(sv.max()), 1e-300)] if sv.numel() else U[:, :0]
         theta = theta_all[keep]
-        Cx_w, Cp_w = Cx.to(op.dtype), Cp.to(op.dtype)
+        Cx_w, Cp_w = Cx.to(op.device, op.dtype), Cp.to(op.device, op.dtype)
         X, AX = S @ Cx_w, AS @ Cx_w
         P, AP = (S @ Cp_w, AS @ Cp_w) if Cp.shape[1] else (None, None)
         del S, AS  # held until the next iteration's residuals otherwise: 6 blocks at that peak
