@@ -130,7 +130,7 @@ def _warm_method(warm_start: EigenResult, n_wanted: int, max_hvp: int | None) ->
 
     Two warm starts, each best in its own regime: ``"block"``, LOBPCG from the previous eigenvectors and
     their ``neighbours`` (``k + max(2, k // 2)`` products where nothing moved, a few blocks where the
-    parameters moved a little), and ``"lanczos"``, Lanczos from their sum plus a random vector (cheaper
+    parameters moved a little), and ``"lanczos"``, Lanczos from the sum of both plus a random vector (cheaper
     where the top directions rotate between measurements, as at the edge of stability 100 steps apart,
     and for large ``k``). The product count of each one's last run is carried from result to result
     (``info["warm_costs"]``). The block one is taken when it was clearly cheaper (:data:`BLOCK_MARGIN`),
@@ -217,8 +217,9 @@ def hessian_eigenpairs(
         params: glob patterns selecting the parameters (all trainable ones by default).
         method: ``"auto"``: cold, Lanczos; warm, LOBPCG from the previous eigenvectors and their
             ``neighbours`` as one block (``k + max(2, k // 2)`` products when nothing moved) where that was
-            clearly cheaper the last time, Lanczos from their sum otherwise (see :func:`_warm_method`;
-            ``info["warm_method"]``); ``"lanczos"`` (warm: from the sum of the previous eigenvectors)
+            clearly cheaper the last time, Lanczos from the sum of both otherwise (see :func:`_warm_method`;
+            ``info["warm_method"]``); ``"lanczos"`` (warm: from the sum of the previous eigenvectors, and of
+            their ``neighbours`` where the previous result has them, unless ``basis_size`` is set)
             or ``"lobpcg"`` (a block method, warm-started from all previous eigenvectors, with
             ``max(2, k // 2)`` random guard vectors).
         preconditioner: an optimizer that preconditions (Adam family, RMSprop, Adagrad, Adadelta: the
@@ -353,16 +354,26 @@ def hessian_eigenpairs(
                 if X0 is None or method == "lanczos" or few_vectors
                 else _warm_method(warm_start, n_wanted, max_hvp)
             )
+            guards = None if X0 is None else warm_start.neighbours
+            if guards is not None and not (guards.ndim == 2 and guards.shape[0] == X0.shape[0]):
+                guards = None
             if warm == "block":
-                guards = warm_start.neighbours
-                usable = guards is not None and guards.ndim == 2 and guards.shape[0] == X0.shape[0]
-                block = torch.cat([X0, guards.to(X0.device, X0.dtype)], dim=1) if usable else X0
+                block = torch.cat([X0, guards.to(X0.device, X0.dtype)], dim=1) if guards is not None else X0
                 result = lobpcg(op, k, X0=block, **common)
             else:
                 v0 = None
-                if X0 is not None:  # one previous eigenvector starts it as it is: a view, no vector more
+                if X0 is not None:
                     X0 = X0.to(dtype=op.dtype)
-                    v0 = X0[:, 0] if X0.shape[1] == 1 else X0.sum(dim=1)
+                    if guards is None or few_vectors:  # one previous eigenvector starts it as it is: a view
+                        v0 = X0[:, 0] if X0.shape[1] == 1 else X0.sum(dim=1)
+                    else:
+                        # The neighbours too: where the top two trade places within a fraction of a percent
+                        # (at the edge of stability), the previous top vector is now the second one, and
+                        # Lanczos from it converges there before the top can emerge from the random half
+                        # of the start; the previous second vector, a neighbour, carries the new top.
+                        v0 = X0.sum(dim=1)
+                        for guard in guards.unbind(dim=1):
+                            v0.add_(guard.to(v0.device, v0.dtype))
                 neighbours = method == "auto" and not few_vectors
                 result = lanczos(op, k, v0=v0, basis_size=basis_size, neighbours=neighbours, **common)
             if bookkeeping:

@@ -187,6 +187,28 @@ def test_a_direction_rising_from_the_neighbours_is_in_the_block_and_found():
     assert after.n_hvp == 3  # one Rayleigh-Ritz step on [e0, e1, e2]: random guards would need more
 
 
+@pytest.mark.parametrize("method", ["lanczos", "auto"])
+def test_a_top_pair_that_trades_places_is_not_missed_by_a_lanczos_warm_start(method):
+    """The two top eigenvalues trade places 0.35% apart, as at the edge of stability (seen on the digits
+    MLP: 11.42258 logged where the top was 11.46174). Lanczos from the previous top vector, now the second,
+    plus a random vector converged on 11.42 with every seed; the previous result's neighbours in the start
+    vector carry the new top."""
+    n = 200
+    eigs = torch.cat([torch.tensor([11.46, 11.42, 11.1]), torch.linspace(-1.0, 10.0, n - 3)]).double()
+    model = Quadratic(n)
+    before = quadratic_top(model, torch.diag(eigs), k=1, tol=1e-10)
+    assert before.neighbours is not None and before.neighbours.shape == (n, 2)
+    eigs[0], eigs[1] = 11.42, 11.46
+    if method == "auto":  # auto's Lanczos start: its bookkeeping says the block cost more the last time
+        before.info.update(warm_method="lanczos", warm_streak=1, warm_costs={"block": 30, "lanczos": 10})
+    for seed in range(4):
+        after = quadratic_top(
+            model, torch.diag(eigs), k=1, tol=1e-3, warm_start=before, method=method, seed=seed
+        )
+        assert after.info.get("warm_method", "lanczos") == "lanczos"
+        assert float(after.eigenvalues[0]) == pytest.approx(11.46, abs=5e-3)  # 11.42 is 0.04 away
+
+
 def test_auto_takes_the_cheaper_warm_start_and_retries_the_other_and_lanczos_finds_a_deep_riser():
     from pf_lightning.measure import WARM_RETRY
 
