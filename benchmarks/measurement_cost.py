@@ -16,7 +16,7 @@ Two tables, written to BENCHMARKS.md with ``--out`` (section "measurement-cost")
   cheaper last), with the sequence of its choices, and how far each warm start's eigenvalues came from
   the cold one's; and the products of a warm start where nothing moved.
 
-Usage: ``python benchmarks/measurement_cost.py --out BENCHMARKS.md`` (about 3 minutes on 2 CPU threads);
+Usage: ``python benchmarks/measurement_cost.py --out BENCHMARKS.md`` (about 8 minutes on 2 CPU threads);
 ``--split mlp`` only prints where one measurement's time goes on that model (its products, the first one
 with the graph build, and the rest).
 """
