@@ -44,6 +44,18 @@ from pf_lightning.curvature import HessianOperator
 from pf_lightning.linalg import lanczos
 
 
+def _cached_product(bench, probe: list, n: int, v: torch.Tensor, clock=time.perf_counter) -> float:
+    """Seconds of one exact product through the cached gradient graph: ``n`` in a row, the graph built
+    first by one more."""
+    with HessianOperator(bench.model, bench.loss_fn, probe, hvp="double_backward") as op:
+        v = v.to(op.device, op.dtype)
+        op.matvec(v)  # builds the graph
+        start = clock()
+        for _ in range(n):
+            op.matvec(v)
+        return (clock() - start) / n
+
+
 def floor_row(name: str, k: int = 5, budget: float = 20.0, device: str = "cpu") -> dict:
     """One model's floor: the measurement and the cached product timed in alternation (this machine's speed
     drifts within seconds: a ratio of medians timed apart swung from 1.0 to 1.9), in as many rounds as fit
@@ -72,13 +84,7 @@ def floor_row(name: str, k: int = 5, budget: float = 20.0, device: str = "cpu") 
         start = clock()
         measure()
         seconds.append(clock() - start)
-        with HessianOperator(bench.model, bench.loss_fn, probe, hvp="double_backward") as op:
-            v = v.to(op.device, op.dtype)
-            op.matvec(v)  # builds the graph
-            start = clock()
-            for _ in range(result.n_hvp):
-                op.matvec(v)
-            products.append((clock() - start) / result.n_hvp)
+        products.append(_cached_product(bench, probe, result.n_hvp, v, clock))
     ratios = [s / result.n_hvp / p for s, p in zip(seconds, products, strict=True)]
     row = {
         "model": name,
@@ -106,6 +112,7 @@ def split_row(name: str, k: int = 5, rounds: int = 25) -> dict:
     bench = make_bench(name)
     probe = [bench.probe]
     matmat, products = HessianOperator._matmat, []
+    v = torch.randn(bench.n_params, generator=torch.Generator().manual_seed(0))
 
     def timed(op: HessianOperator, X: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
@@ -123,13 +130,7 @@ def split_row(name: str, k: int = 5, rounds: int = 25) -> dict:
             n = hessian_eigenpairs(bench.model, bench.loss_fn, probe, k=k, tol=1e-3).n_hvp
             total = time.perf_counter() - start
             first, rest = products[0], products[1:]
-            with HessianOperator(bench.model, bench.loss_fn, probe, hvp="double_backward") as op:
-                v = torch.randn(op.n, generator=torch.Generator().manual_seed(0)).to(op.dtype)
-                op.matvec(v)
-                products.clear()
-                for _ in range(n):
-                    op.matvec(v)
-                cached = statistics.median(products)
+            cached = _cached_product(bench, probe, n, v)
             rows.append((total, first, statistics.mean(rest), total - first - sum(rest), cached, n))
     finally:
         HessianOperator._matmat = matmat

@@ -354,7 +354,7 @@ def hessian_eigenpairs(
                 if X0 is None or method == "lanczos" or few_vectors
                 else _warm_method(warm_start, n_wanted, max_hvp)
             )
-            guards = None if X0 is None else warm_start.neighbours
+            guards = None if X0 is None or few_vectors else warm_start.neighbours
             if guards is not None and not (guards.ndim == 2 and guards.shape[0] == X0.shape[0]):
                 guards = None
             if warm == "block":
@@ -364,7 +364,7 @@ def hessian_eigenpairs(
                 v0 = None
                 if X0 is not None:
                     X0 = X0.to(dtype=op.dtype)
-                    if guards is None or few_vectors:  # one previous eigenvector starts it as it is: a view
+                    if guards is None:  # one previous eigenvector starts it as it is: a view, no vector more
                         v0 = X0[:, 0] if X0.shape[1] == 1 else X0.sum(dim=1)
                     else:
                         # The neighbours too: where the top two trade places within a fraction of a percent

@@ -205,7 +205,8 @@ def test_a_top_pair_that_trades_places_is_not_missed_by_a_lanczos_warm_start(met
         after = quadratic_top(
             model, torch.diag(eigs), k=1, tol=1e-3, warm_start=before, method=method, seed=seed
         )
-        assert after.info.get("warm_method", "lanczos") == "lanczos"
+        if method == "auto":
+            assert after.info["warm_method"] == "lanczos"
         assert float(after.eigenvalues[0]) == pytest.approx(11.46, abs=5e-3)  # 11.42 is 0.04 away
 
 
