@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pf_lightning.linalg._common import orthonormalize
 from pf_lightning.linalg.operator import LinearOperator
 
 __all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace", "rademacher"]
@@ -85,29 +86,6 @@ def _std_error(samples: Tensor) -> float:
     if samples.numel() == 1:
         return math.nan
     return float(samples.std(correction=1) / math.sqrt(samples.numel()))
-
-
-def _orthonormal_basis(op: LinearOperator, Y: Tensor) -> Tensor:
-    """An orthonormal basis (in ``op.inner``) of the numerical range of ``Y``, as ``(n, r)`` with ``r <= b``.
-
-    SVQB (Stathopoulos & Wu 2002), i.e. Cholesky-QR through an eigendecomposition of the Gram matrix:
-    one global reduction per pass, and directions whose Gram eigenvalue is at rounding level are dropped
-    instead of making a Cholesky factorization fail. The second pass restores the orthogonality that the
-    first loses for ill-conditioned ``Y`` ("twice is enough").
-    """
-    eps = torch.finfo(op.dtype).eps
-    for _ in range(2):
-        if Y.shape[1] == 0:
-            return Y
-        gram = op.inner(Y, Y).to(device="cpu", dtype=torch.float64)
-        gram = (gram + gram.mT) / 2
-        evals, evecs = torch.linalg.eigh(gram)
-        if evals[-1] <= 0:
-            return Y[:, :0]
-        keep = evals > evals[-1] * 100 * eps
-        transform = evecs[:, keep] / evals[keep].sqrt()
-        Y = Y @ transform.to(device=Y.device, dtype=Y.dtype)
-    return Y
 
 
 def _check_int_at_least(name: str, value: int, minimum: int, fix: str) -> None:
@@ -204,7 +182,7 @@ def hutchpp_trace(op: LinearOperator, n_matvec: int = 99, *, seed: int = 0) -> T
     start_time, start_hvp = time.perf_counter(), op.n_matvec
     generator = torch.Generator().manual_seed(seed)
     k = n_matvec // 3
-    Q = _orthonormal_basis(op, op.matmat(rademacher(op, k, generator)))
+    Q = orthonormalize(op, op.matmat(rademacher(op, k, generator)))
     rank = Q.shape[1]
     low_rank = float(torch.trace(op.inner(Q, op.matmat(Q)))) if rank else 0.0
     # Once Q spans everything the residual is zero: probing it would only spend applications.

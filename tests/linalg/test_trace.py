@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy.stats import ortho_group
 
+from pf_lightning.linalg._common import orthonormalize
 from pf_lightning.linalg.operator import DenseOperator, LinearOperator
 from pf_lightning.linalg.trace import (
     TraceEstimate,
-    _orthonormal_basis,
     hutchinson_trace,
     hutchpp_trace,
     rademacher,
@@ -71,7 +71,7 @@ def test_rademacher_on_shards_takes_this_process_rows_of_the_global_probes():
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-13)])
 def test_sketch_basis_is_orthonormal_for_an_ill_conditioned_block(dtype, tol):
     op = DenseOperator(with_spectrum(0.7 ** torch.arange(200, dtype=torch.float64)).to(dtype))
-    Q = _orthonormal_basis(op, op.matmat(rademacher(op, 30, torch.Generator().manual_seed(0))))
+    Q = orthonormalize(op, op.matmat(rademacher(op, 30, torch.Generator().manual_seed(0))))
     assert 10 <= Q.shape[1] <= 30
     assert float((Q.T @ Q - torch.eye(Q.shape[1], dtype=dtype)).abs().max()) < tol
 
