@@ -5,9 +5,9 @@ import lightning as L
 import pytest
 import torch
 from cases import dense_hessian, make_case
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_models import DigitsClassifier, digits, trainer
+from lightning_models import DigitsClassifier, digits, logged, trainer
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.curvature import ParameterSpace, optimizer_preconditioner
@@ -325,3 +325,95 @@ def test_the_edge_reads_the_measurement_s_gradient_and_builds_no_operator_of_its
         assert all(g is None for g in seen)
     else:
         assert counts[True] == counts[False] > 0
+
+
+class _WarmUpFromZero(DigitsClassifier):
+    """A linear warm-up from rate 0 (as Hugging Face's ``get_linear_schedule_with_warmup`` starts)."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_warm_up_from_rate_zero_logs_the_sharpness_and_judges_the_edge_from_the_first_positive_rate(
+    tmp_path, optimizer
+):
+    L.seed_everything(0)
+    model = _WarmUpFromZero(n=128, lr=0.1 if optimizer == "sgd" else 1e-2, optimizer=optimizer)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, tol=1e-6)
+    t = trainer(
+        tmp_path, max_steps=6, callbacks=[monitor, EdgeOfStabilityMonitor()], logger=CSVLogger(tmp_path)
+    )
+    with pytest.warns(RuntimeWarning, match="learning rate of .* is 0 .* no stability threshold"):
+        t.fit(model)
+    metrics = logged(t)
+    assert metrics["eos/lr"][0] == 0.0 and 0 not in metrics["eos/threshold"] and "eos/skipped" not in metrics
+    if optimizer == "sgd":  # the sharpness does not depend on the step: logged at rate 0 too
+        assert metrics["eos/sharpness"][0] == pytest.approx(metrics["hessian/eig_1"][0], rel=1e-12)
+        assert sorted(metrics["eos/threshold"]) == [2, 4, 6]
+        for step in (2, 4, 6):
+            assert metrics["eos/threshold"][step] == pytest.approx(2 / (0.1 * min(1.0, step / 4)))
+    else:  # no preconditioner before the first step; judged from then on
+        assert 0 not in metrics["eos/sharpness"]
+        assert sorted(metrics["eos/preconditioned_sharpness"]) == [2, 4, 6]
+
+
+def test_optimizer_settings_without_a_threshold_fail_at_fit_start(tmp_path):
+    model = DigitsClassifier(n=64, momentum=1.5)  # torch takes any momentum >= 0; heavy ball needs < 1
+    t = trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1), EdgeOfStabilityMonitor()])
+    with pytest.raises(
+        MisconfigurationException, match=r"SGD's settings give no stability threshold.*momentum"
+    ):
+        t.fit(model)
+
+
+class _AdamOverPart(DigitsClassifier):
+    """Adam that does not move every trainable parameter: an unused head (never a gradient, so never
+    state), or the first layer left out of the optimizer."""
+
+    def __init__(self, case, **kwargs):
+        super().__init__(**kwargs)
+        self.case = case
+        self.head = torch.nn.Linear(3, 3)  # trainable, never in the loss
+
+    def configure_optimizers(self):
+        params = self.net[2:].parameters() if self.case == "part" else self.parameters()
+        return torch.optim.Adam(params, lr=1e-2)
+
+
+def _adam_p(optimizer, p):
+    state, (beta1, beta2), eps = optimizer.state[p], (0.9, 0.999), 1e-8
+    t = float(state["step"])
+    return (1 - beta1**t) * ((state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
+
+
+@pytest.mark.parametrize("case", ["unused", "part"])
+def test_adam_that_moves_part_of_the_parameters_is_measured_on_the_block_it_moves(tmp_path, case):
+    """The step x' = x - P^-1 g leaves the other parameters where they are: P^-1 = 0 there, and the
+    preconditioned sharpness is that of the moved block (it was never logged: every measurement was
+    taken for Adam's warm-up)."""
+    L.seed_everything(0)
+    model = _AdamOverPart(case, hidden=12, n=64).double()
+    x, y = digits(64)
+    probe = [(x.double(), y)]
+    monitor = HessianEigenMonitor(k=1, every_n_steps=4, probe=probe, tol=1e-8, at_fit_start=False)
+    t, _, eos = fit(tmp_path, model, 4, monitor=monitor)
+    assert [h["step"] for h in eos.history] == [4]
+    optimizer = t.optimizers[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    moved = [case == "unused" or any(p is q for q in model.net[2:].parameters()) for p in params]
+    moved = [m and p in optimizer.state for m, p in zip(moved, params, strict=True)]
+    assert moved.count(False) == (2 if case == "unused" else 4)
+    make = make_case("mlp")
+    make.model, make.batches = model, probe
+    make.loss_fn = lambda m, b: 0.5 * ((m(b[0]) - torch.nn.functional.one_hot(b[1], 10)) ** 2).sum(1).mean()
+    H = dense_hessian(make)
+    keep = torch.cat([torch.full((p.numel(),), m) for p, m in zip(params, moved, strict=True)])
+    D = torch.cat(
+        [_adam_p(optimizer, p).reshape(-1) for p, m in zip(params, moved, strict=True) if m]
+    ).rsqrt()
+    block = H[keep][:, keep]
+    expected = float(torch.linalg.eigvalsh(D[:, None] * block * D[None, :])[-1])
+    assert eos.history[-1]["eos/preconditioned_sharpness"] == pytest.approx(expected, rel=1e-6)

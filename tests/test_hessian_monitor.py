@@ -464,6 +464,35 @@ def test_a_drawn_probe_is_stacked_into_one_forward_pass_and_measures_the_same_he
         assert monitors[size].history[0]["eigenvalues"] == pytest.approx(reference, rel=1e-9)
 
 
+def _summed_squared_error(module, batch):
+    x, y = batch
+    out = module(x.double())  # a float64 model
+    return 0.5 * ((out - torch.nn.functional.one_hot(y, 10).double()) ** 2).sum()  # reduction="sum"
+
+
+class _SummedLoss(DigitsClassifier):
+    def loss(self, batch):
+        return _summed_squared_error(self, batch)
+
+
+def test_a_loss_summed_over_samples_keeps_the_loader_batches_and_measures_each_as_trained(tmp_path):
+    """Stacked, a summed loss would cover four batches at once: four times each trained batch's Hessian.
+    The stacking check sees the stacked loss is not the mean of the batches' losses and keeps them."""
+    from cases import dense_hessian, make_case
+
+    L.seed_everything(0)
+    model = _SummedLoss(hidden=8, n=256, batch_size=32).double()
+    at_start = copy.deepcopy(model)
+    monitor = HessianEigenMonitor(k=1, tol=1e-10, probe=128, at_fit_end=False, every_n_steps=None)
+    with pytest.warns(UserWarning, match=r"sums over samples \(reduction='sum'\)"):
+        trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
+    assert [b[0].shape[0] for b in monitor.probe.batches] == [32, 32, 32, 32]
+    case = make_case("mlp")
+    case.model, case.batches, case.loss_fn = at_start, monitor.probe.batches, _summed_squared_error
+    expected = float(torch.linalg.eigvalsh(dense_hessian(case))[-1])  # the mean of the batches' sums
+    assert monitor.history[0]["eigenvalues"][0] == pytest.approx(expected, rel=1e-9)
+
+
 def test_batch_normalization_keeps_the_loader_batches_and_unstackable_batches_stay_as_they_are(tmp_path):
     from pf_lightning import ProbeSet
     from pf_lightning.callbacks._probe import stack_batches

@@ -216,3 +216,67 @@ def test_bad_configurations_fail_at_fit_start_naming_the_fix(tmp_path, kind, cal
     model.configure_optimizers = functools.partial(_configured(kind), model)
     with pytest.raises(MisconfigurationException, match=match):
         trainer(tmp_path, max_steps=2, callbacks=[callback()]).fit(model)
+
+
+class _CappedWarmUpFromZero(DigitsClassifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=2.0)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
+        cap = SharpnessCappedLR(optimizer, fraction=0.9, base=warmup)
+        return {"optimizer": optimizer, "lr_scheduler": cap.lightning_config()}
+
+
+def test_the_cap_holds_a_warm_up_from_rate_zero_from_its_first_step(tmp_path):
+    """At rate 0 no threshold applies, but the sharpness does: the fit-start measurement caps the warm-up."""
+    L.seed_everything(0)
+    monitors = [
+        HessianEigenMonitor(k=1, every_n_steps=100, tol=1e-6),
+        EdgeOfStabilityMonitor(),
+        LRAdaptation(),
+    ]
+    t = trainer(tmp_path, max_steps=4, callbacks=monitors, logger=CSVLogger(tmp_path))
+    with pytest.warns(RuntimeWarning, match="learning rate of SGD is 0"):
+        t.fit(_CappedWarmUpFromZero(n=128))
+    metrics = logged(t)
+    cap = 0.9 * 2 / metrics["hessian/eig_1"][0]
+    assert cap < 0.5  # binding from the warm-up's first positive rate (0.5) on
+    assert [metrics["cap/lr"][step] for step in range(4)] == pytest.approx([0.0, cap, cap, cap], rel=1e-12)
+
+
+def test_a_capped_adam_run_resumes_bit_for_bit(tmp_path):
+    """The preconditioned measurement's warm start is in the checkpoint: a resumed run measures the same
+    preconditioned sharpness as the uninterrupted one, so the cap, and training, are the same."""
+
+    class Capped(DigitsClassifier):
+        def configure_optimizers(self):
+            optimizer = torch.optim.Adam(self.parameters(), lr=0.05)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": SharpnessCappedLR(optimizer, 0.05).lightning_config(),
+            }
+
+    def callbacks():
+        return [
+            HessianEigenMonitor(k=1, every_n_steps=3, at_fit_end=False),
+            EdgeOfStabilityMonitor(),
+            LRAdaptation(),
+        ]
+
+    L.seed_everything(0)
+    reference = Capped(n=128)
+    resumed = copy.deepcopy(reference)
+    straight = logged(fit(tmp_path / "straight", reference, 12, callbacks()))
+    first = fit(tmp_path / "first", copy.deepcopy(resumed), 5, callbacks())
+    first.save_checkpoint(tmp_path / "five.ckpt")
+    second = trainer(
+        tmp_path / "second", max_steps=12, callbacks=callbacks(), logger=CSVLogger(tmp_path / "second")
+    )
+    second.fit(resumed, ckpt_path=tmp_path / "five.ckpt")
+    after = logged(second)
+    assert sorted(after["eos/preconditioned_sharpness"]) == [6, 9, 12]
+    for step in (6, 9, 12):
+        assert after["eos/preconditioned_sharpness"][step] == straight["eos/preconditioned_sharpness"][step]
+    assert {s: after["cap/lr"][s] for s in range(6, 12)} == {s: straight["cap/lr"][s] for s in range(6, 12)}
+    assert max(straight["cap/capped"].values()) == 1.0  # the cap binds: a different measurement would show
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)

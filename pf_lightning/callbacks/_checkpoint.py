@@ -211,9 +211,12 @@ def monitor_from_state(state: Any) -> tuple[list[dict[str, Any]], EigenResult | 
     return history, latest, last_step, seconds, measured
 
 
-def eos_from_state(state: Any) -> tuple[list[dict[str, Any]], list[float], int | None, float, bool]:
+def eos_from_state(
+    state: Any,
+) -> tuple[list[dict[str, Any]], list[float], int | None, float, bool, EigenResult | None]:
     """An :class:`~pf_lightning.EdgeOfStabilityMonitor` state: history, loss window, first edge step,
-    accumulated negative curvature, whether the last ratio was above the warning level."""
+    accumulated negative curvature, whether the last ratio was above the warning level, and the latest
+    preconditioned measurement (its warm start; absent from states saved before it was kept)."""
     keys = ("history", "losses", "first_edge_step", "negative_curvature", "above")
     state = mapping(state, keys, "EdgeOfStabilityMonitor")
     history = history_from_state(state["history"], (names.SHARPNESS, names.THRESHOLD, names.RATIO))
@@ -224,4 +227,5 @@ def eos_from_state(state: Any) -> tuple[list[dict[str, Any]], list[float], int |
     edge = None if edge is None else count(edge, "first_edge_step")
     curvature = finite(state["negative_curvature"], "negative_curvature")
     _check(isinstance(state["above"], bool), f"above is {state['above']!r}, not a bool")
-    return history, [float(x) for x in state["losses"]], edge, curvature, state["above"]
+    preconditioned = result_from_state(state.get("preconditioned_latest"))
+    return history, [float(x) for x in state["losses"]], edge, curvature, state["above"], preconditioned

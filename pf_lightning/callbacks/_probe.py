@@ -13,8 +13,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..curvature.distributed import is_sharded
-from ..curvature.state import measuring, rng_state
+from ..curvature.distributed import any_rank, is_sharded
+from ..curvature.state import measurement_context, measuring, rng_state
 from ..measure import loss_of
 from ..probe import ProbeSet, couples_samples, map_tensors, move_to_device, sample_count
 
@@ -45,7 +45,12 @@ def training_input(trainer: Any, hooks: bool = True) -> Callable[[Any], Any]:
 
 
 def build_probe(
-    trainer: Any, pl_module: Any, probe: Any, batch_size: int | str | None = None, hvp: str = "auto"
+    trainer: Any,
+    pl_module: Any,
+    probe: Any,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch_size: int | str | None = None,
+    hvp: str = "auto",
 ) -> ProbeSet:
     """The probe set a monitor's ``probe`` argument asks for, converted as training batches are.
 
@@ -53,7 +58,9 @@ def build_probe(
     one batch), one forward pass each, where the loader's batches have one structure and shapes
     (:func:`stack_batches`): a product on 512 samples in one batch costs 2.5 times less than on four
     batches of 128 (REFERENCE §7). The loader's batches are kept with ``"loader"``, for a module whose
-    loss couples a batch's samples (:func:`~pf_lightning.probe.couples_samples`), and, unless
+    loss couples a batch's samples (:func:`~pf_lightning.probe.couples_samples`), where ``loss_fn`` of
+    a stacked batch is not the mean of its batches' losses (a loss with ``reduction="sum"``, or one that
+    couples samples in a way no module shows: :func:`_stacking_keeps_the_loss`), and, unless
     ``batch_size`` is given, where products keep no graph (``hvp="finite_difference"``, FSDP2's sharded
     parameters): a stacked probe would hold all its activations at once in every product."""
     if isinstance(probe, ProbeSet):
@@ -70,7 +77,10 @@ def build_probe(
         uncached = hvp == "finite_difference" or any(is_sharded(p) for p in pl_module.parameters())
         if batch_size == "loader" or couples_samples(pl_module) or (uncached and batch_size is None):
             return drawn
-        return stack_batches(drawn, batch_size)
+        stacked = stack_batches(drawn, batch_size)
+        if stacked is drawn or _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked):
+            return stacked
+        return drawn
     with untouched_iteration(probe):
         batches = list(probe)
     convert = training_input(trainer, hooks=False)
@@ -112,6 +122,43 @@ def _concat(items: list[Any], counts: list[int]) -> Any:
             if all(bool(x == first) for x in items):
                 return first
     raise _Unstackable
+
+
+def _stacking_keeps_the_loss(
+    module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], drawn: ProbeSet, stacked: ProbeSet
+) -> bool:
+    """Whether the loss of ``stacked``'s first batch is the sample-weighted mean of the losses of the
+    ``drawn`` batches it was stacked from, as for a loss that averages over samples (warned where not).
+
+    Forward passes only, in evaluation mode (no dropout mask to tell the two apart), with the module's
+    modes, buffers and random states restored; within 10 rounding units of the loss's dtype (at least
+    1e-4). A loss summed over samples comes out as many times larger as batches were stacked. Every
+    rank agrees on the answer: a stacked probe on one rank and the loader's batches on another would
+    run different numbers of forward passes per product."""
+    members, covered = 0, 0.0
+    while covered < stacked.weights[0]:
+        covered += drawn.weights[members]
+        members += 1
+    with measurement_context(module), torch.no_grad():
+        module.eval()
+        whole = loss_fn(module, stacked.batches[0]).detach()
+        parts = [float(loss_fn(module, drawn.batches[i])) for i in range(members)]
+    weights = drawn.weights[:members]
+    mean = sum(w * part for w, part in zip(weights, parts, strict=True)) / sum(weights)
+    tol = max(1e-4, 10 * torch.finfo(whole.dtype).eps) if whole.is_floating_point() else 1e-4
+    value = float(whole)
+    keeps = abs(value - mean) <= tol * max(abs(value), abs(mean))
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    keeps = not any_rank([not keeps], device)[0]
+    if not keeps:
+        rank_zero_warn(
+            f"the loss of {members} probe batches stacked into one ({value:.6g}) is not the sample-weighted "
+            f"mean of their losses ({mean:.6g}): the loss sums over samples (reduction='sum') or couples them. "
+            "The probe keeps the training loader's batches (one forward pass each, as "
+            "probe_batch_size='loader'), so each is measured as it is trained",
+            category=UserWarning,
+        )
+    return keeps
 
 
 def stack_batches(probe: ProbeSet, batch_size: int | None = None) -> ProbeSet:

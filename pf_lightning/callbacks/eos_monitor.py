@@ -38,7 +38,7 @@ from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
 from ..measure import BatchSharpness
 from ..stability import PRECONDITIONER_WARMUP_STEPS, EdgeHistory, PreconditionerUnavailable, StepDynamics
-from ._checkpoint import UnreadableState, cached_state_key, eos_from_state, warn_fresh_start
+from ._checkpoint import UnreadableState, cached_state_key, eos_from_state, result_state, warn_fresh_start
 from ._faults import OnError, check_on_error, notify, skip_or_raise
 from ._probe import TrainingBatches, trains_on_mini_batches
 from .hessian_monitor import HessianEigenMonitor
@@ -200,7 +200,8 @@ class EdgeOfStabilityMonitor(Callback):
 
     def add_listener(self, listener: EdgeListener) -> None:
         """Call ``listener(trainer, pl_module, metrics)`` after every measurement whose ``eos/*`` metrics
-        (untagged names, e.g. ``names.SHARPNESS``) were logged."""
+        (untagged names, e.g. ``names.SHARPNESS``) were logged; at learning rate 0 they are ``eos/lr`` and
+        ``eos/sharpness`` alone, and a preconditioned optimizer's listeners are not called there."""
         if listener not in self._listeners:
             self._listeners.append(listener)
 
@@ -262,16 +263,18 @@ class EdgeOfStabilityMonitor(Callback):
             )
         preconditioned = False
         if self.fixed_threshold is None:
-            try:
-                stability.optimizer_threshold(optimizers[self.optimizer_index])
+            optimizer = optimizers[self.optimizer_index]
+            try:  # at lr 1: a schedule may start at 0 (a warm-up from zero); every other setting is checked
+                preconditioned = stability.unit_step_dynamics(optimizer).preconditioned
             except stability.UnsupportedOptimizer as err:
                 raise MisconfigurationException(
                     f"`threshold` must be given for this optimizer: {err}"
                 ) from err
-            try:  # the dynamics each measurement reads (settings out of range are reported there)
-                preconditioned = stability.step_dynamics(optimizers[self.optimizer_index]).preconditioned
-            except (ValueError, stability.UnsupportedOptimizer):
-                preconditioned = False
+            except ValueError as err:
+                raise MisconfigurationException(
+                    f"{type(optimizer).__name__}'s settings give no stability threshold: {err}; correct them, "
+                    "or pass threshold= explicitly"
+                ) from err
         # The gradient's projections are read where the step is not preconditioned: the measurement
         # hands over the probe gradient there (from its cached graphs), and does not take it otherwise.
         self.monitor.add_listener(self._on_measurement, gradient=not preconditioned)
@@ -346,6 +349,10 @@ class EdgeOfStabilityMonitor(Callback):
 
     # -- per measurement ---------------------------------------------------------------------
     def _on_measurement(self, trainer: Trainer, pl_module: LightningModule, result: EigenResult) -> None:
+        optimizer = trainer.optimizers[self.optimizer_index]
+        if self.fixed_threshold is None and float(optimizer.param_groups[0]["lr"]) == 0.0:
+            self._at_rest(trainer, pl_module, result, optimizer)
+            return
         try:
             measured = self._diagnostics(trainer, pl_module, result)
         except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
@@ -391,6 +398,32 @@ class EdgeOfStabilityMonitor(Callback):
         self._measured += 1
         if self._measured % self.chart_every == 0:
             self._chart(trainer, step)
+
+    def _at_rest(
+        self, trainer: Trainer, pl_module: LightningModule, result: EigenResult, optimizer: Any
+    ) -> None:
+        """A measurement at learning rate 0: a step moves nothing and has no threshold (2/lr is infinite).
+
+        The sharpness is logged where it does not depend on the step (no preconditioner) and handed to the
+        listeners (the sharpness cap, which then caps the first steps of a warm-up from zero); nothing is
+        judged against a threshold."""
+        step = trainer.global_step
+        metrics = {names.EOS_LR: 0.0}
+        if not stability.optimizer_rule(optimizer).preconditioned:
+            eigenvalue = float(result.eigenvalues[0]) + self._coupled_weight_decay(optimizer)
+            metrics[names.SHARPNESS] = eigenvalue
+        self._warn_once(
+            "zero_lr",
+            f"step {step}: the learning rate of {type(optimizer).__name__} is 0 (a warm-up from zero, or a "
+            "schedule's end): no stability threshold applies, so measurements at rate 0 log "
+            f"{' and '.join(sorted(metrics))} and judge no edge",
+        )
+        log_metrics(trainer, tagged(metrics, self.monitor.name), step)
+        if names.SHARPNESS in metrics:
+            notify(
+                self._listeners, (trainer, pl_module, metrics), on_error=self.on_error, warned=self._warned,
+                trainer=trainer, what="EoS listener", metric=self.metric("listener_failed"),
+            )  # fmt: skip
 
     def _diagnostics(
         self, trainer: Trainer, pl_module: LightningModule, result: EigenResult
@@ -701,17 +734,22 @@ class EdgeOfStabilityMonitor(Callback):
             "first_edge_step": self.first_edge_step,
             "negative_curvature": self.negative_curvature,
             "above": self._above,
+            # The warm start of the next preconditioned measurement: a resumed run measures as the
+            # uninterrupted one does (and so caps the rate the same).
+            "preconditioned_latest": result_state(
+                self._preconditioned_latest, self.monitor is not None and self.monitor.checkpoint_eigenvectors
+            ),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
-            history, losses, edge, curvature, above = eos_from_state(state_dict)
+            history, losses, edge, curvature, above, preconditioned = eos_from_state(state_dict)
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
-            history, losses, edge, curvature, above = [], [], None, 0.0, False
+            history, losses, edge, curvature, above, preconditioned = [], [], None, 0.0, False, None
         self.history, self.first_edge_step, self.negative_curvature = history, edge, curvature
-        self._above = above
+        self._above, self._preconditioned_latest = above, preconditioned
         self.losses.clear()
         self.losses.extend(losses)
 

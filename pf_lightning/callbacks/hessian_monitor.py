@@ -384,17 +384,17 @@ class HessianEigenMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        shared = self._shared_probe
-        if shared is not None and shared.probe is not None:
-            probe = shared.probe
-        else:
-            probe = build_probe(trainer, pl_module, self._probe_arg, self.probe_batch_size, self.hvp)
-            if shared is not None:
-                shared.probe = probe
         self._check_module(pl_module)
         check.usable_device("basis_device", self.basis_device)
+        shared, loss_fn = self._shared_probe, resolve_loss_fn(pl_module, self._loss_arg)
+        if shared is not None and shared.probe is not None:
+            probe = shared.probe
+        else:  # its stacking is checked with forward passes of the loss: after the module's checks
+            probe = build_probe(trainer, pl_module, self._probe_arg, loss_fn, self.probe_batch_size, self.hvp)
+            if shared is not None:
+                shared.probe = probe
         self.spec = MeasurementSpec(
-            loss_fn=resolve_loss_fn(pl_module, self._loss_arg),
+            loss_fn=loss_fn,
             probe=probe,
             params=self.params,
             hvp=self.hvp,

@@ -40,17 +40,12 @@ __all__ = [
 ]
 
 
-def _group_indices(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> list[int]:
-    """The index of the parameter group that optimizes each parameter of ``space``."""
+def _group_indices(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> list[int | None]:
+    """The index of the parameter group that optimizes each parameter of ``space`` (None: none does)."""
     group_of = {
         id(p): index for index, settings in enumerate(optimizer.param_groups) for p in settings["params"]
     }
-    missing = [name for name, p in zip(space.names, space.params, strict=True) if id(p) not in group_of]
-    if missing:
-        raise PreconditionerUnavailable(
-            f"parameter {missing[0]!r} is not optimized by this {type(optimizer).__name__}"
-        )
-    return [group_of[id(p)] for p in space.params]
+    return [group_of.get(id(p)) for p in space.params]
 
 
 def optimizer_preconditioner(
@@ -58,29 +53,55 @@ def optimizer_preconditioner(
 ) -> tuple[Tensor, Tensor]:
     """The flat diagonal of ``P`` and of the coupled weight decay ``W`` for the parameters of ``space``.
 
+    ``P`` is infinite (:math:`P^{-1} = 0`) for a parameter the optimizer's step does not move: one outside
+    its groups (trained by another optimizer, or not at all), or one without state once others have it
+    (it has never had a gradient, as an unused head): the step's dynamics are those of the block it moves.
+
     Raises:
-        PreconditionerUnavailable: the optimizer does not precondition, a parameter is not in it, or a
-            parameter has no state yet (measure after the first optimizer step).
+        PreconditionerUnavailable: the optimizer does not precondition, or no parameter of ``space`` has
+            state yet (measure after the first optimizer step).
     """
+    groups = _group_indices(optimizer, space)
+    stateful = [
+        group is not None and bool(optimizer.state.get(p))
+        for p, group in zip(space.params, groups, strict=True)
+    ]
+    if not any(stateful):
+        # The optimizer's own reason: it does not precondition, or it has not stepped yet.
+        first = next((i for i, group in enumerate(groups) if group is not None), None)
+        if first is None:
+            raise PreconditionerUnavailable(
+                f"no measured parameter is optimized by this {type(optimizer).__name__}"
+            )
+        try:
+            parameter_preconditioner(optimizer, space.params[first], groups[first])
+        except PreconditionerUnavailable as err:
+            raise PreconditionerUnavailable(f"{err} (parameter {space.names[first]!r})") from err
     diagonals = []
-    for name, p, group in zip(space.names, space.params, _group_indices(optimizer, space), strict=True):
+    for name, p, group, moved in zip(space.names, space.params, groups, stateful, strict=True):
+        if not moved:
+            diagonals.append(
+                torch.full((local_part(p).numel(),), torch.inf, dtype=space.dtype, device=space.device)
+            )
+            continue
         try:
             diagonal, _ = parameter_preconditioner(optimizer, p, group)
         except PreconditionerUnavailable as err:
             raise PreconditionerUnavailable(f"{err} (parameter {name!r})") from err
-        diagonals.append(local_part(diagonal).reshape(-1))  # FSDP2 keeps optimizer state as DTensors
-    return torch.cat(diagonals).to(space.dtype), optimizer_weight_decay(optimizer, space)
+        diagonals.append(
+            local_part(diagonal).reshape(-1).to(device=space.device, dtype=space.dtype)
+        )  # FSDP2: DTensors
+    return torch.cat(diagonals), optimizer_weight_decay(optimizer, space)
 
 
 def optimizer_weight_decay(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> Tensor:
     """The flat diagonal ``W`` of the weight decay that enters the gradient, per parameter of ``space``
-    (the step sees ``H + W``; zero where decay is decoupled or off).
-
-    Raises:
-        PreconditionerUnavailable: a parameter of ``space`` is not optimized by ``optimizer``.
-    """
-    groups = _group_indices(optimizer, space)
-    decays = [coupled_weight_decay(optimizer, group) for group in groups]
+    (the step sees ``H + W``; zero where decay is decoupled or off, and for a parameter outside the
+    optimizer's groups)."""
+    decays = [
+        0.0 if group is None else coupled_weight_decay(optimizer, group)
+        for group in _group_indices(optimizer, space)
+    ]
     return torch.cat(
         [
             torch.full((n,), decay, dtype=space.dtype, device=space.device)
@@ -96,8 +117,9 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
     Computed in float64 by the optimizer's rule (:attr:`~pf_lightning.stability.OptimizerRule.update`),
     returned in the space's dtype.
 
+    A parameter outside the optimizer's groups does not move (its change is 0).
+
     Raises:
-        PreconditionerUnavailable: a parameter is not optimized by ``optimizer``.
         UnsupportedOptimizer: the optimizer's rule has no update (or the optimizer no rule), or a group
             has ``maximize=True``.
     """
@@ -109,6 +131,9 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
     pieces = space.unflatten(gradient.detach().to(torch.float64))
     out = []
     for p, grad, group in zip(space.params, pieces, _group_indices(optimizer, space), strict=True):
+        if group is None:
+            out.append(torch.zeros(grad.numel(), dtype=torch.float64, device=grad.device))
+            continue
         state = {
             key: local_part(value).to(torch.float64)
             if isinstance(value, Tensor) and value.is_floating_point()
@@ -121,12 +146,15 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
     return torch.cat(out).to(space.dtype)
 
 
-def check_diagonal(name: str, diagonal: Any, n: int, allow_zero: bool = False) -> None:
-    """``diagonal`` is a flat Tensor of ``n`` positive (or with ``allow_zero`` non-negative), finite entries
-    (``ValueError`` naming ``name``)."""
+def check_diagonal(
+    name: str, diagonal: Any, n: int, allow_zero: bool = False, allow_inf: bool = False
+) -> None:
+    """``diagonal`` is a flat Tensor of ``n`` positive (or with ``allow_zero`` non-negative), finite (or
+    with ``allow_inf`` possibly infinite) entries (``ValueError`` naming ``name``)."""
     sign = "non-negative" if allow_zero else "positive"
+    bound = "not NaN" if allow_inf else "finite"
     expected = (
-        f"a flat Tensor of shape ({n},) with {sign}, finite entries (e.g. from optimizer_preconditioner)"
+        f"a flat Tensor of shape ({n},) with {sign}, {bound} entries (e.g. from optimizer_preconditioner)"
     )
     _check.instance(name, diagonal, Tensor, expected)
     if diagonal.shape != (n,) or diagonal.is_complex() or diagonal.dtype == torch.bool:
@@ -134,8 +162,9 @@ def check_diagonal(name: str, diagonal: Any, n: int, allow_zero: bool = False) -
             name, expected, diagonal, f"its shape is {tuple(diagonal.shape)} and its dtype {diagonal.dtype}"
         )
     low = diagonal >= 0 if allow_zero else diagonal > 0
-    if not bool(low.all()) or not bool(torch.isfinite(diagonal).all()):
-        _check.fail(name, expected, diagonal, f"some entries are not {sign} and finite")
+    high = ~torch.isnan(diagonal) if allow_inf else torch.isfinite(diagonal)
+    if not bool(low.all()) or not bool(high.all()):
+        _check.fail(name, expected, diagonal, f"some entries are not {sign} and {bound}")
 
 
 class PreconditionedOperator(LinearOperator):
@@ -148,13 +177,14 @@ class PreconditionedOperator(LinearOperator):
 
     Args:
         base: the Hessian operator.
-        diagonal: the flat, positive diagonal of ``P`` (e.g. from :func:`optimizer_preconditioner`).
+        diagonal: the flat, positive diagonal of ``P`` (e.g. from :func:`optimizer_preconditioner`);
+            ``inf`` where the step does not move a parameter (its rows and columns are then zero).
         shift: the flat diagonal of ``W``, or None.
     """
 
     def __init__(self, base: LinearOperator, diagonal: Tensor, shift: Tensor | None = None) -> None:
         _check.instance("base", base, LinearOperator, "a LinearOperator such as a HessianOperator")
-        check_diagonal("diagonal", diagonal, base.n)
+        check_diagonal("diagonal", diagonal, base.n, allow_inf=True)
         if shift is not None:
             check_diagonal("shift", shift, base.n, allow_zero=True)
         super().__init__(base.n, base.dtype, base.device)

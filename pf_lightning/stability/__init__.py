@@ -51,6 +51,7 @@ from .optimizers import (
     register_optimizer_rule,
     step_dynamics,
     supported_optimizers,
+    unit_step_dynamics,
     update_threshold,
 )
 from .principal_flow import (
@@ -120,6 +121,7 @@ __all__ = [
     "threshold_gd",
     "threshold_heavy_ball",
     "threshold_nesterov",
+    "unit_step_dynamics",
     "unstable_gradient_fraction",
     "update_threshold",
 ]

@@ -83,6 +83,7 @@ __all__ = [
     "register_optimizer_rule",
     "step_dynamics",
     "supported_optimizers",
+    "unit_step_dynamics",
     "update_threshold",
 ]
 
@@ -741,6 +742,26 @@ def step_dynamics(optimizer: torch.optim.Optimizer, group: int = 0) -> StepDynam
     )
 
 
+def unit_step_dynamics(optimizer: torch.optim.Optimizer, group: int = 0) -> StepDynamics:
+    r"""The dynamics of parameter group ``group`` with its learning rate set to 1.
+
+    Every threshold is inversely proportional to the step, so :math:`\eta \cdot \text{threshold}` is this
+    threshold, also for a schedule at :math:`\eta = 0` (a warm-up from zero), where
+    :func:`step_dynamics` has none; every other setting is checked as there.
+
+    Raises:
+        UnsupportedOptimizer: see :func:`step_dynamics`.
+        ValueError: ``group`` or a setting other than the learning rate is out of range.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> round(unit_step_dynamics(torch.optim.SGD([p], lr=0.0, momentum=0.9)).threshold, 12)  # (2 + 2 beta)
+        3.8
+    """
+    settings = group_settings(optimizer, group)
+    return optimizer_rule(optimizer).dynamics({**settings, "lr": 1.0}, _group_state(optimizer, group))
+
+
 def _group_state(optimizer: torch.optim.Optimizer, group: int) -> State:
     """The state of the group's first parameter that has one (a frozen or unused one has none)."""
     for param in optimizer.param_groups[group]["params"]:
@@ -846,6 +867,4 @@ def edge_lr(optimizer: torch.optim.Optimizer, sharpness: float, group: int = 0) 
     sharpness = float(sharpness)
     if not (sharpness > 0 and math.isfinite(sharpness)):
         raise ValueError(f"sharpness must be positive and finite, got {sharpness!r}")
-    settings, state = group_settings(optimizer, group), _group_state(optimizer, group)
-    # threshold * lr does not depend on lr: evaluated at lr = 1, a schedule at 0 still has an edge.
-    return optimizer_rule(optimizer).dynamics({**settings, "lr": 1.0}, state).threshold / sharpness
+    return unit_step_dynamics(optimizer, group).threshold / sharpness

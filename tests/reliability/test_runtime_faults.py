@@ -311,12 +311,13 @@ def test_a_measurement_that_raises_half_way_leaves_the_model_bit_identical(hvp, 
 # -- on_error="raise" -------------------------------------------------------------------------
 
 
-class _ZeroRate(L.Callback):
-    """Sets the rate to 0 after step 2, before the monitors measure: the threshold 2/lr does not exist."""
+class _RunawayMomentum(L.Callback):
+    """Sets heavy ball's momentum to 1.5 after step 2, before the monitors measure (torch takes any
+    momentum >= 0): its threshold (2 + 2 beta)/lr holds for beta < 1 only."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 2:
-            trainer.optimizers[0].param_groups[0]["lr"] = 0.0
+            trainer.optimizers[0].param_groups[0]["momentum"] = 1.5
 
 
 def _nan_from_step_2(module, batch):
@@ -329,7 +330,11 @@ def _nan_hessian(on_error):
 
 
 def _eos_without_threshold(on_error):
-    return [_ZeroRate(), HessianEigenMonitor(k=1, every_n_steps=1), EdgeOfStabilityMonitor(on_error=on_error)]
+    return [
+        _RunawayMomentum(),
+        HessianEigenMonitor(k=1, every_n_steps=1),
+        EdgeOfStabilityMonitor(on_error=on_error),
+    ]
 
 
 def _nan_drift(on_error):
