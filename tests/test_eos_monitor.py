@@ -43,12 +43,24 @@ def test_threshold_follows_the_optimizer_in_use(tmp_path, optimizer, expected):
     assert float(t.callback_metrics["eos/ratio"]) == pytest.approx(last["eos/sharpness"] / expected)
 
 
-def test_sgd_weight_decay_shifts_the_sharpness(tmp_path):
+def test_sgd_weight_decay_shifts_the_sharpness_and_the_gradient_it_projects(tmp_path):
+    """L2 decay w: the step sees H + wI and the gradient g + w theta; both enter the diagnostics."""
     L.seed_everything(0)
     model = DigitsClassifier(n=128)
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.5)
     _, monitor, eos = fit(tmp_path, model, 5)
-    assert eos.history[-1]["eos/sharpness"] == pytest.approx(monitor.history[-1]["eigenvalues"][0] + 0.5)
+    last, result = eos.history[-1], monitor.latest
+    assert last["eos/sharpness"] == pytest.approx(monitor.history[-1]["eigenvalues"][0] + 0.5)
+    x, y = digits(128)
+    params = list(model.parameters())
+    g = torch.cat([t_.reshape(-1) for t_ in torch.autograd.grad(model.loss((x, y)), params)])
+    seen = g + 0.5 * torch.cat([p.detach().reshape(-1) for p in params])
+    assert last["pf/grad_norm"] == pytest.approx(float(seen.norm()), rel=1e-5)
+    assert float(seen.norm()) > 1.5 * float(g.norm())  # the decay term is not a rounding-level change
+    for i in range(2):
+        assert last[f"pf/projection_{i + 1}"] == pytest.approx(
+            float(seen @ result.eigenvectors[:, i]), rel=1e-4, abs=1e-6
+        )
 
 
 def test_principal_flow_quantities_match_their_definitions(tmp_path):
@@ -150,7 +162,10 @@ def test_several_optimizers_measured_against_the_chosen_one(tmp_path, caplog):
     L.seed_everything(0)
     monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=lambda m, b: m.loss(b))
     eos = EdgeOfStabilityMonitor(optimizer_index=1)
-    with caplog.at_level("INFO"):
+    with (
+        caplog.at_level("INFO"),
+        pytest.warns(RuntimeWarning, match=r"\(optimizer 1\) does not update 2 trainable"),
+    ):
         trainer(tmp_path, max_steps=2, callbacks=[monitor, eos]).fit(_TwoOptimizers(n=64))
     assert eos.history[-1]["eos/threshold"] == pytest.approx((2 + 2 * 0.9) / 0.05)
     assert "thresholds are those of optimizer 1 (SGD)" in caplog.text

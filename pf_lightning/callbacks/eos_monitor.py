@@ -34,6 +34,8 @@ from .. import stability
 from .._validation import Checks
 from ..curvature.distributed import LocalFailure, any_rank, reduce_agreed
 from ..curvature.drift import gradient_curvature
+from ..curvature.params import ParameterSpace
+from ..curvature.precondition import optimizer_weight_decay
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
 from ..measure import BatchSharpness
@@ -298,6 +300,18 @@ class EdgeOfStabilityMonitor(Callback):
         if self._batches_error is not None:  # found by a measurement at fit start, before this hook
             raise self._batches_error
         optimizers = trainer.optimizers
+        optimizer = optimizers[self.optimizer_index]
+        if self.fixed_threshold is None and not stability.optimizer_rule(optimizer).preconditioned:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            outside = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in held]
+            if outside:  # a preconditioning optimizer's sharpness is measured on its own block (P^-1 = 0)
+                self._warn_once(
+                    "outside",
+                    f"{type(optimizer).__name__} (optimizer {self.optimizer_index}) does not update "
+                    f"{len(outside)} trainable parameter tensor(s) ({outside[0]!r}, ...): eos/sharpness is the "
+                    "top eigenvalue of the whole Hessian, at least that of the block it moves, so eos/ratio "
+                    "can overstate its edge",
+                )
         if len(optimizers) > 1:
             rank_zero_info(
                 f"EdgeOfStabilityMonitor: {len(optimizers)} optimizers; thresholds are those of optimizer "
@@ -446,7 +460,7 @@ class EdgeOfStabilityMonitor(Callback):
             decay = self._coupled_weight_decay(optimizer)
             # L2 weight decay adds decay * theta to the gradient: the step sees H + decay * I.
             eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + decay
-            projections, grad_norm = self._gradient(result, pl_module.device)
+            projections, grad_norm = self._gradient(result, pl_module, optimizer)
         batch = None if warming else self._measure_batch_sharpness(trainer, pl_module, optimizer)
         recent = self.history[-(self.slope_window - 1) :]
         history = EdgeHistory(
@@ -508,20 +522,25 @@ class EdgeOfStabilityMonitor(Callback):
             self._skip(trainer, err, "batch sharpness skipped", self.metric("batch_sharpness_skipped"))
             return None
 
-    def _coupled_weight_decay(self, optimizer: Any) -> float:
-        """Group 0's L2 weight decay (0 for decoupled decay, or an optimizer without a rule)."""
+    def _group_decays(self, optimizer: Any) -> list[float]:
+        """Each parameter group's L2 weight decay (0 for decoupled decay, or an optimizer without a rule)."""
         try:
             rule = stability.optimizer_rule(optimizer)
         except stability.UnsupportedOptimizer:
-            return 0.0
-        decays = {rule.coupled_weight_decay(group) for group in optimizer.param_groups}
-        if len(decays) > 1:
+            return [0.0] * len(optimizer.param_groups)
+        return [rule.coupled_weight_decay(group) for group in optimizer.param_groups]
+
+    def _coupled_weight_decay(self, optimizer: Any) -> float:
+        """Group 0's L2 weight decay, the one the sharpness adds (warned where the groups' differ)."""
+        decays = self._group_decays(optimizer)
+        if len(set(decays)) > 1:
             self._warn_once(
                 "decays",
-                f"parameter groups have different L2 weight decays {sorted(decays)}: the sharpness adds "
-                "group 0's to every eigenvalue (the preconditioned sharpness uses each group's own)",
+                f"parameter groups have different L2 weight decays {sorted(set(decays))}: the sharpness adds "
+                "group 0's to every eigenvalue (the gradient's projections and the preconditioned sharpness "
+                "use each group's own)",
             )
-        return rule.coupled_weight_decay(optimizer.param_groups[0])
+        return decays[0]
 
     def _preconditioned(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any, dynamics: StepDynamics
@@ -542,10 +561,14 @@ class EdgeOfStabilityMonitor(Callback):
         self._preconditioned_latest = result
         return result
 
-    def _gradient(self, result: EigenResult, device: torch.device) -> tuple[torch.Tensor, float]:
-        """The projections ``g^T u_i`` of the probe gradient on the tracked eigenvectors, and ``||g||``.
+    def _gradient(
+        self, result: EigenResult, pl_module: LightningModule, optimizer: Any
+    ) -> tuple[torch.Tensor, float]:
+        """The projections ``g^T u_i`` of the gradient the optimizer sees on the tracked eigenvectors, and
+        ``||g||``: the probe gradient plus ``W theta`` under L2 weight decay ``W`` (the step sees
+        ``H + W``, as the sharpness does).
 
-        The gradient comes with the measurement (this listener asks for it), read off the products'
+        The probe gradient comes with the measurement (this listener asks for it), read off the products'
         cached gradient graphs."""
         if result.gradient is None:
             raise RuntimeError("the measurement carries no probe gradient: it was not asked for one")
@@ -553,10 +576,15 @@ class EdgeOfStabilityMonitor(Callback):
         # With FSDP2 the vectors are this rank's slices: the projections and the squared norm are sums
         # over all ranks' slices, reduced on the module's device (NCCL reduces no host tensor, and the
         # vectors may be kept there: basis_device="cpu"); a rank whose local part fails reports it.
+        device = pl_module.device
         parts = torch.zeros(vectors.shape[1] + 1, dtype=torch.float64, device=device)
         hold = LocalFailure()
         with hold:
             gradient = result.gradient.to(vectors.dtype)
+            if any(self._group_decays(optimizer)):
+                space = ParameterSpace(pl_module, self.monitor.params, dtype=gradient.dtype)
+                decay = optimizer_weight_decay(optimizer, space).to(gradient)
+                gradient = gradient + decay * space.values().to(gradient)
             local = torch.cat([vectors.mT @ gradient, (gradient @ gradient).reshape(1)])
             parts.copy_(local.to(device=device, dtype=torch.float64))
         if result.info.get("sharded"):
