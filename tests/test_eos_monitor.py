@@ -384,9 +384,9 @@ def test_optimizer_settings_without_a_threshold_fail_at_fit_start(tmp_path):
         t.fit(model)
 
 
-class _AdamOverPart(DigitsClassifier):
-    """Adam that does not move every trainable parameter: an unused head (never a gradient, so never
-    state), or the first layer left out of the optimizer."""
+class _PreconditionedOverPart(DigitsClassifier):
+    """Adam (or Adagrad) that does not move every trainable parameter: an unused head (never a gradient,
+    so no Adam state, and Adagrad's at step 0), or the first layer left out of the optimizer."""
 
     def __init__(self, case, **kwargs):
         super().__init__(**kwargs)
@@ -395,22 +395,28 @@ class _AdamOverPart(DigitsClassifier):
 
     def configure_optimizers(self):
         params = self.net[2:].parameters() if self.case == "part" else self.parameters()
+        if self.case == "adagrad":  # which creates every parameter's state, at step 0, up front
+            return torch.optim.Adagrad(params, lr=1e-2)
         return torch.optim.Adam(params, lr=1e-2)
 
 
-def _adam_p(optimizer, p):
-    state, (beta1, beta2), eps = optimizer.state[p], (0.9, 0.999), 1e-8
-    t = float(state["step"])
+def _preconditioner(optimizer, p):
+    state = optimizer.state[p]
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return state["sum"].sqrt() + 1e-10
+    (beta1, beta2), eps, t = (0.9, 0.999), 1e-8, float(state["step"])
     return (1 - beta1**t) * ((state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
 
 
-@pytest.mark.parametrize("case", ["unused", "part"])
-def test_adam_that_moves_part_of_the_parameters_is_measured_on_the_block_it_moves(tmp_path, case):
+@pytest.mark.parametrize("case", ["unused", "part", "adagrad"])
+def test_a_preconditioning_optimizer_that_moves_part_of_the_parameters_is_measured_on_that_block(
+    tmp_path, case
+):
     """The step x' = x - P^-1 g leaves the other parameters where they are: P^-1 = 0 there, and the
     preconditioned sharpness is that of the moved block (it was never logged: every measurement was
     taken for Adam's warm-up)."""
     L.seed_everything(0)
-    model = _AdamOverPart(case, hidden=12, n=64).double()
+    model = _PreconditionedOverPart(case, hidden=12, n=64).double()
     x, y = digits(64)
     probe = [(x.double(), y)]
     monitor = HessianEigenMonitor(k=1, every_n_steps=4, probe=probe, tol=1e-8, at_fit_start=False)
@@ -418,17 +424,46 @@ def test_adam_that_moves_part_of_the_parameters_is_measured_on_the_block_it_move
     assert [h["step"] for h in eos.history] == [4]
     optimizer = t.optimizers[0]
     params = [p for p in model.parameters() if p.requires_grad]
-    moved = [case == "unused" or any(p is q for q in model.net[2:].parameters()) for p in params]
-    moved = [m and p in optimizer.state for m, p in zip(moved, params, strict=True)]
-    assert moved.count(False) == (2 if case == "unused" else 4)
+    head = [model.head.weight, model.head.bias]
+    moved = [case != "part" or any(p is q for q in model.net[2:].parameters()) for p in params]
+    moved = [m and not any(p is q for q in head) for m, p in zip(moved, params, strict=True)]
+    assert moved.count(False) == (4 if case == "part" else 2)
     make = make_case("mlp")
     make.model, make.batches = model, probe
     make.loss_fn = lambda m, b: 0.5 * ((m(b[0]) - torch.nn.functional.one_hot(b[1], 10)) ** 2).sum(1).mean()
     H = dense_hessian(make)
     keep = torch.cat([torch.full((p.numel(),), m) for p, m in zip(params, moved, strict=True)])
     D = torch.cat(
-        [_adam_p(optimizer, p).reshape(-1) for p, m in zip(params, moved, strict=True) if m]
+        [_preconditioner(optimizer, p).reshape(-1) for p, m in zip(params, moved, strict=True) if m]
     ).rsqrt()
     block = H[keep][:, keep]
     expected = float(torch.linalg.eigvalsh(D[:, None] * block * D[None, :])[-1])
     assert eos.history[-1]["eos/preconditioned_sharpness"] == pytest.approx(expected, rel=1e-6)
+
+
+class _RateDropsToZero(DigitsClassifier):
+    """A schedule that ends at rate 0 (as a cosine to eta_min=0 does) after two steps."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        end = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 2 else 0.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": end, "interval": "step"}}
+
+
+def test_the_per_step_diagnostics_at_rate_zero_log_no_drift_and_skip_the_critical_sharpness(tmp_path):
+    L.seed_everything(0)
+    eos = EdgeOfStabilityMonitor(proxies=True, critical_every_n_steps=1)
+    callbacks = [HessianEigenMonitor(k=1, every_n_steps=None, at_fit_end=False), eos]
+    t = trainer(tmp_path, max_steps=4, callbacks=callbacks, logger=CSVLogger(tmp_path))
+    with pytest.warns(RuntimeWarning, match="critical sharpness is not measured at learning rate 0"):
+        t.fit(_RateDropsToZero(n=128, lr=0.1))
+    metrics = logged(t)
+    assert "eos/proxies_skipped" not in metrics and "eos/critical_skipped" not in metrics
+    rates = {step: 0.1 if step < 2 else 0.0 for step in range(1, 5)}  # the rate of the step after each
+    assert set(metrics["pf/drift_ratio"]) == set(rates)
+    for step, rate in rates.items():
+        if rate:
+            assert metrics["pf/drift_ratio"][step] == pytest.approx(rate / 2 * metrics["pf/hg_ratio"][step])
+        else:
+            assert metrics["pf/drift_ratio"][step] == 0.0
+    assert sorted(metrics["eos/critical_sharpness"]) == [s for s, rate in rates.items() if rate]

@@ -475,18 +475,27 @@ class _SummedLoss(DigitsClassifier):
         return _summed_squared_error(self, batch)
 
 
-def test_a_loss_summed_over_samples_keeps_the_loader_batches_and_measures_each_as_trained(tmp_path):
-    """Stacked, a summed loss would cover four batches at once: four times each trained batch's Hessian.
-    The stacking check sees the stacked loss is not the mean of the batches' losses and keeps them."""
+@pytest.mark.parametrize(
+    ("batch_size", "probe", "probe_batch_size", "kept"),
+    [(32, 128, None, [32, 32, 32, 32]), (24, 64, 40, [24, 24, 16])],  # stacked: [128]; [24], [40]
+)
+def test_a_loss_summed_over_samples_keeps_the_loader_batches_and_measures_each_as_trained(
+    tmp_path, batch_size, probe, probe_batch_size, kept
+):
+    """Stacked, a summed loss would cover several batches at once: a multiple of each trained batch's
+    Hessian. The stacking check sees the stacked loss is not the mean of the batches' losses (on a
+    stacked batch of several, not the first, which may hold one) and keeps them."""
     from cases import dense_hessian, make_case
 
     L.seed_everything(0)
-    model = _SummedLoss(hidden=8, n=256, batch_size=32).double()
+    model = _SummedLoss(hidden=8, n=256, batch_size=batch_size).double()
     at_start = copy.deepcopy(model)
-    monitor = HessianEigenMonitor(k=1, tol=1e-10, probe=128, at_fit_end=False, every_n_steps=None)
+    monitor = HessianEigenMonitor(
+        k=1, tol=1e-10, probe=probe, probe_batch_size=probe_batch_size, at_fit_end=False, every_n_steps=None
+    )
     with pytest.warns(UserWarning, match=r"sums over samples \(reduction='sum'\)"):
         trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
-    assert [b[0].shape[0] for b in monitor.probe.batches] == [32, 32, 32, 32]
+    assert [b[0].shape[0] for b in monitor.probe.batches] == kept
     case = make_case("mlp")
     case.model, case.batches, case.loss_fn = at_start, monitor.probe.batches, _summed_squared_error
     expected = float(torch.linalg.eigvalsh(dense_hessian(case))[-1])  # the mean of the batches' sums

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -78,9 +79,12 @@ def build_probe(
         if batch_size == "loader" or couples_samples(pl_module) or (uncached and batch_size is None):
             return drawn
         stacked = stack_batches(drawn, batch_size)
-        if stacked is drawn or _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked):
-            return stacked
-        return drawn
+        # Every rank stacks or none (batches padded to other lengths on one rank cannot be stacked): no
+        # rank may wait in the check's collective for one that skipped it.
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        if any_rank([stacked is drawn], device)[0]:
+            return drawn
+        return stacked if _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked) else drawn
     with untouched_iteration(probe):
         batches = list(probe)
     convert = training_input(trainer, hooks=False)
@@ -127,30 +131,43 @@ def _concat(items: list[Any], counts: list[int]) -> Any:
 def _stacking_keeps_the_loss(
     module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], drawn: ProbeSet, stacked: ProbeSet
 ) -> bool:
-    """Whether the loss of ``stacked``'s first batch is the sample-weighted mean of the losses of the
-    ``drawn`` batches it was stacked from, as for a loss that averages over samples (warned where not).
+    """Whether the loss of the first batch ``stacked`` made of several ``drawn`` batches is the
+    sample-weighted mean of their losses, as for a loss that averages over samples (warned where not).
 
-    Forward passes only, in evaluation mode (no dropout mask to tell the two apart), with the module's
-    modes, buffers and random states restored; within 10 rounding units of the loss's dtype (at least
-    1e-4). A loss summed over samples comes out as many times larger as batches were stacked. Every
-    rank agrees on the answer: a stacked probe on one rank and the loader's batches on another would
-    run different numbers of forward passes per product."""
-    members, covered = 0, 0.0
-    while covered < stacked.weights[0]:
-        covered += drawn.weights[members]
-        members += 1
-    with measurement_context(module), torch.no_grad():
-        module.eval()
-        whole = loss_fn(module, stacked.batches[0]).detach()
-        parts = [float(loss_fn(module, drawn.batches[i])) for i in range(members)]
-    weights = drawn.weights[:members]
-    mean = sum(w * part for w, part in zip(weights, parts, strict=True)) / sum(weights)
-    tol = max(1e-4, 10 * torch.finfo(whole.dtype).eps) if whole.is_floating_point() else 1e-4
-    value = float(whole)
-    keeps = abs(value - mean) <= tol * max(abs(value), abs(mean))
+    Forward passes only (the stacked batch and its members), in evaluation mode (no dropout mask to tell
+    them apart), with the module's modes, buffers and random states restored; within 10 rounding units
+    of the coarsest floating dtype among the loss and the parameters (at least 1e-4). A loss summed over
+    samples comes out as many times larger as batches were stacked. A loss that fails here is left to
+    the first measurement to report (the loader's batches are kept). Every rank agrees on the answer:
+    a stacked probe on one rank and the loader's batches on another would run different numbers of
+    forward passes per product."""
+    spans, first = [], 0  # each stacked batch's first drawn batch and how many it holds
+    for weight in stacked.weights:
+        members, covered = 0, 0.0
+        while covered < weight:
+            covered += drawn.weights[first + members]
+            members += 1
+        spans.append((first, members))
+        first += members
+    index = next(i for i, (_, members) in enumerate(spans) if members > 1)  # stack_batches made one
+    first, members = spans[index]
+    parts = drawn.batches[first : first + members]
+    weights = drawn.weights[first : first + members]
+    try:
+        with measurement_context(module), torch.no_grad():
+            module.eval()
+            whole = loss_fn(module, stacked.batches[index]).detach()
+            losses = [float(loss_fn(module, batch)) for batch in parts]
+        mean = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
+        dtypes = [whole.dtype, *(p.dtype for p in module.parameters())]
+        eps = max((torch.finfo(d).eps for d in dtypes if d.is_floating_point), default=0.0)
+        value = float(whole)
+        keeps = abs(value - mean) <= max(1e-4, 10 * eps) * max(abs(value), abs(mean))
+    except Exception:  # the first measurement reports it, on the batches training_step takes
+        keeps, value, mean = False, math.nan, math.nan
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     keeps = not any_rank([not keeps], device)[0]
-    if not keeps:
+    if not keeps and math.isfinite(value):
         rank_zero_warn(
             f"the loss of {members} probe batches stacked into one ({value:.6g}) is not the sample-weighted "
             f"mean of their losses ({mean:.6g}): the loss sums over samples (reduction='sum') or couples them. "

@@ -105,8 +105,9 @@ class EdgeOfStabilityMonitor(Callback):
     first step) those measurements are flagged ``eos/warmup`` and neither raise the edge warning nor
     call ``on_warning`` nor count as ``eos/first_edge_step``.
 
-    Checkpoints: the state holds the history, the loss window, the first edge step and the
-    accumulated negative curvature. A state this version cannot read (missing keys, wrong types,
+    Checkpoints: the state holds the history, the loss window, the first edge step, the
+    accumulated negative curvature and the latest preconditioned measurement (the next one's warm start;
+    its vectors left out as the monitor's are, by ``checkpoint_eigenvectors`` and for FSDP2 shards). A state this version cannot read (missing keys, wrong types,
     NaN, another callback's state) gives one ``RuntimeWarning`` and a fresh start of all of them.
 
     Attributes:
@@ -637,9 +638,17 @@ class EdgeOfStabilityMonitor(Callback):
     def _log_critical(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """Critical sharpness along the optimizer's next update, on the batch just trained."""
         optimizer = trainer.optimizers[self.optimizer_index]
+        lr = float(optimizer.param_groups[0]["lr"])
+        if lr == 0.0:
+            self._warn_once(
+                "zero_lr_critical",
+                f"step {trainer.global_step}: critical sharpness is not measured at learning rate 0 (a warm-up "
+                "from zero, or a schedule's end): the next update is zero and has no curvature along it",
+            )
+            return
         try:
             result = self.monitor.spec.critical_sharpness(
-                pl_module, [batch], optimizer=optimizer, initial_step=float(optimizer.param_groups[0]["lr"])
+                pl_module, [batch], optimizer=optimizer, initial_step=lr
             )
         except Exception as err:  # never BaseException
             self._skip(trainer, err, "critical sharpness skipped", self.metric("critical_skipped"))
@@ -661,13 +670,15 @@ class EdgeOfStabilityMonitor(Callback):
                 gc = gradient_curvature(op)
             if not gc.finite:
                 raise NonFiniteOperatorError(f"||g|| = {gc.grad_norm}, ||Hg|| = {gc.hg_norm}")
+            # A step of rate 0 (a warm-up from zero, a schedule's end) drifts nowhere.
+            drift = 0.0 if lr == 0.0 else float(stability.drift_ratio(lr, gc.grad_norm, gc.hg_norm))
         except Exception as err:  # never BaseException
             self._skip(trainer, err, "proxies skipped", self.metric("proxies_skipped"))
             return
         metrics = {
             names.HG_RATIO: gc.hg_ratio,
             names.RAYLEIGH_QUOTIENT: gc.rayleigh_quotient,
-            names.DRIFT_RATIO: float(stability.drift_ratio(lr, gc.grad_norm, gc.hg_norm)),
+            names.DRIFT_RATIO: drift,
         }
         log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
 

@@ -22,6 +22,7 @@ from ..stability.optimizers import (
     UnsupportedOptimizer,
     coupled_weight_decay,
     group_settings,
+    has_stepped,
     optimizer_rule,
     parameter_preconditioner,
 )
@@ -54,17 +55,17 @@ def optimizer_preconditioner(
     """The flat diagonal of ``P`` and of the coupled weight decay ``W`` for the parameters of ``space``.
 
     ``P`` is infinite (:math:`P^{-1} = 0`) for a parameter the optimizer's step does not move: one outside
-    its groups (trained by another optimizer, or not at all), or one without state once others have it
-    (it has never had a gradient, as an unused head): the step's dynamics are those of the block it moves.
+    its groups (trained by another optimizer, or not at all), or one it has not stepped while it has
+    stepped others (a parameter that never had a gradient, as an unused head; see
+    :func:`~pf_lightning.stability.has_stepped`). The step's dynamics are those of the block it moves.
 
     Raises:
-        PreconditionerUnavailable: the optimizer does not precondition, or no parameter of ``space`` has
-            state yet (measure after the first optimizer step).
+        PreconditionerUnavailable: the optimizer does not precondition, or has stepped no parameter of
+            ``space`` yet (measure after the first optimizer step).
     """
     groups = _group_indices(optimizer, space)
     stateful = [
-        group is not None and bool(optimizer.state.get(p))
-        for p, group in zip(space.params, groups, strict=True)
+        group is not None and has_stepped(optimizer, p) for p, group in zip(space.params, groups, strict=True)
     ]
     if not any(stateful):
         # The optimizer's own reason: it does not precondition, or it has not stepped yet.
@@ -77,6 +78,9 @@ def optimizer_preconditioner(
             parameter_preconditioner(optimizer, space.params[first], groups[first])
         except PreconditionerUnavailable as err:
             raise PreconditionerUnavailable(f"{err} (parameter {space.names[first]!r})") from err
+        raise PreconditionerUnavailable(
+            f"{type(optimizer).__name__} has stepped no measured parameter yet: measure after its first step"
+        )
     diagonals = []
     for name, p, group, moved in zip(space.names, space.params, groups, stateful, strict=True):
         if not moved:
@@ -88,9 +92,8 @@ def optimizer_preconditioner(
             diagonal, _ = parameter_preconditioner(optimizer, p, group)
         except PreconditionerUnavailable as err:
             raise PreconditionerUnavailable(f"{err} (parameter {name!r})") from err
-        diagonals.append(
-            local_part(diagonal).reshape(-1).to(device=space.device, dtype=space.dtype)
-        )  # FSDP2: DTensors
+        local = local_part(diagonal)  # FSDP2 keeps optimizer state as DTensors
+        diagonals.append(local.reshape(-1).to(device=space.device, dtype=space.dtype))
     return torch.cat(diagonals), optimizer_weight_decay(optimizer, space)
 
 

@@ -76,6 +76,7 @@ __all__ = [
     "coupled_weight_decay",
     "edge_lr",
     "group_settings",
+    "has_stepped",
     "optimizer_rule",
     "optimizer_steps",
     "optimizer_threshold",
@@ -843,8 +844,17 @@ def update_threshold(optimizer: torch.optim.Optimizer) -> float:
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
-    """The steps ``optimizer`` has taken, from its per-parameter ``step`` state (the fewest; 0 before any)."""
-    return int(min((_steps(state) for state in optimizer.state.values()), default=0.0))
+    """The steps ``optimizer`` has taken, from its per-parameter ``step`` state: the fewest among the
+    parameters it has stepped (:func:`has_stepped`; 0 before any)."""
+    return int(min((_steps(state) for state in optimizer.state.values() if _steps(state) >= 1), default=0.0))
+
+
+def has_stepped(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
+    """Whether ``optimizer`` has stepped ``param``: it holds state for it, at ``step`` 1 or later where the
+    state counts steps. Adam creates a parameter's state at its first gradient; Adagrad creates every
+    parameter's, at step 0, with the optimizer, so a parameter that never had a gradient stays there."""
+    state = optimizer.state.get(param)
+    return bool(state) and (_steps(state) >= 1 or "step" not in state)
 
 
 def edge_lr(optimizer: torch.optim.Optimizer, sharpness: float, group: int = 0) -> float:
