@@ -84,7 +84,7 @@ def build_probe(
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         if any_rank([stacked is drawn], device)[0]:
             return drawn
-        return stacked if _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked) else drawn
+        return stacked if _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked, device) else drawn
     with untouched_iteration(probe):
         batches = list(probe)
     convert = training_input(trainer, hooks=False)
@@ -129,7 +129,11 @@ def _concat(items: list[Any], counts: list[int]) -> Any:
 
 
 def _stacking_keeps_the_loss(
-    module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], drawn: ProbeSet, stacked: ProbeSet
+    module: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    drawn: ProbeSet,
+    stacked: ProbeSet,
+    device: torch.device,
 ) -> bool:
     """Whether the loss of the first batch ``stacked`` made of several ``drawn`` batches is the
     sample-weighted mean of their losses, as for a loss that averages over samples (warned where not).
@@ -165,8 +169,7 @@ def _stacking_keeps_the_loss(
         keeps = abs(value - mean) <= max(1e-4, 10 * eps) * max(abs(value), abs(mean))
     except Exception:  # the first measurement reports it, on the batches training_step takes
         keeps, value, mean = False, math.nan, math.nan
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    keeps = not any_rank([not keeps], device)[0]
+    keeps = not any_rank([not keeps], device)[0]  # on the module's device (NCCL reduces no host tensor)
     if not keeps and math.isfinite(value):
         rank_zero_warn(
             f"the loss of {members} probe batches stacked into one ({value:.6g}) is not the sample-weighted "

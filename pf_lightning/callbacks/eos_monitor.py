@@ -105,10 +105,11 @@ class EdgeOfStabilityMonitor(Callback):
     first step) those measurements are flagged ``eos/warmup`` and neither raise the edge warning nor
     call ``on_warning`` nor count as ``eos/first_edge_step``.
 
-    Checkpoints: the state holds the history, the loss window, the first edge step, the
-    accumulated negative curvature and the latest preconditioned measurement (the next one's warm start;
-    its vectors left out as the monitor's are, by ``checkpoint_eigenvectors`` and for FSDP2 shards). A state this version cannot read (missing keys, wrong types,
-    NaN, another callback's state) gives one ``RuntimeWarning`` and a fresh start of all of them.
+    Checkpoints: the state holds the history, the loss window, the first edge step, the accumulated
+    negative curvature and the latest preconditioned measurement (the next one's warm start; its vectors
+    left out as the monitor's are, by ``checkpoint_eigenvectors`` and for FSDP2 shards). A state this
+    version cannot read (missing keys, wrong types, NaN, another callback's state) gives one
+    ``RuntimeWarning`` and a fresh start of all of them.
 
     Attributes:
         history: the logged metrics of each measurement, oldest first; like the monitor's ``history``

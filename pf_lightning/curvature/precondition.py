@@ -64,10 +64,10 @@ def optimizer_preconditioner(
             ``space`` yet (measure after the first optimizer step).
     """
     groups = _group_indices(optimizer, space)
-    stateful = [
+    stepped = [
         group is not None and has_stepped(optimizer, p) for p, group in zip(space.params, groups, strict=True)
     ]
-    if not any(stateful):
+    if not any(stepped):
         # The optimizer's own reason: it does not precondition, or it has not stepped yet.
         first = next((i for i, group in enumerate(groups) if group is not None), None)
         if first is None:
@@ -82,7 +82,7 @@ def optimizer_preconditioner(
             f"{type(optimizer).__name__} has stepped no measured parameter yet: measure after its first step"
         )
     diagonals = []
-    for name, p, group, moved in zip(space.names, space.params, groups, stateful, strict=True):
+    for name, p, group, moved in zip(space.names, space.params, groups, stepped, strict=True):
         if not moved:
             diagonals.append(
                 torch.full((local_part(p).numel(),), torch.inf, dtype=space.dtype, device=space.device)
