@@ -126,6 +126,18 @@ def test_rules_reproduce_the_real_step(make):
         torch.testing.assert_close(p.detach() - before, expected, rtol=rtol, atol=1e-14)
 
 
+def test_a_group_s_step_count_is_read_from_a_parameter_the_optimizer_has_stepped():
+    """Adagrad creates every parameter's state, at step 0, up front: an unused parameter first in the
+    group must not make the threshold 2(1 + (t - 1) lr_decay)/lr that of step 0."""
+    head, net = torch.nn.Linear(2, 2), torch.nn.Linear(3, 1)  # head: never a gradient
+    optimizer = torch.optim.Adagrad([*head.parameters(), *net.parameters()], lr=0.1, lr_decay=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        net(torch.ones(4, 3)).pow(2).sum().backward()
+        optimizer.step()
+    assert optimizer_threshold(optimizer).value == pytest.approx(2 * (1 + (3 - 1) * 0.5) / 0.1)
+
+
 # -- the EoS monitor for every torch.optim optimizer -------------------------------------------
 def _p_reference(name, group, state):
     """P of torch 2.13's update, written out from its sources (REFERENCE §6.4)."""

@@ -764,12 +764,13 @@ def unit_step_dynamics(optimizer: torch.optim.Optimizer, group: int = 0) -> Step
 
 
 def _group_state(optimizer: torch.optim.Optimizer, group: int) -> State:
-    """The state of the group's first parameter that has one (a frozen or unused one has none)."""
-    for param in optimizer.param_groups[group]["params"]:
-        state = optimizer.state.get(param)
-        if state:
-            return state
-    return {}
+    """The state of the group's first parameter the optimizer has stepped (:func:`has_stepped`), whose
+    step count the rule reads; before any step, the first state there is (Adagrad's, at step 0)."""
+    params = optimizer.param_groups[group]["params"]
+    param = next((p for p in params if has_stepped(optimizer, p)), None)
+    if param is None:
+        param = next((p for p in params if optimizer.state.get(p)), None)
+    return {} if param is None else optimizer.state[param]
 
 
 def optimizer_threshold(optimizer: torch.optim.Optimizer, group: int = 0) -> StabilityThreshold:
