@@ -342,13 +342,21 @@ def test_the_edge_reads_the_measurement_s_gradient_and_builds_no_operator_of_its
         assert counts[True] == counts[False] > 0
 
 
-class _WarmUpFromZero(DigitsClassifier):
-    """A linear warm-up from rate 0 (as Hugging Face's ``get_linear_schedule_with_warmup`` starts)."""
+class _Scheduled(DigitsClassifier):
+    """The rate ``factor(step)`` times ``lr``, set before every optimizer step."""
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
 
     def configure_optimizers(self):
         optimizer = super().configure_optimizers()
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _warm_up_from_zero(step):  # linear, as Hugging Face's get_linear_schedule_with_warmup starts
+    return min(1.0, step / 4)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -356,7 +364,7 @@ def test_a_warm_up_from_rate_zero_logs_the_sharpness_and_judges_the_edge_from_th
     tmp_path, optimizer
 ):
     L.seed_everything(0)
-    model = _WarmUpFromZero(n=128, lr=0.1 if optimizer == "sgd" else 1e-2, optimizer=optimizer)
+    model = _Scheduled(_warm_up_from_zero, n=128, lr=0.1 if optimizer == "sgd" else 1e-2, optimizer=optimizer)
     monitor = HessianEigenMonitor(k=1, every_n_steps=2, tol=1e-6)
     t = trainer(
         tmp_path, max_steps=6, callbacks=[monitor, EdgeOfStabilityMonitor()], logger=CSVLogger(tmp_path)
@@ -414,7 +422,7 @@ def test_a_preconditioning_optimizer_that_moves_part_of_the_parameters_is_measur
 ):
     """The step x' = x - P^-1 g leaves the other parameters where they are: P^-1 = 0 there, and the
     preconditioned sharpness is that of the moved block (it was never logged: every measurement was
-    taken for Adam's warm-up)."""
+    treated as one before Adam's first step)."""
     L.seed_everything(0)
     model = _PreconditionedOverPart(case, hidden=12, n=64).double()
     x, y = digits(64)
@@ -441,13 +449,8 @@ def test_a_preconditioning_optimizer_that_moves_part_of_the_parameters_is_measur
     assert eos.history[-1]["eos/preconditioned_sharpness"] == pytest.approx(expected, rel=1e-6)
 
 
-class _RateDropsToZero(DigitsClassifier):
-    """A schedule that ends at rate 0 (as a cosine to eta_min=0 does) after two steps."""
-
-    def configure_optimizers(self):
-        optimizer = super().configure_optimizers()
-        end = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 2 else 0.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": end, "interval": "step"}}
+def _ends_at_zero(step):  # after two steps, as a cosine to eta_min=0 ends
+    return 1.0 if step < 2 else 0.0
 
 
 def test_the_per_step_diagnostics_at_rate_zero_log_no_drift_and_skip_the_critical_sharpness(tmp_path):
@@ -456,7 +459,7 @@ def test_the_per_step_diagnostics_at_rate_zero_log_no_drift_and_skip_the_critica
     callbacks = [HessianEigenMonitor(k=1, every_n_steps=None, at_fit_end=False), eos]
     t = trainer(tmp_path, max_steps=4, callbacks=callbacks, logger=CSVLogger(tmp_path))
     with pytest.warns(RuntimeWarning, match="critical sharpness is not measured at learning rate 0"):
-        t.fit(_RateDropsToZero(n=128, lr=0.1))
+        t.fit(_Scheduled(_ends_at_zero, n=128, lr=0.1))
     metrics = logged(t)
     assert "eos/proxies_skipped" not in metrics and "eos/critical_skipped" not in metrics
     rates = {step: 0.1 if step < 2 else 0.0 for step in range(1, 5)}  # the rate of the step after each

@@ -84,7 +84,8 @@ def build_probe(
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         if any_rank([stacked is drawn], device)[0]:
             return drawn
-        return stacked if _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked, device) else drawn
+        keeps = _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked, batch_size, device)
+        return stacked if keeps else drawn
     with untouched_iteration(probe):
         batches = list(probe)
     convert = training_input(trainer, hooks=False)
@@ -133,10 +134,12 @@ def _stacking_keeps_the_loss(
     loss_fn: Callable[[nn.Module, Any], Tensor],
     drawn: ProbeSet,
     stacked: ProbeSet,
+    batch_size: int | None,
     device: torch.device,
 ) -> bool:
-    """Whether the loss of the first batch ``stacked`` made of several ``drawn`` batches is the
-    sample-weighted mean of their losses, as for a loss that averages over samples (warned where not).
+    """Whether the loss of the first batch of ``stacked`` (``stack_batches(drawn, batch_size)``) made of
+    several ``drawn`` batches is the sample-weighted mean of their losses, as for a loss that averages
+    over samples (warned where not).
 
     Forward passes only (the stacked batch and its members), in evaluation mode (no dropout mask to tell
     them apart), with the module's modes, buffers and random states restored; within 10 rounding units
@@ -145,18 +148,10 @@ def _stacking_keeps_the_loss(
     the first measurement to report (the loader's batches are kept). Every rank agrees on the answer:
     a stacked probe on one rank and the loader's batches on another would run different numbers of
     forward passes per product."""
-    spans, first = [], 0  # each stacked batch's first drawn batch and how many it holds
-    for weight in stacked.weights:
-        members, covered = 0, 0.0
-        while covered < weight:
-            covered += drawn.weights[first + members]
-            members += 1
-        spans.append((first, members))
-        first += members
-    index = next(i for i, (_, members) in enumerate(spans) if members > 1)  # stack_batches made one
-    first, members = spans[index]
-    parts = drawn.batches[first : first + members]
-    weights = drawn.weights[first : first + members]
+    groups = stack_groups(drawn.weights, batch_size)
+    index = next(i for i, group in enumerate(groups) if len(group) > 1)  # stack_batches made one
+    parts, weights = [drawn.batches[i] for i in groups[index]], [drawn.weights[i] for i in groups[index]]
+    members = len(parts)
     try:
         with measurement_context(module), torch.no_grad():
             module.eval()
@@ -181,19 +176,24 @@ def _stacking_keeps_the_loss(
     return keeps
 
 
+def stack_groups(weights: list[float], batch_size: int | None = None) -> list[list[int]]:
+    """The indices of the consecutive batches (of ``weights`` samples) that :func:`stack_batches` joins
+    into each batch of at most ``batch_size`` samples (``None``: all of them)."""
+    groups: list[list[int]] = []
+    for index, weight in enumerate(weights):
+        if groups and (batch_size is None or sum(weights[i] for i in groups[-1]) + weight <= batch_size):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
 def stack_batches(probe: ProbeSet, batch_size: int | None = None) -> ProbeSet:
     """``probe``'s consecutive batches concatenated into batches of at most ``batch_size`` samples
     (``None``: all of them), the same samples in the same order; ``probe`` itself where its batches
     cannot be stacked (different structures, or shapes beyond the sample dimension, as with padded
     sequences of different lengths). A batch larger than ``batch_size`` stays as it is."""
-    groups: list[list[int]] = []
-    for index, weight in enumerate(probe.weights):
-        if groups and (
-            batch_size is None or sum(probe.weights[i] for i in groups[-1]) + weight <= batch_size
-        ):
-            groups[-1].append(index)
-        else:
-            groups.append([index])
+    groups = stack_groups(probe.weights, batch_size)
     if len(groups) == len(probe):
         return probe
     batches, weights = [], []
