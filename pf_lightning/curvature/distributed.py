@@ -289,6 +289,21 @@ def local_part(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` back in its sharded state (a no-op where it is there already).
+
+    After a forward pass with no backward FSDP2 keeps the root module's parameters gathered, as plain
+    tensors beside the other modules' DTensors (it would reshard them in the backward): the next pass
+    would reuse them, and a measurement would find its parameters half sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def data_parallel_size(params: Sequence[Tensor]) -> int:
     """Ranks whose gradients FSDP averages: the size of the parameters' device mesh."""
     return int(params[0].device_mesh.size()) if params and is_sharded(params[0]) else 1

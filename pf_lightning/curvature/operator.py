@@ -35,6 +35,7 @@ from .distributed import (
     is_agreed,
     is_distributed,
     reduce_agreed,
+    reshard,
     world_size,
 )
 from .hvp import BACKENDS, DoubleBackwardHVP, FiniteDifferenceHVP, ForwardOverReverseHVP, HVPBackend
@@ -480,13 +481,8 @@ class HessianOperator(LinearOperator):
                     weight = self.probe.weights[index] if own else 0.0
                     buffer[0] += weight * self._loss(index if own else 0).detach().double()
                     buffer[1] += weight
-                # Without a backward FSDP2 keeps the root's parameters gathered after the pass, and the next
-                # pass would reuse them: a caller that moves the shards between passes would not be seen.
-                from torch.distributed.fsdp import FSDPModule
-
-                for module in self.model.modules():
-                    if isinstance(module, FSDPModule):
-                        module.reshard()
+                # A caller that moves the shards between passes must be seen by the next one (see reshard).
+                reshard(self.model)
             else:
                 for index, weight in enumerate(self.probe.weights if self.probe is not None else ()):
                     try:

@@ -11,6 +11,9 @@ A measurement must not disturb training (DESIGN principle 1). Inside :func:`meas
   (``model.gradient_checkpointing_enable()``) run without activation checkpointing, and get it back on
   exit: double backward through checkpointed segments is refused (reentrant) or can fail on recompute,
   and without it ``hvp="auto"`` stays exact, at the cost of the probe batch's full activations;
+- FSDP2 modules are resharded on exit: a forward pass without backward leaves the root module's
+  parameters gathered (plain tensors), and training's next pass, or the next measurement, expects
+  them sharded;
 - ``.grad`` is never written, since every backend uses ``torch.autograd.grad``; the training run's
   ``.grad`` tensors are set aside for the duration anyway and put back on exit, so a user loss function
   that calls ``backward`` writes fresh tensors instead of accumulating into them.
@@ -34,6 +37,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .distributed import reshard
 
 try:  # numpy is optional at run time
     import numpy as np
@@ -165,3 +170,4 @@ def measurement_context(model: nn.Module, exact: bool = False) -> Iterator[None]
                 m.training = mode
             for p, g in grads:
                 p.grad = g
+            reshard(model)  # a pass without backward leaves FSDP2's root gathered

@@ -43,9 +43,11 @@ class ShardedDigits(DigitsClassifier):
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
+        # The root holds a layer of its own (the last), as in Hugging Face recipes (embeddings, final
+        # norm): FSDP2 keeps the root's parameters gathered after a forward pass without backward.
+        linears = [layer for layer in self.net if isinstance(layer, torch.nn.Linear)]
+        for layer in linears[:-1]:
+            fully_shard(layer, mesh=mesh)
         fully_shard(self.net, mesh=mesh)
 
     def train_dataloader(self) -> DataLoader:
