@@ -127,9 +127,9 @@ def test_fused_attention_falls_back_to_finite_differences_within_their_bound(dty
 class LitLM(L.LightningModule):
     """The Hugging Face pattern: dict batches in, a ``ModelOutput`` (with ``loss``) out of training_step."""
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = True) -> None:
         super().__init__()
-        self.model = TinyLM(fused=True).double()  # float64: the finite-difference bound is 1e-6 there
+        self.model = TinyLM(fused=fused).double()  # float64: the finite-difference bound is 1e-6 there
 
     def training_step(self, batch, batch_idx):
         out = self.model(**batch)
@@ -162,6 +162,32 @@ def test_monitor_on_a_hugging_face_style_module_with_dict_batches(tmp_path):
     # float64 finite differences: ~1e-10 per product; a warm-started float32 run of this test was off
     # by 3e-3 (float32 central differences of a trained transformer are noisier than at init).
     torch.testing.assert_close(monitor.latest.eigenvalues, exact.eigenvalues, rtol=1e-6, atol=0)
+
+
+def _right_padded(n: int, seed: int) -> list[dict[str, Tensor]]:
+    """Sequences with their last tokens padded away (label -100, which the loss ignores)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+    lengths = torch.randint(2, SEQ + 1, (n,), generator=gen)
+    labels = ids.masked_fill(torch.arange(SEQ) >= lengths[:, None], -100)
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def test_a_token_mean_over_padded_sequences_keeps_the_loader_batches_and_measures_them_as_trained(tmp_path):
+    """A mean over the tokens of padded batches weighs each batch's samples by its own token count; a
+    stacked probe would pool the counts, a different objective. At initialization the two losses agree to
+    4e-5 here (every token's loss is about log 7), the gradients differ by 5%: the check compares both."""
+    L.seed_everything(0)
+    module = LitLM(fused=False)
+    at_start = copy.deepcopy(module.model)
+    monitor = HessianEigenMonitor(k=1, tol=1e-10, max_hvp=600, at_fit_end=False, every_n_steps=None)
+    loader = DataLoader(_right_padded(20, seed=3), batch_size=8)
+    with pytest.warns(UserWarning, match="averages over the tokens of padded sequences"):
+        trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(module, loader)
+    assert [b["input_ids"].shape[0] for b in monitor.probe.batches] == [8, 8, 4]
+    batches = list(loader)  # the sample-weighted mean of the batches' token means, as trained
+    expected = reference_top(at_start, batches)
+    assert monitor.history[0]["eigenvalues"][0] == pytest.approx(float(expected[0]), rel=1e-9)
 
 
 def _llama(hf_casts: bool = False) -> LlamaStyleLM:

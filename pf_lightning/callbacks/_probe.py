@@ -60,8 +60,9 @@ def build_probe(
     (:func:`stack_batches`): a product on 512 samples in one batch costs 2.5 times less than on four
     batches of 128 (REFERENCE §7). The loader's batches are kept with ``"loader"``, for a module whose
     loss couples a batch's samples (:func:`~pf_lightning.probe.couples_samples`), where ``loss_fn`` of
-    a stacked batch is not the mean of its batches' losses (a loss with ``reduction="sum"``, or one that
-    couples samples in a way no module shows: :func:`_stacking_keeps_the_loss`), and, unless
+    a stacked batch does not have the objective of its batches (a loss with ``reduction="sum"``, a mean
+    over the tokens of padded sequences, or one that couples samples in a way no module shows:
+    :func:`_stacking_keeps_the_loss`), and, unless
     ``batch_size`` is given, where products keep no graph (``hvp="finite_difference"``, FSDP2's sharded
     parameters): a stacked probe would hold all its activations at once in every product."""
     if isinstance(probe, ProbeSet):
@@ -80,12 +81,11 @@ def build_probe(
             return drawn
         stacked = stack_batches(drawn, batch_size)
         # Every rank stacks or none (batches padded to other lengths on one rank cannot be stacked): no
-        # rank may wait in the check's collective for one that skipped it.
+        # rank may wait in the check's collectives for one that skipped it.
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         if any_rank([stacked is drawn], device)[0]:
             return drawn
-        keeps = _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked, batch_size, device)
-        return stacked if keeps else drawn
+        return stacked if _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked) else drawn
     with untouched_iteration(probe):
         batches = list(probe)
     convert = training_input(trainer, hooks=False)
@@ -130,45 +130,45 @@ def _concat(items: list[Any], counts: list[int]) -> Any:
 
 
 def _stacking_keeps_the_loss(
-    module: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], Tensor],
-    drawn: ProbeSet,
-    stacked: ProbeSet,
-    batch_size: int | None,
-    device: torch.device,
+    module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], drawn: ProbeSet, stacked: ProbeSet
 ) -> bool:
-    """Whether the loss of the first batch of ``stacked`` (``stack_batches(drawn, batch_size)``) made of
-    several ``drawn`` batches is the sample-weighted mean of their losses, as for a loss that averages
-    over samples (warned where not).
+    """Whether ``stacked`` (``drawn``'s batches joined) has the objective of ``drawn``: the sample-weighted
+    mean of the loader batches' losses, in value and in gradient (warned where not).
 
-    Forward passes only (the stacked batch and its members), in evaluation mode (no dropout mask to tell
-    them apart), with the module's modes, buffers and random states restored; within 10 rounding units
-    of the coarsest floating dtype among the loss and the parameters (at least 1e-4). A loss summed over
-    samples comes out as many times larger as batches were stacked. A loss that fails here is left to
-    the first measurement to report (the loader's batches are kept). Every rank agrees on the answer:
-    a stacked probe on one rank and the loader's batches on another would run different numbers of
-    forward passes per product."""
-    groups = stack_groups(drawn.weights, batch_size)
-    index = next(i for i, group in enumerate(groups) if len(group) > 1)  # stack_batches made one
-    parts, weights = [drawn.batches[i] for i in groups[index]], [drawn.weights[i] for i in groups[index]]
-    members = len(parts)
+    A loss that sums over samples comes out as many times larger as batches were stacked; a mean over
+    the tokens of padded sequences weighs the samples by their token counts, and stacked batches pool
+    those counts: the loss value may agree to 1e-4 (at initialization every token's loss is about the
+    same) while the gradient and the Hessian differ by percents. So both are compared, over the whole
+    probe, each within 10 rounding units of the coarsest parameter dtype (at least 1e-4 relative).
+    The passes run through :class:`~pf_lightning.curvature.HessianOperator` (each rank's shard, reduced
+    over all ranks as in a measurement, so every rank gets the same answer), in evaluation mode (no
+    dropout mask to tell the two apart), the module's modes, buffers and random states restored: one
+    forward pass and one backward pass per batch of each. A loss that fails here is left to the first
+    measurement to report (the loader's batches are kept, on every rank)."""
+    from ..curvature.operator import HessianOperator
+
+    eps = max((torch.finfo(p.dtype).eps for p in module.parameters() if p.is_floating_point()), default=0.0)
+    tol = max(1e-4, 10 * eps)
     try:
-        with measurement_context(module), torch.no_grad():
+        with measurement_context(module):
             module.eval()
-            whole = loss_fn(module, stacked.batches[index]).detach()
-            losses = [float(loss_fn(module, batch)) for batch in parts]
-        mean = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
-        dtypes = [whole.dtype, *(p.dtype for p in module.parameters())]
-        eps = max((torch.finfo(d).eps for d in dtypes if d.is_floating_point), default=0.0)
-        value = float(whole)
-        keeps = abs(value - mean) <= max(1e-4, 10 * eps) * max(abs(value), abs(mean))
-    except Exception:  # the first measurement reports it, on the batches training_step takes
-        keeps, value, mean = False, math.nan, math.nan
-    keeps = not any_rank([not keeps], device)[0]  # on the module's device (NCCL reduces no host tensor)
-    if not keeps and math.isfinite(value):
+            with HessianOperator(module, loss_fn, drawn) as op:
+                gradient, loss = op.gradient(), op.loss()
+            with HessianOperator(module, loss_fn, stacked) as op:
+                both = torch.stack([gradient, op.gradient() - gradient], dim=1)
+                loss_stacked = op.loss()
+                norm, off = op.inner(both, both).diagonal().sqrt().tolist()  # over all ranks' slices
+        loss_off = abs(loss_stacked - loss) / max(abs(loss), abs(loss_stacked), math.ulp(0.0))
+        gradient_off = off / max(norm, math.ulp(0.0))
+        keeps = loss_off <= tol and gradient_off <= tol
+    except Exception:  # raised on every rank (the operator's collectives agree on failures)
+        return False
+    if not keeps:
         rank_zero_warn(
-            f"the loss of {members} probe batches stacked into one ({value:.6g}) is not the sample-weighted "
-            f"mean of their losses ({mean:.6g}): the loss sums over samples (reduction='sum') or couples them. "
+            f"the probe's {len(drawn)} loader batches stacked into {len(stacked)} do not have the same loss "
+            f"({loss_stacked:.6g} against their sample-weighted mean {loss:.6g}) or gradient (relative "
+            f"difference {gradient_off:.2g}): the loss sums over samples (reduction='sum'), averages over "
+            "the tokens of padded sequences, or couples samples, and weighs them differently in one batch. "
             "The probe keeps the training loader's batches (one forward pass each, as "
             "probe_batch_size='loader'), so each is measured as it is trained",
             category=UserWarning,
