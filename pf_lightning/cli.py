@@ -26,6 +26,7 @@ pf-lightning: Hessian eigenpairs and edge-of-stability diagnostics for Lightning
 
 LightningCLI's own help follows.
 """
+_LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
@@ -96,7 +97,7 @@ def report_main(args: Sequence[str] | None = None) -> int:
             progress=False if options.no_progress else None,
             html=options.html,
         )
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as err:  # wandb, for W&B runs, is an extra
+    except (OSError, ValueError, ModuleNotFoundError) as err:  # a path; wandb, for W&B runs, is an extra
         print(f"pf-lightning report: {err}", file=sys.stderr)
         return 1
     return 0 if written else 1
@@ -144,6 +145,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(workspace_main(args[1:]))
     if not args or args[0] in ("-h", "--help"):
         print(_USAGE)
+    elif not args[0].startswith("-") and args[0] not in _LIGHTNING_SUBCOMMANDS:
+        print(
+            f"pf-lightning: unknown command {args[0]!r}: choose from "
+            f"{', '.join((*_LIGHTNING_SUBCOMMANDS, 'report', 'workspace'))} (pf-lightning --help)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself, without a warning
 
 

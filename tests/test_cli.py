@@ -100,6 +100,10 @@ def test_help_names_the_report_command(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "pf-lightning report" in out and "fit" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reprot", "runs"])
+    assert exit_info.value.code == 2
+    assert "choose from fit, validate, test, predict, report, workspace" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -260,7 +260,7 @@ def test_non_finite_loss_raises_and_leaves_the_model_intact():
     case = make_case("mlp")
     before = [p.detach().clone() for p in case.model.parameters()]
     bad = [(torch.full_like(case.batches[0][0], float("nan")), case.batches[0][1])]
-    with pytest.raises(NonFiniteLossError, match="probe batch 0"):
+    with pytest.raises(NonFiniteLossError, match="measured batch 0"):
         hessian_eigenpairs(case.model, case.loss_fn, bad, k=1)
     assert all(torch.equal(a, b) for a, b in zip(before, case.model.parameters(), strict=True))
 
@@ -316,7 +316,7 @@ def test_a_batch_the_loss_fails_on_is_named_by_its_index():
     batches = [torch.randn(8, 3), torch.randn(4, 5)]  # the second does not fit the model
     with pytest.raises(RuntimeError, match="cannot be multiplied") as info:
         hessian_eigenpairs(model, lambda m, b: m(b).pow(2).mean(), batches, k=1, hvp="double_backward")
-    assert any("probe batch 1 of 2" in note for note in info.value.__notes__)
+    assert any("measured batch 1 of 2" in note for note in info.value.__notes__)
 
 
 def test_forward_over_reverse_on_a_kernel_without_forward_ad_names_the_fix():

@@ -208,6 +208,11 @@ def test_report_command(tmp_path, csv_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path / "nothing-here")])
     assert exit_info.value.code == 1 and "does not exist" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")  # --out names a file: one line, no traceback
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(run_dir / "metrics.csv"), "--out", str(tmp_path / "a-file"), "--no-progress"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith("pf-lightning report: [Errno 17] File exists")
 
 
 def test_a_mini_batch_run_plots_batch_and_critical_sharpness_against_their_thresholds(tmp_path):

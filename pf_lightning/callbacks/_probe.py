@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +14,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
+
+try:  # numpy is optional at run time
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
 
 from ..curvature.distributed import any_rank, is_sharded
 from ..curvature.state import measurement_context, measuring, rng_state
@@ -208,11 +214,37 @@ def stack_batches(probe: ProbeSet, batch_size: int | None = None) -> ProbeSet:
 
 
 @contextlib.contextmanager
+def held_random_states(holder: Any) -> Iterator[None]:
+    """Put back the random generators ``holder`` keeps as attributes (torch, NumPy, ``random``) on exit:
+    a dataset that samples or augments from a generator of its own (``self.g = torch.Generator()``)
+    draws from it when a measurement reads batches, and training must find it where it was."""
+    saved = []
+    for value in {id(v): v for v in getattr(holder, "__dict__", {}).values()}.values():
+        if isinstance(value, torch.Generator):
+            saved.append((value.set_state, value.get_state()))
+        elif isinstance(value, random.Random):
+            saved.append((value.setstate, value.getstate()))
+        elif np is not None and isinstance(value, np.random.Generator):
+            saved.append(
+                (lambda state, g=value.bit_generator: setattr(g, "state", state), value.bit_generator.state)
+            )
+        elif np is not None and isinstance(value, np.random.RandomState):
+            saved.append((value.set_state, value.get_state()))
+    try:
+        yield
+    finally:
+        for restore, state in saved:
+            restore(state)
+
+
+@contextlib.contextmanager
 def untouched_iteration(loader: Any) -> Iterator[None]:
     """Iterate ``loader`` without moving the order in which training will read it.
 
     A shuffling ``DataLoader`` draws its order and its workers' base seed from the global generator, or
-    from its own ``generator=`` (also its sampler's): all of them are put back afterwards. With
+    from its own ``generator=`` (also its sampler's), and a dataset may sample from generators of its own
+    (:func:`held_random_states`): all of them are put back afterwards. A stream that can be read only
+    once (a queue, a socket) loses what the probe reads: pass it ``probe=`` batches instead. With
     ``persistent_workers`` a new ``iter`` would create (or reset) the worker iterator that training
     keeps and resumes, so the batches are read in this process instead.
     """
@@ -234,7 +266,7 @@ def untouched_iteration(loader: Any) -> Iterator[None]:
     try:
         for name in saved:  # a single-process iterator requires timeout == 0
             setattr(loader, name, 0)
-        with rng_state():
+        with rng_state(), held_random_states(getattr(loader, "dataset", None)):
             yield
     finally:
         for name, value in saved.items():
@@ -290,7 +322,7 @@ class TrainingBatches:
     under gradient accumulation one mini-batch is that many micro-batches (a :class:`ProbeSet`, measured
     one micro-batch at a time, as training holds them). Each draw has an order of its own from a seeded
     generator: the same seed draws the same batches, and the training run's data order and random streams
-    are untouched (a dataset that holds a random generator of its own is the exception: its state moves).
+    are untouched (a dataset's own random generators included: :func:`held_random_states`).
 
     Under DDP each rank draws from its own shard (its ``DistributedSampler``): the ``i``-th batches of all
     ranks form one global mini-batch of ``world_size`` times the per-rank size, as in training. The batches
@@ -356,7 +388,8 @@ class TrainingBatches:
         )
 
     def _fetch(self, indices: list[int]) -> Any:
-        with rng_state():  # a dataset's random transforms draw from the global generators
+        # A dataset's random transforms draw from the global generators, or from its own.
+        with rng_state(), held_random_states(self.dataset):
             # As DataLoader fetches: one __getitems__ call where the dataset batches its indexing.
             getitems = getattr(self.dataset, "__getitems__", None)
             samples = getitems(indices) if getitems is not None else [self.dataset[j] for j in indices]

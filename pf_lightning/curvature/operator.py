@@ -261,7 +261,7 @@ class HessianOperator(LinearOperator):
                 loss = self.loss_fn(self.model, self.probe.batches[index])
             except Exception as err:  # the type is kept (callers tell errors apart): the batch is noted
                 err.add_note(
-                    f"(raised by loss_fn on probe batch {index} of {len(self.probe)}: check that batch's "
+                    f"(raised by loss_fn on measured batch {index} of {len(self.probe)}: check that batch's "
                     "shapes and dtypes against what the model expects)"
                 )
                 raise
@@ -274,7 +274,7 @@ class HessianOperator(LinearOperator):
             _warn_lower_precision(loss.dtype, self.space.dtype)
         if torch.is_grad_enabled() and not loss.requires_grad:
             raise ValueError(
-                f"the loss of probe batch {index} does not depend on the measured parameters (it has no "
+                f"the loss of measured batch {index} does not depend on the measured parameters (it has no "
                 "grad_fn): compute it from the model's output with gradients enabled (not under "
                 "torch.no_grad() or torch.inference_mode(), not .detach()ed), and select parameters the "
                 "loss uses with `params`"
@@ -283,7 +283,8 @@ class HessianOperator(LinearOperator):
 
     def _nonfinite(self, index: int, loss: Tensor) -> NonFiniteLossError:
         return NonFiniteLossError(
-            f"the loss of probe batch {index} is {float(loss.detach())}: check the probe data and the parameters"
+            f"the loss of measured batch {index} is {float(loss.detach())}: check that batch's data and the "
+            "parameters"
         )
 
     def loss_at(self, index: int) -> Tensor:

@@ -182,6 +182,8 @@ class Classifier(DigitsClassifier):
     def train_dataloader(self):
         x, y = digits(self.hparams.n)
         kwargs: dict[str, Any] = {"batch_size": self.hparams.batch_size, "shuffle": True}
+        if self.case.loader == "stream":
+            return DataLoader(_SamplingStream(x, y), batch_size=self.hparams.batch_size)
         if self.case.loader == "generator":
             kwargs["generator"] = torch.Generator().manual_seed(11)
         elif self.case.loader == "workers":
@@ -298,6 +300,19 @@ class Run:
     callbacks: list[Callback]
     losses: list[torch.Tensor]
     rng: tuple[torch.Tensor, Any, Any]
+
+
+class _SamplingStream(torch.utils.data.IterableDataset):
+    """An iterable dataset that samples with replacement from generators it holds (torch and NumPy)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.g, self.noise = torch.Generator().manual_seed(3), np.random.default_rng(5)
+
+    def __iter__(self):
+        for _ in range(len(self.x)):
+            i = int(torch.randint(len(self.x), (1,), generator=self.g))
+            yield self.x[i] + float(self.noise.normal(0.0, 0.01)), self.y[i]
 
 
 def fit(tmp_path, case: Case, measured: bool) -> Run:
@@ -477,9 +492,10 @@ def test_a_wider_sweep_with_forward_over_reverse_products_is_bit_identical(tmp_p
 
 
 @pytest.mark.parametrize("probe", [24, "loader"])
-@pytest.mark.parametrize("loader", ["generator", "workers"])
+@pytest.mark.parametrize("loader", ["generator", "workers", "stream"])
 def test_reading_the_probe_leaves_the_training_loaders_order_untouched(tmp_path, one_thread, loader, probe):
     """Regression: a probe read from a loader with its own generator advanced that generator, and one read
     from a loader with persistent workers created the worker iterator that training then only reset,
-    drawing its shuffle from the wrong place in the global stream; both trained in another order."""
+    drawing its shuffle from the wrong place in the global stream; both trained in another order. A
+    stream that samples from generators of its own advanced them (trained on other samples)."""
     check_case(tmp_path, Case(loader=loader, probe=probe, every_n_steps=3))
