@@ -1,6 +1,9 @@
 """EdgeOfStabilityMonitor: thresholds of the optimizer in use, preconditioned sharpness, PF regimes,
 the early warning, W&B, and the edge of stability itself on sklearn digits."""
 
+import re
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -470,3 +473,42 @@ def test_the_per_step_diagnostics_at_rate_zero_log_no_drift_and_skip_the_critica
         else:
             assert metrics["pf/drift_ratio"][step] == 0.0
     assert sorted(metrics["eos/critical_sharpness"]) == [s for s, rate in rates.items() if rate]
+
+
+class _OwnClipping(DigitsClassifier):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val=0.05, gradient_clip_algorithm="value")
+
+
+@pytest.mark.parametrize(
+    ("module", "clip", "named"),
+    [
+        (DigitsClassifier, 0.05, r"gradient_clip_val=0.05, norm"),
+        (_OwnClipping, None, r"_OwnClipping.configure_gradient_clipping"),
+        (DigitsClassifier, None, None),
+    ],
+)
+def test_gradient_clipping_is_named_where_the_thresholds_assume_the_unclipped_step(
+    tmp_path, module, clip, named
+):
+    """The thresholds and the critical search follow the optimizer's rule on the unclipped gradient
+    (lr 20, clip 0.05 on digits: eos/critical_ratio 3.16 where the step taken gives 0.52): said once at
+    fit start, by the monitor and by LRAdaptation (whose DAL rate is that of the unclipped step)."""
+    from pf_lightning import DriftAdaptiveLR, LRAdaptation
+
+    L.seed_everything(0)
+    callbacks = [
+        HessianEigenMonitor(k=1, every_n_steps=None, at_fit_end=False),
+        EdgeOfStabilityMonitor(critical_every_n_steps=1),
+        LRAdaptation(DriftAdaptiveLR),
+    ]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=2, gradient_clip_val=clip, callbacks=callbacks).fit(module(n=64))
+    said = [str(w.message) for w in record if "shortens the steps" in str(w.message)]
+    if named is None:
+        assert said == []
+    else:
+        assert len(said) == 2 and all(re.search(named, message) for message in said)
+        assert any("edge is 2/(c*lr)" in message for message in said)
+        assert any("DriftAdaptiveLR sets is that of the unclipped step" in message for message in said)

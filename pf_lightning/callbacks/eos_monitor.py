@@ -54,6 +54,18 @@ PROGRESS_BAR = (names.RATIO, names.BATCH_RATIO)
 """Shown in Lightning's progress bar after each measurement (kept there until the next one)."""
 
 
+def gradient_clipping(trainer: Trainer, pl_module: LightningModule) -> str | None:
+    """How the trainer clips gradients before each optimizer step (``gradient_clip_val``, or the module's own
+    ``configure_gradient_clipping``), in words; None where it does not. The diagnostics' thresholds and
+    searches follow the optimizer's rule on the unclipped gradient."""
+    value = trainer.gradient_clip_val
+    if value:
+        return f"gradient clipping (gradient_clip_val={value}, {trainer.gradient_clip_algorithm or 'norm'})"
+    if type(pl_module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:
+        return f"{type(pl_module).__name__}.configure_gradient_clipping"
+    return None
+
+
 class EdgeOfStabilityMonitor(Callback):
     """Edge-of-stability and principal-flow diagnostics from the latest Hessian eigenpairs.
 
@@ -314,6 +326,15 @@ class EdgeOfStabilityMonitor(Callback):
                     "top eigenvalue of the whole Hessian, at least that of the block it moves, so eos/ratio "
                     "can overstate its edge",
                 )
+        clipping = gradient_clipping(trainer, pl_module)
+        if clipping is not None:
+            self._warn_once(
+                "clipping",
+                f"{clipping} shortens the steps the trainer takes; eos/threshold and eos/ratio compare the "
+                "sharpness with the edge of the unclipped step at the optimizer's rate, and eos/critical_ratio "
+                "searches along the unclipped update: while clipping binds (by a factor c = clip/||g|| under "
+                "norm clipping) the step is c times shorter and gradient descent's edge is 2/(c*lr)",
+            )
         if len(optimizers) > 1:
             rank_zero_info(
                 f"EdgeOfStabilityMonitor: {len(optimizers)} optimizers; thresholds are those of optimizer "

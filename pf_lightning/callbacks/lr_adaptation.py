@@ -31,12 +31,12 @@ from ..curvature import HVP_CHOICES, HessianOperator
 from ..curvature.drift import gradient_curvature
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import NonFiniteOperatorError
-from ..logging import log_metrics, metric_name
+from ..logging import log_metrics, metric_name, warn_once
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
 from ._checkpoint import UnreadableState, count, mapping, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._probe import resolve_loss_fn
-from .eos_monitor import EdgeOfStabilityMonitor
+from .eos_monitor import EdgeOfStabilityMonitor, gradient_clipping
 
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 HG_METHODS = ("forward_difference", *HVP_CHOICES)
@@ -204,6 +204,16 @@ class LRAdaptation(Callback):
             )
         if any(isinstance(s, SharpnessCappedLR) for s in self.schedulers):
             self._find_eos(trainer)
+        clipping = gradient_clipping(trainer, pl_module)
+        if clipping is not None:
+            warn_once(
+                self._warned,
+                "clipping",
+                f"{clipping} shortens the steps the trainer takes: the rate "
+                f"{' and '.join(sorted({type(s).__name__ for s in self.schedulers}))} sets is that of the "
+                "unclipped step, and while clipping binds (by c = clip/||g|| under norm clipping) the step is "
+                "c times shorter than DAL's h*g or the cap's edge",
+            )
         self._last_measured, self._restored = self._restored, None  # a resumed run keeps its cadence
         self._last_logged = self._last_end = None
 
