@@ -69,6 +69,11 @@ def test_the_schedule_is_the_work_rule_and_the_same_in_two_runs(tmp_path):
         assert fraction == pytest.approx(sum(work[:i]) / (BATCH * step))
         # Within the cap, but for a measurement dearer than the one it was expected to cost like.
         assert fraction <= FRACTION + max(0.0, work[i - 1] - work[i - 2]) / (BATCH * step) + 1e-12
+    # At a postponed step the ratio that postponed it: the work so far, one more like the last past the cap.
+    for step in sorted(metrics["hessian/postponed"]):
+        done = [w for s, w in zip(steps, work, strict=True) if s < step]
+        assert metrics["hessian/work_fraction"][step] == pytest.approx(sum(done) / (BATCH * step))
+        assert sum(done) + done[-1] > FRACTION * BATCH * step
     again, _ = _fit(tmp_path / "b")
     assert [h["step"] for h in again.history] == steps
 

@@ -58,12 +58,13 @@ class Budget:
             return False
         return self._spent + self._last > fraction * self.rest()
 
-    def overhead(self) -> float | None:
-        """This fit's measuring cost over the rest of it so far; ``None`` until the fit has measured twice
-        (after its first measurement the rest is the set-up's, and the ratio says nothing about the run)."""
-        if not self._open or self._count < 2:
-            return None
-        return self._spent / max(self.rest(), 1e-9)
+    def overhead(self, measured: int = 2) -> float | None:
+        """This fit's measuring cost over the rest of it so far; ``None`` until the fit has measured
+        ``measured`` times (right after its first measurement the rest is the set-up's, and the ratio
+        says nothing about the run; at a postponed step, 1: the ratio that postpones it) or while the
+        rest is nothing."""
+        rest = self.rest() if self._open and self._count >= measured else 0.0
+        return self._spent / rest if rest > 0 else None
 
 
 class TimeBudget(Budget):

@@ -480,13 +480,19 @@ class HessianEigenMonitor(Callback):
         finally:  # a failed attempt costs time and work too
             self._budget.charge(time.perf_counter() - begin)
             self._work.charge(meter.work)
-        fractions = {self.metric("time_fraction"): self._budget.overhead()}
-        if self.max_work_fraction is not None:
-            fractions[self.metric("work_fraction")] = self._work.overhead()
-        fractions = {key: value for key, value in fractions.items() if value is not None}
-        if result is not None and fractions:
-            log_metrics(trainer, fractions, step)
+        if result is not None:
+            self._log_fractions(trainer, step)
         return result
+
+    def _log_fractions(self, trainer: Trainer, step: int, measured: int = 2) -> None:
+        """``hessian/time_fraction`` (and ``work_fraction`` under ``max_work_fraction``) once the fit has
+        measured ``measured`` times (see :meth:`Budget.overhead`)."""
+        fractions = {self.metric("time_fraction"): self._budget.overhead(measured)}
+        if self.max_work_fraction is not None:
+            fractions[self.metric("work_fraction")] = self._work.overhead(measured)
+        fractions = {key: value for key, value in fractions.items() if value is not None}
+        if fractions:
+            log_metrics(trainer, fractions, step)
 
     def _measure_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> EigenResult | None:
         previous, self._last_step = self._last_step, step
@@ -558,6 +564,7 @@ class HessianEigenMonitor(Callback):
             cap = f"max_work_fraction={work}" if over_work else f"max_time_fraction={time_}"
             self._warn_once("budget", f"measuring would exceed {cap}: postponed")
             log_metrics(trainer, {self.metric("postponed"): 1.0}, step)
+            self._log_fractions(trainer, step, measured=1)  # the ratio that postpones it
         return over
 
     def _warn_once(self, key: str, message: str) -> None:
