@@ -230,8 +230,10 @@ def _user_stacklevel() -> int:
     return level if frame is not None else 1
 
 
-def wandb_experiments(trainer: Any) -> list[Any]:
-    """The W&B runs of the attached ``WandbLogger``s (on rank zero; empty without wandb)."""
+def wandb_experiments(trainer: Any) -> list[tuple[Any, str]]:
+    """The W&B runs of the attached ``WandbLogger``s (on rank zero; empty without wandb), each with what
+    its logger puts before the metric names (``WandbLogger(prefix="train")``: ``"train-"``; else ``""``),
+    as :func:`tensorboard_writers` gives TensorBoard's."""
     try:
         from lightning.pytorch.loggers import WandbLogger
     except ImportError:  # pragma: no cover
@@ -243,20 +245,28 @@ def wandb_experiments(trainer: Any) -> list[Any]:
         if isinstance(logger, WandbLogger):
             experiment = logger.experiment
             if hasattr(experiment, "define_metric"):  # a real run, not a disabled dummy
-                runs.append(experiment)
+                runs.append((experiment, _logger_prefix(logger)))
     return runs
+
+
+def _logger_prefix(logger: Any) -> str:
+    """What a Lightning logger puts before every metric name it logs (its ``prefix`` and join character)."""
+    return f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
 
 
 def define_wandb_metrics(trainer: Any, tag: str | None = None) -> None:
     """Chart every pf-lightning metric against ``trainer/global_step`` (the x-axis users expect), and
-    summarize those of :data:`WANDB_SUMMARIES` (under ``tag``, a named monitor's) by their extreme.
+    summarize those of :data:`WANDB_SUMMARIES` (under ``tag``, a named monitor's) by their extreme, as
+    the logger names them (its prefix first).
 
     ``define_metric`` is idempotent, so every monitor may call this at the start of every fit."""
-    for run in wandb_experiments(trainer):
-        for prefix in PREFIXES:
-            run.define_metric(f"{prefix}/*", step_metric="trainer/global_step")
+    for run, prefix in wandb_experiments(trainer):
+        for group in PREFIXES:
+            run.define_metric(f"{prefix}{group}/*", step_metric="trainer/global_step")
         for name, summary in WANDB_SUMMARIES.items():
-            run.define_metric(tag_name(name, tag), step_metric="trainer/global_step", summary=summary)
+            run.define_metric(
+                prefix + tag_name(name, tag), step_metric="trainer/global_step", summary=summary
+            )
 
 
 def _is_rank_zero(trainer: Any) -> bool:
@@ -326,10 +336,7 @@ def tensorboard_writers(trainer: Any) -> list[tuple[Any, str]]:
     if not _is_rank_zero(trainer):
         return []
     return [
-        (
-            logger.experiment,
-            f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else "",
-        )
+        (logger.experiment, _logger_prefix(logger))
         for logger in trainer.loggers
         if isinstance(logger, TensorBoardLogger)
     ]
@@ -358,5 +365,5 @@ def tensorboard_layout(tags: list[str | None], prefix: str = "") -> dict[str, di
 
 def wandb_log(trainer: Any, payload: Mapping[str, Any], step: int) -> None:
     """Log W&B-only objects (tables, histograms, custom charts) with the step column WandbLogger uses."""
-    for run in wandb_experiments(trainer):
-        run.log({**payload, "trainer/global_step": step})
+    for run, prefix in wandb_experiments(trainer):
+        run.log({**{prefix + key: value for key, value in payload.items()}, "trainer/global_step": step})

@@ -85,7 +85,20 @@ def _collect(rows: Iterable[tuple[int, str, float]]) -> dict[str, Series]:
     for step, key, value in rows:
         steps.setdefault(key, []).append(step)
         values.setdefault(key, []).append(value)
-    return {k: (np.asarray(steps[k], dtype=np.int64), np.asarray(values[k], dtype=float)) for k in steps}
+    series = {k: (np.asarray(steps[k], dtype=np.int64), np.asarray(values[k], dtype=float)) for k in steps}
+    return _without_logger_prefix(series)
+
+
+def _without_logger_prefix(series: dict[str, Series]) -> dict[str, Series]:
+    """The metrics of a logger made with ``prefix="train"`` (every name ``"train-..."``) under their own
+    names, where no pf-lightning metric is logged without it and one prefix precedes them all."""
+    if any(key.startswith(_PREFIXES) for key in series):
+        return series
+    found = {m.group(1) for key in series if (m := re.match(rf"(.+?)-(?:{'|'.join(names.PREFIXES)})/", key))}
+    if len(found) != 1:
+        return series
+    head = f"{found.pop()}-"
+    return {key.removeprefix(head): value for key, value in series.items()}
 
 
 def read_csv_metrics(path: Path, progress: bool | None = None) -> dict[str, Series]:

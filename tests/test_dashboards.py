@@ -35,15 +35,18 @@ def _fit(tmp_path, logger, progress_bar=False, **monitor):
     return hessian, eos, fitted
 
 
-def test_wandb_summary_holds_the_extremes_and_the_config_the_settings(tmp_path, monkeypatch):
+@pytest.mark.parametrize("prefix", ["", "train"])
+def test_wandb_summary_holds_the_extremes_and_the_config_the_settings(tmp_path, monkeypatch, prefix):
+    """With WandbLogger(prefix="train") every metric reads "train-...": the summaries and tables too."""
     import wandb
     from wandb_offline import offline_env
 
     from pf_lightning.wandb_reader import config, find_run_file, history, metric_definitions, summary
 
     offline_env(monkeypatch, tmp_path)
+    p = f"{prefix}-" if prefix else ""
     try:
-        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf", prefix=prefix)
         hessian, eos, _ = _fit(tmp_path, logger)
         logger.experiment.finish()
     finally:
@@ -51,14 +54,16 @@ def test_wandb_summary_holds_the_extremes_and_the_config_the_settings(tmp_path, 
     path = find_run_file(tmp_path)
     ratios = [h["eos/ratio"] for h in eos.history]
     assert len(ratios) >= 4 and max(ratios) != ratios[-1]  # the maximum is not the last value
-    logged = [row["eos/ratio"] for row in history(path) if "eos/ratio" in row]
+    logged = [row[p + "eos/ratio"] for row in history(path) if p + "eos/ratio" in row]
     assert logged == pytest.approx(ratios, rel=1e-6)
     final = summary(path)
-    assert final["eos/ratio"]["max"] == pytest.approx(max(ratios), rel=1e-6)
-    assert final["hessian/eig_1"]["max"] == pytest.approx(max(h["eigenvalues"][0] for h in hessian.history))
+    assert final[p + "eos/ratio"]["max"] == pytest.approx(max(ratios), rel=1e-6)
+    top = max(h["eigenvalues"][0] for h in hessian.history)
+    assert final[p + "hessian/eig_1"]["max"] == pytest.approx(top)
+    assert {p + "eos/spectrum_vs_threshold_table", p + "hessian/spectra"} <= final.keys()  # the tables
     summaries = {m["name"]: m["summary"] for m in metric_definitions(path) if m["name"]}
     for name, kind in WANDB_SUMMARIES.items():
-        assert summaries[name] == [kind]
+        assert summaries[p + name] == [kind]
     settings = config(path)[SETTINGS_KEY]
     assert settings["HessianEigenMonitor"]["k"] == 2 and settings["HessianEigenMonitor"]["every_n_steps"] == 2
     assert (

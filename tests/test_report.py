@@ -119,6 +119,24 @@ def test_csv_report_draws_the_logged_data(csv_run, tmp_path):
     assert sum(m.startswith("wrote") for m in messages) == len(PLOTS)
 
 
+def test_a_run_logged_with_a_logger_prefix_is_drawn_as_without_it(csv_run, tmp_path):
+    """CSVLogger(prefix="train") names every column "train-...": the report reads them under their names."""
+    run_dir, _, _ = csv_run
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    header = ",".join(c if c == "step" else f"train-{c}" for c in lines[0].split(","))
+    (tmp_path / "prefixed").mkdir()
+    (tmp_path / "prefixed" / "metrics.csv").write_text("\n".join([header, *lines[1:]]) + "\n")
+    plain = write_report(run_dir / "metrics.csv", tmp_path / "plain", progress=False)
+    prefixed = write_report(tmp_path / "prefixed", tmp_path / "out", progress=False)
+    assert {p.stem for p in prefixed} == {p.stem for p in plain} == PLOTS
+    drawn = {p.stem: series for p, series in prefixed.items()}
+    for path, series in plain.items():
+        assert drawn[path.stem].keys() == series.keys()
+        for key, (steps, values) in series.items():
+            np.testing.assert_array_equal(drawn[path.stem][key][0], steps)
+            np.testing.assert_array_equal(drawn[path.stem][key][1], values)
+
+
 def test_wandb_report_draws_the_logged_data(tmp_path, monkeypatch):
     offline_env(monkeypatch, tmp_path)
     logger = WandbLogger(save_dir=tmp_path / "run", project="t", offline=True)
