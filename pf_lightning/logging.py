@@ -298,8 +298,12 @@ def announce_run(trainer: Any, tags: list[str | None]) -> None:
                 settings[key] = {name: _plain(value) for name, value in values.items()}
             except Exception as err:  # what the loggers show of the set-up is never worth stopping a fit for
                 warn_once(set(), "settings", f"the settings of {type(cb).__name__} were not logged ({err!r})")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     for logger in trainer.loggers if settings else ():
         try:
+            if isinstance(logger, TensorBoardLogger):  # its Text tab below: a second HParams session else
+                continue
             logger.log_hyperparams({SETTINGS_KEY: settings})
         except Exception as err:  # e.g. MLflow refuses a changed parameter on a second fit
             warn_once(

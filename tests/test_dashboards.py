@@ -103,6 +103,8 @@ def test_tensorboard_layout_draws_sharpness_with_its_threshold_and_the_density(t
         p + "eos/threshold",
     }
     assert drawn("ratio to the threshold (1 = the edge)") == {p + "eos/ratio"}
+    # The callbacks' settings go to the Text tab, not to a second HParams session (Lightning wrote one).
+    assert p + "hp_metric" in scalars and len(events.Scalars(p + "hp_metric")) == 1
     densities = events.Histograms(p + "hessian/density")
     assert [d.step for d in densities] == [0, 4, 8]  # the first, third and fifth measurement
     last = densities[-1].histogram_value
