@@ -48,7 +48,7 @@ def run(lr: float, args: argparse.Namespace) -> str:
     optimizer = functools.partial(torch.optim.Adam, lr=lr, betas=(0.9, 0.999))
     model = DigitsMLP(hidden=(200, 200), loss="mse", optimizer=optimizer)
     # k=1: lambda_max(H) for the spectrum; EoS adds one preconditioned measurement per step measured.
-    hessian = HessianEigenMonitor(k=args.k, every_n_steps=args.every, probe=2048)
+    hessian = HessianEigenMonitor(k=args.k, every_n_steps=args.every, probe=1797)  # all 1797 samples
     eos = EdgeOfStabilityMonitor()
     recorder = LossRecorder()
     loggers = make_loggers(args.logger, args.out, name)

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # two processes on two cores
 
     model = DigitsMLP(optimizer=functools.partial(torch.optim.SGD, lr=args.lr))
-    hessian = HessianEigenMonitor(k=args.k, every_n_steps=args.every, probe=N_IMAGES)  # each rank's half
+    probe = N_IMAGES // 2  # per rank: its half
+    hessian = HessianEigenMonitor(k=args.k, every_n_steps=args.every, probe=probe)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

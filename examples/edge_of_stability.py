@@ -109,7 +109,7 @@ def run(lr: float, args: argparse.Namespace) -> str:
     """Train at learning rate ``lr`` with the monitors attached; returns the summary line."""
     name = f"lr_{lr:g}"
     model = DigitsMLP(hidden=(200, 200), loss="mse", optimizer=functools.partial(torch.optim.SGD, lr=lr))
-    hessian = HessianEigenMonitor(k=args.k, every_n_steps=args.every, probe=2048)  # all 1797 samples
+    hessian = HessianEigenMonitor(k=args.k, every_n_steps=args.every, probe=1797)  # all 1797 samples
     eos = EdgeOfStabilityMonitor()
     recorder = LossRecorder()
     loggers = make_loggers(args.logger, args.out, name)

@@ -20,7 +20,7 @@ try:  # numpy is optional at run time
 except ImportError:  # pragma: no cover
     np = None
 
-from ..curvature.distributed import any_rank, is_sharded
+from ..curvature.distributed import any_rank, is_distributed, is_sharded
 from ..curvature.state import measurement_context, measuring, rng_state
 from ..measure import loss_of
 from ..probe import ProbeSet, couples_samples, map_tensors, move_to_device, sample_count
@@ -308,9 +308,14 @@ def draw_probe(
             "the training dataloader yielded no batch to build the probe set from"
         )
     if requested and total < size:
+        shard = (
+            " on rank 0 (under DDP probe=N counts per rank, each drawing from its shard)"
+            if (is_distributed())
+            else ""
+        )
         rank_zero_warn(
-            f"probe={size} asks for more samples than the training dataloader yields ({total}): the probe "
-            f"holds those {total} samples",
+            f"probe={size} asks for more samples than the training dataloader yields ({total}){shard}: the "
+            f"probe holds those {total} samples",
             category=UserWarning,
         )
     return ProbeSet(batches, weights=counts)
