@@ -648,6 +648,7 @@ class MeasurementSpec:
         *,
         optimizer: torch.optim.Optimizer | None = None,
         initial_step: float = 0.01,
+        gradient_clip: tuple[float, str] | None = None,
     ) -> CriticalSharpness:
         """:func:`critical_sharpness` on ``batches`` with these settings (forward passes only: no backend)."""
         return critical_sharpness(
@@ -656,6 +657,7 @@ class MeasurementSpec:
             batches,
             optimizer=optimizer,
             initial_step=initial_step,
+            gradient_clip=gradient_clip,
             seed=self.seed,
             params=self.params,
             dtype=self.dtype,
@@ -985,6 +987,7 @@ def critical_sharpness(
     params: str | Sequence[str] | None = None,
     dtype: torch.dtype | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    gradient_clip: tuple[float, str] | None = None,
 ) -> CriticalSharpness:
     r"""Critical sharpness (Kalra et al., arXiv 2601.16979): :math:`2/\eta_c`, with :math:`\eta_c` the smallest
     step :math:`\eta > 0` at which the mean loss over ``batches`` rises above its value at :math:`\theta`
@@ -1025,6 +1028,11 @@ def critical_sharpness(
             whatever the optimizer: the edge (1.0) is where its next step overshoots. An update that
             points uphill on ``batches`` (momentum against their gradient, or coupled weight decay: the
             search runs on the loss itself, without the optimizer's L2 term) gives ``inf``, not an error.
+        gradient_clip: ``(value, "norm" | "value")``: the gradient is clipped before the optimizer's rule
+            takes it, as Lightning's ``gradient_clip_val`` and ``gradient_clip_algorithm`` do (and
+            ``torch.nn.utils.clip_grad_norm_``: times ``min(1, value / (norm + 1e-6))``, the norm over the
+            measured parameters; or each entry clamped to ``[-value, value]``), so the search runs along
+            the step the trainer takes. Only where the direction comes from the gradient.
 
     Returns:
         :class:`CriticalSharpness`.
@@ -1060,6 +1068,15 @@ def critical_sharpness(
             _check.fail(
                 "direction", "None when `optimizer` is given (its next update is the direction)", direction
             )
+    if gradient_clip is not None:
+        if direction is not None:
+            _check.fail(
+                "gradient_clip", "None when `direction` is given (it clips the gradient)", gradient_clip
+            )
+        if not (isinstance(gradient_clip, tuple) and len(gradient_clip) == 2):
+            _check.fail("gradient_clip", 'None or a (value, "norm" | "value") pair', gradient_clip)
+        _check.number("gradient_clip[0]", gradient_clip[0], above=0, hint="the clip value")
+        _check.choice("gradient_clip[1]", gradient_clip[1], ("norm", "value"))
     model = _unwrap(model)
     start = time.perf_counter()
     counter = {"forward": 0}
@@ -1070,6 +1087,13 @@ def critical_sharpness(
         d = torch.zeros(space.n, dtype=space.dtype, device=space.device)
         if direction is None:
             gradient, n_backward = op.gradient(), 1
+            if gradient_clip is not None:
+                value, algorithm = float(gradient_clip[0]), gradient_clip[1]
+                if algorithm == "value":
+                    gradient = gradient.clamp(-value, value)
+                else:  # torch's clip_grad_norm_, over every rank's slice
+                    norm = float(op.inner(gradient, gradient)) ** 0.5
+                    gradient = gradient * min(1.0, value / (norm + 1e-6))
             if optimizer is None:
                 d = -gradient.to(space.dtype)
             else:

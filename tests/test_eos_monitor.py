@@ -491,9 +491,9 @@ class _OwnClipping(DigitsClassifier):
 def test_gradient_clipping_is_named_where_the_thresholds_assume_the_unclipped_step(
     tmp_path, module, clip, named
 ):
-    """The thresholds and the critical search follow the optimizer's rule on the unclipped gradient
-    (lr 20, clip 0.05 on digits: eos/critical_ratio 3.16 where the step taken gives 0.52): said once at
-    fit start, by the monitor and by LRAdaptation (whose DAL rate is that of the unclipped step)."""
+    """The thresholds follow the optimizer's rule on the unclipped gradient, the critical search the
+    trainer's clipping (a module's own is not modelled): said once at fit start, by the monitor and by
+    LRAdaptation (whose DAL rate is that of the unclipped step)."""
     from pf_lightning import DriftAdaptiveLR, LRAdaptation
 
     L.seed_everything(0)
@@ -511,4 +511,6 @@ def test_gradient_clipping_is_named_where_the_thresholds_assume_the_unclipped_st
     else:
         assert len(said) == 2 and all(re.search(named, message) for message in said)
         assert any("edge is 2/(c*lr)" in message for message in said)
+        searched = "the clipped step" if clip else "the unclipped update"  # a module's own: not modelled
+        assert any(f"eos/critical_ratio searches along {searched}" in message for message in said)
         assert any("DriftAdaptiveLR sets is that of the unclipped step" in message for message in said)

@@ -377,6 +377,16 @@ def test_critical_sharpness_refuses_bad_directions_and_leaves_the_model_alone():
     assert result.value == 0.0 and math.isinf(result.step)
 
 
+@pytest.mark.parametrize(
+    ("clip", "match"),
+    [((0.0, "norm"), r"gradient_clip\[0\]"), ((1.0, "l1"), r"gradient_clip\[1\]"), (1.0, "pair")],
+)
+def test_a_bad_gradient_clip_is_named(clip, match):
+    model = Quadratic()
+    with pytest.raises(ValueError, match=match):
+        critical_sharpness(model, lambda m, b: m.loss(), [torch.zeros(1)], gradient_clip=clip)
+
+
 def test_a_saturated_loss_has_no_critical_step_and_costs_few_passes():
     """tanh saturates: along d the loss falls to a plateau below its start and never rises again."""
     model = nn.Linear(1, 1, bias=False)
@@ -462,21 +472,33 @@ def test_full_batch_runs_and_batch_sharpness_false_log_no_batch_sharpness(tmp_pa
         assert eos.history and not any("eos/batch_sharpness" in h for h in eos.history)
 
 
-def test_in_a_run_critical_sharpness_follows_the_next_update_on_the_batch_just_trained(tmp_path):
+@pytest.mark.parametrize("clip", [None, (0.05, "norm"), (0.002, "value")])
+def test_in_a_run_critical_sharpness_follows_the_next_update_on_the_batch_just_trained(tmp_path, clip):
     """Every n steps: the line search along a stepped copy of the optimizer on the last batch, bisected
-    here, gives the logged value; the ratio is against 2/lr."""
+    here, gives the logged value; the ratio is against 2/lr. With Lightning's gradient clipping the copy
+    steps on the gradient torch's clip_grad_norm_ / clip_grad_value_ leave: the step the trainer takes
+    (norm 0.05: about a tenth of the unclipped one here)."""
     L.seed_everything(0)
     model = DigitsClassifier(lr=0.2, n=256, batch_size=32, momentum=0.9)
     eos = EdgeOfStabilityMonitor(critical_every_n_steps=5, batch_sharpness=False)
     last = _LastBatch()
-    t = trainer(tmp_path, max_steps=10, callbacks=[HessianEigenMonitor(k=1, every_n_steps=100), eos, last])
-    t.fit(model)
+    callbacks = [HessianEigenMonitor(k=1, every_n_steps=100), eos, last]
+    clipping = {} if clip is None else {"gradient_clip_val": clip[0], "gradient_clip_algorithm": clip[1]}
+    t = trainer(tmp_path, max_steps=10, callbacks=callbacks, **clipping)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the clipping note
+        t.fit(model)
     value, ratio = (float(t.callback_metrics[k]) for k in ("eos/critical_sharpness", "eos/critical_ratio"))
     assert ratio == pytest.approx(value * 0.2 / 2, rel=1e-6)
     twin = copy.deepcopy(model)
     optimizer = torch.optim.SGD(twin.parameters(), lr=0.2, momentum=0.9)
     optimizer.load_state_dict(last.optimizer_state)
     twin.loss(last.batch).backward()
+    if clip is not None and clip[1] == "norm":
+        assert float(torch.nn.utils.clip_grad_norm_(twin.parameters(), clip[0])) > 5 * clip[0]  # it binds
+    elif clip is not None:
+        assert max(float(p.grad.abs().max()) for p in twin.parameters()) > 5 * clip[0]
+        torch.nn.utils.clip_grad_value_(twin.parameters(), clip[0])
     before = [p.detach().clone() for p in twin.parameters()]
     optimizer.step()
     step = [p.detach() - b for p, b in zip(twin.parameters(), before, strict=True)]

@@ -54,16 +54,20 @@ PROGRESS_BAR = (names.RATIO, names.BATCH_RATIO)
 """Shown in Lightning's progress bar after each measurement (kept there until the next one)."""
 
 
-def gradient_clipping(trainer: Trainer, pl_module: LightningModule) -> str | None:
-    """How the trainer clips gradients before each optimizer step (``gradient_clip_val``, or the module's own
-    ``configure_gradient_clipping``), in words; None where it does not. The diagnostics' thresholds and
-    searches follow the optimizer's rule on the unclipped gradient."""
-    value = trainer.gradient_clip_val
-    if value:
-        return f"gradient clipping (gradient_clip_val={value}, {trainer.gradient_clip_algorithm or 'norm'})"
+def gradient_clipping(
+    trainer: Trainer, pl_module: LightningModule
+) -> tuple[str, tuple[float, str] | None] | None:
+    """How the trainer clips gradients before each optimizer step: None where it does not; else the clipping
+    in words and, for Lightning's own (``gradient_clip_val``, ``gradient_clip_algorithm``), the
+    ``(value, algorithm)`` that :func:`~pf_lightning.critical_sharpness` takes (None for a module's own
+    ``configure_gradient_clipping``, which may clip any way)."""
     if type(pl_module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:
-        return f"{type(pl_module).__name__}.configure_gradient_clipping"
-    return None
+        return f"{type(pl_module).__name__}.configure_gradient_clipping", None
+    value = trainer.gradient_clip_val
+    if not value:
+        return None
+    algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", None) or "norm")
+    return f"gradient clipping (gradient_clip_val={value}, {algorithm})", (float(value), algorithm)
 
 
 class EdgeOfStabilityMonitor(Callback):
@@ -203,6 +207,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._batches_error: MisconfigurationException | None = None
         self._progress: dict[str, float] = {}
         self._critical: list[tuple[int, float]] = []  # (step, value) for the W&B chart, capped as the history
+        self._clip: tuple[float, str] | None = None  # the trainer's gradient clipping (set at fit start)
 
     @property
     @override
@@ -327,13 +332,19 @@ class EdgeOfStabilityMonitor(Callback):
                     "can overstate its edge",
                 )
         clipping = gradient_clipping(trainer, pl_module)
+        self._clip = None if clipping is None else clipping[1]
         if clipping is not None:
+            critical = (
+                "eos/critical_ratio searches along the clipped step"
+                if self._clip is not None
+                else "eos/critical_ratio searches along the unclipped update"
+            )
             self._warn_once(
                 "clipping",
-                f"{clipping} shortens the steps the trainer takes; eos/threshold and eos/ratio compare the "
-                "sharpness with the edge of the unclipped step at the optimizer's rate, and eos/critical_ratio "
-                "searches along the unclipped update: while clipping binds (by a factor c = clip/||g|| under "
-                "norm clipping) the step is c times shorter and gradient descent's edge is 2/(c*lr)",
+                f"{clipping[0]} shortens the steps the trainer takes; eos/threshold, eos/ratio and the batch "
+                f"sharpness compare with the edge of the unclipped step at the optimizer's rate ({critical}): "
+                "while clipping binds (by a factor c = clip/||g|| under norm clipping) the step is c times "
+                "shorter and gradient descent's edge is 2/(c*lr)",
             )
         if len(optimizers) > 1:
             rank_zero_info(
@@ -670,7 +681,7 @@ class EdgeOfStabilityMonitor(Callback):
             return
         try:
             result = self.monitor.spec.critical_sharpness(
-                pl_module, [batch], optimizer=optimizer, initial_step=lr
+                pl_module, [batch], optimizer=optimizer, initial_step=lr, gradient_clip=self._clip
             )
         except Exception as err:  # never BaseException
             self._skip(trainer, err, "critical sharpness skipped", self.metric("critical_skipped"))

@@ -209,7 +209,7 @@ class LRAdaptation(Callback):
             warn_once(
                 self._warned,
                 "clipping",
-                f"{clipping} shortens the steps the trainer takes: the rate "
+                f"{clipping[0]} shortens the steps the trainer takes: the rate "
                 f"{' and '.join(sorted({type(s).__name__ for s in self.schedulers}))} sets is that of the "
                 "unclipped step, and while clipping binds (by c = clip/||g|| under norm clipping) the step is "
                 "c times shorter than DAL's h*g or the cap's edge",
