@@ -1031,8 +1031,10 @@ def critical_sharpness(
         gradient_clip: ``(value, "norm" | "value")``: the gradient is clipped before the optimizer's rule
             takes it, as Lightning's ``gradient_clip_val`` and ``gradient_clip_algorithm`` do (and
             ``torch.nn.utils.clip_grad_norm_``: times ``min(1, value / (norm + 1e-6))``, the norm over the
-            measured parameters; or each entry clamped to ``[-value, value]``), so the search runs along
-            the step the trainer takes. Only where the direction comes from the gradient.
+            measured parameters that ``optimizer`` holds; or each entry clamped to ``[-value, value]``), so
+            the search runs along the step the trainer takes. Only where the direction comes from the
+            gradient. Lightning's norm also counts parameters outside ``params``, and under gradient
+            accumulation it clips the accumulated gradient where this clips that of ``batches``.
 
     Returns:
         :class:`CriticalSharpness`.
@@ -1073,10 +1075,17 @@ def critical_sharpness(
             _check.fail(
                 "gradient_clip", "None when `direction` is given (it clips the gradient)", gradient_clip
             )
-        if not (isinstance(gradient_clip, tuple) and len(gradient_clip) == 2):
-            _check.fail("gradient_clip", 'None or a (value, "norm" | "value") pair', gradient_clip)
-        _check.number("gradient_clip[0]", gradient_clip[0], above=0, hint="the clip value")
-        _check.choice("gradient_clip[1]", gradient_clip[1], ("norm", "value"))
+        pair = isinstance(gradient_clip, tuple) and len(gradient_clip) == 2
+        value = gradient_clip[0] if pair else None
+        if not (
+            pair
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+            and gradient_clip[1] in ("norm", "value")
+        ):
+            _check.fail("gradient_clip", 'None or a (value > 0, "norm" | "value") pair', gradient_clip)
     model = _unwrap(model)
     start = time.perf_counter()
     counter = {"forward": 0}
@@ -1091,8 +1100,17 @@ def critical_sharpness(
                 value, algorithm = float(gradient_clip[0]), gradient_clip[1]
                 if algorithm == "value":
                     gradient = gradient.clamp(-value, value)
-                else:  # torch's clip_grad_norm_, over every rank's slice
-                    norm = float(op.inner(gradient, gradient)) ** 0.5
+                else:  # torch's clip_grad_norm_ over the optimizer's parameters, every rank's slice
+                    counted = gradient
+                    if optimizer is not None:
+                        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+                        counted = gradient * space.flatten(
+                            [
+                                torch.full_like(t, float(id(p) in held))
+                                for p, t in zip(space.params, space.local_params(), strict=True)
+                            ]
+                        ).to(gradient.dtype)
+                    norm = float(op.inner(counted, counted)) ** 0.5
                     gradient = gradient * min(1.0, value / (norm + 1e-6))
             if optimizer is None:
                 d = -gradient.to(space.dtype)

@@ -574,3 +574,27 @@ def _quadratic_case():
     model = torch.nn.Linear(3, 1, bias=False).double()
     x = torch.eye(3, dtype=torch.float64)
     return model, lambda m, b: 0.5 * m(b[0]).square().sum(), [(x, torch.zeros(3))]
+
+
+def test_the_stacking_check_runs_in_the_measurement_dtype_of_a_bfloat16_model():
+    """A bfloat16 model is measured in float32 (measurement_dtype): the check runs there too, where it
+    passes a mean loss and refuses a summed one (it had raised on bfloat16 parameters and kept the
+    loader's batches without a word)."""
+    from torch import nn
+
+    from pf_lightning import ProbeSet
+    from pf_lightning.callbacks._probe import _stacking_keeps_the_loss, stack_batches
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1)).to(torch.bfloat16)
+    x, y = torch.randn(20, 8).to(torch.bfloat16), torch.randn(20, 1)
+    drawn = ProbeSet([(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])])
+    stacked = stack_batches(drawn)
+    mean = lambda m, b: ((m(b[0]).float() - b[1]) ** 2).mean()  # noqa: E731
+    assert _stacking_keeps_the_loss(model, mean, drawn, stacked, dtype=torch.float32)
+    summed = lambda m, b: ((m(b[0]).float() - b[1]) ** 2).sum()  # noqa: E731
+    with pytest.warns(UserWarning, match=r"sums over samples \(reduction='sum'\)"):
+        assert not _stacking_keeps_the_loss(model, summed, drawn, stacked, dtype=torch.float32)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with pytest.warns(UserWarning, match="stacking could not be checked"):  # bfloat16 needs a dtype
+        assert not _stacking_keeps_the_loss(model, mean, drawn, stacked)

@@ -377,13 +377,10 @@ def test_critical_sharpness_refuses_bad_directions_and_leaves_the_model_alone():
     assert result.value == 0.0 and math.isinf(result.step)
 
 
-@pytest.mark.parametrize(
-    ("clip", "match"),
-    [((0.0, "norm"), r"gradient_clip\[0\]"), ((1.0, "l1"), r"gradient_clip\[1\]"), (1.0, "pair")],
-)
-def test_a_bad_gradient_clip_is_named(clip, match):
+@pytest.mark.parametrize("clip", [(0.0, "norm"), (math.inf, "norm"), (1.0, "l1"), (True, "value"), 1.0])
+def test_a_bad_gradient_clip_is_named(clip):
     model = Quadratic()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=r"`gradient_clip` must be None or a \(value > 0, \"norm\""):
         critical_sharpness(model, lambda m, b: m.loss(), [torch.zeros(1)], gradient_clip=clip)
 
 

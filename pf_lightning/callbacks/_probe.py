@@ -58,6 +58,8 @@ def build_probe(
     loss_fn: Callable[[nn.Module, Any], Tensor],
     batch_size: int | str | None = None,
     hvp: str = "auto",
+    params: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> ProbeSet:
     """The probe set a monitor's ``probe`` argument asks for, converted as training batches are.
 
@@ -91,7 +93,8 @@ def build_probe(
         device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         if any_rank([stacked is drawn], device)[0]:
             return drawn
-        return stacked if _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked) else drawn
+        keeps = _stacking_keeps_the_loss(pl_module, loss_fn, drawn, stacked, params, dtype, hvp)
+        return stacked if keeps else drawn
     with untouched_iteration(probe):
         batches = list(probe)
     convert = training_input(trainer, hooks=False)
@@ -136,7 +139,13 @@ def _concat(items: list[Any], counts: list[int]) -> Any:
 
 
 def _stacking_keeps_the_loss(
-    module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], drawn: ProbeSet, stacked: ProbeSet
+    module: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    drawn: ProbeSet,
+    stacked: ProbeSet,
+    params: Any = None,
+    dtype: torch.dtype | None = None,
+    hvp: str = "auto",
 ) -> bool:
     """Whether ``stacked`` (``drawn``'s batches joined) has the objective of ``drawn``: the sample-weighted
     mean of the loader batches' losses, in value and in gradient (warned where not).
@@ -145,29 +154,37 @@ def _stacking_keeps_the_loss(
     the tokens of padded sequences weighs the samples by their token counts, and stacked batches pool
     those counts: the loss value may agree to 1e-4 (at initialization every token's loss is about the
     same) while the gradient and the Hessian differ by percents. So both are compared, over the whole
-    probe, each within 10 rounding units of the coarsest parameter dtype (at least 1e-4 relative).
+    probe, each within 10 rounding units of the measurement's dtype (at least 1e-4 relative), on the
+    parameters (``params``), in the dtype (``dtype``) and with the backend's checkpointing (``hvp``) the
+    measurement will use. A coupling that only the training mode shows (mixup gated on
+    ``self.training``) is not seen: pass ``probe_batch_size="loader"`` for it.
     The passes run through :class:`~pf_lightning.curvature.HessianOperator` (each rank's shard, reduced
     over all ranks as in a measurement, so every rank gets the same answer), in evaluation mode (no
     dropout mask to tell the two apart), the module's modes, buffers and random states restored: one
-    forward pass and one backward pass per batch of each. A loss that fails here is left to the first
-    measurement to report (the loader's batches are kept, on every rank)."""
+    forward pass and one backward pass per batch of each. Where the check fails (a loss that raises, say)
+    the loader's batches are kept on every rank, with a warning; the first measurement reports the loss."""
     from ..curvature.operator import HessianOperator
 
-    eps = max((torch.finfo(p.dtype).eps for p in module.parameters() if p.is_floating_point()), default=0.0)
-    tol = max(1e-4, 10 * eps)
+    settings = {"params": params, "dtype": dtype, "hvp": hvp}
     try:
         with measurement_context(module):
             module.eval()
-            with HessianOperator(module, loss_fn, drawn) as op:
+            with HessianOperator(module, loss_fn, drawn, **settings) as op:
                 gradient, loss = op.gradient(), op.loss()
-            with HessianOperator(module, loss_fn, stacked) as op:
+                tol = max(1e-4, 10 * torch.finfo(op.space.dtype).eps)
+            with HessianOperator(module, loss_fn, stacked, **settings) as op:
                 both = torch.stack([gradient, op.gradient() - gradient], dim=1)
                 loss_stacked = op.loss()
                 norm, off = op.inner(both, both).diagonal().sqrt().tolist()  # over all ranks' slices
         loss_off = abs(loss_stacked - loss) / max(abs(loss), abs(loss_stacked), math.ulp(0.0))
         gradient_off = off / max(norm, math.ulp(0.0))
         keeps = loss_off <= tol and gradient_off <= tol
-    except Exception:  # raised on every rank (the operator's collectives agree on failures)
+    except Exception as err:  # raised on every rank (the operator's collectives agree on failures)
+        rank_zero_warn(
+            f"the probe's stacking could not be checked ({type(err).__name__}: {err}): the probe keeps the "
+            "training loader's batches",
+            category=UserWarning,
+        )
         return False
     if not keeps:
         rank_zero_warn(

@@ -60,14 +60,24 @@ def gradient_clipping(
     """How the trainer clips gradients before each optimizer step: None where it does not; else the clipping
     in words and, for Lightning's own (``gradient_clip_val``, ``gradient_clip_algorithm``), the
     ``(value, algorithm)`` that :func:`~pf_lightning.critical_sharpness` takes (None for a module's own
-    ``configure_gradient_clipping``, which may clip any way)."""
+    ``configure_gradient_clipping``, which may clip any way). Lightning clips under automatic
+    optimization only, and not at a value of 0 or below."""
+    if not pl_module.automatic_optimization:
+        return None
     if type(pl_module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:
         return f"{type(pl_module).__name__}.configure_gradient_clipping", None
     value = trainer.gradient_clip_val
-    if not value:
+    if not value or value <= 0:
         return None
     algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", None) or "norm")
     return f"gradient clipping (gradient_clip_val={value}, {algorithm})", (float(value), algorithm)
+
+
+CLIPPED_STEP = (
+    "while clipping binds (by a factor c = clip/||g|| under norm clipping) the step is c times shorter, and "
+    "gradient descent's edge is 2/(c*lr)"
+)
+"""What a clipped step means for the edge, in the warnings of the monitor and of ``LRAdaptation``."""
 
 
 class EdgeOfStabilityMonitor(Callback):
@@ -343,8 +353,7 @@ class EdgeOfStabilityMonitor(Callback):
                 "clipping",
                 f"{clipping[0]} shortens the steps the trainer takes; eos/threshold, eos/ratio and the batch "
                 f"sharpness compare with the edge of the unclipped step at the optimizer's rate ({critical}): "
-                "while clipping binds (by a factor c = clip/||g|| under norm clipping) the step is c times "
-                "shorter and gradient descent's edge is 2/(c*lr)",
+                + CLIPPED_STEP,
             )
         if len(optimizers) > 1:
             rank_zero_info(

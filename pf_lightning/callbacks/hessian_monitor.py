@@ -392,7 +392,16 @@ class HessianEigenMonitor(Callback):
         if shared is not None and shared.probe is not None:
             probe = shared.probe
         else:  # its stacking is checked with forward passes of the loss: after the module's checks
-            probe = build_probe(trainer, pl_module, self._probe_arg, loss_fn, self.probe_batch_size, self.hvp)
+            probe = build_probe(
+                trainer,
+                pl_module,
+                self._probe_arg,
+                loss_fn,
+                self.probe_batch_size,
+                self.hvp,
+                params=self.params,
+                dtype=measurement_dtype(pl_module, self.dtype),
+            )
             if shared is not None:
                 shared.probe = probe
         self.spec = MeasurementSpec(
@@ -564,7 +573,7 @@ class HessianEigenMonitor(Callback):
             cap = f"max_work_fraction={work}" if over_work else f"max_time_fraction={time_}"
             self._warn_once("budget", f"measuring would exceed {cap}: postponed")
             log_metrics(trainer, {self.metric("postponed"): 1.0}, step)
-            self._log_fractions(trainer, step, measured=1)  # the ratio that postpones it
+            self._log_fractions(trainer, step, measured=1)  # the ratio so far: one more would pass the cap
         return over
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -36,7 +36,7 @@ from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
 from ._checkpoint import UnreadableState, count, mapping, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._probe import resolve_loss_fn
-from .eos_monitor import EdgeOfStabilityMonitor, gradient_clipping
+from .eos_monitor import CLIPPED_STEP, EdgeOfStabilityMonitor, gradient_clipping
 
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 HG_METHODS = ("forward_difference", *HVP_CHOICES)
@@ -211,8 +211,7 @@ class LRAdaptation(Callback):
                 "clipping",
                 f"{clipping[0]} shortens the steps the trainer takes: the rate "
                 f"{' and '.join(sorted({type(s).__name__ for s in self.schedulers}))} sets is that of the "
-                "unclipped step, and while clipping binds (by c = clip/||g|| under norm clipping) the step is "
-                "c times shorter than DAL's h*g or the cap's edge",
+                "unclipped step: " + CLIPPED_STEP,
             )
         self._last_measured, self._restored = self._restored, None  # a resumed run keeps its cadence
         self._last_logged = self._last_end = None

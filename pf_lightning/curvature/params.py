@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import Checks
-from .distributed import ShardLayout, is_sharded, local_part
+from .distributed import ShardLayout, is_sharded, local_part, reshard
 
 __all__ = ["ParameterSpace", "measurement_dtype", "select_parameters"]
 
@@ -80,6 +80,8 @@ class ParameterSpace:
         patterns: str | Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if isinstance(model, nn.Module):  # anything else is named by select_parameters
+            reshard(model)  # a forward pass without backward (a validation loop) leaves FSDP2's root gathered
         trainable = select_parameters(model, patterns)
         dtypes = {p.dtype for _, p in trainable}
         if len(dtypes) > 1:

@@ -269,3 +269,42 @@ def fit_with_time_budget(out: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(ShardedDigits())
+
+
+class ValidatedDigits(ShardedDigits):
+    """FSDP2-sharded digits with a validation loop: a forward pass without backward before the epoch's end."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.loss(batch), sync_dist=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
+
+class FitEndRecorder(Callback):
+    """Saves, per rank, the fit-end measurement (after the last validation) with its weights and probe."""
+
+    def __init__(self, monitor: HessianEigenMonitor, out: str) -> None:
+        self.monitor, self.out = monitor, out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+        torch.save(
+            {
+                "probe": self.monitor.probe.batches,
+                "weights": {k: full(v).detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+                "measured": [h["step"] for h in self.monitor.history],
+                "eigenvalues": self.monitor.latest.eigenvalues.cpu(),
+            },
+            Path(self.out) / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def fit_after_validation(strategy: Any, out: str) -> None:
+    """The fit-end measurement of an FSDP2 model right after a validation loop (on_error="raise")."""
+    L.seed_everything(0, verbose=False)
+    monitor = HessianEigenMonitor(
+        k=1, every_n_steps=None, at_fit_start=False, tol=1e-8, max_hvp=800, on_error="raise"
+    )
+    trainer = two_ranks(strategy, out, 2, [monitor, FitEndRecorder(monitor, out)])
+    trainer.fit(ValidatedDigits(fsdp=True))

@@ -170,6 +170,17 @@ def test_fsdp2_model_parallel_strategy_matches_one_process(tmp_path):
     check_agreement(ranks, rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_fsdp2_measures_after_a_validation_loop(tmp_path):
+    """A validation loop (forward passes without backward) leaves the FSDP2 root's parameters gathered; the
+    fit-end measurement right after it measures (on_error="raise") and agrees with one process."""
+    ranks = _run_script("fsdp_validation", tmp_path)
+    assert ranks[0]["measured"] == ranks[1]["measured"] == [2]
+    assert torch.equal(ranks[0]["eigenvalues"], ranks[1]["eigenvalues"])
+    want = reference_top(ranks, 1)
+    assert float(((ranks[0]["eigenvalues"] - want) / want).abs().max()) < 1e-6
+
+
 class _Trainer:
     def __init__(self, strategy):
         self.strategy = strategy

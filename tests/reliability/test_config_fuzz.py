@@ -414,6 +414,12 @@ CRITICAL_SHARPNESS = {
     "rel_tol": (good_number(above=1e-3, below=0.5), bad_number(above=0, below=1)),
     "max_forward": (good_int(40, 80), bad_int(4)),
     "optimizer": (st.none(), st.sampled_from([5, "sgd", object(), torch.ones(3)])),
+    "gradient_clip": (
+        st.sampled_from([None, (1.0, "norm"), (0.5, "value")]),
+        st.sampled_from(
+            [(0.0, "norm"), (-1.0, "value"), (math.nan, "norm"), (1.0, "l1"), 1.0, "norm", (1.0,)]
+        ),
+    ),
     "seed": COMMON_MEASUREMENT["seed"],
     "params": COMMON_MEASUREMENT["params"],
     "dtype": COMMON_MEASUREMENT["dtype"],
@@ -520,6 +526,11 @@ def _consistent(target: str, kwargs: dict, bad: str | None = None) -> dict:
             kwargs[key] = batches()  # two batches: a one-element weight list is then wrong
         elif bad != key and isinstance(kwargs[key], tuple) and kwargs["weights"] is not None:
             kwargs["weights"] = [1.0]  # one batch, one weight
+    if target == "critical_sharpness" and kwargs.get("direction") is not None:
+        if bad == "gradient_clip":
+            kwargs["direction"] = None  # the clip's own fault, not its clash with a direction
+        else:
+            kwargs["gradient_clip"] = None  # a clip applies to the gradient, not to a given direction
     if target == "hessian_eigenpairs":
         if bad in ("preconditioner", "warm_start"):
             kwargs["params"] = None
