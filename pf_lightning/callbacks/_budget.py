@@ -60,10 +60,9 @@ class Budget:
 
     def overhead(self, measured: int = 2) -> float | None:
         """This fit's measuring cost over the rest of it so far; ``None`` until the fit has measured
-        ``measured`` times (right after its first measurement the rest is the set-up's, and the ratio
-        says nothing about the run; at a postponed step, 1: the ratio so far, which one more measurement
-        like the last would take past the cap) or while the
-        rest is nothing."""
+        ``measured`` times, or while the rest is nothing. Right after its first measurement the rest is
+        the set-up's, and the ratio says nothing about the run; at a postponed step ``measured=1`` gives
+        the ratio so far, which one more measurement like the last would take past the cap."""
         rest = self.rest() if self._open and self._count >= measured else 0.0
         return self._spent / rest if rest > 0 else None
 

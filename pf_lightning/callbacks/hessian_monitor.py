@@ -137,9 +137,9 @@ class HessianEigenMonitor(Callback):
             costs 2.5 times less than on four batches of 128); ``"loader"`` keeps the loader's batches, as a loss
             that couples the samples of a batch (in-batch negatives) needs. A module with batch
             normalization keeps them too: its batch statistics are part of the loss training sees. So
-            does a loss whose stacked batch is not the sample-weighted mean of its batches' losses (a
-            ``reduction="sum"``), checked with forward passes of one stacked batch and its members
-            before the first measurement, and warned. Batches given as ``probe`` are used as they are.
+            does a loss whose stacked probe has another loss or gradient than its batches' sample-weighted
+            mean (a ``reduction="sum"``, a token mean over padded sequences), checked once before the
+            first measurement and warned. Batches given as ``probe`` are used as they are.
         on_error: ``"skip"``: a measurement that fails at run time (NaN or infinite loss or product, a
             probe batch the model cannot consume, a loss that is not returned, any ``Exception``) is
             skipped with the model left as it was, flagged as ``hessian/skipped`` at that step, warned
