@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+from pf_lightning.demos import MeasurementTable, edge_summary
 from pf_lightning.measure import batch_sharpness, critical_sharpness
 from pf_lightning.stability import OptimizerRule, optimizer_rule, optimizers, register_optimizer_rule
 
@@ -519,15 +520,17 @@ def test_in_a_run_critical_sharpness_follows_the_next_update_on_the_batch_just_t
 
 
 @pytest.mark.parametrize("batch_size", [4, 64])
-def test_the_edge_warning_names_the_larger_ratio_under_mini_batches(tmp_path, batch_size):
+def test_the_edge_warning_names_the_larger_ratio_under_mini_batches(tmp_path, batch_size, capsys):
     """At batch 4 the batch sharpness is the nearer to its threshold, at batch 64 lambda_max: the warning
-    fires on the larger ratio and names it."""
+    fires on the larger ratio and names it; so do the examples' console table and edge summary."""
     L.seed_everything(0)
     model = DigitsClassifier(lr=0.3, n=256, batch_size=batch_size)
     eos = EdgeOfStabilityMonitor(warn_ratio=0.05)
+    table = MeasurementTable(k=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1, every_n_steps=2), eos]).fit(model)
+        callbacks = [HessianEigenMonitor(k=1, every_n_steps=2), eos, table]
+        trainer(tmp_path, max_steps=2, callbacks=callbacks).fit(model)
     first = eos.history[0]
     batch_larger = first["eos/batch_ratio"] > first["eos/ratio"]
     assert batch_larger == (batch_size == 4), first
@@ -537,6 +540,10 @@ def test_the_edge_warning_names_the_larger_ratio_under_mini_batches(tmp_path, ba
     )
     larger = max(first["eos/batch_ratio"], first["eos/ratio"])
     assert f"reached {larger:.2f} x" in edge[0] and first["eos/warning"] == 1.0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.split()[0] == "0")
+    assert f" {larger:6.3f}  " in row, row  # 0.586 (lambda_max, batch 64) or 0.774 (batch 4)
+    assert row.endswith("below the edge (batch sharpness)" if batch_larger else "below the edge"), row
+    assert edge_summary(eos)["initial_ratio"] == larger
 
 
 def test_under_mini_batches_the_edge_is_judged_on_the_larger_ratio():

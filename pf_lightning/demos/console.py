@@ -8,8 +8,8 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from .. import logging as names
 from ..callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
+from ..stability import judged_edge
 
 __all__ = ["MeasurementTable", "edge_summary"]
 
@@ -22,6 +22,10 @@ def _regime(ratio: float) -> str:
 
 class MeasurementTable(Callback):
     """Print one row per measurement: step, loss, top eigenvalues, sharpness, threshold and their ratio.
+
+    The last three are those the edge is judged on (:func:`~pf_lightning.stability.judged_edge`): the
+    full-batch sharpness, or under mini-batch training the batch sharpness where its ratio is the larger
+    (the row then says so).
 
     Reads the histories of the trainer's :class:`~pf_lightning.HessianEigenMonitor` (named ones get a
     row of their own) and :class:`~pf_lightning.EdgeOfStabilityMonitor`; prints on rank zero only.
@@ -91,14 +95,18 @@ class MeasurementTable(Callback):
         line = f"{self.prefix}{entry['step']:6d} {loss_text}  {eigs}  {cost}"
         measured = [h for h in (eos.history if eos else []) if h["step"] == entry["step"]]
         if measured:
-            h = measured[-1]
-            line += f"  {h[names.SHARPNESS]:9.4g} {h[names.THRESHOLD]:9.4g} {h[names.RATIO]:6.3f}  "
-            line += _regime(h[names.RATIO])
+            edge = judged_edge(measured[-1])
+            line += f"  {edge.value:9.4g} {edge.threshold:9.4g} {edge.ratio:6.3f}  {_regime(edge.ratio)}"
+            if edge.quantity != "sharpness":
+                line += f" ({edge.quantity})"
         print(line, flush=True)
 
 
 def edge_summary(eos: EdgeOfStabilityMonitor, reached: float = 0.95) -> dict[str, float]:
     """What the run did at the edge: the first step with ``ratio >= reached`` and the ratio after it.
+
+    The ratio is the one the edge is judged on (:func:`~pf_lightning.stability.judged_edge`): ``eos/ratio``,
+    or under mini-batch training ``eos/batch_ratio`` where it is the larger.
 
     Args:
         eos: the monitor, after ``fit``.
@@ -109,7 +117,7 @@ def edge_summary(eos: EdgeOfStabilityMonitor, reached: float = 0.95) -> dict[str
         measurements from the first one at the edge on: ``ratio_min``, ``ratio_mean``, ``ratio_max``,
         ``measurements``.
     """
-    ratios = [(h["step"], h[names.RATIO]) for h in eos.history]
+    ratios = [(h["step"], judged_edge(h).ratio) for h in eos.history]
     out = {
         "first_step": math.nan,
         "initial_ratio": ratios[0][1] if ratios else math.nan,
