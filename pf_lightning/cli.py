@@ -49,7 +49,21 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
         ) from err
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
+    class _CLI(LightningCLI):
+        """LightningCLI whose classes that refuse their configured arguments end the command with their
+        message (as a parse error does) instead of the instantiation's chained traceback."""
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except Exception as err:  # a class that refused its arguments, wrapped by jsonargparse
+                refused = _refused_arguments(err)
+                if refused is None:
+                    raise
+                print(f"pf-lightning: error: {refused}", file=sys.stderr)
+                raise SystemExit(2) from err
+
+    return _CLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         # A re-run into the same log folder replaces its config.yaml instead of failing.
@@ -57,6 +71,34 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
         args=None if args is None else list(args),
         run=run,
     )
+
+
+def _refused_arguments(err: BaseException) -> str | None:
+    """``"<Class>(...): <message>"`` when the innermost exception under ``err`` is a ``ValueError``,
+    ``TypeError`` or ``MisconfigurationException`` raised in some class's ``__init__`` (a constructor
+    refusing its configured arguments, as every pf-lightning class does with a message naming the
+    argument and the fix); None otherwise."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seen: set[int] = set()
+    while id(err) not in seen:  # down the chain jsonargparse builds while it tries each type it allows
+        seen.add(id(err))
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    if not isinstance(err, (ValueError, TypeError, MisconfigurationException)):
+        return None
+    frame = None
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "__init__" and "self" in tb.tb_frame.f_locals:
+            frame = tb.tb_frame  # the outermost constructor the error left: the class configured
+            break
+        tb = tb.tb_next
+    if frame is None:
+        return None
+    return f"{type(frame.f_locals['self']).__qualname__}(...): {err}"
 
 
 def report_main(args: Sequence[str] | None = None) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from .._validation import Checks
 from ..callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
 from ..stability import judged_edge
 
@@ -37,7 +39,7 @@ class MeasurementTable(Callback):
 
     def __init__(self, k: int = 3, prefix: str = "") -> None:
         super().__init__()
-        self.k, self.prefix = k, prefix
+        self.k, self.prefix = Checks(MisconfigurationException).integer("k", k, 1), str(prefix)
         self._printed: dict[int, int] = {}
         self._header = False
 
