@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -297,6 +297,16 @@ def _by_index(keys: Iterable[str], pattern: re.Pattern) -> list[str]:
     return sorted((k for k in keys if pattern.match(k)), key=lambda k: int(re.findall(r"\d+", k)[-1]))
 
 
+def _steps(ax: Any, series: tuple[np.ndarray, np.ndarray], **style: Any) -> None:
+    """A value that holds until it is next logged (a threshold, a learning rate, a count) as steps; a
+    value logged once as a line across the panel, where steps would draw nothing."""
+    steps, values = series
+    if len(steps) == 1:
+        ax.axhline(float(values[0]), **style)
+    else:
+        ax.plot(steps, values, drawstyle="steps-post", **style)
+
+
 def plot_sharpness(run: RunMetrics, path: Path) -> Drawn | None:
     """``eos/sharpness`` against ``eos/threshold``, and their ratio (1.0 is the edge of stability); where
     logged, the batch sharpness with its standard-error band and its threshold, and the critical sharpness,
@@ -310,7 +320,7 @@ def plot_sharpness(run: RunMetrics, path: Path) -> Drawn | None:
     top.plot(*sharpness, marker=".", label=label)
     drawn: Drawn = {names.SHARPNESS: sharpness}
     if threshold is not None:
-        top.plot(*threshold, "k--", drawstyle="steps-post", label="threshold")
+        _steps(top, threshold, color="k", linestyle="--", label="threshold")
         drawn[names.THRESHOLD] = threshold
     batch, stderr = run.get(names.BATCH_SHARPNESS), run.get(names.BATCH_SHARPNESS_STDERR)
     if batch is not None:
@@ -324,9 +334,7 @@ def plot_sharpness(run: RunMetrics, path: Path) -> Drawn | None:
         if level is not None and (
             threshold is None or not np.allclose(level[1], np.interp(level[0], *threshold))
         ):
-            top.plot(
-                *level, ":", color=line.get_color(), drawstyle="steps-post", label="batch threshold 2/lr"
-            )
+            _steps(top, level, color=line.get_color(), linestyle=":", label="batch threshold 2/lr")
             drawn[names.BATCH_THRESHOLD] = level
     critical = run.get(names.CRITICAL_SHARPNESS)
     if critical is not None:
@@ -374,7 +382,7 @@ def plot_spectrum(run: RunMetrics, path: Path) -> Drawn | None:
             ax.plot(*run.series[key], marker=".", linestyle="--" if match["bottom"] else "-", label=name)
             drawn[key] = run.series[key]
         if tag == "" and overlay:
-            ax.plot(*threshold, "k--", drawstyle="steps-post", label="stability threshold")
+            _steps(ax, threshold, color="k", linestyle="--", label="stability threshold")
             drawn[names.THRESHOLD] = threshold
         ax.set_ylabel("eigenvalue")
         ax.set_title(f"parameters of monitor {tag!r}" if tag else "all measured parameters", fontsize=10)
@@ -416,9 +424,7 @@ def plot_regimes(run: RunMetrics, path: Path) -> Drawn | None:
     panel = 1
     if counts:
         for key in counts:
-            axes[panel].plot(
-                *run.series[key], drawstyle="steps-post", label=key.split("/")[1].replace("_", " ")
-            )
+            _steps(axes[panel], run.series[key], label=key.split("/")[1].replace("_", " "))
             drawn[key] = run.series[key]
         axes[panel].set_ylabel("directions")
         axes[panel].legend(loc="best", fontsize=8)
@@ -452,11 +458,7 @@ def plot_learning_rate(run: RunMetrics, path: Path) -> Drawn | None:
     for key in keys:
         values = run.series[key][1]
         constant = values.size and np.all(values == values[0])
-        ax.plot(
-            *run.series[key],
-            drawstyle="steps-post",
-            label=f"{key} (constant {values[0]:.4g})" if constant else key,
-        )
+        _steps(ax, run.series[key], label=f"{key} (constant {values[0]:.4g})" if constant else key)
         drawn[key] = run.series[key]
     everything = np.concatenate([s[1] for s in drawn.values()])
     if _spread(everything):
@@ -558,7 +560,7 @@ def plot_sharpness_across_runs(runs: list[RunMetrics], path: Path) -> Drawn | No
         top.plot(*run.series[names.SHARPNESS], marker=".", color=color, label=label)
         drawn[f"{run.name}:{names.SHARPNESS}"] = run.series[names.SHARPNESS]
         if threshold is not None:
-            top.plot(*threshold, "--", color=color, drawstyle="steps-post")
+            _steps(top, threshold, color=color, linestyle="--")
             drawn[f"{run.name}:{names.THRESHOLD}"] = threshold
         if (ratio := run.get(names.RATIO)) is not None:
             bottom.plot(*ratio, marker=".", color=color, label=run.name)

@@ -296,6 +296,40 @@ def test_a_constant_learning_rate_is_drawn_from_zero():
     assert constant_axis(np.array([0.4, 0.2])) is None and constant_axis(np.zeros(3)) is None
 
 
+def test_a_threshold_or_rate_logged_once_is_drawn_across_the_panel(tmp_path, monkeypatch):
+    """One measurement (a short run, a fit that stopped early): steps through a single point draw
+    nothing, so the threshold, batch threshold and learning rate would be missing from their panels."""
+    from pf_lightning import report
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda figure, path: figures.append(figure))
+    once = {
+        "eos/sharpness": 3.2,
+        "eos/threshold": 5.0,
+        "eos/ratio": 0.64,
+        "eos/batch_sharpness": 4.1,
+        "eos/batch_threshold": 20.0,
+        "eos/batch_ratio": 0.205,
+        "hessian/eig_1": 3.2,
+        "lr-SGD": 0.4,
+    }
+    run = report.RunMetrics(
+        "once", tmp_path, "csv", {k: (np.array([7]), np.array([v])) for k, v in once.items()}
+    )
+    report.plot_sharpness(run, tmp_path / "s.png")
+    report.plot_spectrum(run, tmp_path / "e.png")
+    report.plot_learning_rate(run, tmp_path / "l.png")
+    lines = {line.get_label(): line for f in figures for ax in f.axes for line in ax.get_lines()}
+    for label, value in [
+        ("threshold", 5.0),
+        ("batch threshold 2/lr", 20.0),
+        ("stability threshold", 5.0),
+        ("lr-SGD (constant 0.4)", 0.4),
+    ]:
+        xs, ys = lines[label].get_data()
+        assert len(set(np.asarray(xs, float))) == 2 and set(np.asarray(ys, float)) == {value}, label
+
+
 def test_the_loss_plot_marks_the_first_edge_step_and_the_measurement_plot_the_residuals(tmp_path):
     rows = [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(30)]
     rows += [
