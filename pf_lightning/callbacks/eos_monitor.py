@@ -326,7 +326,7 @@ class EdgeOfStabilityMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_loss_step, self._pending_losses = trainer.global_step, []
         self._training_batches(trainer, pl_module)
-        if self._batches_error is not None:  # found by a measurement at fit start, before this hook
+        if self._batches_error is not None:  # found by the listener at the fit-start measurement
             raise self._batches_error
         optimizers = trainer.optimizers
         optimizer = optimizers[self.optimizer_index]
@@ -406,6 +406,10 @@ class EdgeOfStabilityMonitor(Callback):
 
     # -- per measurement ---------------------------------------------------------------------
     def _on_measurement(self, trainer: Trainer, pl_module: LightningModule, result: EigenResult) -> None:
+        try:
+            self._training_batches(trainer, pl_module)
+        except MisconfigurationException:  # from the monitor's fit-start measurement: this on_train_start,
+            return  # next, stops the fit with it (a skipped measurement would say training goes on)
         optimizer = trainer.optimizers[self.optimizer_index]
         if self.fixed_threshold is None and float(optimizer.param_groups[0]["lr"]) == 0.0:
             self._at_rest(trainer, pl_module, result, optimizer)
