@@ -34,6 +34,15 @@ __all__ = ["DriftAdaptiveLR", "SharpnessCappedLR"]
 _check = Checks()
 
 
+def _set_lr(group: dict[str, Any], lr: float) -> None:
+    """Set a parameter group's rate as torch's schedulers do: in place where the optimizer holds it as a
+    tensor (``lr=torch.tensor(1e-2)`` keeps its dtype, so the step computes as without a scheduler)."""
+    if isinstance(group["lr"], Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
 def _check_common(optimizer: Any, last_epoch: Any) -> None:
     _check.instance("optimizer", optimizer, Optimizer, "a torch.optim.Optimizer")
     _check.integer("last_epoch", last_epoch, -1, hint="-1 for a fresh run, as in every LRScheduler")
@@ -86,8 +95,8 @@ class _MeasuredLR(LRScheduler):
         """
         self._observe(value)
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
-            group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            _set_lr(group, lr)
+        self._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
 
     # What a checkpoint's state must hold, and the form of every entry it may hold (beyond torch's own).
     _lists = ("base_lrs", "_last_lr")
@@ -121,8 +130,9 @@ class _MeasuredLR(LRScheduler):
             values = state[key]
             if not isinstance(values, list | tuple) or len(values) != n_groups:
                 bad(f"{key} is {values!r}, not a list of {n_groups} rate(s), one per parameter group")
-            for value in values:
-                if not is_number(value) or not math.isfinite(value) or value < 0:
+            for value in values:  # a rate the optimizer holds as a tensor is saved as one (torch's clone)
+                rate = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+                if not is_number(rate) or not math.isfinite(rate) or rate < 0:
                     bad(f"{key} holds {value!r}, not a finite rate >= 0")
         measured = state["measured"]
         if measured is not None and not (is_number(measured) and math.isfinite(measured)):
@@ -360,11 +370,8 @@ class SharpnessCappedLR(_MeasuredLR):
                 edge_lr(
                     optimizer, 1.0, group=i
                 )  # an optimizer without a known threshold fails here, not mid-run
-        except UnsupportedOptimizer:
-            raise UnsupportedOptimizer(
-                "`optimizer` must be one whose stability threshold is known (SGD, Adam, AdamW, NAdam, RAdam, "
-                f"Adamax, RMSprop, Adagrad) for its rate to be capped, got {type(optimizer).__name__}"
-            ) from None
+        except UnsupportedOptimizer as err:
+            raise UnsupportedOptimizer(f"`optimizer`'s rate cannot be capped: {err}") from err
         self.base = base
         self.measured: float | None = None
         self.held, self.held_count, self._warned = False, 0, False
@@ -387,7 +394,7 @@ class SharpnessCappedLR(_MeasuredLR):
         self._observe(sharpness)
         if self._started and self.base is not None:
             for group, lr in zip(self.optimizer.param_groups, self._uncapped, strict=True):
-                group["lr"] = lr  # the base schedule continues from its own, uncapped, value
+                _set_lr(group, lr)  # the base schedule continues from its own, uncapped, value
             self.base.step()
             self._uncapped = [float(g["lr"]) for g in self.optimizer.param_groups]
         super().step()

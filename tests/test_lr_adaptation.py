@@ -77,10 +77,13 @@ def test_dal_sets_each_rate_from_the_hg_ratio_measured_before_it(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_p0_trains_bit_identically_to_no_adaptation(tmp_path):
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["sgd", "adam with a tensor lr"])
+def test_p0_trains_bit_identically_to_no_adaptation(tmp_path, tensor_lr):
     def run(callbacks):
         L.seed_everything(0)
         model = DigitsClassifier(n=128, batch_size=32, dropout=0.2, batchnorm=True, momentum=0.9)
+        if tensor_lr:  # the scheduler fills the tensor in place, as torch's do: Adam computes as without it
+            model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2))
         trainer(tmp_path, max_steps=9, callbacks=callbacks).fit(model)
         return model.state_dict()
 
@@ -216,6 +219,28 @@ def test_bad_configurations_fail_at_fit_start_naming_the_fix(tmp_path, kind, cal
     model.configure_optimizers = functools.partial(_configured(kind), model)
     with pytest.raises(MisconfigurationException, match=match):
         trainer(tmp_path, max_steps=2, callbacks=[callback()]).fit(model)
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam"])
+def test_a_cap_on_a_preconditioning_optimizer_refuses_a_given_threshold(tmp_path, kind):
+    """With threshold= the monitor logs lambda_max(H) as eos/sharpness; Adam's edge 38/S is one of
+    lambda_max(P^-1 H) (the helper's run: a cap of 38 where the edge was at 0.117, never binding). SGD's
+    edge 2/S is one of lambda_max(H): that cap runs."""
+    model = DigitsClassifier(n=64)
+
+    def configure():
+        optimizer = getattr(torch.optim, kind)(model.parameters(), lr=0.01)
+        return {"optimizer": optimizer, "lr_scheduler": SharpnessCappedLR(optimizer).lightning_config()}
+
+    model.configure_optimizers = configure
+    callbacks = [HessianEigenMonitor(k=1), EdgeOfStabilityMonitor(threshold=5.0), LRAdaptation()]
+    t = trainer(tmp_path, max_steps=1, callbacks=callbacks)
+    if kind == "SGD":
+        t.fit(model)
+        assert t.global_step == 1
+        return
+    with pytest.raises(MisconfigurationException, match="remove threshold= from the EdgeOfStabilityMonitor"):
+        t.fit(model)
 
 
 class _CappedWarmUpFromZero(DigitsClassifier):

@@ -8,7 +8,7 @@ import torch
 from cases import CASES, dense_hessian, make_case
 
 from pf_lightning import DriftAdaptiveLR, HessianOperator, SharpnessCappedLR, gradient_curvature
-from pf_lightning.stability import UnsupportedOptimizer, edge_lr
+from pf_lightning.stability import UnsupportedOptimizer, edge_lr, optimizer_threshold
 
 
 def sgd(lr=0.1, groups=1, **kwargs):
@@ -169,10 +169,49 @@ def test_cap_bad_input_fails_at_construction():
     with pytest.raises(ValueError, match="same optimizer"):
         SharpnessCappedLR(sgd(), base=torch.optim.lr_scheduler.StepLR(other, 3))
     weird = torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(2))])
-    with pytest.raises(
-        UnsupportedOptimizer, match="`optimizer` must be one whose stability threshold is known"
-    ):
+    with pytest.raises(UnsupportedOptimizer, match="rate cannot be capped: LBFGS has no stability threshold"):
         SharpnessCappedLR(weird)
+    ascending = sgd()
+    ascending.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "maximize": True})
+    with pytest.raises(UnsupportedOptimizer, match="parameter group 1 has maximize=True"):
+        SharpnessCappedLR(ascending)
+
+
+def test_asgd_has_thresholds_but_no_edge_rate():
+    """ASGD steps eta = lr / (1 + lambd lr (t - 1))^alpha, set from the previous step's rate: no rate puts
+    its threshold 2/eta at a sharpness by scaling (after 10,000 default steps, 2/S = 0.2 at S = 10 would
+    be read as lr 0.336, where ASGD steps eta = 0.271: 35% past the edge)."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.ASGD([p], lr=0.5)
+    optimizer.state[p].update(step=torch.tensor(10_000.0), eta=torch.tensor(0.1), mu=torch.tensor(1.0))
+    eta = 0.5 / (1 + 1e-4 * 0.5 * 9_999) ** 0.75
+    assert optimizer_threshold(optimizer).value == pytest.approx(2 / eta)  # its threshold stands
+    with pytest.raises(UnsupportedOptimizer, match="ASGD's step is not proportional to its learning rate"):
+        edge_lr(optimizer, 10.0)
+    with pytest.raises(UnsupportedOptimizer, match="rate cannot be capped: ASGD's step is not proportional"):
+        SharpnessCappedLR(optimizer)
+
+
+@pytest.mark.parametrize("make", [lambda: SharpnessCappedLR, lambda: DriftAdaptiveLR], ids=["cap", "dal"])
+def test_a_rate_held_as_a_tensor_stays_that_tensor_and_resumes(make):
+    """Adam(lr=torch.tensor(1e-2)): torch's schedulers fill the tensor in place; so do these (a float in its
+    place makes Adam compute in float64 and step otherwise: 4.5e-8 apart after a few steps with DAL p=0),
+    and its state, whose rates torch saves as tensors, loads again."""
+    cls = make()
+    p = torch.nn.Parameter(torch.zeros(2))
+    rate = torch.tensor(1e-2)
+    optimizer = torch.optim.Adam([p], lr=rate)
+    scheduler = cls(optimizer)
+    scheduler.refresh(4000.0)
+    assert optimizer.param_groups[0]["lr"] is rate and rate.dtype == torch.float32
+    expected = 0.9 * 38 / 4000 if cls is SharpnessCappedLR else 2 / 4000
+    assert float(rate) == pytest.approx(expected, rel=1e-6)
+    scheduler.step(3000.0)
+    assert optimizer.param_groups[0]["lr"] is rate
+    other = torch.optim.Adam([p], lr=torch.tensor(1e-2))
+    resumed = cls(other)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert resumed.get_last_lr() == pytest.approx([float(rate)])
 
 
 # -- the curvature along the gradient -----------------------------------------------------------

@@ -33,6 +33,7 @@ from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, warn_once
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
+from ..stability import optimizer_rule
 from ._checkpoint import UnreadableState, count, mapping, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._probe import resolve_loss_fn
@@ -241,6 +242,13 @@ class LRAdaptation(Callback):
             )
         # The edge of the training loss: the monitor reading the unnamed Hessian monitor, not a held-out one.
         self.eos = next((cb for cb in matching if cb.monitor.name is None), matching[0])
+        optimizer = trainer.optimizers[self.eos.optimizer_index]
+        if self.eos.fixed_threshold is not None and optimizer_rule(optimizer).preconditioned:
+            raise MisconfigurationException(
+                f"SharpnessCappedLR caps {type(optimizer).__name__} at the edge of its preconditioned sharpness "
+                "lambda_max(P^-1 H), but an EdgeOfStabilityMonitor given threshold= measures lambda_max(H): "
+                "remove threshold= from the EdgeOfStabilityMonitor"
+            )
         self.eos.add_listener(self._on_edge)
 
     # -- per step ----------------------------------------------------------------------------

@@ -49,7 +49,8 @@ Refused, with the reason (:class:`UnsupportedOptimizer`): LBFGS (a line search o
 curvature pairs: no fixed step), SparseAdam (sparse gradients), Rprop (sign steps), Adafactor (its
 update is clipped by its own RMS: not linear in the gradient), Muon (orthogonalized updates: no
 diagonal preconditioner), and any group with ``maximize=True``. Register a rule for an optimizer of
-your own with :func:`register_optimizer_rule`.
+your own with :func:`register_optimizer_rule`. ASGD has thresholds but no edge rate (:func:`edge_lr`,
+the sharpness cap): its step is not proportional to its rate.
 
 The preconditioned thresholds assume a frozen :math:`P` (Cohen et al. 2022): while :math:`P` still
 moves, after the first steps, they are an approximation (see the EoS monitor's warm-up).
@@ -266,6 +267,10 @@ class OptimizerRule:
             parameter that the optimizer's next step would make with gradient ``grad``, computed from
             ``state`` without changing it (an empty ``state``: the first step's); ``None`` where unknown.
             The inputs come in the dtype to compute in (float64 from :func:`optimizer_update`).
+        step_scales_with_lr: the step is the group's learning rate times what the state and the gradient
+            give, so every threshold is inversely proportional to the rate: :func:`edge_lr` (and the
+            sharpness cap) needs it. ``False`` for ASGD, whose step ``lr/(1 + lambd lr t)^alpha`` is not
+            proportional to ``lr`` and comes from the state, set with the previous step's rate.
 
     Example::
 
@@ -283,6 +288,7 @@ class OptimizerRule:
         default=lambda group: float(group.get("weight_decay", 0.0))
     )
     update: Callable[[Group, State, Tensor, Tensor], Tensor] | None = None
+    step_scales_with_lr: bool = True
 
     @property
     def preconditioned(self) -> bool:
@@ -619,6 +625,7 @@ _RULES: dict[type, OptimizerRule] = {
         # param *= 1 - lambd * eta before the gradient step: for gradient descent the same as L2 decay.
         coupled_weight_decay=lambda g: float(g.get("weight_decay", 0.0)) + float(g.get("lambd", 0.0)),
         update=_asgd_update,
+        step_scales_with_lr=False,
     ),
     torch.optim.Adam: OptimizerRule(
         "adam",
@@ -721,7 +728,8 @@ def group_settings(optimizer: torch.optim.Optimizer, group: int) -> Group:
     settings = optimizer.param_groups[group]
     if settings.get("maximize", False):
         raise UnsupportedOptimizer(
-            f"{type(optimizer).__name__} with maximize=True ascends the loss: no stability threshold applies"
+            f"{type(optimizer).__name__}'s parameter group {group} has maximize=True: it ascends the loss, and "
+            "no stability threshold applies"
         )
     return settings
 
@@ -867,6 +875,8 @@ def edge_lr(optimizer: torch.optim.Optimizer, sharpness: float, group: int = 0) 
 
     Raises:
         ValueError: ``sharpness`` is not positive and finite (and what :func:`optimizer_threshold` raises).
+        UnsupportedOptimizer: the optimizer has no rule, ascends (``maximize=True``), or its step is not
+            proportional to its rate (ASGD: :attr:`OptimizerRule.step_scales_with_lr`).
 
     Example:
         >>> p = torch.nn.Parameter(torch.zeros(2))
@@ -878,4 +888,10 @@ def edge_lr(optimizer: torch.optim.Optimizer, sharpness: float, group: int = 0) 
     sharpness = float(sharpness)
     if not (sharpness > 0 and math.isfinite(sharpness)):
         raise ValueError(f"sharpness must be positive and finite, got {sharpness!r}")
-    return unit_step_dynamics(optimizer, group).threshold / sharpness
+    dynamics = unit_step_dynamics(optimizer, group)
+    if not optimizer_rule(optimizer).step_scales_with_lr:
+        raise UnsupportedOptimizer(
+            f"{type(optimizer).__name__}'s step is not proportional to its learning rate ({dynamics.formula}, "
+            "from a rate set one step earlier): no rate puts its threshold at a given sharpness"
+        )
+    return dynamics.threshold / sharpness
