@@ -1,6 +1,7 @@
 """EdgeOfStabilityMonitor: thresholds of the optimizer in use, preconditioned sharpness, PF regimes,
 the early warning, W&B, and the edge of stability itself on sklearn digits."""
 
+import itertools
 import re
 import warnings
 
@@ -279,6 +280,33 @@ def test_loss_window_holds_one_full_loss_per_optimizer_step(tmp_path):
         assert entry == pytest.approx(reference, rel=0.2)
 
 
+@pytest.mark.parametrize("eos_first", [False, True], ids=["monitor first", "eos first"])
+def test_a_measurement_s_loss_window_ends_at_the_step_it_was_taken(tmp_path, eos_first):
+    """eos/loss_non_monotonicity at step s counts the rises among the losses of steps 1..s, whichever
+    callback comes first: listed after the Hessian monitor (the README's order), the monitor measures at
+    its batch end before this callback has seen the loss of step s."""
+    L.seed_everything(0)
+    model = DigitsClassifier(n=640, lr=1.0, batch_size=32)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=4, probe=64, at_fit_start=False)
+    eos = EdgeOfStabilityMonitor(loss_window=50, batch_sharpness=False)
+    losses = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses[trainer.global_step] = float(outputs["loss"])
+
+    callbacks = [Record(), eos, monitor] if eos_first else [Record(), monitor, eos]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the edge warning: lr 3 is past it
+        trainer(tmp_path, max_steps=12, callbacks=callbacks).fit(model)
+    logged = {h["step"]: h["eos/loss_non_monotonicity"] for h in eos.history}
+    assert sorted(logged) == [4, 8, 12]
+    for step, value in logged.items():
+        window = [losses[s] for s in range(1, step + 1)]
+        rises = sum(b > a for a, b in itertools.pairwise(window))
+        assert value == rises / (len(window) - 1), (step, value, window)
+
+
 def test_wandb_chart_holds_batch_and_critical_sharpness_of_a_mini_batch_run(tmp_path, monkeypatch):
     """The spectrum-vs-threshold chart of a heavy-ball mini-batch run: λ_max, the threshold, the batch
     sharpness with its ±2 s.e. band and its own threshold 2/lr, and the critical sharpness, as logged."""
@@ -393,6 +421,36 @@ def test_optimizer_settings_without_a_threshold_fail_at_fit_start(tmp_path):
         MisconfigurationException, match=r"SGD's settings give no stability threshold.*momentum"
     ):
         t.fit(model)
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam"])
+def test_maximize_in_any_parameter_group_fails_at_fit_start(tmp_path, kind):
+    """Group 1 ascends: no threshold applies to the run (not judged with group 0's, not skipped mid-run)."""
+    model = DigitsClassifier(n=64)
+    first, rest = list(model.net[0].parameters()), list(model.net[2:].parameters())
+    make = getattr(torch.optim, kind)
+    model.configure_optimizers = lambda: make([{"params": first}, {"params": rest, "maximize": True}], lr=0.1)
+    t = trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1), EdgeOfStabilityMonitor()])
+    with pytest.raises(MisconfigurationException, match=f"{kind}'s parameter group 1 has maximize=True"):
+        t.fit(model)
+
+
+def test_parameter_groups_that_step_differently_are_named(tmp_path):
+    """Momentum 0.9 on the first layer, none on the rest: group 0's (2 + 2 beta)/lr is not the edge of the
+    others' directions (the helper's softmax case: rho 1.40 where group 0's regime says oscillating and
+    stable); the warning names both steps. One set of settings draws no warning."""
+    for momenta, expected in [((0.9, 0.0), 1), ((0.9, 0.9), 0)]:
+        model = DigitsClassifier(n=64)
+        first, rest = list(model.net[0].parameters()), list(model.net[2:].parameters())
+        groups = [{"params": first, "momentum": momenta[0]}, {"params": rest, "momentum": momenta[1]}]
+        model.configure_optimizers = lambda groups=groups: torch.optim.SGD(groups, lr=0.1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(tmp_path, model, 2)
+        named = [str(w.message) for w in caught if "step differently" in str(w.message)]
+        assert len(named) == expected, [str(w.message) for w in caught]
+        if expected:
+            assert "group 0: heavy_ball" in named[0] and "group 1: gd, 2/lr, lr=0.1" in named[0]
 
 
 class _PreconditionedOverPart(DigitsClassifier):

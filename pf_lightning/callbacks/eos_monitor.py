@@ -19,6 +19,7 @@ threshold derived for a frozen ``P``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,33 @@ check = Checks(MisconfigurationException)
 
 PROGRESS_BAR = (names.RATIO, names.BATCH_RATIO)
 """Shown in Lightning's progress bar after each measurement (kept there until the next one)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Measured:
+    """What one measurement gives the edge's judgement, which also reads the loss window: the arguments of
+    :func:`~pf_lightning.stability.edge_of_stability` but the losses and the history, and the metrics
+    measured beside them."""
+
+    step: int
+    eigenvalues: list[float]  # the monitor's tracked eigenvalues, for the history
+    dynamics: StepDynamics
+    edge_inputs: dict[str, Any]
+    extras: dict[str, float]
+
+
+def _other_steps(optimizer: torch.optim.Optimizer, first: StepDynamics) -> list[str]:
+    """The parameter groups that step otherwise than group 0 (``first``), each described."""
+    others = []
+    for i in range(1, len(optimizer.param_groups)):
+        try:
+            dynamics = stability.step_dynamics(optimizer, i)
+        except ValueError as err:  # a group at rate 0, say
+            others.append(f"group {i}: {err}")
+            continue
+        if dataclasses.replace(dynamics, formula="") != dataclasses.replace(first, formula=""):
+            others.append(f"group {i}: {dynamics.label}, {dynamics.formula}")
+    return others
 
 
 def gradient_clipping(
@@ -209,6 +237,10 @@ class EdgeOfStabilityMonitor(Callback):
         self._above = False
         self._last_loss_step = -1
         self._pending_losses: list[torch.Tensor] = []
+        # Between this callback's batch-start and batch-end hooks the loss of the batch is not recorded yet:
+        # a measurement a monitor listed before this callback makes at its batch end is judged at ours.
+        self._batch_open = False
+        self._unjudged: _Measured | None = None
         self._preconditioned_latest: EigenResult | None = None
         self._warned: set[str] = set()
         self._listeners: list[EdgeListener] = []
@@ -282,6 +314,7 @@ class EdgeOfStabilityMonitor(Callback):
             self._preconditioned_latest = None  # another fit may bring another model
             self._progress = {}  # nothing from an earlier fit in this one's progress bar
             self._batches, self._batches_resolved, self._batches_error = None, False, None
+            self._batch_open, self._unjudged = False, None
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -295,8 +328,12 @@ class EdgeOfStabilityMonitor(Callback):
         preconditioned = False
         if self.fixed_threshold is None:
             optimizer = optimizers[self.optimizer_index]
-            try:  # at lr 1: a schedule may start at 0 (a warm-up from zero); every other setting is checked
-                preconditioned = stability.unit_step_dynamics(optimizer).preconditioned
+            try:  # at lr 1: a schedule may start at 0 (a warm-up from zero); every other setting of every
+                # group is checked (maximize=True in any of them)
+                groups = [
+                    stability.unit_step_dynamics(optimizer, i) for i in range(len(optimizer.param_groups))
+                ]
+                preconditioned = groups[0].preconditioned
             except stability.UnsupportedOptimizer as err:
                 raise MisconfigurationException(
                     f"`threshold` must be given for this optimizer: {err}"
@@ -391,14 +428,18 @@ class EdgeOfStabilityMonitor(Callback):
 
     def _dynamics(self, trainer: Trainer) -> tuple[StepDynamics, torch.optim.Optimizer]:
         optimizer = trainer.optimizers[self.optimizer_index]
-        lrs = {group["lr"] for group in optimizer.param_groups}
-        if len(lrs) > 1:
-            self._warn_once(
-                "lrs",
-                f"parameter groups have different learning rates {sorted(lrs)}: the threshold uses group 0's",
-            )
         if self.fixed_threshold is None:
-            return stability.step_dynamics(optimizer), optimizer
+            dynamics = stability.step_dynamics(optimizer)
+            others = _other_steps(optimizer, dynamics)
+            if others:
+                self._warn_once(
+                    "groups",
+                    f"the parameter groups of {type(optimizer).__name__} step differently (group 0: "
+                    f"{dynamics.label}, {dynamics.formula}; {'; '.join(others)}): the threshold, ratio, growth "
+                    "rates and regimes are group 0's, which can misjudge the edge of the other groups' "
+                    "directions; give the groups one learning rate and momentum, or pass threshold=",
+                )
+            return dynamics, optimizer
         # A given threshold: gradient descent with that edge.
         return StepDynamics(
             2.0 / self.fixed_threshold, label=type(optimizer).__name__, formula="given"
@@ -421,8 +462,36 @@ class EdgeOfStabilityMonitor(Callback):
             return
         if measured is None:
             return
-        metrics, dynamics, edge = measured
-        step, warming = trainer.global_step, names.WARMUP in metrics
+        if self._batch_open:  # the loss of the step just taken joins the window at this callback's batch end
+            self._unjudged = measured
+            return
+        self._judge(trainer, pl_module, measured)
+
+    def _judge(self, trainer: Trainer, pl_module: LightningModule, measured: _Measured) -> None:
+        """The edge of one measurement, with the loss window up to the step it was taken at: log it, warn,
+        keep it in the history and hand it to the listeners."""
+        recent = self.history[-(self.slope_window - 1) :]
+        history = EdgeHistory(
+            step=self.history[-1]["step"] if self.history else None,
+            sharpness=tuple((h["step"], h[names.SHARPNESS]) for h in recent),
+            first_edge_step=self.first_edge_step,
+            negative_curvature=self.negative_curvature,
+        )
+        try:
+            metrics, edge = stability.edge_of_stability(
+                **measured.edge_inputs,
+                losses=self._loss_values() if len(self.losses) >= 2 else (),
+                history=history,
+                slope_window=self.slope_window,
+            )
+        except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
+            self._skip(trainer, err, "EoS diagnostics skipped", self.metric("skipped"))
+            return
+        metrics.update(measured.extras)
+        dynamics, step = measured.dynamics, measured.step
+        if dynamics.preconditioned:
+            metrics[names.PRECONDITIONED_SHARPNESS] = metrics[names.SHARPNESS]
+        warming = names.WARMUP in metrics
         judged = stability.judged_edge(metrics)  # the larger of eos/ratio and eos/batch_ratio
         ratio = judged.ratio
         fire = ratio >= self.warn_ratio and not self._above and not warming
@@ -442,9 +511,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._progress = {
             self.metric(key.split("/", 1)[1]): metrics[key] for key in PROGRESS_BAR if key in metrics
         }
-        self.history.append(
-            {"step": step, "eigenvalues": result.eigenvalues[: self.monitor.k].tolist(), **metrics}
-        )
+        self.history.append({"step": step, "eigenvalues": measured.eigenvalues, **metrics})
         # Capped like the monitor's own history: a long run must not grow with its measurements.
         del self.history[: max(0, len(self.history) - self.monitor.max_history)]
         notify(
@@ -488,9 +555,9 @@ class EdgeOfStabilityMonitor(Callback):
 
     def _diagnostics(
         self, trainer: Trainer, pl_module: LightningModule, result: EigenResult
-    ) -> tuple[dict[str, float], StepDynamics, EdgeHistory] | None:
-        """Measure what the rule of the optimizer needs and call :func:`~pf_lightning.stability.edge_of_stability`
-        (None before an adaptive optimizer's first step, when its preconditioner does not exist yet)."""
+    ) -> _Measured | None:
+        """Measure what the rule of the optimizer needs to judge the edge (None before an adaptive
+        optimizer's first step, when its preconditioner does not exist yet)."""
         monitor = self.monitor
         dynamics, optimizer = self._dynamics(trainer)
         step = trainer.global_step
@@ -509,38 +576,26 @@ class EdgeOfStabilityMonitor(Callback):
             eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + decay
             projections, grad_norm = self._gradient(result, pl_module, optimizer)
         batch = None if warming else self._measure_batch_sharpness(trainer, pl_module, optimizer)
-        recent = self.history[-(self.slope_window - 1) :]
-        history = EdgeHistory(
-            step=self.history[-1]["step"] if self.history else None,
-            sharpness=tuple((h["step"], h[names.SHARPNESS]) for h in recent),
-            first_edge_step=self.first_edge_step,
-            negative_curvature=self.negative_curvature,
-        )
-        metrics, edge = stability.edge_of_stability(
-            eigenvalues,
-            dynamics,
-            step=step,
-            projections=projections,
-            grad_norm=grad_norm,
-            lambda_min=float(result.eigenvalues[-1]) if monitor.which == "both" else None,
-            lr=lr,
-            losses=self._loss_values() if len(self.losses) >= 2 else (),
-            history=history,
-            slope_window=self.slope_window,
-            warming=warming,
-            batch_sharpness=None if batch is None else batch.value,
-            batch_stderr=math.nan if batch is None else batch.stderr,
-            batch_threshold=None if batch is None else batch.threshold,
-        )
+        extras = {names.EOS_LR: lr}
         if batch is not None:
-            metrics[names.BATCH_COUNT] = float(batch.n_batches)
-            metrics[names.BATCH_UPHILL] = batch.n_uphill / batch.n_batches
-        metrics[names.EOS_LR] = lr
-        if dynamics.preconditioned:
-            metrics[names.PRECONDITIONED_SHARPNESS] = metrics[names.SHARPNESS]
+            extras[names.BATCH_COUNT] = float(batch.n_batches)
+            extras[names.BATCH_UPHILL] = batch.n_uphill / batch.n_batches
         if warming:
-            metrics[names.WARMUP] = 1.0
-        return metrics, dynamics, edge
+            extras[names.WARMUP] = 1.0
+        edge_inputs = {
+            "eigenvalues": eigenvalues,
+            "dynamics": dynamics,
+            "step": step,
+            "projections": projections,
+            "grad_norm": grad_norm,
+            "lambda_min": float(result.eigenvalues[-1]) if monitor.which == "both" else None,
+            "lr": lr,
+            "warming": warming,
+            "batch_sharpness": None if batch is None else batch.value,
+            "batch_stderr": math.nan if batch is None else batch.stderr,
+            "batch_threshold": None if batch is None else batch.threshold,
+        }
+        return _Measured(step, result.eigenvalues[: monitor.k].tolist(), dynamics, edge_inputs, extras)
 
     def _measure_batch_sharpness(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
@@ -640,16 +695,23 @@ class EdgeOfStabilityMonitor(Callback):
 
     # -- per step ----------------------------------------------------------------------------
     @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_open = True
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._progress:
-            self._show_progress(trainer, pl_module)
+        self._batch_open = False
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._pending_losses.append(loss.detach())
         step = trainer.global_step
         if step == self._last_loss_step:
+            if self._progress:
+                self._show_progress(trainer, pl_module)
             return  # gradient accumulation: the optimizer step is not complete yet
         self._last_loss_step = step
         if self._pending_losses:
@@ -659,6 +721,11 @@ class EdgeOfStabilityMonitor(Callback):
             mean = pending[0] if len(pending) == 1 else torch.stack(pending).double().mean()
             self.losses.append(mean if accumulate == 1 else mean.double() * accumulate)
             self._pending_losses = []
+        if self._unjudged is not None:
+            measured, self._unjudged = self._unjudged, None
+            self._judge(trainer, pl_module, measured)
+        if self._progress:
+            self._show_progress(trainer, pl_module)
         if self.proxies and step % self.proxy_every_n_steps == 0:
             self._log_proxies(trainer, pl_module, batch)
         if self.critical_every_n_steps is not None and step % self.critical_every_n_steps == 0:
