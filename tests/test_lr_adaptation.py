@@ -8,7 +8,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import DigitsClassifier, digits, logged, trainer
@@ -303,5 +303,52 @@ def test_a_capped_adam_run_resumes_bit_for_bit(tmp_path):
         assert after["eos/preconditioned_sharpness"][step] == straight["eos/preconditioned_sharpness"][step]
     assert {s: after["cap/lr"][s] for s in range(6, 12)} == {s: straight["cap/lr"][s] for s in range(6, 12)}
     assert max(straight["cap/capped"].values()) == 1.0  # the cap binds: a different measurement would show
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+class _CappedCosine(DigitsClassifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=2.0, momentum=0.5)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=12)
+        scheduler = SharpnessCappedLR(optimizer, 0.5, base=cosine)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler.lightning_config()}
+
+
+@pytest.mark.parametrize("kind", ["cap", "dal"])
+def test_a_run_resumed_from_a_step_checkpoint_takes_the_step_lightning_had_not_taken(tmp_path, kind):
+    """ModelCheckpoint(every_n_train_steps=5) saves at step 5's batch end, before Lightning steps these
+    schedulers with step 5's measurement: the resumed run takes that step at its start, so its rates
+    (the capped cosine's, the DAL window's) and parameters are the uninterrupted run's. Before, it kept
+    step 0's cap until step 10 and the cosine lagged one step; DAL ran step 6 at the rate of step 4."""
+
+    def callbacks():
+        if kind == "cap":
+            return [
+                HessianEigenMonitor(k=1, every_n_steps=5, at_fit_end=False),
+                EdgeOfStabilityMonitor(),
+                LRAdaptation(),
+            ]
+        return [LRAdaptation(dal_factory(p=1.0, max_lr=2.0, window=(0, 8)), every_n_steps=5)]
+
+    L.seed_everything(0)
+    reference = _CappedCosine(n=128) if kind == "cap" else DigitsClassifier(n=128, lr=0.1)
+    resumed = copy.deepcopy(reference)
+    saving = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the edge warning
+        straight = logged(
+            fit(tmp_path / "straight", reference, 12, [*callbacks(), saving], enable_checkpointing=True)
+        )
+        second = trainer(
+            tmp_path / "second", max_steps=12, callbacks=callbacks(), logger=CSVLogger(tmp_path / "second")
+        )
+        second.fit(resumed, ckpt_path=tmp_path / "ckpt" / "step=5.ckpt")
+    after = logged(second)
+    rate = f"{kind}/lr"
+    assert {s: after[rate][s] for s in range(6, 12)} == {s: straight[rate][s] for s in range(6, 12)}
+    assert len(set(straight[rate].values())) > 3  # the rate moves: a step lost would show
     for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)

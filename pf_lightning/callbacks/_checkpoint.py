@@ -92,6 +92,14 @@ def finite(value: Any, name: str) -> float:
     return float(value)
 
 
+def real(value: Any, name: str) -> float:
+    """A real number, NaN allowed (a value not measured yet)."""
+    _check(
+        isinstance(value, int | float) and not isinstance(value, bool), f"{name} is {value!r}, not a number"
+    )
+    return float(value)
+
+
 def mapping(state: Any, keys: Sequence[str], owner: str) -> Mapping[str, Any]:
     """``state`` as a mapping that holds ``keys``."""
     _check(isinstance(state, Mapping), f"the state is a {type(state).__name__}, not a dict")

@@ -34,7 +34,7 @@ from ..linalg import NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, warn_once
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
 from ..stability import optimizer_rule
-from ._checkpoint import UnreadableState, count, mapping, warn_fresh_start
+from ._checkpoint import UnreadableState, count, mapping, real, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._probe import resolve_loss_fn
 from .eos_monitor import CLIPPED_STEP, EdgeOfStabilityMonitor, gradient_clipping
@@ -99,8 +99,10 @@ class LRAdaptation(Callback):
             the scheduler holds its previous rate; training goes on. ``"raise"``: the exception stops
             training.
 
-    Checkpoints: the state holds the step of the last measurement (the cadence of a resumed fit). A
-    state this version cannot read gives one ``RuntimeWarning`` and a fresh start (measure at the
+    Checkpoints: the state holds the step of the last measurement (the cadence of a resumed fit) and the
+    value each scheduler's monitor last held: Lightning writes a step checkpoint at a training batch
+    end, before it steps these schedulers with that batch's measurement, so a fit resumed from one takes
+    that step at its start, as the uninterrupted run did. A state this version cannot read gives one ``RuntimeWarning`` and a fresh start (measure at the
     first step). The schedulers' own states are checked by their ``load_state_dict``, which raises a
     ``ValueError`` on a state they did not write: they set the learning rate, so a silent reset
     would change training.
@@ -143,6 +145,10 @@ class LRAdaptation(Callback):
         self._loss_fn: Callable | None = None
         self._last_measured: int | None = None
         self._restored: int | None = None
+        # What each scheduler's monitor last held (the value Lightning steps it with), kept in checkpoints:
+        # Lightning saves a step checkpoint at the batch end, before it steps these schedulers.
+        self._fed: dict[str, float] = {}
+        self._fed_restored: dict[str, float] = {}
         self._last_logged: int | None = None
         self._last_end: int | None = None
         self._warned: set[str] = set()
@@ -215,6 +221,7 @@ class LRAdaptation(Callback):
                 "unclipped step: " + CLIPPED_STEP,
             )
         self._last_measured, self._restored = self._restored, None  # a resumed run keeps its cadence
+        self._fed, self._fed_restored = self._fed_restored, {}
         self._last_logged = self._last_end = None
 
     def _check_config(self, config: LRSchedulerConfig) -> None:
@@ -250,6 +257,15 @@ class LRAdaptation(Callback):
                 "remove threshold= from the EdgeOfStabilityMonitor"
             )
         self.eos.add_listener(self._on_edge)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Schedulers are restored after on_fit_start. A checkpoint Lightning wrote at a training batch end
+        # (ModelCheckpoint(every_n_train_steps=...)) holds them from before their step for that batch:
+        # take it now, with the value they would have been stepped with, as an uninterrupted run did.
+        for scheduler in self.schedulers:
+            if scheduler.last_epoch == trainer.global_step - 1 and scheduler.monitor in self._fed:
+                scheduler.step(self._fed[scheduler.monitor])
 
     # -- per step ----------------------------------------------------------------------------
     @staticmethod
@@ -295,6 +311,7 @@ class LRAdaptation(Callback):
                 # the scheduler holds what it has, or waits silently (NaN before any measurement).
                 held = math.nan if scheduler.measured is None else scheduler.measured
                 trainer.callback_metrics[scheduler.monitor] = torch.tensor(held)
+                self._fed[scheduler.monitor] = held
 
     def _measure_drift(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> float:
         """Measure ||Hg||/||g|| on ``batch``, log it, and return it (NaN when it failed)."""
@@ -333,12 +350,14 @@ class LRAdaptation(Callback):
         log_metrics(
             trainer, {metric_name("dal", key): value for key, value in metrics.items()}, trainer.global_step
         )
+        self._fed[names.DAL_HG_RATIO] = metrics["hg_ratio"]
         return metrics["hg_ratio"]
 
     def _on_edge(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
         # Called only for measurements the EoS monitor completed: a skipped one keeps the previous cap.
         sharpness = float(metrics[names.SHARPNESS])
         log_metrics(trainer, {names.CAP_SHARPNESS: sharpness}, trainer.global_step)
+        self._fed[names.CAP_SHARPNESS] = sharpness
         if self._last_end is None:  # measured before the first step of this fit: cap that step already
             for scheduler in self.schedulers:
                 if isinstance(scheduler, SharpnessCappedLR):
@@ -347,13 +366,16 @@ class LRAdaptation(Callback):
     # -- checkpoint --------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_measured": self._last_measured}
+        return {"last_measured": self._last_measured, "fed": dict(self._fed)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
-            last = mapping(state_dict, ("last_measured",), type(self).__name__)["last_measured"]
+            state = mapping(state_dict, ("last_measured",), type(self).__name__)
+            last = state["last_measured"]
             self._restored = None if last is None else count(last, "last_measured")
+            fed = mapping(state.get("fed", {}), (), type(self).__name__)  # absent in older checkpoints
+            self._fed_restored = {str(k): real(v, f"fed[{k!r}]") for k, v in fed.items()}
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
-            self._restored = None
+            self._restored, self._fed_restored = None, {}
