@@ -294,15 +294,26 @@ def test_another_callbacks_state_under_each_key_gives_fresh_starts(tmp_path, che
 
 @pytest.mark.parametrize(
     "state",
-    [None, [], {"last_measured": "4"}, {"last_measured": -3}, {"last_measured": True}, {"measured": 4}],
+    [
+        None,
+        [],
+        {"last_measured": "4"},
+        {"last_measured": -3},
+        {"last_measured": True},
+        {"measured": 4},
+        {"last_measured": 4, "fed": [2.0]},
+        {"last_measured": 4, "fed": {"cap/sharpness": "2.0"}},
+    ],
 )
 def test_lr_adaptation_starts_fresh_on_a_bad_state(state):
     lra = LRAdaptation()
     with pytest.warns(RuntimeWarning, match="LRAdaptation: the checkpoint's callback state cannot be used"):
         lra.load_state_dict(state)
-    assert lra._restored is None
-    lra.load_state_dict({"last_measured": 6})
-    assert lra._restored == 6
+    assert lra._restored is None and lra._fed_restored == {}
+    lra.load_state_dict({"last_measured": 6})  # a state written before "fed" was kept
+    assert lra._restored == 6 and lra._fed_restored == {}
+    lra.load_state_dict({"last_measured": 6, "fed": {"cap/sharpness": 2.5, "dal/hg_ratio": math.nan}})
+    assert lra._fed_restored["cap/sharpness"] == 2.5 and math.isnan(lra._fed_restored["dal/hg_ratio"])
 
 
 def _dal(lr=0.1, groups=1):
