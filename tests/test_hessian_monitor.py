@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import DigitsClassifier, digits, logged, trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor, hessian_eigenpairs
 
@@ -39,6 +40,53 @@ def test_logged_eigenvalues_are_the_probe_hessian_at_that_step(tmp_path):
     )
     assert all(not r.get("hessian/eig_1") for r in rows if int(r["step"]) not in measured)
     assert "hessian/eig_1" in model.trainer.callback_metrics
+
+
+class _TwoLoaders(DigitsClassifier):
+    """Trains on a dict of two dataloaders: training_step gets {"a": batch, "b": batch}."""
+
+    def train_dataloader(self):
+        x, y = digits(64)
+        return {
+            "a": DataLoader(TensorDataset(x[:32], y[:32]), batch_size=8),
+            "b": DataLoader(TensorDataset(x[32:], y[32:]), batch_size=8),
+        }
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch["a"]) + 0.5 * self.loss(batch["b"])
+
+
+def test_several_training_dataloaders_need_a_given_probe(tmp_path):
+    """No probe is drawn from a dict of loaders (the fit crashed drawing it: "cannot count the samples of
+    a batch of type str"): set-up names the fix, and a given probe in training_step's form is measured,
+    its eig_1 the dense float64 Hessian's."""
+    model = _TwoLoaders(hidden=8, n=64)
+    with pytest.raises(MisconfigurationException, match=r"trains on 2 dataloaders .* pass `probe=` batches"):
+        trainer(tmp_path, max_steps=1, callbacks=[HessianEigenMonitor(k=1)]).fit(model)
+    x, y = digits(64)
+    probe = [{"a": (x[:8], y[:8]), "b": (x[32:40], y[32:40])}]
+    monitor = HessianEigenMonitor(k=1, probe=probe, tol=1e-6, at_fit_end=False)
+    start = copy.deepcopy(model).double()
+    trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
+    names = [n for n, _ in start.named_parameters()]
+    shapes = [p.shape for _, p in start.named_parameters()]
+    batch = {k: (v[0].double(), v[1]) for k, v in probe[0].items()}
+
+    def loss(flat):
+        pieces = torch.split(flat, [s.numel() for s in shapes])
+        params = {n: p.reshape(s) for n, p, s in zip(names, pieces, shapes, strict=True)}
+
+        def mse(x, y):
+            out = torch.func.functional_call(start, params, (x,))
+            return 0.5 * ((out - torch.nn.functional.one_hot(y, 10).double()) ** 2).sum(dim=1).mean()
+
+        return mse(*batch["a"]) + 0.5 * mse(*batch["b"])
+
+    flat = torch.cat([p.detach().reshape(-1) for p in start.parameters()])
+    dense = torch.func.jacfwd(torch.func.grad(loss))(flat)
+    top = float(torch.linalg.eigvalsh((dense + dense.T) / 2)[-1])
+    assert monitor.history[0]["step"] == 0
+    assert monitor.history[0]["eigenvalues"][0] == pytest.approx(top, rel=1e-5)
 
 
 def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):

@@ -12,7 +12,7 @@ from cases import Case, dense_hessian
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import DigitsClassifier, digits, trainer
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.demos import MeasurementTable, edge_summary
@@ -624,6 +624,7 @@ def test_training_batches_follow_the_loaders_sampler_accumulation_and_leave_the_
     )
     fake = SimpleNamespace(
         train_dataloader=loader,
+        num_training_batches=len(loader),  # no limit_train_batches
         accumulate_grad_batches=2,
         precision_plugin=identity,
         lightning_module=identity,
@@ -647,6 +648,48 @@ def test_training_batches_follow_the_loaders_sampler_accumulation_and_leave_the_
     assert batch_sharpness(model, _mse, first).values == pytest.approx(
         batch_sharpness(model, _mse, union).values, rel=1e-10
     )
+
+
+class _Limited(DigitsClassifier):
+    def __init__(self, shuffle, **kwargs):
+        super().__init__(**kwargs)
+        self.shuffle = shuffle
+
+    def train_dataloader(self):
+        x, y = digits(self.hparams.n)
+        return DataLoader(TensorDataset(x, y), batch_size=self.hparams.batch_size, shuffle=self.shuffle)
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+@pytest.mark.parametrize("shuffle", [False, True], ids=["fixed order", "shuffled"])
+def test_limit_train_batches_on_a_fixed_order_is_all_the_run_trains_on(tmp_path, shuffle, batches):
+    """limit_train_batches without shuffling: every epoch trains on the loader's first batches, so the
+    default probe holds them (eig_1 at step 0 = the dense float64 Hessian of their loss), one batch is
+    full-batch training (no batch sharpness) and two draw batch sharpness from those 32 samples alone.
+    Shuffled, each epoch takes other batches of all 256: mini-batch training on all of them. Before, a
+    fixed single batch of 16 was judged on batch sharpness drawn from all 256 (ratio 0.313 against the
+    probe's 1.287 at step 0 in the helper's run)."""
+    from pf_lightning.callbacks._probe import TrainingBatches
+
+    L.seed_everything(0)
+    model = _Limited(shuffle, n=256, batch_size=16)
+    start = copy.deepcopy(model.net).double()
+    monitor = HessianEigenMonitor(k=1, every_n_steps=3, tol=1e-6)
+    eos = EdgeOfStabilityMonitor(batch_sharpness_batches=4)
+    t = trainer(tmp_path, max_steps=3, limit_train_batches=batches, callbacks=[monitor, eos])
+    t.fit(model)
+    measured = (batches > 1 or shuffle) == any("eos/batch_sharpness" in h for h in eos.history)
+    assert measured, eos.history[0]
+    if shuffle:
+        assert TrainingBatches.from_trainer(t).pool.numel() == 256
+        return
+    x, y = digits(16 * batches)
+    H = dense_hessian(Case("first batches", start, _mse, [(x.double(), y)]))
+    assert monitor.history[0]["eigenvalues"][0] == pytest.approx(
+        float(torch.linalg.eigvalsh(H)[-1]), rel=1e-5
+    )
+    if batches > 1:
+        assert TrainingBatches.from_trainer(t).pool.tolist() == list(range(32))
 
 
 class _Stream(torch.utils.data.IterableDataset):

@@ -6,14 +6,15 @@ import collections
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
 try:  # numpy is optional at run time
     import numpy as np
@@ -82,8 +83,21 @@ def build_probe(
             raise MisconfigurationException(
                 "no training dataloader to draw the probe from: pass `probe=` batches"
             )
+        if isinstance(loader, Mapping | list | tuple | CombinedLoader):
+            count = len(loader.flattened) if isinstance(loader, CombinedLoader) else len(loader)
+            raise MisconfigurationException(
+                f"the Trainer trains on {count} dataloaders (a {type(loader).__name__}): which samples"
+                " of each make the loss is training_step's choice, so no probe is drawn from them: pass"
+                " `probe=` batches in the form training_step receives them"
+            )
         size = DEFAULT_PROBE_SIZE if probe is None else probe
-        drawn = draw_probe(loader, size, training_input(trainer), requested=probe is not None)
+        drawn = draw_probe(
+            loader,
+            size,
+            training_input(trainer),
+            requested=probe is not None,
+            max_batches=fixed_epoch(trainer),
+        )
         uncached = hvp == "finite_difference" or any(is_sharded(p) for p in pl_module.parameters())
         if batch_size == "loader" or couples_samples(pl_module) or (uncached and batch_size is None):
             return drawn
@@ -293,7 +307,11 @@ def untouched_iteration(loader: Any) -> Iterator[None]:
 
 
 def draw_probe(
-    dataloader: Any, size: int, convert: Callable[[Any], Any], requested: bool = False
+    dataloader: Any,
+    size: int,
+    convert: Callable[[Any], Any],
+    requested: bool = False,
+    max_batches: int | None = None,
 ) -> ProbeSet:
     """The first ``size`` samples the training dataloader yields, drawn once under isolated RNG.
 
@@ -301,11 +319,14 @@ def draw_probe(
     :func:`untouched_iteration` puts them back, so building the probe leaves the training run's data
     order and random stream untouched. Under DDP the loader carries a ``DistributedSampler`` and each
     rank draws from its own shard. ``requested``: the size is the user's ``probe=N``, and a loader that
-    holds fewer samples is warned about (the probe then holds all of them).
+    holds fewer samples is warned about (the probe then holds all of them). ``max_batches``: the
+    batches an epoch trains on, where they are the loader's first ones every epoch (:func:`fixed_epoch`).
     """
     batches, counts, total = [], [], 0
     with untouched_iteration(dataloader):
-        for batch in dataloader:
+        for index, batch in enumerate(dataloader):
+            if max_batches is not None and index >= max_batches:
+                break
             count = sample_count(batch)
             if total + count > size:
                 keep = size - total
@@ -330,8 +351,13 @@ def draw_probe(
             if (is_distributed())
             else ""
         )
+        source = (
+            "the training dataloader yields"
+            if max_batches is None
+            else f"the {max_batches} batch(es) of the loader each epoch trains on (limit_train_batches)"
+        )
         rank_zero_warn(
-            f"probe={size} asks for more samples than the training dataloader yields ({total}){shard}: the "
+            f"probe={size} asks for more samples than {source} ({total}){shard}: the "
             f"probe holds those {total} samples",
             category=UserWarning,
         )
@@ -396,9 +422,12 @@ class TrainingBatches:
         size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
         if not isinstance(size, int) or size < 1:
             raise ValueError("the training dataloader has no fixed batch_size")
-        sampler = getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+        sampler = _sampler(loader)
         with untouched_iteration(loader):  # a sampler may draw from the global or its own generator
             pool = [int(i) for i in sampler]
+        trained = fixed_epoch(trainer)
+        if trained is not None:  # limit_train_batches on a fixed order: those batches are all it trains on
+            pool = pool[: trained * size]
         whole = len(pool) == len(dataset) and sorted(pool) == list(range(len(dataset)))
         return cls(
             dataset,
@@ -435,13 +464,45 @@ class TrainingBatches:
             yield batches[0] if self.micro == 1 else ProbeSet(batches)
 
 
-def trains_on_mini_batches(trainer: Any) -> bool:
-    """Whether an optimizer step sees less than the epoch: the loader yields more batches than are
-    accumulated into one step (per rank under DDP). An unsized loader counts as mini-batch training."""
+def _sampler(loader: DataLoader) -> Any:
+    return getattr(loader.batch_sampler, "sampler", None) or loader.sampler
+
+
+def fixed_epoch(trainer: Any) -> int | None:
+    """The batches an epoch trains on where ``limit_train_batches`` cuts the epoch short of a loader that
+    yields the same order every epoch (a sequential sampler, a ``DistributedSampler`` without shuffling):
+    training then sees those first batches only. None otherwise: the whole loader, or a shuffled one whose
+    epochs each take other batches of the whole set."""
+    loader, batches = trainer.train_dataloader, trainer.num_training_batches
+    if not isinstance(loader, DataLoader) or not math.isfinite(batches):
+        return None
     try:
-        return len(trainer.train_dataloader) > max(int(trainer.accumulate_grad_batches), 1)
+        limited = batches < len(loader)
+    except TypeError:
+        return None
+    sampler = _sampler(loader)
+    fixed = isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, DistributedSampler) and not sampler.shuffle
+    )
+    return int(batches) if limited and fixed else None
+
+
+def trains_on_mini_batches(trainer: Any) -> bool:
+    """Whether an optimizer step sees less than the data an epoch trains on: an epoch has more batches
+    (after ``limit_train_batches``, per rank under DDP) than are accumulated into one step, or it is cut
+    short of a shuffled loader (each epoch another random subset). An unsized loader counts as mini-batch
+    training."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        return True
+    if batches > max(int(trainer.accumulate_grad_batches), 1):
+        return True
+    loader = trainer.train_dataloader
+    try:
+        limited = isinstance(loader, DataLoader) and batches < len(loader)
     except TypeError:
         return True
+    return limited and fixed_epoch(trainer) is None
 
 
 @contextlib.contextmanager
