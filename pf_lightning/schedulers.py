@@ -190,6 +190,7 @@ class DriftAdaptiveLR(_MeasuredLR):
     Raises:
         ValueError: ``p < 0``, ``max_lr <= 0``, a window with ``stop <= start`` or ``start < 0``,
             ``warmup_steps < 0``, or a base rate of 0 in the first parameter group.
+        UnsupportedOptimizer: a parameter group with ``maximize=True``.
 
     Example::
 
@@ -232,6 +233,12 @@ class DriftAdaptiveLR(_MeasuredLR):
             raise ValueError(
                 f"`optimizer` must have a positive lr in its first parameter group (DAL scales the groups "
                 f"by their base rates), got lr={lr!r}"
+            )
+        ascending = [i for i, group in enumerate(optimizer.param_groups) if group.get("maximize", False)]
+        if ascending:
+            raise UnsupportedOptimizer(
+                f"`optimizer`'s parameter group {ascending[0]} has maximize=True: DAL's rate is a step down "
+                "the loss, which that group ascends"
             )
         self.measured: float | None = None
         self.held, self.held_count, self._warned = False, 0, False

@@ -97,6 +97,13 @@ def test_dal_bad_input_fails_at_construction(kwargs, match):
         DriftAdaptiveLR(sgd(), **kwargs)
 
 
+def test_dal_refuses_a_group_that_ascends():
+    ascending = sgd()
+    ascending.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "maximize": True})
+    with pytest.raises(UnsupportedOptimizer, match="parameter group 1 has maximize=True"):
+        DriftAdaptiveLR(ascending)
+
+
 # -- the sharpness cap --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("make", "edge"),
