@@ -477,6 +477,41 @@ def _preconditioner(optimizer, p):
     return (1 - beta1**t) * ((state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
 
 
+def test_adam_groups_at_different_rates_are_measured_with_their_rates(tmp_path):
+    """Layer-wise rates (1e-2 on the first layer, 1e-3 on the rest): group g steps -eta_g P_g^-1 m, so the
+    preconditioned sharpness against group 0's 38/eta_0 is lambda_max of diag(eta_g/eta_0) P^-1 H, here
+    from a dense float64 Hessian and Adam's state read independently; no warning (the settings agree).
+    Before, group 0's rate stood for all: 748 where the step's is 646."""
+    L.seed_everything(0)
+    model = DigitsClassifier(hidden=12, n=64).double()
+    first, rest = list(model.net[0].parameters()), list(model.net[2:].parameters())
+    rates = {id(p): 1e-2 for p in first} | {id(p): 1e-3 for p in rest}
+    model.configure_optimizers = lambda: torch.optim.Adam(
+        [{"params": first, "lr": 1e-2}, {"params": rest}], lr=1e-3
+    )
+    x, y = digits(64)
+    probe = [(x.double(), y)]
+    monitor = HessianEigenMonitor(k=1, every_n_steps=4, probe=probe, tol=1e-8, at_fit_start=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t, _, eos = fit(tmp_path, model, 4, monitor=monitor)
+    assert not [w for w in caught if "step differently" in str(w.message)]
+    case = make_case("mlp")
+    case.model, case.batches = model, probe
+    case.loss_fn = lambda m, b: 0.5 * ((m(b[0]) - torch.nn.functional.one_hot(b[1], 10)) ** 2).sum(1).mean()
+    H = dense_hessian(case)
+    optimizer = t.optimizers[0]
+    scale = torch.cat([torch.full((p.numel(),), rates[id(p)] / 1e-2) for p in model.parameters()]).double()
+    P = torch.cat([_preconditioner(optimizer, p).reshape(-1) for p in model.parameters()]).double()
+    D = (scale / P).sqrt()
+    expected = float(torch.linalg.eigvalsh(D[:, None] * H * D[None, :])[-1])
+    last = eos.history[-1]
+    assert last["eos/preconditioned_sharpness"] == pytest.approx(expected, rel=1e-6)
+    assert last["eos/threshold"] == pytest.approx(38 / 1e-2)
+    unscaled = float(torch.linalg.eigvalsh(P.rsqrt()[:, None] * H * P.rsqrt()[None, :])[-1])
+    assert unscaled > 1.1 * expected  # the rates matter here
+
+
 @pytest.mark.parametrize("case", ["unused", "part", "adagrad"])
 def test_a_preconditioning_optimizer_that_moves_part_of_the_parameters_is_measured_on_that_block(
     tmp_path, case

@@ -69,15 +69,21 @@ class _Measured:
 
 
 def _other_steps(optimizer: torch.optim.Optimizer, first: StepDynamics) -> list[str]:
-    """The parameter groups that step otherwise than group 0 (``first``), each described."""
+    """The parameter groups that step otherwise than group 0 (``first``), each described. A preconditioning
+    optimizer's rates are in its ``P`` (:func:`~pf_lightning.curvature.optimizer_preconditioner`), so
+    there only its other settings count."""
     others = []
     for i in range(1, len(optimizer.param_groups)):
         try:
             dynamics = stability.step_dynamics(optimizer, i)
         except ValueError as err:  # a group at rate 0, say
-            others.append(f"group {i}: {err}")
+            if not first.preconditioned:  # a preconditioning optimizer's P holds it: it does not move
+                others.append(f"group {i}: {err}")
             continue
-        if dataclasses.replace(dynamics, formula="") != dataclasses.replace(first, formula=""):
+        compared = dataclasses.replace(
+            dynamics, formula="", lr=first.lr if first.preconditioned else dynamics.lr
+        )
+        if compared != dataclasses.replace(first, formula=""):
             others.append(f"group {i}: {dynamics.label}, {dynamics.formula}")
     return others
 

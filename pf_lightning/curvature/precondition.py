@@ -25,6 +25,7 @@ from ..stability.optimizers import (
     has_stepped,
     optimizer_rule,
     parameter_preconditioner,
+    step_dynamics,
 )
 from .distributed import local_part
 from .params import ParameterSpace
@@ -49,15 +50,26 @@ def _group_indices(optimizer: torch.optim.Optimizer, space: ParameterSpace) -> l
     return [group_of.get(id(p)) for p in space.params]
 
 
+def _step(optimizer: torch.optim.Optimizer, group: int) -> float:
+    """The step ``eta`` of the group's update (its rate, with Adagrad's decay), 0 for a group at rate 0."""
+    if float(optimizer.param_groups[group]["lr"]) == 0.0:
+        return 0.0
+    return step_dynamics(optimizer, group).lr
+
+
 def optimizer_preconditioner(
     optimizer: torch.optim.Optimizer, space: ParameterSpace
 ) -> tuple[Tensor, Tensor]:
-    """The flat diagonal of ``P`` and of the coupled weight decay ``W`` for the parameters of ``space``.
+    r"""The flat diagonal of ``P`` and of the coupled weight decay ``W`` for the parameters of ``space``.
 
-    ``P`` is infinite (:math:`P^{-1} = 0`) for a parameter the optimizer's step does not move: one outside
-    its groups (trained by another optimizer, or not at all), or one it has not stepped while it has
-    stepped others (a parameter that never had a gradient, as an unused head; see
-    :func:`~pf_lightning.stability.has_stepped`). The step's dynamics are those of the block it moves.
+    ``P`` is relative to group 0's learning rate :math:`\eta_0`: a parameter of a group stepping at
+    :math:`\eta_g` moves by :math:`-\eta_g P_g^{-1} m = -\eta_0 (P_g \eta_0/\eta_g)^{-1} m`, so its diagonal
+    is the rule's :math:`P_g` times :math:`\eta_0/\eta_g`, and :math:`\lambda_{\max}(P^{-1}(H + W))` meets
+    group 0's threshold where the groups step at different rates (layer-wise rates) with the same other
+    settings. ``P`` is infinite (:math:`P^{-1} = 0`) for a parameter the optimizer's step does not move:
+    one outside its groups (trained by another optimizer, or not at all), in a group at rate 0, or one it
+    has not stepped while it has stepped others (a parameter that never had a gradient, as an unused head;
+    see :func:`~pf_lightning.stability.has_stepped`). The step's dynamics are those of the block it moves.
 
     Raises:
         PreconditionerUnavailable: the optimizer does not precondition, or has stepped no parameter of
@@ -81,8 +93,11 @@ def optimizer_preconditioner(
         raise PreconditionerUnavailable(
             f"{type(optimizer).__name__} has stepped no measured parameter yet: measure after its first step"
         )
+    rates = [_step(optimizer, i) for i in range(len(optimizer.param_groups))]
     diagonals = []
     for name, p, group, moved in zip(space.names, space.params, groups, stepped, strict=True):
+        if moved and rates[group] == 0.0 and rates[0] > 0.0:  # a group at rate 0 does not move
+            moved = False
         if not moved:
             diagonals.append(
                 torch.full((local_part(p).numel(),), torch.inf, dtype=space.dtype, device=space.device)
@@ -93,7 +108,10 @@ def optimizer_preconditioner(
         except PreconditionerUnavailable as err:
             raise PreconditionerUnavailable(f"{err} (parameter {name!r})") from err
         local = local_part(diagonal)  # FSDP2 keeps optimizer state as DTensors
-        diagonals.append(local.reshape(-1).to(device=space.device, dtype=space.dtype))
+        local = local.reshape(-1).to(device=space.device, dtype=space.dtype)
+        if rates[group] != rates[0] and rates[0] > 0.0:  # at group 0's rate 0 nothing is judged
+            local = local * (rates[0] / rates[group])
+        diagonals.append(local)
     return torch.cat(diagonals), optimizer_weight_decay(optimizer, space)
 
 
