@@ -322,7 +322,9 @@ class SharpnessCappedLR(_MeasuredLR):
     initial rate. ``fraction < 1`` keeps training on the stable side of the edge, ``fraction`` slightly
     above 1 lets it sit at the edge. The base schedule runs on its own uncapped values, so the cap
     never distorts it. A sharpness :math:`S \le 0` (no positive curvature) imposes no cap; before the
-    first measurement there is none either.
+    first measurement there is none either. Parameter groups keep the ratios of their base rates: the edge
+    is group 0's, and each other group's is its share of it (the preconditioned sharpness is measured
+    with each group's rate relative to group 0's).
 
     Args:
         optimizer: the wrapped optimizer.
@@ -411,12 +413,16 @@ class SharpnessCappedLR(_MeasuredLR):
         return None if value is not None and math.isnan(value) and self.measured is None else value
 
     def edge_lrs(self) -> list[float]:
-        """The edge rate of each parameter group for the current sharpness (``inf`` when uncapped)."""
+        """The edge rate of each parameter group for the current sharpness (``inf`` when uncapped): group 0's
+        (the sharpness is measured against its step), and for the others their base rate's share of it, so
+        the groups keep their ratios, as their measurement assumes (layer-wise rates)."""
+        n = len(self.optimizer.param_groups)
         if self.measured is None or self.measured <= 0:
-            return [math.inf] * len(self.optimizer.param_groups)
-        return [
-            edge_lr(self.optimizer, self.measured, group=i) for i in range(len(self.optimizer.param_groups))
-        ]
+            return [math.inf] * n
+        edge, first = edge_lr(self.optimizer, self.measured), float(self.base_lrs[0])
+        if first <= 0:  # no ratio to keep
+            return [edge] * n
+        return [edge * float(base) / first for base in self.base_lrs]
 
     def get_lr(self) -> list[float]:
         uncapped = self._uncapped if self.base is not None else [float(lr) for lr in self.base_lrs]

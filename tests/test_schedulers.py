@@ -184,6 +184,19 @@ def test_cap_bad_input_fails_at_construction():
         SharpnessCappedLR(ascending)
 
 
+def test_cap_keeps_the_ratios_of_layer_wise_rates():
+    """Groups at 0.2 and 0.1 (the sharpness is measured against group 0's step, the others' rates relative
+    to it): the edge 2/40 caps group 0 at 0.05 and group 1 at its share, 0.025 (before: 0.05 for both,
+    which doubled group 1's share of the step)."""
+    optimizer = sgd(lr=0.2)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
+    scheduler = SharpnessCappedLR(optimizer, fraction=1.0)
+    scheduler.step(40.0)
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.05), pytest.approx(0.025)]
+    scheduler.step(4.0)  # edge 0.5: nothing binds
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.2), pytest.approx(0.1)]
+
+
 def test_asgd_has_thresholds_but_no_edge_rate():
     """ASGD steps eta = lr / (1 + lambd lr (t - 1))^alpha, set from the previous step's rate: no rate puts
     its threshold 2/eta at a sharpness by scaling (after 10,000 default steps, 2/S = 0.2 at S = 10 would
