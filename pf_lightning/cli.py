@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["cli_main", "main", "report_main", "workspace_main"]
@@ -74,31 +75,37 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
 
 
 def _refused_arguments(err: BaseException) -> str | None:
-    """``"<Class>(...): <message>"`` when the innermost exception under ``err`` is a ``ValueError``,
-    ``TypeError`` or ``MisconfigurationException`` raised in some class's ``__init__`` (a constructor
-    refusing its configured arguments, as every pf-lightning class does with a message naming the
-    argument and the fix); None otherwise."""
+    """``"<Class>(...): <message>"`` when the innermost exception under ``err`` is a constructor refusing
+    its configured arguments: a ``ValueError``, ``TypeError`` or ``MisconfigurationException`` raised by
+    some class's ``__init__`` itself, or by pf-lightning's argument checks it called (which name the
+    argument and the fix). None otherwise (an error deeper down, a bug, keeps its traceback)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     seen: set[int] = set()
     while id(err) not in seen:  # down the chain jsonargparse builds while it tries each type it allows
         seen.add(id(err))
-        inner = err.__cause__ or err.__context__
+        inner = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
         if inner is None:
             break
         err = inner
     if not isinstance(err, (ValueError, TypeError, MisconfigurationException)):
         return None
-    frame = None
+    frames = []
     tb = err.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_name == "__init__" and "self" in tb.tb_frame.f_locals:
-            frame = tb.tb_frame  # the outermost constructor the error left: the class configured
-            break
+        frames.append(tb.tb_frame)
         tb = tb.tb_next
-    if frame is None:
+    constructor = next(
+        (f for f in frames if f.f_code.co_name == "__init__" and "self" in f.f_locals), None
+    )  # the outermost constructor the error left: the class configured
+    if constructor is None:
         return None
-    return f"{type(frame.f_locals['self']).__qualname__}(...): {err}"
+    raised_in = frames[-1]
+    package = Path(__file__).resolve().parent
+    checked = Path(raised_in.f_code.co_filename).resolve().is_relative_to(package)
+    if raised_in is not constructor and not (checked and not isinstance(err, TypeError)):
+        return None
+    return f"{type(constructor.f_locals['self']).__qualname__}(...): {err}"
 
 
 def report_main(args: Sequence[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from . import logging as names
 from ._validation import Checks, is_int, is_number
-from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr
+from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr, optimizer_rule
 
 __all__ = ["DriftAdaptiveLR", "SharpnessCappedLR"]
 
@@ -322,9 +322,9 @@ class SharpnessCappedLR(_MeasuredLR):
     initial rate. ``fraction < 1`` keeps training on the stable side of the edge, ``fraction`` slightly
     above 1 lets it sit at the edge. The base schedule runs on its own uncapped values, so the cap
     never distorts it. A sharpness :math:`S \le 0` (no positive curvature) imposes no cap; before the
-    first measurement there is none either. Parameter groups keep the ratios of their base rates: the edge
-    is group 0's, and each other group's is its share of it (the preconditioned sharpness is measured
-    with each group's rate relative to group 0's).
+    first measurement there is none either. Under a preconditioning optimizer parameter groups at
+    different rates keep their ratios (the edge is group 0's, each other group gets its share of it);
+    otherwise each group is capped at its own edge (:meth:`edge_lrs`).
 
     Args:
         optimizer: the wrapped optimizer.
@@ -413,16 +413,23 @@ class SharpnessCappedLR(_MeasuredLR):
         return None if value is not None and math.isnan(value) and self.measured is None else value
 
     def edge_lrs(self) -> list[float]:
-        """The edge rate of each parameter group for the current sharpness (``inf`` when uncapped): group 0's
-        (the sharpness is measured against its step), and for the others their base rate's share of it, so
-        the groups keep their ratios, as their measurement assumes (layer-wise rates)."""
+        """The edge rate of each parameter group for the current sharpness (``inf`` when uncapped).
+
+        For a preconditioning optimizer the sharpness is measured with each group's rate relative to
+        group 0's (:func:`~pf_lightning.curvature.optimizer_preconditioner`): the edge is group 0's and
+        every other group gets its uncapped rate's share of it, so the groups keep their ratios. Otherwise
+        the sharpness is the Hessian's, and each group's edge is its own (2/S for gradient descent).
+        """
         n = len(self.optimizer.param_groups)
         if self.measured is None or self.measured <= 0:
             return [math.inf] * n
-        edge, first = edge_lr(self.optimizer, self.measured), float(self.base_lrs[0])
-        if first <= 0:  # no ratio to keep
+        if not optimizer_rule(self.optimizer).preconditioned:
+            return [edge_lr(self.optimizer, self.measured, group=i) for i in range(n)]
+        edge = edge_lr(self.optimizer, self.measured)
+        rates = self._uncapped if self.base is not None else [float(lr) for lr in self.base_lrs]
+        if rates[0] <= 0:  # no ratio to keep (a warm-up from zero caps nothing yet)
             return [edge] * n
-        return [edge * float(base) / first for base in self.base_lrs]
+        return [edge * rate / rates[0] for rate in rates]
 
     def get_lr(self) -> list[float]:
         uncapped = self._uncapped if self.base is not None else [float(lr) for lr in self.base_lrs]

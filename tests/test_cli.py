@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.cli import cli_main, main
+from pf_lightning.demos import DigitsMLP
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SINGLE_PROCESS = [
@@ -133,6 +135,28 @@ def test_a_class_that_refuses_its_configured_arguments_ends_the_command_with_its
         main(["fit", "--config", str(path)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"pf-lightning: error: {message}"]
+
+
+class BuggyDigitsMLP(DigitsMLP):
+    """A model whose constructor has a bug below it: torch's TypeError for a float layer width."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.extra = torch.nn.Linear(64, 1.5)
+
+
+def test_a_bug_below_a_constructor_keeps_its_traceback(tmp_path):
+    """Only a constructor's own refusal (or pf-lightning's argument checks) becomes a one-line error: a
+    TypeError raised inside torch from a model's __init__ is a bug to be traced, not a refused argument."""
+    config = yaml.safe_load(shrunk("eos_digits.yaml", tmp_path).read_text())
+    config["model"]["class_path"] = f"{__name__}.BuggyDigitsMLP"
+    path = tmp_path / "buggy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(Exception) as info:
+        main(["fit", "--config", str(path)])
+    assert not isinstance(info.value, SystemExit)
+    chain = [info.value, info.value.__cause__, info.value.__context__]
+    assert any(isinstance(e, TypeError) and "float" in str(e) for e in chain if e is not None), chain
 
 
 @pytest.mark.slow

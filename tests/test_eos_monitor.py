@@ -307,6 +307,24 @@ def test_a_measurement_s_loss_window_ends_at_the_step_it_was_taken(tmp_path, eos
         assert value == rises / (len(window) - 1), (step, value, window)
 
 
+class _EndsEpochsEarly(DigitsClassifier):
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == 2 else None  # Lightning's way to end an epoch here
+
+
+def test_a_measurement_after_an_epoch_cut_short_is_judged_at_once(tmp_path):
+    """The module ends each epoch at its third batch (on_train_batch_start returns -1): that batch
+    neither steps nor reaches a batch end, and the epoch-end measurements after it are judged then and
+    there, with every step's loss in their window (they were held for a batch end that never came)."""
+    L.seed_everything(0)
+    model = _EndsEpochsEarly(n=128, batch_size=32)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=None, every_n_epochs=1, at_fit_start=False, probe=64)
+    eos = EdgeOfStabilityMonitor(batch_sharpness=False)
+    trainer(tmp_path, max_epochs=2, callbacks=[monitor, eos]).fit(model)
+    assert [h["step"] for h in monitor.history] == [2, 4]  # two epoch ends (the fit end is the second)
+    assert [h["step"] for h in eos.history] == [2, 4] and len(eos.losses) == 4
+
+
 def test_wandb_chart_holds_batch_and_critical_sharpness_of_a_mini_batch_run(tmp_path, monkeypatch):
     """The spectrum-vs-threshold chart of a heavy-ball mini-batch run: λ_max, the threshold, the batch
     sharpness with its ±2 s.e. band and its own threshold 2/lr, and the critical sharpness, as logged."""

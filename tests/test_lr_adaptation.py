@@ -323,20 +323,21 @@ def test_a_run_resumed_from_a_step_checkpoint_takes_the_step_lightning_had_not_t
     step 0's cap until step 10 and the cosine lagged one step; DAL ran step 6 at the rate of step 4."""
 
     def callbacks():
-        if kind == "cap":
-            return [
-                HessianEigenMonitor(k=1, every_n_steps=5, at_fit_end=False),
-                EdgeOfStabilityMonitor(),
-                LRAdaptation(),
-            ]
-        return [LRAdaptation(dal_factory(p=1.0, max_lr=2.0, window=(0, 8)), every_n_steps=5)]
+        if kind == "dal":
+            return [LRAdaptation(dal_factory(p=1.0, max_lr=50.0, window=(0, 8)), every_n_steps=5)]
+        monitor = HessianEigenMonitor(k=1, every_n_steps=5, at_fit_end=False)
+        return [monitor, EdgeOfStabilityMonitor(), LRAdaptation()]
 
     L.seed_everything(0)
-    reference = _CappedCosine(n=128) if kind == "cap" else DigitsClassifier(n=128, lr=0.1)
+    if kind == "dal":
+        reference = DigitsClassifier(n=128, lr=0.1)
+    else:
+        reference = _CappedCosine(n=128)
     resumed = copy.deepcopy(reference)
     saving = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}"
     )
+    start = 5
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the edge warning
         straight = logged(
@@ -345,10 +346,40 @@ def test_a_run_resumed_from_a_step_checkpoint_takes_the_step_lightning_had_not_t
         second = trainer(
             tmp_path / "second", max_steps=12, callbacks=callbacks(), logger=CSVLogger(tmp_path / "second")
         )
-        second.fit(resumed, ckpt_path=tmp_path / "ckpt" / "step=5.ckpt")
+        second.fit(resumed, ckpt_path=tmp_path / "ckpt" / f"step={start}.ckpt")
     after = logged(second)
-    rate = f"{kind}/lr"
-    assert {s: after[rate][s] for s in range(6, 12)} == {s: straight[rate][s] for s in range(6, 12)}
-    assert len(set(straight[rate].values())) > 3  # the rate moves: a step lost would show
+    rate = "dal/lr" if kind == "dal" else "cap/lr"
+    later = range(start + 1, 12)
+    assert {s: after[rate][s] for s in later} == {s: straight[rate][s] for s in later}
+    assert len(set(straight[rate].values())) >= 3  # the rate moves: a step lost would show
     for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_resumed_run_holds_the_value_its_checkpoint_says_the_monitor_held(tmp_path):
+    """A measurement after the scheduler's last step (at an epoch end, at fit end) is in Lightning's
+    callback_metrics only, which a resumed fit starts without: the checkpoint's record of it steps the
+    scheduler, not the older value the scheduler holds. Here the record says 40: step 6 is capped at
+    0.5 * (2 + 2 * 0.5)/40 = 0.0375, not at step 0's sharpness."""
+
+    def callbacks():
+        return [
+            HessianEigenMonitor(k=1, every_n_steps=100, at_fit_end=False),
+            EdgeOfStabilityMonitor(),
+            LRAdaptation(),
+        ]
+
+    L.seed_everything(0)
+    model = _CappedCosine(n=128)
+    first = fit(tmp_path / "first", model, 5, callbacks())
+    first.save_checkpoint(tmp_path / "five.ckpt")
+    state = torch.load(tmp_path / "five.ckpt", weights_only=False)
+    (key,) = (k for k in state["callbacks"] if k.startswith("LRAdaptation"))
+    assert set(state["callbacks"][key]["fed"]) == {"cap/sharpness"}
+    state["callbacks"][key]["fed"]["cap/sharpness"] = 40.0
+    torch.save(state, tmp_path / "edited.ckpt")
+    second = trainer(
+        tmp_path / "second", max_steps=8, callbacks=callbacks(), logger=CSVLogger(tmp_path / "second")
+    )
+    second.fit(model, ckpt_path=tmp_path / "edited.ckpt")
+    assert logged(second)["cap/lr"][6] == pytest.approx(0.5 * 3.0 / 40)

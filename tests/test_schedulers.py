@@ -184,17 +184,29 @@ def test_cap_bad_input_fails_at_construction():
         SharpnessCappedLR(ascending)
 
 
-def test_cap_keeps_the_ratios_of_layer_wise_rates():
-    """Groups at 0.2 and 0.1 (the sharpness is measured against group 0's step, the others' rates relative
-    to it): the edge 2/40 caps group 0 at 0.05 and group 1 at its share, 0.025 (before: 0.05 for both,
-    which doubled group 1's share of the step)."""
-    optimizer = sgd(lr=0.2)
-    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
-    scheduler = SharpnessCappedLR(optimizer, fraction=1.0)
-    scheduler.step(40.0)
-    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.05), pytest.approx(0.025)]
-    scheduler.step(4.0)  # edge 0.5: nothing binds
-    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.2), pytest.approx(0.1)]
+def _two_groups(kind, first, second):
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], **first}]
+    groups.append({"params": [torch.nn.Parameter(torch.zeros(2))], **second})
+    return getattr(torch.optim, kind)(groups, lr=first.get("lr", 0.1))
+
+
+def test_cap_keeps_the_ratios_of_layer_wise_rates_where_they_are_in_the_sharpness():
+    """Adam at 0.2 and 0.1: the preconditioned sharpness is measured with group 1's rate relative to
+    group 0's, so the edge 38/400 caps group 0 at 0.095 and group 1 at its share, 0.0475 (both were capped
+    at 0.095, doubling group 1's share of the step). Under SGD the sharpness is the Hessian's: each group
+    meets its own edge, 2/S at any rate, (2 + 2 beta)/S with momentum."""
+    adam = SharpnessCappedLR(_two_groups("Adam", {"lr": 0.2}, {"lr": 0.1}), fraction=1.0)
+    adam.step(400.0)
+    assert [g["lr"] for g in adam.optimizer.param_groups] == [pytest.approx(0.095), pytest.approx(0.0475)]
+    adam.step(4.0)  # edge 9.5: nothing binds
+    assert [g["lr"] for g in adam.optimizer.param_groups] == [pytest.approx(0.2), pytest.approx(0.1)]
+    for first, second, capped in [
+        ({"lr": 0.1}, {"lr": 0.2}, [0.05, 0.05]),
+        ({"lr": 0.2, "momentum": 0.9}, {"lr": 0.2}, [0.095, 0.05]),
+    ]:
+        sgd_cap = SharpnessCappedLR(_two_groups("SGD", first, second), fraction=1.0)
+        sgd_cap.step(40.0)
+        assert [g["lr"] for g in sgd_cap.optimizer.param_groups] == pytest.approx(capped)
 
 
 def test_asgd_has_thresholds_but_no_edge_rate():

@@ -243,8 +243,8 @@ class EdgeOfStabilityMonitor(Callback):
         self._above = False
         self._last_loss_step = -1
         self._pending_losses: list[torch.Tensor] = []
-        # Between this callback's batch-start and batch-end hooks the loss of the batch is not recorded yet:
-        # a measurement a monitor listed before this callback makes at its batch end is judged at ours.
+        # From an optimizer step to this callback's batch end the step's loss is not recorded yet: a
+        # measurement a monitor listed before this callback makes at its batch end is judged at ours.
         self._batch_open = False
         self._unjudged: _Measured | None = None
         self._preconditioned_latest: EigenResult | None = None
@@ -701,10 +701,10 @@ class EdgeOfStabilityMonitor(Callback):
 
     # -- per step ----------------------------------------------------------------------------
     @override
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._batch_open = True
+        self._batch_open = True  # a step whose loss this callback's batch end records
 
     @override
     def on_train_batch_end(

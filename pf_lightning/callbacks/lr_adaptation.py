@@ -258,6 +258,10 @@ class LRAdaptation(Callback):
             )
         self.eos.add_listener(self._on_edge)
 
+    def _remember(self, trainer: Trainer, monitor: str) -> None:
+        # The value Lightning will step the scheduler with, as it will read it (a float32 tensor).
+        self._fed[monitor] = float(trainer.callback_metrics[monitor])
+
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Schedulers are restored after on_fit_start. A checkpoint Lightning wrote at a training batch end
@@ -284,7 +288,8 @@ class LRAdaptation(Callback):
             if isinstance(scheduler, DriftAdaptiveLR) and self._last_measured is None:
                 # The first step of a fit: measure now, so it already runs at the DAL rate.
                 self._last_measured = step
-                scheduler.refresh(self._measure_drift(trainer, pl_module, batch))
+                self._measure_drift(trainer, pl_module, batch)
+                scheduler.refresh(self._fed[scheduler.monitor])  # as Lightning's later steps read it
         metrics = {}
         for scheduler in self.schedulers:
             for key, value in scheduler.metrics().items():
@@ -307,14 +312,17 @@ class LRAdaptation(Callback):
                 self._last_measured = step
                 self._measure_drift(trainer, pl_module, batch)
             elif scheduler.monitor not in trainer.callback_metrics:
-                # Nothing measured in this fit yet (a fresh start, or a resume between measurements):
-                # the scheduler holds what it has, or waits silently (NaN before any measurement).
+                # Nothing measured in this fit yet (a fresh start, or a resume between measurements): what
+                # the monitor held when the checkpoint was written (a measurement after the scheduler's
+                # last step, at an epoch end), else what the scheduler holds, or NaN (it waits silently).
                 held = math.nan if scheduler.measured is None else scheduler.measured
-                trainer.callback_metrics[scheduler.monitor] = torch.tensor(held)
-                self._fed[scheduler.monitor] = held
+                trainer.callback_metrics[scheduler.monitor] = torch.tensor(
+                    self._fed.get(scheduler.monitor, held)
+                )
+                self._remember(trainer, scheduler.monitor)
 
-    def _measure_drift(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> float:
-        """Measure ||Hg||/||g|| on ``batch``, log it, and return it (NaN when it failed)."""
+    def _measure_drift(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Measure ||Hg||/||g|| on ``batch`` and log it (NaN when it failed)."""
         exact = self.hvp != "forward_difference"
         metrics: dict[str, float]
         try:
@@ -350,18 +358,17 @@ class LRAdaptation(Callback):
         log_metrics(
             trainer, {metric_name("dal", key): value for key, value in metrics.items()}, trainer.global_step
         )
-        self._fed[names.DAL_HG_RATIO] = metrics["hg_ratio"]
-        return metrics["hg_ratio"]
+        self._remember(trainer, names.DAL_HG_RATIO)
 
     def _on_edge(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
         # Called only for measurements the EoS monitor completed: a skipped one keeps the previous cap.
         sharpness = float(metrics[names.SHARPNESS])
         log_metrics(trainer, {names.CAP_SHARPNESS: sharpness}, trainer.global_step)
-        self._fed[names.CAP_SHARPNESS] = sharpness
+        self._remember(trainer, names.CAP_SHARPNESS)
         if self._last_end is None:  # measured before the first step of this fit: cap that step already
             for scheduler in self.schedulers:
                 if isinstance(scheduler, SharpnessCappedLR):
-                    scheduler.refresh(sharpness)
+                    scheduler.refresh(self._fed[scheduler.monitor])  # as Lightning's later steps read it
 
     # -- checkpoint --------------------------------------------------------------------------
     @override

@@ -93,10 +93,16 @@ def optimizer_preconditioner(
         raise PreconditionerUnavailable(
             f"{type(optimizer).__name__} has stepped no measured parameter yet: measure after its first step"
         )
-    rates = [_step(optimizer, i) for i in range(len(optimizer.param_groups))]
+    rates: dict[int, float] = {}  # the steps of group 0 and of the groups measured, read once each
+
+    def rate(index: int) -> float:
+        if index not in rates:
+            rates[index] = _step(optimizer, index)
+        return rates[index]
+
     diagonals = []
     for name, p, group, moved in zip(space.names, space.params, groups, stepped, strict=True):
-        if moved and rates[group] == 0.0 and rates[0] > 0.0:  # a group at rate 0 does not move
+        if moved and group != 0 and rate(group) == 0.0 and rate(0) > 0.0:  # a group at rate 0 does not move
             moved = False
         if not moved:
             diagonals.append(
@@ -109,8 +115,8 @@ def optimizer_preconditioner(
             raise PreconditionerUnavailable(f"{err} (parameter {name!r})") from err
         local = local_part(diagonal)  # FSDP2 keeps optimizer state as DTensors
         local = local.reshape(-1).to(device=space.device, dtype=space.dtype)
-        if rates[group] != rates[0] and rates[0] > 0.0:  # at group 0's rate 0 nothing is judged
-            local = local * (rates[0] / rates[group])
+        if group != 0 and rate(group) != rate(0) and rate(0) > 0.0:  # at group 0's rate 0 nothing is judged
+            local = local * (rate(0) / rate(group))
         diagonals.append(local)
     return torch.cat(diagonals), optimizer_weight_decay(optimizer, space)
 
