@@ -268,6 +268,12 @@ def test_the_cap_holds_a_warm_up_from_rate_zero_from_its_first_step(tmp_path):
     assert [metrics["cap/lr"][step] for step in range(4)] == pytest.approx([0.0, cap, cap, cap], rel=1e-12)
 
 
+def _cap_callbacks(every_n_steps):
+    """What a sharpness cap reads: a Hessian monitor (no fit-end measurement), the EoS monitor, LRAdaptation."""
+    monitor = HessianEigenMonitor(k=1, every_n_steps=every_n_steps, at_fit_end=False)
+    return [monitor, EdgeOfStabilityMonitor(), LRAdaptation()]
+
+
 def test_a_capped_adam_run_resumes_bit_for_bit(tmp_path):
     """The preconditioned measurement's warm start is in the checkpoint: a resumed run measures the same
     preconditioned sharpness as the uninterrupted one, so the cap, and training, are the same."""
@@ -281,11 +287,7 @@ def test_a_capped_adam_run_resumes_bit_for_bit(tmp_path):
             }
 
     def callbacks():
-        return [
-            HessianEigenMonitor(k=1, every_n_steps=3, at_fit_end=False),
-            EdgeOfStabilityMonitor(),
-            LRAdaptation(),
-        ]
+        return _cap_callbacks(every_n_steps=3)
 
     L.seed_everything(0)
     reference = Capped(n=128)
@@ -325,8 +327,7 @@ def test_a_run_resumed_from_a_step_checkpoint_takes_the_step_lightning_had_not_t
     def callbacks():
         if kind == "dal":
             return [LRAdaptation(dal_factory(p=1.0, max_lr=50.0, window=(0, 8)), every_n_steps=5)]
-        monitor = HessianEigenMonitor(k=1, every_n_steps=5, at_fit_end=False)
-        return [monitor, EdgeOfStabilityMonitor(), LRAdaptation()]
+        return _cap_callbacks(every_n_steps=5)
 
     L.seed_everything(0)
     if kind == "dal":
@@ -363,11 +364,7 @@ def test_a_resumed_run_holds_the_value_its_checkpoint_says_the_monitor_held(tmp_
     0.5 * (2 + 2 * 0.5)/40 = 0.0375, not at step 0's sharpness."""
 
     def callbacks():
-        return [
-            HessianEigenMonitor(k=1, every_n_steps=100, at_fit_end=False),
-            EdgeOfStabilityMonitor(),
-            LRAdaptation(),
-        ]
+        return _cap_callbacks(every_n_steps=100)
 
     L.seed_everything(0)
     model = _CappedCosine(n=128)
