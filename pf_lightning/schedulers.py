@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from . import logging as names
 from ._validation import Checks, is_int, is_number
-from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr, optimizer_rule
+from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr, group_settings, optimizer_rule
 
 __all__ = ["DriftAdaptiveLR", "SharpnessCappedLR"]
 
@@ -234,12 +234,11 @@ class DriftAdaptiveLR(_MeasuredLR):
                 f"`optimizer` must have a positive lr in its first parameter group (DAL scales the groups "
                 f"by their base rates), got lr={lr!r}"
             )
-        ascending = [i for i, group in enumerate(optimizer.param_groups) if group.get("maximize", False)]
-        if ascending:
-            raise UnsupportedOptimizer(
-                f"`optimizer`'s parameter group {ascending[0]} has maximize=True: DAL's rate is a step down "
-                "the loss, which that group ascends"
-            )
+        try:
+            for i in range(len(optimizer.param_groups)):
+                group_settings(optimizer, i)  # maximize=True: DAL's rate is a step down the loss
+        except UnsupportedOptimizer as err:
+            raise UnsupportedOptimizer(f"DAL cannot set `optimizer`'s rate: {err}") from err
         self.measured: float | None = None
         self.held, self.held_count, self._warned = False, 0, False
         super().__init__(optimizer, last_epoch)
@@ -412,6 +411,10 @@ class SharpnessCappedLR(_MeasuredLR):
         # NaN before the first measurement: the sharpness is simply not measured yet.
         return None if value is not None and math.isnan(value) and self.measured is None else value
 
+    def uncapped_lrs(self) -> list[float]:
+        """Each group's rate before the cap: the base schedule's, or the optimizer's initial rate."""
+        return list(self._uncapped) if self.base is not None else [float(lr) for lr in self.base_lrs]
+
     def edge_lrs(self) -> list[float]:
         """The edge rate of each parameter group for the current sharpness (``inf`` when uncapped).
 
@@ -426,19 +429,19 @@ class SharpnessCappedLR(_MeasuredLR):
         if not optimizer_rule(self.optimizer).preconditioned:
             return [edge_lr(self.optimizer, self.measured, group=i) for i in range(n)]
         edge = edge_lr(self.optimizer, self.measured)
-        rates = self._uncapped if self.base is not None else [float(lr) for lr in self.base_lrs]
+        rates = self.uncapped_lrs()
         if rates[0] <= 0:  # no ratio to keep (a warm-up from zero caps nothing yet)
             return [edge] * n
         return [edge * rate / rates[0] for rate in rates]
 
     def get_lr(self) -> list[float]:
-        uncapped = self._uncapped if self.base is not None else [float(lr) for lr in self.base_lrs]
+        uncapped = self.uncapped_lrs()
         return [min(lr, self.fraction * edge) for lr, edge in zip(uncapped, self.edge_lrs(), strict=True)]
 
     def metrics(self) -> dict[str, float]:
         """What the callbacks log as ``cap/*``: the rate, the uncapped rate, the edge, whether it binds."""
         lr = float(self.get_last_lr()[0])
-        uncapped = self._uncapped[0] if self.base is not None else float(self.base_lrs[0])
+        uncapped = self.uncapped_lrs()[0]
         return {
             "lr": lr,
             "base_lr": uncapped,

@@ -468,23 +468,29 @@ def _sampler(loader: DataLoader) -> Any:
     return getattr(loader.batch_sampler, "sampler", None) or loader.sampler
 
 
+def _cut_short(trainer: Any) -> bool | None:
+    """Whether ``limit_train_batches`` ends each epoch before the loader does (None: an unsized loader)."""
+    loader, batches = trainer.train_dataloader, trainer.num_training_batches
+    if not isinstance(loader, DataLoader) or not math.isfinite(batches):
+        return False
+    try:
+        return batches < len(loader)
+    except TypeError:
+        return None
+
+
 def fixed_epoch(trainer: Any) -> int | None:
     """The batches an epoch trains on where ``limit_train_batches`` cuts the epoch short of a loader that
     yields the same order every epoch (a sequential sampler, a ``DistributedSampler`` without shuffling):
     training then sees those first batches only. None otherwise: the whole loader, or a shuffled one whose
     epochs each take other batches of the whole set."""
-    loader, batches = trainer.train_dataloader, trainer.num_training_batches
-    if not isinstance(loader, DataLoader) or not math.isfinite(batches):
+    if not _cut_short(trainer):
         return None
-    try:
-        limited = batches < len(loader)
-    except TypeError:
-        return None
-    sampler = _sampler(loader)
+    sampler = _sampler(trainer.train_dataloader)
     fixed = isinstance(sampler, SequentialSampler) or (
         isinstance(sampler, DistributedSampler) and not sampler.shuffle
     )
-    return int(batches) if limited and fixed else None
+    return int(trainer.num_training_batches) if fixed else None
 
 
 def trains_on_mini_batches(trainer: Any) -> bool:
@@ -493,16 +499,10 @@ def trains_on_mini_batches(trainer: Any) -> bool:
     short of a shuffled loader (each epoch another random subset). An unsized loader counts as mini-batch
     training."""
     batches = trainer.num_training_batches
-    if not math.isfinite(batches):
+    if not math.isfinite(batches) or batches > max(int(trainer.accumulate_grad_batches), 1):
         return True
-    if batches > max(int(trainer.accumulate_grad_batches), 1):
-        return True
-    loader = trainer.train_dataloader
-    try:
-        limited = isinstance(loader, DataLoader) and batches < len(loader)
-    except TypeError:
-        return True
-    return limited and fixed_epoch(trainer) is None
+    short = _cut_short(trainer)
+    return short is None or (short and fixed_epoch(trainer) is None)
 
 
 @contextlib.contextmanager

@@ -61,9 +61,7 @@ class _Measured:
     :func:`~pf_lightning.stability.edge_of_stability` but the losses and the history, and the metrics
     measured beside them."""
 
-    step: int
     eigenvalues: list[float]  # the monitor's tracked eigenvalues, for the history
-    dynamics: StepDynamics
     edge_inputs: dict[str, Any]
     extras: dict[str, float]
 
@@ -494,7 +492,7 @@ class EdgeOfStabilityMonitor(Callback):
             self._skip(trainer, err, "EoS diagnostics skipped", self.metric("skipped"))
             return
         metrics.update(measured.extras)
-        dynamics, step = measured.dynamics, measured.step
+        dynamics, step = measured.edge_inputs["dynamics"], measured.edge_inputs["step"]
         if dynamics.preconditioned:
             metrics[names.PRECONDITIONED_SHARPNESS] = metrics[names.SHARPNESS]
         warming = names.WARMUP in metrics
@@ -601,7 +599,7 @@ class EdgeOfStabilityMonitor(Callback):
             "batch_stderr": math.nan if batch is None else batch.stderr,
             "batch_threshold": None if batch is None else batch.threshold,
         }
-        return _Measured(step, result.eigenvalues[: monitor.k].tolist(), dynamics, edge_inputs, extras)
+        return _Measured(result.eigenvalues[: monitor.k].tolist(), edge_inputs, extras)
 
     def _measure_batch_sharpness(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any

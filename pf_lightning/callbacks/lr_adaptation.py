@@ -102,8 +102,8 @@ class LRAdaptation(Callback):
     Checkpoints: the state holds the step of the last measurement (the cadence of a resumed fit) and the
     value each scheduler's monitor last held: Lightning writes a step checkpoint at a training batch
     end, before it steps these schedulers with that batch's measurement, so a fit resumed from one takes
-    that step at its start, as the uninterrupted run did. A state this version cannot read gives one ``RuntimeWarning`` and a fresh start (measure at the
-    first step). The schedulers' own states are checked by their ``load_state_dict``, which raises a
+    that step at its start, as the uninterrupted run did. A state this version cannot read gives one
+    ``RuntimeWarning`` and a fresh start (measure at the first step). The schedulers' own states are checked by their ``load_state_dict``, which raises a
     ``ValueError`` on a state they did not write: they set the learning rate, so a silent reset
     would change training.
 
