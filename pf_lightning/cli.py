@@ -101,9 +101,12 @@ def _refused_arguments(err: BaseException) -> str | None:
     if constructor is None:
         return None
     raised_in = frames[-1]
+    own = raised_in is constructor  # the constructor's own refusal
     package = Path(__file__).resolve().parent
-    checked = Path(raised_in.f_code.co_filename).resolve().is_relative_to(package)
-    if raised_in is not constructor and not (checked and not isinstance(err, TypeError)):
+    checked = not isinstance(err, TypeError) and Path(raised_in.f_code.co_filename).resolve().is_relative_to(
+        package
+    )  # pf-lightning's argument checks, called by the constructor
+    if not (own or checked):
         return None
     return f"{type(constructor.f_locals['self']).__qualname__}(...): {err}"
 
