@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from . import logging as names
 from ._validation import Checks, is_int, is_number
-from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr, group_settings, optimizer_rule
+from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr, optimizer_rule
 
 __all__ = ["DriftAdaptiveLR", "SharpnessCappedLR"]
 
@@ -46,6 +46,17 @@ def _set_lr(group: dict[str, Any], lr: float) -> None:
 def _check_common(optimizer: Any, last_epoch: Any) -> None:
     _check.instance("optimizer", optimizer, Optimizer, "a torch.optim.Optimizer")
     _check.integer("last_epoch", last_epoch, -1, hint="-1 for a fresh run, as in every LRScheduler")
+
+
+def _check_steps_at_rate(optimizer: Optimizer, refusal: str) -> None:
+    """Both schedulers set a rate that is the step's scale, in every group: an optimizer without a rule (LBFGS's
+    line search, Rprop's sign steps), whose step does not scale with its rate (ASGD), or that ascends the loss
+    stops here, not mid-run."""
+    try:
+        for i in range(len(optimizer.param_groups)):
+            edge_lr(optimizer, 1.0, group=i)
+    except UnsupportedOptimizer as err:
+        raise UnsupportedOptimizer(f"{refusal}: {err}") from err
 
 
 def _as_float(value: Any) -> float | None:
@@ -190,7 +201,8 @@ class DriftAdaptiveLR(_MeasuredLR):
     Raises:
         ValueError: ``p < 0``, ``max_lr <= 0``, a window with ``stop <= start`` or ``start < 0``,
             ``warmup_steps < 0``, or a base rate of 0 in the first parameter group.
-        UnsupportedOptimizer: a parameter group with ``maximize=True``.
+        UnsupportedOptimizer: an optimizer whose step is not its rate's multiple (no rule, as LBFGS's line
+            search or Rprop's sign steps, which read ``lr`` once; ASGD) or a group with ``maximize=True``.
 
     Example::
 
@@ -234,11 +246,7 @@ class DriftAdaptiveLR(_MeasuredLR):
                 f"`optimizer` must have a positive lr in its first parameter group (DAL scales the groups "
                 f"by their base rates), got lr={lr!r}"
             )
-        try:
-            for i in range(len(optimizer.param_groups)):
-                group_settings(optimizer, i)  # maximize=True: DAL's rate is a step down the loss
-        except UnsupportedOptimizer as err:
-            raise UnsupportedOptimizer(f"DAL cannot set `optimizer`'s rate: {err}") from err
+        _check_steps_at_rate(optimizer, "DAL cannot set `optimizer`'s rate")
         self.measured: float | None = None
         self.held, self.held_count, self._warned = False, 0, False
         super().__init__(optimizer, last_epoch)
@@ -373,13 +381,7 @@ class SharpnessCappedLR(_MeasuredLR):
                 base,
                 "ReduceLROnPlateau cannot be capped",
             )
-        try:
-            for i in range(len(optimizer.param_groups)):
-                edge_lr(
-                    optimizer, 1.0, group=i
-                )  # an optimizer without a known threshold fails here, not mid-run
-        except UnsupportedOptimizer as err:
-            raise UnsupportedOptimizer(f"`optimizer`'s rate cannot be capped: {err}") from err
+        _check_steps_at_rate(optimizer, "`optimizer`'s rate cannot be capped")
         self.base = base
         self.measured: float | None = None
         self.held, self.held_count, self._warned = False, 0, False

@@ -104,6 +104,39 @@ def test_dal_refuses_a_group_that_ascends():
         DriftAdaptiveLR(ascending)
 
 
+def test_dal_refuses_optimizers_whose_step_is_not_its_rate():
+    """Rprop reads ``lr`` once, into its per-weight step sizes: DAL's rates after the first step changed
+    nothing (the same parameters as at the base rate); LBFGS's line search and ASGD's decayed step are not
+    the rate either. Each stops at construction, naming why."""
+
+    def rprop_steps(rates):
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        optimizer = torch.optim.Rprop([p], lr=0.01)
+        for lr in rates:
+            optimizer.param_groups[0]["lr"] = lr
+            p.grad = 2 * p.detach()
+            optimizer.step()
+        return p.detach()
+
+    assert torch.equal(rprop_steps([0.01, 5.0, 5.0]), rprop_steps([0.01] * 3))
+    for optimizer, match in [
+        (
+            torch.optim.Rprop(sgd().param_groups[0]["params"]),
+            "Rprop has no stability threshold: its sign-based",
+        ),
+        (
+            torch.optim.LBFGS(sgd().param_groups[0]["params"]),
+            "LBFGS has no stability threshold: a line search",
+        ),
+        (
+            torch.optim.ASGD(sgd().param_groups[0]["params"]),
+            "ASGD's step is not proportional to its learning",
+        ),
+    ]:
+        with pytest.raises(UnsupportedOptimizer, match=f"DAL cannot set `optimizer`'s rate: {match}"):
+            DriftAdaptiveLR(optimizer)
+
+
 # -- the sharpness cap --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("make", "edge"),
