@@ -625,3 +625,77 @@ def test_gradient_clipping_is_named_where_the_thresholds_assume_the_unclipped_st
         searched = "the clipped step" if clip else "the unclipped update"  # a module's own: not modelled
         assert any(f"eos/critical_ratio searches along {searched}" in message for message in said)
         assert any("DriftAdaptiveLR sets is that of the unclipped step" in message for message in said)
+
+
+def _run(tmp_path, callbacks, steps=10, lr=0.5, seed=7):
+    L.seed_everything(seed)
+    t = trainer(tmp_path, max_steps=steps, callbacks=callbacks)
+    t.fit(DigitsClassifier(n=128, lr=lr))
+    return t
+
+
+def _edge_rows(eos):
+    return [{k: v for k, v in row.items() if k != "eigenvalues"} for row in eos.history]
+
+
+def test_callbacks_reused_with_another_trainer_start_a_new_run(tmp_path):
+    """A fit on a new Trainer starts at step 0: the reused callbacks measure and judge it exactly as fresh
+    ones do. They carried the previous run's first edge step, sharpening points, loss window, warm start and
+    'already above the edge' into it: the edge warning and on_warning stayed silent at its crossing, and
+    eos/first_edge_step named a step of the other run."""
+    events = []
+    monitor = HessianEigenMonitor(k=2, every_n_steps=5, tol=1e-4)
+    eos = EdgeOfStabilityMonitor(on_warning=lambda t, m, metrics: events.append(t.global_step))
+    with pytest.warns(RuntimeWarning, match="stability threshold"):
+        _run(tmp_path / "a", [monitor, eos], steps=20, lr=1.0, seed=0)  # ends above the edge
+    assert eos.first_edge_step == 0 and eos.history[-1]["eos/ratio"] > 1 and events == [0]
+    fresh_monitor = HessianEigenMonitor(k=2, every_n_steps=5, tol=1e-4)
+    fresh_events = []
+    fresh = EdgeOfStabilityMonitor(on_warning=lambda t, m, metrics: fresh_events.append(t.global_step))
+    with pytest.warns(RuntimeWarning, match="stability threshold"):
+        _run(tmp_path / "b", [fresh_monitor, fresh], steps=20, lr=0.63)
+    events.clear()
+    with pytest.warns(RuntimeWarning, match="stability threshold"):
+        _run(tmp_path / "c", [monitor, eos], steps=20, lr=0.63)
+    steps = [h["step"] for h in monitor.history]
+    assert steps == [h["step"] for h in fresh_monitor.history] == [0, 5, 10, 15, 20]
+    assert [h["eigenvalues"] for h in monitor.history] == [h["eigenvalues"] for h in fresh_monitor.history]
+    assert _edge_rows(eos) == _edge_rows(fresh)
+    assert [h["eos/ratio"] for h in eos.history] == pytest.approx(
+        [0.994, 0.825, 0.878, 0.952, 1.012], abs=1e-3
+    )
+    assert eos.first_edge_step == fresh.first_edge_step == 20  # crossed in this run, not at the other's 0
+    assert events == fresh_events == [20]
+
+
+def test_a_monitor_reused_with_another_trainer_feeds_only_that_trainer_s_callbacks(tmp_path):
+    """A reused EdgeOfStabilityMonitor reads the new Trainer's HessianEigenMonitor (it read the first one it
+    ever found: no eos/* at all); a reused HessianEigenMonitor no longer feeds an EoS monitor of an earlier
+    Trainer (it logged a second, other eos/sharpening_slope at the same steps)."""
+    first, eos = HessianEigenMonitor(k=2, every_n_steps=5), EdgeOfStabilityMonitor()
+    _run(tmp_path / "a", [first, eos])
+    second = HessianEigenMonitor(k=2, every_n_steps=5)
+    _run(tmp_path / "b", [second, eos], lr=0.3)
+    assert [h["step"] for h in eos.history] == [0, 5, 10]
+    assert [h["eigenvalues"] for h in eos.history] == [h["eigenvalues"][:2] for h in second.history]
+    judged = list(eos.history)
+    other = EdgeOfStabilityMonitor()
+    _run(tmp_path / "c", [second, other], lr=0.4)
+    assert eos.history == judged  # not in this Trainer: nothing reaches it
+    assert [h["step"] for h in other.history] == [0, 5, 10]
+
+
+def test_a_fit_continued_on_the_same_trainer_continues_the_run(tmp_path):
+    """Fitting the same Trainer again with more steps goes on from its global_step: the measurements are the
+    uninterrupted run's, the step where the first fit ended measured once (it was measured again at the second
+    fit's start: two rows, the same eigenvalues, a measurement's products wasted)."""
+    whole_monitor, whole = HessianEigenMonitor(k=2, every_n_steps=5, tol=1e-4), EdgeOfStabilityMonitor()
+    _run(tmp_path / "a", [whole_monitor, whole], steps=20, lr=0.2)
+    monitor, eos = HessianEigenMonitor(k=2, every_n_steps=5, tol=1e-4), EdgeOfStabilityMonitor()
+    t = _run(tmp_path / "b", [monitor, eos], steps=10, lr=0.2)
+    t.fit_loop.epoch_loop.max_steps = 20
+    t.fit(t.lightning_module)
+    assert [h["step"] for h in monitor.history] == [h["step"] for h in whole_monitor.history]
+    assert [h["step"] for h in eos.history] == [0, 5, 10, 15, 20]
+    for ours, reference in zip(monitor.history, whole_monitor.history, strict=True):
+        assert ours["eigenvalues"] == pytest.approx(reference["eigenvalues"], rel=1e-5)

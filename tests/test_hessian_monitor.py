@@ -308,11 +308,16 @@ def test_time_budget_postpones_measurements_and_says_so(tmp_path):
 
 
 def test_a_second_fit_with_the_same_monitor_measures_again(tmp_path):
+    """Another Trainer is another run: its step 4 is measured (not skipped as already measured), and the
+    history is that run's (see test_eos_monitor's reuse tests)."""
     monitor = HessianEigenMonitor(k=1, every_n_steps=4, probe=64, at_fit_start=False)
+    rows = []
     for _ in range(2):
         L.seed_everything(0)
         trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(DigitsClassifier(n=128, batch_size=64))
-    assert [h["step"] for h in monitor.history] == [4, 4]  # history accumulates across fits
+        assert [h["step"] for h in monitor.history] == [4]
+        rows.append(monitor.history[0])
+    assert rows[1] is not rows[0] and rows[1]["eigenvalues"] == rows[0]["eigenvalues"]
 
 
 class _Uncast(L.LightningModule):

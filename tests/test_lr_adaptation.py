@@ -380,3 +380,25 @@ def test_a_resumed_run_holds_the_value_its_checkpoint_says_the_monitor_held(tmp_
     )
     second.fit(model, ckpt_path=tmp_path / "edited.ckpt")
     assert logged(second)["cap/lr"][6] == pytest.approx(0.5 * 3.0 / 40)
+
+
+def test_a_reused_edge_monitor_no_longer_feeds_the_lr_adaptation_of_an_earlier_trainer(tmp_path):
+    """LRAdaptation listens to the EdgeOfStabilityMonitor for one fit: reused without it in another Trainer,
+    the monitor stepped the old cap (cap/* logged into a run that has no cap, the old scheduler moved)."""
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.5)
+
+    def configure():
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        return {"optimizer": opt, "lr_scheduler": SharpnessCappedLR(opt, 0.5).lightning_config()}
+
+    model.configure_optimizers = configure
+    monitor, eos, adaptation = _cap_callbacks(every_n_steps=2)
+    fit(tmp_path / "a", model, 4, [monitor, eos, adaptation])
+    cap = adaptation.schedulers[0]
+    state = cap.state_dict()
+    t = fit(tmp_path / "b", DigitsClassifier(n=128, lr=0.5), 4, [monitor, eos])
+    metrics = logged(t)
+    assert sorted(metrics["eos/sharpness"]) == [0, 2, 4]
+    assert not any(key.startswith("cap/") for key in metrics)
+    assert cap.state_dict() == state

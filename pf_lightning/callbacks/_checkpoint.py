@@ -40,6 +40,19 @@ def cached_state_key(callback: Any, **identity: Any) -> str:
     return cached[1]
 
 
+def starts_a_run(trainer: Any) -> bool:
+    """Whether a fit set up on ``trainer`` starts a new run: its steps begin at 0 (a new Trainer) instead of
+    going on from the ``global_step`` an earlier fit on the same Trainer reached.
+
+    A new run starts what the callbacks accumulate afresh (history, warm start, loss window, edge, warnings):
+    callbacks reused with another Trainer would otherwise judge one run's steps with another's (a first edge
+    step, a sharpening slope, a warning already given). A checkpoint the run resumes from brings their state
+    back afterwards (Lightning restores callback state after setup). A fit continued on the same Trainer
+    continues them: its fit-start measurement is the previous fit's end one, not taken twice.
+    """
+    return trainer.global_step == 0
+
+
 def result_state(result: EigenResult | None, with_vectors: bool) -> dict[str, Any] | None:
     """The result as plain CPU tensors; ``eigenvectors`` empty unless kept and not sharded."""
     if result is None:

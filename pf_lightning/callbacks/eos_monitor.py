@@ -41,7 +41,14 @@ from ..linalg import EigenResult, NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
 from ..measure import BatchSharpness
 from ..stability import PRECONDITIONER_WARMUP_STEPS, EdgeHistory, PreconditionerUnavailable, StepDynamics
-from ._checkpoint import UnreadableState, cached_state_key, eos_from_state, result_state, warn_fresh_start
+from ._checkpoint import (
+    UnreadableState,
+    cached_state_key,
+    eos_from_state,
+    result_state,
+    starts_a_run,
+    warn_fresh_start,
+)
 from ._faults import OnError, check_on_error, notify, skip_or_raise
 from ._probe import TrainingBatches, trains_on_mini_batches
 from .hessian_monitor import HessianEigenMonitor
@@ -219,6 +226,7 @@ class EdgeOfStabilityMonitor(Callback):
         check.function("on_warning", on_warning, "on_warning(trainer, pl_module, metrics)", 3)
         check.flag("proxies", proxies)
         self.monitor = monitor
+        self._given_monitor = monitor  # None: the Trainer's, found at each set-up
         self.optimizer_index, self.fixed_threshold, self.warn_ratio = (
             optimizer_index,
             threshold,
@@ -234,26 +242,31 @@ class EdgeOfStabilityMonitor(Callback):
         # Per-step losses stay on the device (0-d float64 tensors) until a measurement reads them: a
         # float() every step would wait for the GPU each step and stall its asynchronous queue.
         self.losses: collections.deque[float | torch.Tensor] = collections.deque(maxlen=loss_window)
-        self.history: list[dict[str, Any]] = []
-        self._measured = 0  # measurements seen in this process (the chart's cadence)
-        self.first_edge_step: int | None = None
-        self.negative_curvature = 0.0
-        self._above = False
         self._last_loss_step = -1
         self._pending_losses: list[torch.Tensor] = []
         # From an optimizer step to this callback's batch end the step's loss is not recorded yet: a
         # measurement a monitor listed before this callback makes at its batch end is judged at ours.
         self._batch_open = False
         self._unjudged: _Measured | None = None
-        self._preconditioned_latest: EigenResult | None = None
-        self._warned: set[str] = set()
         self._listeners: list[EdgeListener] = []
         self._batches: TrainingBatches | None = None
         self._batches_resolved = False
         self._batches_error: MisconfigurationException | None = None
         self._progress: dict[str, float] = {}
-        self._critical: list[tuple[int, float]] = []  # (step, value) for the W&B chart, capped as the history
         self._clip: tuple[float, str] | None = None  # the trainer's gradient clipping (set at fit start)
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """What one run accumulates, empty (see :func:`~pf_lightning.callbacks._checkpoint.starts_a_run`)."""
+        self.losses.clear()
+        self.history: list[dict[str, Any]] = []
+        self._measured = 0  # measurements judged in this run (the chart's cadence)
+        self.first_edge_step: int | None = None
+        self.negative_curvature = 0.0
+        self._above = False
+        self._preconditioned_latest: EigenResult | None = None
+        self._warned: set[str] = set()
+        self._critical: list[tuple[int, float]] = []  # (step, value) for the W&B chart, capped as the history
 
     @property
     @override
@@ -271,6 +284,11 @@ class EdgeOfStabilityMonitor(Callback):
         ``eos/sharpness`` alone, and a preconditioned optimizer's listeners are not called there."""
         if listener not in self._listeners:
             self._listeners.append(listener)
+
+    def remove_listener(self, listener: EdgeListener) -> None:
+        """Stop calling ``listener`` (nothing if it is not attached)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def settings(self) -> tuple[str, dict[str, Any]]:
         """What this monitor was asked for, as the loggers record it (the W&B run config under
@@ -296,7 +314,7 @@ class EdgeOfStabilityMonitor(Callback):
     # -- set-up ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.monitor is None:
+        if self._given_monitor is None:  # this Trainer's, not one an earlier fit found
             found = [cb for cb in trainer.callbacks if isinstance(cb, HessianEigenMonitor)]
             if not found:
                 raise MisconfigurationException(
@@ -313,12 +331,24 @@ class EdgeOfStabilityMonitor(Callback):
                     "without `params` (or pass monitor= explicitly)"
                 )
             self.monitor = next((cb for cb in full if cb.name is None), full[0])
-        self.monitor.add_listener(self._on_measurement, gradient=True)
+        self.monitor.add_listener(self._on_measurement, gradient=True)  # for this fit (see teardown)
         if stage == "fit":
-            self._preconditioned_latest = None  # another fit may bring another model
+            if starts_a_run(trainer):
+                self._new_run()
             self._progress = {}  # nothing from an earlier fit in this one's progress bar
             self._batches, self._batches_resolved, self._batches_error = None, False, None
             self._batch_open, self._unjudged = False, None
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Attached for one fit: a Hessian monitor reused with another Trainer must not feed this monitor
+        # when it is not in that Trainer (it would log its eos/* into that run).
+        if self.monitor is not None:
+            self.monitor.remove_listener(self._on_measurement)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown after an exception
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -903,7 +933,8 @@ class EdgeOfStabilityMonitor(Callback):
             history, losses, edge, curvature, above, preconditioned = eos_from_state(state_dict)
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
-            history, losses, edge, curvature, above, preconditioned = [], [], None, 0.0, False, None
+            self._new_run()
+            return
         self.history, self.first_edge_step, self.negative_curvature = history, edge, curvature
         self._above, self._preconditioned_latest = above, preconditioned
         self.losses.clear()

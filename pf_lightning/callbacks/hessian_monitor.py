@@ -48,6 +48,7 @@ from ._checkpoint import (
     cached_state_key,
     monitor_from_state,
     result_state,
+    starts_a_run,
     warn_fresh_start,
 )
 from ._faults import OnError, check_on_error, notify, skip_or_raise
@@ -246,18 +247,22 @@ class HessianEigenMonitor(Callback):
         self.basis_size = basis_size
         self.on_error = on_error
         self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
-        self.density: SpectralDensity | None = None
         self._probe_arg, self._loss_arg = probe, loss_fn
         self.probe_batch_size = probe_batch_size
         self.spec: MeasurementSpec | None = None  # resolved when a fit starts
-        self.latest: EigenResult | None = None
-        self.history: list[dict[str, Any]] = []
         self._listeners: list[Listener] = []
         self._gradient_readers: list[Listener] = []  # listeners that read ``result.gradient``
-        self._last_step = self._postponed_step = -1
-        self._budget = TimeBudget()
-        self._work = WorkBudget()
+        self._postponed_step = -1
         self._start = "fit"  # "resumed" from a checkpoint, or "unreadable" (its state could not be read)
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """What one run accumulates, empty (see :func:`starts_a_run`)."""
+        self.latest: EigenResult | None = None
+        self.history: list[dict[str, Any]] = []
+        self.density: SpectralDensity | None = None
+        self._last_step = -1
+        self._budget, self._work = TimeBudget(), WorkBudget()
         self._measured = 0  # measurements taken (the history is capped): the trace and density cadence
         self._warned: set[str] = set()
 
@@ -341,6 +346,12 @@ class HessianEigenMonitor(Callback):
         elif not gradient and listener in self._gradient_readers:
             self._gradient_readers.remove(listener)
 
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (nothing if it is not attached)."""
+        for attached in (self._listeners, self._gradient_readers):
+            if listener in attached:
+                attached.remove(listener)
+
     def metric(self, name: str) -> str:
         return metric_name("hessian", name, self.name)
 
@@ -375,11 +386,11 @@ class HessianEigenMonitor(Callback):
     # -- set-up ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # A second fit with the same callback starts its step bookkeeping afresh; a resumed fit gets
-        # the saved values back afterwards (Lightning restores callback state after setup).
         if stage == "fit":
-            self._last_step = self._postponed_step = -1
-            self._start, self.spec = "fit", None  # another fit may bring another model
+            if starts_a_run(trainer):
+                self._new_run()
+            self._postponed_step = -1
+            self._start, self.spec = "fit", None  # another fit may bring another model or other data
             if self._shared_probe is not None:  # every setup runs before any on_train_start
                 self._shared_probe.probe = None
         self._check_strategy(trainer)
@@ -733,5 +744,4 @@ class HessianEigenMonitor(Callback):
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
             self._start = "unreadable"
-            self.latest, self.history, self._last_step, self._budget.total = None, [], -1, 0.0
-            self._measured = 0
+            self._new_run()

@@ -258,6 +258,16 @@ class LRAdaptation(Callback):
             )
         self.eos.add_listener(self._on_edge)
 
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Fed for one fit: an EdgeOfStabilityMonitor reused with another Trainer must not step these schedulers.
+        if self.eos is not None:
+            self.eos.remove_listener(self._on_edge)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown after an exception
+
     def _remember(self, trainer: Trainer, monitor: str) -> None:
         # The value Lightning will step the scheduler with, as it will read it (a float32 tensor).
         self._fed[monitor] = float(trainer.callback_metrics[monitor])
