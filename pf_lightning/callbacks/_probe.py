@@ -384,6 +384,9 @@ class TrainingBatches:
         convert: applied to each collated batch (None: none).
         pool: the indices to draw from (None: every index of ``dataset``).
         micro: micro-batches per mini-batch (the gradient accumulation).
+        fixed: ``pool`` is the order of a fixed epoch (``limit_train_batches`` on a loader that does not
+            shuffle): its consecutive mini-batches are the ones every epoch trains on, and draws are those,
+            not regroupings of their samples.
     """
 
     def __init__(
@@ -394,10 +397,14 @@ class TrainingBatches:
         convert: Callable[[Any], Any] | None = None,
         pool: list[int] | None = None,
         micro: int = 1,
+        fixed: bool = False,
     ) -> None:
         self.dataset, self.collate_fn, self.size, self.convert = dataset, collate_fn, size, convert
-        self.pool = torch.arange(len(dataset)) if pool is None else torch.as_tensor(sorted(pool))
-        self.micro = micro
+        if pool is None:
+            self.pool = torch.arange(len(dataset))
+        else:
+            self.pool = torch.as_tensor(list(pool) if fixed else sorted(pool), dtype=torch.long)
+        self.micro, self.fixed = micro, fixed
         if size * micro > len(self.pool):
             raise ValueError(
                 f"a mini-batch of {size * micro} samples is larger than the {len(self.pool)} samples drawn from"
@@ -428,7 +435,7 @@ class TrainingBatches:
         trained = fixed_epoch(trainer)
         if trained is not None:  # limit_train_batches on a fixed order: those batches are all it trains on
             pool = pool[: trained * size]
-        whole = len(pool) == len(dataset) and sorted(pool) == list(range(len(dataset)))
+        whole = trained is None and len(pool) == len(dataset) and sorted(pool) == list(range(len(dataset)))
         return cls(
             dataset,
             loader.collate_fn,
@@ -436,6 +443,7 @@ class TrainingBatches:
             training_input(trainer),
             None if whole else pool,
             max(int(trainer.accumulate_grad_batches), 1),
+            fixed=trained is not None,
         )
 
     def _fetch(self, indices: list[int]) -> Any:
@@ -449,13 +457,21 @@ class TrainingBatches:
 
     def draw(self, count: int, seed: int) -> Iterator[Any]:
         """Up to ``count`` mini-batches, drawn lazily: consecutive slices of one random order of the pool
-        (without replacement while the pool lasts, then a new order), the order from ``seed``."""
+        (without replacement while the pool lasts, then a new order), the order from ``seed``. A fixed
+        epoch's mini-batches are drawn whole, each once at most, in a random order of them (the same on
+        every rank for the same ``seed``: each rank's ``i``-th is then its shard of one trained step)."""
         generator = torch.Generator().manual_seed(seed % 2**63)
         span = self.size * self.micro
         per_order = len(self.pool) // span
+        if self.fixed:
+            count = min(count, per_order)
+            steps = self.pool[: per_order * span].view(per_order, span)
         for i in range(count):
             if i % per_order == 0:
-                order = self.pool[torch.randperm(len(self.pool), generator=generator)]
+                if self.fixed:
+                    order = steps[torch.randperm(per_order, generator=generator)].reshape(-1)
+                else:
+                    order = self.pool[torch.randperm(len(self.pool), generator=generator)]
             start = (i % per_order) * span
             chunks = [
                 order[start + j * self.size : start + (j + 1) * self.size].tolist() for j in range(self.micro)

@@ -33,7 +33,14 @@ from typing_extensions import override
 from .. import logging as names
 from .. import stability
 from .._validation import Checks
-from ..curvature.distributed import LocalFailure, any_rank, reduce_agreed
+from ..curvature.distributed import (
+    LocalFailure,
+    all_reduce_sum,
+    any_rank,
+    is_distributed,
+    reduce_agreed,
+    world_size,
+)
 from ..curvature.drift import gradient_curvature
 from ..curvature.params import ParameterSpace
 from ..curvature.precondition import optimizer_weight_decay
@@ -514,7 +521,7 @@ class EdgeOfStabilityMonitor(Callback):
         try:
             metrics, edge = stability.edge_of_stability(
                 **measured.edge_inputs,
-                losses=self._loss_values() if len(self.losses) >= 2 else (),
+                losses=self._run_losses(pl_module.device) if len(self.losses) >= 2 else (),
                 history=history,
                 slope_window=self.slope_window,
             )
@@ -639,7 +646,8 @@ class EdgeOfStabilityMonitor(Callback):
         if source is None:
             return None
         spec, step = self.monitor.spec, trainer.global_step
-        seed = hash((spec.seed, step, trainer.global_rank))  # each rank its own batches, each step new ones
+        # Each rank its own batches, each step new ones; a fixed epoch's trained steps, the same on every rank.
+        seed = hash((spec.seed, step) if source.fixed else (spec.seed, step, trainer.global_rank))
         try:
             # Drawn before measuring, and agreed on: a dataset or collate error on one rank is reported to
             # every rank (which all skip) instead of leaving the others waiting in a collective.
@@ -905,6 +913,19 @@ class EdgeOfStabilityMonitor(Callback):
             self.losses.clear()
             self.losses.extend(stacked.tolist())
         return [float(x) for x in self.losses]
+
+    def _run_losses(self, device: torch.device) -> list[float]:
+        """The losses of the steps taken: under data parallelism each rank records its own batches' losses,
+        and a step descends their mean. One all-reduce of the window per judged measurement (every rank
+        judges it); the window keeps the means (averaging them again changes no bit with 2, 4, 8 ranks)."""
+        values = self._loss_values()
+        if is_distributed():
+            values = (
+                all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)) / world_size()
+            ).tolist()
+            self.losses.clear()
+            self.losses.extend(values)
+        return values
 
     def _skip(self, trainer: Trainer, err: Exception, what: str, metric: str | None) -> None:
         skip_or_raise(

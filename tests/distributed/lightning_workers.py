@@ -21,7 +21,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning_models import DigitsClassifier, digits
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 
@@ -141,10 +141,16 @@ class EdgeRecorder(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         torch.set_num_threads(1)
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))  # this rank's own batch's
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         last = self.eos.history[-1]
         record = {
+            "losses": self.losses,
+            "non_monotonicity": [h.get("eos/loss_non_monotonicity") for h in self.eos.history],
             "step": last["step"],
             "weights": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
             "metrics": {k: v for k, v in last.items() if k.startswith("eos/")},
@@ -208,7 +214,28 @@ class EndProcessGroup(Callback):
             dist.destroy_process_group()
 
 
-def two_ranks(strategy: Any, out: str, max_steps: int, callbacks: list[Callback]) -> L.Trainer:
+class FixedOrderDigits(ShardedDigits):
+    """Mini-batches of 4 from a DistributedSampler that does not shuffle: with limit_train_batches=2 every
+    epoch trains on the same two global batches (samples 0-7 and 8-15, dealt to the ranks in turn)."""
+
+    def train_dataloader(self) -> DataLoader:
+        x, y = digits(SHARDS[-1][1])
+        dataset = TensorDataset(x, y)
+        return DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, shuffle=False))
+
+
+def fit_fixed_order(out: str) -> None:
+    """Batch sharpness where an epoch is cut short of a fixed order: drawn from the trained steps."""
+    L.seed_everything(0, verbose=False)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_end=False)
+    eos = EdgeOfStabilityMonitor(batch_sharpness_batches=6)
+    trainer = two_ranks(
+        "ddp_spawn", out, STEPS, [monitor, eos, EdgeRecorder(eos, out)], limit_train_batches=2
+    )
+    trainer.fit(FixedOrderDigits())
+
+
+def two_ranks(strategy: Any, out: str, max_steps: int, callbacks: list[Callback], **kwargs: Any) -> L.Trainer:
     """A two-process CPU trainer on the ranks' own data shards, without logger or checkpoints."""
     return L.Trainer(
         default_root_dir=out,
@@ -222,6 +249,7 @@ def two_ranks(strategy: Any, out: str, max_steps: int, callbacks: list[Callback]
         enable_model_summary=False,
         enable_checkpointing=False,
         use_distributed_sampler=False,
+        **kwargs,
     )
 
 

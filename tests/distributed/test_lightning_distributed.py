@@ -6,6 +6,7 @@ is one process on the union of the recorded shards at the recorded weights (dens
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from lightning_workers import (
     STEPS,
     ShardedDigits,
     fit,
+    fit_fixed_order,
     fit_flaky_draw,
     fit_minibatch,
     fit_with_time_budget,
@@ -124,6 +126,35 @@ def test_ddp_spawn_batch_sharpness_is_one_value_over_both_ranks_draws(tmp_path):
         quotients.append(float(g @ H @ g / (g @ g)))
     assert m0["eos/batch_sharpness"] == pytest.approx(sum(quotients) / n, rel=1e-6)
     assert m0["eos/batch_ratio"] == pytest.approx(m0["eos/batch_sharpness"] * 0.05 / 2, rel=1e-9)
+    # The loss a step descends is the mean of the ranks' batch losses: the non-monotonicity of those means,
+    # the same on both ranks (each rank judged its own batches' losses).
+    means = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
+    expected = [sum(b > a for a, b in itertools.pairwise(means[:s])) / (s - 1) for s in (2, 4)]
+    assert ranks[0]["non_monotonicity"] == ranks[1]["non_monotonicity"]
+    assert ranks[0]["non_monotonicity"] == [None, *expected], (ranks[0]["losses"], ranks[1]["losses"])
+
+
+@pytest.mark.slow
+def test_ddp_batch_sharpness_of_a_fixed_epoch_is_that_of_the_steps_trained(tmp_path):
+    """limit_train_batches=2 on a DistributedSampler that does not shuffle: every epoch trains on the global
+    batches {0..7} and {8..15} (rank 0 the even samples, rank 1 the odd). The batch sharpness is the mean of
+    those two steps' quotients (it drew random regroupings of each rank's 8 samples, paired across ranks by
+    chance: 1.49-1.85 times the trained steps' in the helper's run)."""
+    fit_fixed_order(str(tmp_path))
+    ranks = load(tmp_path)
+    m0, m1 = ranks[0]["metrics"], ranks[1]["metrics"]
+    assert m0["eos/batch_sharpness"] == m1["eos/batch_sharpness"] and m0["eos/batch_sharpness_batches"] == 2
+    model = ShardedDigits()
+    model.load_state_dict(ranks[0]["weights"])
+    x, y = digits(SHARDS[-1][1])
+    quotients = []
+    for step in range(2):
+        union = [(x[8 * step + r : 8 * (step + 1) : 2], y[8 * step + r : 8 * (step + 1) : 2]) for r in (0, 1)]
+        H = dense_hessian(Case("trained step", model.net, mse, union))
+        loss = sum(mse(model.net, batch) for batch in union) / 2
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, model.net.parameters())])
+        quotients.append(float(g @ H @ g / (g @ g)))
+    assert m0["eos/batch_sharpness"] == pytest.approx(sum(quotients) / 2, rel=1e-6)
 
 
 @pytest.mark.slow
