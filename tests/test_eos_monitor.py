@@ -178,6 +178,10 @@ def test_several_optimizers_measured_against_the_chosen_one(tmp_path, caplog):
 def test_missing_hessian_monitor_fails_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match="add HessianEigenMonitor"):
         trainer(tmp_path, max_steps=1, callbacks=[EdgeOfStabilityMonitor()]).fit(DigitsClassifier(n=64))
+    # One given but left out of the callbacks never measures: the fit logged no eos/* and said nothing.
+    outside = EdgeOfStabilityMonitor(monitor=HessianEigenMonitor())
+    with pytest.raises(MisconfigurationException, match="not among the Trainer's callbacks"):
+        trainer(tmp_path, max_steps=1, callbacks=[outside]).fit(DigitsClassifier(n=64))
 
 
 @pytest.mark.parametrize(

@@ -338,6 +338,11 @@ class EdgeOfStabilityMonitor(Callback):
                     "without `params` (or pass monitor= explicitly)"
                 )
             self.monitor = next((cb for cb in full if cb.name is None), full[0])
+        elif not any(cb is self.monitor for cb in trainer.callbacks):
+            raise MisconfigurationException(
+                "EdgeOfStabilityMonitor(monitor=...) reads a HessianEigenMonitor that is not among the Trainer's "
+                "callbacks, so it never measures: add that monitor to the callbacks too"
+            )
         self.monitor.add_listener(self._on_measurement, gradient=True)  # for this fit (see teardown)
         if stage == "fit":
             if starts_a_run(trainer):
