@@ -13,10 +13,12 @@ fraction of the rest. They differ in the unit:
   (training, validation, logging, other callbacks), a failed attempt included. It follows the machine's
   real costs and its noise: the measured steps differ from run to run.
 
-The window is one fit (a resumed fit, or a second ``fit`` with the same monitor, starts a fresh one),
-and its first measurement is always taken: there is no cost to expect before it. So the cap holds
-from the second measurement of a fit on, approximately (a measurement dearer than the last one, e.g.
-one that also takes the trace, can overshoot it), and for each monitor on its own: several monitors
+The work budget's window is the run: a fit continued on the same Trainer goes on with it, and so does a
+fit resumed from a checkpoint (the window is in it), so a resumed run measures the steps of the
+uninterrupted one. The time budget's window is one fit (wall time does not carry over between processes).
+A window's first measurement is always taken: there is no cost to expect before it. So the cap holds
+from the second measurement on, approximately (a measurement dearer than the last one, e.g. one that
+also takes the trace, can overshoot it), and for each monitor on its own: several monitors
 (``per_group``) each count the others' cost as the rest of the fit.
 """
 
@@ -32,7 +34,7 @@ class Budget:
     """
 
     def __init__(self) -> None:
-        self.total = 0.0  # every fit's measuring cost (the time budget's is kept in checkpoints)
+        self.total = 0.0  # the run's measuring cost, all its fits (the time budget's is kept in checkpoints)
         self._open = False
         self._spent = 0.0
         self._last: float | None = None  # the last measurement of this fit, None before the first
@@ -91,8 +93,22 @@ class WorkBudget(Budget):
         self._trained = 0.0
 
     def start_fit(self) -> None:
-        super().start_fit()
-        self._trained = 0.0
+        if not self._open:  # a new run; a continued or resumed one goes on with its window
+            super().start_fit()
+            self._trained = 0.0
+
+    def state(self) -> dict[str, float | int | None] | None:
+        """The run's window, for a checkpoint (None before the run has started)."""
+        if not self._open:
+            return None
+        return {"spent": self._spent, "last": self._last, "count": self._count, "trained": self._trained}
+
+    def restore(self, state: dict[str, float | int | None] | None) -> None:
+        """Go on with the window :meth:`state` gave (None: a fresh one at the next :meth:`start_fit`)."""
+        self._open = state is not None
+        if state is not None:
+            self._spent, self._last, self._count = state["spent"], state["last"], state["count"]
+            self._trained = state["trained"]
 
     def trained(self, samples: int) -> None:
         self._trained += samples

@@ -86,7 +86,8 @@ class HessianEigenMonitor(Callback):
         every_n_epochs: also measure at the end of every this many epochs.
         at_fit_start: measure before the first optimizer step.
         at_fit_end: measure after the last optimizer step.
-        warmup_steps: no step-interval measurement before this ``global_step``.
+        warmup_steps: no step-interval and no fit-start measurement before this ``global_step`` (with
+            ``warmup_steps=5`` the fit-start measurement at step 0 is not taken either).
         hvp: HVP backend (``"auto"``, ``"double_backward"``, ``"forward_over_reverse"``,
             ``"finite_difference"``).
         tol: relative residual tolerance of each eigenpair.
@@ -489,7 +490,9 @@ class HessianEigenMonitor(Callback):
     ) -> EigenResult | None:
         """Measure now (at most once per ``global_step``); returns the result, or None if skipped."""
         step = trainer.global_step
-        if self.spec is None or (step == self._last_step and not force):
+        # A step measured or postponed is settled: the later micro-batches of its accumulation (and the fit
+        # end at it) ask again at the same global_step.
+        if self.spec is None or (step in (self._last_step, self._postponed_step) and not force):
             return None
         if not force and self._postponed(trainer, pl_module, step):
             return None
@@ -564,7 +567,7 @@ class HessianEigenMonitor(Callback):
 
     @property
     def measuring_seconds(self) -> float:
-        """Wall time spent measuring, listeners included, over every fit (kept in checkpoints)."""
+        """Wall time spent measuring, listeners included, over the run (its fits; kept in checkpoints)."""
         return self._budget.total
 
     @property
@@ -579,7 +582,7 @@ class HessianEigenMonitor(Callback):
         if work is not None or time_ is not None:  # clocks and shards differ between ranks: postpone together
             over_work, over_time = any_rank([over_work, over_time], pl_module.device)
         over = over_work or over_time
-        if over and step != self._postponed_step:  # the step hook and fit end may both ask at one step
+        if over:
             self._postponed_step = step
             cap = f"max_work_fraction={work}" if over_work else f"max_time_fraction={time_}"
             self._warn_once("budget", f"measuring would exceed {cap}: postponed")
@@ -733,6 +736,7 @@ class HessianEigenMonitor(Callback):
             "last_step": self._last_step,
             "measure_seconds": self._budget.total,
             "measured": self._measured,
+            "work": self._work.state(),
         }
 
     @override
@@ -740,7 +744,8 @@ class HessianEigenMonitor(Callback):
         self._start = "resumed"
         try:
             state = monitor_from_state(state_dict)
-            self.history, self.latest, self._last_step, self._budget.total, self._measured = state
+            self.history, self.latest, self._last_step, self._budget.total, self._measured, work = state
+            self._work.restore(work)
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
             self._start = "unreadable"

@@ -78,6 +78,7 @@ class HVPBackend:
     def __init__(self, space: ParameterSpace, loss_at: LossAt) -> None:
         self.space = space
         self.loss_at = loss_at
+        self.graph_builds = 0  # gradient graphs built, one backward pass each (the work meters count them)
 
     def apply(self, index: int, V: Tensor) -> Tensor:  # pragma: no cover - interface
         """``(n, b)`` block of products of batch ``index``'s Hessian with the columns of ``V``."""
@@ -111,6 +112,7 @@ class DoubleBackwardHVP(HVPBackend):
             return self._graphs[index]
         with torch.enable_grad(), math_attention():
             loss = self.loss_at(index)
+            self.graph_builds += 1
             try:
                 grads = torch.autograd.grad(loss, self.space.params, create_graph=True, allow_unused=True)
             except RuntimeError as err:

@@ -81,8 +81,9 @@ class WorkMeter:
     """Counts the work of every :class:`HessianOperator` left inside ``with meter:``, in sample-gradients.
 
     An operator's work is ``(PRODUCT_COST * products + gradients + FORWARD_COST * loss passes)`` times the
-    samples of this rank's probe: the unit is one sample's gradient, the unit in which training spends
-    ``batch size`` per micro-batch. It depends on the product counts alone, not on the machine, so a
+    samples of this rank's probe, the gradients counting double backward's gradient graphs (one per batch,
+    built by its first product, or by every product with ``cache_graphs=False``): the unit is one sample's
+    gradient, the unit in which training spends ``batch size`` per micro-batch. It depends on the product counts alone, not on the machine, so a
     budget counted in it (``HessianEigenMonitor(max_work_fraction=...)``) measures the same steps in
     every run. Meters nest; each one counts what was done inside it.
     """
@@ -216,6 +217,8 @@ class HessianOperator(LinearOperator):
     def __exit__(self, *exc: object) -> None:
         if _METERS and self.probe is not None:
             passes = PRODUCT_COST * self.n_matvec + self.n_gradient + FORWARD_COST * self.n_loss
+            if self.backend is not None:  # double backward's gradient graphs: a gradient of their batch each
+                passes += self.backend.graph_builds / max(1, len(self.probe))
             for meter in _METERS:
                 meter.work += passes * self.probe.total_weight
         if self.backend is not None:
