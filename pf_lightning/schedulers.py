@@ -55,8 +55,8 @@ def _check_steps_at_rate(optimizer: Optimizer, refusal: str) -> None:
     try:
         for i in range(len(optimizer.param_groups)):
             edge_lr(optimizer, 1.0, group=i)
-    except UnsupportedOptimizer as err:
-        raise UnsupportedOptimizer(f"{refusal}: {err}") from err
+    except (UnsupportedOptimizer, ValueError) as err:  # ValueError: settings with no step rule (momentum 1)
+        raise type(err)(f"{refusal}: {err}") from err
 
 
 def _as_float(value: Any) -> float | None:
@@ -202,7 +202,9 @@ class DriftAdaptiveLR(_MeasuredLR):
         ValueError: ``p < 0``, ``max_lr <= 0``, a window with ``stop <= start`` or ``start < 0``,
             ``warmup_steps < 0``, or a base rate of 0 in the first parameter group.
         UnsupportedOptimizer: an optimizer whose step is not its rate's multiple (no rule, as LBFGS's line
-            search or Rprop's sign steps, which read ``lr`` once; ASGD) or a group with ``maximize=True``.
+            search or Rprop's sign steps, which read ``lr`` once; the others the EoS monitor refuses, and
+            ASGD) or a group with ``maximize=True``.
+        ValueError: also settings of the optimizer with no step rule (``momentum >= 1``).
 
     Example::
 
@@ -342,8 +344,9 @@ class SharpnessCappedLR(_MeasuredLR):
 
     Raises:
         ValueError: ``fraction`` not positive and finite; ``base`` not an ``LRScheduler`` of the same
-            optimizer.
-        UnsupportedOptimizer: the optimizer has no known threshold.
+            optimizer; optimizer settings with no threshold (``momentum >= 1``).
+        UnsupportedOptimizer: the optimizer has no known threshold, or its step is not proportional to its
+            rate (ASGD).
 
     Example::
 

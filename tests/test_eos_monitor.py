@@ -689,6 +689,23 @@ def test_a_monitor_reused_with_another_trainer_feeds_only_that_trainer_s_callbac
     assert [h["step"] for h in other.history] == [0, 5, 10]
 
 
+class _Fails(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            raise RuntimeError("the fit fails at step 3")
+
+
+def test_a_fit_that_fails_leaves_no_listener_behind(tmp_path):
+    """Lightning calls no teardown after an exception: the EoS monitor detaches itself in on_exception, so the
+    Hessian monitor reused without it does not feed it (it judged that other run's steps 0, 2, 4 as its own)."""
+    monitor, eos = HessianEigenMonitor(k=1, every_n_steps=2, probe=64), EdgeOfStabilityMonitor()
+    with pytest.raises(RuntimeError, match="fails at step 3"):
+        _run(tmp_path / "a", [monitor, eos, _Fails()], steps=6)
+    assert [h["step"] for h in eos.history] == [0, 2]
+    _run(tmp_path / "b", [monitor], steps=4)
+    assert [h["step"] for h in monitor.history] == [0, 2, 4] and [h["step"] for h in eos.history] == [0, 2]
+
+
 def test_a_fit_continued_on_the_same_trainer_continues_the_run(tmp_path):
     """Fitting the same Trainer again with more steps goes on from its global_step: the measurements are the
     uninterrupted run's, the step where the first fit ended measured once (it was measured again at the second

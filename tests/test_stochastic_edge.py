@@ -691,7 +691,7 @@ def test_limit_train_batches_on_a_fixed_order_is_all_the_run_trains_on(tmp_path,
     if batches > 1:
         assert TrainingBatches.from_trainer(t).pool.tolist() == list(range(32))
         # The batch sharpness is the mean over the two batches trained on (it averaged random regroupings
-        # of their 32 samples, batches never trained on: 1.49-1.85 times the trained batches' under DDP).
+        # of their 32 samples, batches never trained on).
         quotients = []
         for b in range(batches):
             batch = (x[16 * b : 16 * (b + 1)].double(), y[16 * b : 16 * (b + 1)])

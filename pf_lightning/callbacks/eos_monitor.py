@@ -254,6 +254,7 @@ class EdgeOfStabilityMonitor(Callback):
         # From an optimizer step to this callback's batch end the step's loss is not recorded yet: a
         # measurement a monitor listed before this callback makes at its batch end is judged at ours.
         self._batch_open = False
+        self._judgement_due = False  # a measurement (or its failed diagnostics) waits for the batch end
         self._unjudged: _Measured | None = None
         self._listeners: list[EdgeListener] = []
         self._batches: TrainingBatches | None = None
@@ -266,6 +267,7 @@ class EdgeOfStabilityMonitor(Callback):
     def _new_run(self) -> None:
         """What one run accumulates, empty (see :func:`~pf_lightning.callbacks._checkpoint.starts_a_run`)."""
         self.losses.clear()
+        self._raw = 0  # the window's last losses, recorded since the last measurement: this rank's own
         self.history: list[dict[str, Any]] = []
         self._measured = 0  # measurements judged in this run (the chart's cadence)
         self.first_edge_step: int | None = None
@@ -349,7 +351,7 @@ class EdgeOfStabilityMonitor(Callback):
                 self._new_run()
             self._progress = {}  # nothing from an earlier fit in this one's progress bar
             self._batches, self._batches_resolved, self._batches_error = None, False, None
-            self._batch_open, self._unjudged = False, None
+            self._batch_open, self._judgement_due, self._unjudged = False, False, None
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -505,17 +507,19 @@ class EdgeOfStabilityMonitor(Callback):
             measured = self._diagnostics(trainer, pl_module, result)
         except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
             self._skip(trainer, err, "EoS diagnostics skipped", self.metric("skipped"))
-            return
-        if measured is None:
-            return
+            measured = None  # judged as nothing, but judged: the ranks' loss windows meet there
         if self._batch_open:  # the loss of the step just taken joins the window at this callback's batch end
-            self._unjudged = measured
+            self._judgement_due, self._unjudged = True, measured
             return
         self._judge(trainer, pl_module, measured)
 
-    def _judge(self, trainer: Trainer, pl_module: LightningModule, measured: _Measured) -> None:
+    def _judge(self, trainer: Trainer, pl_module: LightningModule, measured: _Measured | None) -> None:
         """The edge of one measurement, with the loss window up to the step it was taken at: log it, warn,
-        keep it in the history and hand it to the listeners."""
+        keep it in the history and hand it to the listeners. Every rank judges every measurement (``None``:
+        its diagnostics failed or do not apply) and so averages the loss window with the others."""
+        losses = self._run_losses(pl_module.device)
+        if measured is None:
+            return
         recent = self.history[-(self.slope_window - 1) :]
         history = EdgeHistory(
             step=self.history[-1]["step"] if self.history else None,
@@ -526,7 +530,7 @@ class EdgeOfStabilityMonitor(Callback):
         try:
             metrics, edge = stability.edge_of_stability(
                 **measured.edge_inputs,
-                losses=self._run_losses(pl_module.device) if len(self.losses) >= 2 else (),
+                losses=losses if len(losses) >= 2 else (),
                 history=history,
                 slope_window=self.slope_window,
             )
@@ -724,7 +728,8 @@ class EdgeOfStabilityMonitor(Callback):
         vectors = result.eigenvectors[:, : self.monitor.k]
         # With FSDP2 the vectors are this rank's slices: the projections and the squared norm are sums
         # over all ranks' slices, reduced on the module's device (NCCL reduces no host tensor, and the
-        # vectors may be kept there: basis_device="cpu"); a rank whose local part fails reports it.
+        # vectors may be kept there: basis_device="cpu"); a rank whose local part fails reports it (under
+        # DDP too: the ranks skip these diagnostics together, where the failure was held and dropped).
         device = pl_module.device
         parts = torch.zeros(vectors.shape[1] + 1, dtype=torch.float64, device=device)
         hold = LocalFailure()
@@ -738,6 +743,8 @@ class EdgeOfStabilityMonitor(Callback):
             parts.copy_(local.to(device=device, dtype=torch.float64))
         if result.info.get("sharded"):
             reduce_agreed(parts, hold.take())
+        else:  # whole vectors on every rank: nothing to sum, but a failure on one is every rank's
+            any_rank([False], device, error=hold.take())
         return parts[:-1].cpu(), float(parts[-1].clamp_min(0).sqrt())
 
     # -- per step ----------------------------------------------------------------------------
@@ -768,8 +775,9 @@ class EdgeOfStabilityMonitor(Callback):
             mean = pending[0] if len(pending) == 1 else torch.stack(pending).double().mean()
             self.losses.append(mean if accumulate == 1 else mean.double() * accumulate)
             self._pending_losses = []
-        if self._unjudged is not None:
-            measured, self._unjudged = self._unjudged, None
+            self._raw = min(self._raw + 1, len(self.losses))
+        if self._judgement_due:
+            measured, self._judgement_due, self._unjudged = self._unjudged, False, None
             self._judge(trainer, pl_module, measured)
         if self._progress:
             self._show_progress(trainer, pl_module)
@@ -921,13 +929,29 @@ class EdgeOfStabilityMonitor(Callback):
 
     def _run_losses(self, device: torch.device) -> list[float]:
         """The losses of the steps taken: under data parallelism each rank records its own batches' losses,
-        and a step descends their mean. One all-reduce of the window per judged measurement (every rank
-        judges it); the window keeps the means (averaging them again changes no bit with 2, 4, 8 ranks)."""
+        and a step descends their mean. At each measurement every rank averages the losses recorded since
+        the last one with the other ranks' (one all-reduce of a buffer the window's size, with their count:
+        ranks that recorded different counts keep their own and are warned). A resumed run's window holds
+        rank 0's own losses for the steps between its last measurement and the checkpoint."""
         values = self._loss_values()
-        if is_distributed():
-            values = (
-                all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)) / world_size()
-            ).tolist()
+        raw, self._raw = self._raw, 0
+        if not is_distributed():
+            return values
+        buffer = torch.zeros(1 + (self.losses.maxlen or 0), dtype=torch.float64, device=device)
+        buffer[0] = raw
+        if raw:
+            buffer[1 : 1 + raw] = torch.tensor(values[-raw:], dtype=torch.float64)
+        ranks = world_size()
+        all_reduce_sum(buffer)
+        if float(buffer[0]) != raw * ranks:
+            self._warn_once(
+                "losses",
+                "the ranks recorded different numbers of step losses since the last measurement (a training_step "
+                "that returns a loss on some ranks only?): eos/loss_non_monotonicity is each rank's own",
+            )
+            return values
+        if raw:
+            values[-raw:] = (buffer[1 : 1 + raw] / ranks).tolist()
             self.losses.clear()
             self.losses.extend(values)
         return values
@@ -965,6 +989,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._above, self._preconditioned_latest = above, preconditioned
         self.losses.clear()
         self.losses.extend(losses)
+        self._raw = 0
 
 
 __all__ = ["EdgeOfStabilityMonitor"]

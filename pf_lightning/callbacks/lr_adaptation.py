@@ -34,7 +34,7 @@ from ..linalg import NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, warn_once
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
 from ..stability import optimizer_rule
-from ._checkpoint import UnreadableState, count, mapping, real, warn_fresh_start
+from ._checkpoint import UnreadableState, count, mapping, real, starts_a_run, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._probe import resolve_loss_fn
 from .eos_monitor import CLIPPED_STEP, EdgeOfStabilityMonitor, gradient_clipping
@@ -170,6 +170,8 @@ class LRAdaptation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._loss_fn = resolve_loss_fn(pl_module, self.user_loss_fn)
+            if starts_a_run(trainer):  # the rest of its state is the schedulers', set up at fit start
+                self._warned = set()
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -200,6 +200,47 @@ def fit_flaky_draw(out: str) -> None:
         two_ranks(strategy, out, STEPS, [monitor, eos, EdgeRecorder(eos, out)]).fit(FlakyDigits())
 
 
+class DecayingDigits(ShardedDigits):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, weight_decay=1e-3)
+
+
+class BreakDecayOnRank1(Callback):
+    """Rank 1 cannot compute the weight-decay term of the gradient's projections; saves each rank's EoS
+    history and flags at the end."""
+
+    def __init__(self, eos: EdgeOfStabilityMonitor, out: str) -> None:
+        self.eos, self.out = eos, out
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        torch.set_num_threads(1)
+        if trainer.global_rank == 1:  # this spawned process's module only
+            import pf_lightning.callbacks.eos_monitor as eos_module
+
+            def broken(optimizer: Any, space: Any) -> torch.Tensor:
+                raise RuntimeError("rank 1 cannot read the weight decay")
+
+            eos_module.optimizer_weight_decay = broken
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record = {
+            "steps": [h["step"] for h in self.eos.history],
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eos/")},
+        }
+        torch.save(record, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+def fit_failing_projections(out: str) -> None:
+    """The gradient's projections fail on rank 1 only: both ranks skip the EoS diagnostics, the fit goes on."""
+    L.seed_everything(0, verbose=False)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_end=False)
+    eos = EdgeOfStabilityMonitor()
+    strategy = DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        two_ranks(strategy, out, STEPS, [monitor, eos, BreakDecayOnRank1(eos, out)]).fit(DecayingDigits())
+
+
 class EndProcessGroup(Callback):
     """Both ranks meet and destroy the process group when a fit ends normally.
 
