@@ -179,3 +179,22 @@ def test_batches_whose_samples_cannot_be_counted_are_named_with_the_fix(tmp_path
     t = trainer(tmp_path, max_steps=2, callbacks=[monitor])
     with pytest.raises(MisconfigurationException, match="max_work_fraction counts the samples"):
         t.fit(_Untensored(n=64))
+
+
+def test_a_run_resumed_with_a_cap_it_did_not_have_starts_an_empty_window(tmp_path):
+    """Without the cap the measurements' work was kept, not the training's: resumed with a cap, that window
+    (all the earlier measurements against no training) postponed every step until the samples trained
+    since caught up with it. Work is counted only under the cap: the resumed run measures as a fresh window
+    does, its first due step at once."""
+    L.seed_everything(0)
+    plain = HessianEigenMonitor(k=1, every_n_steps=1, probe=PROBE, at_fit_end=False, stderr_every=None)
+    ckpt = ModelCheckpoint(tmp_path / "ckpt", "{step}", every_n_train_steps=30, save_top_k=-1)
+    first = trainer(tmp_path / "first", max_steps=30, callbacks=[plain, ckpt], enable_checkpointing=True)
+    first.fit(_Ordered(n=64, batch_size=BATCH))
+    capped = _budgeted()
+    with pytest.warns(RuntimeWarning, match="postponed"):
+        trainer(tmp_path / "resumed", max_steps=90, callbacks=[capped]).fit(
+            _Ordered(n=64, batch_size=BATCH), ckpt_path=tmp_path / "ckpt" / "step=30.ckpt"
+        )
+    resumed = [h["step"] for h in capped.history if h["step"] > 30]
+    assert resumed[0] == 31 and len(resumed) >= 3

@@ -15,11 +15,15 @@ fraction of the rest. They differ in the unit:
 
 The work budget's window is the run: a fit continued on the same Trainer goes on with it, and so does a
 fit resumed from a checkpoint (the window is in it), so a resumed run measures the steps of the
-uninterrupted one. The time budget's window is one fit (wall time does not carry over between processes).
+uninterrupted one (a continued one too, but for the fit-end measurement its first fit took, which the
+window charges). The work of measuring and training is counted only while the cap is set, so a run
+resumed with a cap it did not have starts with an empty window. The time budget's window is one fit
+(wall time does not carry over between processes).
 A window's first measurement is always taken: there is no cost to expect before it. So the cap holds
 from the second measurement on, approximately (a measurement dearer than the last one, e.g. one that
 also takes the trace, can overshoot it), and for each monitor on its own: several monitors
-(``per_group``) each count the others' cost as the rest of the fit.
+(``per_group``) each count the others' time as the rest of the fit (the work budget's rest is training
+alone).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import time
 
 
 class Budget:
-    """A measuring cost against the rest of one fit, in the unit of a subclass (its :meth:`rest`).
+    """A measuring cost against the rest of its window (a fit, or the run), in the unit of a subclass (its
+    :meth:`rest`).
 
     The cap itself is the monitor's fraction, read at every decision.
     """
@@ -37,8 +42,8 @@ class Budget:
         self.total = 0.0  # the run's measuring cost, all its fits (the time budget's is kept in checkpoints)
         self._open = False
         self._spent = 0.0
-        self._last: float | None = None  # the last measurement of this fit, None before the first
-        self._count = 0  # measurements charged in this fit
+        self._last: float | None = None  # the window's last measurement, None before the first
+        self._count = 0  # measurements charged in the window
 
     def start_fit(self) -> None:
         self._open, self._spent, self._last, self._count = True, 0.0, None, 0
@@ -50,18 +55,18 @@ class Budget:
         self._count += 1
 
     def rest(self) -> float:  # pragma: no cover - interface
-        """The fit's cost apart from measuring so far, in the budget's unit."""
+        """The window's cost apart from measuring so far, in the budget's unit."""
         raise NotImplementedError
 
     def over(self, fraction: float | None) -> bool:
-        """Whether one more measurement, expected to cost as much as the last one of this fit, would take
-        the measuring cost past ``fraction`` of the rest of the fit (never before the first)."""
+        """Whether one more measurement, expected to cost as much as the window's last one, would take the
+        measuring cost past ``fraction`` of the rest of the window (never before the first)."""
         if fraction is None or not self._open or self._last is None:
             return False
         return self._spent + self._last > fraction * self.rest()
 
     def overhead(self, measured: int = 2) -> float | None:
-        """This fit's measuring cost over the rest of it so far; ``None`` until the fit has measured
+        """The window's measuring cost over the rest of it so far; ``None`` until the window has measured
         ``measured`` times, or while the rest is nothing. Right after its first measurement the rest is
         the set-up's, and the ratio says nothing about the run; at a postponed step ``measured=1`` gives
         the ratio so far, which one more measurement like the last would take past the cap."""

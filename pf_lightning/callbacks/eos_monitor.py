@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -930,20 +931,21 @@ class EdgeOfStabilityMonitor(Callback):
     def _run_losses(self, device: torch.device) -> list[float]:
         """The losses of the steps taken: under data parallelism each rank records its own batches' losses,
         and a step descends their mean. At each measurement every rank averages the losses recorded since
-        the last one with the other ranks' (one all-reduce of a buffer the window's size, with their count:
-        ranks that recorded different counts keep their own and are warned). A resumed run's window holds
-        rank 0's own losses for the steps between its last measurement and the checkpoint."""
+        the last one with the other ranks' (one all-reduce of a buffer the window's size, with each rank's
+        count in a slot of its own: where the counts differ, every rank keeps its own losses and is warned).
+        A resumed run's window holds rank 0's own losses for the steps between its last measurement and the
+        checkpoint."""
         values = self._loss_values()
         raw, self._raw = self._raw, 0
         if not is_distributed():
             return values
-        buffer = torch.zeros(1 + (self.losses.maxlen or 0), dtype=torch.float64, device=device)
-        buffer[0] = raw
-        if raw:
-            buffer[1 : 1 + raw] = torch.tensor(values[-raw:], dtype=torch.float64)
         ranks = world_size()
+        buffer = torch.zeros(ranks + (self.losses.maxlen or 0), dtype=torch.float64, device=device)
+        buffer[dist.get_rank()] = raw
+        if raw:
+            buffer[ranks : ranks + raw] = torch.tensor(values[-raw:], dtype=torch.float64)
         all_reduce_sum(buffer)
-        if float(buffer[0]) != raw * ranks:
+        if bool((buffer[:ranks] != raw).any()):  # the same counts on every rank: the same answer on all
             self._warn_once(
                 "losses",
                 "the ranks recorded different numbers of step losses since the last measurement (a training_step "
@@ -951,7 +953,7 @@ class EdgeOfStabilityMonitor(Callback):
             )
             return values
         if raw:
-            values[-raw:] = (buffer[1 : 1 + raw] / ranks).tolist()
+            values[-raw:] = (buffer[ranks : ranks + raw] / ranks).tolist()
             self.losses.clear()
             self.losses.extend(values)
         return values

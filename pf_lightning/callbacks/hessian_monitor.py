@@ -490,8 +490,8 @@ class HessianEigenMonitor(Callback):
     ) -> EigenResult | None:
         """Measure now (at most once per ``global_step``); returns the result, or None if skipped."""
         step = trainer.global_step
-        # A step measured or postponed is settled: the later micro-batches of its accumulation (and the fit
-        # end at it) ask again at the same global_step.
+        # A step measured or postponed (by either budget) is settled: the later micro-batches of its
+        # accumulation, its epoch end and the fit end at it ask again at the same global_step.
         if self.spec is None or (step in (self._last_step, self._postponed_step) and not force):
             return None
         if not force and self._postponed(trainer, pl_module, step):
@@ -502,7 +502,8 @@ class HessianEigenMonitor(Callback):
                 result = self._measure_now(trainer, pl_module, step)
         finally:  # a failed attempt costs time and work too
             self._budget.charge(time.perf_counter() - begin)
-            self._work.charge(meter.work)
+            if self.max_work_fraction is not None:  # its window counts training only under the cap too
+                self._work.charge(meter.work)
         if result is not None:
             self._log_fractions(trainer, step)
         return result

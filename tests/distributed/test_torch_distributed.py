@@ -160,3 +160,12 @@ def test_fsdp2_matches_one_process_within_the_finite_difference_bound(ranks):
     assert r0["critical"] == r1["critical"] == pytest.approx(reference.value, rel=1e-3)
     assert r0["critical_root"] == r1["critical_root"] == pytest.approx(reference.value, rel=1e-3)
     assert r0["critical_unchanged"] and r1["critical_unchanged"]
+
+
+def test_the_edge_monitor_s_loss_window_is_averaged_over_ranks_only_where_they_agree(tmp_path):
+    """Three ranks. The same steps: each loss the mean of the three ranks'. Different counts (0, 2, 1): each
+    rank keeps its own; a check of their sum (3 = 3 x rank 2's 1) let rank 2 take a third of a sum of other
+    ranks' steps as its loss (11.67)."""
+    windows = spawn(torch_workers.loss_windows, tmp_path, [(2, 2, 2), (0, 2, 1)], world=3)
+    assert [w[0] for w in windows] == [[10.0, 11.0]] * 3
+    assert [w[1] for w in windows] == [[], [10.0, 11.0], [20.0]]

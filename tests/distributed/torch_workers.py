@@ -119,3 +119,21 @@ def fsdp(rank: int) -> dict[str, Any]:
 def both(rank: int) -> dict[str, Any]:
     """Both layouts in one launch (process start-up dominates the cost of these tests)."""
     return {"ddp": ddp(rank), "fsdp": fsdp(rank)}
+
+
+def loss_windows(rank: int, cases: list[tuple[int, ...]]) -> list[list[float]]:
+    """For each case, the EoS monitor's loss window after ``counts[rank]`` steps of this rank (losses
+    10 rank + i), averaged with the other ranks' as a measurement does."""
+    from types import SimpleNamespace
+
+    from pf_lightning import EdgeOfStabilityMonitor
+
+    windows = []
+    for counts in cases:
+        eos = EdgeOfStabilityMonitor(loss_window=5)
+        trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1)
+        for i in range(counts[rank]):
+            trainer.global_step = i + 1
+            eos.on_train_batch_end(trainer, None, torch.tensor(float(10 * rank + i)), None, i)
+        windows.append(eos._run_losses(torch.device("cpu")))
+    return windows

@@ -35,10 +35,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable, port: int, out: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, port: int, out: str, args: tuple, world: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = fn(rank, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -46,14 +46,14 @@ def _entry(rank: int, fn: Callable, port: int, out: str, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, out: Path, *args: Any) -> list[Any]:
-    """Run ``fn(rank, *args)`` on two gloo ranks; return what each rank returned, in rank order."""
-    mp.spawn(_entry, args=(fn, free_port(), str(out), args), nprocs=WORLD, join=True)
-    return load(out)
+def spawn(fn: Callable, out: Path, *args: Any, world: int = WORLD) -> list[Any]:
+    """Run ``fn(rank, *args)`` on ``world`` gloo ranks; return what each rank returned, in rank order."""
+    mp.spawn(_entry, args=(fn, free_port(), str(out), args, world), nprocs=world, join=True)
+    return load(out, world)
 
 
-def load(out: Path) -> list[Any]:
-    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def load(out: Path, world: int = WORLD) -> list[Any]:
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @contextlib.contextmanager
