@@ -18,7 +18,8 @@ Two tables, written to BENCHMARKS.md with ``--out`` (section "measurement-cost")
 
 Usage: ``python benchmarks/measurement_cost.py --out BENCHMARKS.md`` (about 8 minutes on 2 CPU threads);
 ``--split mlp`` only prints where one measurement's time goes on that model (its products, the first one
-with the graph build, and the rest).
+with the graph build, and the rest); ``--stacking mlp`` what the once-per-fit check that a stacked probe
+keeps the loss costs there.
 """
 
 from __future__ import annotations
@@ -144,6 +145,45 @@ def split_row(name: str, k: int = 5, rounds: int = 25) -> dict:
         "cached_product_ms": 1e3 * median(4),
         "outside_products_ms": 1e3 * median(3),
         "outside_per_product_ms": 1e3 * median(3) / rows[0][5],
+    }
+    print(out, flush=True)
+    return out
+
+
+def stacking_row(name: str, loader_batch: int = 128, rounds: int = 15) -> dict:
+    """What the monitor's check that a stacked probe keeps the loss costs, once per fit before its first
+    measurement: the probe as the loader's batches of ``loader_batch`` and stacked into one batch, the check
+    (loss and gradient of both, :func:`pf_lightning.callbacks._probe._stacking_keeps_the_loss`), one cold
+    top-5 measurement on the stacked probe and one cached product on it timed in alternation; medians over
+    ``rounds``."""
+    from pf_lightning.callbacks._probe import _stacking_keeps_the_loss, stack_batches
+    from pf_lightning.probe import ProbeSet
+
+    bench = make_bench(name)
+    x, y = bench.probe
+    drawn = ProbeSet(
+        [(x[i : i + loader_batch], y[i : i + loader_batch]) for i in range(0, len(x), loader_batch)]
+    )
+    stacked = stack_batches(drawn)
+    assert len(stacked) == 1 and _stacking_keeps_the_loss(bench.model, bench.loss_fn, drawn, stacked)
+    v = torch.randn(bench.n_params, generator=torch.Generator().manual_seed(0))
+    checks, measurements, products = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        _stacking_keeps_the_loss(bench.model, bench.loss_fn, drawn, stacked)
+        checks.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        hessian_eigenpairs(bench.model, bench.loss_fn, stacked, k=5, tol=1e-3)
+        measurements.append(time.perf_counter() - start)
+        products.append(_cached_product(bench, stacked, 5, v))
+    out = {
+        "model": name,
+        "loader_batches": len(drawn),
+        "check_ms": 1e3 * statistics.median(checks),
+        "measurement_ms": 1e3 * statistics.median(measurements),
+        "cached_product_ms": 1e3 * statistics.median(products),
+        "check_in_products": statistics.median(c / p for c, p in zip(checks, products, strict=True)),
+        "check_of_measurement": statistics.median(c / m for c, m in zip(checks, measurements, strict=True)),
     }
     print(out, flush=True)
     return out
@@ -281,11 +321,20 @@ def main() -> None:
         default=None,
         help="only print where one measurement's time goes on this model (products and the rest)",
     )
+    parser.add_argument(
+        "--stacking",
+        choices=MODELS,
+        default=None,
+        help="only print what the check that a stacked probe keeps the loss costs on this model",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     if args.split is not None:
         split_row(args.split)
+        return
+    if args.stacking is not None:
+        stacking_row(args.stacking)
         return
     body = markdown(
         [floor_row(name) for name in MODELS],
