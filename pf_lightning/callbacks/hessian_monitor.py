@@ -83,7 +83,8 @@ class HessianEigenMonitor(Callback):
         loss_fn: ``loss_fn(module, batch) -> Tensor``; by default the module's ``training_step`` (its
             ``self.log`` calls are kept out of the logs).
         which: ``"top"``, or ``"both"`` to also track the ``k`` most negative eigenvalues.
-        every_n_epochs: also measure at the end of every this many epochs.
+        every_n_epochs: also measure at the end of every this many epochs (as Lightning's ``ModelCheckpoint``
+            does, also at an epoch that ``max_steps`` ends early).
         at_fit_start: measure before the first optimizer step.
         at_fit_end: measure after the last optimizer step.
         warmup_steps: no step-interval and no fit-start measurement before this ``global_step`` (with
