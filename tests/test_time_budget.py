@@ -148,3 +148,18 @@ def test_budget_decisions(clock):
     assert budget.overhead() == 0.5  # 4 s measuring, 8 s of the rest
     budget.start_fit()
     assert budget.total == 4.0 and budget.overhead() is None and not budget.over(0.01)
+
+
+def test_a_step_postponed_stays_postponed_when_the_fit_is_continued(tmp_path, clock):
+    """Step 20 is postponed (4 + 4 + 4 > 0.5 x 20), at its batch end and again at the fit end. Continued on
+    the same Trainer, the new fit's start is step 20 once more: it was measured there (the continued fit's
+    time window is fresh), a step logged postponed and measured. The next due step is the fit's first."""
+    monitor = _monitor(clock)
+    t = trainer(tmp_path, max_steps=20, callbacks=[StepCost(clock), monitor], logger=CSVLogger(tmp_path))
+    L.seed_everything(0)
+    model = DigitsClassifier(n=64, batch_size=32)
+    t.fit(model)
+    assert [h["step"] for h in monitor.history] == [0, 16] and 20 in logged(t)["hessian/postponed"]
+    t.fit_loop.epoch_loop.max_steps = 24
+    t.fit(model)
+    assert [h["step"] for h in monitor.history][:3] == [0, 16, 21]

@@ -15,8 +15,9 @@ fraction of the rest. They differ in the unit:
 
 The work budget's window is the run: a fit continued on the same Trainer goes on with it, and so does a
 fit resumed from a checkpoint (the window is in it), so a resumed run measures the steps of the
-uninterrupted one (a continued one too, but for the fit-end measurement its first fit took, which the
-window charges). The work of measuring and training is counted only while the cap is set, so a run
+uninterrupted one where the checkpoint also holds the warm start (a cold start costs other products: FSDP2's
+sharded vectors, ``checkpoint_eigenvectors=False``), and a continued one too, but for the fit-end
+measurement its first fit took, which the window charges. The work of measuring and training is counted only while the cap is set, so a run
 resumed with a cap it did not have starts with an empty window. The time budget's window is one fit
 (wall time does not carry over between processes).
 A window's first measurement is always taken: there is no cost to expect before it. So the cap holds

@@ -222,14 +222,15 @@ def warn_fresh_start(owner: str, err: Exception) -> None:
 
 def monitor_from_state(
     state: Any,
-) -> tuple[list[dict[str, Any]], EigenResult | None, int, float, int, dict[str, Any] | None]:
-    """A :class:`~pf_lightning.HessianEigenMonitor` state: history, latest result, last step, seconds,
-    measurements taken (the history is capped, so it cannot tell the trace and density cadence), and the
-    work budget's window (None: none yet, or a state saved before it was kept)."""
+) -> tuple[list[dict[str, Any]], EigenResult | None, tuple[int, int], float, int, dict[str, Any] | None]:
+    """A :class:`~pf_lightning.HessianEigenMonitor` state: history, latest result, the last steps measured
+    and postponed, seconds, measurements taken (the history is capped, so it cannot tell the trace and
+    density cadence), and the work budget's window (None: none yet, or a state saved before it was kept)."""
     state = mapping(state, ("history", "latest", "last_step"), "HessianEigenMonitor")
     history = history_from_state(state["history"])
     latest = result_from_state(state["latest"])
     last_step = count(state["last_step"], "last_step", minimum=-1)
+    postponed_step = count(state.get("postponed_step", -1), "postponed_step", minimum=-1)
     seconds = max(0.0, finite(state.get("measure_seconds", 0.0), "measure_seconds"))
     measured = count(state.get("measured", len(history)), "measured")
     work = state.get("work")
@@ -242,7 +243,7 @@ def monitor_from_state(
             "count": count(work["count"], "work count"),
             "trained": max(0.0, finite(work["trained"], "work trained")),
         }
-    return history, latest, last_step, seconds, measured, work
+    return history, latest, (last_step, postponed_step), seconds, measured, work
 
 
 def eos_from_state(

@@ -254,7 +254,6 @@ class HessianEigenMonitor(Callback):
         self.spec: MeasurementSpec | None = None  # resolved when a fit starts
         self._listeners: list[Listener] = []
         self._gradient_readers: list[Listener] = []  # listeners that read ``result.gradient``
-        self._postponed_step = -1
         self._start = "fit"  # "resumed" from a checkpoint, or "unreadable" (its state could not be read)
         self._new_run()
 
@@ -263,7 +262,7 @@ class HessianEigenMonitor(Callback):
         self.latest: EigenResult | None = None
         self.history: list[dict[str, Any]] = []
         self.density: SpectralDensity | None = None
-        self._last_step = -1
+        self._last_step = self._postponed_step = -1  # the steps measured and postponed last
         self._budget, self._work = TimeBudget(), WorkBudget()
         self._measured = 0  # measurements taken (the history is capped): the trace and density cadence
         self._warned: set[str] = set()
@@ -391,7 +390,6 @@ class HessianEigenMonitor(Callback):
         if stage == "fit":
             if starts_a_run(trainer):
                 self._new_run()
-            self._postponed_step = -1
             self._start, self.spec = "fit", None  # another fit may bring another model or other data
             if self._shared_probe is not None:  # every setup runs before any on_train_start
                 self._shared_probe.probe = None
@@ -736,6 +734,7 @@ class HessianEigenMonitor(Callback):
             "history": self.history,
             "latest": result_state(self.latest, self.checkpoint_eigenvectors),
             "last_step": self._last_step,
+            "postponed_step": self._postponed_step,
             "measure_seconds": self._budget.total,
             "measured": self._measured,
             "work": self._work.state(),
@@ -746,7 +745,8 @@ class HessianEigenMonitor(Callback):
         self._start = "resumed"
         try:
             state = monitor_from_state(state_dict)
-            self.history, self.latest, self._last_step, self._budget.total, self._measured, work = state
+            self.history, self.latest, steps, self._budget.total, self._measured, work = state
+            self._last_step, self._postponed_step = steps
             self._work.restore(work)
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)

@@ -705,12 +705,11 @@ def optimizer_rule(optimizer: torch.optim.Optimizer | type) -> OptimizerRule:
         if base.__name__ in _REFUSED and base.__module__.startswith("torch.optim"):
             raise UnsupportedOptimizer(
                 f"{cls.__name__} has no stability threshold: {_REFUSED[base.__name__]} (supported: "
-                f"{', '.join(supported_optimizers())}; register a rule with register_optimizer_rule, or pass "
-                "threshold= explicitly)"
+                f"{', '.join(supported_optimizers())}; or register a rule with register_optimizer_rule)"
             )
     raise UnsupportedOptimizer(
         f"no stability rule is known for {cls.__name__} (supported: {', '.join(supported_optimizers())}): "
-        "register one with pf_lightning.stability.register_optimizer_rule, or pass threshold= explicitly"
+        "register one with pf_lightning.stability.register_optimizer_rule"
     )
 
 
@@ -891,7 +890,8 @@ def edge_lr(optimizer: torch.optim.Optimizer, sharpness: float, group: int = 0) 
     dynamics = unit_step_dynamics(optimizer, group)
     if not optimizer_rule(optimizer).step_scales_with_lr:
         raise UnsupportedOptimizer(
-            f"{type(optimizer).__name__}'s step is not proportional to its learning rate ({dynamics.formula}, "
-            "from a rate set one step earlier): no rate puts its threshold at a given sharpness"
+            f"{type(optimizer).__name__}'s step is not proportional to its learning rate "
+            f"({step_dynamics(optimizer, group).formula}, from a rate set one step earlier): no rate puts its "
+            "threshold at a given sharpness"
         )
     return dynamics.threshold / sharpness
