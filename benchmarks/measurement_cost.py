@@ -151,8 +151,8 @@ def split_row(name: str, k: int = 5, rounds: int = 25) -> dict:
 
 
 def stacking_row(name: str, loader_batch: int = 128, rounds: int = 15) -> dict:
-    """What the monitor's check that a stacked probe keeps the loss costs, once per fit before its first
-    measurement: the probe as the loader's batches of ``loader_batch`` and stacked into one batch, the check
+    """What the monitor's check that a stacked probe keeps the loss costs, once per fit and drawn probe,
+    before its first measurement: the probe as the loader's batches of ``loader_batch`` and stacked into one batch, the check
     (loss and gradient of both, :func:`pf_lightning.callbacks._probe._stacking_keeps_the_loss`), one cold
     top-5 measurement on the stacked probe and one cached product on it timed in alternation; medians over
     ``rounds``."""

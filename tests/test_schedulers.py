@@ -255,6 +255,9 @@ def test_asgd_has_thresholds_but_no_edge_rate():
         edge_lr(optimizer, 10.0)
     with pytest.raises(UnsupportedOptimizer, match="rate cannot be capped: ASGD's step is not proportional"):
         SharpnessCappedLR(optimizer)
+    # At rate 0 (a warm-up's start) the refusal is the same, not "lr must be positive".
+    with pytest.raises(UnsupportedOptimizer, match="ASGD's step is not proportional to its learning rate"):
+        edge_lr(torch.optim.ASGD([p], lr=0.0), 10.0)
 
 
 @pytest.mark.parametrize("make", [lambda: SharpnessCappedLR, lambda: DriftAdaptiveLR], ids=["cap", "dal"])

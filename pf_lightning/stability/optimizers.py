@@ -705,7 +705,7 @@ def optimizer_rule(optimizer: torch.optim.Optimizer | type) -> OptimizerRule:
         if base.__name__ in _REFUSED and base.__module__.startswith("torch.optim"):
             raise UnsupportedOptimizer(
                 f"{cls.__name__} has no stability threshold: {_REFUSED[base.__name__]} (supported: "
-                f"{', '.join(supported_optimizers())}; or register a rule with register_optimizer_rule)"
+                f"{', '.join(supported_optimizers())}; others through register_optimizer_rule)"
             )
     raise UnsupportedOptimizer(
         f"no stability rule is known for {cls.__name__} (supported: {', '.join(supported_optimizers())}): "
@@ -889,9 +889,12 @@ def edge_lr(optimizer: torch.optim.Optimizer, sharpness: float, group: int = 0) 
         raise ValueError(f"sharpness must be positive and finite, got {sharpness!r}")
     dynamics = unit_step_dynamics(optimizer, group)
     if not optimizer_rule(optimizer).step_scales_with_lr:
+        try:
+            step = step_dynamics(optimizer, group).formula
+        except ValueError:  # a rate of 0 has no step to name; the refusal stands
+            step = dynamics.formula
         raise UnsupportedOptimizer(
-            f"{type(optimizer).__name__}'s step is not proportional to its learning rate "
-            f"({step_dynamics(optimizer, group).formula}, from a rate set one step earlier): no rate puts its "
-            "threshold at a given sharpness"
+            f"{type(optimizer).__name__}'s step is not proportional to its learning rate ({step}, from a rate "
+            "set one step earlier): no rate puts its threshold at a given sharpness"
         )
     return dynamics.threshold / sharpness
