@@ -260,6 +260,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._listeners: list[EdgeListener] = []
         self._batches: TrainingBatches | None = None
         self._batches_resolved = False
+        self._batches_loader: Any = None  # the training loader they were settled for
         self._batches_error: MisconfigurationException | None = None
         self._progress: dict[str, float] = {}
         self._clip: tuple[float, str] | None = None  # the trainer's gradient clipping (set at fit start)
@@ -449,21 +450,25 @@ class EdgeOfStabilityMonitor(Callback):
             )
 
     def _training_batches(self, trainer: Trainer, pl_module: LightningModule) -> TrainingBatches | None:
-        """Where batch sharpness draws its mini-batches, settled once per fit (None: not measured).
+        """Where batch sharpness draws its mini-batches, settled for each training loader of the fit: again
+        after Lightning reloads it (``reload_dataloaders_every_n_epochs``, a curriculum). None: not measured.
 
         Raises:
-            MisconfigurationException: ``batch_sharpness=True`` but the training loader cannot be drawn from.
+            MisconfigurationException: ``batch_sharpness=True`` but the fit's first training loader cannot be
+                drawn from (a reloaded one that cannot is warned about and not measured).
         """
-        if self._batches_resolved:
+        loader = trainer.train_dataloader
+        if self._batches_resolved and loader is self._batches_loader:
             return self._batches
-        self._batches_resolved = True
+        reloaded = self._batches_resolved
+        self._batches_resolved, self._batches_loader, self._batches = True, loader, None
         wanted = self.batch_sharpness
         if wanted is False or (wanted is None and not trains_on_mini_batches(trainer)):
             return None
         try:
             self._batches = TrainingBatches.from_trainer(trainer)
         except ValueError as err:
-            if wanted:
+            if wanted and not reloaded:
                 self._batches_error = MisconfigurationException(
                     f"batch_sharpness=True needs mini-batches drawn like the training loader's, but {err}: "
                     "give the Trainer one map-style DataLoader with a batch_size, or set batch_sharpness=False"

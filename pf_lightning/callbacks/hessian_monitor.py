@@ -250,6 +250,7 @@ class HessianEigenMonitor(Callback):
         self.on_error = on_error
         self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
         self._probe_arg, self._loss_arg = probe, loss_fn
+        self._probe_loader: Any = None  # the training loader a drawn probe came from
         self.probe_batch_size = probe_batch_size
         self.spec: MeasurementSpec | None = None  # resolved when a fit starts
         self._listeners: list[Listener] = []
@@ -415,6 +416,7 @@ class HessianEigenMonitor(Callback):
             )
             if shared is not None:
                 shared.probe = probe
+        self._probe_loader = trainer.train_dataloader
         self.spec = MeasurementSpec(
             loss_fn=loss_fn,
             probe=probe,
@@ -472,6 +474,17 @@ class HessianEigenMonitor(Callback):
         # Step 0 is the fit-start measurement's (at_fit_start), not the micro-batches' before the first step.
         every = self.every_n_steps
         return bool(every) and step > 0 and step % every == 0 and step >= self.warmup_steps
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        drawn = self._probe_arg is None or is_int(self._probe_arg)
+        if drawn and self._probe_loader is not None and trainer.train_dataloader is not self._probe_loader:
+            self._warn_once(
+                "reloaded",
+                f"the training dataloader was reloaded (reload_dataloaders_every_n_epochs): the probe keeps the "
+                f"samples drawn at fit start, so {self._label} measures the loss on those; pass probe= batches to "
+                "choose the data measured",
+            )
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
