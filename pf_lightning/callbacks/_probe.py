@@ -354,7 +354,7 @@ def draw_probe(
         source = (
             "the training dataloader yields"
             if max_batches is None
-            else f"the {max_batches} batch(es) of the loader each epoch trains on (limit_train_batches)"
+            else f"the {max_batches} batch(es) of the loader each epoch trains on (limit_train_batches, overfit_batches or fast_dev_run)"
         )
         rank_zero_warn(
             f"probe={size} asks for more samples than {source} ({total}){shard}: the "
