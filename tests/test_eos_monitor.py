@@ -665,9 +665,6 @@ def test_callbacks_reused_with_another_trainer_start_a_new_run(tmp_path):
     assert steps == [h["step"] for h in fresh_monitor.history] == [0, 5, 10, 15, 20]
     assert [h["eigenvalues"] for h in monitor.history] == [h["eigenvalues"] for h in fresh_monitor.history]
     assert _edge_rows(eos) == _edge_rows(fresh)
-    assert [h["eos/ratio"] for h in eos.history] == pytest.approx(
-        [0.994, 0.825, 0.878, 0.952, 1.012], abs=1e-3
-    )
     assert eos.first_edge_step == fresh.first_edge_step == 20  # crossed in this run, not at the other's 0
     assert events == fresh_events == [20]
 

@@ -52,6 +52,12 @@ def training_input(trainer: Any, hooks: bool = True) -> Callable[[Any], Any]:
     return convert
 
 
+def drawn_from_loader(probe: Any) -> bool:
+    """Whether a monitor's ``probe`` argument asks for samples drawn from the training loader (None, or a
+    number of samples) rather than giving its own batches."""
+    return probe is None or isinstance(probe, int)
+
+
 def build_probe(
     trainer: Any,
     pl_module: Any,
@@ -77,7 +83,7 @@ def build_probe(
     if isinstance(probe, ProbeSet):
         convert = training_input(trainer, hooks=False)
         return ProbeSet([convert(b) for b in probe.batches], weights=probe.weights)
-    if probe is None or isinstance(probe, int):
+    if drawn_from_loader(probe):
         loader = trainer.train_dataloader
         if loader is None:
             raise MisconfigurationException(
@@ -354,7 +360,8 @@ def draw_probe(
         source = (
             "the training dataloader yields"
             if max_batches is None
-            else f"the {max_batches} batch(es) of the loader each epoch trains on (limit_train_batches, overfit_batches or fast_dev_run)"
+            else f"the {max_batches} batch(es) of the loader each epoch trains on (limit_train_batches, "
+            "overfit_batches or fast_dev_run)"
         )
         rank_zero_warn(
             f"probe={size} asks for more samples than {source} ({total}){shard}: the "

@@ -70,6 +70,9 @@ PROGRESS_BAR = (names.RATIO, names.BATCH_RATIO)
 """Shown in Lightning's progress bar after each measurement (kept there until the next one)."""
 
 
+_UNSETTLED = object()  # no training loader settled yet for the batch-sharpness draws
+
+
 @dataclasses.dataclass(frozen=True)
 class _Measured:
     """What one measurement gives the edge's judgement, which also reads the loss window: the arguments of
@@ -259,8 +262,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._unjudged: _Measured | None = None
         self._listeners: list[EdgeListener] = []
         self._batches: TrainingBatches | None = None
-        self._batches_resolved = False
-        self._batches_loader: Any = None  # the training loader they were settled for
+        self._batches_loader: Any = _UNSETTLED  # the training loader they were settled for
         self._batches_error: MisconfigurationException | None = None
         self._progress: dict[str, float] = {}
         self._clip: tuple[float, str] | None = None  # the trainer's gradient clipping (set at fit start)
@@ -352,7 +354,7 @@ class EdgeOfStabilityMonitor(Callback):
             if starts_a_run(trainer):
                 self._new_run()
             self._progress = {}  # nothing from an earlier fit in this one's progress bar
-            self._batches, self._batches_resolved, self._batches_error = None, False, None
+            self._batches, self._batches_loader, self._batches_error = None, _UNSETTLED, None
             self._batch_open, self._judgement_due, self._unjudged = False, False, None
 
     @override
@@ -458,10 +460,10 @@ class EdgeOfStabilityMonitor(Callback):
                 drawn from (a reloaded one that cannot is warned about and not measured).
         """
         loader = trainer.train_dataloader
-        if self._batches_resolved and loader is self._batches_loader:
+        if loader is self._batches_loader:
             return self._batches
-        reloaded = self._batches_resolved
-        self._batches_resolved, self._batches_loader, self._batches = True, loader, None
+        reloaded = self._batches_loader is not _UNSETTLED
+        self._batches_loader, self._batches = loader, None
         wanted = self.batch_sharpness
         if wanted is False or (wanted is None and not trains_on_mini_batches(trainer)):
             return None

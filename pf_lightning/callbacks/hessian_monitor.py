@@ -52,7 +52,7 @@ from ._checkpoint import (
     warn_fresh_start,
 )
 from ._faults import OnError, check_on_error, notify, skip_or_raise
-from ._probe import build_probe, resolve_loss_fn
+from ._probe import build_probe, drawn_from_loader, resolve_loss_fn
 
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
 
@@ -250,7 +250,7 @@ class HessianEigenMonitor(Callback):
         self.on_error = on_error
         self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
         self._probe_arg, self._loss_arg = probe, loss_fn
-        self._probe_loader: Any = None  # the training loader a drawn probe came from
+        self._probe_loader: Any = None  # the training loader a drawn probe came from (None: probe= batches)
         self.probe_batch_size = probe_batch_size
         self.spec: MeasurementSpec | None = None  # resolved when a fit starts
         self._listeners: list[Listener] = []
@@ -416,7 +416,7 @@ class HessianEigenMonitor(Callback):
             )
             if shared is not None:
                 shared.probe = probe
-        self._probe_loader = trainer.train_dataloader
+        self._probe_loader = trainer.train_dataloader if drawn_from_loader(self._probe_arg) else None
         self.spec = MeasurementSpec(
             loss_fn=loss_fn,
             probe=probe,
@@ -477,8 +477,7 @@ class HessianEigenMonitor(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        drawn = self._probe_arg is None or is_int(self._probe_arg)
-        if drawn and self._probe_loader is not None and trainer.train_dataloader is not self._probe_loader:
+        if self._probe_loader is not None and trainer.train_dataloader is not self._probe_loader:
             self._warn_once(
                 "reloaded",
                 f"the training dataloader was reloaded (reload_dataloaders_every_n_epochs): the probe keeps the "

@@ -83,9 +83,9 @@ class WorkMeter:
     An operator's work is ``(PRODUCT_COST * products + gradients + FORWARD_COST * loss passes)`` times the
     samples of this rank's probe, the gradients counting double backward's gradient graphs (one per batch,
     built by its first product, or by every product with ``cache_graphs=False``): the unit is one sample's
-    gradient, the unit in which training spends ``batch size`` per micro-batch. It depends on the product counts alone, not on the machine, so a
-    budget counted in it (``HessianEigenMonitor(max_work_fraction=...)``) measures the same steps in
-    every run. Meters nest; each one counts what was done inside it.
+    gradient, the unit in which training spends ``batch size`` per micro-batch. It depends on the product
+    counts alone, not on the machine, so a budget counted in it (``HessianEigenMonitor(max_work_fraction=...)``)
+    measures the same steps in every run. Meters nest; each one counts what was done inside it.
     """
 
     def __init__(self) -> None:
