@@ -728,7 +728,7 @@ class BatchSharpness:
 def _update_per_unit_lr(optimizer: torch.optim.Optimizer, space: ParameterSpace, gradient: Tensor) -> Tensor:
     """The optimizer's next update over group 0's learning rate: the direction whose quotients compare
     with :func:`~pf_lightning.stability.update_threshold` (2/lr)."""
-    return optimizer_update(optimizer, space, gradient) / float(optimizer.param_groups[0]["lr"])
+    return optimizer_update(optimizer, space, gradient).div_(float(optimizer.param_groups[0]["lr"]))
 
 
 class _Quotient:
@@ -1093,7 +1093,6 @@ def critical_sharpness(
         model, loss_fn, batches, params=params, hvp="finite_difference", seed=seed, dtype=dtype
     ) as op:
         space, n_backward = op.space, 0
-        d = torch.zeros(space.n, dtype=space.dtype, device=space.device)
         if direction is None:
             gradient, n_backward = op.gradient(), 1
             if gradient_clip is not None:
@@ -1117,6 +1116,7 @@ def critical_sharpness(
             else:
                 d = _update_per_unit_lr(optimizer, space, gradient)
         else:
+            d = torch.zeros(space.n, dtype=space.dtype, device=space.device)  # where this rank's check fails
             # This rank's own check, reported to every rank by the next collective (the base loss).
             with op.local_step():
                 if direction.dim() != 1 or direction.numel() != space.n:

@@ -2,6 +2,7 @@
 accuracy against float64, and checkpoints with or without the eigenvectors."""
 
 import dataclasses
+from collections.abc import Callable
 
 import lightning as L
 import pytest
@@ -15,8 +16,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from pf_lightning import HessianEigenMonitor, hessian_eigenpairs
+from pf_lightning.curvature import optimizer_update
+from pf_lightning.curvature.operator import HessianOperator
 from pf_lightning.linalg import DenseOperator, OffloadedOperator, lanczos, lobpcg
+from pf_lightning.linalg import operator as operator_module
 from pf_lightning.linalg.lanczos import lanczos_vectors
+from pf_lightning.linalg.operator import gram
 
 
 class VectorCounter(TorchDispatchMode):
@@ -90,6 +95,59 @@ def test_a_small_basis_holds_basis_size_plus_one_and_the_product(k, basis_size, 
     assert result.all_converged and result.info["restarts"] >= 10
     want = torch.linalg.eigvalsh(op.matrix).flip(0)[:k]
     torch.testing.assert_close(result.eigenvalues, want, rtol=1e-7, atol=0)
+
+
+def deep_bfloat16_net() -> tuple[torch.nn.Module, Callable, list]:
+    """Eight 64x64 layers in bfloat16: no parameter is more than an eighth of the model."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Tanh()) for _ in range(8)]
+    model = torch.nn.Sequential(*layers).to(torch.bfloat16)
+
+    def loss_fn(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(m(batch[0].to(torch.bfloat16)).float(), batch[1])
+
+    return model, loss_fn, [(torch.randn(32, 64), torch.randint(0, 64, (32,)))]
+
+
+def test_a_bfloat16_product_adds_its_passes_into_the_float32_result_without_a_copy():
+    """At 6.57B parameters on an H200 a float32 copy of the product was the 24.5 GiB that did not fit
+    (BENCHMARKS.md, "Billion-parameter LMs"): the product of the bfloat16 passes is added into the float32
+    result as it is converted, and one column is its own flat product."""
+    model, loss_fn, batches = deep_bfloat16_net()
+    with HessianOperator(model, loss_fn, batches, hvp="double_backward", dtype=torch.bfloat16) as op:
+        v = torch.randn(op.n)
+        op.matvec(v)  # builds the cached gradient graph
+        with VectorCounter(op.n, torch.float32) as counter:
+            op.matvec(v)
+    # In float32 vectors: the block's own storage seen through its view (1), its bfloat16 copy for the
+    # passes (1/2), the float32 result (1), the bfloat16 product (1/2). Before: 4.0 (a float32 copy of it).
+    assert counter.peak <= 3.0, counter.peak
+
+
+def test_the_optimizers_update_holds_float64_copies_of_one_parameter_at_a_time():
+    """critical_sharpness(optimizer=) and batch sharpness along the update: the update of a model in
+    bfloat16 held the whole gradient, the update's pieces and their concatenation in float64 (8 float32
+    vectors here; the 24.5 GiB copies an H200 ran out on at 6.57B parameters)."""
+    model, loss_fn, batches = deep_bfloat16_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_fn(model, batches[0]).backward()
+        optimizer.step()
+    with HessianOperator(model, loss_fn, batches, dtype=torch.bfloat16) as op:
+        gradient = op.gradient()
+        reference = torch.cat(
+            [
+                (-1e-3 * (0.9 * optimizer.state[p]["momentum_buffer"].double() + g.double())).reshape(-1)
+                for p, g in zip(op.space.params, op.space.unflatten(gradient), strict=True)
+            ]
+        ).to(torch.bfloat16)
+        with VectorCounter(op.n, torch.float32) as counter:
+            update = optimizer_update(optimizer, op.space, gradient)
+    assert torch.equal(update, reference)  # computed in float64, rounded once to the passes' dtype
+    # The gradient's storage seen through its views (1), the bfloat16 result (1/2), and six float64
+    # tensors of one 64x64 parameter (its gradient, momentum, value and three intermediates: 6 x 1/4).
+    assert counter.peak <= 3.0, counter.peak
 
 
 @pytest.mark.parametrize("solver", [lanczos, lobpcg])
@@ -195,3 +253,16 @@ def test_bfloat16_finite_differences_warn_about_their_accuracy():
         hessian_eigenpairs(
             case.model, case.loss_fn, case.batches, k=1, dtype=torch.bfloat16, hvp="finite_difference"
         )
+
+
+def test_inner_products_of_vectors_longer_than_one_blas_call_go_in_pieces(monkeypatch):
+    """cuBLAS refused torch.dot of 6.57B-parameter vectors ("dot only supports n <= 2147483647", an H200
+    in BENCHMARKS.md); the same pieces at a small length, against the one-call products."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y, g = (torch.randn(1000, b, generator=gen, dtype=torch.float64) for b in (3, 2, 1))
+    want = (X.mT @ Y, X.mT @ g[:, 0], g[:, 0] @ g[:, 0])
+    monkeypatch.setattr(operator_module, "_LONGEST", 999)
+    monkeypatch.setattr(operator_module, "_PIECE", 300)  # four pieces, the last one short
+    got = (gram(X, Y), gram(X, g[:, 0]), DenseOperator(torch.eye(1000)).inner(g[:, 0], g[:, 0]))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)

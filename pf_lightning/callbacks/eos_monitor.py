@@ -46,6 +46,7 @@ from ..curvature.drift import gradient_curvature
 from ..curvature.params import ParameterSpace
 from ..curvature.precondition import optimizer_weight_decay
 from ..linalg import EigenResult, NonFiniteOperatorError
+from ..linalg.operator import gram
 from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
 from ..measure import BatchSharpness
 from ..stability import PRECONDITIONER_WARMUP_STEPS, EdgeHistory, PreconditionerUnavailable, StepDynamics
@@ -747,7 +748,7 @@ class EdgeOfStabilityMonitor(Callback):
                 space = ParameterSpace(pl_module, self.monitor.params, dtype=gradient.dtype)
                 decay = optimizer_weight_decay(optimizer, space).to(gradient)
                 gradient = gradient + decay * space.values().to(gradient)
-            local = torch.cat([vectors.mT @ gradient, (gradient @ gradient).reshape(1)])
+            local = torch.cat([gram(vectors, gradient), gram(gradient, gradient).reshape(1)])
             parts.copy_(local.to(device=device, dtype=torch.float64))
         if result.info.get("sharded"):
             reduce_agreed(parts, hold.take())

@@ -147,10 +147,10 @@ class DoubleBackwardHVP(HVPBackend):
     def apply(self, index: int, V: Tensor) -> Tensor:
         grads = self._gradient_graph(index)
         live = [i for i, g in enumerate(grads) if g.requires_grad]
-        out = torch.zeros_like(V)
         if not live:  # the loss is at most linear in these parameters
-            return out
+            return torch.zeros_like(V)
         pieces = self.space.unflatten(V)
+        out = None if V.shape[1] == 1 else torch.zeros_like(V)  # one column is its own flat product
         for col in range(V.shape[1]):
             hv = torch.autograd.grad(
                 [grads[i] for i in live],
@@ -160,6 +160,8 @@ class DoubleBackwardHVP(HVPBackend):
                 allow_unused=True,
                 materialize_grads=True,
             )
+            if out is None:
+                return self.space.flatten(hv).unsqueeze(1)
             out[:, col] = self.space.flatten(hv)
         return out
 

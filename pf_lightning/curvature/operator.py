@@ -460,9 +460,8 @@ class HessianOperator(LinearOperator):
                 )
         self.backend.begin_block(Xp)
 
-        def term(index: int) -> Tensor:
-            product = first if index == 0 and first is not None else self.backend.apply(index, Xp)
-            return product.to(X.dtype)
+        def term(index: int) -> Tensor:  # in the passes' dtype: adding it to X's dtype converts as it goes
+            return first if index == 0 and first is not None else self.backend.apply(index, Xp)
 
         return self._accumulate(term, torch.zeros_like(X))
 

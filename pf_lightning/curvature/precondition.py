@@ -142,7 +142,8 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
     flat ``gradient`` (this rank's slices under FSDP2), from its state and without stepping it.
 
     Computed in float64 by the optimizer's rule (:attr:`~pf_lightning.stability.OptimizerRule.update`),
-    returned in the space's dtype.
+    one parameter at a time, each written into the result in the space's dtype: beside the result it
+    holds float64 copies of one parameter (its gradient, state and value), never of the whole model.
 
     A parameter outside the optimizer's groups does not move (its change is 0).
 
@@ -155,12 +156,11 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
         raise UnsupportedOptimizer(
             f"the rule {rule.name!r} of {type(optimizer).__name__} has no `update`: its next step is unknown"
         )
-    pieces = space.unflatten(gradient.detach().to(torch.float64))
-    out = []
-    for p, grad, group in zip(space.params, pieces, _group_indices(optimizer, space), strict=True):
+    out = torch.zeros(gradient.shape, dtype=space.dtype, device=gradient.device)
+    pieces = zip(space.params, space.unflatten(gradient.detach()), space.unflatten(out), strict=True)
+    for (p, grad, target), group in zip(pieces, _group_indices(optimizer, space), strict=True):
         if group is None:
-            out.append(torch.zeros(grad.numel(), dtype=torch.float64, device=grad.device))
-            continue
+            continue  # not moved: its change stays 0
         state = {
             key: local_part(value).to(torch.float64)
             if isinstance(value, Tensor) and value.is_floating_point()
@@ -169,8 +169,9 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
         }
         param = local_part(p).detach().to(torch.float64)
         settings = group_settings(optimizer, group)  # refuses maximize=True
-        out.append(rule.update(settings, state, grad.reshape(param.shape), param).reshape(-1))
-    return torch.cat(out).to(space.dtype)
+        grad = grad.to(torch.float64).reshape(param.shape)
+        target.copy_(rule.update(settings, state, grad, param).reshape(target.shape))
+    return out
 
 
 def check_diagonal(

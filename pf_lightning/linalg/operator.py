@@ -16,7 +16,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["DenseOperator", "LinearOperator", "OffloadedOperator", "ShiftedOperator"]
+__all__ = ["DenseOperator", "LinearOperator", "OffloadedOperator", "ShiftedOperator", "gram"]
+
+# One BLAS call takes at most 2**31 - 1 elements along its inner dimension (on CUDA, torch.dot of
+# 2.1B-parameter vectors raises "dot only supports n ... <= 2147483647"): longer ones go in pieces.
+_LONGEST = 2**31 - 1
+_PIECE = 2**30
+
+
+def gram(X: Tensor, Y: Tensor) -> Tensor:
+    """``X^T Y`` of two blocks of rows ``(n, a)`` and ``(n, b)``, of a block and a vector, or the inner
+    product of two vectors: summed over pieces of the rows where ``n`` is longer than one BLAS call takes."""
+    if X.shape[0] <= _LONGEST:
+        return X.mT @ Y if X.ndim == 2 else X @ Y
+    total = gram(X[:_PIECE], Y[:_PIECE])
+    for start in range(_PIECE, X.shape[0], _PIECE):
+        total = total + gram(X[start : start + _PIECE], Y[start : start + _PIECE])
+    return total
 
 
 class LinearOperator:
@@ -66,7 +82,7 @@ class LinearOperator:
 
     def inner(self, X: Tensor, Y: Tensor) -> Tensor:
         """Gram matrix ``X^T Y`` of two blocks (or inner product of two vectors), reduced globally."""
-        return X.mT @ Y if X.ndim == 2 else torch.dot(X, Y)
+        return gram(X, Y)
 
     def randn(self, b: int, generator: torch.Generator) -> Tensor:
         """A ``(n, b)`` block of standard Gaussian vectors, identical on every process for a seed.

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..linalg.operator import gram
+
 REGIME_CODES: dict[str, int] = {"saddle": -1, "stable": 0, "oscillating": 1, "unstable": 2}
 """Numeric codes of :func:`regimes`, for loggers that only take numbers."""
 
@@ -174,7 +176,7 @@ def gradient_projections(gradient: Tensor, eigenvectors: Tensor) -> Tensor:
             f"eigenvectors must have shape (n, k) = ({gradient.shape[0]}, k), got {tuple(eigenvectors.shape)}"
         )
     dtype = torch.promote_types(gradient.dtype, eigenvectors.dtype)
-    return eigenvectors.to(dtype).T @ gradient.to(dtype)
+    return gram(eigenvectors.to(dtype), gradient.to(dtype))
 
 
 def _eigenvalues_and_projections(
