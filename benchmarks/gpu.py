@@ -600,6 +600,9 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="with --render: rewrite the gpu section of this file"
     )
+    parser.add_argument(
+        "--section", default="gpu", help="with --out: the section's name (one section per run and machine)"
+    )
     args = parser.parse_args()
     if args.render is not None:
         body = render(json.loads(args.render.read_text()))
@@ -607,7 +610,7 @@ def main() -> None:
         if args.out is not None:
             from benchmarks.report import rewrite
 
-            rewrite(args.out, "gpu", body)
+            rewrite(args.out, args.section, body)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {

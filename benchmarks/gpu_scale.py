@@ -23,7 +23,10 @@ on the device, a probe of 4 sequences of 256 tokens:
   update: forward passes and one gradient, as a fraction of a training step (medians of 3).
 
 One process for both sizes, the model freed between them. Each part that fails (out of memory) is
-recorded as its error and the rest goes on. ``--render FILE`` re-renders a saved JSON.
+recorded as its error and the rest goes on; ``--json`` is written after each part, so a run stopped by a
+time limit keeps what it finished. ``--max-hvp`` bounds the top eigenpair's products (100): at 6.57B, with
+the basis in host memory, each moves a 24.5 GiB vector to the GPU and back. ``--render FILE`` re-renders
+a saved JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +129,7 @@ def choose(n: int, gpu_free: float, host_free: float) -> tuple[int | None, str |
     return None, None
 
 
-def top_eigenpair(model: LlamaStyleLM, probe: list, device: str) -> dict[str, Any]:
+def top_eigenpair(model: LlamaStyleLM, probe: list, device: str, max_hvp: int = 100) -> dict[str, Any]:
     n = sum(p.numel() for p in model.parameters())
     gpu, host = _free(device)
     basis_size, where = choose(n, gpu, host)
@@ -154,7 +158,7 @@ def top_eigenpair(model: LlamaStyleLM, probe: list, device: str) -> dict[str, An
                 probe,
                 k=1,
                 tol=1e-2,
-                max_hvp=100,
+                max_hvp=max_hvp,
                 dtype=torch.bfloat16,
                 basis_device=basis_device,
                 basis_size=basis_size,
@@ -210,19 +214,43 @@ def critical_per_step(model: LlamaStyleLM, probe: list, device: str, repeats: in
     return row
 
 
-def measure(label: str, size: tuple[int, int, int], vocab: int, shape: tuple[int, int], device: str) -> dict:
+def _release(device: str) -> None:
+    """Return freed tensors to the device, so that ``mem_get_info`` sees them free."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def measure(
+    label: str,
+    size: tuple[int, int, int],
+    vocab: int,
+    shape: tuple[int, int],
+    device: str,
+    row: dict[str, Any] | None = None,
+    save: Callable[[], None] = lambda: None,
+    max_hvp: int = 100,
+) -> dict:
+    """One size's row, filled into ``row`` part by part, ``save()`` after each: a run stopped by a time
+    limit keeps the parts it finished. The top eigenpair first, at initialization: critical sharpness
+    trains the model."""
+    row = {} if row is None else row
+    start = time.perf_counter()
     model = build(size, vocab, device)
     n = sum(p.numel() for p in model.parameters())
     tokens = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1)).to(device)
     probe = [(tokens, tokens)]
-    row = {"size": label, "params": n, "d": size[0], "layers": size[1], "tokens": shape[0] * shape[1]}
-    print(f"# {label}: {n / 1e9:.2f}B parameters", flush=True)
-    row["top1"] = top_eigenpair(model, probe, device)
+    row.update(size=label, params=n, d=size[0], layers=size[1], tokens=shape[0] * shape[1])
+    print(f"# {label}: {n / 1e9:.2f}B parameters, built in {time.perf_counter() - start:.0f} s", flush=True)
+    row["top1"] = top_eigenpair(model, probe, device, max_hvp)
+    save()
+    print(f"# {label}: top eigenpair done at {time.perf_counter() - start:.0f} s", flush=True)
+    _release(device)
     row["critical"] = critical_per_step(model, probe, device, repeats=3)
+    save()
+    print(f"# {label}: critical sharpness done at {time.perf_counter() - start:.0f} s", flush=True)
     del model, probe, tokens
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    _release(device)
     return row
 
 
@@ -240,9 +268,10 @@ def render(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
-        t, c = r["top1"], r["critical"]
+        unfinished = {"error": "not finished: the run was stopped by its time limit"}
+        t, c = r.get("top1", unfinished), r.get("critical", unfinished)
         if "error" in t:
-            top = [f"{t['error']}", "", "", f"{t['vector_gib']:.0f} GiB", ""]
+            top = [f"{t['error']}", "", "", f"{t['vector_gib']:.0f} GiB" if "vector_gib" in t else "", ""]
         else:
             where = "host" if t["basis_device"] == "cpu" else "GPU"
             where += f", basis_size={t['basis_size']}" if t.get("basis_size") else ""
@@ -270,6 +299,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test that runs on the CPU")
     parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--max-hvp", type=int, default=100, help="the top eigenpair's budget of products")
     parser.add_argument("--out", type=Path, default=None, help="rewrite the gpu-scale section of this file")
     parser.add_argument("--render", type=Path, default=None, help="render this JSON and stop")
     args = parser.parse_args()
@@ -288,11 +318,15 @@ def main() -> None:
         }
         sizes = QUICK_SIZES if args.quick else SIZES
         vocab, shape = (QUICK_VOCAB, QUICK_PROBE) if args.quick else (VOCAB, PROBE)
-        for label in args.sizes:
-            results["rows"].append(measure(label, sizes[label], vocab, shape, device))
-            print(json.dumps(results["rows"][-1], indent=1), flush=True)
+
+        def save() -> None:
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
+
+        for label in args.sizes:
+            results["rows"].append({})
+            measure(label, sizes[label], vocab, shape, device, results["rows"][-1], save, args.max_hvp)
+            print(json.dumps(results["rows"][-1], indent=1), flush=True)
     body = render(results)
     print(body)
     if args.out is not None:
