@@ -336,6 +336,7 @@ def hessian_eigenpairs(
                 diagonal = preconditioner
                 check_diagonal("preconditioner", diagonal, hessian.n)  # named as the caller knows it
             op = PreconditionedOperator(hessian, diagonal, shift)
+            del diagonal, shift  # the operator holds what it needs: not two more vectors for the solve
         X0 = _warm_vectors(warm_start, op.n)
     with hessian:
         common = {
@@ -758,21 +759,31 @@ class _Quotient:
         if self.theta is None:
             self.decay = None
 
+    def _as(self, name: str, like: Tensor) -> Tensor:
+        """``self.<name>`` in ``like``'s dtype and device, converted once for all batches."""
+        value = getattr(self, name)
+        if value.dtype != like.dtype or value.device != like.device:
+            value = value.to(like)
+            setattr(self, name, value)
+        return value
+
     def __call__(self, gradient: Tensor) -> tuple[Tensor, Tensor]:
         """The direction ``x`` and the gradient the optimizer sees, for one batch's gradient."""
         seen = (
-            gradient if self.theta is None else gradient + self.decay.to(gradient) * self.theta.to(gradient)
+            gradient
+            if self.theta is None
+            else gradient + self._as("decay", gradient) * self._as("theta", gradient)
         )
         if self.optimizer is None:
             return gradient, gradient
         if self.diagonal is not None:
-            return seen / self.diagonal.to(seen), seen
-        return -_update_per_unit_lr(self.optimizer, self.space, gradient).to(seen), seen
+            return seen / self._as("diagonal", seen), seen
+        return _update_per_unit_lr(self.optimizer, self.space, gradient).to(seen).neg_(), seen
 
     def curvature(self, op: HessianOperator, x: Tensor) -> float:
-        product = op.matvec(x)
+        product = op.matvec(x)  # the caller's own: added to in place
         if self.decay is not None:
-            product = product + self.decay.to(x) * x
+            product.add_(self._as("decay", x) * x)
         return float(op.inner(x, product))
 
 
@@ -881,6 +892,7 @@ def batch_sharpness(
             try:
                 x, seen = quotient(op.gradient())
                 denominator = float(op.inner(x, seen))
+                seen = None  # not held through the product
                 if not (math.isfinite(denominator) and denominator != 0):
                     skipped += 1
                     continue
@@ -891,6 +903,7 @@ def batch_sharpness(
                 continue
             finally:
                 n_hvp += op.n_matvec
+                x = seen = None  # not held through the next batch's gradient
         if not math.isfinite(curvature):
             skipped += 1
             continue
@@ -1094,27 +1107,28 @@ def critical_sharpness(
     ) as op:
         space, n_backward = op.space, 0
         if direction is None:
-            gradient, n_backward = op.gradient(), 1
+            gradient, n_backward = op.gradient(), 1  # a fresh tensor: changed in place below
             if gradient_clip is not None:
                 value, algorithm = float(gradient_clip[0]), gradient_clip[1]
                 if algorithm == "value":
-                    gradient = gradient.clamp(-value, value)
+                    gradient.clamp_(-value, value)
                 else:  # torch's clip_grad_norm_ over the optimizer's parameters, every rank's slice
                     counted = gradient
                     if optimizer is not None:
                         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-                        counted = gradient * space.flatten(
-                            [
-                                torch.full_like(t, float(id(p) in held))
-                                for p, t in zip(space.params, space.local_params(), strict=True)
-                            ]
-                        ).to(gradient.dtype)
+                        counted = gradient.clone()
+                        for p, piece in zip(space.params, space.unflatten(counted), strict=True):
+                            if id(p) not in held:
+                                piece.zero_()
+                        del piece  # a view of counted
                     norm = float(op.inner(counted, counted)) ** 0.5
-                    gradient = gradient * min(1.0, value / (norm + 1e-6))
+                    del counted
+                    gradient.mul_(min(1.0, value / (norm + 1e-6)))
             if optimizer is None:
-                d = -gradient.to(space.dtype)
+                d = gradient.to(space.dtype).neg_()
             else:
                 d = _update_per_unit_lr(optimizer, space, gradient)
+            del gradient  # not needed in the search: d and the saved parameters are
         else:
             d = torch.zeros(space.n, dtype=space.dtype, device=space.device)  # where this rank's check fails
             # This rank's own check, reported to every rank by the next collective (the base loss).

@@ -15,7 +15,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from pf_lightning import HessianEigenMonitor, hessian_eigenpairs
+from pf_lightning import HessianEigenMonitor, batch_sharpness, critical_sharpness, hessian_eigenpairs
 from pf_lightning.curvature import optimizer_update
 from pf_lightning.curvature.operator import HessianOperator
 from pf_lightning.linalg import DenseOperator, OffloadedOperator, lanczos, lobpcg
@@ -127,7 +127,7 @@ def test_a_bfloat16_product_adds_its_passes_into_the_float32_result_without_a_co
 def test_the_optimizers_update_holds_float64_copies_of_one_parameter_at_a_time():
     """critical_sharpness(optimizer=) and batch sharpness along the update: the update of a model in
     bfloat16 held the whole gradient, the update's pieces and their concatenation in float64 (8 float32
-    vectors here; the 24.5 GiB copies an H200 ran out on at 6.57B parameters)."""
+    vectors here; at 6.57B parameters float64 copies of 49 GiB each, on which an H200 ran out)."""
     model, loss_fn, batches = deep_bfloat16_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     for _ in range(2):
@@ -253,6 +253,97 @@ def test_bfloat16_finite_differences_warn_about_their_accuracy():
         hessian_eigenpairs(
             case.model, case.loss_fn, case.batches, k=1, dtype=torch.bfloat16, hvp="finite_difference"
         )
+
+
+def _trained(model: torch.nn.Module, loss_fn: Callable, batch: tuple, optimizer: torch.optim.Optimizer):
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def _first_auto_product(model, loss_fn, batches, _optimizer) -> None:
+    with HessianOperator(model, loss_fn, batches, dtype=torch.bfloat16) as op:
+        op.matvec(torch.ones(op.n))
+
+
+def _second_fd_product(model, loss_fn, batches, _optimizer) -> None:
+    with HessianOperator(model, loss_fn, batches, hvp="finite_difference", dtype=torch.bfloat16) as op:
+        v = torch.ones(op.n)
+        op.matvec(v)  # saves the parameters: per-parameter copies, below the counter's threshold here
+        op.matvec(v)
+
+
+def _gradient(model, loss_fn, batches, _optimizer) -> None:
+    with HessianOperator(model, loss_fn, batches, dtype=torch.bfloat16) as op:
+        op.gradient()
+
+
+def _mini_batches() -> list:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 64, generator=gen), torch.randint(0, 64, (8,), generator=gen)) for _ in range(4)]
+
+
+SGD = lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)  # noqa: E731
+ADAM = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)  # noqa: E731
+BF16 = {"dtype": torch.bfloat16}
+
+
+@pytest.mark.parametrize(
+    ("measure", "optimizer", "bound"),
+    [
+        # The float32 result (1) and the bfloat16 gradient added into it (1/2); was 2.5 (a float32 copy).
+        (_gradient, None, 1.5),
+        # The block seen through its view (1), its bfloat16 copy (1/2), the result (1), the product (1/2);
+        # was 3.25: `hvp="auto"` checked its trial product with isfinite (|x| and three masks).
+        (_first_auto_product, None, 3.0),
+        # The same with g(θ + hv) and g(θ - hv) in place of the product (1/2 each); was 5.0 (the difference
+        # and quotient as new tensors, copied into a block).
+        (_second_fd_product, None, 3.5),
+        # The gradient (1.5, above); the search holds the direction alone. Was 2.5.
+        (lambda m, f, b, o: critical_sharpness(m, f, b, initial_step=1e-3, **BF16), None, 1.5),
+        # The gradient (1), its copy masked to the optimizer's parameters for the clipping norm (1, freed),
+        # then the update (1/2) and six float64 tensors of one parameter (6/4). Was 4.0.
+        (
+            lambda m, f, b, o: critical_sharpness(
+                m, f, b, optimizer=o, initial_step=1e-3, gradient_clip=(1.0, "norm"), **BF16
+            ),
+            SGD,
+            3.0,
+        ),
+        # The direction x (1) and a product (2, as above); was 5.0: the gradient the optimizer sees, and the
+        # previous batch's x and gradient during the next gradient.
+        (lambda m, f, b, o: batch_sharpness(m, f, _mini_batches(), optimizer=o, **BF16), SGD, 3.0),
+        # Adam's scale P^-1/2 (1), Lanczos's 3 vectors, the scaled block (1) and a product (2: its fourth
+        # vector is the result); was 8.0: the preconditioner's diagonal held through the solve.
+        (
+            lambda m, f, b, o: hessian_eigenpairs(
+                m, f, b, k=1, tol=1e-2, basis_size=2, preconditioner=o, hvp="double_backward", **BF16
+            ),
+            ADAM,
+            7.0,
+        ),
+    ],
+    ids=[
+        "gradient",
+        "auto-trial-product",
+        "fd-product",
+        "critical",
+        "critical-clip-sgd",
+        "batch-sgd",
+        "adam",
+    ],
+)
+def test_a_measurement_holds_what_it_needs_and_no_more(measure, optimizer, bound):
+    """Peaks in float32 parameter-sized vectors of a bfloat16 model with no parameter over an eighth of it,
+    each 24.5 GiB at 6.57B parameters (an outside audit of every path after the H200 runs found these)."""
+    model, loss_fn, batches = deep_bfloat16_net()
+    opt = None if optimizer is None else _trained(model, loss_fn, batches[0], optimizer(model))
+    with VectorCounter(sum(p.numel() for p in model.parameters()), torch.float32) as counter:
+        measure(model, loss_fn, batches, opt)
+    assert counter.peak <= bound, counter.peak
 
 
 def test_inner_products_of_vectors_longer_than_one_blas_call_go_in_pieces(monkeypatch):

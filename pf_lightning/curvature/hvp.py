@@ -293,7 +293,7 @@ class FiniteDifferenceHVP(HVPBackend):
             self._saved = [p.detach().clone() for p in self.space.local_params()]
             theta_norm = float(self._column_norms(self.space.values()[:, None])[0])
             self._scale = max(1.0, theta_norm / math.sqrt(self.space.global_n))
-        out = torch.empty_like(V)
+        out = None if V.shape[1] == 1 else torch.empty_like(V)  # one column is its own product
         norms = (
             self._block[1]
             if self._block is not None and self._block[0] is V
@@ -304,19 +304,23 @@ class FiniteDifferenceHVP(HVPBackend):
                 v = V[:, col]
                 v_norm = norms[col]
                 if v_norm == 0.0 or not math.isfinite(v_norm):
-                    out[:, col] = 0.0 if v_norm == 0.0 else float("nan")
-                    continue
-                pieces = self.space.unflatten(v)
-                while True:  # twice at most per coarser precision: the first gradient may reveal it
-                    precision = self.precision
-                    h = self.step() * self._scale / v_norm
-                    self._shift(pieces, h)
-                    g_plus = self._gradient(index)
-                    if self.precision == precision:
-                        break
-                self._shift(pieces, -h)
-                g_minus = self._gradient(index)
-                out[:, col] = (g_plus - g_minus) / (2.0 * h)
+                    column = torch.full_like(v, 0.0 if v_norm == 0.0 else float("nan"))
+                else:
+                    pieces = self.space.unflatten(v)
+                    while True:  # twice at most per coarser precision: the first gradient may reveal it
+                        precision = self.precision
+                        h = self.step() * self._scale / v_norm
+                        self._shift(pieces, h)
+                        g_plus = self._gradient(index)
+                        if self.precision == precision:
+                            break
+                    self._shift(pieces, -h)
+                    column = g_plus.sub_(self._gradient(index)).div_(2.0 * h)  # in place: fresh gradients
+                    del g_plus
+                if out is None:
+                    return column.to(V.dtype).unsqueeze(1)
+                out[:, col] = column
+                del column
         finally:
             self._restore()
         return out

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .._validation import Checks
 from ..linalg import NonFiniteOperatorError
+from ..linalg._common import all_finite
 from ..linalg.operator import LinearOperator
 from ..probe import ProbeSet, map_tensors
 from .distributed import (
@@ -333,7 +334,7 @@ class HessianOperator(LinearOperator):
         with self._failure:
             try:
                 first = backend.apply(0, X)
-                if not bool(torch.isfinite(first).all()):
+                if not all_finite(first):
                     raise RuntimeError("double backward gave a non-finite product")
             except _LossFailed as err:
                 raise err.error from None
@@ -421,7 +422,7 @@ class HessianOperator(LinearOperator):
             # Local slices may differ in finiteness: agree through one small flag, which also reports a
             # non-finite loss recorded on this rank.
             (bad,) = any_rank(
-                [not bool(torch.isfinite(out).all())],
+                [not all_finite(out)],
                 self.device,
                 self._local_error or self._failure.take(),
                 NonFiniteLossError,
@@ -514,13 +515,13 @@ class HessianOperator(LinearOperator):
 
         def term(index: int) -> Tensor:
             cached = None if cache is None else cache.cached_gradient(index)
-            if cached is not None:
-                return self.space.flatten(cached).to(self.dtype)
+            if cached is not None:  # in the passes' dtype, as below: adding it to the result converts it
+                return self.space.flatten(cached)
             passes[0] += 1
             with torch.enable_grad():
                 return self.space.gradient(
                     self._sharded_loss(index) if self.space.sharded else self.loss_at(index)
-                ).to(self.dtype)
+                )
 
         try:
             return self._accumulate(term, torch.zeros(self.n, dtype=self.dtype, device=self.device))
