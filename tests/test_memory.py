@@ -21,7 +21,9 @@ from pf_lightning.curvature.operator import HessianOperator
 from pf_lightning.linalg import DenseOperator, OffloadedOperator, lanczos, lobpcg
 from pf_lightning.linalg import operator as operator_module
 from pf_lightning.linalg.lanczos import lanczos_vectors
-from pf_lightning.linalg.operator import gram
+from pf_lightning.linalg.operator import combine, gram, recombine_rows_, subtract_combination_
+from pf_lightning.linalg.trace import hutchpp_trace
+from pf_lightning.stability import pf_velocity
 
 
 class VectorCounter(TorchDispatchMode):
@@ -346,14 +348,54 @@ def test_a_measurement_holds_what_it_needs_and_no_more(measure, optimizer, bound
     assert counter.peak <= bound, counter.peak
 
 
-def test_inner_products_of_vectors_longer_than_one_blas_call_go_in_pieces(monkeypatch):
-    """cuBLAS refused torch.dot of 6.57B-parameter vectors ("dot only supports n <= 2147483647", an H200
-    in BENCHMARKS.md); the same pieces at a small length, against the one-call products."""
+def test_products_along_vectors_longer_than_one_blas_call_go_in_contiguous_pieces(monkeypatch):
+    """cuBLAS takes 32-bit sizes and leading dimensions: torch.dot of 6.57B-parameter vectors raised on an
+    H200 ("dot only supports n <= 2147483647", BENCHMARKS.md), and gemv/gemm check theirs alike. With the
+    limit lowered to 999 and the CPU counted as such a device, every product along the parameters goes in
+    contiguous pieces (a Lanczos basis's rows are 1000 apart: too long a stride too), and the helpers and
+    the solvers give what one call gives."""
     gen = torch.Generator().manual_seed(0)
-    X, Y, g = (torch.randn(1000, b, generator=gen, dtype=torch.float64) for b in (3, 2, 1))
-    want = (X.mT @ Y, X.mT @ g[:, 0], g[:, 0] @ g[:, 0])
+    X, Y, c = torch.randn(1000, 3, generator=gen, dtype=torch.float64), torch.randn(1000, 2), torch.randn(3)
+    X, Y, c = X, Y.double(), c.double()
+    V, S = torch.randn(5, 1000, generator=gen, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    op = low_rank_operator(1000)
+    plain = {
+        "gram": (gram(X, Y), gram(X, Y[:, 0]), gram(Y[:, 0], Y[:, 0])),
+        "combine": (combine(X, c), combine(X, Y[:3].mT.contiguous().mT)),
+        "subtract": subtract_combination_(Y[:, 0].clone(), X, c),
+        "recombine": _recombined(V, S),
+        "lanczos": lanczos(op, 3, tol=1e-10, max_matvec=3000, basis_size=8),
+        "lobpcg": lobpcg(op, 3, tol=1e-8, max_matvec=3000),
+        "hutch++": hutchpp_trace(op, 30).trace,
+        "pf_velocity": pf_velocity(0.5, torch.tensor([1.0, 3.0]), X[:, :2], torch.tensor([1.0, -1.0])),
+    }
+    pieces = []
     monkeypatch.setattr(operator_module, "_LONGEST", 999)
     monkeypatch.setattr(operator_module, "_PIECE", 300)  # four pieces, the last one short
-    got = (gram(X, Y), gram(X, g[:, 0]), DenseOperator(torch.eye(1000)).inner(g[:, 0], g[:, 0]))
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    monkeypatch.setattr(operator_module, "_LIMITED", ("cuda", "cpu"))
+    real = operator_module._pieces
+    monkeypatch.setattr(operator_module, "_pieces", lambda n: pieces.append(n) or real(n))
+    cut = {
+        "gram": (gram(X, Y), gram(X, Y[:, 0]), gram(Y[:, 0], Y[:, 0])),
+        "combine": (combine(X, c), combine(X, Y[:3].mT.contiguous().mT)),
+        "subtract": subtract_combination_(Y[:, 0].clone(), X, c),
+        "recombine": _recombined(V, S),
+        "lanczos": lanczos(op, 3, tol=1e-10, max_matvec=3000, basis_size=8),
+        "lobpcg": lobpcg(op, 3, tol=1e-8, max_matvec=3000),
+        "hutch++": hutchpp_trace(op, 30).trace,
+        "pf_velocity": pf_velocity(0.5, torch.tensor([1.0, 3.0]), X[:, :2], torch.tensor([1.0, -1.0])),
+    }
+    assert len(pieces) > 100 and set(pieces) == {1000}
+    for name in plain:
+        a, b = plain[name], cut[name]
+        if name in ("lanczos", "lobpcg"):  # the same iterations; vectors to the tolerance's square root
+            assert a.n_hvp == b.n_hvp, name
+            torch.testing.assert_close(b.eigenvectors.abs(), a.eigenvectors.abs(), rtol=0, atol=1e-6)
+            a, b = a.eigenvalues, b.eigenvalues
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _recombined(V: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    V = V.clone()
+    recombine_rows_(V, S)
+    return V

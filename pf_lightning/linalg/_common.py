@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .operator import LinearOperator
+from .operator import LinearOperator, combine, subtract_combination_
 from .result import EigenResult
 
 Which = Literal["top", "bottom", "both"]
@@ -170,7 +170,7 @@ def orthonormalize(op: LinearOperator, W: Tensor, against: Tensor | None = None)
         if W.shape[1] == 0:
             return W
         if against is not None and against.shape[1] > 0:
-            W = W - against @ op.inner(against, W)
+            W = W - combine(against, op.inner(against, W))
         G = op.inner(W, W).to(device="cpu", dtype=torch.float64)
         G = 0.5 * (G + G.mT)
         d = G.diagonal().clamp_min(1e-300).rsqrt()
@@ -179,7 +179,7 @@ def orthonormalize(op: LinearOperator, W: Tensor, against: Tensor | None = None)
         if not bool(keep.any()):
             return W[:, :0]
         T = (d[:, None] * evecs[:, keep]) * evals[keep].rsqrt()[None, :]
-        W = W @ T.to(device=W.device, dtype=W.dtype)
+        W = combine(W, T.to(device=W.device, dtype=W.dtype))
     return W
 
 
@@ -209,9 +209,9 @@ def lanczos_step(op: LinearOperator, V: Tensor, j: int) -> tuple[Tensor, Tensor,
         w = w.detach().clone()
     basis = V[: j + 1].mT  # (n, j + 1): the blocks the operator's inner product takes
     h = op.inner(basis, w)
-    w.addmv_(basis, h, alpha=-1)
+    subtract_combination_(w, basis, h)
     h2 = op.inner(basis, w)
-    w.addmv_(basis, h2, alpha=-1)
+    subtract_combination_(w, basis, h2)
     # One transfer to the host a step, the coefficients and the squared norm together: the solver's
     # decisions and its small eigenproblems run there (an accelerator would wait on each scalar read).
     host = torch.cat([h + h2, op.inner(w, w).reshape(1)]).to(device="cpu", dtype=torch.float64)

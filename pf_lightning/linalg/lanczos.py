@@ -56,7 +56,7 @@ from ._common import (
     select,
     select_block,
 )
-from .operator import LinearOperator, OffloadedOperator
+from .operator import LinearOperator, OffloadedOperator, combine, recombine_rows_
 from .result import EigenResult
 
 __all__ = ["WARM_START_MIX", "default_basis_size", "lanczos", "lanczos_vectors"]
@@ -84,21 +84,6 @@ def lanczos_vectors(n_wanted: int, n: int, basis_size: int | None = None, neighb
     """
     m = min(n, basis_size if basis_size is not None else default_basis_size(n_wanted, n))
     return m + 1 + max(1, n_wanted + (guard_count(n_wanted) if neighbours else 0))
-
-
-def _recombine(V: Tensor, S: Tensor) -> None:
-    """``V[:p] = S^T V[:m]`` in place for the ``(m + 1, n)`` basis (one vector per row) and an ``(m, p)``
-    matrix ``S``, ``p <= m``: the new rows are the Ritz vectors ``V[:m]^T S``.
-
-    Column blocks are independent, so recombining ``m`` blocks of ``n / m`` entries one after the other
-    needs less than one extra vector, where ``S^T V[:m]`` at once would need ``p`` of them.
-    """
-    m, p = S.shape
-    width = max(1, -(-V.shape[1] // m))
-    St = S.mT
-    for first in range(0, V.shape[1], width):
-        block = V[:, first : first + width]
-        block[:p] = St @ block[:m]
 
 
 def lanczos(
@@ -226,12 +211,12 @@ def lanczos(
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
         if bool(conv.all()) or complete or used >= budget:
-            vectors = V[:j].mT @ S[:, wanted].to(op.device, op.dtype)
+            vectors = combine(V[:j].mT, S[:, wanted].to(op.device, op.dtype))
             guards = None
             if neighbours:  # formed on their own: a slice of one product would keep it all alive
                 near = select_block(theta, n_wanted + guard_count(n_wanted), which)
                 extra = near[~torch.isin(near, wanted)]
-                guards = V[:j].mT @ S[:, extra].to(op.device, op.dtype) if extra.numel() else None
+                guards = combine(V[:j].mT, S[:, extra].to(op.device, op.dtype)) if extra.numel() else None
             info = {
                 "restarts": restarts,
                 "basis_size": m,
@@ -259,7 +244,7 @@ def lanczos(
         # carry the information that speeds up the next cycle.
         n_keep = min(n_wanted + (m - n_wanted) // 2, m - 1)
         keep = select_block(theta, n_keep, which)
-        _recombine(V, S[:, keep].to(op.device, op.dtype))
+        recombine_rows_(V, S[:, keep].to(op.device, op.dtype))
         V[n_keep] = V[m]
         H.zero_()
         H[:n_keep, :n_keep] = torch.diag(theta[keep])

@@ -39,7 +39,7 @@ from ._common import (
     select,
     select_block,
 )
-from .operator import LinearOperator, OffloadedOperator
+from .operator import LinearOperator, OffloadedOperator, combine
 from .result import EigenResult
 
 __all__ = ["lobpcg"]
@@ -118,7 +118,7 @@ def lobpcg(
     check_finite(AX)
     theta, C = _rayleigh_ritz(op, X, AX)
     Cw = C.to(op.device, op.dtype)
-    X, AX = X @ Cw, AX @ Cw
+    X, AX = combine(X, Cw), combine(AX, Cw)
     P = AP = None
     iterations, scale = 0, float(theta.abs().max())
 
@@ -176,7 +176,7 @@ def lobpcg(
         Cp = U[:, sv > 1e-10 * max(float(sv.max()), 1e-300)] if sv.numel() else U[:, :0]
         theta = theta_all[keep]
         Cx_w, Cp_w = Cx.to(op.device, op.dtype), Cp.to(op.device, op.dtype)
-        X, AX = S @ Cx_w, AS @ Cx_w
-        P, AP = (S @ Cp_w, AS @ Cp_w) if Cp.shape[1] else (None, None)
+        X, AX = combine(S, Cx_w), combine(AS, Cx_w)
+        P, AP = (combine(S, Cp_w), combine(AS, Cp_w)) if Cp.shape[1] else (None, None)
         del S, AS  # held until the next iteration's residuals otherwise: 6 blocks at that peak
         iterations += 1

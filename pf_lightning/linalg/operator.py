@@ -16,23 +16,91 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["DenseOperator", "LinearOperator", "OffloadedOperator", "ShiftedOperator", "gram"]
+__all__ = [
+    "DenseOperator",
+    "LinearOperator",
+    "OffloadedOperator",
+    "ShiftedOperator",
+    "combine",
+    "gram",
+    "recombine_rows_",
+    "subtract_combination_",
+]
 
-# One BLAS call takes at most 2**31 - 1 elements along its inner dimension (on CUDA, torch.dot of
-# 2.1B-parameter vectors raises "dot only supports n ... <= 2147483647"): longer ones go in pieces.
+# cuBLAS takes 32-bit sizes and leading dimensions (torch.dot of 6.57B-parameter vectors on an H200 raised
+# "dot only supports n ... <= 2147483647"; gemv and gemm check theirs alike). Products along vectors longer
+# than that go in contiguous pieces of _PIECE rows, each within the limits; elsewhere, and on devices
+# whose torch does not hand such products to a 32-bit BLAS (the CPU falls back to its own loops), as one call.
 _LONGEST = 2**31 - 1
-_PIECE = 2**30
+_PIECE = 2**26
+_LIMITED = ("cuda",)
+
+
+def _too_long(*tensors: Tensor) -> bool:
+    """A size, or the stride of a dimension longer than 1, over what one such BLAS call takes."""
+    return any(
+        t.device.type in _LIMITED
+        and max([*t.shape, *(step for size, step in zip(t.shape, t.stride(), strict=True) if size > 1), 0])
+        > _LONGEST
+        for t in tensors
+    )
+
+
+def _pieces(n: int) -> list[slice]:
+    return [slice(start, start + _PIECE) for start in range(0, n, _PIECE)]
 
 
 def gram(X: Tensor, Y: Tensor) -> Tensor:
     """``X^T Y`` of two blocks of rows ``(n, a)`` and ``(n, b)``, of a block and a vector, or the inner
-    product of two vectors: summed over pieces of the rows where ``n`` is longer than one BLAS call takes."""
-    if X.shape[0] <= _LONGEST:
+    product of two vectors; summed over pieces of the rows where one BLAS call cannot take them."""
+    if not _too_long(X, Y):
         return X.mT @ Y if X.ndim == 2 else X @ Y
-    total = gram(X[:_PIECE], Y[:_PIECE])
-    for start in range(_PIECE, X.shape[0], _PIECE):
-        total = total + gram(X[start : start + _PIECE], Y[start : start + _PIECE])
+    total = None
+    for rows in _pieces(X.shape[0]):
+        Xp, Yp = X[rows].contiguous(), Y[rows].contiguous()
+        part = Xp.mT @ Yp if X.ndim == 2 else Xp @ Yp
+        total = part if total is None else total + part
     return total
+
+
+def combine(X: Tensor, C: Tensor) -> Tensor:
+    """``X C``: the rows ``(n, a)`` combined by a small ``(a, b)`` matrix or ``(a,)`` vector, piece by piece
+    of the rows where one BLAS call cannot take them."""
+    if not _too_long(X):
+        return X @ C
+    out = X.new_empty((X.shape[0], *C.shape[1:]))
+    for rows in _pieces(X.shape[0]):
+        out[rows] = X[rows].contiguous() @ C
+    return out
+
+
+def subtract_combination_(w: Tensor, X: Tensor, c: Tensor) -> Tensor:
+    """``w -= X c`` in place for a vector ``w`` of length ``n``, rows ``X`` ``(n, a)`` and coefficients ``c``."""
+    if not _too_long(w, X):
+        return w.addmv_(X, c, alpha=-1)
+    for rows in _pieces(X.shape[0]):
+        w[rows].addmv_(X[rows].contiguous(), c, alpha=-1)
+    return w
+
+
+def recombine_rows_(V: Tensor, S: Tensor) -> None:
+    """``V[:p] = S^T V[:m]`` in place for a basis of ``m`` or more rows of length ``n`` and an ``(m, p)``
+    matrix ``S``, ``p <= m``.
+
+    Column blocks are independent, so recombining ``m`` blocks of ``n / m`` entries one after the other
+    needs less than one extra vector, where ``S^T V[:m]`` at once would need ``p`` of them; where one BLAS
+    call cannot take a block (its rows are ``n`` apart), blocks of at most ``_PIECE`` columns are copied
+    to contiguous ones first.
+    """
+    m, p = S.shape
+    width = max(1, -(-V.shape[1] // m))
+    long = _too_long(V)
+    if long:
+        width = min(width, _PIECE)
+    St = S.mT
+    for first in range(0, V.shape[1], width):
+        block = V[:, first : first + width]
+        block[:p] = St @ (block[:m].contiguous() if long else block[:m])
 
 
 class LinearOperator:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pf_lightning.linalg._common import orthonormalize
-from pf_lightning.linalg.operator import LinearOperator
+from pf_lightning.linalg.operator import LinearOperator, combine
 
 __all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace", "rademacher"]
 
@@ -189,7 +189,7 @@ def hutchpp_trace(op: LinearOperator, n_matvec: int = 99, *, seed: int = 0) -> T
     n_probes = 0 if rank >= op.global_n else n_matvec - k - rank
 
     def deflate(Z: Tensor) -> Tensor:
-        return Z - Q @ op.inner(Q, Z) if rank else Z
+        return Z - combine(Q, op.inner(Q, Z)) if rank else Z
 
     samples = _quadratic_forms(op, n_probes, generator, max(k, 1), project=deflate)
     residual = float(samples.mean()) if n_probes else 0.0

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..linalg.operator import gram
+from ..linalg.operator import combine, gram
 
 REGIME_CODES: dict[str, int] = {"saddle": -1, "stable": 0, "oscillating": 1, "unstable": 2}
 """Numeric codes of :func:`regimes`, for loggers that only take numbers."""
@@ -300,4 +300,4 @@ def pf_velocity(
         )
     weights = _real_coefficient(h, lam, c) * c
     dtype = torch.promote_types(weights.dtype, eigenvectors.dtype)
-    return eigenvectors.to(dtype) @ weights.to(dtype)
+    return combine(eigenvectors.to(dtype), weights.to(dtype))
