@@ -229,8 +229,8 @@ def hessian_eigenpairs(
         weights: sample count of each batch (counted from the leading dimension otherwise).
         dtype: measure in this dtype instead of the parameters' own. ``torch.bfloat16`` runs the
             passes in bfloat16 (half the memory of float32 activations and graphs) with solver vectors
-            in float32; measured accuracy of the top eigenvalues: within 0.2% of float64 with the
-            exact backends, 1-10% with finite differences (too coarse a step in bfloat16).
+            in float32; measured accuracy of the top eigenvalues: within 0.2-2% of float64 with the
+            exact backends, 1-39% off with finite differences, which warn (README, "Memory").
         cache_graphs: with double backward, keep each batch's gradient graph during the measurement
             (the graph of a gradient holds that batch's activations: ``False`` keeps one at a time).
         basis_device: keep the solver's vectors (Krylov basis, LOBPCG blocks, the returned
