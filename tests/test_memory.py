@@ -359,36 +359,29 @@ def test_products_along_vectors_longer_than_one_blas_call_go_in_contiguous_piece
     X, Y, c = X, Y.double(), c.double()
     V, S = torch.randn(5, 1000, generator=gen, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     op = low_rank_operator(1000)
-    plain = {
-        "gram": (gram(X, Y), gram(X, Y[:, 0]), gram(Y[:, 0], Y[:, 0])),
-        "combine": (combine(X, c), combine(X, Y[:3].mT.contiguous().mT)),
-        "subtract": subtract_combination_(Y[:, 0].clone(), X, c),
-        "recombine": _recombined(V, S),
-        "recombine, wide blocks": _recombined(V, S[:2, :1]),  # 500 columns a block: pieces of 300
-        "gram, rows 1000 apart": gram(V[:3, :600].mT, Y[:600, 0]),  # 600 rows, too long a stride
-        "lanczos": lanczos(op, 3, tol=1e-10, max_matvec=3000, basis_size=8),
-        "lobpcg": lobpcg(op, 3, tol=1e-8, max_matvec=3000),
-        "hutch++": hutchpp_trace(op, 30).trace,
-        "pf_velocity": pf_velocity(0.5, torch.tensor([1.0, 3.0]), X[:, :2], torch.tensor([1.0, -1.0])),
-    }
+
+    def results() -> dict:
+        return {
+            "gram": (gram(X, Y), gram(X, Y[:, 0]), gram(Y[:, 0], Y[:, 0])),
+            "combine": (combine(X, c), combine(X, Y[:3].mT.contiguous().mT)),
+            "subtract": subtract_combination_(Y[:, 0].clone(), X, c),
+            "recombine": _recombined(V, S),
+            "recombine, wide blocks": _recombined(V, S[:2, :1]),  # 500 columns a block: pieces of 300
+            "gram, rows 1000 apart": gram(V[:3, :600].mT, Y[:600, 0]),  # 600 rows, too long a stride
+            "lanczos": lanczos(op, 3, tol=1e-10, max_matvec=3000, basis_size=8),
+            "lobpcg": lobpcg(op, 3, tol=1e-8, max_matvec=3000),
+            "hutch++": hutchpp_trace(op, 30).trace,
+            "pf_velocity": pf_velocity(0.5, torch.tensor([1.0, 3.0]), X[:, :2], torch.tensor([1.0, -1.0])),
+        }
+
+    plain = results()
     pieces = []
     monkeypatch.setattr(operator_module, "_LONGEST", 999)
     monkeypatch.setattr(operator_module, "_PIECE", 300)  # four pieces, the last one short
     monkeypatch.setattr(operator_module, "_LIMITED", ("cuda", "cpu"))
     real = operator_module._pieces
     monkeypatch.setattr(operator_module, "_pieces", lambda n: pieces.append(n) or real(n))
-    cut = {
-        "gram": (gram(X, Y), gram(X, Y[:, 0]), gram(Y[:, 0], Y[:, 0])),
-        "combine": (combine(X, c), combine(X, Y[:3].mT.contiguous().mT)),
-        "subtract": subtract_combination_(Y[:, 0].clone(), X, c),
-        "recombine": _recombined(V, S),
-        "recombine, wide blocks": _recombined(V, S[:2, :1]),  # 500 columns a block: pieces of 300
-        "gram, rows 1000 apart": gram(V[:3, :600].mT, Y[:600, 0]),  # 600 rows, too long a stride
-        "lanczos": lanczos(op, 3, tol=1e-10, max_matvec=3000, basis_size=8),
-        "lobpcg": lobpcg(op, 3, tol=1e-8, max_matvec=3000),
-        "hutch++": hutchpp_trace(op, 30).trace,
-        "pf_velocity": pf_velocity(0.5, torch.tensor([1.0, 3.0]), X[:, :2], torch.tensor([1.0, -1.0])),
-    }
+    cut = results()
     assert len(pieces) > 100 and set(pieces) == {1000, 600}
     for name in plain:
         a, b = plain[name], cut[name]
