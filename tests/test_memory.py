@@ -355,8 +355,9 @@ def test_products_along_vectors_longer_than_one_blas_call_go_in_contiguous_piece
     contiguous pieces (a Lanczos basis's rows are 1000 apart: too long a stride too), and the helpers and
     the solvers give what one call gives."""
     gen = torch.Generator().manual_seed(0)
-    X, Y, c = torch.randn(1000, 3, generator=gen, dtype=torch.float64), torch.randn(1000, 2), torch.randn(3)
-    X, Y, c = X, Y.double(), c.double()
+    X, Y, c = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((1000, 3), (1000, 2), (3,))
+    )
     V, S = torch.randn(5, 1000, generator=gen, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     op = low_rank_operator(1000)
 

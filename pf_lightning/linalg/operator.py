@@ -76,10 +76,11 @@ def gram(X: Tensor, Y: Tensor) -> Tensor:
     """``X^T Y`` of two blocks of rows ``(n, a)`` and ``(n, b)``, of a block and a vector, or the inner
     product of two vectors, in their dtype. Along more than ``_ONE_CALL`` entries it is summed in float64
     over short pieces (an accurate sum), and in contiguous pieces where one BLAS call cannot take the rows."""
-    if X.shape[0] <= _ONE_CALL and not _too_long(X, Y):
+    too_long = _too_long(X, Y)
+    if X.shape[0] <= _ONE_CALL and not too_long:
         return X.mT @ Y if X.ndim == 2 else X @ Y
     X2, Y2 = (X[:, None] if X.ndim == 1 else X), (Y[:, None] if Y.ndim == 1 else Y)
-    if not _too_long(X, Y):
+    if not too_long:
         total = _summed_gram(X2, Y2)
     else:
         total = sum(
