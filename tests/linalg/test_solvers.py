@@ -258,7 +258,8 @@ class _Diagonal(LinearOperator):
 
 def test_inner_products_along_millions_of_float32_entries_are_summed_accurately():
     """torch's CPU BLAS adds a float32 product's terms one after another: the Gram matrix of an (n, 4) block
-    was 3.7e-3 off at n = 2^22 (the rows layout of a Lanczos basis too, and 2e-5 for one dot product)."""
+    was 3.7e-3 off at n = 2^22 (the rows layout of a Lanczos basis too, and 2e-5 for one dot product); a
+    narrower second block is multiplied first and the result transposed."""
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(2**22, 4, generator=gen)
     want = X.double().mT @ X.double()
@@ -266,6 +267,8 @@ def test_inner_products_along_millions_of_float32_entries_are_summed_accurately(
     for got, ref in [
         (gram(X, X), want),
         (gram(basis, X[:, 0]), want[:, 0]),
+        (gram(basis, X[:, :2]), want[:, :2]),  # the narrower block goes first: both orientations
+        (gram(X[:, 0], basis), want[0]),
         (gram(X[:, 1].contiguous(), X[:, 1].contiguous()), want[1, 1]),
     ]:
         assert got.dtype == torch.float32 and got.shape == ref.shape
