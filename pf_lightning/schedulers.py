@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from . import logging as names
 from ._validation import Checks, is_int, is_number
@@ -377,7 +377,11 @@ class SharpnessCappedLR(_MeasuredLR):
             above=0,
             hint="use a fraction of the edge rate such as 0.9 (stable) or 1.1 (at the edge)",
         )
-        if base is not None and (not isinstance(base, LRScheduler) or base.optimizer is not optimizer):
+        if base is not None and (
+            not isinstance(base, LRScheduler)
+            or isinstance(base, ReduceLROnPlateau)  # an LRScheduler since torch 2.2, stepped with a metric
+            or base.optimizer is not optimizer
+        ):
             _check.fail(
                 "base",
                 "None or an LRScheduler built on the same optimizer, e.g. CosineAnnealingLR(optimizer, T_max=...)",

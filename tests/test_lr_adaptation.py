@@ -117,6 +117,62 @@ def test_an_installed_scheduler_resumes_like_an_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
+class _DalDigits(DigitsClassifier):
+    """DigitsClassifier with DAL from configure_optimizers; under manual optimization if ``manual``."""
+
+    def __init__(self, manual: bool, scheduler: str = "configured", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = not manual
+        self.scheduler = scheduler  # "configured", "stepped" by training_step, or "installed" by LRAdaptation
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            return super().training_step(batch, batch_idx)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(self.loss(batch))
+        optimizer.step()
+        if self.scheduler == "stepped":  # the README's earlier advice: the value measured before this step
+            scheduler = self.lr_schedulers()
+            scheduler.step(self.trainer.callback_metrics[scheduler.monitor])
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        if self.scheduler == "installed":
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": DriftAdaptiveLR(optimizer, max_lr=5.0).lightning_config(),
+        }
+
+
+@pytest.mark.parametrize("scheduler", ["configured", "stepped", "installed"])
+def test_manual_optimization_takes_the_rates_of_automatic_optimization(tmp_path, scheduler):
+    """Lightning steps no scheduler under manual optimization and drops lightning_config()'s monitor: the
+    fit stopped at set-up asking for that config, and a scheduler nobody stepped kept its first rate."""
+
+    def run(module, name):
+        factory = dal_factory(max_lr=5.0) if module.scheduler == "installed" else None
+        callback = LRAdaptation(factory, loss_fn=lambda mod, batch: mod.loss(batch))
+        t = fit(tmp_path / name, module, 8, [callback])
+        return logged(t)["dal/lr"], module, t.lr_scheduler_configs[0].scheduler
+
+    L.seed_everything(0)
+    automatic = _DalDigits(False, n=128, lr=0.1)
+    manual = _DalDigits(True, scheduler, n=128, lr=0.1)
+    manual.load_state_dict(automatic.state_dict())
+    want, automatic, _ = run(automatic, "automatic")
+    got, manual, stepped = run(manual, "manual")
+    assert len(set(want.values())) > 4  # the rate moves
+    if scheduler == "stepped":  # stepped before the batch's measurement: a step behind, and never twice
+        assert [got[s] for s in range(1, 8)] != [want[s] for s in range(1, 8)]
+    else:
+        assert got == want
+        for a, b in zip(automatic.parameters(), manual.parameters(), strict=True):
+            assert torch.equal(a, b)
+    assert stepped.last_epoch == 8
+
+
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
 def test_sharpness_cap_follows_the_edge_of_the_optimizer_in_use(tmp_path, optimizer):
     L.seed_everything(0)

@@ -208,6 +208,11 @@ def test_cap_bad_input_fails_at_construction():
     other = sgd()
     with pytest.raises(ValueError, match="same optimizer"):
         SharpnessCappedLR(sgd(), base=torch.optim.lr_scheduler.StepLR(other, 3))
+    plateau = (
+        sgd()
+    )  # an LRScheduler too (torch >= 2.2), whose step needs a metric: it crashed at the first step
+    with pytest.raises(ValueError, match="ReduceLROnPlateau cannot be capped"):
+        SharpnessCappedLR(plateau, base=torch.optim.lr_scheduler.ReduceLROnPlateau(plateau))
     weird = torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(UnsupportedOptimizer, match="rate cannot be capped: LBFGS has no stability threshold"):
         SharpnessCappedLR(weird)

@@ -5,7 +5,9 @@ monitored metric (``dal/hg_ratio`` or ``cap/sharpness``). This callback puts tha
 ``trainer.callback_metrics`` before Lightning steps them: ``||Hg||/||g||`` measured on the batch just
 trained, at the parameters the next step starts from (every ``every_n_steps`` optimizer steps, the
 scheduler holding the last value in between), or the latest ``eos/sharpness`` of the
-:class:`EdgeOfStabilityMonitor`. At the start of each step it logs the rate the scheduler chose and the
+:class:`EdgeOfStabilityMonitor`. Under manual optimization, where Lightning steps no scheduler, it steps
+them itself at the end of each batch in which the optimizer stepped (unless ``training_step`` already
+did), with the same value at the same point. At the start of each step it logs the rate the scheduler chose and the
 quantity it came from. Given ``scheduler=``, it also installs the scheduler itself, for users who
 cannot edit ``configure_optimizers``; the scheduler's state then lives in the checkpoint like any other.
 """
@@ -145,6 +147,9 @@ class LRAdaptation(Callback):
         self._loss_fn: Callable | None = None
         self._last_measured: int | None = None
         self._restored: int | None = None
+        # Manual optimization: Lightning steps no scheduler, this callback does (see on_train_batch_end).
+        self._manual = False
+        self._at_batch_start: tuple[int, list[int]] | None = None  # (global step, schedulers' last_epoch)
         # What each scheduler's monitor last held (the value Lightning steps it with), kept in checkpoints:
         # Lightning saves a step checkpoint at the batch end, before it steps these schedulers.
         self._fed: dict[str, float] = {}
@@ -195,6 +200,7 @@ class LRAdaptation(Callback):
             trainer.lr_scheduler_configs.append(LRSchedulerConfig(**scheduler.lightning_config()))
             self.installed = scheduler
         self.schedulers = []
+        self._manual, self._at_batch_start = not pl_module.automatic_optimization, None
         for config in trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, DriftAdaptiveLR | SharpnessCappedLR):
                 self._check_config(config)
@@ -227,6 +233,8 @@ class LRAdaptation(Callback):
         self._last_logged = self._last_end = None
 
     def _check_config(self, config: LRSchedulerConfig) -> None:
+        if self._manual:
+            return  # Lightning drops monitor and reduce_on_plateau there and steps nothing: this callback does
         scheduler = config.scheduler
         if config.interval != "step" or not config.reduce_on_plateau or config.monitor != scheduler.monitor:
             raise MisconfigurationException(
@@ -293,6 +301,8 @@ class LRAdaptation(Callback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if self._manual:
+            self._at_batch_start = (step, [scheduler.last_epoch for scheduler in self.schedulers])
         if step == self._last_logged:
             return  # gradient accumulation: the rate is that of the optimizer step still in progress
         self._last_logged = step
@@ -332,6 +342,12 @@ class LRAdaptation(Callback):
                     self._fed.get(scheduler.monitor, held)
                 )
                 self._remember(trainer, scheduler.monitor)
+        if self._manual and self._at_batch_start is not None and self._at_batch_start[0] != step:
+            # The optimizer stepped in this batch: step each scheduler training_step did not, as Lightning
+            # would after this hook under automatic optimization (once a batch, whatever its optimizer steps).
+            for scheduler, last_epoch in zip(self.schedulers, self._at_batch_start[1], strict=True):
+                if scheduler.last_epoch == last_epoch:
+                    scheduler.step(trainer.callback_metrics[scheduler.monitor])
 
     def _measure_drift(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """Measure ||Hg||/||g|| on ``batch`` and log it (NaN when it failed)."""
