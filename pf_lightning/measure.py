@@ -248,7 +248,8 @@ def hessian_eigenpairs(
             ``basis_size=2``. Any value above the number of wanted pairs converges to
             the same eigenpairs; a small one takes more products (``basis_size=2``: 1.5-1.8 times the
             default's for the top eigenpair to ``tol=1e-2`` on LMs of 0.8M-110M parameters; BENCHMARKS.md,
-            "A small basis"). With it, ``method="auto"`` warm-starts Lanczos from the
+            "A small basis"; the bottom end, crowded near zero, 6-16 times on a small MLP, past the default
+            ``max_hvp``). With it, ``method="auto"`` warm-starts Lanczos from the
             previous eigenvectors' sum (a block warm start holds ``11 (k + max(2, k // 2))`` vectors);
             ``method="lobpcg"`` refuses it.
         gradient: also return the gradient of the mean loss over ``batches`` (``EigenResult.gradient``,

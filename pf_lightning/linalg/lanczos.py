@@ -86,6 +86,41 @@ def lanczos_vectors(n_wanted: int, n: int, basis_size: int | None = None, neighb
     return m + 1 + max(1, n_wanted + (guard_count(n_wanted) if neighbours else 0))
 
 
+def _explored(
+    H: Tensor,
+    j: int,
+    block: int,
+    broke: bool,
+    found: Tensor | None,
+    values: Tensor,
+    k: int,
+    which: str,
+    tol: float,
+    scale: float,
+) -> tuple[bool, Tensor | None]:
+    """Whether converged wanted values can be returned after a breakdown, and the values to remember.
+
+    An invariant Krylov space holds each distinct eigenvalue once: a repeated one (the zero eigenvalues
+    of a low-rank Hessian, the copies a symmetry makes) has further directions outside it. Its Ritz pairs
+    are exact, so their residuals say nothing about those: the basis goes on from a fresh direction
+    orthogonal to it. When that block closes as an invariant space too (``broke``), the values are
+    returned once the wanted ones no longer change from one such block to the next (``found``: at the
+    previous); otherwise once the newest block (from row ``block``) has converged the wanted end of its
+    own spectrum, as a Lanczos run from that fresh direction would before returning.
+    """
+    values = torch.sort(values).values
+    if broke:
+        same = found is not None and bool(
+            ((values - found).abs() <= tol * torch.clamp(values.abs(), min=1e-2 * scale)).all()
+        )
+        return same, values
+    T = H[block:j, block:j]
+    theta, S = torch.linalg.eigh(0.5 * (T + T.mT))
+    own = select(theta, k, which)
+    res = abs(float(H[j, j - 1])) * S[-1, own].abs()
+    return bool(converged_mask(theta[own], res, tol, scale).all()), found
+
+
 def lanczos(
     op: LinearOperator,
     k: int = 5,
@@ -173,22 +208,29 @@ def lanczos(
     H = torch.zeros(m + 1, m, dtype=torch.float64)
     eps = torch.finfo(op.dtype).eps
     used, restarts, scale = 0, 0, 0.0
+    # After a breakdown (an invariant Krylov space) the basis goes on from a fresh direction, a new block of
+    # the projected matrix: `block` is where the newest one began (0: none this cycle), `found` the wanted
+    # values when the last block closed (see `_explored`).
+    block, found = 0, None
+    dropped: list[tuple[int, float]] = []  # (row, coupling) set to 0 at a breakdown: part of the residuals
 
     j = 0
     while True:
         H[: j + 1, j], w, beta = lanczos_step(op, V, j)
         used += 1
         scale = max(scale, float(H[: j + 1, j].abs().max()))
-        complete = False
-        if beta > 100 * eps * max(scale, 1e-300):
+        complete = broke = False
+        # Invariant to the tolerance: every Ritz pair would pass the test (the floor of `converged_mask`).
+        if beta > max(100 * eps, 1e-2 * tol) * max(scale, 1e-300):
             H[j + 1, j] = beta
             torch.div(w, beta, out=V[j + 1])
             del w  # the basis and the product are all a step holds
         else:
             del w
-            # An invariant subspace: its Ritz pairs are exact. Continue from a fresh direction
+            # An invariant subspace (to the tolerance): its Ritz pairs are exact. Continue from a fresh direction
             # (coupling 0) unless the basis already spans the whole space.
             H[j + 1, j] = 0.0
+            dropped.append((j, beta))
             against = V[: j + 1].mT
             fresh = (
                 orthonormalize(op, op.randn(1, generator), against=against)
@@ -197,6 +239,9 @@ def lanczos(
             )
             del against
             complete = fresh.shape[1] == 0
+            broke = not complete
+            if broke:
+                block = j + 1
             V[j + 1] = 0.0 if complete else fresh[:, 0]
         j += 1
         if j < n_wanted and not complete and used < budget:
@@ -207,10 +252,15 @@ def lanczos(
         theta, S = torch.linalg.eigh(0.5 * (T + T.mT))
         beta_last = float(H[j, j - 1])
         res = abs(beta_last) * S[j - 1, :].abs()
+        for row, coupling in dropped:
+            res += coupling * S[row, :].abs()
         scale = max(scale, float(theta.abs().max()))
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
-        if bool(conv.all()) or complete or used >= budget:
+        done = bool(conv.all())
+        if done and (broke or block):
+            done, found = _explored(H, j, block, broke, found, theta[wanted], k, which, tol, scale)
+        if done or complete or used >= budget:
             vectors = combine(V[:j].mT, S[:, wanted].to(op.device, op.dtype))
             guards = None
             if neighbours:  # formed on their own: a slice of one product would keep it all alive
@@ -251,3 +301,4 @@ def lanczos(
         H[n_keep, :n_keep] = beta_last * S[m - 1, keep]
         j = n_keep
         restarts += 1
+        block, dropped = 0, []  # the kept Ritz vectors mix the blocks: the next cycle is one Krylov space

@@ -289,3 +289,51 @@ def test_lobpcg_finds_the_top_eigenvalues_of_four_million_float32_entries():
     result = lobpcg(_Diagonal(d), 3, tol=1e-4, max_matvec=300, X0=X0)
     assert result.all_converged and result.n_hvp <= 30, result.n_hvp
     torch.testing.assert_close(result.eigenvalues, torch.tensor([10.0, 9.0, 8.5]), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("which", ["bottom", "both", "top"])
+def test_an_invariant_krylov_space_does_not_hide_repeated_eigenvalues(which):
+    """A rank-8 Hessian-like matrix (the softmax regression of 4 samples has one): the Krylov space of a
+    start vector is invariant after 9 steps and holds the zero eigenvalue once. Lanczos returned its 9
+    exact Ritz values as converged, the bottom 3 as [17.99, 16.79, 0] and the bottom pair of "both" as
+    [16.79, 0]; the fresh directions after the breakdown find the other zeros (LOBPCG, a block, did)."""
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(300, 8, generator=gen, dtype=torch.float64))
+    top = torch.tensor([60.0, 52.5, 50.8, 40.2, 33.1, 24.0, 18.0, 16.8], dtype=torch.float64)
+    A = Q @ torch.diag(top) @ Q.mT
+    want = torch.linalg.eigvalsh(A)
+    k = 3
+    want = {"bottom": want[:k], "top": want.flip(0)[:k], "both": torch.cat([want.flip(0)[:k], want[:k]])}[
+        which
+    ]
+    result = lanczos(DenseOperator(A), k, which=which, tol=1e-6)
+    assert result.all_converged
+    got = torch.sort(result.eigenvalues).values
+    torch.testing.assert_close(got, torch.sort(want).values, rtol=0, atol=1e-8 * 60)
+    assert result.n_hvp <= 15, result.n_hvp
+
+
+def test_residuals_after_a_breakdown_count_the_coupling_set_to_zero():
+    """Invariant to the tolerance (a rank-8 matrix plus 1e-9 of noise): a step's small coupling is dropped
+    to go on from a fresh direction, and the residuals reported still include it."""
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(300, 8, generator=gen, dtype=torch.float64))
+    noise = torch.randn(300, 300, generator=gen, dtype=torch.float64)
+    A = Q @ torch.diag(torch.linspace(10.0, 60.0, 8, dtype=torch.float64)) @ Q.mT + 1e-9 * (noise + noise.mT)
+    result = lanczos(
+        DenseOperator(A), 3, which="bottom", tol=1e-6
+    )  # the noise's: ~1e-8, found in fresh blocks
+    true = (A @ result.eigenvectors - result.eigenvectors * result.eigenvalues).norm(dim=0)
+    assert float(true.min()) > 1e-10  # the noise, not rounding
+    assert bool((true <= 1.01 * result.residuals).all()), (true, result.residuals)
+
+
+def test_a_tiny_operator_whose_rank_is_below_k_gives_its_bottom_eigenvalues():
+    """n = 8, rank 4: for which="bottom" and k = 2..7 Lanczos returned the top values, converged."""
+    gen = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(8, 4, generator=gen, dtype=torch.float64))
+    A = Q @ torch.diag(torch.tensor([0.57, 0.36, 0.23, 0.065], dtype=torch.float64)) @ Q.mT
+    want = torch.linalg.eigvalsh(A)
+    for k in range(1, 8):
+        result = lanczos(DenseOperator(A), k, which="bottom", tol=1e-8)
+        torch.testing.assert_close(torch.sort(result.eigenvalues).values, want[:k], rtol=0, atol=1e-10)
