@@ -160,6 +160,22 @@ def _warm_method(warm_start: EigenResult, n_wanted: int, max_hvp: int | None) ->
     return choice, dict(zip(WARM_INFO, bookkeeping, strict=True))
 
 
+def _repeated(result: EigenResult) -> float | None:
+    """An eigenvalue Lanczos returned twice (to its tolerance, away from zero), or None.
+
+    Generic Hessian spectra do not repeat an eigenvalue; a Krylov space from one start vector holds each
+    once, so two converged copies mean an exact multiplicity that rounding exposed once and may hide
+    again (two of a last linear layer's ten under MSE: [1.5129, 1.5129, 0.3155] for three times 1.5129).
+    Values below 1% of the largest, zero to the tolerance (``converged_mask``), do not count."""
+    values = torch.sort(result.eigenvalues.detach().double().cpu()).values
+    if values.numel() < 2:
+        return None
+    magnitude = values.abs()
+    floor = 1e-2 * float(magnitude.max())
+    close = (values.diff().abs() <= result.tol * magnitude[1:]) & (magnitude[1:] > floor)
+    return float(values[1:][close][0]) if bool(close.any()) else None
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module to differentiate: DDP's wrapper does not support ``torch.autograd.grad``."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -215,7 +231,9 @@ def hessian_eigenpairs(
         warm_start: a previous result on the same parameters: its eigenvectors start the solver.
         seed: seeds start vectors and the dropout masks held fixed during the measurement.
         params: glob patterns selecting the parameters (all trainable ones by default).
-        method: ``"auto"``: cold, Lanczos; warm, LOBPCG from the previous eigenvectors and their
+        method: ``"auto"``: cold, Lanczos (measured again by a cold LOBPCG block where it returned an
+            eigenvalue twice, the sign of an exact multiplicity a one-vector Krylov space hides;
+            ``info["repeated"]``); warm, LOBPCG from the previous eigenvectors and their
             ``neighbours`` as one block (``k + max(2, k // 2)`` products when nothing moved) where that was
             clearly cheaper the last time, Lanczos from the sum of both otherwise (see :func:`_warm_method`;
             ``info["warm_method"]``); ``"lanczos"`` (warm: from the sum of the previous eigenvectors, and of
@@ -378,6 +396,14 @@ def hessian_eigenpairs(
                             v0.add_(guard.to(v0.device, v0.dtype))
                 neighbours = method == "auto" and not few_vectors
                 result = lanczos(op, k, v0=v0, basis_size=basis_size, neighbours=neighbours, **common)
+                repeated = _repeated(result) if neighbours else None
+                if repeated is not None:
+                    # A one-vector Krylov space holds each eigenvalue once: a second copy came from rounding
+                    # alone, and more may be missing (a last layer under MSE: every eigenvalue C-fold). A
+                    # cold block, which holds as many copies as its columns, measures again.
+                    block = lobpcg(op, k, X0=None, **common)
+                    block.info["repeated"] = repeated
+                    result = replace(block, n_hvp=block.n_hvp + result.n_hvp)
             if bookkeeping:
                 bookkeeping["warm_costs"][warm] = result.n_hvp
                 result.info.update(bookkeeping)

@@ -589,3 +589,29 @@ def test_the_cached_gradient_has_the_products_dropout_masks_and_is_not_read_once
         weight.sub_(0.1)
     assert not torch.allclose(before, moved)
     torch.testing.assert_close(moved, want, rtol=1e-12, atol=1e-14)
+
+
+def test_an_eigenvalue_returned_twice_is_measured_again_by_a_block():
+    """A last linear layer under MSE has the Hessian E[x x^T] (x) I_10: every eigenvalue ten-fold. Lanczos
+    (one start vector) returned [1.2994, 1.2994, 0.5443] for three times 1.2994 (rounding exposed one
+    copy), converged; method="auto" now takes a second copy as the sign and measures again with a block."""
+    from pf_lightning.demos import load_digits_tensors
+
+    torch.manual_seed(0)
+    x, y = load_digits_tensors(64)
+    targets = torch.nn.functional.one_hot(y, 10).float()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    with torch.no_grad():
+        features = torch.cat([model[:2](x), torch.ones(len(x), 1)], dim=1).double()
+        top = float(torch.linalg.eigvalsh(features.mT @ features / len(x))[-1])  # each ten times
+
+    def mse(module, batch):
+        return 0.5 * ((module(batch[0]) - batch[1]) ** 2).sum(dim=1).mean()
+
+    for k in (3, 6):
+        result = hessian_eigenpairs(model, mse, [(x, targets)], k=k, params="2.*")
+        torch.testing.assert_close(
+            result.eigenvalues.double(), torch.full((k,), top, dtype=torch.float64), rtol=1e-5, atol=0
+        )
+        assert result.info["repeated"] == pytest.approx(top, rel=1e-5)
+        assert result.all_converged
