@@ -177,9 +177,12 @@ def _repeated(result: EigenResult) -> float | None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module to differentiate: DDP's wrapper does not support ``torch.autograd.grad``."""
+    """The module to differentiate: DDP's wrapper does not support ``torch.autograd.grad``, and compiled
+    graphs (``torch.compile``'s wrapper) not double backward; the original module has the same numbers."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
+        return _unwrap(model.module)
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return _unwrap(model._orig_mod)
     if type(model).__name__ == "FullyShardedDataParallel":
         raise ValueError(
             "FSDP1 (FullyShardedDataParallel) wrappers are not supported: shard the model with FSDP2's "

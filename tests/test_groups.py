@@ -13,7 +13,7 @@ from lightning_models import trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor, hessian_eigenpairs
 from pf_lightning.curvature.groups import parameter_groups
 
 
@@ -108,3 +108,21 @@ def test_per_group_configuration_errors(tmp_path):
         trainer(tmp_path, max_steps=1, callbacks=[*monitors, EdgeOfStabilityMonitor()]).fit(
             TinyTransformer(), DataLoader(TensorDataset(x, y), batch_size=10)
         )
+
+
+def test_a_compiled_module_is_grouped_and_measured_by_its_original_names():
+    """torch.compile's wrapper prefixes every name with `_orig_mod.`, which neither Lightning (it measures the
+    original module) nor hessian_eigenpairs (now unwrapping it) sees: `per_group(parameter_groups(compiled))`
+    stopped at set-up, and `params="0.*"` matched nothing in the one-call API."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    compiled = torch.compile(model, backend="eager")
+    assert parameter_groups(compiled) == parameter_groups(model) == {"0": ["0.*"], "2": ["2.*"]}
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+
+    def mse(module, batch):
+        return ((module(batch[0]) - batch[1]) ** 2).mean()
+
+    want = hessian_eigenpairs(model, mse, [(x, y)], k=2, params="0.*", tol=1e-8)
+    got = hessian_eigenpairs(compiled, mse, [(x, y)], k=2, params="0.*", tol=1e-8)
+    torch.testing.assert_close(got.eigenvalues, want.eigenvalues, rtol=1e-12, atol=0)

@@ -20,7 +20,8 @@ def parameter_groups(model: nn.Module, depth: int = 1) -> dict[str, list[str]]:
     whose name is shorter than ``depth`` components forms a group of its own.
 
     Args:
-        model: the module.
+        model: the module (a ``torch.compile``d one is grouped by its original module's names, which
+            Lightning and :func:`~pf_lightning.hessian_eigenpairs` measure).
         depth: how many leading name components make a group, at least 1.
 
     Returns:
@@ -38,6 +39,7 @@ def parameter_groups(model: nn.Module, depth: int = 1) -> dict[str, list[str]]:
     """
     _check.instance("model", model, nn.Module, "a torch.nn.Module")
     _check.integer("depth", depth, 1, hint="1 groups by top-level child, 2 by their children")
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the names the measurement sees
     groups: dict[str, list[str]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
