@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--k", type=int, default=3)
     args = parser.parse_args()
+    if args.every < 1 or args.steps < 0 or args.k < 1 or not args.lr > 0:
+        parser.error("--every and --k must be >= 1, --steps >= 0 and --lr > 0")
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -24,8 +24,6 @@ pf-lightning: Hessian eigenpairs and edge-of-stability diagnostics for Lightning
   pf-lightning report <run dir> [--out DIR]            PNG plots from metrics.csv or an offline W&B run
   pf-lightning report --help                           options of the report command
   pf-lightning workspace --entity E --project P        create the W&B workspace (online; wandb-workspaces)
-
-LightningCLI's own help follows.
 """
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -195,8 +193,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(report_main(args[1:]))
     if args and args[0] == "workspace":
         raise SystemExit(workspace_main(args[1:]))
-    if not args or args[0] in ("-h", "--help"):
-        print(_USAGE)
+    if not args:  # no command: the usage, as an error (LightningCLI would only say a subcommand is missing)
+        print(_USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    if args[0] in ("-h", "--help"):
+        print(_USAGE + "\nLightningCLI's own help follows.\n")
     elif not args[0].startswith("-") and args[0] not in _LIGHTNING_SUBCOMMANDS:
         print(
             f"pf-lightning: unknown command {args[0]!r}: choose from "

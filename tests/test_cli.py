@@ -101,7 +101,14 @@ def test_help_names_the_report_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "pf-lightning report" in out and "fit" in out
+    assert "pf-lightning report" in out and "fit" in out and "LightningCLI's own help follows" in out
+    with pytest.raises(SystemExit) as exit_info:  # no command: the usage alone (it said LightningCLI's help
+        main([])  # followed, and LightningCLI's "expected subcommand" error did)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert (
+        "pf-lightning report <run dir>" in captured.err and "help follows" not in captured.err + captured.out
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(["reprot", "runs"])
     assert exit_info.value.code == 2

@@ -16,8 +16,13 @@ from ..stability import judged_edge
 __all__ = ["MeasurementTable", "edge_summary"]
 
 
+REACHED = 0.95
+"""The ratio counted as at the edge in the examples' output: the table's rows and :func:`edge_summary`
+(``eos/first_edge_step`` is the first step at or above 1)."""
+
+
 def _regime(ratio: float) -> str:
-    if ratio < 0.9:
+    if ratio < REACHED:
         return "below the edge"
     return "at the edge" if ratio <= 1.1 else "above the edge"
 
@@ -104,7 +109,7 @@ class MeasurementTable(Callback):
         print(line, flush=True)
 
 
-def edge_summary(eos: EdgeOfStabilityMonitor, reached: float = 0.95) -> dict[str, float]:
+def edge_summary(eos: EdgeOfStabilityMonitor, reached: float = REACHED) -> dict[str, float]:
     """What the run did at the edge: the first step with ``ratio >= reached`` and the ratio after it.
 
     The ratio is the one the edge is judged on (:func:`~pf_lightning.stability.judged_edge`): ``eos/ratio``,
