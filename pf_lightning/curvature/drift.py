@@ -116,8 +116,9 @@ def gradient_curvature(op: HessianOperator, method: str = "operator") -> Gradien
 
 
 def _forward_difference(op: HessianOperator, g: torch.Tensor, e: float) -> torch.Tensor:
-    """``(grad(theta + e g) - g) / e``, with the parameters put back bit for bit afterwards."""
-    params = op.space.params
+    """``(grad(theta + e g) - g) / e``, with the parameters put back bit for bit afterwards (this rank's
+    slices of sharded ones: ``g`` holds those)."""
+    params = op.space.local_params()
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():

@@ -13,6 +13,8 @@ from cases import dense_hessian
 from workers import global_case, model_copy, shard, spawn
 
 from pf_lightning import ProbeSet
+from pf_lightning.curvature import HessianOperator
+from pf_lightning.curvature.drift import gradient_curvature
 from pf_lightning.measure import batch_sharpness, critical_sharpness, hessian_trace, split_samples
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -160,6 +162,12 @@ def test_fsdp2_matches_one_process_within_the_finite_difference_bound(ranks):
     assert r0["critical"] == r1["critical"] == pytest.approx(reference.value, rel=1e-3)
     assert r0["critical_root"] == r1["critical_root"] == pytest.approx(reference.value, rel=1e-3)
     assert r0["critical_unchanged"] and r1["critical_unchanged"]
+    # DAL's ||Hg||/||g|| by a forward difference (LRAdaptation's default) on the shards: it added a flat
+    # piece to a DTensor and failed at every step (DAL held its rate through the whole fit).
+    with HessianOperator(model_copy(case, torch.float64), case.loss_fn, case.batches) as op:
+        drift = gradient_curvature(op, "forward_difference").hg_ratio
+    assert r0["drift"] == r1["drift"] == pytest.approx(drift, rel=1e-9)
+    assert r0["drift_unchanged"] and r1["drift_unchanged"]
 
 
 def test_the_edge_monitor_s_loss_window_is_averaged_over_ranks_only_where_they_agree(tmp_path):

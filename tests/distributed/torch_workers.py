@@ -10,7 +10,8 @@ from torch import nn
 from workers import count_collectives, global_case, model_copy, poisoned, shard
 
 from pf_lightning import batch_sharpness, critical_sharpness, hessian_eigenpairs
-from pf_lightning.curvature import NonFiniteLossError, ParameterSpace
+from pf_lightning.curvature import HessianOperator, NonFiniteLossError, ParameterSpace
+from pf_lightning.curvature.drift import gradient_curvature
 from pf_lightning.linalg import NonFiniteOperatorError
 from pf_lightning.measure import eigenvalue_stderr, hessian_trace
 
@@ -113,6 +114,13 @@ def fsdp(rank: int) -> dict[str, Any]:
     root_only = model_copy(case, torch.float64)  # the root holds every parameter: gathered after a pass
     fully_shard(root_only, mesh=mesh)
     out["critical_root"] = critical_sharpness(root_only, case.loss_fn, mine, rel_tol=1e-4).value
+    before = [p.to_local().detach().clone() for p in model.parameters()]
+    with HessianOperator(model, case.loss_fn, mine) as op:  # DAL's default: moves the shards by e g
+        out["drift"] = gradient_curvature(op, "forward_difference").hg_ratio
+    out["drift_unchanged"] = all(
+        torch.equal(a, p.to_local()) and p.grad is None
+        for a, p in zip(before, model.parameters(), strict=True)
+    )
     return out
 
 
