@@ -25,6 +25,7 @@ from pf_lightning.stability import (
     optimizers,
     register_optimizer_rule,
     step_dynamics,
+    uneven_steps,
 )
 
 
@@ -470,3 +471,34 @@ def test_two_edge_monitors_resume_from_one_checkpoint(tmp_path):
     for before, after in zip(first[2:], second[2:], strict=True):
         assert [h["step"] for h in after.history] == [0, 3, 6, 9]
         assert after.history[:3] == before.history
+
+
+@pytest.mark.parametrize(
+    "make, uneven",
+    [
+        (lambda ps: torch.optim.RAdam(ps, lr=1e-3), True),  # the rectification r_t of each parameter's t
+        (lambda ps: torch.optim.NAdam(ps, lr=1e-3), True),  # the momentum schedule mu_t
+        (lambda ps: torch.optim.Adagrad(ps, lr=1e-2, lr_decay=0.01), True),
+        (lambda ps: torch.optim.Adam(ps, lr=1e-3), False),  # its bias corrections are in each one's P
+        (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), False),
+    ],
+    ids=["radam", "nadam", "adagrad", "adam", "sgd"],
+)
+def test_parameters_that_took_different_numbers_of_steps_are_named_where_the_rule_counts_them(make, uneven):
+    """A part unfrozen later: RAdam's rule read the first parameter's rectification for the whole group,
+    judging the other's directions 13x off the edge (an outside trial); now the monitor can say so."""
+    early, late = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    optimizer = make([early, late])
+    for step in range(12):
+        early.grad = torch.full_like(early, 0.1)
+        late.grad = torch.full_like(late, 0.1) if step >= 8 else None  # no gradient: not stepped
+        optimizer.step()
+    found = uneven_steps(optimizer)
+    assert (found is not None) == uneven, found
+    if uneven:
+        assert "step 12" in found and "step 4" in found
+    late.grad = None
+    even = make([early])
+    early.grad = torch.ones_like(early)
+    even.step()
+    assert uneven_steps(even) is None

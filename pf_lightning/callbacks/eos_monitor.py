@@ -496,6 +496,17 @@ class EdgeOfStabilityMonitor(Callback):
                     "rates and regimes are group 0's, which can misjudge the edge of the other groups' "
                     "directions; give the groups one learning rate and momentum, or pass threshold=",
                 )
+            for group in range(len(optimizer.param_groups)):
+                uneven = stability.uneven_steps(optimizer, group)
+                if uneven is not None:
+                    self._warn_once(
+                        "steps",
+                        f"parameters of group {group} of {type(optimizer).__name__} have taken different numbers "
+                        f"of steps (a part unfrozen later?), and its step depends on the count ({uneven}): the "
+                        "threshold, ratio, growth rates and regimes are the first stepped parameter's, which "
+                        "can misjudge the others' directions",
+                    )
+                    break
             return dynamics, optimizer
         # A given threshold: gradient descent with that edge.
         return StepDynamics(

@@ -52,6 +52,7 @@ from .optimizers import (
     register_optimizer_rule,
     step_dynamics,
     supported_optimizers,
+    uneven_steps,
     unit_step_dynamics,
     update_threshold,
 )
@@ -123,6 +124,7 @@ __all__ = [
     "threshold_gd",
     "threshold_heavy_ball",
     "threshold_nesterov",
+    "uneven_steps",
     "unit_step_dynamics",
     "unstable_gradient_fraction",
     "update_threshold",

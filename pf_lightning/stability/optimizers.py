@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -748,6 +748,26 @@ def step_dynamics(optimizer: torch.optim.Optimizer, group: int = 0) -> StepDynam
     return optimizer_rule(optimizer).dynamics(
         group_settings(optimizer, group), _group_state(optimizer, group)
     )
+
+
+def uneven_steps(optimizer: torch.optim.Optimizer, group: int = 0) -> str | None:
+    """Where the parameters of group ``group`` have taken different numbers of steps (a part unfrozen
+    later, a branch without gradients for a while) and the rule's step depends on the count (RAdam's
+    rectification, NAdam's momentum schedule, Adagrad's ``lr_decay``; not Adam's bias corrections, which
+    are in each parameter's ``P``): the two step counts and their dynamics, else None.
+    :func:`step_dynamics` describes the group by its first stepped parameter."""
+    rule, settings = optimizer_rule(optimizer), group_settings(optimizer, group)
+    first = _group_state(optimizer, group)
+    seen = {_steps(first)}
+    for param in optimizer.param_groups[group]["params"]:
+        state = optimizer.state.get(param)
+        if not has_stepped(optimizer, param) or _steps(state) in seen:
+            continue
+        seen.add(_steps(state))
+        a, b = rule.dynamics(settings, first), rule.dynamics(settings, state)
+        if replace(a, formula="") != replace(b, formula=""):
+            return f"step {_steps(first):g}: {a.formula}; step {_steps(state):g}: {b.formula}"
+    return None
 
 
 def unit_step_dynamics(optimizer: torch.optim.Optimizer, group: int = 0) -> StepDynamics:
