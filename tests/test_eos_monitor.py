@@ -717,3 +717,18 @@ def test_a_fit_continued_on_the_same_trainer_continues_the_run(tmp_path):
     assert [h["step"] for h in eos.history] == [0, 5, 10, 15, 20]
     for ours, reference in zip(monitor.history, whole_monitor.history, strict=True):
         assert ours["eigenvalues"] == pytest.approx(reference["eigenvalues"], rel=1e-5)
+
+
+class _LossOfShapeOne(DigitsClassifier):
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch).reshape(1)  # Lightning trains it as a scalar
+
+
+def test_a_loss_of_shape_one_is_recorded_as_a_scalar(tmp_path):
+    """The losses were stacked into an (N, 1) tensor whose tolist() gave lists: float() stopped the fit at
+    the first measurement after step 0 (outside trial)."""
+    L.seed_everything(0)
+    monitor, eos = HessianEigenMonitor(k=1, every_n_steps=3), EdgeOfStabilityMonitor()
+    trainer(tmp_path, max_steps=7, callbacks=[monitor, eos]).fit(_LossOfShapeOne(n=64))
+    assert [h["step"] for h in eos.history] == [0, 3, 6, 7]
+    assert all(isinstance(x, float) for x in eos.losses) and len(eos.losses) == 7

@@ -279,8 +279,8 @@ def untouched_iteration(loader: Any) -> Iterator[None]:
     """Iterate ``loader`` without moving the order in which training will read it.
 
     A shuffling ``DataLoader`` draws its order and its workers' base seed from the global generator, or
-    from its own ``generator=`` (also its sampler's), and a dataset may sample from generators of its own
-    (:func:`held_random_states`): all of them are put back afterwards. A stream that can be read only
+    from its own ``generator=`` (also its sampler's), and a sampler or a dataset may draw from generators
+    of its own under any name (:func:`held_random_states`): all of them are put back afterwards. A stream that can be read only
     once (a queue, a socket) loses what the probe reads: pass it ``probe=`` batches instead. With
     ``persistent_workers`` a new ``iter`` would create (or reset) the worker iterator that training
     keeps and resumes, so the batches are read in this process instead.
@@ -291,25 +291,20 @@ def untouched_iteration(loader: Any) -> Iterator[None]:
         getattr(loader, "sampler", None),
         batch_sampler,
         getattr(batch_sampler, "sampler", None),
+        getattr(loader, "dataset", None),
     )
-    generators: dict[int, torch.Generator] = {}
-    for owner in owners:
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator):
-            generators[id(generator)] = generator
-    states = [(generator, generator.get_state()) for generator in generators.values()]
     in_process = isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0
     saved = {"num_workers": loader.num_workers, "timeout": loader.timeout} if in_process else {}
     try:
         for name in saved:  # a single-process iterator requires timeout == 0
             setattr(loader, name, 0)
-        with rng_state(), held_random_states(getattr(loader, "dataset", None)):
+        with rng_state(), contextlib.ExitStack() as held:
+            for owner in {id(o): o for o in owners if o is not None}.values():
+                held.enter_context(held_random_states(owner))
             yield
     finally:
         for name, value in saved.items():
             setattr(loader, name, value)
-        for generator, state in states:
-            generator.set_state(state)
 
 
 def draw_probe(

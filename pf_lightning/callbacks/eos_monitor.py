@@ -780,8 +780,8 @@ class EdgeOfStabilityMonitor(Callback):
     ) -> None:
         self._batch_open = False
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._pending_losses.append(loss.detach())
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:  # Lightning also trains a loss of shape (1,)
+            self._pending_losses.append(loss.detach().reshape(()))
         step = trainer.global_step
         if step == self._last_loss_step:
             if self._progress:

@@ -134,12 +134,16 @@ def measuring() -> Iterator[None]:
 
 @contextlib.contextmanager
 def measurement_context(model: nn.Module, exact: bool = False) -> Iterator[None]:
-    """Run a measurement on ``model`` and restore its buffers, modes, ``.grad`` and random states
+    """Run a measurement on ``model`` and restore its buffers (values, and the tensors in their slots), modes,
+    ``.grad`` and random states
     (on any exit, an exception included); :func:`is_measuring` is True inside. ``exact``: the products
     will need second-order autograd, so Hugging Face-style ``gradient_checkpointing`` is switched off
     for the duration (finite differences keep it, and its memory savings)."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # The tensor each module's buffer slot holds: a forward that reassigns one (`self.ema = 0.9 * self.ema +
+    # ...`, an EMA's usual form) leaves a new tensor there, which copying into the old one would not undo.
+    slots = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()]
     grads = [(p, p.grad) for p in model.parameters()]
     tracking = [
         (m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm) and m.training
@@ -163,6 +167,9 @@ def measurement_context(model: nn.Module, exact: bool = False) -> Iterator[None]
                 m.track_running_stats = flag
             for m in checkpointing:
                 m.gradient_checkpointing = True
+            for m, name, b in slots:
+                if m._buffers.get(name) is not b:
+                    m._buffers[name] = b
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)

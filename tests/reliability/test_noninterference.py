@@ -184,6 +184,10 @@ class Classifier(DigitsClassifier):
         kwargs: dict[str, Any] = {"batch_size": self.hparams.batch_size, "shuffle": True}
         if self.case.loader == "stream":
             return DataLoader(_SamplingStream(x, y), batch_size=self.hparams.batch_size)
+        if self.case.loader == "sampler":
+            return DataLoader(
+                TensorDataset(x, y), batch_size=self.hparams.batch_size, sampler=_OwnSampler(len(x))
+            )
         if self.case.loader == "generator":
             kwargs["generator"] = torch.Generator().manual_seed(11)
         elif self.case.loader == "workers":
@@ -313,6 +317,21 @@ class _SamplingStream(torch.utils.data.IterableDataset):
         for _ in range(len(self.x)):
             i = int(torch.randint(len(self.x), (1,), generator=self.g))
             yield self.x[i] + float(self.noise.normal(0.0, 0.01)), self.y[i]
+
+
+class _OwnSampler(torch.utils.data.Sampler):
+    """A shuffling sampler whose generators are its own, not named `generator` (torch's and NumPy's)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.g, self.rng = n, torch.Generator().manual_seed(5), np.random.default_rng(3)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.g).tolist()
+        shift = int(self.rng.integers(self.n))
+        return iter(order[shift:] + order[:shift])
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def fit(tmp_path, case: Case, measured: bool) -> Run:
@@ -492,10 +511,12 @@ def test_a_wider_sweep_with_forward_over_reverse_products_is_bit_identical(tmp_p
 
 
 @pytest.mark.parametrize("probe", [24, "loader"])
-@pytest.mark.parametrize("loader", ["generator", "workers", "stream"])
+@pytest.mark.parametrize("loader", ["generator", "workers", "stream", "sampler"])
 def test_reading_the_probe_leaves_the_training_loaders_order_untouched(tmp_path, one_thread, loader, probe):
     """Regression: a probe read from a loader with its own generator advanced that generator, and one read
     from a loader with persistent workers created the worker iterator that training then only reset,
     drawing its shuffle from the wrong place in the global stream; both trained in another order. A
-    stream that samples from generators of its own advanced them (trained on other samples)."""
+    stream that samples from generators of its own advanced them (trained on other samples), and so did
+    a sampler whose generators have other names than `generator` (an outside trial: the next epoch's
+    order)."""
     check_case(tmp_path, Case(loader=loader, probe=probe, every_n_steps=3))
