@@ -192,6 +192,27 @@ def test_bad_configuration_fails_at_construction(kwargs, match):
         HessianEigenMonitor(**kwargs)
 
 
+class _Lazy(DigitsClassifier):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.net[0] = torch.nn.LazyLinear(32)
+
+
+@pytest.mark.parametrize("at_fit_start", [True, False])
+def test_lazy_parameters_fail_at_set_up_naming_the_fix(tmp_path, at_fit_start):
+    """They stopped the fit with torch's "Can't access the shape of an uninitialized parameter" (outside
+    trial); initialized by one forward pass, the model is measured."""
+    monitor = HessianEigenMonitor(k=1, at_fit_start=at_fit_start)
+    with pytest.raises(
+        MisconfigurationException, match=r"lazy parameters \(net.0.weight, net.0.bias\).*run one batch"
+    ):
+        trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(_Lazy(n=64))
+    model = _Lazy(n=64)
+    model(digits(64)[0])
+    trainer(tmp_path, max_steps=1, callbacks=[monitor := HessianEigenMonitor(k=1)]).fit(model)
+    assert [h["step"] for h in monitor.history] == [0, 1]
+
+
 class _NoLoss(DigitsClassifier):
     def training_step(self, batch, batch_idx):
         self.loss(batch)

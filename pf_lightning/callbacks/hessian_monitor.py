@@ -629,6 +629,17 @@ class HessianEigenMonitor(Callback):
         """The arguments only the module can judge, checked before the first step: ``params`` must match
         trainable parameters of one measurable dtype, and ``k`` (at each end for ``which="both"``) must fit
         their count."""
+        lazy = [
+            n
+            for n, p in module.named_parameters()
+            if isinstance(p, torch.nn.parameter.UninitializedParameter)
+        ]
+        if lazy:
+            raise MisconfigurationException(
+                f"HessianEigenMonitor cannot measure this module: its lazy parameters ({', '.join(lazy[:3])}"
+                f"{', ...' if len(lazy) > 3 else ''}) have no shape before a forward pass: run one batch "
+                "through the model before fit (or in the LightningModule's `setup`) to initialize them"
+            )
         try:
             select_parameters(module, self.params, argument="params")
             space = ParameterSpace(module, self.params, dtype=measurement_dtype(module, self.dtype))
