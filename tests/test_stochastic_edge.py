@@ -780,3 +780,30 @@ def test_batch_sharpness_and_critical_sharpness_that_cannot_apply_stop_at_set_up
             trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1), eos]).fit(model)
     finally:
         optimizers._RULES.pop(Custom)
+
+
+class _NaNWhenMeasuringThrees(DigitsClassifier):
+    """Batches that start with a 3 have a NaN loss inside a measurement (a bad sample in the pool)."""
+
+    def training_step(self, batch, batch_idx):
+        from pf_lightning import is_measuring
+
+        loss = self.loss(batch)
+        return loss * float("nan") if is_measuring() and int(batch[1][0]) == 3 else loss
+
+
+def test_batches_left_out_of_batch_sharpness_are_warned_about(tmp_path):
+    """A batch whose loss was NaN was dropped from the mean without a flag or a warning (outside trial)."""
+    L.seed_everything(0)
+    x, y = digits(64)
+    keep = y != 3
+    probe = [(x[keep][:32], y[keep][:32])]
+    monitor, eos = HessianEigenMonitor(k=1, every_n_steps=4, probe=probe), EdgeOfStabilityMonitor()
+    with pytest.warns(RuntimeWarning, match=r"batch sharpness left out [1-9]\d* of its batches"):
+        trainer(tmp_path, max_steps=4, callbacks=[monitor, eos]).fit(
+            _NaNWhenMeasuringThrees(n=256, batch_size=8)
+        )
+    measured = [h["eos/batch_sharpness_batches"] for h in eos.history if "eos/batch_sharpness_batches" in h]
+    assert (
+        measured and min(measured) < 20 and all(math.isfinite(h["eos/batch_sharpness"]) for h in eos.history)
+    )

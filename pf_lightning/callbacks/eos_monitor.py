@@ -684,7 +684,7 @@ class EdgeOfStabilityMonitor(Callback):
             with hold:
                 batches = list(source.draw(self.batch_sharpness_batches, seed))
             any_rank([False], pl_module.device, error=hold.take())
-            return spec.batch_sharpness(
+            result = spec.batch_sharpness(
                 pl_module,
                 batches,
                 optimizer=None if self.fixed_threshold is not None else optimizer,
@@ -694,6 +694,14 @@ class EdgeOfStabilityMonitor(Callback):
         except Exception as err:  # never BaseException
             self._skip(trainer, err, "batch sharpness skipped", self.metric("batch_sharpness_skipped"))
             return None
+        if result.n_skipped:
+            self._warn_once(
+                "batch_skipped",
+                f"step {step}: batch sharpness left out {result.n_skipped} of its batches (a zero gradient, or a "
+                "loss, gradient or product that is not finite): the value is the mean over the "
+                f"{result.n_batches} measured ({self.metric('batch_sharpness_batches')}); warned once",
+            )
+        return result
 
     def _group_decays(self, optimizer: Any) -> list[float]:
         """Each parameter group's L2 weight decay (0 for decoupled decay, or an optimizer without a rule)."""
