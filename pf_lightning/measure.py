@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -161,18 +162,22 @@ def _warm_method(warm_start: EigenResult, n_wanted: int, max_hvp: int | None) ->
 
 
 def _repeated(result: EigenResult) -> float | None:
-    """An eigenvalue Lanczos returned twice (to its tolerance, away from zero), or None.
+    """An eigenvalue a converged Lanczos result holds twice, or None.
 
     Generic Hessian spectra do not repeat an eigenvalue; a Krylov space from one start vector holds each
     once, so two converged copies mean an exact multiplicity that rounding exposed once and may hide
-    again (two of a last linear layer's ten under MSE: [1.5129, 1.5129, 0.3155] for three times 1.5129).
-    Values below 1% of the largest, zero to the tolerance (``converged_mask``), do not count."""
-    values = torch.sort(result.eigenvalues.detach().double().cpu()).values
-    if values.numel() < 2:
+    again (two of a last linear layer's ten under MSE: [1.5129459, 1.5129458, 0.3155] for three times
+    1.5129). Two Ritz values of one eigenvalue agree to about the square of the tolerance (their error is
+    of the residual's square over the gap), and to the dtype's rounding: closer than ``max(tol², 100 eps)``
+    relative counts (distinct eigenvalues 0.05% apart at ``tol=1e-3`` do not). Values below 1% of the
+    largest, zero to the tolerance (``converged_mask``), do not count."""
+    if not result.all_converged or result.eigenvalues.numel() < 2:
         return None
+    values = torch.sort(result.eigenvalues.detach().double().cpu()).values
     magnitude = values.abs()
     floor = 1e-2 * float(magnitude.max())
-    close = (values.diff().abs() <= result.tol * magnitude[1:]) & (magnitude[1:] > floor)
+    same = max(result.tol**2, 100 * torch.finfo(result.eigenvalues.dtype).eps)
+    close = (values.diff().abs() <= same * magnitude[1:]) & (magnitude[1:] > floor)
     return float(values[1:][close][0]) if bool(close.any()) else None
 
 
@@ -399,14 +404,26 @@ def hessian_eigenpairs(
                             v0.add_(guard.to(v0.device, v0.dtype))
                 neighbours = method == "auto" and not few_vectors
                 result = lanczos(op, k, v0=v0, basis_size=basis_size, neighbours=neighbours, **common)
-                repeated = _repeated(result) if neighbours else None
+                repeated = _repeated(result) if neighbours and X0 is None else None
                 if repeated is not None:
                     # A one-vector Krylov space holds each eigenvalue once: a second copy came from rounding
                     # alone, and more may be missing (a last layer under MSE: every eigenvalue C-fold). A
-                    # cold block, which holds as many copies as its columns, measures again.
-                    block = lobpcg(op, k, X0=None, **common)
-                    block.info["repeated"] = repeated
-                    result = replace(block, n_hvp=block.n_hvp + result.n_hvp)
+                    # cold block, which holds as many copies as its columns, measures again, within the
+                    # products left (Lanczos's default budget where none was given).
+                    left = (max(300, 40 * n_wanted) if max_hvp is None else max_hvp) - result.n_hvp
+                    if left >= n_wanted + guard_count(n_wanted):
+                        block = lobpcg(op, k, X0=None, **{**common, "max_matvec": left})
+                        block.info["repeated"] = repeated
+                        result = replace(block, n_hvp=block.n_hvp + result.n_hvp)
+                    else:
+                        warnings.warn(
+                            f"hessian_eigenpairs: the eigenvalue {repeated:.6g} came back twice, the sign of an "
+                            "exact multiplicity Lanczos can miss copies of, and max_hvp leaves no products for a "
+                            "block to measure again: raise max_hvp, or use method='lobpcg'",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                        result.info["repeated"] = repeated
             if bookkeeping:
                 bookkeeping["warm_costs"][warm] = result.n_hvp
                 result.info.update(bookkeeping)

@@ -615,3 +615,23 @@ def test_an_eigenvalue_returned_twice_is_measured_again_by_a_block():
         )
         assert result.info["repeated"] == pytest.approx(top, rel=1e-5)
         assert result.all_converged
+    # No products left for the block: the result stays Lanczos's, and says so.
+    lanczos_only = hessian_eigenpairs(model, mse, [(x, targets)], k=3, params="2.*", method="lanczos")
+    with pytest.warns(RuntimeWarning, match="came back twice"):
+        kept = hessian_eigenpairs(
+            model, mse, [(x, targets)], k=3, params="2.*", max_hvp=lanczos_only.n_hvp + 2
+        )
+    assert kept.method == "lanczos" and kept.n_hvp == lanczos_only.n_hvp
+
+
+def test_distinct_eigenvalues_closer_than_the_tolerance_are_not_taken_for_a_repeated_one():
+    """1.0 and 0.9995 (0.05% apart) at tol=1e-3: two converged values, not copies of one."""
+    d = torch.cat([torch.tensor([1.0, 0.9995]), torch.linspace(0.01, 0.5, 60)]).double()
+    model = torch.nn.Linear(62, 1, bias=False).double()
+
+    def quadratic(module, batch):
+        return 0.5 * (d * module.weight[0] ** 2).sum()
+
+    result = hessian_eigenpairs(model, quadratic, [torch.zeros(1)], k=2, tol=1e-3)
+    assert "repeated" not in result.info and result.method == "lanczos"
+    torch.testing.assert_close(result.eigenvalues, d[:2], rtol=1e-6, atol=0)

@@ -256,7 +256,9 @@ def held_random_states(holder: Any) -> Iterator[None]:
     a dataset that samples or augments from a generator of its own (``self.g = torch.Generator()``)
     draws from it when a measurement reads batches, and training must find it where it was."""
     saved = []
-    for value in {id(v): v for v in getattr(holder, "__dict__", {}).values()}.values():
+    # Its attributes, and a `generator` it exposes otherwise (a property, a slot), as torch's samplers name it.
+    held = [*getattr(holder, "__dict__", {}).values(), getattr(holder, "generator", None)]
+    for value in {id(v): v for v in held}.values():
         if isinstance(value, torch.Generator):
             saved.append((value.set_state, value.get_state()))
         elif isinstance(value, random.Random):
