@@ -28,7 +28,7 @@ from .curvature.distributed import LocalFailure, all_reduce_sum, is_distributed,
 from .curvature.operator import check_arguments
 from .curvature.precondition import check_diagonal
 from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
-from .linalg._common import WHICH, guard_count
+from .linalg._common import WHICH, default_budget, guard_count
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 from .probe import ProbeSet, couples_samples, map_tensors, sample_count
@@ -410,7 +410,7 @@ def hessian_eigenpairs(
                     # alone, and more may be missing (a last layer under MSE: every eigenvalue C-fold). A
                     # cold block, which holds as many copies as its columns, measures again, within the
                     # products left (Lanczos's default budget where none was given).
-                    left = (max(300, 40 * n_wanted) if max_hvp is None else max_hvp) - result.n_hvp
+                    left = (default_budget(n_wanted) if max_hvp is None else max_hvp) - result.n_hvp
                     if left >= n_wanted + guard_count(n_wanted):
                         block = lobpcg(op, k, X0=None, **{**common, "max_matvec": left})
                         block.info["repeated"] = repeated

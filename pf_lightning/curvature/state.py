@@ -140,10 +140,11 @@ def measurement_context(model: nn.Module, exact: bool = False) -> Iterator[None]
     will need second-order autograd, so Hugging Face-style ``gradient_checkpointing`` is switched off
     for the duration (finite differences keep it, and its memory savings)."""
     modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    # The tensor each module's buffer slot holds: a forward that reassigns one (`self.ema = 0.9 * self.ema +
-    # ...`, an EMA's usual form) leaves a new tensor there, which copying into the old one would not undo.
+    # The tensor each module's buffer slot holds, and its value: a forward that reassigns one (`self.ema =
+    # 0.9 * self.ema + ...`, an EMA's usual form) leaves a new tensor there, which copying into the old one
+    # would not undo.
     slots = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()]
+    buffers = list({id(b): (b, b.detach().clone()) for _, _, b in slots if b is not None}.values())
     grads = [(p, p.grad) for p in model.parameters()]
     tracking = [
         (m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm) and m.training

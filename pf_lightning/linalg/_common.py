@@ -48,6 +48,11 @@ def guard_count(n_wanted: int) -> int:
     return max(2, n_wanted // 2)
 
 
+def default_budget(n_wanted: int) -> int:
+    """The products a solver may spend when the caller sets no ``max_matvec``: ``max(300, 40 k)``."""
+    return max(300, 40 * n_wanted)
+
+
 def check_tol(tol: float) -> float:
     if not (isinstance(tol, int | float) and 0 < tol < 1):
         raise ValueError(f"tol is a relative residual tolerance in (0, 1), got {tol!r}")

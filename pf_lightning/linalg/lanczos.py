@@ -48,6 +48,7 @@ from ._common import (
     check_k,
     check_tol,
     converged_mask,
+    default_budget,
     finish,
     guard_count,
     lanczos_step,
@@ -109,10 +110,10 @@ def _explored(
     own spectrum, as a Lanczos run from that fresh direction would before returning.
     """
     values = torch.sort(values).values
-    if broke:
-        same = found is not None and bool(
-            ((values - found).abs() <= tol * torch.clamp(values.abs(), min=1e-2 * scale)).all()
-        )
+    if (
+        broke
+    ):  # unchanged: each value within the tolerance of the previous block's, as `converged_mask` judges
+        same = found is not None and bool(converged_mask(values, (values - found).abs(), tol, scale).all())
         return same, values
     T = H[block:j, block:j]
     theta, S = torch.linalg.eigh(0.5 * (T + T.mT))
@@ -178,7 +179,7 @@ def lanczos(
     if isinstance(m, bool) or not isinstance(m, int) or m < min(n, n_wanted + 1):
         raise ValueError(f"basis_size must be an int > the number of wanted pairs ({n_wanted}), got {m!r}")
     m = min(m, n)
-    budget = max(300, 40 * n_wanted) if max_matvec is None else int(max_matvec)
+    budget = default_budget(n_wanted) if max_matvec is None else int(max_matvec)
     if budget < 1:
         raise ValueError(f"max_matvec must be >= 1, got {max_matvec!r}")
 

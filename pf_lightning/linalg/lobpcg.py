@@ -32,6 +32,7 @@ from ._common import (
     check_k,
     check_tol,
     converged_mask,
+    default_budget,
     finish,
     guard_count,
     make_generator,
@@ -98,7 +99,7 @@ def lobpcg(
     if extra < 0:
         raise ValueError(f"extra must be >= 0, got {extra}")
     b = min(n_wanted + extra, n)
-    budget = max(300, 40 * n_wanted) if max_matvec is None else int(max_matvec)
+    budget = default_budget(n_wanted) if max_matvec is None else int(max_matvec)
     if budget < b:
         raise ValueError(f"max_matvec={budget} cannot pay for one block of {b} products: raise it")
 

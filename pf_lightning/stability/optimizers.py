@@ -758,13 +758,13 @@ def uneven_steps(optimizer: torch.optim.Optimizer, group: int = 0) -> str | None
     :func:`step_dynamics` describes the group by its first stepped parameter."""
     rule, settings = optimizer_rule(optimizer), group_settings(optimizer, group)
     first = _group_state(optimizer, group)
-    seen = {_steps(first)}
+    seen, a = {_steps(first)}, None
     for param in optimizer.param_groups[group]["params"]:
         state = optimizer.state.get(param)
         if not has_stepped(optimizer, param) or _steps(state) in seen:
             continue
         seen.add(_steps(state))
-        a, b = rule.dynamics(settings, first), rule.dynamics(settings, state)
+        a, b = a or rule.dynamics(settings, first), rule.dynamics(settings, state)
         if replace(a, formula="") != replace(b, formula=""):
             return f"step {_steps(first):g}: {a.formula}; step {_steps(state):g}: {b.formula}"
     return None
