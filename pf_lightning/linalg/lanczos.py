@@ -213,7 +213,9 @@ def lanczos(
     # the projected matrix: `block` is where the newest one began (0: none this cycle), `found` the wanted
     # values when the last block closed (see `_explored`).
     block, found = 0, None
-    dropped: list[tuple[int, float]] = []  # (row, coupling) set to 0 at a breakdown: part of the residuals
+    # What A V_j = V_j H_j leaves out beyond the last coupling, a bound per basis vector: a coupling set to 0
+    # at a breakdown, and after a restart what the kept Ritz vectors inherit of those (triangle inequality).
+    slack = torch.zeros(m + 1, dtype=torch.float64)
 
     j = 0
     while True:
@@ -231,7 +233,7 @@ def lanczos(
             # An invariant subspace (to the tolerance): its Ritz pairs are exact. Continue from a fresh direction
             # (coupling 0) unless the basis already spans the whole space.
             H[j + 1, j] = 0.0
-            dropped.append((j, beta))
+            slack[j] += beta
             against = V[: j + 1].mT
             fresh = (
                 orthonormalize(op, op.randn(1, generator), against=against)
@@ -252,9 +254,7 @@ def lanczos(
         T = H[:j, :j]
         theta, S = torch.linalg.eigh(0.5 * (T + T.mT))
         beta_last = float(H[j, j - 1])
-        res = abs(beta_last) * S[j - 1, :].abs()
-        for row, coupling in dropped:
-            res += coupling * S[row, :].abs()
+        res = abs(beta_last) * S[j - 1, :].abs() + slack[:j] @ S.abs()
         scale = max(scale, float(theta.abs().max()))
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
@@ -300,6 +300,8 @@ def lanczos(
         H.zero_()
         H[:n_keep, :n_keep] = torch.diag(theta[keep])
         H[n_keep, :n_keep] = beta_last * S[m - 1, keep]
+        slack[:n_keep] = slack[:m] @ S[:, keep].abs()
+        slack[n_keep:] = 0.0
         j = n_keep
         restarts += 1
-        block, dropped = 0, []  # the kept Ritz vectors mix the blocks: the next cycle is one Krylov space
+        block = 0  # the kept Ritz vectors mix the blocks: the next cycle is one Krylov space

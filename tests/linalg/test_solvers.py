@@ -337,3 +337,18 @@ def test_a_tiny_operator_whose_rank_is_below_k_gives_its_bottom_eigenvalues():
     for k in range(1, 8):
         result = lanczos(DenseOperator(A), k, which="bottom", tol=1e-8)
         torch.testing.assert_close(torch.sort(result.eigenvalues).values, want[:k], rtol=0, atol=1e-10)
+
+
+def test_residuals_after_a_restart_still_count_the_couplings_set_to_zero():
+    """Eigenvalues 1e-6..1e4, the bottom 3 (below 1% of the scale, held to that 1%): the Krylov space is
+    invariant to the tolerance several times, and a thick restart recombined the basis. The residuals
+    reported after it left out the couplings dropped before it: 7.9e-3 for a true 4.5e-2 (seed 0; 47x under
+    on a least-squares Hessian of this spectrum)."""
+    A = symmetric(torch.logspace(-6, 4, 40, dtype=torch.float64))
+    restarted = 0
+    for seed in range(6):
+        result = lanczos(DenseOperator(A), 3, which="bottom", seed=seed)
+        restarted += result.info["restarts"] > 0
+        true = (A @ result.eigenvectors - result.eigenvectors * result.eigenvalues).norm(dim=0)
+        assert bool((true <= 1.01 * result.residuals).all()), (seed, true, result.residuals)
+    assert restarted >= 2
