@@ -594,7 +594,8 @@ def test_the_cached_gradient_has_the_products_dropout_masks_and_is_not_read_once
 def test_an_eigenvalue_returned_twice_is_measured_again_by_a_block():
     """A last linear layer under MSE has the Hessian E[x x^T] (x) I_10: every eigenvalue ten-fold. Lanczos
     (one start vector) returned [1.2994, 1.2994, 0.5443] for three times 1.2994 (rounding exposed one
-    copy), converged; method="auto" now takes a second copy as the sign and measures again with a block."""
+    copy), converged, and for k = 6 [1.2994 x 3, 0.5443 x 2, 0.4573]; method="auto" takes a second copy of
+    any eigenvalue as the sign and measures again with a block."""
     from pf_lightning.demos import load_digits_tensors
 
     torch.manual_seed(0)
@@ -603,7 +604,8 @@ def test_an_eigenvalue_returned_twice_is_measured_again_by_a_block():
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
     with torch.no_grad():
         features = torch.cat([model[:2](x), torch.ones(len(x), 1)], dim=1).double()
-        top = float(torch.linalg.eigvalsh(features.mT @ features / len(x))[-1])  # each ten times
+        distinct = torch.linalg.eigvalsh(features.mT @ features / len(x))  # each ten times
+        top = float(distinct[-1])
 
     def mse(module, batch):
         return 0.5 * ((module(batch[0]) - batch[1]) ** 2).sum(dim=1).mean()
@@ -613,7 +615,7 @@ def test_an_eigenvalue_returned_twice_is_measured_again_by_a_block():
         torch.testing.assert_close(
             result.eigenvalues.double(), torch.full((k,), top, dtype=torch.float64), rtol=1e-5, atol=0
         )
-        assert result.info["repeated"] == pytest.approx(top, rel=1e-5)
+        assert float((distinct - result.info["repeated"]).abs().min()) <= 1e-5 * top
         assert result.all_converged
     # No products left for the block: the result stays Lanczos's, and says so.
     lanczos_only = hessian_eigenpairs(model, mse, [(x, targets)], k=3, params="2.*", method="lanczos")

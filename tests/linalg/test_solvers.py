@@ -99,11 +99,38 @@ def test_deterministic_for_a_seed(solver):
 
 
 def test_lanczos_counts_products_and_stops_at_tolerance():
+    """A cold start fills its basis (20) before its first test; a warm start tests from the first step."""
     op = DenseOperator(symmetric(torch.cat([torch.tensor([100.0]), torch.linspace(0, 50, 149)])))
     result = lanczos(op, 1, tol=1e-3)
-    assert result.n_hvp == op.n_matvec
+    assert result.n_hvp == op.n_matvec == 20
     assert result.all_converged
-    assert result.n_hvp <= 12  # a gap of half the spectrum: error shrinks ~ 0.17^j per step
+    gen = torch.Generator().manual_seed(3)
+    v0 = result.eigenvectors[:, 0] + 0.1 * torch.randn(150, generator=gen, dtype=torch.float64) / 150**0.5
+    warm = lanczos(op, 1, tol=1e-3, v0=v0)
+    assert warm.all_converged
+    assert warm.n_hvp <= 8  # a gap of half the spectrum: error shrinks ~ 0.17^j per step
+    torch.testing.assert_close(
+        warm.eigenvalues, torch.tensor([100.0], dtype=torch.float64), rtol=1e-3, atol=0
+    )
+
+
+def test_a_cold_start_does_not_return_a_lower_eigenvalue_for_one_its_krylov_space_had_not_reached():
+    """Top 2 of [1, 0.95, 0.9, bulk in [0, 0.5]]: tested from the 2nd step, Lanczos returned [1, 0.9],
+    converged, from 2 of 100 random starts (12-14 products); at a 0.5% gap [1, 0.99] from 20 of 100."""
+    gen = torch.Generator().manual_seed(7)
+    n = 300
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    bulk = torch.rand(n, generator=gen, dtype=torch.float64) * 0.5
+    wrong = 0
+    for gap in (0.05, 0.005):
+        eigs = bulk.clone()
+        eigs[:3] = torch.tensor([1.0, 1.0 - gap, 1.0 - 2 * gap], dtype=torch.float64)
+        op = DenseOperator((Q * eigs) @ Q.mT)
+        for seed in range(25):
+            result = lanczos(op, 2, seed=seed)
+            assert result.all_converged
+            wrong += bool((result.eigenvalues - eigs[:2]).abs().max() > 1e-3)
+    assert wrong == 0
 
 
 def test_whole_space_is_exact():
