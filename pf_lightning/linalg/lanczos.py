@@ -134,6 +134,7 @@ def lanczos(
     seed: int = 0,
     basis_device: torch.device | str | None = None,
     neighbours: bool = False,
+    first_test: int | None = None,
 ) -> EigenResult:
     """Extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -157,6 +158,10 @@ def lanczos(
         neighbours: also return the Ritz vectors of the next ``max(2, k // 2)`` Ritz values beyond the
             wanted ones (``EigenResult.neighbours``, approximate: they were not asked to converge), the
             guards of a later block warm start; formed with the eigenvectors, while the basis is there.
+        first_test: the product after which convergence is first tested. Default: the basis size from a
+            cold start (the start vector's weight on each wanted direction has then been amplified by a
+            polynomial of that degree), the number of wanted pairs from a warm one (``v0``). A smaller
+            value saves products where the wanted end of the spectrum is known to stand well apart.
 
     Returns:
         An :class:`EigenResult` with eigenvalues in descending order.
@@ -220,7 +225,10 @@ def lanczos(
     # (20 of 100 at a 0.5% gap), converged, in 12-14 products; none of 100 in 20. A warm start holds the
     # previous directions and tests from the k-th step, and so does a run whose Krylov space has become
     # invariant (all it can reach is in the basis).
-    first_test = n_wanted if v0 is not None else m
+    if first_test is None:
+        first_test = n_wanted if v0 is not None else m
+    elif isinstance(first_test, bool) or not isinstance(first_test, int) or first_test < 1:
+        raise ValueError(f"first_test must be a positive int (a product count), got {first_test!r}")
     # What A V_j = V_j H_j leaves out beyond the last coupling, a bound per basis vector: a coupling set to 0
     # at a breakdown, and after a restart what the kept Ritz vectors inherit of those (triangle inequality).
     slack = torch.zeros(m + 1, dtype=torch.float64)
@@ -255,7 +263,7 @@ def lanczos(
                 block = j + 1
             V[j + 1] = 0.0 if complete else fresh[:, 0]
         j += 1
-        if j < (n_wanted if block else first_test) and not complete and used < budget:
+        if (j < n_wanted or (used < first_test and not block)) and not complete and used < budget:
             continue
 
         # Rayleigh-Ritz on the projected matrix: a j x j eigenproblem, negligible next to a product.

@@ -112,6 +112,13 @@ def test_lanczos_counts_products_and_stops_at_tolerance():
     torch.testing.assert_close(
         warm.eigenvalues, torch.tensor([100.0], dtype=torch.float64), rtol=1e-3, atol=0
     )
+    early = lanczos(op, 1, tol=1e-3, first_test=1)  # the caller knows the gap: tested from the first product
+    assert early.all_converged and early.n_hvp <= 12
+    torch.testing.assert_close(
+        early.eigenvalues, torch.tensor([100.0], dtype=torch.float64), rtol=1e-3, atol=0
+    )
+    with pytest.raises(ValueError, match="first_test must be a positive int"):
+        lanczos(op, 1, first_test=0)
 
 
 def test_a_cold_start_does_not_return_a_lower_eigenvalue_for_one_its_krylov_space_had_not_reached():
