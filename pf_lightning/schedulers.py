@@ -98,12 +98,25 @@ class _MeasuredLR(LRScheduler):
                 stacklevel=3,
             )
 
+    def _adopt_new_groups(self) -> None:
+        """Parameter groups added since the last step (``optimizer.add_param_group``: a layer unfrozen
+        mid-run) join the schedule from their rate when added, their base rate (its ``initial_lr``, as
+        torch's schedulers set it), as if they had been there from the start."""
+        groups = self.optimizer.param_groups
+        for group in groups[len(self.base_lrs) :]:
+            group.setdefault("initial_lr", group["lr"])
+            for key in self._lists:
+                rate = group["initial_lr"] if key == "base_lrs" else group["lr"]
+                getattr(self, key).append(float(rate))
+
     def refresh(self, value: Any) -> None:
         """Take a measurement for the optimizer step about to run, without advancing the schedule.
 
-        :class:`~pf_lightning.callbacks.LRAdaptation` uses it for a measurement made before the first step
-        of a fit, so that step already runs at the adapted (or capped) rate.
+        :class:`~pf_lightning.callbacks.LRAdaptation` uses it for a measurement made after the schedule's
+        step for the last optimizer step (before the first step of a fit, at an epoch's end), so that the
+        next step already runs at the adapted (or capped) rate.
         """
+        self._adopt_new_groups()
         self._observe(value)
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             _set_lr(group, lr)
@@ -186,7 +199,8 @@ class DriftAdaptiveLR(_MeasuredLR):
     optimizers it multiplies the preconditioned update :math:`\hat m/(\sqrt{\hat\nu}+\epsilon)`, while
     :math:`v` measures the raw Hessian: the rate is then a curvature-scaled step, not the paper's method.
     Several parameter groups keep their ratios: group ``i`` gets :math:`h \cdot \eta_i/\eta_0` with
-    :math:`\eta_i` the groups' initial rates.
+    :math:`\eta_i` the groups' initial rates (for a group added mid-run by ``optimizer.add_param_group``,
+    its rate when added).
 
     Args:
         optimizer: the wrapped optimizer; its current rates are the base rates.
@@ -264,6 +278,7 @@ class DriftAdaptiveLR(_MeasuredLR):
         ``None`` keeps the last measurement (the every-n-steps mode); a non-finite or non-positive
         :math:`v` keeps it too, with one warning and ``held`` set.
         """
+        self._adopt_new_groups()
         self._observe(hg_ratio)
         super().step()
 
@@ -333,7 +348,8 @@ class SharpnessCappedLR(_MeasuredLR):
     never distorts it. A sharpness :math:`S \le 0` (no positive curvature) imposes no cap; before the
     first measurement there is none either. Under a preconditioning optimizer parameter groups at
     different rates keep their ratios (the edge is group 0's, each other group gets its share of it);
-    otherwise each group is capped at its own edge (:meth:`edge_lrs`).
+    otherwise each group is capped at its own edge (:meth:`edge_lrs`). A group added mid-run
+    (``optimizer.add_param_group``) is capped from its next step, from its rate when added or the base's.
 
     Args:
         optimizer: the wrapped optimizer.
@@ -408,6 +424,8 @@ class SharpnessCappedLR(_MeasuredLR):
         ``None`` keeps the last sharpness (so does NaN before the first measurement, silently); a
         non-finite value after one keeps it too, with one warning and ``held`` set.
         """
+        if self._started:
+            self._adopt_new_groups()
         self._observe(sharpness)
         if self._started and self.base is not None:
             for group, lr in zip(self.optimizer.param_groups, self._uncapped, strict=True):

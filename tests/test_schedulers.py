@@ -338,3 +338,42 @@ def test_gradient_curvature_of_a_zero_gradient_is_nan():
     assert gc.grad_norm == 0.0 and math.isnan(gc.hg_ratio) and not gc.finite
     with pytest.raises(ValueError, match="`method` must be one of"):
         gradient_curvature(op, "central")
+
+
+def test_a_parameter_group_added_mid_run_joins_the_schedule():
+    """optimizer.add_param_group (a layer unfrozen mid-run, BaseFinetuning's unfreeze_and_add_param_group)
+    stopped both schedulers at their next step (zip() argument 2 is shorter than argument 1). The new group
+    joins from its own rate: DAL scales it by the DAL rate over group 0's base, the cap caps it at its edge,
+    a capped base schedule moves it as it would without the cap."""
+    dal = DriftAdaptiveLR(sgd(lr=0.1), p=1.0)
+    run(dal, [4.0])  # DAL rate 2 / 4 = 0.5
+    dal.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.05})
+    run(dal, [10.0])  # 0.2, and 0.2 * 0.05 / 0.1 for the new group
+    assert [g["lr"] for g in dal.optimizer.param_groups] == pytest.approx([0.2, 0.1])
+    state = dal.state_dict()
+    resumed = DriftAdaptiveLR(sgd(lr=0.1, groups=2), p=1.0)
+    resumed.load_state_dict(state)
+    assert resumed.base_lrs == pytest.approx([0.1, 0.05])
+
+    cap = SharpnessCappedLR(sgd(lr=0.5), fraction=0.9)
+    run(cap, [10.0])  # edge 2 / 10: capped at 0.18
+    cap.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
+    run(cap, [10.0])
+    assert [g["lr"] for g in cap.optimizer.param_groups] == pytest.approx([0.18, 0.1])  # 0.1: under its cap
+    run(cap, [40.0])
+    assert [g["lr"] for g in cap.optimizer.param_groups] == pytest.approx([0.045, 0.045])
+
+    def cosine_rates(capped):
+        optimizer = sgd(lr=0.5)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=20)
+        scheduler = SharpnessCappedLR(optimizer, fraction=0.9, base=cosine) if capped else cosine
+        rates = []
+        for t in range(10):
+            if t == 3:
+                optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
+            optimizer.step()
+            scheduler.step(1.0) if capped else scheduler.step()  # edge 2: the cap 1.8 never binds
+            rates.append([g["lr"] for g in optimizer.param_groups])
+        return rates
+
+    assert cosine_rates(True) == cosine_rates(False)
