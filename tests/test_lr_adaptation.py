@@ -458,3 +458,30 @@ def test_a_reused_edge_monitor_no_longer_feeds_the_lr_adaptation_of_an_earlier_t
     assert sorted(metrics["eos/sharpness"]) == [0, 2, 4]
     assert not any(key.startswith("cap/") for key in metrics)
     assert cap.state_dict() == state
+
+
+def test_a_sharpness_measured_at_an_epoch_end_caps_the_next_step(tmp_path):
+    """An every_n_epochs measurement comes after Lightning has stepped the cap for the epoch's last step:
+    the first step of the next epoch ran at the previous cap (an outside trial: 1.61 at 2.55x the edge, where
+    the cap from the new sharpness was 0.569), the new cap from the step after."""
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, batch_size=32, lr=3.0)
+
+    def configure():
+        optimizer = torch.optim.SGD(model.parameters(), lr=3.0)
+        return {"optimizer": optimizer, "lr_scheduler": SharpnessCappedLR(optimizer, 0.9).lightning_config()}
+
+    model.configure_optimizers = configure
+    used = {}
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            used[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+    monitor = HessianEigenMonitor(k=1, every_n_steps=None, every_n_epochs=1, tol=1e-4, at_fit_end=False)
+    t = fit(tmp_path, model, 12, [monitor, EdgeOfStabilityMonitor(), LRAdaptation(), Record()])
+    sharpness = logged(t)["eos/sharpness"]
+    assert sorted(sharpness) == [0, 4, 8, 12]  # fit start, then each epoch's end (4 batches each)
+    for step in range(12):
+        latest = sharpness[max(s for s in sharpness if s <= step)]
+        assert used[step] == pytest.approx(min(3.0, 0.9 * 2 / latest), rel=1e-6), step

@@ -147,6 +147,7 @@ class LRAdaptation(Callback):
         self._loss_fn: Callable | None = None
         self._last_measured: int | None = None
         self._restored: int | None = None
+        self._due = False  # the first step of a resumed fit has its measurement to take
         # Manual optimization: Lightning steps no scheduler, this callback does (see on_train_batch_end).
         self._manual = False
         self._at_batch_start: tuple[int, list[int]] | None = None  # (global step, schedulers' last_epoch)
@@ -290,6 +291,10 @@ class LRAdaptation(Callback):
         for scheduler in self.schedulers:
             if scheduler.last_epoch == trainer.global_step - 1 and scheduler.monitor in self._fed:
                 scheduler.step(self._fed[scheduler.monitor])
+        # A checkpoint written inside the measurement for this step (OnExceptionCheckpoint on Ctrl+C) does not
+        # count it as taken: take it before this step, on its batch, as the first step of a fit does.
+        last = self._last_measured
+        self._due = last is not None and trainer.global_step - last >= self.every_n_steps
 
     # -- per step ----------------------------------------------------------------------------
     @staticmethod
@@ -306,11 +311,13 @@ class LRAdaptation(Callback):
         if step == self._last_logged:
             return  # gradient accumulation: the rate is that of the optimizer step still in progress
         self._last_logged = step
+        due, self._due = self._due, False
         for scheduler in self.schedulers:
-            if isinstance(scheduler, DriftAdaptiveLR) and self._last_measured is None:
-                # The first step of a fit: measure now, so it already runs at the DAL rate.
-                self._last_measured = step
+            if isinstance(scheduler, DriftAdaptiveLR) and (self._last_measured is None or due):
+                # The first step of a fit (or one whose measurement a resumed checkpoint had not finished):
+                # measure now, so it already runs at the DAL rate.
                 self._measure_drift(trainer, pl_module, batch)
+                self._last_measured = step  # after it: a run interrupted inside it measures again on resume
                 scheduler.refresh(self._fed[scheduler.monitor])  # as Lightning's later steps read it
         metrics = {}
         for scheduler in self.schedulers:
@@ -331,8 +338,8 @@ class LRAdaptation(Callback):
             if isinstance(scheduler, DriftAdaptiveLR) and (
                 self._last_measured is None or step - self._last_measured >= self.every_n_steps
             ):
-                self._last_measured = step
                 self._measure_drift(trainer, pl_module, batch)
+                self._last_measured = step
             elif scheduler.monitor not in trainer.callback_metrics:
                 # Nothing measured in this fit yet (a fresh start, or a resume between measurements): what
                 # the monitor held when the checkpoint was written (a measurement after the scheduler's
@@ -393,10 +400,12 @@ class LRAdaptation(Callback):
         sharpness = float(metrics[names.SHARPNESS])
         log_metrics(trainer, {names.CAP_SHARPNESS: sharpness}, trainer.global_step)
         self._remember(trainer, names.CAP_SHARPNESS)
-        if self._last_end is None:  # measured before the first step of this fit: cap that step already
-            for scheduler in self.schedulers:
-                if isinstance(scheduler, SharpnessCappedLR):
-                    scheduler.refresh(self._fed[scheduler.monitor])  # as Lightning's later steps read it
+        for scheduler in self.schedulers:
+            # Stepped already for the optimizer steps taken (a measurement before the first step of a fit,
+            # at an epoch's end, or after this callback stepped it under manual optimization): cap the next
+            # step now, or it would run at the previous cap. At a batch end Lightning steps it after this.
+            if isinstance(scheduler, SharpnessCappedLR) and scheduler.last_epoch == trainer.global_step:
+                scheduler.refresh(self._fed[scheduler.monitor])  # as Lightning's later steps read it
 
     # -- checkpoint --------------------------------------------------------------------------
     @override

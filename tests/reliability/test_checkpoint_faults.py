@@ -481,3 +481,50 @@ def test_wandb_offline_and_disabled(tmp_path, monkeypatch, mode):
     assert any("hessian/density" in r for r in rows) and any(
         "eos/spectrum_vs_threshold_table" in r for r in rows
     )
+
+
+def test_a_dal_run_interrupted_inside_its_measurement_resumes_to_the_uninterrupted_rates(tmp_path):
+    """Ctrl+C inside the ||Hg||/||g|| measurement for step 6: the exception checkpoint counted it as taken,
+    and the resumed run ran steps 6-7 at step 4's rate and every later step apart (an outside trial: all
+    10 resumed steps off). The resumed run takes it before step 6, on that step's batch (full batch here)."""
+
+    def loss_fn(module, batch):
+        if module.trainer.global_step == 6 and armed:
+            raise KeyboardInterrupt
+        return module.loss(batch)
+
+    class Rates(L.Callback):
+        def __init__(self):
+            self.used = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.used[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+    def run(root, callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        model = DigitsClassifier(n=128, lr=0.05)
+        rates = Rates()
+        adaptation = LRAdaptation(
+            functools.partial(DriftAdaptiveLR, p=1.0, max_lr=2.0), every_n_steps=2, loss_fn=loss_fn
+        )
+        t = trainer(root, max_steps=10, callbacks=[adaptation, rates, *callbacks], enable_checkpointing=True)
+        t.fit(model, ckpt_path=ckpt_path)
+        return rates.used, model
+
+    armed = False
+    straight, straight_model = run(tmp_path / "straight")
+    armed = True
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(tmp_path / "first", [OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl+C while it shuts down
+    armed = False
+    assert torch.load(tmp_path / "on_exception.ckpt", weights_only=False)["global_step"] == 6
+    resumed, model = run(tmp_path / "second", ckpt_path=tmp_path / "on_exception.ckpt")
+    assert sorted(resumed) == list(range(6, 10))
+    assert resumed == {step: straight[step] for step in range(6, 10)}
+    assert len(set(resumed.values())) > 1  # the rate moves: a stale one would show
+    for p, q in zip(model.parameters(), straight_model.parameters(), strict=True):
+        assert torch.equal(p, q)
