@@ -732,3 +732,15 @@ def test_a_loss_of_shape_one_is_recorded_as_a_scalar(tmp_path):
     trainer(tmp_path, max_steps=7, callbacks=[monitor, eos]).fit(_LossOfShapeOne(n=64))
     assert [h["step"] for h in eos.history] == [0, 3, 6, 7]
     assert all(isinstance(x, float) for x in eos.losses) and len(eos.losses) == 7
+
+
+def test_an_edge_read_from_a_block_monitor_is_warned(tmp_path):
+    """monitor= a HessianEigenMonitor of a parameter subset: its lambda_max is a diagonal block's (here
+    below the whole Hessian's), and the ratio to 2/eta understates the edge."""
+    L.seed_everything(0)
+    block = HessianEigenMonitor(k=1, params="net.0.*", name="first", tol=1e-6)
+    whole = HessianEigenMonitor(k=1, tol=1e-6)
+    t = trainer(tmp_path, max_steps=1, callbacks=[block, whole, EdgeOfStabilityMonitor(monitor=block)])
+    with pytest.warns(RuntimeWarning, match=r"params='net.0.\*'\): its top eigenvalue is a diagonal block's"):
+        t.fit(DigitsClassifier(n=64))
+    assert float(block.latest.eigenvalues[0]) < float(whole.latest.eigenvalues[0])

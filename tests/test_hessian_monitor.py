@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import re
 import warnings
 
 import lightning as L
@@ -672,3 +673,15 @@ def test_the_stacking_check_runs_in_the_measurement_dtype_of_a_bfloat16_model():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     with pytest.warns(UserWarning, match="stacking could not be checked"):  # bfloat16 needs a dtype
         assert not _stacking_keeps_the_loss(model, mean, drawn, stacked)
+
+
+@pytest.mark.parametrize("name", [None, "a"])
+def test_two_monitors_under_one_name_stop_at_set_up_naming_the_fix(tmp_path, name):
+    """They logged under the same hessian/* names, each row overwriting the other's, without a word (an
+    outside trial; Lightning's own state_key error comes only where every argument is the same)."""
+    monitors = [HessianEigenMonitor(k=2, name=name), HessianEigenMonitor(k=1, every_n_steps=3, name=name)]
+    t = trainer(tmp_path, max_steps=2, callbacks=monitors)
+    where = "hessian/*" if name is None else "hessian/a/*"
+    match = f"2 HessianEigenMonitors log under '{re.escape(where)}'.*different name="
+    with pytest.raises(MisconfigurationException, match=match):
+        t.fit(DigitsClassifier(n=64))

@@ -350,6 +350,14 @@ class EdgeOfStabilityMonitor(Callback):
                 "EdgeOfStabilityMonitor(monitor=...) reads a HessianEigenMonitor that is not among the Trainer's "
                 "callbacks, so it never measures: add that monitor to the callbacks too"
             )
+        elif self.monitor.params is not None:
+            warn_once(
+                self._warned,
+                "block",
+                f"EdgeOfStabilityMonitor(monitor=...) reads a HessianEigenMonitor of a parameter subset "
+                f"(params={self.monitor.params!r}): its top eigenvalue is a diagonal block's, at most the whole "
+                "Hessian's, so the ratio to the threshold understates how close training is to the edge",
+            )
         self.monitor.add_listener(self._on_measurement, gradient=True)  # for this fit (see teardown)
         if stage == "fit":
             if starts_a_run(trainer):

@@ -388,6 +388,16 @@ class HessianEigenMonitor(Callback):
     # -- set-up ------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        same = [
+            cb for cb in trainer.callbacks if isinstance(cb, HessianEigenMonitor) and cb.name == self.name
+        ]
+        if len(same) > 1:  # they would log under one name, each row overwriting the other's
+            where = names.metric_name("hessian", "*", self.name)
+            raise MisconfigurationException(
+                f"{len(same)} HessianEigenMonitors log under {where!r}, each overwriting the others' metrics: "
+                "pass a different name= to each but one, e.g. HessianEigenMonitor(probe=held_out_batches, "
+                "name='heldout') logs hessian/heldout/eig_1"
+            )
         if stage == "fit":
             if starts_a_run(trainer):
                 self._new_run()

@@ -224,7 +224,7 @@ def test_fsdp2_measures_after_a_validation_loop(tmp_path):
 
 class _Trainer:
     def __init__(self, strategy):
-        self.strategy, self.global_step = strategy, 0
+        self.strategy, self.global_step, self.callbacks = strategy, 0, []
 
 
 def test_unsupported_strategies_fail_at_setup_naming_the_supported_choice():
