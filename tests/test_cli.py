@@ -69,7 +69,7 @@ def test_config_parses(name, tmp_path):
 @pytest.mark.parametrize("name", SINGLE_PROCESS)
 def test_config_trains_a_few_steps(name, tmp_path, capsys):
     main(["fit", "--config", str(shrunk(name, tmp_path))])
-    log_dir = tmp_path / Path(name).stem
+    log_dir = tmp_path / Path(name).stem / "version_0"
     with open(log_dir / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     eig_steps = sorted({int(r["step"]) for r in rows if r.get("hessian/eig_1")})
@@ -174,7 +174,7 @@ def test_ddp_config_trains_on_two_processes(tmp_path):
     command = [sys.executable, "-m", "pf_lightning.cli", "fit", "--config", str(config)]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(tmp_path / "ddp_digits" / "metrics.csv", newline="") as handle:
+    with open(tmp_path / "ddp_digits" / "version_0" / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted({int(r["step"]) for r in rows if r.get("hessian/eig_1")}) == [0, 1, 2]
 
@@ -305,3 +305,16 @@ def test_fit_help_lists_the_hvp_choices(callback, choices, capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--trainer.callbacks.help", f"pf_lightning.{callback}"])
     assert f"--trainer.callbacks.hvp {choices}" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_a_fit_that_fails_at_set_up_keeps_the_previous_runs_log(tmp_path):
+    """The configs wrote every fit to runs/<name>/ itself: a fit stopped at set-up by a bad argument
+    (`momentum: -1`, the optimizer's own refusal) deleted the previous run's metrics.csv (an outside trial).
+    Each fit has its own version folder now."""
+    config = shrunk("eos_digits.yaml", tmp_path, steps=1)
+    main(["fit", "--config", str(config)])
+    (first,) = (tmp_path / "eos_digits").glob("**/metrics.csv")
+    before = first.read_text()
+    with pytest.raises(ValueError, match="Invalid momentum value"):
+        main(["fit", "--config", str(config), "--model.optimizer.init_args.momentum=-1"])
+    assert first.read_text() == before and "hessian/eig_1" in before
