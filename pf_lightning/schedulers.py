@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from . import logging as names
 from ._validation import Checks, is_int, is_number
-from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr, optimizer_rule
+from .stability import UnsupportedOptimizer, dal_learning_rate, edge_lr, optimizer_rule, supported_optimizers
 
 __all__ = ["DriftAdaptiveLR", "SharpnessCappedLR"]
 
@@ -56,7 +56,10 @@ def _check_steps_at_rate(optimizer: Optimizer, refusal: str) -> None:
         for i in range(len(optimizer.param_groups)):
             edge_lr(optimizer, 1.0, group=i)
     except (UnsupportedOptimizer, ValueError) as err:  # ValueError: settings with no step rule (momentum 1)
-        raise type(err)(f"{refusal}: {err}") from err
+        fixed = supported_optimizers(step_scales_with_lr=False)  # a threshold, but no rate to set (ASGD)
+        note = f" ({', '.join(fixed)} excepted here: its step is not its rate's multiple)" if fixed else ""
+        note = note if "supported:" in str(err) else ""
+        raise type(err)(f"{refusal}: {err}{note}") from err
 
 
 def _as_float(value: Any) -> float | None:
@@ -164,6 +167,25 @@ class _MeasuredLR(LRScheduler):
         for key in self._numbers:
             if key in state and not (is_number(state[key]) and math.isfinite(state[key])):
                 bad(f"{key} is {state[key]!r}, not a finite number")
+        foreign = sorted(
+            key
+            for other in _MeasuredLR.__subclasses__()
+            if other is not type(self)
+            for key in other._settings
+            if key in state and key not in self._settings
+        )
+        if foreign:
+            bad(f"it holds {foreign}, settings of another scheduler")
+        try:  # the settings as the constructor checks them: a rate of -1 or NaN must not come back this way
+            self._check_settings(state)
+        except ValueError as err:
+            bad(str(err))
+
+    # A state's settings (beyond the rates): the entries another scheduler's state does not hold.
+    _settings: tuple[str, ...] = ()
+
+    def _check_settings(self, state: Mapping[str, Any]) -> None:
+        """Raise a ``ValueError`` where a setting in ``state`` is one the constructor would refuse."""
 
     def lightning_config(self, name: str | None = None) -> dict[str, Any]:
         """The ``lr_scheduler`` entry of ``configure_optimizers`` that steps this scheduler correctly.
@@ -243,19 +265,7 @@ class DriftAdaptiveLR(_MeasuredLR):
         last_epoch: int = -1,
     ) -> None:
         _check_common(optimizer, last_epoch)
-        self.p = _check.number("p", p, at_least=0, hint="p = 0 keeps the base rate, p = 1 is DAL-1")
-        self.max_lr = _check.number(
-            "max_lr", max_lr, above=0, hint="pass the largest step DAL may take, e.g. max_lr=5.0"
-        )
-        if window is not None:
-            start, stop = window if isinstance(window, tuple | list) and len(window) == 2 else (None, None)
-            if not (is_int(start) and start >= 0 and (stop is None or (is_int(stop) and stop > start))):
-                _check.fail(
-                    "window", "None or (start, stop) with ints 0 <= start < stop, or stop None", window
-                )
-            window = (int(start), None if stop is None else int(stop))
-        self.window = window
-        self.warmup_steps = _check.integer("warmup_steps", warmup_steps, 0)
+        self.p, self.max_lr, self.window, self.warmup_steps = self._checked(p, max_lr, window, warmup_steps)
         lr = optimizer.param_groups[0]["lr"]
         if not (is_int(lr) or isinstance(lr, float | Tensor)) or not float(lr) > 0:
             raise ValueError(
@@ -266,6 +276,33 @@ class DriftAdaptiveLR(_MeasuredLR):
         self.measured: float | None = None
         self.held, self.held_count, self._warned = False, 0, False
         super().__init__(optimizer, last_epoch)
+
+    @staticmethod
+    def _checked(
+        p: Any, max_lr: Any, window: Any, warmup_steps: Any
+    ) -> tuple[float, float, tuple[int, int | None] | None, int]:
+        """The settings as the scheduler holds them, or a ``ValueError`` naming the one refused."""
+        p = _check.number("p", p, at_least=0, hint="p = 0 keeps the base rate, p = 1 is DAL-1")
+        max_lr = _check.number(
+            "max_lr", max_lr, above=0, hint="pass the largest step DAL may take, e.g. max_lr=5.0"
+        )
+        if window is not None:
+            start, stop = window if isinstance(window, tuple | list) and len(window) == 2 else (None, None)
+            if not (is_int(start) and start >= 0 and (stop is None or (is_int(stop) and stop > start))):
+                _check.fail(
+                    "window", "None or (start, stop) with ints 0 <= start < stop, or stop None", window
+                )
+            window = (int(start), None if stop is None else int(stop))
+        return p, max_lr, window, _check.integer("warmup_steps", warmup_steps, 0)
+
+    _settings = ("p", "max_lr", "window", "warmup_steps")
+
+    def _check_settings(self, state: Mapping[str, Any]) -> None:
+        mine = (self.p, self.max_lr, self.window, self.warmup_steps)
+        self._checked(*(state.get(key, value) for key, value in zip(self._settings, mine, strict=True)))
+        measured = state["measured"]
+        if measured is not None and measured <= 0:  # a v the scheduler held would be positive
+            raise ValueError(f"`measured` must be a positive ||Hg||/||g|| or None, got {measured!r}")
 
     @property
     def hg_ratio(self) -> float | None:
@@ -285,20 +322,14 @@ class DriftAdaptiveLR(_MeasuredLR):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state this scheduler wrote; a ``ValueError`` names what is wrong with any other."""
         self._check_state(state_dict)
-        window = state_dict.get("window")
-        if state_dict["base_lrs"][0] <= 0 or not (
-            window is None
-            or (
-                isinstance(window, list | tuple)
-                and len(window) == 2
-                and all(is_number(w) or w is None for w in window)
-            )
-        ):
+        if state_dict["base_lrs"][0] <= 0:
             raise ValueError(
                 f"DriftAdaptiveLR.load_state_dict: base_lrs {state_dict['base_lrs']!r} (the first must be "
-                f"positive) or window {window!r} (None or (start, stop)) is not one this scheduler wrote"
+                "positive) is not one this scheduler wrote"
             )
         super().load_state_dict(state_dict)
+        if self.window is not None:  # a checkpoint keeps a tuple as a list
+            self.window = (int(self.window[0]), None if self.window[1] is None else int(self.window[1]))
 
     def _clean(self, value: float | None) -> float | None:
         # v = 0: Hg or the gradient vanished, and 2/v^p is meaningless: held like a NaN.
@@ -377,6 +408,7 @@ class SharpnessCappedLR(_MeasuredLR):
     _quantity = "sharpness"
     _lists = ("base_lrs", "_last_lr", "_uncapped")
     _numbers = ("fraction",)
+    _settings = ("fraction", "base", "_uncapped")
 
     def __init__(
         self,
@@ -387,22 +419,26 @@ class SharpnessCappedLR(_MeasuredLR):
         last_epoch: int = -1,
     ) -> None:
         _check_common(optimizer, last_epoch)
-        self.fraction = _check.number(
-            "fraction",
-            fraction,
-            above=0,
-            hint="use a fraction of the edge rate such as 0.9 (stable) or 1.1 (at the edge)",
-        )
+        self.fraction = self._checked_fraction(fraction)
         if base is not None and (
             not isinstance(base, LRScheduler)
-            or isinstance(base, ReduceLROnPlateau)  # an LRScheduler since torch 2.2, stepped with a metric
+            or isinstance(base, ReduceLROnPlateau | _MeasuredLR)  # stepped with a metric, not by the cap
             or base.optimizer is not optimizer
         ):
+            why = (
+                "ReduceLROnPlateau cannot be capped"
+                if isinstance(base, ReduceLROnPlateau)
+                else "cap a DAL schedule by lowering its max_lr instead"
+                if isinstance(base, _MeasuredLR)
+                else "it is built on another optimizer"
+                if isinstance(base, LRScheduler)
+                else ""
+            )
             _check.fail(
                 "base",
                 "None or an LRScheduler built on the same optimizer, e.g. CosineAnnealingLR(optimizer, T_max=...)",
                 base,
-                "ReduceLROnPlateau cannot be capped",
+                why,
             )
         _check_steps_at_rate(optimizer, "`optimizer`'s rate cannot be capped")
         self.base = base
@@ -412,6 +448,28 @@ class SharpnessCappedLR(_MeasuredLR):
         self._started = False
         super().__init__(optimizer, last_epoch)
         self._started = True
+
+    @staticmethod
+    def _checked_fraction(fraction: Any) -> float:
+        return _check.number(
+            "fraction",
+            fraction,
+            above=0,
+            hint="use a fraction of the edge rate such as 0.9 (stable) or 1.1 (at the edge)",
+        )
+
+    def _check_settings(self, state: Mapping[str, Any]) -> None:
+        self._checked_fraction(state.get("fraction", self.fraction))
+        base = state.get("base")
+        if (base is None) != (self.base is None):
+            raise ValueError(
+                "`base` must match: the checkpoint's cap "
+                + ("had no base schedule" if base is None else "capped a base schedule")
+                + " and this one "
+                + (f"caps a {type(self.base).__name__}" if self.base is not None else "has none")
+            )
+        if not (base is None or isinstance(base, Mapping)):
+            raise ValueError(f"`base` must be a scheduler's state dict, got {base!r}")
 
     @property
     def sharpness(self) -> float | None:
@@ -486,10 +544,6 @@ class SharpnessCappedLR(_MeasuredLR):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state this scheduler wrote; a ``ValueError`` names what is wrong with any other."""
         self._check_state(state_dict)
-        if not (state_dict.get("base") is None or isinstance(state_dict["base"], Mapping)):
-            raise ValueError(
-                f"SharpnessCappedLR.load_state_dict: base is {state_dict['base']!r}, not a state dict"
-            )
         state = dict(state_dict)
         base_state = state.pop("base", None)
         self.__dict__.update(state)

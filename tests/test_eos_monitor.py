@@ -744,3 +744,20 @@ def test_an_edge_read_from_a_block_monitor_is_warned(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"params='net.0.\*'\): its top eigenvalue is a diagonal block's"):
         t.fit(DigitsClassifier(n=64))
     assert float(block.latest.eigenvalues[0]) < float(whole.latest.eigenvalues[0])
+
+
+def test_the_warning_on_groups_with_different_weight_decays_lists_them_in_group_order(tmp_path):
+    """It printed the set sorted ([0.0, 0.001]) where group 0's decay, the one added, was 0.001."""
+    model = DigitsClassifier(n=64)
+
+    def configure():
+        first, rest = model.net[0].parameters(), [p for m in model.net[1:] for p in m.parameters()]
+        groups = [{"params": list(first), "weight_decay": 0.001}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.SGD(groups, lr=0.1)
+
+    model.configure_optimizers = configure
+    t = trainer(tmp_path, max_steps=1, callbacks=[HessianEigenMonitor(k=1), EdgeOfStabilityMonitor()])
+    with pytest.warns(
+        RuntimeWarning, match=r"decays \[0\.001, 0\.0\] \(group by group\).*group 0's, 0\.001,"
+    ):
+        t.fit(model)

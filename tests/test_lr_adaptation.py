@@ -255,6 +255,17 @@ def _configured(kind):
             return opt
         if kind == "no_monitor":
             return {"optimizer": opt, "lr_scheduler": {"scheduler": DriftAdaptiveLR(opt), "interval": "step"}}
+        if kind == "every_2":
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {**DriftAdaptiveLR(opt).lightning_config(), "frequency": 2},
+            }
+        if kind in ("dal_and_cosine", "cap_and_its_base"):
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+            measured = (
+                DriftAdaptiveLR(opt) if kind == "dal_and_cosine" else SharpnessCappedLR(opt, base=cosine)
+            )
+            return [opt], [measured.lightning_config(), {"scheduler": cosine, "interval": "step"}]
         return {"optimizer": opt, "lr_scheduler": SharpnessCappedLR(opt).lightning_config()}
 
     return configure
@@ -265,6 +276,13 @@ def _configured(kind):
     [
         ("plain", LRAdaptation, "found no DriftAdaptiveLR or SharpnessCappedLR"),
         ("no_monitor", LRAdaptation, r"lightning_config\(\)"),
+        ("every_2", LRAdaptation, "frequency=1.*got interval='step', frequency=2"),  # adapted 10-19 for 5-9
+        (
+            "dal_and_cosine",
+            LRAdaptation,
+            "a CosineAnnealingLR also sets the rate.*remove it",
+        ),  # lost in silence
+        ("cap_and_its_base", LRAdaptation, "would step twice a step"),  # 0.253 for 0.381 at step 13
         ("cap", LRAdaptation, "add HessianEigenMonitor"),
         ("plain", lambda: LRAdaptation(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 2)), "installs"),
         ("plain", lambda: LRAdaptation(dal_factory(), optimizer_index=1), "optimizer_index=1"),

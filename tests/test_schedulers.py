@@ -206,8 +206,11 @@ def test_cap_bad_input_fails_at_construction():
     with pytest.raises(ValueError, match="`fraction` must be a finite number > 0"):
         SharpnessCappedLR(sgd(), fraction=0.0)
     other = sgd()
-    with pytest.raises(ValueError, match="same optimizer"):
+    with pytest.raises(ValueError, match=r"same optimizer.*it is built on another optimizer"):
         SharpnessCappedLR(sgd(), base=torch.optim.lr_scheduler.StepLR(other, 3))
+    dal = sgd()  # accepted before, and the DAL never received a measurement: lr 0.1 throughout
+    with pytest.raises(ValueError, match="cap a DAL schedule by lowering its max_lr instead"):
+        SharpnessCappedLR(dal, base=DriftAdaptiveLR(dal))
     plateau = (
         sgd()
     )  # an LRScheduler too (torch >= 2.2), whose step needs a metric: it crashed at the first step
@@ -377,3 +380,10 @@ def test_a_parameter_group_added_mid_run_joins_the_schedule():
         return rates
 
     assert cosine_rates(True) == cosine_rates(False)
+
+
+def test_the_refusal_of_an_optimizer_without_a_rule_does_not_offer_asgd():
+    """The list of optimizers with a threshold named ASGD, which both schedulers refuse (an outside trial)."""
+    for scheduler in (DriftAdaptiveLR, SharpnessCappedLR):
+        with pytest.raises(UnsupportedOptimizer, match=r"\(ASGD excepted here: its step is not its rate's"):
+            scheduler(torch.optim.Rprop([torch.nn.Parameter(torch.zeros(2))]))

@@ -725,8 +725,8 @@ class EdgeOfStabilityMonitor(Callback):
         if len(set(decays)) > 1:
             self._warn_once(
                 "decays",
-                f"parameter groups have different L2 weight decays {sorted(set(decays))}: the sharpness adds "
-                "group 0's to every eigenvalue (the gradient's projections and the preconditioned sharpness "
+                f"parameter groups have different L2 weight decays {decays} (group by group): the sharpness "
+                f"adds group 0's, {decays[0]}, to every eigenvalue (the gradient's projections and the preconditioned sharpness "
                 "use each group's own)",
             )
         return decays[0]

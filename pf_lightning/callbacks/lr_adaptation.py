@@ -218,6 +218,25 @@ class LRAdaptation(Callback):
                 "LRAdaptation found no DriftAdaptiveLR or SharpnessCappedLR: return one from configure_optimizers "
                 "as {'optimizer': opt, 'lr_scheduler': scheduler.lightning_config()}, or pass scheduler= to install one"
             )
+        for config in trainer.lr_scheduler_configs:
+            other = config.scheduler
+            for scheduler in self.schedulers:
+                if other is scheduler or getattr(other, "optimizer", None) is not scheduler.optimizer:
+                    continue
+                if other is getattr(scheduler, "base", None):
+                    raise MisconfigurationException(
+                        f"the {type(other).__name__} SharpnessCappedLR caps is also configured on its own, so it "
+                        "would step twice a step: return only the cap's lightning_config() from configure_optimizers"
+                    )
+                raise MisconfigurationException(
+                    f"a {type(other).__name__} also sets the rate of the optimizer {type(scheduler).__name__} "
+                    "sets every step, and would be overwritten in silence: "
+                    + (
+                        "cap it instead, SharpnessCappedLR(optimizer, base=that_scheduler)"
+                        if isinstance(scheduler, SharpnessCappedLR)
+                        else "remove it (DAL's window= and warmup_steps= shape the DAL rate)"
+                    )
+                )
         if any(isinstance(s, SharpnessCappedLR) for s in self.schedulers):
             self._find_eos(trainer)
         clipping = gradient_clipping(trainer, pl_module)
@@ -237,12 +256,18 @@ class LRAdaptation(Callback):
         if self._manual:
             return  # Lightning drops monitor and reduce_on_plateau there and steps nothing: this callback does
         scheduler = config.scheduler
-        if config.interval != "step" or not config.reduce_on_plateau or config.monitor != scheduler.monitor:
+        if (
+            config.interval != "step"
+            or config.frequency != 1
+            or not config.reduce_on_plateau
+            or config.monitor != scheduler.monitor
+        ):
             raise MisconfigurationException(
                 f"{type(scheduler).__name__} must be stepped every optimizer step with its measurement: "
                 f"return {{'optimizer': opt, 'lr_scheduler': scheduler.lightning_config()}} from configure_optimizers "
-                f"(interval='step', reduce_on_plateau=True, monitor={scheduler.monitor!r}); got "
-                f"interval={config.interval!r}, reduce_on_plateau={config.reduce_on_plateau}, monitor={config.monitor!r}"
+                f"(interval='step', frequency=1, reduce_on_plateau=True, monitor={scheduler.monitor!r}); got "
+                f"interval={config.interval!r}, frequency={config.frequency}, "
+                f"reduce_on_plateau={config.reduce_on_plateau}, monitor={config.monitor!r}"
             )
 
     def _find_eos(self, trainer: Trainer) -> None:

@@ -672,9 +672,14 @@ _REFUSED: dict[str, str] = {
 }
 
 
-def supported_optimizers() -> list[str]:
-    """The names of the optimizer classes that have a rule (registered ones included)."""
-    return sorted(cls.__name__ for cls in _RULES)
+def supported_optimizers(*, step_scales_with_lr: bool | None = None) -> list[str]:
+    """The names of the optimizer classes that have a rule (registered ones included); with
+    ``step_scales_with_lr``, only those whose rule's :attr:`OptimizerRule.step_scales_with_lr` is that."""
+    return sorted(
+        cls.__name__
+        for cls, rule in _RULES.items()
+        if step_scales_with_lr is None or rule.step_scales_with_lr == step_scales_with_lr
+    )
 
 
 def register_optimizer_rule(optimizer_class: type, rule: OptimizerRule) -> None:

@@ -528,3 +528,38 @@ def test_a_dal_run_interrupted_inside_its_measurement_resumes_to_the_uninterrupt
     assert len(set(resumed.values())) > 1  # the rate moves: a stale one would show
     for p, q in zip(model.parameters(), straight_model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+DAL_SETTING_CORRUPTIONS = {  # each loaded in silence before (an outside trial)
+    "negative_measured": ({"measured": -3.0}, "positive"),  # the next rate was NaN
+    "negative_p": ({"p": -1.0}, "`p` must be"),  # refused only at the first step, mid-run
+    "zero_max_lr": ({"max_lr": 0.0}, "`max_lr` must be"),
+    "reversed_window": ({"window": [7, 3]}, "`window` must be"),  # DAL never adapted
+    "fractional_warmup": ({"warmup_steps": 2.5}, "`warmup_steps` must be"),
+    "a_cap_state": ({"fraction": 0.9, "_uncapped": [0.1], "base": None}, "settings of another scheduler"),
+}
+CAP_SETTING_CORRUPTIONS = {
+    "negative_fraction": ({"fraction": -1.0}, "`fraction` must be"),  # the next rate was -1: uphill
+    "a_dal_state": ({"p": 1.0, "max_lr": 5.0}, "settings of another scheduler"),
+}
+
+
+@pytest.mark.parametrize(
+    ("make", "corruption"),
+    [(_dal, c) for c in DAL_SETTING_CORRUPTIONS] + [(_cap, c) for c in CAP_SETTING_CORRUPTIONS],
+)
+def test_a_scheduler_state_with_settings_its_constructor_refuses_is_refused(make, corruption):
+    changes, match = {**DAL_SETTING_CORRUPTIONS, **CAP_SETTING_CORRUPTIONS}[corruption]
+    scheduler = make()
+    before = scheduler.state_dict()
+    with pytest.raises(ValueError, match=f"load_state_dict: .*{match}.*not written by a"):
+        scheduler.load_state_dict({**_stepped(make()).state_dict(), **changes})
+    assert scheduler.state_dict() == before
+
+
+def test_a_cap_state_with_or_without_a_base_loads_only_into_the_same_kind_of_cap():
+    """A cap on a cosine loading a state without a base restarted the cosine in silence (outside trial)."""
+    with pytest.raises(ValueError, match="had no base schedule and this one caps a CosineAnnealingLR"):
+        _cap(base=True).load_state_dict(_stepped(_cap()).state_dict())
+    with pytest.raises(ValueError, match="capped a base schedule and this one has none"):
+        _cap().load_state_dict(_stepped(_cap(base=True)).state_dict())
