@@ -131,7 +131,10 @@ def pf(bench: Bench, k: int, **kwargs) -> tuple[EigenResult, float]:
 
 def pf_row(bench: Bench, ref: Tensor, k: int, label: str, settings: str, **kwargs) -> tuple[Row, EigenResult]:
     res, seconds = pf(bench, k, **kwargs)
-    note = "" if res.all_converged else f"{int((~res.converged).sum())} pair(s) not converged"
+    notes = [] if res.all_converged else [f"{int((~res.converged).sum())} pair(s) not converged"]
+    if "warm_method" in res.info:  # the start method="auto" chose
+        notes.append({"block": "a block", "lanczos": "Lanczos"}[res.info["warm_method"]])
+    note = "; ".join(notes)
     row = _row(bench, ref, k, label, settings, res.n_hvp, seconds, res.eigenvalues, res.eigenvectors, note)
     return row, res
 
@@ -418,7 +421,7 @@ def eigenthings_power_rows(
 # -- warm starts ----------------------------------------------------------------------------------
 WARM_LABELS = (
     "pf_lightning Lanczos, cold",
-    "pf_lightning warm, method='auto' (Lanczos)",
+    "pf_lightning warm, method='auto'",
     "pf_lightning warm, method='lobpcg'",
 )
 
