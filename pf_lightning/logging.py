@@ -182,7 +182,7 @@ def warn_once(seen: set[str], key: str, message: str) -> None:
     if getattr(rank_zero_only, "rank", 0) != 0:
         return
     with tqdm.external_write_mode(file=sys.stderr):
-        warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 @contextlib.contextmanager
@@ -216,7 +216,7 @@ def progress_mark(trainer: Any, text: str) -> Iterator[None]:
                 restore()
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning issued by this function's caller point at the first frame
     outside pf-lightning, Lightning and torch (1, the caller itself, if there is none)."""
     roots = ("pf_lightning", "lightning", "lightning_fabric", "pytorch_lightning", "torch")

@@ -98,7 +98,7 @@ class _MeasuredLR(LRScheduler):
                 f"{type(self).__name__}: the measured {self._quantity} is {value}; holding the previous "
                 "rate (flagged in the logs each time it happens, warned once)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=names.user_stacklevel(),  # the user's line: under Lightning, their trainer.fit
             )
 
     def _adopt_new_groups(self) -> None:

@@ -230,6 +230,10 @@ def test_a_bad_hg_ratio_holds_the_rate_warns_once_and_is_flagged(tmp_path):
     messages = [str(w.message) for w in record]
     assert sum("holding the previous rate" in s for s in messages) == 1
     assert sum("not measured" in s for s in messages) == 1
+    # Both point at the line that called trainer.fit (the scheduler's pointed into Lightning's module.py).
+    assert {
+        w.filename for w in record if "holding" in str(w.message) or "not measured" in str(w.message)
+    } == {__file__}
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
