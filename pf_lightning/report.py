@@ -62,6 +62,9 @@ Drawn = dict[str, Series]
 Source = Literal["auto", "csv", "wandb"]
 _EIG = names.EIGENVALUE
 _HLAMBDA = names.direction_pattern("hlambda")
+# eos/<name>/threshold: a named EdgeOfStabilityMonitor logs it with every measurement, warm-up included.
+_TAGGED_EDGE = re.compile(r"^eos/(?P<tag>[^/]+)/threshold$")
+_UNNAMED_EDGE = re.compile(r"^(eos|pf)/[^/]+$")
 _PREFIXES = tuple(f"{prefix}/" for prefix in names.PREFIXES)
 
 
@@ -77,6 +80,22 @@ class RunMetrics:
 
     def get(self, key: str) -> Series | None:
         return self.series.get(key)
+
+    def edge_tags(self) -> list[str]:
+        """The names of the Hessian monitors a named EdgeOfStabilityMonitor logged ``eos/<name>/*`` for
+        (it takes the name of the monitor it reads), in order; the unnamed one's ``eos/*`` are not here."""
+        return sorted({m["tag"] for key in self.series if (m := _TAGGED_EDGE.match(key))})
+
+    def edge_view(self, tag: str) -> RunMetrics:
+        """This run with the ``eos/<tag>/*`` and ``pf/<tag>/*`` metrics under the names the edge plots read
+        (``eos/*``, ``pf/*``) in place of the unnamed monitor's; the other metrics (loss, rates) kept."""
+        series = {k: v for k, v in self.series.items() if not k.startswith(("eos/", "pf/"))}
+        for group in ("eos", "pf"):
+            head = f"{group}/{tag}/"
+            series.update(
+                {f"{group}/{k.removeprefix(head)}": v for k, v in self.series.items() if k.startswith(head)}
+            )
+        return RunMetrics(f"{self.name} [{tag}]", self.source, self.kind, series, self.settings)
 
 
 def _collect(rows: Iterable[tuple[int, str, float]]) -> dict[str, Series]:
@@ -587,12 +606,14 @@ def _colors(n: int) -> list[str]:
 PLOTS: dict[str, tuple[Callable[[RunMetrics, Path], Drawn | None], str]] = {
     "sharpness": (plot_sharpness, "no eos/sharpness (add EdgeOfStabilityMonitor)"),
     "spectrum": (plot_spectrum, "no hessian/eig_* (add HessianEigenMonitor)"),
-    "regimes": (plot_regimes, "no pf/hlambda_* (logged for SGD-family optimizers by EdgeOfStabilityMonitor)"),
+    "regimes": (plot_regimes, "no pf/hlambda_* (add EdgeOfStabilityMonitor)"),
     "learning_rate": (plot_learning_rate, "no lr-* (LearningRateMonitor), dal/lr or eos/lr"),
     "loss": (plot_loss, "no metric named *loss*"),
     "measurement": (plot_measurement, "no hessian/residual_max (add HessianEigenMonitor)"),
 }
 
+
+_EDGE_PLOTS = ("sharpness", "regimes")  # the plots of one EdgeOfStabilityMonitor's metrics
 
 _TABLE_COLUMNS = (
     names.SHARPNESS, names.THRESHOLD, names.RATIO, names.BATCH_SHARPNESS, names.BATCH_RATIO, names.CRITICAL_RATIO,
@@ -696,7 +717,9 @@ def write_report(
     runs = find_runs(root, source, progress, echo)
     written: dict[Path, Drawn] = {}
     images: dict[str, list[Path]] = {}  # by run name; "" for the plots of all runs
-    tasks = [(run, name) for run in runs for name in PLOTS]
+    # The edge plots once more for each named EdgeOfStabilityMonitor (sharpness_<name>.png, regimes_<name>.png).
+    tasks = [(run, name, "") for run in runs for name in PLOTS]
+    tasks += [(run, name, tag) for run in runs for tag in run.edge_tags() for name in _EDGE_PLOTS]
     folders: dict[str, Path] = {}  # by run name; two names that clean to one folder get a suffix
     for run in runs:
         folder, n = (out, 1) if len(runs) == 1 else (out / _folder_name(run.name), 1)
@@ -704,13 +727,19 @@ def write_report(
             n += 1
             folder = out / f"{_folder_name(run.name)}_{n}"
         folders[run.name] = folder
-    for run, name in tqdm(tasks, desc="plotting", unit="plot", disable=_off(progress)):
+    for run, name, tag in tqdm(tasks, desc="plotting", unit="plot", disable=_off(progress)):
         folder = folders[run.name]
         plot, missing = PLOTS[name]
-        path = folder / f"{name}.png"
-        drawn = plot(run, path)
+        path = folder / (f"{name}_{_folder_name(tag)}.png" if tag else f"{name}.png")
+        view = run.edge_view(tag) if tag else run
+        drawn = plot(view, path)
+        if drawn is None and name in _EDGE_PLOTS:
+            if not tag and not any(_UNNAMED_EDGE.match(k) for k in run.series) and run.edge_tags():
+                continue  # only named EdgeOfStabilityMonitors: their plots are drawn under their names
+            if names.THRESHOLD in view.series:
+                missing = "the EdgeOfStabilityMonitor logged no sharpness (each measurement in its warm-up or skipped)"
         if drawn is None:
-            echo(f"{run.name}: skipped {name}.png: {missing}")
+            echo(f"{run.name}: skipped {path.name}: {missing}")
         else:
             written[path] = drawn
             images.setdefault(run.name, []).append(path)

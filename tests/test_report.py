@@ -428,3 +428,34 @@ def test_two_run_names_that_clean_to_one_folder_get_two_folders(tmp_path):
         )
     written = write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
     assert sorted(p.parent.name for p in written) == ["lr_0.1", "lr_0.1_2"]
+
+
+def test_a_named_edge_monitor_gets_its_own_edge_plots_and_a_warm_up_is_not_a_missing_monitor(tmp_path):
+    """An EdgeOfStabilityMonitor reading a named Hessian monitor logs eos/<name>/* and pf/<name>/*: the report
+    skipped them, told the user to add the monitor they had, and plotted only the unnamed one's; a run whose
+    every measurement was in the warm-up was told the same (outside trial)."""
+    rows = [
+        {"step": s, "eos/x/sharpness": 2.0 + s, "eos/x/threshold": 10.0, "eos/x/ratio": (2.0 + s) / 10.0,
+         "pf/x/hlambda_1": 2 * (2.0 + s) / 10.0, "eos/sharpness": 5.0, "eos/threshold": 10.0, "eos/ratio": 0.5,
+         "pf/hlambda_1": 1.0}
+        for s in range(0, 8, 2)
+    ]  # fmt: skip
+    write_csv(tmp_path / "both" / "metrics.csv", rows)
+    written = write_report(tmp_path / "both", progress=False, echo=lambda m: None)
+    by_name = {path.name: drawn for path, drawn in written.items()}
+    assert {"sharpness.png", "sharpness_x.png", "regimes.png", "regimes_x.png"} <= set(by_name)
+    np.testing.assert_array_equal(by_name["sharpness_x.png"]["eos/sharpness"][1], [2.0, 4.0, 6.0, 8.0])
+    np.testing.assert_array_equal(by_name["sharpness.png"]["eos/sharpness"][1], [5.0] * 4)
+
+    named_only = [{k: v for k, v in row.items() if k.count("/") == 2 or k == "step"} for row in rows]
+    write_csv(tmp_path / "named" / "metrics.csv", named_only)
+    messages = []
+    written = write_report(tmp_path / "named", progress=False, echo=messages.append)
+    assert {"sharpness_x.png", "regimes_x.png"} <= {path.name for path in written}
+    assert not any("sharpness" in m and "skipped" in m for m in messages), messages
+
+    write_csv(tmp_path / "warmup" / "metrics.csv", [{"step": 0, "eos/threshold": 38.0, "eos/warmup": 1.0}])
+    messages = []
+    write_report(tmp_path / "warmup", progress=False, echo=messages.append)
+    assert any("skipped sharpness.png: the EdgeOfStabilityMonitor logged no sharpness" in m for m in messages)
+    assert not any("add EdgeOfStabilityMonitor" in m for m in messages), messages
