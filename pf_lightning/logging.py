@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -123,6 +123,7 @@ EDGE_CHARTS: dict[str, tuple[str, ...]] = {
 """The edge charts of the dashboards (TensorBoard's layout, the W&B workspace): title and the ``eos/*``
 metrics drawn together; each dashboard adds the top-k eigenvalues with the threshold."""
 TOP_K_CHART = "top-k eigenvalues and the threshold"
+TOP_K_ONLY_CHART = "top-k eigenvalues"  # a monitor no EdgeOfStabilityMonitor reads: no threshold
 
 SETTINGS_KEY = "pf_lightning"
 """The callbacks' settings go to every logger's hyperparameters (the W&B run config) under this key."""
@@ -282,13 +283,13 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def announce_run(trainer: Any, tags: list[str | None]) -> None:
+def announce_run(trainer: Any, tags: list[str | None], edged: Collection[str | None] | None = None) -> None:
     """Once per fit, from the first :class:`~pf_lightning.HessianEigenMonitor`: every pf-lightning
     callback's ``settings()`` to every logger's hyperparameters under :data:`SETTINGS_KEY` (the W&B run
     config, hparams.yaml of a CSVLogger, MLflow's params; TensorBoard keeps the module's hyperparameters
     only, so there they go to the Text tab), and the TensorBoard custom-scalars layout
-    (:func:`tensorboard_layout`) for the whole-Hessian monitors named ``tags``. A logger that refuses is
-    warned about once; training goes on."""
+    (:func:`tensorboard_layout`) for the whole-Hessian monitors named ``tags``, with edge charts for those in
+    ``edged``. A logger that refuses is warned about once; training goes on."""
     settings = {}
     for cb in trainer.callbacks:
         ours = any(cls.__module__.startswith("pf_lightning.") for cls in type(cb).__mro__)  # subclasses too
@@ -317,7 +318,7 @@ def announce_run(trainer: Any, tags: list[str | None]) -> None:
         except Exception as err:
             warn_once(set(), "settings", f"TensorBoard did not take the callbacks' settings ({err!r})")
         try:
-            writer.add_custom_scalars(tensorboard_layout(tags, prefix))
+            writer.add_custom_scalars(tensorboard_layout(tags, prefix, edged))
         except Exception as err:
             warn_once(set(), "layout", f"the TensorBoard layout was not written ({err!r})")
 
@@ -346,11 +347,15 @@ def tensorboard_writers(trainer: Any) -> list[tuple[Any, str]]:
     ]
 
 
-def tensorboard_layout(tags: list[str | None], prefix: str = "") -> dict[str, dict[str, list]]:
+def tensorboard_layout(
+    tags: list[str | None], prefix: str = "", edged: Collection[str | None] | None = None
+) -> dict[str, dict[str, list]]:
     """TensorBoard's custom-scalars layout: for each whole-Hessian monitor (``tags``: their names, ``None``
-    for the unnamed one), the sharpness with its threshold in one chart, the top-k eigenvalues with the
-    threshold, and the ratios (sharpness, batch and critical, over their thresholds); ``prefix``: what the
-    logger puts before every metric name (see :func:`tensorboard_writers`)."""
+    for the unnamed one), the top-k eigenvalues and, for one an EdgeOfStabilityMonitor reads (``edged``;
+    ``None``: every one), the threshold with them, the sharpness with its threshold in one chart, and the
+    ratios (sharpness, batch and critical, over their thresholds); a monitor no EoS monitor reads has no
+    ``eos/*`` to draw. ``prefix``: what the logger puts before every metric name (see
+    :func:`tensorboard_writers`)."""
 
     def exact(metrics: tuple[str, ...], tag: str | None) -> str:
         """A regex matching exactly these ``eos/<name>`` metrics, under ``tag``."""
@@ -361,8 +366,11 @@ def tensorboard_layout(tags: list[str | None], prefix: str = "") -> dict[str, di
     layout = {}
     for tag in tags or [None]:
         top_k = f"^{re.escape(prefix + metric_name('hessian', 'eig_', tag))}\\d+$"
-        charts = {title: ["Multiline", [exact(metrics, tag)]] for title, metrics in EDGE_CHARTS.items()}
-        charts[TOP_K_CHART] = ["Multiline", [top_k, exact((THRESHOLD,), tag)]]
+        if edged is not None and tag not in edged:
+            charts = {TOP_K_ONLY_CHART: ["Multiline", [top_k]]}
+        else:
+            charts = {title: ["Multiline", [exact(metrics, tag)]] for title, metrics in EDGE_CHARTS.items()}
+            charts[TOP_K_CHART] = ["Multiline", [top_k, exact((THRESHOLD,), tag)]]
         layout[f"pf-lightning{'' if tag is None else f' ({tag})'}"] = charts
     return layout
 

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import yaml
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-from lightning_models import DigitsClassifier, trainer
+from lightning_models import DigitsClassifier, digits, trainer
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.logging import SETTINGS_KEY, WANDB_SUMMARIES
@@ -250,3 +250,36 @@ def test_the_progress_bar_marks_a_measurement_while_it_runs(tmp_path, bar):
     assert seen["during"][0] == "" and len(seen["during"]) == 3
     assert all(p.endswith("measuring Hessian (probe2)…") for p in seen["during"][1:])
     assert seen["after"] and not any("measuring" in p for p in seen["after"])
+
+
+def test_the_tensorboard_layout_has_no_edge_charts_for_a_monitor_no_edge_monitor_reads(tmp_path):
+    """A held-out monitor beside the one the EdgeOfStabilityMonitor reads: its layout drew two empty charts
+    (its eos/heldout/* are never logged; an outside trial). It gets its eigenvalues, every chart has data."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    L.seed_everything(0)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitors = [
+        HessianEigenMonitor(k=2, every_n_steps=2),
+        HessianEigenMonitor(k=1, every_n_steps=2, name="heldout", probe=[digits(32)]),
+        EdgeOfStabilityMonitor(),
+    ]
+    trainer(tmp_path, max_steps=2, logger=logger, callbacks=monitors, log_every_n_steps=1).fit(
+        DigitsClassifier(n=128, lr=0.1)
+    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {
+        (category.title, chart.title): list(chart.multiline.tag)
+        for category in layout.category
+        for chart in category.chart
+    }
+    assert {title for category, title in charts if category == "pf-lightning (heldout)"} == {
+        "top-k eigenvalues"
+    }
+    for key, patterns in charts.items():
+        assert any(re.search(pattern, tag) for pattern in patterns for tag in scalars), key

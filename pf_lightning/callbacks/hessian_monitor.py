@@ -444,7 +444,13 @@ class HessianEigenMonitor(Callback):
         define_wandb_metrics(trainer, self.name)
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, HessianEigenMonitor)]
         if monitors[0] is self:
-            announce_run(trainer, [cb.name for cb in monitors if cb.params is None])
+            # The monitors an EdgeOfStabilityMonitor reads (set at its set-up, before this): their edge charts.
+            edged = {
+                cb.monitor.name
+                for cb in trainer.callbacks
+                if isinstance(getattr(cb, "monitor", None), HessianEigenMonitor)
+            }
+            announce_run(trainer, [cb.name for cb in monitors if cb.params is None], edged)
         # Fail now, not at the first measurement, if there is no loss or the probe does not fit the
         # model; guarded like a measurement, so BatchNorm statistics and the random stream are kept.
         try:
