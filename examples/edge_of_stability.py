@@ -67,6 +67,9 @@ def make_loggers(kind: str, out: Path, name: str, project: str = "pf-lightning-e
     loggers: list[Logger] = []
     if kind in ("csv", "both"):
         loggers.append(CSVLogger(out, name=name, version=""))
+        # Its writer now, while the folder is new: after W&B's folder inside it, the CSVLogger warned that
+        # the folder "exists and is not empty" on every fresh run.
+        loggers[-1].experiment  # noqa: B018
     if kind in ("wandb", "both"):
         (out / name).mkdir(parents=True, exist_ok=True)
         # offline: no key, no network; `wandb sync` uploads the run later.

@@ -205,6 +205,30 @@ def test_example_runs(script, tmp_path):
     assert list((tmp_path / "runs").glob("**/metrics.csv"))
 
 
+@pytest.mark.slow
+def test_an_example_logging_to_csv_and_wandb_does_not_warn_that_its_new_folder_is_not_empty(tmp_path):
+    """W&B's folder inside the CSV run's was created first: Lightning warned on every fresh run that previous
+    log files would be deleted (an outside trial)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    args = [
+        "--lrs",
+        "0.4",
+        "--steps",
+        "2",
+        "--every",
+        "2",
+        "--logger",
+        "both",
+        "--out",
+        str(tmp_path / "runs"),
+    ]
+    command = [sys.executable, str(EXAMPLES / "edge_of_stability.py"), *args]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exists and is not empty" not in done.stderr
+    assert list((tmp_path / "runs").glob("*/metrics.csv")) and list((tmp_path / "runs").glob("*/wandb"))
+
+
 _WITHOUT_EXTRAS = r"""
 import importlib.abc, importlib.metadata, sys
 
