@@ -211,7 +211,7 @@ def find_runs(
         kinds = {"auto": "metrics.csv or wandb/offline-run-*/run-*.wandb", "csv": "metrics.csv"}
         raise FileNotFoundError(f"no {kinds.get(source, 'run-*.wandb')} under {root}")
     base = root.parent if root.is_file() else root
-    runs = []
+    runs, missing_wandb = [], False
     for path, kind, owner in found:
         name = owner.relative_to(base).as_posix() if base in owner.parents else (base.resolve().name or "run")
         reader = read_csv_metrics if kind == "csv" else read_wandb_metrics
@@ -221,12 +221,18 @@ def find_runs(
             if len(found) == 1:
                 raise
             echo(f"skipped {path}: {err}")
+            missing_wandb = True
+            continue
+        if not series:  # a process killed before its first record leaves a W&B file of a header alone
+            echo(f"skipped {path}: it holds no metrics (a run stopped before it logged, or an empty log)")
             continue
         runs.append(RunMetrics(name, path, kind, series, read_settings(path, kind)))
-    if not runs:
+    if not runs and missing_wandb:
         raise ModuleNotFoundError(
             f"no run under {root} could be read without wandb: pip install 'pf-lightning[wandb]'"
         )
+    if not runs:
+        raise FileNotFoundError(f"no metrics in the runs under {root}")
     runs = _merge_twins(runs)
     # Two runs named by one folder (repeated runs, or two loggers of runs that differ): say which is which.
     labels = [run.name for run in runs]  # (not `names`: that is the metric-name module here)

@@ -459,3 +459,30 @@ def test_a_named_edge_monitor_gets_its_own_edge_plots_and_a_warm_up_is_not_a_mis
     write_report(tmp_path / "warmup", progress=False, echo=messages.append)
     assert any("skipped sharpness.png: the EdgeOfStabilityMonitor logged no sharpness" in m for m in messages)
     assert not any("add EdgeOfStabilityMonitor" in m for m in messages), messages
+
+
+def test_a_wandb_run_killed_before_its_first_record_is_skipped_with_one_message(tmp_path, monkeypatch):
+    """SIGKILL before W&B's first write leaves a file of its 7-byte header: the report showed it as a
+    run of its own with six "add HessianEigenMonitor"-style messages (an outside trial)."""
+    offline_env(monkeypatch, tmp_path)
+    try:
+        run = wandb.init(mode="offline", dir=tmp_path / "killed", project="t")
+        run.log({"train_loss": 1.0, "trainer/global_step": 0})
+        run.finish()
+    finally:
+        wandb.teardown()
+    path = find_run_file(tmp_path / "killed")
+    path.write_bytes(path.read_bytes()[:7])  # the header alone
+    write_csv(
+        tmp_path / "killed" / "csv" / "metrics.csv",
+        [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(5)],
+    )
+    messages = []
+    written = write_report(tmp_path / "killed", progress=False, echo=messages.append)
+    assert [p.name for p in written] == ["loss.png"]
+    assert (
+        f"skipped {path}: it holds no metrics (a run stopped before it logged, or an empty log)" in messages
+    )
+    assert sum(".png" in m for m in messages if "skipped" in m) == 5, messages  # one run's, the CSV's
+    with pytest.raises(FileNotFoundError, match="no metrics in the runs under"):
+        write_report(path, progress=False, echo=messages.append)
