@@ -563,3 +563,56 @@ def test_a_cap_state_with_or_without_a_base_loads_only_into_the_same_kind_of_cap
         _cap(base=True).load_state_dict(_stepped(_cap()).state_dict())
     with pytest.raises(ValueError, match="capped a base schedule and this one has none"):
         _cap().load_state_dict(_stepped(_cap(base=True)).state_dict())
+
+
+def test_a_capped_run_interrupted_inside_the_hessian_measurement_resumes_to_the_uninterrupted_rates(tmp_path):
+    """Ctrl+C inside the Hessian measurement at step 6: the monitor counted it as taken, the resumed run
+    never measured step 6, and steps 6-8 ran at step 3's cap (an outside trial). It is measured on resume."""
+
+    def loss_fn(module, batch):
+        if module.trainer.global_step == 6 and armed:
+            raise KeyboardInterrupt
+        return module.loss(batch)
+
+    class Rates(L.Callback):
+        def __init__(self):
+            self.used = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.used[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+    def run(root, callbacks=(), ckpt_path=None):
+        L.seed_everything(0)
+        model = DigitsClassifier(n=128, lr=3.0)
+
+        def configure():
+            optimizer = torch.optim.SGD(model.parameters(), lr=3.0)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": SharpnessCappedLR(optimizer, 0.9).lightning_config(),
+            }
+
+        model.configure_optimizers = configure
+        monitor = HessianEigenMonitor(k=1, every_n_steps=3, loss_fn=loss_fn, tol=1e-4, at_fit_end=False)
+        rates = Rates()
+        callbacks = [monitor, EdgeOfStabilityMonitor(), LRAdaptation(), rates, *callbacks]
+        t = trainer(root, max_steps=10, callbacks=callbacks, enable_checkpointing=True)
+        t.fit(model, ckpt_path=ckpt_path)
+        return rates.used, model, monitor
+
+    armed = False
+    straight, straight_model, _ = run(tmp_path / "straight")
+    armed = True
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(tmp_path / "first", [OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    armed = False
+    resumed, model, monitor = run(tmp_path / "second", ckpt_path=tmp_path / "on_exception.ckpt")
+    assert [h["step"] for h in monitor.history][-2:] == [6, 9]
+    assert resumed == {step: straight[step] for step in range(6, 10)}
+    assert straight[6] != straight[5]  # the cap from step 6's sharpness binds from step 6
+    for p, q in zip(model.parameters(), straight_model.parameters(), strict=True):
+        assert torch.equal(p, q)
