@@ -385,8 +385,9 @@ class SharpnessCappedLR(_MeasuredLR):
     Args:
         optimizer: the wrapped optimizer.
         fraction: the cap as a fraction of the edge rate, positive.
-        base: a scheduler on the same optimizer to cap (stepped by this one; do not step or
-            configure it separately). ``ReduceLROnPlateau`` is not supported as a base.
+        base: a scheduler on the same optimizer to cap (stepped by this one, once per optimizer step: give
+            it a schedule counted in steps, ``T_max`` in steps for a cosine; do not step or configure it
+            separately). ``ReduceLROnPlateau`` is not supported as a base.
         last_epoch: as in every ``LRScheduler``.
 
     Raises:
