@@ -259,6 +259,8 @@ def _configured(kind):
             return opt
         if kind == "no_monitor":
             return {"optimizer": opt, "lr_scheduler": {"scheduler": DriftAdaptiveLR(opt), "interval": "step"}}
+        if kind == "dal":
+            return {"optimizer": opt, "lr_scheduler": DriftAdaptiveLR(opt).lightning_config()}
         if kind == "every_2":
             return {
                 "optimizer": opt,
@@ -507,3 +509,19 @@ def test_a_sharpness_measured_at_an_epoch_end_caps_the_next_step(tmp_path):
     for step in range(12):
         latest = sharpness[max(s for s in sharpness if s <= step)]
         assert used[step] == pytest.approx(min(3.0, 0.9 * 2 / latest), rel=1e-6), step
+
+
+def test_a_scheduler_replaced_by_stochastic_weight_averaging_is_no_longer_measured_or_logged(tmp_path):
+    """SWA puts its SWALR in place of the schedulers at its first epoch: dal/lr went on being logged at
+    DAL's last rate while the optimizer ran at SWA's, and ||Hg||/||g|| was measured every step for nothing."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, batch_size=32, lr=0.1)
+    model.configure_optimizers = functools.partial(_configured("dal"), model)
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2, annealing_epochs=1)  # from epoch 1
+    with pytest.warns(RuntimeWarning, match="DriftAdaptiveLR is no longer among the trainer's schedulers"):
+        t = fit(tmp_path, model, -1, [LRAdaptation(), swa], max_epochs=3)
+    m = logged(t)
+    assert sorted(m["dal/lr"]) == [0, 1, 2, 3]  # epoch 0 (4 batches): DAL's rates; SWALR's from step 4
+    assert sorted(m["dal/hg_ratio"]) == [0, 1, 2, 3, 4]  # the last for step 4, measured before the swap

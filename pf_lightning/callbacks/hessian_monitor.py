@@ -560,7 +560,9 @@ class HessianEigenMonitor(Callback):
                 self._last_step = previous  # not measured: a checkpoint written on the way out says so
             self._skip(trainer, err, "measurement skipped", "skipped")
             return None
-        except BaseException:  # Ctrl+C: not measured either, so a resumed fit takes it (OnExceptionCheckpoint)
+        except (
+            BaseException
+        ):  # Ctrl+C: not measured either, so a resumed fit takes it (OnExceptionCheckpoint)
             self._last_step = previous
             raise
         if self.spec.hvp == "auto" and result.info.get("hvp") == "finite_difference":

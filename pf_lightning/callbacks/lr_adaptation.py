@@ -330,6 +330,7 @@ class LRAdaptation(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._drop_replaced(trainer)
         step = trainer.global_step
         if self._manual:
             self._at_batch_start = (step, [scheduler.last_epoch for scheduler in self.schedulers])
@@ -350,6 +351,22 @@ class LRAdaptation(Callback):
                 if key not in ("hg_ratio", "sharpness"):  # logged when measured
                     metrics[self._name(scheduler, key)] = value
         log_metrics(trainer, metrics, step)
+
+    def _drop_replaced(self, trainer: Trainer) -> None:
+        """Stop serving a scheduler the trainer no longer steps (Lightning's StochasticWeightAveraging puts
+        its SWALR in place of the schedulers at its first epoch): its rate and measurements would be logged
+        as if they still set the optimizer's."""
+        stepped = {id(config.scheduler) for config in trainer.lr_scheduler_configs}
+        for scheduler in [s for s in self.schedulers if id(s) not in stepped]:
+            self.schedulers.remove(scheduler)
+            others = sorted({type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs})
+            warn_once(
+                self._warned,
+                f"replaced {type(scheduler).__name__}",
+                f"{type(scheduler).__name__} is no longer among the trainer's schedulers (now: "
+                f"{', '.join(others) or 'none'}; StochasticWeightAveraging replaces them with SWALR): LRAdaptation "
+                "stops measuring and logging for it from this step",
+            )
 
     @override
     def on_train_batch_end(
