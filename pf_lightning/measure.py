@@ -272,8 +272,8 @@ def hessian_eigenpairs(
             the solver then keeps ``basis_size + 1`` vectors and as many more as the pairs wanted, at least
             one (the product during a step, the eigenvectors at the end): 4 for the top eigenpair at
             ``basis_size=2``. Any value above the number of wanted pairs converges to
-            the same eigenpairs; a small one takes more products (``basis_size=2``: 1.5-2.7 times the
-            default's for the top eigenpair to ``tol=1e-2`` on LMs of 0.8M-110M parameters; BENCHMARKS.md,
+            the same eigenpairs; a small one takes more products (``basis_size=2``: 1.4-2.2 times the
+            default's 20 for the top eigenpair to ``tol=1e-2`` on LMs of 0.8M-110M parameters; BENCHMARKS.md,
             "A small basis"; the bottom end, crowded near zero, 6-16 times on a small MLP, past the default
             ``max_hvp``). With it, ``method="auto"`` warm-starts Lanczos from the
             previous eigenvectors' sum (a block warm start holds ``11 (k + max(2, k // 2))`` vectors);

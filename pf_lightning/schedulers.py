@@ -53,13 +53,16 @@ def _check_steps_at_rate(optimizer: Optimizer, refusal: str) -> None:
     line search, Rprop's sign steps), whose step does not scale with its rate (ASGD), or that ascends the loss
     stops here, not mid-run."""
     try:
+        optimizer_rule(optimizer)
+    except UnsupportedOptimizer as err:  # its list names those with a threshold, ASGD among them
+        fixed = supported_optimizers(step_scales_with_lr=False)
+        note = f" ({', '.join(fixed)} excepted here: its step is not its rate's multiple)" if fixed else ""
+        raise UnsupportedOptimizer(f"{refusal}: {err}{note}") from err
+    try:
         for i in range(len(optimizer.param_groups)):
             edge_lr(optimizer, 1.0, group=i)
     except (UnsupportedOptimizer, ValueError) as err:  # ValueError: settings with no step rule (momentum 1)
-        fixed = supported_optimizers(step_scales_with_lr=False)  # a threshold, but no rate to set (ASGD)
-        note = f" ({', '.join(fixed)} excepted here: its step is not its rate's multiple)" if fixed else ""
-        note = note if "supported:" in str(err) else ""
-        raise type(err)(f"{refusal}: {err}{note}") from err
+        raise type(err)(f"{refusal}: {err}") from err
 
 
 def _as_float(value: Any) -> float | None:
@@ -101,16 +104,26 @@ class _MeasuredLR(LRScheduler):
                 stacklevel=names.user_stacklevel(),  # the user's line: under Lightning, their trainer.fit
             )
 
-    def _adopt_new_groups(self) -> None:
-        """Parameter groups added since the last step (``optimizer.add_param_group``: a layer unfrozen
-        mid-run) join the schedule from their rate when added, their base rate (its ``initial_lr``, as
-        torch's schedulers set it), as if they had been there from the start."""
+    def adopt_new_groups(self) -> None:
+        """Take parameter groups added since the last step (``optimizer.add_param_group``: a layer unfrozen
+        mid-run, Lightning's ``BaseFinetuning``) into the schedule, from their rate when added (their base
+        rate, as torch's schedulers take a group's ``initial_lr``), and set their rate now.
+
+        :meth:`step` and :meth:`refresh` call it; :class:`~pf_lightning.callbacks.LRAdaptation` calls it
+        before every optimizer step too, so that a group added at an epoch's start takes its first step at
+        the adapted (or capped) rate, not at the rate it was added with."""
         groups = self.optimizer.param_groups
-        for group in groups[len(self.base_lrs) :]:
+        first = len(self.base_lrs)
+        if first == len(groups):
+            return
+        for group in groups[first:]:
             group.setdefault("initial_lr", group["lr"])
             for key in self._lists:
                 rate = group["initial_lr"] if key == "base_lrs" else group["lr"]
                 getattr(self, key).append(float(rate))
+        for i, lr in enumerate(self.get_lr()[first:], start=first):
+            _set_lr(groups[i], lr)
+            self._last_lr[i] = float(groups[i]["lr"])
 
     def refresh(self, value: Any) -> None:
         """Take a measurement for the optimizer step about to run, without advancing the schedule.
@@ -119,7 +132,7 @@ class _MeasuredLR(LRScheduler):
         step for the last optimizer step (before the first step of a fit, at an epoch's end), so that the
         next step already runs at the adapted (or capped) rate.
         """
-        self._adopt_new_groups()
+        self.adopt_new_groups()
         self._observe(value)
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             _set_lr(group, lr)
@@ -315,7 +328,7 @@ class DriftAdaptiveLR(_MeasuredLR):
         ``None`` keeps the last measurement (the every-n-steps mode); a non-finite or non-positive
         :math:`v` keeps it too, with one warning and ``held`` set.
         """
-        self._adopt_new_groups()
+        self.adopt_new_groups()
         self._observe(hg_ratio)
         super().step()
 
@@ -328,8 +341,10 @@ class DriftAdaptiveLR(_MeasuredLR):
                 "positive) is not one this scheduler wrote"
             )
         super().load_state_dict(state_dict)
-        if self.window is not None:  # a checkpoint keeps a tuple as a list
-            self.window = (int(self.window[0]), None if self.window[1] is None else int(self.window[1]))
+        # As the constructor holds them (a checkpoint keeps the window's tuple as a list).
+        self.p, self.max_lr, self.window, self.warmup_steps = self._checked(
+            self.p, self.max_lr, self.window, self.warmup_steps
+        )
 
     def _clean(self, value: float | None) -> float | None:
         # v = 0: Hg or the gradient vanished, and 2/v^p is meaningless: held like a NaN.
@@ -484,7 +499,7 @@ class SharpnessCappedLR(_MeasuredLR):
         non-finite value after one keeps it too, with one warning and ``held`` set.
         """
         if self._started:
-            self._adopt_new_groups()
+            self.adopt_new_groups()
         self._observe(sharpness)
         if self._started and self.base is not None:
             for group, lr in zip(self.optimizer.param_groups, self._uncapped, strict=True):

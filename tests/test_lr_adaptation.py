@@ -525,3 +525,37 @@ def test_a_scheduler_replaced_by_stochastic_weight_averaging_is_no_longer_measur
     m = logged(t)
     assert sorted(m["dal/lr"]) == [0, 1, 2, 3]  # epoch 0 (4 batches): DAL's rates; SWALR's from step 4
     assert sorted(m["dal/hg_ratio"]) == [0, 1, 2, 3, 4]  # the last for step 4, measured before the swap
+
+
+def test_a_group_added_at_an_epoch_start_takes_its_first_step_at_the_capped_rate(tmp_path):
+    """BaseFinetuning adds a group at an epoch's start: the cap adopted it only at its own next step, so the
+    group's first optimizer step ran at the rate it was added with (5.5x its cap in a review's example)."""
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, batch_size=32, lr=3.0)
+    head = model.net[-1]
+    head.requires_grad_(False)
+
+    def configure():
+        body = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(body, lr=3.0)
+        return {"optimizer": optimizer, "lr_scheduler": SharpnessCappedLR(optimizer, 0.9).lightning_config()}
+
+    model.configure_optimizers = configure
+    used = {}
+
+    class Unfreeze(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                head.requires_grad_(True)
+                trainer.optimizers[0].add_param_group({"params": list(head.parameters()), "lr": 3.0})
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            used[trainer.global_step] = [group["lr"] for group in optimizer.param_groups]
+
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, tol=1e-4, at_fit_end=False)
+    t = fit(tmp_path, model, 8, [monitor, EdgeOfStabilityMonitor(), LRAdaptation(), Unfreeze()])
+    sharpness = logged(t)["eos/sharpness"]
+    assert [len(used[step]) for step in range(8)] == [1] * 4 + [2] * 4
+    for step in range(4, 8):
+        cap = 0.9 * 2 / sharpness[max(s for s in sharpness if s <= step)]
+        assert cap < 3.0 and used[step] == pytest.approx([cap, cap], rel=1e-6), step

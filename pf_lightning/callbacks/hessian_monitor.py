@@ -560,22 +560,29 @@ class HessianEigenMonitor(Callback):
                 self._last_step = previous  # not measured: a checkpoint written on the way out says so
             self._skip(trainer, err, "measurement skipped", "skipped")
             return None
-        except (
-            BaseException
-        ):  # Ctrl+C: not measured either, so a resumed fit takes it (OnExceptionCheckpoint)
-            self._last_step = previous
+        except BaseException:
+            self._last_step = previous  # Ctrl+C: not measured, so a fit resumed from its checkpoint takes it
             raise
-        if self.spec.hvp == "auto" and result.info.get("hvp") == "finite_difference":
-            # Agreed by every rank: from now on this fit asks for finite differences directly.
-            self.spec = dataclasses.replace(self.spec, hvp="finite_difference")
-        self.latest = result if result.gradient is None else dataclasses.replace(result, gradient=None)
-        self._record(trainer, result)
-        self._measured += 1
-        self._spectrum_extras(trainer, pl_module)
-        notify(
-            self._listeners, (trainer, pl_module, result), on_error=self.on_error, warned=self._warned,
-            trainer=trainer, what=f"{self._label} listener", metric=self.metric("listener_failed"),
-        )  # fmt: skip
+        latest, measured, last_row = self.latest, self._measured, self.history[-1] if self.history else None
+        try:
+            if self.spec.hvp == "auto" and result.info.get("hvp") == "finite_difference":
+                # Agreed by every rank: from now on this fit asks for finite differences directly.
+                self.spec = dataclasses.replace(self.spec, hvp="finite_difference")
+            self.latest = result if result.gradient is None else dataclasses.replace(result, gradient=None)
+            self._record(trainer, result)
+            self._measured += 1
+            self._spectrum_extras(trainer, pl_module)
+            notify(
+                self._listeners, (trainer, pl_module, result), on_error=self.on_error, warned=self._warned,
+                trainer=trainer, what=f"{self._label} listener", metric=self.metric("listener_failed"),
+            )  # fmt: skip
+        except BaseException as err:
+            if not isinstance(err, Exception):  # Ctrl+C in a listener (the EoS monitor's batch sharpness):
+                # not taken either, so a resumed fit takes it again, from the same warm start.
+                self._last_step, self.latest, self._measured = previous, latest, measured
+                if self.history and self.history[-1] is not last_row:
+                    self.history.pop()
+            raise
         return result
 
     @property

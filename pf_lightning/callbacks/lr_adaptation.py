@@ -331,6 +331,8 @@ class LRAdaptation(Callback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._drop_replaced(trainer)
+        for scheduler in self.schedulers:
+            scheduler.adopt_new_groups()  # a group added at this epoch's start steps at the scheduled rate
         step = trainer.global_step
         if self._manual:
             self._at_batch_start = (step, [scheduler.last_epoch for scheduler in self.schedulers])
@@ -443,10 +445,11 @@ class LRAdaptation(Callback):
         log_metrics(trainer, {names.CAP_SHARPNESS: sharpness}, trainer.global_step)
         self._remember(trainer, names.CAP_SHARPNESS)
         for scheduler in self.schedulers:
-            # Stepped already for the optimizer steps taken (a measurement before the first step of a fit,
-            # at an epoch's end, or after this callback stepped it under manual optimization): cap the next
-            # step now, or it would run at the previous cap. At a batch end Lightning steps it after this.
-            if isinstance(scheduler, SharpnessCappedLR) and scheduler.last_epoch == trainer.global_step:
+            # Cap the next step now: a measurement may come after the cap's step for the last optimizer step
+            # (before the first step of a fit, at an epoch's end, after this callback stepped it under manual
+            # optimization), and the next step would run at the previous cap. Where the step is still to come
+            # (a batch end under automatic optimization) it reads the same value: refreshing first is a no-op.
+            if isinstance(scheduler, SharpnessCappedLR):
                 scheduler.refresh(self._fed[scheduler.monitor])  # as Lightning's later steps read it
 
     # -- checkpoint --------------------------------------------------------------------------

@@ -158,10 +158,11 @@ def lanczos(
         neighbours: also return the Ritz vectors of the next ``max(2, k // 2)`` Ritz values beyond the
             wanted ones (``EigenResult.neighbours``, approximate: they were not asked to converge), the
             guards of a later block warm start; formed with the eigenvectors, while the basis is there.
-        first_test: the product after which convergence is first tested. Default: the basis size from a
-            cold start (the start vector's weight on each wanted direction has then been amplified by a
-            polynomial of that degree), the number of wanted pairs from a warm one (``v0``). A smaller
-            value saves products where the wanted end of the spectrum is known to stand well apart.
+        first_test: the product after which convergence is first tested. Default: from a cold start the
+            default basis size, ``max(2 k + 10, 20)`` (the start vector's weight on each wanted direction
+            has then been amplified by a polynomial of that degree), or the basis where it is smaller; from
+            a warm one (a usable ``v0``) the number of wanted pairs. A smaller value saves products where
+            the wanted end of the spectrum is known to stand well apart.
 
     Returns:
         An :class:`EigenResult` with eigenvalues in descending order.
@@ -187,10 +188,15 @@ def lanczos(
     budget = default_budget(n_wanted) if max_matvec is None else int(max_matvec)
     if budget < 1:
         raise ValueError(f"max_matvec must be >= 1, got {max_matvec!r}")
+    if first_test is not None and (
+        isinstance(first_test, bool) or not isinstance(first_test, int) or first_test < 1
+    ):
+        raise ValueError(f"first_test must be a positive int (a product count), got {first_test!r}")
 
     generator = make_generator(seed)
     v = op.randn(1, generator)[:, 0]
     nrm = float(op.inner(v, v)) ** 0.5
+    warm = False  # a usable v0: the Gaussian alone otherwise, a cold start
     if v0 is not None:
         w = v0.reshape(-1).to(op.device, op.dtype)
         if w.shape[0] != op.n:
@@ -202,6 +208,7 @@ def lanczos(
             # sharpest, and Lanczos then converges, residual and all, on the one below it (seen on NAdam).
             v.mul_(WARM_START_MIX / nrm).add_(w, alpha=1.0 / w_norm)  # in place: v is the solver's own
             nrm = float(op.inner(v, v)) ** 0.5
+            warm = True
         del w
 
     # One basis vector per row: each new vector is written, and each product's input read, in one
@@ -218,17 +225,15 @@ def lanczos(
     # the projected matrix: `block` is where the newest one began (0: none this cycle), `found` the wanted
     # values when the last block closed (see `_explored`).
     block, found = 0, None
-    # A residual test cannot see a direction the Krylov space has not reached yet. A cold start fills its
-    # basis before its first test, as ARPACK does: the start vector's weight on the top eigenvector has
-    # then been amplified by a degree m - 1 polynomial. Tested from the k-th step, Lanczos returned lambda_1
-    # and lambda_3 for the top 2 of a spectrum [1, 0.95, 0.9, bulk <= 0.5] from 2 of 100 random starts
-    # (20 of 100 at a 0.5% gap), converged, in 12-14 products; none of 100 in 20. A warm start holds the
-    # previous directions and tests from the k-th step, and so does a run whose Krylov space has become
-    # invariant (all it can reach is in the basis).
+    # A residual test cannot see a direction the Krylov space has not reached yet. A cold start builds the
+    # default basis's worth of vectors (20 for up to 5 wanted pairs) before its first test, as ARPACK does:
+    # the start vector's weight on the top eigenvector has then been amplified by a polynomial of that
+    # degree. Tested from the k-th step, Lanczos returned lambda_1 and lambda_3 for the top 2 of a spectrum
+    # [1, 0.95, 0.9, bulk <= 0.5] from 2 of 100 random starts (20 of 100 at a 0.5% gap), converged, in
+    # 12-14 products; none of 100 in 20. A warm start holds the previous directions and tests from the k-th
+    # step, and so does a run whose Krylov space has become invariant (all it can reach is in the basis).
     if first_test is None:
-        first_test = n_wanted if v0 is not None else m
-    elif isinstance(first_test, bool) or not isinstance(first_test, int) or first_test < 1:
-        raise ValueError(f"first_test must be a positive int (a product count), got {first_test!r}")
+        first_test = n_wanted if warm else min(m, default_basis_size(n_wanted, n))
     # What A V_j = V_j H_j leaves out beyond the last coupling, a bound per basis vector: a coupling set to 0
     # at a breakdown, and after a restart what the kept Ritz vectors inherit of those (triangle inequality).
     slack = torch.zeros(m + 1, dtype=torch.float64)
@@ -263,7 +268,8 @@ def lanczos(
                 block = j + 1
             V[j + 1] = 0.0 if complete else fresh[:, 0]
         j += 1
-        if (j < n_wanted or (used < first_test and not block)) and not complete and used < budget:
+        early = used < first_test and not block  # before the first test (see first_test)
+        if (j < n_wanted or (early and j < m)) and not complete and used < budget:
             continue
 
         # Rayleigh-Ritz on the projected matrix: a j x j eigenproblem, negligible next to a product.
@@ -274,7 +280,7 @@ def lanczos(
         scale = max(scale, float(theta.abs().max()))
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
-        done = bool(conv.all())
+        done = bool(conv.all()) and not early  # a full basis before first_test: restart, no test
         if done and (broke or block):
             done, found = _explored(H, j, block, broke, found, theta[wanted], k, which, tol, scale)
         if done or complete or used >= budget:
@@ -287,7 +293,7 @@ def lanczos(
             info = {
                 "restarts": restarts,
                 "basis_size": m,
-                "warm_start": v0 is not None,
+                "warm_start": warm,
                 "basis_device": str(V.device),
             }
             del V  # free the basis before the result's vectors are sorted (a copy of k)

@@ -119,6 +119,13 @@ def test_lanczos_counts_products_and_stops_at_tolerance():
     )
     with pytest.raises(ValueError, match="first_test must be a positive int"):
         lanczos(op, 1, first_test=0)
+    # A review: past the basis it restarted into an IndexError; a large basis made a cold start cost all of
+    # it (100 products); a zero v0 (the Gaussian alone) was tested from the first product as a warm start.
+    late = lanczos(op, 2, basis_size=20, first_test=25)
+    assert late.all_converged and late.n_hvp >= 25
+    assert lanczos(op, 1, basis_size=100).n_hvp == 20
+    zero = lanczos(op, 1, v0=torch.zeros(150, dtype=torch.float64))
+    assert zero.n_hvp == 20 and not zero.info["warm_start"]
 
 
 def test_a_cold_start_does_not_return_a_lower_eigenvalue_for_one_its_krylov_space_had_not_reached():

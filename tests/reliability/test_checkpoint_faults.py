@@ -565,14 +565,22 @@ def test_a_cap_state_with_or_without_a_base_loads_only_into_the_same_kind_of_cap
         _cap().load_state_dict(_stepped(_cap(base=True)).state_dict())
 
 
-def test_a_capped_run_interrupted_inside_the_hessian_measurement_resumes_to_the_uninterrupted_rates(tmp_path):
+@pytest.mark.parametrize("where", ["measurement", "listener"])
+def test_a_capped_run_interrupted_inside_the_hessian_measurement_resumes_to_the_uninterrupted_rates(
+    tmp_path, where
+):
     """Ctrl+C inside the Hessian measurement at step 6: the monitor counted it as taken, the resumed run
-    never measured step 6, and steps 6-8 ran at step 3's cap (an outside trial). It is measured on resume."""
+    never measured step 6, and steps 6-8 ran at step 3's cap (an outside trial). The same where Ctrl+C
+    lands in a listener before the EoS monitor's (a review). It is measured on resume."""
 
     def loss_fn(module, batch):
-        if module.trainer.global_step == 6 and armed:
+        if module.trainer.global_step == 6 and armed and where == "measurement":
             raise KeyboardInterrupt
         return module.loss(batch)
+
+    def listener(trainer, pl_module, result):
+        if trainer.global_step == 6 and armed and where == "listener":
+            raise KeyboardInterrupt
 
     class Rates(L.Callback):
         def __init__(self):
@@ -594,6 +602,7 @@ def test_a_capped_run_interrupted_inside_the_hessian_measurement_resumes_to_the_
 
         model.configure_optimizers = configure
         monitor = HessianEigenMonitor(k=1, every_n_steps=3, loss_fn=loss_fn, tol=1e-4, at_fit_end=False)
+        monitor.add_listener(listener)  # before the EoS monitor's, which it adds at set-up
         rates = Rates()
         callbacks = [monitor, EdgeOfStabilityMonitor(), LRAdaptation(), rates, *callbacks]
         t = trainer(root, max_steps=10, callbacks=callbacks, enable_checkpointing=True)
