@@ -483,27 +483,49 @@ def test_wandb_offline_and_disabled(tmp_path, monkeypatch, mode):
     )
 
 
+class _Rates(L.Callback):
+    """The rate of group 0 at every optimizer step."""
+
+    def __init__(self):
+        self.used = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.used[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+
+def _interrupted_and_resumed(run, ctrl_c, tmp_path):
+    """``run(root, callbacks=(), ckpt_path=None)`` straight through; then with ``ctrl_c["armed"]`` (the run's
+    own code raises KeyboardInterrupt where it reads it) and an OnExceptionCheckpoint; then resumed from
+    that checkpoint. Returns the straight and the resumed run's results."""
+    ctrl_c["armed"] = False
+    straight = run(tmp_path / "straight")
+    ctrl_c["armed"] = True
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning turns Ctrl+C into a graceful exit
+            run(tmp_path / "first", [OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl+C while it shuts down
+    ctrl_c["armed"] = False
+    assert torch.load(tmp_path / "on_exception.ckpt", weights_only=False)["global_step"] == 6
+    return straight, run(tmp_path / "second", ckpt_path=tmp_path / "on_exception.ckpt")
+
+
 def test_a_dal_run_interrupted_inside_its_measurement_resumes_to_the_uninterrupted_rates(tmp_path):
     """Ctrl+C inside the ||Hg||/||g|| measurement for step 6: the exception checkpoint counted it as taken,
     and the resumed run ran steps 6-7 at step 4's rate and every later step apart (an outside trial: all
     10 resumed steps off). The resumed run takes it before step 6, on that step's batch (full batch here)."""
+    ctrl_c = {"armed": False}
 
     def loss_fn(module, batch):
-        if module.trainer.global_step == 6 and armed:
+        if module.trainer.global_step == 6 and ctrl_c["armed"]:
             raise KeyboardInterrupt
         return module.loss(batch)
-
-    class Rates(L.Callback):
-        def __init__(self):
-            self.used = {}
-
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.used[trainer.global_step] = optimizer.param_groups[0]["lr"]
 
     def run(root, callbacks=(), ckpt_path=None):
         L.seed_everything(0)
         model = DigitsClassifier(n=128, lr=0.05)
-        rates = Rates()
+        rates = _Rates()
         adaptation = LRAdaptation(
             functools.partial(DriftAdaptiveLR, p=1.0, max_lr=2.0), every_n_steps=2, loss_fn=loss_fn
         )
@@ -511,18 +533,7 @@ def test_a_dal_run_interrupted_inside_its_measurement_resumes_to_the_uninterrupt
         t.fit(model, ckpt_path=ckpt_path)
         return rates.used, model
 
-    armed = False
-    straight, straight_model = run(tmp_path / "straight")
-    armed = True
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            run(tmp_path / "first", [OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")])
-    finally:
-        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl+C while it shuts down
-    armed = False
-    assert torch.load(tmp_path / "on_exception.ckpt", weights_only=False)["global_step"] == 6
-    resumed, model = run(tmp_path / "second", ckpt_path=tmp_path / "on_exception.ckpt")
+    (straight, straight_model), (resumed, model) = _interrupted_and_resumed(run, ctrl_c, tmp_path)
     assert sorted(resumed) == list(range(6, 10))
     assert resumed == {step: straight[step] for step in range(6, 10)}
     assert len(set(resumed.values())) > 1  # the rate moves: a stale one would show
@@ -573,21 +584,16 @@ def test_a_capped_run_interrupted_inside_the_hessian_measurement_resumes_to_the_
     never measured step 6, and steps 6-8 ran at step 3's cap (an outside trial). The same where Ctrl+C
     lands in a listener before the EoS monitor's (a review). It is measured on resume."""
 
+    ctrl_c = {"armed": False}
+
     def loss_fn(module, batch):
-        if module.trainer.global_step == 6 and armed and where == "measurement":
+        if module.trainer.global_step == 6 and ctrl_c["armed"] and where == "measurement":
             raise KeyboardInterrupt
         return module.loss(batch)
 
     def listener(trainer, pl_module, result):
-        if trainer.global_step == 6 and armed and where == "listener":
+        if trainer.global_step == 6 and ctrl_c["armed"] and where == "listener":
             raise KeyboardInterrupt
-
-    class Rates(L.Callback):
-        def __init__(self):
-            self.used = {}
-
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.used[trainer.global_step] = optimizer.param_groups[0]["lr"]
 
     def run(root, callbacks=(), ckpt_path=None):
         L.seed_everything(0)
@@ -603,23 +609,13 @@ def test_a_capped_run_interrupted_inside_the_hessian_measurement_resumes_to_the_
         model.configure_optimizers = configure
         monitor = HessianEigenMonitor(k=1, every_n_steps=3, loss_fn=loss_fn, tol=1e-4, at_fit_end=False)
         monitor.add_listener(listener)  # before the EoS monitor's, which it adds at set-up
-        rates = Rates()
+        rates = _Rates()
         callbacks = [monitor, EdgeOfStabilityMonitor(), LRAdaptation(), rates, *callbacks]
         t = trainer(root, max_steps=10, callbacks=callbacks, enable_checkpointing=True)
         t.fit(model, ckpt_path=ckpt_path)
         return rates.used, model, monitor
 
-    armed = False
-    straight, straight_model, _ = run(tmp_path / "straight")
-    armed = True
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            run(tmp_path / "first", [OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")])
-    finally:
-        signal.signal(signal.SIGINT, handler)
-    armed = False
-    resumed, model, monitor = run(tmp_path / "second", ckpt_path=tmp_path / "on_exception.ckpt")
+    (straight, straight_model, _), (resumed, model, monitor) = _interrupted_and_resumed(run, ctrl_c, tmp_path)
     assert [h["step"] for h in monitor.history][-2:] == [6, 9]
     assert resumed == {step: straight[step] for step in range(6, 10)}
     assert straight[6] != straight[5]  # the cap from step 6's sharpness binds from step 6
