@@ -668,8 +668,10 @@ def test_the_stacking_check_runs_in_the_measurement_dtype_of_a_bfloat16_model():
     mean = lambda m, b: ((m(b[0]).float() - b[1]) ** 2).mean()  # noqa: E731
     assert _stacking_keeps_the_loss(model, mean, drawn, stacked, dtype=torch.float32)
     summed = lambda m, b: ((m(b[0]).float() - b[1]) ** 2).sum()  # noqa: E731
-    with pytest.warns(UserWarning, match=r"sums over samples \(reduction='sum'\)"):
+    with pytest.warns(UserWarning, match=r"sums over samples \(reduction='sum'\)") as caught:
         assert not _stacking_keeps_the_loss(model, summed, drawn, stacked, dtype=torch.float32)
+    # At the caller's line, as every other warning of the callbacks (it pointed into _probe.py).
+    assert [w.filename for w in caught if "sums over samples" in str(w.message)] == [__file__]
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     with pytest.warns(UserWarning, match="stacking could not be checked"):  # bfloat16 needs a dtype
         assert not _stacking_keeps_the_loss(model, mean, drawn, stacked)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.demos import MeasurementTable, edge_summary
-from pf_lightning.measure import batch_sharpness, critical_sharpness
+from pf_lightning.measure import MIN_BATCHES_TO_STOP, batch_sharpness, critical_sharpness
 from pf_lightning.stability import OptimizerRule, optimizer_rule, optimizers, register_optimizer_rule
 
 
@@ -60,8 +60,9 @@ def test_batch_sharpness_stops_at_the_relative_error_or_the_batch_cap():
     model, batches = _mlp(), _batches(16, 12)
     every = batch_sharpness(model, _mse, batches)
     loose = batch_sharpness(model, _mse, batches, rel_stderr=0.5)
-    assert loose.n_batches == 3 and loose.stderr <= 0.5 * loose.value
-    assert loose.values == every.values[:3]
+    # Not before 10 batches (it stopped at 3, where a few agreeing batches understate the error 4-5x).
+    assert loose.n_batches == MIN_BATCHES_TO_STOP == 10 and loose.stderr <= 0.5 * loose.value
+    assert loose.values == every.values[:10]
     assert batch_sharpness(model, _mse, batches, max_batches=4).n_batches == 4
     assert every.n_batches == 12
 

@@ -16,6 +16,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
+from ..logging import user_stacklevel
+
 try:  # numpy is optional at run time
     import numpy as np
 except ImportError:  # pragma: no cover
@@ -27,6 +29,12 @@ from ..measure import loss_of
 from ..probe import ProbeSet, couples_samples, map_tensors, move_to_device, sample_count
 
 DEFAULT_PROBE_SIZE = 512
+
+
+def _warn_user(message: str) -> None:
+    """A rank-zero ``UserWarning`` that points at the user's line (their ``trainer.fit``), as the
+    callbacks' other warnings do: ``rank_zero_warn`` adds three frames of its own."""
+    rank_zero_warn(message, category=UserWarning, stacklevel=user_stacklevel() + 3)
 
 
 def training_input(trainer: Any, hooks: bool = True) -> Callable[[Any], Any]:
@@ -200,21 +208,19 @@ def _stacking_keeps_the_loss(
         gradient_off = off / max(norm, math.ulp(0.0))
         keeps = loss_off <= tol and gradient_off <= tol
     except Exception as err:  # raised on every rank (the operator's collectives agree on failures)
-        rank_zero_warn(
+        _warn_user(
             f"the probe's stacking could not be checked ({type(err).__name__}: {err}): the probe keeps the "
             "training loader's batches",
-            category=UserWarning,
         )
         return False
     if not keeps:
-        rank_zero_warn(
+        _warn_user(
             f"the probe's {len(drawn)} loader batches stacked into {len(stacked)} do not have the same loss "
-            f"({loss_stacked:.6g} against their sample-weighted mean {loss:.6g}) or gradient (relative "
+            f"({loss_stacked:.10g} against their sample-weighted mean {loss:.10g}) or gradient (relative "
             f"difference {gradient_off:.2g}): the loss sums over samples (reduction='sum'), averages over "
             "the tokens of padded sequences, or couples samples, and weighs them differently in one batch. "
             "The probe keeps the training loader's batches (one forward pass each, as "
             "probe_batch_size='loader'), so each is measured as it is trained",
-            category=UserWarning,
         )
     return keeps
 
@@ -360,10 +366,9 @@ def draw_probe(
             else f"the {max_batches} batch(es) of the loader each epoch trains on (limit_train_batches, "
             "overfit_batches or fast_dev_run)"
         )
-        rank_zero_warn(
+        _warn_user(
             f"probe={size} asks for more samples than {source} ({total}){shard}: the "
             f"probe holds those {total} samples",
-            category=UserWarning,
         )
     return ProbeSet(batches, weights=counts)
 
@@ -641,7 +646,7 @@ def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
             changed = sorted(k for k in before if not _same(after.get(k), before[k]))
             if changed:
                 warned.append(True)
-                rank_zero_warn(
+                _warn_user(
                     f"{source} changed {', '.join(changed[:5])} while serving as a measurement's loss: a "
                     "measurement calls it once per probe batch and Hessian-vector product and restores neither "
                     "attributes nor in-place parameter updates. Guard them with `if not pf_lightning.is_measuring():`"
@@ -650,7 +655,6 @@ def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
                         if loss_fn is not None
                         else ", or pass the callback a `loss_fn=` without side effects"
                     ),
-                    category=UserWarning,
                 )
         return out
 

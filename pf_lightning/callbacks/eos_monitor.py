@@ -162,7 +162,8 @@ class EdgeOfStabilityMonitor(Callback):
             the loss rises at every step size (their quotient is negative).
         batch_sharpness_batches: at most this many mini-batches per measurement (one gradient and one
             Hessian-vector product each).
-        batch_sharpness_rel_stderr: stop drawing once the standard error is this fraction of the value.
+        batch_sharpness_rel_stderr: stop drawing once the standard error is this fraction of the value
+            (after at least :data:`~pf_lightning.measure.MIN_BATCHES_TO_STOP` batches).
         critical_every_n_steps: every this many optimizer steps, log the critical sharpness along the
             optimizer's next update on the batch just trained (``eos/critical_sharpness``,
             ``eos/critical_ratio`` against 2/lr: above 1 that step would raise the batch's loss;
@@ -742,7 +743,8 @@ class EdgeOfStabilityMonitor(Callback):
             self._warn_once(
                 "precond",
                 f"{type(optimizer).__name__} has no preconditioner before its first step ({err}): this "
-                "measurement logs the threshold alone, flagged eos/warmup",
+                "measurement logs the threshold alone, flagged eos/warmup (HessianEigenMonitor(at_fit_start=False) "
+                "or warmup_steps=1 leaves the fit start unmeasured)",
             )
             metrics = {names.THRESHOLD: dynamics.threshold, names.WARMUP: 1.0}
             log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
