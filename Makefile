@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Example 1 at two learning rates, logged to offline W&B runs, then plotted by `pf-lightning report`
-# into demo_output/plots/ (1.5-2 minutes on 2 cores). OMP_WAIT_POLICY=PASSIVE keeps torch's two
+# into demo_output/plots/ (0.5-2 minutes on 2 cores, as busy as the machine is). OMP_WAIT_POLICY=PASSIVE keeps torch's two
 # OpenMP threads from spin-waiting on a busy machine, which slows the small matrix products 10-100x.
 demo: $(STAMP)
 	rm -rf demo_output
