@@ -35,10 +35,12 @@ __all__ = [
     "direction",
     "direction_pattern",
     "eigenvalue",
+    "is_tagged",
     "log_metrics",
     "metric_name",
     "progress_mark",
     "tag_name",
+    "tag_pattern",
     "tagged",
     "tensorboard_layout",
     "tensorboard_writers",
@@ -143,6 +145,23 @@ def direction_pattern(stem: str) -> re.Pattern[str]:
 def metric_name(group: str, name: str, tag: str | None = None) -> str:
     """``group/name``, or ``group/tag/name`` for a named second instance (e.g. a held-out probe)."""
     return f"{group}/{tag}/{name}" if tag else f"{group}/{name}"
+
+
+def tag_pattern(name: str) -> re.Pattern[str]:
+    """The pattern of :func:`tag_name`'s names for ``name`` under any tag, the tag as group ``tag``.
+
+    Example::
+
+        >>> tag_pattern("eos/threshold").match("eos/heldout/threshold")["tag"], is_tagged("eos/threshold")
+        ('heldout', False)
+    """
+    group, rest = name.split("/", 1)
+    return re.compile(rf"^{re.escape(group)}/(?P<tag>[^/]+)/{re.escape(rest)}$")
+
+
+def is_tagged(name: str) -> bool:
+    """Whether ``name`` is a named instance's, ``group/tag/name`` (the unnamed one's are ``group/name``)."""
+    return name.count("/") > 1
 
 
 def tag_name(name: str, tag: str | None) -> str:

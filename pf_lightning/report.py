@@ -62,9 +62,8 @@ Drawn = dict[str, Series]
 Source = Literal["auto", "csv", "wandb"]
 _EIG = names.EIGENVALUE
 _HLAMBDA = names.direction_pattern("hlambda")
-# eos/<name>/threshold: a named EdgeOfStabilityMonitor logs it with every measurement, warm-up included.
-_TAGGED_EDGE = re.compile(r"^eos/(?P<tag>[^/]+)/threshold$")
-_UNNAMED_EDGE = re.compile(r"^(eos|pf)/[^/]+$")
+# A named EdgeOfStabilityMonitor logs eos/<name>/threshold with every measurement, warm-up included.
+_TAGGED_THRESHOLD = names.tag_pattern(names.THRESHOLD)
 _PREFIXES = tuple(f"{prefix}/" for prefix in names.PREFIXES)
 
 
@@ -84,14 +83,14 @@ class RunMetrics:
     def edge_tags(self) -> list[str]:
         """The names of the Hessian monitors a named EdgeOfStabilityMonitor logged ``eos/<name>/*`` for
         (it takes the name of the monitor it reads), in order; the unnamed one's ``eos/*`` are not here."""
-        return sorted({m["tag"] for key in self.series if (m := _TAGGED_EDGE.match(key))})
+        return sorted({m["tag"] for key in self.series if (m := _TAGGED_THRESHOLD.match(key))})
 
     def edge_view(self, tag: str) -> RunMetrics:
         """This run with the ``eos/<tag>/*`` and ``pf/<tag>/*`` metrics under the names the edge plots read
         (``eos/*``, ``pf/*``) in place of the unnamed monitor's; the other metrics (loss, rates) kept."""
         series = {k: v for k, v in self.series.items() if not k.startswith(("eos/", "pf/"))}
         for group in ("eos", "pf"):
-            head = f"{group}/{tag}/"
+            head = names.metric_name(group, "", tag)
             series.update(
                 {f"{group}/{k.removeprefix(head)}": v for k, v in self.series.items() if k.startswith(head)}
             )
@@ -740,7 +739,8 @@ def write_report(
         view = run.edge_view(tag) if tag else run
         drawn = plot(view, path)
         if drawn is None and name in _EDGE_PLOTS:
-            if not tag and not any(_UNNAMED_EDGE.match(k) for k in run.series) and run.edge_tags():
+            unnamed = any(k.startswith(("eos/", "pf/")) and not names.is_tagged(k) for k in run.series)
+            if not tag and not unnamed and run.edge_tags():
                 continue  # only named EdgeOfStabilityMonitors: their plots are drawn under their names
             if names.THRESHOLD in view.series:
                 missing = "the EdgeOfStabilityMonitor logged no sharpness (each measurement in its warm-up or skipped)"

@@ -140,7 +140,6 @@ class _MeasuredLR(LRScheduler):
 
     # What a checkpoint's state must hold, and the form of every entry it may hold (beyond torch's own).
     _lists = ("base_lrs", "_last_lr")
-    _numbers: tuple[str, ...] = ()
 
     def _check_state(self, state: Any) -> None:
         """Raise a ``ValueError`` naming the entry, before a state this scheduler did not write is used.
@@ -177,9 +176,6 @@ class _MeasuredLR(LRScheduler):
         measured = state["measured"]
         if measured is not None and not (is_number(measured) and math.isfinite(measured)):
             bad(f"measured is {measured!r}, not a finite number or None")
-        for key in self._numbers:
-            if key in state and not (is_number(state[key]) and math.isfinite(state[key])):
-                bad(f"{key} is {state[key]!r}, not a finite number")
         foreign = sorted(
             key
             for other in _MeasuredLR.__subclasses__()
@@ -265,7 +261,6 @@ class DriftAdaptiveLR(_MeasuredLR):
 
     monitor = names.DAL_HG_RATIO
     _quantity = "||Hg||/||g||"
-    _numbers = ("p", "max_lr", "warmup_steps")
 
     def __init__(
         self,
@@ -423,7 +418,6 @@ class SharpnessCappedLR(_MeasuredLR):
     monitor = names.CAP_SHARPNESS
     _quantity = "sharpness"
     _lists = ("base_lrs", "_last_lr", "_uncapped")
-    _numbers = ("fraction",)
     _settings = ("fraction", "base", "_uncapped")
 
     def __init__(

@@ -544,6 +544,7 @@ def test_a_dal_run_interrupted_inside_its_measurement_resumes_to_the_uninterrupt
 DAL_SETTING_CORRUPTIONS = {  # each loaded in silence before (an outside trial)
     "negative_measured": ({"measured": -3.0}, "positive"),  # the next rate was NaN
     "negative_p": ({"p": -1.0}, "`p` must be"),  # refused only at the first step, mid-run
+    "nan_max_lr": ({"max_lr": math.nan}, "`max_lr` must be a finite number"),
     "zero_max_lr": ({"max_lr": 0.0}, "`max_lr` must be"),
     "reversed_window": ({"window": [7, 3]}, "`window` must be"),  # DAL never adapted
     "fractional_warmup": ({"warmup_steps": 2.5}, "`warmup_steps` must be"),
@@ -551,6 +552,7 @@ DAL_SETTING_CORRUPTIONS = {  # each loaded in silence before (an outside trial)
 }
 CAP_SETTING_CORRUPTIONS = {
     "negative_fraction": ({"fraction": -1.0}, "`fraction` must be"),  # the next rate was -1: uphill
+    "inf_fraction": ({"fraction": math.inf}, "`fraction` must be a finite number"),
     "a_dal_state": ({"p": 1.0, "max_lr": 5.0}, "settings of another scheduler"),
 }
 
