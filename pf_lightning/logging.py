@@ -47,6 +47,7 @@ __all__ = [
     "wandb_experiments",
     "wandb_log",
     "warn_once",
+    "warn_user",
 ]
 
 PREFIXES = ("hessian", "eos", "pf", "dal", "cap")
@@ -196,13 +197,19 @@ def warn_once(seen: set[str], key: str, message: str) -> None:
     if key in seen:
         return
     seen.add(key)
+    warn_user(message)
+
+
+def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """A rank-zero warning at the user's code (see :func:`warn_once`), every time it is called, with
+    tqdm's bars cleared while it prints."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
     from tqdm import tqdm
 
     if getattr(rank_zero_only, "rank", 0) != 0:
         return
     with tqdm.external_write_mode(file=sys.stderr):
-        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
+        warnings.warn(message, category, stacklevel=user_stacklevel())
 
 
 @contextlib.contextmanager

@@ -12,11 +12,10 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
-from ..logging import user_stacklevel
+from ..logging import warn_user
 
 try:  # numpy is optional at run time
     import numpy as np
@@ -29,12 +28,6 @@ from ..measure import loss_of
 from ..probe import ProbeSet, couples_samples, map_tensors, move_to_device, sample_count
 
 DEFAULT_PROBE_SIZE = 512
-
-
-def _warn_user(message: str) -> None:
-    """A rank-zero ``UserWarning`` that points at the user's line (their ``trainer.fit``), as the
-    callbacks' other warnings do: ``rank_zero_warn`` adds three frames of its own."""
-    rank_zero_warn(message, category=UserWarning, stacklevel=user_stacklevel() + 3)
 
 
 def training_input(trainer: Any, hooks: bool = True) -> Callable[[Any], Any]:
@@ -208,19 +201,21 @@ def _stacking_keeps_the_loss(
         gradient_off = off / max(norm, math.ulp(0.0))
         keeps = loss_off <= tol and gradient_off <= tol
     except Exception as err:  # raised on every rank (the operator's collectives agree on failures)
-        _warn_user(
+        warn_user(
             f"the probe's stacking could not be checked ({type(err).__name__}: {err}): the probe keeps the "
             "training loader's batches",
+            UserWarning,
         )
         return False
     if not keeps:
-        _warn_user(
+        warn_user(
             f"the probe's {len(drawn)} loader batches stacked into {len(stacked)} do not have the same loss "
             f"({loss_stacked:.10g} against their sample-weighted mean {loss:.10g}) or gradient (relative "
             f"difference {gradient_off:.2g}): the loss sums over samples (reduction='sum'), averages over "
             "the tokens of padded sequences, or couples samples, and weighs them differently in one batch. "
             "The probe keeps the training loader's batches (one forward pass each, as "
             "probe_batch_size='loader'), so each is measured as it is trained",
+            UserWarning,
         )
     return keeps
 
@@ -366,9 +361,10 @@ def draw_probe(
             else f"the {max_batches} batch(es) of the loader each epoch trains on (limit_train_batches, "
             "overfit_batches or fast_dev_run)"
         )
-        _warn_user(
+        warn_user(
             f"probe={size} asks for more samples than {source} ({total}){shard}: the "
             f"probe holds those {total} samples",
+            UserWarning,
         )
     return ProbeSet(batches, weights=counts)
 
@@ -646,7 +642,7 @@ def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
             changed = sorted(k for k in before if not _same(after.get(k), before[k]))
             if changed:
                 warned.append(True)
-                _warn_user(
+                warn_user(
                     f"{source} changed {', '.join(changed[:5])} while serving as a measurement's loss: a "
                     "measurement calls it once per probe batch and Hessian-vector product and restores neither "
                     "attributes nor in-place parameter updates. Guard them with `if not pf_lightning.is_measuring():`"
@@ -655,6 +651,7 @@ def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
                         if loss_fn is not None
                         else ", or pass the callback a `loss_fn=` without side effects"
                     ),
+                    UserWarning,
                 )
         return out
 
