@@ -321,11 +321,20 @@ class DriftAdaptiveLR(_MeasuredLR):
         """Set the rate of the next optimizer step from ``hg_ratio`` (:math:`v`).
 
         ``None`` keeps the last measurement (the every-n-steps mode); a non-finite or non-positive
-        :math:`v` keeps it too, with one warning and ``held`` set.
+        :math:`v` keeps it too, with one warning and ``held`` set. For a step outside the window, which runs
+        at the base rate, ``hg_ratio`` is not read: nothing is taken, held or warned about.
         """
         self.adopt_new_groups()
-        self._observe(hg_ratio)
+        if self.adapts(self.last_epoch + 1):
+            self._observe(hg_ratio)
+        else:
+            self.held = False
         super().step()
+
+    def adapts(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (counted from 0) runs at a DAL rate: inside the window, warm-up
+        included. :class:`~pf_lightning.callbacks.LRAdaptation` measures :math:`v` only for such steps."""
+        return self._blend(step) > 0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state this scheduler wrote; a ``ValueError`` names what is wrong with any other."""

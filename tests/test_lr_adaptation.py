@@ -77,6 +77,52 @@ def test_dal_sets_each_rate_from_the_hg_ratio_measured_before_it(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_dal_is_measured_only_for_the_steps_of_its_window(tmp_path):
+    """Outside window=(3, 6) the base rate runs and v is not needed: 3 measurements in 10 steps, not 11,
+    and no 'holding the previous rate' warning for the steps before the window."""
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "DriftAdaptiveLR", RuntimeWarning)
+        t = fit(tmp_path, model, 10, [LRAdaptation(dal_factory(p=1.0, max_lr=5.0, window=(3, 6)))])
+    m = logged(t)
+    assert sorted(m["dal/hg_ratio"]) == sorted(m["dal/seconds"]) == [3, 4, 5]
+    for step in range(10):  # v measured at the end of step s sets the rate of step s (counted from 0)
+        expected = min(2.0 / m["dal/hg_ratio"][step], 5.0) if step in (3, 4, 5) else 0.1
+        assert m["dal/lr"][step] == pytest.approx(expected, rel=1e-6)
+        assert m["dal/active"][step] == float(step in (3, 4, 5)) and m["dal/held"][step] == 0.0
+
+
+class _TwoOptimizersManual(DigitsClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(self.loss(batch))
+        for optimizer in self.optimizers():
+            optimizer.step()
+
+    def configure_optimizers(self):
+        first, rest = list(self.net[0].parameters()), list(self.net[1:].parameters())
+        return [torch.optim.SGD(first, lr=0.1), torch.optim.SGD(rest, lr=0.05)]
+
+
+def test_dal_window_counts_the_schedulers_own_steps_under_manual_optimization(tmp_path):
+    """Two optimizers stepped each batch: Lightning's step counts both (two a batch), DAL's schedule one.
+    Its steps 3-5 (global steps 6-10) each run at 2/v of a v measured just before them."""
+    L.seed_everything(0)
+    dal = dal_factory(p=1.0, max_lr=5.0, window=(3, 6))
+    t = fit(tmp_path, _TwoOptimizersManual(n=64), 16, [LRAdaptation(dal, loss_fn=lambda m, b: m.loss(b))])
+    m = logged(t)
+    assert sorted(m["dal/hg_ratio"]) == [6, 8, 10]
+    for step in range(0, 16, 2):  # the batch starts
+        expected = min(2.0 / m["dal/hg_ratio"][step], 5.0) if step in (6, 8, 10) else 0.1
+        assert m["dal/lr"][step] == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["sgd", "adam with a tensor lr"])
 def test_p0_trains_bit_identically_to_no_adaptation(tmp_path, tensor_lr):
     def run(callbacks):

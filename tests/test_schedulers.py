@@ -47,6 +47,21 @@ def test_dal_window_and_warmup():
     assert rates == pytest.approx([0.1, 0.15, 0.2, 0.2, 0.2, 0.1, 0.1])
 
 
+def test_dal_reads_no_measurement_for_a_step_outside_its_window():
+    """A step at the base rate needs no v: LRAdaptation does not measure it, and the NaN it is stepped with
+    there is neither held nor warned about (it warned 'holding the previous rate' before the window)."""
+    scheduler = DriftAdaptiveLR(sgd(lr=0.1), p=1.0, window=(2, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rates = run(scheduler, [math.nan, 10.0, 40.0, 80.0, math.nan, math.nan])
+    # v = 10.0 is stepped in for step 2, 40.0 for step 3; 80.0 and the NaNs for steps 1, 4, 5, 6
+    assert rates == pytest.approx([0.1, 0.2, 0.05, 0.1, 0.1, 0.1])
+    assert scheduler.hg_ratio == 40.0 and not scheduler.held and scheduler.held_count == 0
+    assert [scheduler.adapts(step) for step in range(6)] == [False, False, True, True, False, False]
+    with pytest.warns(RuntimeWarning, match="holding the previous rate"):  # inside the window: held
+        DriftAdaptiveLR(sgd(lr=0.1), p=1.0, window=(1, 4)).step(math.nan)
+
+
 def test_dal_keeps_group_ratios():
     scheduler = DriftAdaptiveLR(sgd(lr=0.1, groups=3), p=1.0)
     run(scheduler, [4.0])

@@ -4,7 +4,8 @@ The schedulers are ordinary ``LRScheduler``s that Lightning steps after every op
 monitored metric (``dal/hg_ratio`` or ``cap/sharpness``). This callback puts that metric in
 ``trainer.callback_metrics`` before Lightning steps them: ``||Hg||/||g||`` measured on the batch just
 trained, at the parameters the next step starts from (every ``every_n_steps`` optimizer steps, the
-scheduler holding the last value in between), or the latest ``eos/sharpness`` of the
+scheduler holding the last value in between; only for steps inside DAL's ``window``, which alone run at
+its rate), or the latest ``eos/sharpness`` of the
 :class:`EdgeOfStabilityMonitor`. Under manual optimization, where Lightning steps no scheduler, it steps
 them itself at the end of each batch in which the optimizer stepped (unless ``training_step`` already
 did), with the same value at the same point. At the start of each step it logs the rate the scheduler chose and the
@@ -88,7 +89,8 @@ class LRAdaptation(Callback):
             start of fit.
         optimizer_index: the optimizer an installed scheduler wraps.
         every_n_steps: measure ``||Hg||/||g||`` every this many optimizer steps; in between, DAL holds
-            the last value (cheaper, and the rate changes only at measurements).
+            the last value (cheaper, and the rate changes only at measurements). Steps outside DAL's
+            ``window`` run at the base rate and are not measured (no ``dal/hg_ratio`` there).
         hvp: how ``Hg`` is computed: ``"forward_difference"`` (as ``dal.py``: one extra gradient at
             ``theta + e g``, ``e = 0.01/||g||``) or an HVP backend (``"auto"``, ``"double_backward"``, ...)
             for the exact product.
@@ -341,7 +343,11 @@ class LRAdaptation(Callback):
         self._last_logged = step
         due, self._due = self._due, False
         for scheduler in self.schedulers:
-            if isinstance(scheduler, DriftAdaptiveLR) and (self._last_measured is None or due):
+            if (
+                isinstance(scheduler, DriftAdaptiveLR)
+                and (self._last_measured is None or due)
+                and scheduler.adapts(scheduler.last_epoch)  # the step about to run, by its own count
+            ):
                 # The first step of a fit (or one whose measurement a resumed checkpoint had not finished):
                 # measure now, so it already runs at the DAL rate.
                 self._measure_drift(trainer, pl_module, batch)
@@ -379,8 +385,10 @@ class LRAdaptation(Callback):
             return  # gradient accumulation: the optimizer step is not complete yet
         self._last_end = step
         for scheduler in self.schedulers:
-            if isinstance(scheduler, DriftAdaptiveLR) and (
-                self._last_measured is None or step - self._last_measured >= self.every_n_steps
+            if (
+                isinstance(scheduler, DriftAdaptiveLR)
+                and (self._last_measured is None or step - self._last_measured >= self.every_n_steps)
+                and self._adapts_next(scheduler)
             ):
                 self._measure_drift(trainer, pl_module, batch)
                 self._last_measured = step
@@ -399,6 +407,14 @@ class LRAdaptation(Callback):
             for scheduler, last_epoch in zip(self.schedulers, self._at_batch_start[1], strict=True):
                 if scheduler.last_epoch == last_epoch:
                     scheduler.step(trainer.callback_metrics[scheduler.monitor])
+
+    def _adapts_next(self, scheduler: DriftAdaptiveLR) -> bool:
+        """Whether the optimizer step whose rate this batch's end sets runs at a DAL rate, by the scheduler's
+        own count of steps (under manual optimization Lightning's step counts every optimizer's)."""
+        taken = scheduler.last_epoch
+        if self._manual and self._at_batch_start is not None:  # training_step may have stepped it already
+            taken = self._at_batch_start[1][self.schedulers.index(scheduler)]
+        return scheduler.adapts(taken + 1)
 
     def _measure_drift(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """Measure ||Hg||/||g|| on ``batch`` and log it (NaN when it failed)."""
