@@ -94,7 +94,7 @@ def load() -> str:
 def info(start: float, load_before: str, extra: str = "") -> dict:
     return {
         "command": " ".join(shlex.quote(a) for a in [interpreter(), *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": machine(),

@@ -182,8 +182,9 @@ def _repeated(result: EigenResult) -> float | None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module to differentiate: DDP's wrapper does not support ``torch.autograd.grad``, and compiled
-    graphs (``torch.compile``'s wrapper) not double backward; the original module has the same numbers."""
+    """The module to differentiate: DDP's wrapper does not support ``torch.autograd.grad``, and
+    ``torch.compile``'s wrapper names the parameters ``_orig_mod.*``; the original module has the same numbers
+    (and the operator runs its compiled code eagerly)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return _unwrap(model.module)
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):

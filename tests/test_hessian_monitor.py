@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import DigitsClassifier, digits, logged, trainer
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor, hessian_eigenpairs
@@ -269,18 +270,63 @@ class _QuietClassifier(DigitsClassifier):
 
 
 def test_compiled_module_is_measured_uncompiled(tmp_path):
+    compiled_with_grad = []
+
+    def backend(graph, inputs):  # as backend="eager", recording each graph it is given
+        compiled_with_grad.append(torch.is_grad_enabled())
+        return graph.forward
+
     L.seed_everything(0)
     model = _QuietClassifier(lr=0.1, n=64)
-    compiled = torch.compile(model, backend="eager")  # compiled graphs have no double backward
+    compiled = torch.compile(model, backend=backend)  # compiled graphs have no double backward
     monitor = HessianEigenMonitor(k=1, every_n_steps=2, hvp="double_backward")
     trainer(tmp_path, max_steps=2, callbacks=[monitor]).fit(compiled)
     assert [h["step"] for h in monitor.history] == [0, 2]
+    # training's one graph; none from the measurements or the set-up's no-grad check of the probe
+    assert compiled_with_grad == [True]
     assert model._compiler_ctx is not None and "forward" in model.__dict__  # still compiled for training
     x, y = digits(64)
     direct = hessian_eigenpairs(
         model, lambda m, b: m.loss(b), [(x, y)], k=1, hvp="finite_difference", tol=1e-5
     )
     assert monitor.latest.eigenvalues[0] == pytest.approx(float(direct.eigenvalues[0]), rel=2e-3)
+
+
+class _CompiledChild(_QuietClassifier):
+    """A submodule compiled by assignment (``self.body = torch.compile(body)``) or in place
+    (``body.compile()``): AOT autograd's backward, with donated buffers, runs neither double backward nor
+    the retained graph of a finite difference."""
+
+    def __init__(self, in_place: bool, **kwargs):
+        super().__init__(**kwargs)
+        body = nn.Sequential(*self.net[1:])
+        if in_place:
+            body.compile(backend="aot_eager")
+        self.net = nn.Sequential(self.net[0], body if in_place else torch.compile(body, backend="aot_eager"))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["assigned", "in place"])
+@pytest.mark.parametrize("hvp", ["double_backward", "finite_difference"])
+def test_a_compiled_submodule_is_measured_through_its_original_code(tmp_path, hvp, in_place):
+    """An assigned one: every measurement was skipped (RuntimeError: a backward 'compiled with non-empty
+    donated buffers requires create_graph=False and retain_graph=False'), and auto's fallback with it."""
+    L.seed_everything(0)
+    model = _CompiledChild(in_place, lr=0.1, n=64)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, hvp=hvp, tol=1e-6, on_error="raise")
+    trainer(tmp_path, max_steps=2, callbacks=[monitor]).fit(model)
+    assert [h["step"] for h in monitor.history] == [0, 2]
+    plain = _QuietClassifier(lr=0.1, n=64)  # the same parameters, never compiled
+    plain.net = nn.Sequential(plain.net[0], nn.Sequential(*plain.net[1:]))
+    plain.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()})
+    x, y = digits(64)
+    reference = hessian_eigenpairs(
+        plain, lambda m, b: m.loss(b), [(x, y)], k=1, hvp="double_backward", tol=1e-7
+    )
+    assert monitor.latest.eigenvalues[0] == pytest.approx(float(reference.eigenvalues[0]), rel=1e-4)
+    direct = hessian_eigenpairs(
+        model, lambda m, b: m.loss(b), [(x, y)], k=1, hvp=hvp, tol=1e-6
+    )  # the API too
+    assert float(direct.eigenvalues[0]) == pytest.approx(float(reference.eigenvalues[0]), rel=1e-4)
 
 
 def test_bf16_mixed_precision_measures_in_float32(tmp_path):

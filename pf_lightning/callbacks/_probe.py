@@ -542,43 +542,6 @@ def _silenced_logging(module: nn.Module) -> Iterator[None]:
                 module.__dict__[name] = value
 
 
-_COMPILED_METHODS = ("forward", "training_step")
-
-
-@contextlib.contextmanager
-def uncompiled(module: nn.Module) -> Iterator[None]:
-    """Run the module's original Python code: compiled graphs do not support double backward.
-
-    Undoes, for the measurement only, what Lightning's ``from_compiled`` did to a ``torch.compile``d
-    LightningModule (compiled ``forward``/``training_step`` over originals kept in ``_compiler_ctx``) and
-    what ``nn.Module.compile()`` did to submodules (``_compiled_call_impl``).
-    """
-    ctx = getattr(module, "_compiler_ctx", None) or {}
-    swapped = {}
-    for name in _COMPILED_METHODS:
-        original = ctx.get(f"original_{name}")
-        if original is not None:
-            swapped[name] = module.__dict__.get(name)
-            module.__dict__[name] = original
-    compiled = [
-        (m, m._compiled_call_impl)
-        for m in module.modules()
-        if getattr(m, "_compiled_call_impl", None) is not None
-    ]
-    for m, _ in compiled:
-        m._compiled_call_impl = None
-    try:
-        yield
-    finally:
-        for m, impl in compiled:
-            m._compiled_call_impl = impl
-        for name, value in swapped.items():
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = value
-
-
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
     """The loss of ``module.training_step(batch, 0)``: a tensor, the ``"loss"`` of a dict (or of a
     Hugging Face ``ModelOutput``), or the ``.loss`` attribute of any other output object."""
@@ -616,7 +579,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
-    """The loss the measurement differentiates, always on the module's uncompiled code.
+    """The loss the measurement differentiates (the operator runs compiled code eagerly, as its original).
 
     A loss call that changes the module's public plain attributes (a counter, a queue) or updates a
     parameter in place through autograd-visible ops (an EMA teacher's ``mul_``/``copy_``; updates through
@@ -635,8 +598,7 @@ def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
 
     def loss(module: nn.Module, batch: Any) -> Tensor:
         before = None if warned else _side_effects(module)
-        with uncompiled(module):
-            out = base(module, batch)
+        out = base(module, batch)
         if before is not None:
             after = _side_effects(module)
             changed = sorted(k for k in before if not _same(after.get(k), before[k]))

@@ -120,7 +120,9 @@ class HessianOperator(LinearOperator):
     unless all raised alike), and of building this rank's probe shard (raised on entering).
 
     Args:
-        model: the module (unwrapped: never a DDP wrapper, which does not support ``autograd.grad``).
+        model: the module (unwrapped: never a DDP wrapper, which does not support ``autograd.grad``). Its
+            ``torch.compile``d code runs eagerly, as its original Python, while the operator is open
+            (:func:`~pf_lightning.curvature.state.measurement_context`).
         loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the mean loss of one batch.
         probe: a :class:`ProbeSet`, or batches as :class:`ProbeSet` accepts them.
         params: glob patterns selecting the parameters (all trainable ones by default).

@@ -138,7 +138,13 @@ def measurement_context(model: nn.Module, exact: bool = False) -> Iterator[None]
     ``.grad`` and random states
     (on any exit, an exception included); :func:`is_measuring` is True inside. ``exact``: the products
     will need second-order autograd, so Hugging Face-style ``gradient_checkpointing`` is switched off
-    for the duration (finite differences keep it, and its memory savings)."""
+    for the duration (finite differences keep it, and its memory savings).
+
+    ``torch.compile``d code (the module, a submodule, a function its forward calls) runs its original
+    Python eagerly inside (``torch.compiler.set_stance("force_eager")``): compiled graphs have no double
+    backward, and their backward, with donated buffers, not even the retained graph of a finite
+    difference; nor does a measurement's pass compile graphs of its own. Training keeps its compiled
+    graphs."""
     modes = [(m, m.training) for m in model.modules()]
     # The tensor each module's buffer slot holds, and its value: a forward that reassigns one (`self.ema =
     # 0.9 * self.ema + ...`, an EMA's usual form) leaves a new tensor there, which copying into the old one
@@ -161,7 +167,11 @@ def measurement_context(model: nn.Module, exact: bool = False) -> Iterator[None]
                 m.track_running_stats = False
             for m in checkpointing:
                 m.gradient_checkpointing = False
-            with rng_state(), torch.autocast(device_type=device_type, enabled=False):
+            with (
+                rng_state(),
+                torch.autocast(device_type=device_type, enabled=False),
+                torch.compiler.set_stance("force_eager"),
+            ):
                 yield
         finally:
             for m, flag in tracking:
