@@ -175,6 +175,31 @@ def test_several_optimizers_measured_against_the_chosen_one(tmp_path, caplog):
     assert "thresholds are those of optimizer 1 (SGD)" in caplog.text
 
 
+class _ReturningTwoOptimizers(_TwoOptimizers):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        return self.loss(batch).detach()
+
+
+@pytest.mark.parametrize("returns", [False, True])
+def test_manual_optimization_without_a_returned_loss_says_the_loss_metric_is_missing(tmp_path, returns):
+    """eos/loss_non_monotonicity needs each step's loss: a manual training_step returning nothing left it out
+    in silence (outside trial); it is said once, and a returned loss gives the metric."""
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=lambda m, b: m.loss(b))
+    eos = EdgeOfStabilityMonitor(optimizer_index=1)
+    model = (_ReturningTwoOptimizers if returns else _TwoOptimizers)(n=64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=6, callbacks=[monitor, eos]).fit(model)
+    said = [str(w.message) for w in record if "eos/loss_non_monotonicity needs" in str(w.message)]
+    logged = [h for h in eos.history if "eos/loss_non_monotonicity" in h]
+    if returns:
+        assert not said and [h["step"] for h in logged] == [4, 6]  # two losses from the second batch on
+    else:
+        assert len(said) == 1 and "training_step returned no loss" in said[0] and not logged
+
+
 def test_missing_hessian_monitor_fails_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match="add HessianEigenMonitor"):
         trainer(tmp_path, max_steps=1, callbacks=[EdgeOfStabilityMonitor()]).fit(DigitsClassifier(n=64))

@@ -47,7 +47,7 @@ from ..curvature.params import ParameterSpace
 from ..curvature.precondition import optimizer_weight_decay
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..linalg.operator import gram
-from ..logging import log_metrics, metric_name, tagged, wandb_experiments, wandb_log, warn_once
+from ..logging import log_metrics, metric_name, tag_name, tagged, wandb_experiments, wandb_log, warn_once
 from ..measure import BatchSharpness
 from ..stability import PRECONDITIONER_WARMUP_STEPS, EdgeHistory, PreconditionerUnavailable, StepDynamics
 from ._checkpoint import (
@@ -800,6 +800,14 @@ class EdgeOfStabilityMonitor(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:  # Lightning also trains a loss of shape (1,)
             self._pending_losses.append(loss.detach().reshape(()))
+        elif not pl_module.automatic_optimization:  # (automatic: no loss means Lightning skipped the batch)
+            self._warn_once(
+                "no loss",
+                "training_step returned no loss (manual optimization): "
+                f"{tag_name(names.LOSS_NON_MONOTONICITY, self.monitor.name)} needs each step's loss and is not "
+                "logged; return the loss (or "
+                '{"loss": loss}) from training_step',
+            )
         step = trainer.global_step
         if step == self._last_loss_step:
             if self._progress:
