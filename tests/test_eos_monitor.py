@@ -1,6 +1,7 @@
 """EdgeOfStabilityMonitor: thresholds of the optimizer in use, preconditioned sharpness, PF regimes,
 the early warning, W&B, and the edge of stability itself on sklearn digits."""
 
+import copy
 import itertools
 import re
 import warnings
@@ -198,6 +199,44 @@ def test_manual_optimization_without_a_returned_loss_says_the_loss_metric_is_mis
         assert not said and [h["step"] for h in logged] == [4, 6]  # two losses from the second batch on
     else:
         assert len(said) == 1 and "training_step returned no loss" in said[0] and not logged
+
+
+def test_accumulated_negative_curvature_counts_the_judged_optimizers_own_steps(tmp_path):
+    """Under manual optimization Lightning's step counts both optimizers' steps (two a batch): the sum
+    eta * sum min(lambda_min, 0) over the judged optimizer's steps counted each step twice (outside trial:
+    -1.597 for -0.7985, exactly 2x). A run resumed between two measurements keeps the count."""
+
+    def callbacks():
+        monitor = HessianEigenMonitor(
+            k=1, which="both", every_n_steps=4, at_fit_end=False, loss_fn=lambda m, b: m.loss(b)
+        )
+        return monitor, EdgeOfStabilityMonitor()  # optimizer 0: SGD at lr 0.1, stepped once a batch
+
+    def fit(path, steps, model, ckpt_path=None):
+        monitor, eos = callbacks()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the block optimizer 0 does not update
+            t = trainer(path, max_steps=steps, callbacks=[monitor, eos])
+            t.fit(model, ckpt_path=ckpt_path)
+        return t, monitor, eos
+
+    L.seed_everything(0)
+    model = _TwoOptimizers(n=64, lr=0.1)
+    resumed = copy.deepcopy(model)
+    _, monitor, eos = fit(tmp_path / "straight", 12, model)
+    steps = [h["step"] for h in monitor.history]
+    assert steps == [0, 4, 8, 12]
+    lambda_min = [min(h["eigenvalues"][-1], 0.0) for h in monitor.history]
+    # one step of optimizer 0 per batch, two global steps per batch
+    expected = sum(0.1 * (b - a) / 2 * lam for a, b, lam in zip([0, *steps], steps, lambda_min, strict=False))
+    assert expected < -1e-3  # negative curvature to sum
+    assert eos.history[-1]["eos/accumulated_negative_curvature"] == pytest.approx(expected, rel=1e-6)
+
+    first, _, eos_first = fit(tmp_path / "first", 6, resumed)  # measured at 4, then one batch more
+    assert eos_first.state_dict()["interval_steps"] == 1
+    first.save_checkpoint(tmp_path / "six.ckpt")
+    _, _, eos_second = fit(tmp_path / "second", 12, resumed, ckpt_path=tmp_path / "six.ckpt")
+    assert eos_second.history[-1]["eos/accumulated_negative_curvature"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_missing_hessian_monitor_fails_at_setup(tmp_path):

@@ -248,10 +248,11 @@ def monitor_from_state(
 
 def eos_from_state(
     state: Any,
-) -> tuple[list[dict[str, Any]], list[float], int | None, float, bool, EigenResult | None]:
+) -> tuple[list[dict[str, Any]], list[float], int | None, float, int | None, bool, EigenResult | None]:
     """An :class:`~pf_lightning.EdgeOfStabilityMonitor` state: history, loss window, first edge step,
-    accumulated negative curvature, whether the last ratio was above the warning level, and the latest
-    preconditioned measurement (its warm start; absent from states saved before it was kept)."""
+    accumulated negative curvature, the judged optimizer's steps since the last measurement (None where
+    absent: states saved before it was kept), whether the last ratio was above the warning level, and the
+    latest preconditioned measurement (its warm start; absent from states saved before it was kept)."""
     keys = ("history", "losses", "first_edge_step", "negative_curvature", "above")
     state = mapping(state, keys, "EdgeOfStabilityMonitor")
     history = history_from_state(state["history"], (names.SHARPNESS, names.THRESHOLD, names.RATIO))
@@ -261,6 +262,9 @@ def eos_from_state(
     edge = state["first_edge_step"]
     edge = None if edge is None else count(edge, "first_edge_step")
     curvature = finite(state["negative_curvature"], "negative_curvature")
+    interval = state.get("interval_steps")
+    interval = None if interval is None else count(interval, "interval_steps")
     _check(isinstance(state["above"], bool), f"above is {state['above']!r}, not a bool")
     preconditioned = result_from_state(state.get("preconditioned_latest"))
-    return history, [float(x) for x in state["losses"]], edge, curvature, state["above"], preconditioned
+    losses = [float(x) for x in state["losses"]]
+    return history, losses, edge, curvature, interval, state["above"], preconditioned

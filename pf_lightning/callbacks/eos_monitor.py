@@ -184,7 +184,9 @@ class EdgeOfStabilityMonitor(Callback):
     call ``on_warning`` nor count as ``eos/first_edge_step``.
 
     Checkpoints: the state holds the history, the loss window, the first edge step, the accumulated
-    negative curvature and the latest preconditioned measurement (the next one's warm start; its vectors
+    negative curvature (and the judged optimizer's steps since the last measurement, its next interval:
+    under manual optimization with several optimizers Lightning's step counts all of theirs) and the
+    latest preconditioned measurement (the next one's warm start; its vectors
     left out as the monitor's are, by ``checkpoint_eigenvectors`` and for FSDP2 shards). A state this
     version cannot read (missing keys, wrong types, NaN, another callback's state) gives one
     ``RuntimeWarning`` and a fresh start of all of them.
@@ -268,6 +270,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._batches_error: MisconfigurationException | None = None
         self._progress: dict[str, float] = {}
         self._clip: tuple[float, str] | None = None  # the trainer's gradient clipping (set at fit start)
+        self._step_hook: Any = None  # counts the judged optimizer's steps during a fit
         self._new_run()
 
     def _new_run(self) -> None:
@@ -278,6 +281,9 @@ class EdgeOfStabilityMonitor(Callback):
         self._measured = 0  # measurements judged in this run (the chart's cadence)
         self.first_edge_step: int | None = None
         self.negative_curvature = 0.0
+        # The judged optimizer's own steps since the last judged measurement, the negative curvature's
+        # interval (None: unknown, in a run resumed from a checkpoint that did not keep it).
+        self._interval_steps: int | None = 0
         self._above = False
         self._preconditioned_latest: EigenResult | None = None
         self._warned: set[str] = set()
@@ -373,6 +379,13 @@ class EdgeOfStabilityMonitor(Callback):
         # when it is not in that Trainer (it would log its eos/* into that run).
         if self.monitor is not None:
             self.monitor.remove_listener(self._on_measurement)
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+
+    def _count_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._interval_steps is not None:
+            self._interval_steps += 1
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -405,6 +418,15 @@ class EdgeOfStabilityMonitor(Callback):
                     f"{type(optimizer).__name__}'s settings give no stability threshold: {err}; correct them, "
                     "or pass threshold= explicitly"
                 ) from err
+        # Lightning's step counts every optimizer's steps (manual optimization with several): the judged
+        # one's are counted where it steps (a step a GradScaler skips is not taken, and not counted).
+        if self._step_hook is not None:
+            self._step_hook.remove()
+        register = getattr(optimizers[self.optimizer_index], "register_step_post_hook", None)
+        if callable(register):
+            self._step_hook = register(self._count_step)
+        else:  # an optimizer Lightning takes by its protocol alone: Lightning's steps are its steps
+            self._step_hook, self._interval_steps = None, None
         # The gradient's projections are read where the step is not preconditioned: the measurement
         # hands over the probe gradient there (from its cached graphs), and does not take it otherwise.
         self.monitor.add_listener(self._on_measurement, gradient=not preconditioned)
@@ -559,6 +581,7 @@ class EdgeOfStabilityMonitor(Callback):
         try:
             metrics, edge = stability.edge_of_stability(
                 **measured.edge_inputs,
+                interval_steps=self._interval_steps,
                 losses=losses if len(losses) >= 2 else (),
                 history=history,
                 slope_window=self.slope_window,
@@ -585,6 +608,7 @@ class EdgeOfStabilityMonitor(Callback):
         if not warming:
             self._above = ratio >= self.warn_ratio
         self.first_edge_step, self.negative_curvature = edge.first_edge_step, edge.negative_curvature
+        self._interval_steps = 0 if self._step_hook is not None else None
         log_metrics(trainer, tagged(metrics, self.monitor.name), step)
         # For the progress bar at the next training-batch end (the only hook where Lightning takes self.log).
         self._progress = {
@@ -1016,6 +1040,7 @@ class EdgeOfStabilityMonitor(Callback):
             "losses": self._loss_values(),
             "first_edge_step": self.first_edge_step,
             "negative_curvature": self.negative_curvature,
+            "interval_steps": self._interval_steps,
             "above": self._above,
             # The warm start of the next preconditioned measurement: a resumed run measures as the
             # uninterrupted one does (and so caps the rate the same).
@@ -1027,13 +1052,13 @@ class EdgeOfStabilityMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
-            history, losses, edge, curvature, above, preconditioned = eos_from_state(state_dict)
+            history, losses, edge, curvature, interval, above, preconditioned = eos_from_state(state_dict)
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
             self._new_run()
             return
         self.history, self.first_edge_step, self.negative_curvature = history, edge, curvature
-        self._above, self._preconditioned_latest = above, preconditioned
+        self._interval_steps, self._above, self._preconditioned_latest = interval, above, preconditioned
         self.losses.clear()
         self.losses.extend(losses)
         self._raw = 0

@@ -90,6 +90,7 @@ def edge_of_stability(
     dynamics: StepDynamics,
     *,
     step: int,
+    interval_steps: int | None = None,
     projections: Tensor | Sequence[float] | None = None,
     grad_norm: float | None = None,
     lambda_min: float | None = None,
@@ -110,6 +111,10 @@ def edge_of_stability(
             ``dynamics.preconditioned``. The first is the sharpness.
         dynamics: the optimizer's step (:func:`~pf_lightning.stability.step_dynamics`).
         step: the optimizer steps taken.
+        interval_steps: the judged optimizer's own steps since the previous measurement (since the start
+            before the first), where ``step``'s difference counts others' too (under manual optimization
+            Lightning's step counts every optimizer's); None: that difference. The accumulated negative
+            curvature counts these.
         projections: :math:`g^\top u_i` on the matching eigenvectors (with ``grad_norm``), or None.
         grad_norm: :math:`\lVert g\rVert`.
         lambda_min: the most negative Hessian eigenvalue, for the accumulated negative curvature.
@@ -182,7 +187,11 @@ def edge_of_stability(
         metrics[names.FIRST_EDGE_STEP] = float(first_edge)
     curvature = history.negative_curvature
     if lambda_min is not None:
-        steps = max(step - (0 if history.step is None else history.step), 0)
+        steps = (
+            interval_steps
+            if interval_steps is not None
+            else max(step - (0 if history.step is None else history.step), 0)
+        )
         step_size = dynamics.lr if lr is None else lr
         curvature += accumulated_negative_curvature([step_size * steps], [float(lambda_min)])
         metrics[names.NEGATIVE_CURVATURE] = curvature
