@@ -419,7 +419,7 @@ class EdgeOfStabilityMonitor(Callback):
                     "or pass threshold= explicitly"
                 ) from err
         # Lightning's step counts every optimizer's steps (manual optimization with several): the judged
-        # one's are counted where it steps (a step a GradScaler skips is not taken, and not counted).
+        # one's are counted where it steps.
         if self._step_hook is not None:
             self._step_hook.remove()
         register = getattr(optimizers[self.optimizer_index], "register_step_post_hook", None)
