@@ -291,3 +291,42 @@ def test_finite_difference_step_does_not_grow_with_the_parameter_norm():
     )
     fd = hessian_eigenpairs(model, loss_fn, [(x, y)], k=3, tol=1e-5, hvp="finite_difference", max_hvp=600)
     torch.testing.assert_close(fd.eigenvalues.double(), exact.eigenvalues, rtol=1e-3, atol=0)
+
+
+class _LayerKeptTwice(nn.Module):
+    """One layer under two names (``self.first`` and ``self.net[0]``), as a compiled wrapper kept beside its
+    module (``self.fast = torch.compile(self.net)``) holds every layer twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+        self.first = self.net[0]
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_forward_over_reverse_leaves_a_layer_kept_under_two_names_in_its_slots():
+    """torch.func's functional_call put a functorch tensor back into such a layer's slot: the operator's
+    gradient was off by 0.11 after the first product, and the model's loss stayed cut from its parameters."""
+    torch.manual_seed(0)
+    model = _LayerKeptTwice()
+    slots = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()]
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(64, 8, generator=gen, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64))
+    ]
+
+    def loss_fn(m, batch):
+        return ((m(batch[0]) - batch[1]) ** 2).mean()
+
+    V = torch.randn(161, 3, generator=gen, dtype=torch.float64)  # 8*16 + 16 + 16 + 1 parameters
+    with HessianOperator(model, loss_fn, batches, hvp="forward_over_reverse") as op:
+        HV = op.matmat(V)
+        g = op.gradient()
+    assert all(m._parameters[name] is p for m, name, p in slots)
+    with HessianOperator(model, loss_fn, batches, hvp="double_backward") as op:
+        exact = op.matmat(V)
+    assert relative_error(HV, exact) < 1e-12
+    plain = torch.autograd.grad(loss_fn(model, batches[0]), list(model.parameters()))
+    torch.testing.assert_close(g, torch.cat([t.reshape(-1) for t in plain]), rtol=1e-12, atol=1e-14)

@@ -197,6 +197,10 @@ class ForwardOverReverseHVP(HVPBackend):
         super().__init__(space, loss_at)
         self._wrapper = _LossModule(model, loss_at)
         self._keys = ["model." + name for name in space.names]
+        # functional_call swaps tensors into the parameter slots and, for a module reachable under two names
+        # (`self.fast = torch.compile(self.net)` beside `self.net`, a layer kept twice), puts a functorch
+        # tensor back into one (torch 2.13): the model's own loss then no longer depends on its parameters.
+        self._slots = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()]
 
     def apply(self, index: int, V: Tensor) -> Tensor:
         from torch.func import functional_call, grad, jvp, vmap
@@ -225,6 +229,10 @@ class ForwardOverReverseHVP(HVPBackend):
                     f"hvp='forward_over_reverse' does not run on this model ({reason}): use "
                     "hvp='double_backward', or 'auto' (double backward, finite differences where it fails)"
                 ) from err
+            finally:
+                for module, name, param in self._slots:
+                    if module._parameters.get(name) is not param:
+                        module._parameters[name] = param
         return torch.cat([out[key].reshape(V.shape[1], -1) for key in self._keys], dim=1).mT.contiguous()
 
 
