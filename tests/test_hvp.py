@@ -330,3 +330,30 @@ def test_forward_over_reverse_leaves_a_layer_kept_under_two_names_in_its_slots()
     assert relative_error(HV, exact) < 1e-12
     plain = torch.autograd.grad(loss_fn(model, batches[0]), list(model.parameters()))
     torch.testing.assert_close(g, torch.cat([t.reshape(-1) for t in plain]), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["mse_loss", "lstm"])
+def test_forward_over_reverse_says_where_it_does_not_run_and_what_does(kind):
+    """F.mse_loss's backward has no forward-mode derivative on torch 2.13 (the bare 'ZeroTensors are
+    immutable' reached the user), nor has the LSTM kernel: both name the backends that run."""
+    torch.manual_seed(0)
+    if kind == "lstm":
+        lstm = nn.LSTM(4, 8, batch_first=True)
+        model = nn.ModuleDict({"lstm": lstm, "head": nn.Linear(8, 1)})
+
+        def loss_fn(m, batch):
+            out, _ = m["lstm"](batch[0])
+            return ((m["head"](out[:, -1]) - batch[1]) ** 2).mean()
+
+        batch = (torch.randn(6, 5, 4), torch.randn(6, 1))
+    else:
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def loss_fn(m, batch):
+            return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
+
+        batch = (torch.randn(16, 4), torch.randn(16, 1))
+    with pytest.raises(NotImplementedError, match=r"does not run on this model.*use hvp='double_backward'"):
+        hessian_eigenpairs(model, loss_fn, [batch], k=1, hvp="forward_over_reverse")
+    exact = hessian_eigenpairs(model, loss_fn, [batch], k=1, hvp="double_backward")
+    assert float(exact.eigenvalues[0]) > 0
