@@ -78,6 +78,26 @@ class DigitsClassifier(L.LightningModule):
         return DataLoader(TensorDataset(x, y), batch_size=size, shuffle=self.hparams.batch_size is not None)
 
 
+class TwoOptimizers(DigitsClassifier):
+    """Manual optimization with two optimizers stepped each batch (Lightning's step counts both): SGD at lr
+    0.1 on the first layer, SGD at lr 0.05 with momentum 0.9 on the rest. training_step returns nothing."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(self.loss(batch))
+        for optimizer in self.optimizers():
+            optimizer.step()
+
+    def configure_optimizers(self):
+        first, rest = list(self.net[0].parameters()), list(self.net[1:].parameters())
+        return [torch.optim.SGD(first, lr=0.1), torch.optim.SGD(rest, lr=0.05, momentum=0.9)]
+
+
 def trainer(tmp_path, **kwargs) -> L.Trainer:
     defaults = {
         "default_root_dir": tmp_path,

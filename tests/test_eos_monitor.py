@@ -12,7 +12,7 @@ import torch
 from cases import dense_hessian, make_case
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_models import DigitsClassifier, digits, logged, trainer
+from lightning_models import DigitsClassifier, TwoOptimizers, digits, logged, trainer
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning.curvature import ParameterSpace, optimizer_preconditioner
@@ -146,23 +146,6 @@ def test_proxies_are_bounded_by_the_spectrum(tmp_path):
     assert float(t.callback_metrics["pf/drift_ratio"]) == pytest.approx(0.1 / 2 * v)
 
 
-class _TwoOptimizers(DigitsClassifier):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        for optimizer in self.optimizers():
-            optimizer.zero_grad()
-        self.manual_backward(self.loss(batch))
-        for optimizer in self.optimizers():
-            optimizer.step()
-
-    def configure_optimizers(self):
-        first, rest = list(self.net[0].parameters()), list(self.net[1:].parameters())
-        return [torch.optim.SGD(first, lr=0.1), torch.optim.SGD(rest, lr=0.05, momentum=0.9)]
-
-
 def test_several_optimizers_measured_against_the_chosen_one(tmp_path, caplog):
     L.seed_everything(0)
     monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=lambda m, b: m.loss(b))
@@ -171,12 +154,12 @@ def test_several_optimizers_measured_against_the_chosen_one(tmp_path, caplog):
         caplog.at_level("INFO"),
         pytest.warns(RuntimeWarning, match=r"\(optimizer 1\) does not update 2 trainable"),
     ):
-        trainer(tmp_path, max_steps=2, callbacks=[monitor, eos]).fit(_TwoOptimizers(n=64))
+        trainer(tmp_path, max_steps=2, callbacks=[monitor, eos]).fit(TwoOptimizers(n=64))
     assert eos.history[-1]["eos/threshold"] == pytest.approx((2 + 2 * 0.9) / 0.05)
     assert "thresholds are those of optimizer 1 (SGD)" in caplog.text
 
 
-class _ReturningTwoOptimizers(_TwoOptimizers):
+class _ReturningTwoOptimizers(TwoOptimizers):
     def training_step(self, batch, batch_idx):
         super().training_step(batch, batch_idx)
         return self.loss(batch).detach()
@@ -189,7 +172,7 @@ def test_manual_optimization_without_a_returned_loss_says_the_loss_metric_is_mis
     L.seed_everything(0)
     monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=lambda m, b: m.loss(b))
     eos = EdgeOfStabilityMonitor(optimizer_index=1)
-    model = (_ReturningTwoOptimizers if returns else _TwoOptimizers)(n=64)
+    model = (_ReturningTwoOptimizers if returns else TwoOptimizers)(n=64)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer(tmp_path, max_steps=6, callbacks=[monitor, eos]).fit(model)
@@ -221,7 +204,7 @@ def test_accumulated_negative_curvature_counts_the_judged_optimizers_own_steps(t
         return t, monitor, eos
 
     L.seed_everything(0)
-    model = _TwoOptimizers(n=64, lr=0.1)
+    model = TwoOptimizers(n=64, lr=0.1)
     resumed = copy.deepcopy(model)
     _, monitor, eos = fit(tmp_path / "straight", 12, model)
     steps = [h["step"] for h in monitor.history]

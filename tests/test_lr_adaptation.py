@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_models import DigitsClassifier, digits, logged, trainer
+from lightning_models import DigitsClassifier, TwoOptimizers, digits, logged, trainer
 
 from pf_lightning import (
     DriftAdaptiveLR,
@@ -93,29 +93,12 @@ def test_dal_is_measured_only_for_the_steps_of_its_window(tmp_path):
         assert m["dal/active"][step] == float(step in (3, 4, 5)) and m["dal/held"][step] == 0.0
 
 
-class _TwoOptimizersManual(DigitsClassifier):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        for optimizer in self.optimizers():
-            optimizer.zero_grad()
-        self.manual_backward(self.loss(batch))
-        for optimizer in self.optimizers():
-            optimizer.step()
-
-    def configure_optimizers(self):
-        first, rest = list(self.net[0].parameters()), list(self.net[1:].parameters())
-        return [torch.optim.SGD(first, lr=0.1), torch.optim.SGD(rest, lr=0.05)]
-
-
 def test_dal_window_counts_the_schedulers_own_steps_under_manual_optimization(tmp_path):
     """Two optimizers stepped each batch: Lightning's step counts both (two a batch), DAL's schedule one.
     Its steps 3-5 (global steps 6-10) each run at 2/v of a v measured just before them."""
     L.seed_everything(0)
     dal = dal_factory(p=1.0, max_lr=5.0, window=(3, 6))
-    t = fit(tmp_path, _TwoOptimizersManual(n=64), 16, [LRAdaptation(dal, loss_fn=lambda m, b: m.loss(b))])
+    t = fit(tmp_path, TwoOptimizers(n=64), 16, [LRAdaptation(dal, loss_fn=lambda m, b: m.loss(b))])
     m = logged(t)
     assert sorted(m["dal/hg_ratio"]) == [6, 8, 10]
     for step in range(0, 16, 2):  # the batch starts
