@@ -579,7 +579,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def resolve_loss_fn(module: Any, loss_fn: Callable | None) -> Callable:
-    """The loss the measurement differentiates (the operator runs compiled code eagerly, as its original).
+    """The loss the measurement differentiates (a measurement runs compiled code eagerly, as its original).
 
     A loss call that changes the module's public plain attributes (a counter, a queue) or updates a
     parameter in place through autograd-visible ops (an EMA teacher's ``mul_``/``copy_``; updates through
