@@ -442,7 +442,7 @@ def split_samples(probe: ProbeSet, chunks: int, cut: bool = True) -> list[ProbeS
     """The probe's samples in about ``chunks`` groups, in order: its batches dealt round-robin where it holds
     at least ``chunks`` of them (or where ``cut`` is False: a loss whose batches' samples interact, through
     batch normalization or in-batch negatives, must keep its batches whole), otherwise each batch cut
-    along its samples (tensors whose leading dimension is the batch's sample count, the rest shared; the
+    along its samples (tensors whose leading dimension is the batch's sample count and per-sample lists of texts or ids, the rest shared; the
     batch's weight shared in proportion). Fewer groups where the batches are smaller."""
     if len(probe) >= chunks or not cut:
         groups = [list(range(c, len(probe), chunks)) for c in range(min(chunks, len(probe)))]
@@ -455,7 +455,9 @@ def split_samples(probe: ProbeSet, chunks: int, cut: bool = True) -> list[ProbeS
         for lo, hi in itertools.pairwise(edges):
             if hi > lo:
                 cut = map_tensors(
-                    batch, lambda t, lo=lo, hi=hi, n=count: t[lo:hi] if t.ndim and t.shape[0] == n else t
+                    batch,
+                    lambda t, lo=lo, hi=hi, n=count: t[lo:hi] if t.ndim and t.shape[0] == n else t,
+                    lambda v, lo=lo, hi=hi, n=count: v[lo:hi] if len(v) == n else v,  # per-sample texts
                 )
                 out.append((cut, weight * (hi - lo) / count))
     return [ProbeSet([b], [w]) for b, w in out]

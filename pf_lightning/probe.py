@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._validation import Checks, is_number
 
-__all__ = ["ProbeSet", "couples_samples", "map_tensors", "move_to_device", "sample_count"]
+__all__ = ["ProbeSet", "couples_samples", "map_tensors", "move_to_device", "plain_values", "sample_count"]
 
 _check = Checks()
 
@@ -53,16 +53,31 @@ def couples_samples(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every tensor of a (nested) batch, keeping its containers."""
+def plain_values(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list or tuple of plain values (strings, numbers, None): per-sample
+    texts or ids where its length is the batch's sample count (a ``training_step`` that tokenizes)."""
+    return (
+        isinstance(value, list | tuple)
+        and len(value) > 0
+        and all(v is None or isinstance(v, str | bytes | int | float | bool) for v in value)
+    )
+
+
+def map_tensors(
+    batch: Any, fn: Callable[[Tensor], Tensor], values: Callable[[Sequence], Any] | None = None
+) -> Any:
+    """Apply ``fn`` to every tensor of a (nested) batch, keeping its containers; ``values``, where given, to
+    every list or tuple of plain values (:func:`plain_values`)."""
     if isinstance(batch, Tensor):
         return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({key: map_tensors(value, fn) for key, value in batch.items()})
+        return type(batch)({key: map_tensors(value, fn, values) for key, value in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(map_tensors(value, fn) for value in batch))
+        return type(batch)(*(map_tensors(value, fn, values) for value in batch))
     if isinstance(batch, list | tuple):
-        return type(batch)(map_tensors(value, fn) for value in batch)
+        if values is not None and plain_values(batch):
+            return values(batch)
+        return type(batch)(map_tensors(value, fn, values) for value in batch)
     return batch
 
 

@@ -733,3 +733,76 @@ def test_two_monitors_under_one_name_stop_at_set_up_naming_the_fix(tmp_path, nam
     match = f"2 HessianEigenMonitors log under '{re.escape(where)}'.*different name="
     with pytest.raises(MisconfigurationException, match=match):
         t.fit(DigitsClassifier(n=64))
+
+
+class _NamedDigits(torch.utils.data.Dataset):
+    """Digits served as (its index as a string, label): a training_step that looks its inputs up (tokenizes)."""
+
+    def __init__(self, n: int):
+        self.x, self.y = digits(n)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return str(i), self.y[i]
+
+
+class _LookupClassifier(DigitsClassifier):
+    def loss(self, batch):
+        names, y = batch
+        x, _ = digits(self.hparams.n)
+        return super().loss((x[[int(name) for name in names]], y))
+
+    def train_dataloader(self):
+        return DataLoader(_NamedDigits(self.hparams.n), batch_size=64)
+
+
+def test_a_probe_of_per_sample_texts_is_cut_and_stacked_with_them(tmp_path):
+    """probe=100 from batches of 64 keeps 36 of the second: its labels were cut and its 64 strings not, so
+    every measurement was skipped ('Expected input batch_size (64) to match target batch_size (36)'), and
+    the sampling error's groups likewise (outside trial)."""
+    L.seed_everything(0)
+    model = _LookupClassifier(lr=0.1, n=256)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=3, probe=100, stderr_every=1, on_error="raise")
+    trainer(tmp_path, max_steps=3, callbacks=[monitor]).fit(model)
+    assert [h["step"] for h in monitor.history] == [0, 3]
+    assert sum(monitor.spec.probe.weights) == 100
+    x, y = digits(256)
+    reference = hessian_eigenpairs(
+        model, lambda m, b: DigitsClassifier.loss(m, b), [(x[:100], y[:100])], k=1, tol=1e-6
+    )
+    assert monitor.latest.eigenvalues[0] == pytest.approx(float(reference.eigenvalues[0]), rel=1e-4)
+    assert all(0 < h["eig_1_stderr"] < h["eigenvalues"][0] for h in monitor.history)
+
+
+class _EpochSeededStream(torch.utils.data.IterableDataset):
+    """Reseeds its order from an epoch counter that each pass advances (a common IterableDataset)."""
+
+    def __init__(self):
+        self.x, self.y = digits(192)
+        self.epoch = 0
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(1000 + self.epoch))
+        self.epoch += 1
+        for i in order.tolist():
+            yield self.x[i], self.y[i]
+
+
+def test_drawing_the_probe_leaves_an_iterable_datasets_epoch_counter_alone(tmp_path):
+    """The probe's pass over the stream advanced its counter: epoch 2 trained on another order than without
+    the callbacks (the first differing batch was epoch 2's first; outside trial)."""
+
+    def run(callbacks):
+        L.seed_everything(0)
+        model = DigitsClassifier(lr=0.1, n=192)
+        stream = _EpochSeededStream()
+        trainer(tmp_path, max_epochs=2, callbacks=callbacks).fit(model, DataLoader(stream, batch_size=64))
+        return model, stream
+
+    plain, plain_stream = run([])
+    measured, stream = run([HessianEigenMonitor(k=1, every_n_steps=2, probe=128)])
+    assert stream.epoch == plain_stream.epoch == 2
+    for a, b in zip(plain.parameters(), measured.parameters(), strict=True):
+        assert torch.equal(a, b)

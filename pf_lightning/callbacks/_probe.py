@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
 from ..curvature.distributed import any_rank, is_distributed, is_sharded
 from ..curvature.state import measurement_context, measuring, rng_state
 from ..measure import loss_of
-from ..probe import ProbeSet, couples_samples, map_tensors, move_to_device, sample_count
+from ..probe import ProbeSet, couples_samples, map_tensors, move_to_device, plain_values, sample_count
 
 DEFAULT_PROBE_SIZE = 512
 
@@ -128,7 +128,8 @@ class _Unstackable(Exception):
 
 def _concat(items: list[Any], counts: list[int]) -> Any:
     """The batches ``items`` (of ``counts`` samples) as one: tensors with the samples along their leading
-    dimension concatenated, everything else equal in all of them."""
+    dimension and per-sample lists (:func:`~pf_lightning.probe.plain_values`) concatenated, everything else
+    equal in all of them."""
     first = items[0]
     if all(isinstance(x, Tensor) for x in items):
         if all(
@@ -147,6 +148,8 @@ def _concat(items: list[Any], counts: list[int]) -> Any:
             return type(first)(merged)
         except Exception:  # a mapping type that cannot be built from a dict
             return merged
+    if all(plain_values(x) and len(x) == c for x, c in zip(items, counts, strict=True)):
+        return type(first)(v for x in items for v in x)  # per-sample texts or ids
     if isinstance(first, tuple | list) and all(
         type(x) is type(first) and len(x) == len(first) for x in items
     ):
@@ -252,10 +255,17 @@ def stack_batches(probe: ProbeSet, batch_size: int | None = None) -> ProbeSet:
 
 
 @contextlib.contextmanager
-def held_random_states(holder: Any) -> Iterator[None]:
-    """Put back the random generators ``holder`` keeps as attributes (torch, NumPy, ``random``) on exit:
-    a dataset that samples or augments from a generator of its own (``self.g = torch.Generator()``)
-    draws from it when a measurement reads batches, and training must find it where it was."""
+def held_draw_state(holder: Any) -> Iterator[None]:
+    """Put back on exit what reading batches moves in ``holder``: the random generators it keeps as
+    attributes (torch, NumPy, ``random``) and its plain attributes (numbers, strings, None). A dataset that
+    samples or augments from a generator of its own (``self.g = torch.Generator()``) draws from it when a
+    measurement reads batches, an ``IterableDataset`` whose ``__iter__`` reseeds from an epoch counter it
+    advances (``self.epoch += 1``) counts the measurement's pass, and training must find both where they were."""
+    plain = {
+        name: value
+        for name, value in getattr(holder, "__dict__", {}).items()
+        if value is None or isinstance(value, str | bytes | int | float | bool)
+    }
     saved = []
     # Its attributes, and a `generator` it exposes otherwise (a property, a slot), as torch's samplers name it.
     held = [*getattr(holder, "__dict__", {}).values(), getattr(holder, "generator", None)]
@@ -275,6 +285,9 @@ def held_random_states(holder: Any) -> Iterator[None]:
     finally:
         for restore, state in saved:
             restore(state)
+        for name, value in plain.items():
+            if holder.__dict__.get(name, value) is not value:
+                holder.__dict__[name] = value
 
 
 @contextlib.contextmanager
@@ -283,7 +296,7 @@ def untouched_iteration(loader: Any) -> Iterator[None]:
 
     A shuffling ``DataLoader`` draws its order and its workers' base seed from the global generator, or
     from its own ``generator=`` (also its sampler's), and a sampler or a dataset may draw from generators
-    of its own under any name (:func:`held_random_states`): all of them are put back afterwards. A stream that can be read only
+    of its own under any name (:func:`held_draw_state`): all of them are put back afterwards. A stream that can be read only
     once (a queue, a socket) loses what the probe reads: pass it ``probe=`` batches instead. With
     ``persistent_workers`` a new ``iter`` would create (or reset) the worker iterator that training
     keeps and resumes, so the batches are read in this process instead.
@@ -303,7 +316,7 @@ def untouched_iteration(loader: Any) -> Iterator[None]:
             setattr(loader, name, 0)
         with rng_state(), contextlib.ExitStack() as held:
             for owner in {id(o): o for o in owners if o is not None}.values():
-                held.enter_context(held_random_states(owner))
+                held.enter_context(held_draw_state(owner))
             yield
     finally:
         for name, value in saved.items():
@@ -335,9 +348,10 @@ def draw_probe(
             if total + count > size:
                 keep = size - total
                 with contextlib.suppress(IndexError, TypeError, RuntimeError):
-                    batch = map_tensors(
+                    batch = map_tensors(  # per-sample texts or ids too (a training_step that tokenizes)
                         batch,
                         lambda t, keep=keep, count=count: t[:keep] if t.ndim and t.shape[0] == count else t,
+                        lambda v, keep=keep, count=count: v[:keep] if len(v) == count else v,
                     )
                     count = keep
             batches.append(convert(batch))
@@ -375,7 +389,7 @@ class TrainingBatches:
     under gradient accumulation one mini-batch is that many micro-batches (a :class:`ProbeSet`, measured
     one micro-batch at a time, as training holds them). Each draw has an order of its own from a seeded
     generator: the same seed draws the same batches, and the training run's data order and random streams
-    are untouched (a dataset's own random generators included: :func:`held_random_states`).
+    are untouched (a dataset's own random generators included: :func:`held_draw_state`).
 
     Under DDP each rank draws from its own shard (its ``DistributedSampler``): the ``i``-th batches of all
     ranks form one global mini-batch of ``world_size`` times the per-rank size, as in training. The batches
@@ -453,7 +467,7 @@ class TrainingBatches:
 
     def _fetch(self, indices: list[int]) -> Any:
         # A dataset's random transforms draw from the global generators, or from its own.
-        with rng_state(), held_random_states(self.dataset):
+        with rng_state(), held_draw_state(self.dataset):
             # As DataLoader fetches: one __getitems__ call where the dataset batches its indexing.
             getitems = getattr(self.dataset, "__getitems__", None)
             samples = getitems(indices) if getitems is not None else [self.dataset[j] for j in indices]
