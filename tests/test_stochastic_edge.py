@@ -597,6 +597,35 @@ def test_an_optimizer_that_maximizes_has_no_next_update_to_measure():
         critical_sharpness(model, _mse, _batches(8, 1), optimizer=optimizer)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_training_batches_leave_out_the_remainder_drop_last_never_trains_on(shuffle):
+    """200 samples in batches of 64 with drop_last: an unshuffled loader trains on samples 0-191 only, every
+    epoch (batch sharpness drew from all 200; outside trial); a shuffled one drops other samples each epoch."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from pf_lightning.callbacks._probe import TrainingBatches
+
+    x, y = digits(200)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, drop_last=True, shuffle=shuffle)
+    identity = SimpleNamespace(  # the training loop's conversions, as they are for float32 on CPU
+        convert_input=lambda b: b,
+        _on_before_batch_transfer=lambda b, dataloader_idx: b,
+        batch_to_device=lambda b, dataloader_idx: b,
+    )
+    fake = SimpleNamespace(
+        train_dataloader=loader,
+        num_training_batches=len(loader),
+        accumulate_grad_batches=1,
+        precision_plugin=identity,
+        lightning_module=identity,
+        strategy=identity,
+    )
+    pool = sorted(TrainingBatches.from_trainer(fake).pool.tolist())
+    assert pool == list(range(200 if shuffle else 192))
+
+
 def test_training_batches_follow_the_loaders_sampler_accumulation_and_leave_the_rngs_alone():
     """Drawn from the indices the sampler yields (a subset), through __getitems__ where the dataset has it,
     the same for the same seed, as micro-batches under accumulation (one ProbeSet per mini-batch, whose

@@ -454,6 +454,8 @@ class TrainingBatches:
         trained = fixed_epoch(trainer)
         if trained is not None:  # limit_train_batches on a fixed order: those batches are all it trains on
             pool = pool[: trained * size]
+        elif loader.drop_last and _same_order(sampler):  # the remainder no epoch trains on
+            pool = pool[: len(pool) // size * size]
         whole = trained is None and len(pool) == len(dataset) and sorted(pool) == list(range(len(dataset)))
         return cls(
             dataset,
@@ -521,11 +523,15 @@ def fixed_epoch(trainer: Any) -> int | None:
     epochs each take other batches of the whole set."""
     if not _cut_short(trainer):
         return None
-    sampler = _sampler(trainer.train_dataloader)
-    fixed = isinstance(sampler, SequentialSampler) or (
+    return int(trainer.num_training_batches) if _same_order(_sampler(trainer.train_dataloader)) else None
+
+
+def _same_order(sampler: Any) -> bool:
+    """Whether ``sampler`` yields the same order every epoch (sequential, or a ``DistributedSampler`` that
+    does not shuffle)."""
+    return isinstance(sampler, SequentialSampler) or (
         isinstance(sampler, DistributedSampler) and not sampler.shuffle
     )
-    return int(trainer.num_training_batches) if fixed else None
 
 
 def trains_on_mini_batches(trainer: Any) -> bool:
