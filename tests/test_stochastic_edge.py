@@ -597,11 +597,30 @@ def test_an_optimizer_that_maximizes_has_no_next_update_to_measure():
         critical_sharpness(model, _mse, _batches(8, 1), optimizer=optimizer)
 
 
+def _loop_of(loader, accumulate=1):
+    """A stand-in trainer for TrainingBatches.from_trainer: ``loader`` whole (no limit_train_batches), the
+    training loop's conversions as they are for float32 on CPU."""
+    from types import SimpleNamespace
+
+    identity = SimpleNamespace(
+        convert_input=lambda b: b,
+        _on_before_batch_transfer=lambda b, dataloader_idx: b,
+        batch_to_device=lambda b, dataloader_idx: b,
+    )
+    return SimpleNamespace(
+        train_dataloader=loader,
+        num_training_batches=len(loader),
+        accumulate_grad_batches=accumulate,
+        precision_plugin=identity,
+        lightning_module=identity,
+        strategy=identity,
+    )
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_training_batches_leave_out_the_remainder_drop_last_never_trains_on(shuffle):
     """200 samples in batches of 64 with drop_last: an unshuffled loader trains on samples 0-191 only, every
     epoch (batch sharpness drew from all 200; outside trial); a shuffled one drops other samples each epoch."""
-    from types import SimpleNamespace
 
     from torch.utils.data import TensorDataset
 
@@ -609,20 +628,7 @@ def test_training_batches_leave_out_the_remainder_drop_last_never_trains_on(shuf
 
     x, y = digits(200)
     loader = DataLoader(TensorDataset(x, y), batch_size=64, drop_last=True, shuffle=shuffle)
-    identity = SimpleNamespace(  # the training loop's conversions, as they are for float32 on CPU
-        convert_input=lambda b: b,
-        _on_before_batch_transfer=lambda b, dataloader_idx: b,
-        batch_to_device=lambda b, dataloader_idx: b,
-    )
-    fake = SimpleNamespace(
-        train_dataloader=loader,
-        num_training_batches=len(loader),
-        accumulate_grad_batches=1,
-        precision_plugin=identity,
-        lightning_module=identity,
-        strategy=identity,
-    )
-    pool = sorted(TrainingBatches.from_trainer(fake).pool.tolist())
+    pool = sorted(TrainingBatches.from_trainer(_loop_of(loader)).pool.tolist())
     assert pool == list(range(200 if shuffle else 192))
 
 
@@ -630,7 +636,6 @@ def test_training_batches_follow_the_loaders_sampler_accumulation_and_leave_the_
     """Drawn from the indices the sampler yields (a subset), through __getitems__ where the dataset has it,
     the same for the same seed, as micro-batches under accumulation (one ProbeSet per mini-batch, whose
     batch sharpness is that of their union), with torch's global generator untouched."""
-    from types import SimpleNamespace
 
     from torch.utils.data import SubsetRandomSampler, TensorDataset
 
@@ -647,19 +652,7 @@ def test_training_batches_follow_the_loaders_sampler_accumulation_and_leave_the_
     x, y = digits(64)
     subset = list(range(10, 40))
     loader = DataLoader(Batched(x, y), batch_size=5, sampler=SubsetRandomSampler(subset))
-    identity = SimpleNamespace(  # the training loop's conversions, as they are for float32 on CPU
-        convert_input=lambda b: b,
-        _on_before_batch_transfer=lambda b, dataloader_idx: b,
-        batch_to_device=lambda b, dataloader_idx: b,
-    )
-    fake = SimpleNamespace(
-        train_dataloader=loader,
-        num_training_batches=len(loader),  # no limit_train_batches
-        accumulate_grad_batches=2,
-        precision_plugin=identity,
-        lightning_module=identity,
-        strategy=identity,
-    )
+    fake = _loop_of(loader, accumulate=2)
     torch.manual_seed(3)
     before = torch.get_rng_state()
     source = TrainingBatches.from_trainer(fake)
