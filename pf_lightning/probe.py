@@ -9,7 +9,7 @@ weights of all ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,10 +23,27 @@ _check = Checks()
 
 
 def sample_count(batch: Any) -> int:
-    """Samples in a batch: the leading dimension of its first tensor (depth-first through tuples,
-    lists, dicts and dataclass-like objects with ``__dict__``)."""
+    """Samples in a batch: the leading dimension of its first tensor that has one (depth-first through
+    tuples, lists, dicts and dataclass-like objects with ``__dict__``). A 0-dim tensor (a step counter, a
+    scalar weight) is not per sample; a batch of 0-dim tensors alone is one sample."""
+    scalars = False
+    for tensor in _tensors(batch):
+        if tensor.ndim:
+            return int(tensor.shape[0])
+        scalars = True
+    if scalars:
+        return 1
+    raise ValueError(
+        f"cannot count the samples of a batch of type {type(batch).__name__}: it holds no tensor; pass "
+        "`weights=` with one sample count per batch"
+    )
+
+
+def _tensors(batch: Any) -> Iterator[Tensor]:
+    """The tensors of a (nested) batch, depth first."""
     if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.ndim > 0 else 1
+        yield batch
+        return
     if isinstance(batch, Mapping):
         items: Iterable[Any] = batch.values()
     elif isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
@@ -36,14 +53,7 @@ def sample_count(batch: Any) -> int:
     else:
         items = ()
     for item in items:
-        try:
-            return sample_count(item)
-        except ValueError:
-            continue
-    raise ValueError(
-        f"cannot count the samples of a batch of type {type(batch).__name__}: it holds no tensor; pass "
-        "`weights=` with one sample count per batch"
-    )
+        yield from _tensors(item)
 
 
 def couples_samples(model: nn.Module) -> bool:

@@ -77,6 +77,23 @@ def test_batches_weighted_by_sample_count():
     assert relative_error(unweighted, whole) > 1e-3
 
 
+def test_a_0_dim_tensor_first_in_a_batch_does_not_count_its_samples():
+    """{"step": tensor(3), "x": ..., "y": ...}: the leading dimension of the first tensor counted 1 sample,
+    so such batches were weighted as one sample each (and probe=N drew N batches); the operator on them
+    equals the operator on their union as one batch again."""
+    case = make_case("mlp")
+    tagged = [{"step": torch.tensor(i), "x": x, "y": y} for i, (x, y) in enumerate(case.batches)]
+    assert ProbeSet(tagged).weights == [float(x.shape[0]) for x, _ in case.batches]
+    union = tuple(torch.cat(parts) for parts in zip(*case.batches, strict=True))
+    V = torch.randn(case.n, 2, dtype=torch.float64)
+    with HessianOperator(case.model, lambda m, b: case.loss_fn(m, (b["x"], b["y"])), tagged) as op:
+        split = op.matmat(V)
+    with HessianOperator(case.model, case.loss_fn, [union]) as op:
+        whole = op.matmat(V)
+    torch.testing.assert_close(split, whole, rtol=1e-10, atol=1e-12)
+    assert ProbeSet([{"weight": torch.tensor(2.0)}]).weights == [1.0]  # 0-dim tensors alone: one sample
+
+
 @pytest.mark.parametrize("backend", [*EXACT, "finite_difference"])
 def test_parameter_subset_is_the_dense_sub_block(backend, reference):
     """Products on a subset are the Hessian's block, and carry no graph through the parameters left out
