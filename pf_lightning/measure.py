@@ -459,6 +459,12 @@ def split_samples(probe: ProbeSet, chunks: int, cut: bool = True) -> list[ProbeS
                     lambda t, lo=lo, hi=hi, n=count: t[lo:hi] if t.ndim and t.shape[0] == n else t,
                     lambda v, lo=lo, hi=hi, n=count: v[lo:hi] if len(v) == n else v,  # per-sample texts
                 )
+                if sample_count(cut) != hi - lo:
+                    raise ValueError(
+                        f"cannot cut a batch of type {type(batch).__name__} into groups of its samples (it holds "
+                        "them in a container the measurement cannot take apart): give the probe as several "
+                        "batches, or batches as tensors, dicts, lists, tuples or dataclasses"
+                    )
                 out.append((cut, weight * (hi - lo) / count))
     return [ProbeSet([b], [w]) for b, w in out]
 

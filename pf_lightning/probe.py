@@ -8,6 +8,8 @@ weights of all ranks.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -76,10 +78,16 @@ def plain_values(value: Any) -> bool:
 def map_tensors(
     batch: Any, fn: Callable[[Tensor], Tensor], values: Callable[[Sequence], Any] | None = None
 ) -> Any:
-    """Apply ``fn`` to every tensor of a (nested) batch, keeping its containers; ``values``, where given, to
-    every list or tuple of plain values (:func:`plain_values`)."""
+    """Apply ``fn`` to every tensor of a (nested) batch, keeping its containers (dicts, lists, tuples,
+    namedtuples, dataclasses); ``values``, where given, to every list or tuple of plain values
+    (:func:`plain_values`)."""
     if isinstance(batch, Tensor):
         return fn(batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        out = copy.copy(batch)
+        for field in dataclasses.fields(batch):  # frozen ones too
+            object.__setattr__(out, field.name, map_tensors(getattr(batch, field.name), fn, values))
+        return out
     if isinstance(batch, Mapping):
         return type(batch)({key: map_tensors(value, fn, values) for key, value in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple

@@ -347,13 +347,14 @@ def draw_probe(
             count = sample_count(batch)
             if total + count > size:
                 keep = size - total
-                with contextlib.suppress(IndexError, TypeError, RuntimeError):
-                    batch = map_tensors(  # per-sample texts or ids too (a training_step that tokenizes)
+                with contextlib.suppress(IndexError, TypeError, RuntimeError, ValueError):
+                    cut = map_tensors(  # per-sample texts or ids too (a training_step that tokenizes)
                         batch,
                         lambda t, keep=keep, count=count: t[:keep] if t.ndim and t.shape[0] == count else t,
                         lambda v, keep=keep, count=count: v[:keep] if len(v) == count else v,
                     )
-                    count = keep
+                    if sample_count(cut) == keep:  # else a container it cannot cut: the whole batch, counted
+                        batch, count = cut, keep
             batches.append(convert(batch))
             counts.append(count)
             total += count
