@@ -31,7 +31,7 @@ from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
 from .linalg._common import WHICH, default_budget, guard_count
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
-from .probe import ProbeSet, couples_samples, map_tensors, sample_count
+from .probe import ProbeSet, couples_samples, sample_count, sample_slice
 from .stability.optimizers import step_dynamics, update_threshold
 
 __all__ = [
@@ -442,8 +442,11 @@ def split_samples(probe: ProbeSet, chunks: int, cut: bool = True) -> list[ProbeS
     """The probe's samples in about ``chunks`` groups, in order: its batches dealt round-robin where it holds
     at least ``chunks`` of them (or where ``cut`` is False: a loss whose batches' samples interact, through
     batch normalization or in-batch negatives, must keep its batches whole), otherwise each batch cut
-    along its samples (tensors whose leading dimension is the batch's sample count and per-sample lists of texts or ids, the rest shared; the
-    batch's weight shared in proportion). Fewer groups where the batches are smaller."""
+    along its samples (:func:`~pf_lightning.probe.sample_slice`; the batch's weight shared in proportion).
+    Fewer groups where the batches are smaller.
+
+    Raises:
+        ValueError: a batch to cut holds its samples in a container that cannot be taken apart."""
     if len(probe) >= chunks or not cut:
         groups = [list(range(c, len(probe), chunks)) for c in range(min(chunks, len(probe)))]
         return [ProbeSet([probe.batches[i] for i in g], [probe.weights[i] for i in g]) for g in groups]
@@ -454,18 +457,7 @@ def split_samples(probe: ProbeSet, chunks: int, cut: bool = True) -> list[ProbeS
         edges = [round(i * count / pieces) for i in range(pieces + 1)]
         for lo, hi in itertools.pairwise(edges):
             if hi > lo:
-                cut = map_tensors(
-                    batch,
-                    lambda t, lo=lo, hi=hi, n=count: t[lo:hi] if t.ndim and t.shape[0] == n else t,
-                    lambda v, lo=lo, hi=hi, n=count: v[lo:hi] if len(v) == n else v,  # per-sample texts
-                )
-                if sample_count(cut) != hi - lo:
-                    raise ValueError(
-                        f"cannot cut a batch of type {type(batch).__name__} into groups of its samples (it holds "
-                        "them in a container the measurement cannot take apart): give the probe as several "
-                        "batches, or batches as tensors, dicts, lists, tuples or dataclasses"
-                    )
-                out.append((cut, weight * (hi - lo) / count))
+                out.append((sample_slice(batch, lo, hi), weight * (hi - lo) / count))
     return [ProbeSet([b], [w]) for b, w in out]
 
 

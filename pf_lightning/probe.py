@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from ._validation import Checks, is_number
 
-__all__ = ["ProbeSet", "couples_samples", "map_tensors", "move_to_device", "plain_values", "sample_count"]
+__all__ = [
+    "ProbeSet",
+    "couples_samples",
+    "map_tensors",
+    "move_to_device",
+    "plain_values",
+    "sample_count",
+    "sample_slice",
+]
 
 _check = Checks()
 
@@ -97,6 +105,29 @@ def map_tensors(
             return values(batch)
         return type(batch)(map_tensors(value, fn, values) for value in batch)
     return batch
+
+
+def sample_slice(batch: Any, lo: int, hi: int) -> Any:
+    """Samples ``lo:hi`` of a batch: every tensor whose leading dimension is its sample count and every list
+    of per-sample values (:func:`plain_values`) cut there, the rest (a shared mask, a step counter) kept.
+
+    Raises:
+        ValueError: the batch holds its samples in a container this cannot take apart (not a tensor, dict,
+            list, tuple, namedtuple or dataclass).
+    """
+    count = sample_count(batch)
+    cut = map_tensors(
+        batch,
+        lambda t: t[lo:hi] if t.ndim and t.shape[0] == count else t,
+        lambda v: v[lo:hi] if len(v) == count else v,
+    )
+    if sample_count(cut) != len(range(count)[lo:hi]):
+        raise ValueError(
+            f"cannot cut a batch of type {type(batch).__name__} into groups of its samples: it holds them in a "
+            "container other than tensors, dicts, lists, tuples, namedtuples or dataclasses; give batches in "
+            "one of those"
+        )
+    return cut
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

@@ -25,7 +25,14 @@ except ImportError:  # pragma: no cover
 from ..curvature.distributed import any_rank, is_distributed, is_sharded
 from ..curvature.state import measurement_context, measuring, rng_state
 from ..measure import loss_of
-from ..probe import ProbeSet, couples_samples, map_tensors, move_to_device, plain_values, sample_count
+from ..probe import (
+    ProbeSet,
+    couples_samples,
+    move_to_device,
+    plain_values,
+    sample_count,
+    sample_slice,
+)
 
 DEFAULT_PROBE_SIZE = 512
 
@@ -347,14 +354,9 @@ def draw_probe(
             count = sample_count(batch)
             if total + count > size:
                 keep = size - total
+                # A container it cannot cut: the whole batch, with its true count.
                 with contextlib.suppress(IndexError, TypeError, RuntimeError, ValueError):
-                    cut = map_tensors(  # per-sample texts or ids too (a training_step that tokenizes)
-                        batch,
-                        lambda t, keep=keep, count=count: t[:keep] if t.ndim and t.shape[0] == count else t,
-                        lambda v, keep=keep, count=count: v[:keep] if len(v) == count else v,
-                    )
-                    if sample_count(cut) == keep:  # else a container it cannot cut: the whole batch, counted
-                        batch, count = cut, keep
+                    batch, count = sample_slice(batch, 0, keep), keep
             batches.append(convert(batch))
             counts.append(count)
             total += count
