@@ -33,15 +33,16 @@ _check = Checks()
 
 
 def sample_count(batch: Any) -> int:
-    """Samples in a batch: the leading dimension of its first tensor that has one (depth-first through
-    tuples, lists, dicts and dataclass-like objects with ``__dict__``). A 0-dim tensor (a step counter, a
-    scalar weight) is not per sample; a batch of 0-dim tensors alone is one sample."""
-    scalars = False
-    for tensor in _tensors(batch):
-        if tensor.ndim:
-            return int(tensor.shape[0])
-        scalars = True
-    if scalars:
+    """Samples in a batch: the leading dimension that most of its tensors share (a tie goes to the first
+    tensor's; depth-first through tuples, lists, dicts and dataclass-like objects with ``__dict__``), so a
+    shared ``(1, T)`` mask or a per-class weight vector among per-sample tensors does not count. A 0-dim
+    tensor (a step counter, a scalar weight) is not per sample; a batch of 0-dim tensors alone is one
+    sample."""
+    tensors = list(_tensors(batch))
+    counts = [int(t.shape[0]) for t in tensors if t.ndim]
+    if counts:
+        return max(counts, key=counts.count)  # the first of the most common
+    if tensors:
         return 1
     raise ValueError(
         f"cannot count the samples of a batch of type {type(batch).__name__}: it holds no tensor; pass "

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import dataclasses
 import re
 import warnings
 
@@ -648,6 +649,15 @@ def test_batch_normalization_keeps_the_loader_batches_and_unstackable_batches_st
     assert (
         torch.equal(stacked.batches[0]["x"][:, 0], torch.arange(6.0)) and stacked.batches[0]["mask"] is mask
     )
+
+    @dataclasses.dataclass(frozen=True)
+    class Batch:  # a collate_fn's dataclass: stacked field by field (it stayed as many forward passes)
+        x: torch.Tensor
+        mask: torch.Tensor
+
+    stacked = stack_batches(ProbeSet([Batch(**b) for b in dicts.batches]))
+    assert len(stacked) == 1 and stacked.weights == [6.0] and isinstance(stacked.batches[0], Batch)
+    assert torch.equal(stacked.batches[0].x[:, 0], torch.arange(6.0)) and stacked.batches[0].mask is mask
 
 
 def test_the_sampling_error_of_eig_1_is_logged_with_every_measurement(tmp_path):

@@ -94,6 +94,33 @@ def test_a_0_dim_tensor_first_in_a_batch_does_not_count_its_samples():
     assert ProbeSet([{"weight": torch.tensor(2.0)}]).weights == [1.0]  # 0-dim tensors alone: one sample
 
 
+def test_a_shared_mask_first_in_a_batch_does_not_count_its_samples():
+    """{"mask": (1, d), "x": (B, d), "y": (B,)}: the first tensor's leading dimension counted 1 sample, so
+    a drawn probe of N samples took N batches and cut the last one's mask; the count is the leading
+    dimension most tensors share, and the drawn probe holds N samples with the mask kept whole."""
+    from torch.utils.data import DataLoader
+
+    from pf_lightning.callbacks._probe import draw_probe
+
+    case = make_case("mlp")
+    (x, y), *_ = case.batches
+    mask = torch.ones(1, x.shape[1], dtype=x.dtype)
+    masked = [{"mask": mask, "x": x, "y": y}]
+    assert ProbeSet(masked).weights == [float(x.shape[0])]
+    loader = DataLoader(
+        list(zip(x, y, strict=True)),
+        batch_size=4,
+        collate_fn=lambda items: {
+            "mask": mask,
+            "x": torch.stack([x for x, _ in items]),
+            "y": torch.stack([y for _, y in items]),
+        },
+    )
+    probe = draw_probe(loader, 6, convert=lambda b: b)
+    assert probe.weights == [4.0, 2.0]
+    assert [b["x"].shape[0] for b in probe.batches] == [4, 2] and probe.batches[1]["mask"].shape == mask.shape
+
+
 @pytest.mark.parametrize("backend", [*EXACT, "finite_difference"])
 def test_parameter_subset_is_the_dense_sub_block(backend, reference):
     """Products on a subset are the Hessian's block, and carry no graph through the parameters left out

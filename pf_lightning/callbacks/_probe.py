@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping
@@ -134,8 +136,8 @@ class _Unstackable(Exception):
 
 
 def _concat(items: list[Any], counts: list[int]) -> Any:
-    """The batches ``items`` (of ``counts`` samples) as one: tensors with the samples along their leading
-    dimension and per-sample lists (:func:`~pf_lightning.probe.plain_values`) concatenated, everything else
+    """The batches ``items`` (of ``counts`` samples) as one, in their containers (dicts, lists, tuples,
+    namedtuples, dataclasses): tensors with the samples along their leading dimension and per-sample lists (:func:`~pf_lightning.probe.plain_values`) concatenated, everything else
     equal in all of them."""
     first = items[0]
     if all(isinstance(x, Tensor) for x in items):
@@ -155,6 +157,11 @@ def _concat(items: list[Any], counts: list[int]) -> Any:
             return type(first)(merged)
         except Exception:  # a mapping type that cannot be built from a dict
             return merged
+    if dataclasses.is_dataclass(first) and all(type(x) is type(first) for x in items):
+        out = copy.copy(first)
+        for field in dataclasses.fields(first):  # frozen ones too
+            object.__setattr__(out, field.name, _concat([getattr(x, field.name) for x in items], counts))
+        return out
     if all(plain_values(x) and len(x) == c for x, c in zip(items, counts, strict=True)):
         return type(first)(v for x in items for v in x)  # per-sample texts or ids
     if isinstance(first, tuple | list) and all(
