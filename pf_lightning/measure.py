@@ -167,16 +167,18 @@ def _repeated(result: EigenResult) -> float | None:
     Generic Hessian spectra do not repeat an eigenvalue; a Krylov space from one start vector holds each
     once, so two converged copies mean an exact multiplicity that rounding exposed once and may hide
     again (two of a last linear layer's ten under MSE: [1.5129459, 1.5129458, 0.3155] for three times
-    1.5129). Two Ritz values of one eigenvalue agree to about the square of the tolerance (their error is
-    of the residual's square over the gap), and to the dtype's rounding: closer than ``max(tol², 100 eps)``
-    relative counts (distinct eigenvalues 0.05% apart at ``tol=1e-3`` do not). Values below 1% of the
+    1.5129). Two Ritz values of one eigenvalue agree to about the square of the tolerance times λ over the
+    gap to the rest of the spectrum (their error is of the residual's square over the gap), and to the
+    dtype's rounding: closer than ``max(10 tol², 100 eps)`` relative counts, for gaps down to a tenth of λ
+    (three copies of 5 over a rest below 3 came back as 5.0 and 4.9999928, 1.4e-6 apart, in float64;
+    distinct eigenvalues 0.05% apart at ``tol=1e-3`` do not). Values below 1% of the
     largest, zero to the tolerance (``converged_mask``), do not count."""
     if not result.all_converged or result.eigenvalues.numel() < 2:
         return None
     values = torch.sort(result.eigenvalues.detach().double().cpu()).values
     magnitude = values.abs()
     floor = 1e-2 * float(magnitude.max())
-    same = max(result.tol**2, 100 * torch.finfo(result.eigenvalues.dtype).eps)
+    same = max(10 * result.tol**2, 100 * torch.finfo(result.eigenvalues.dtype).eps)
     close = (values.diff().abs() <= same * magnitude[1:]) & (magnitude[1:] > floor)
     return float(values[1:][close][0]) if bool(close.any()) else None
 

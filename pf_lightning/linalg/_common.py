@@ -152,7 +152,16 @@ def finish(
         info=info,
         neighbours=neighbours,
     )
-    if not result.all_converged:
+    if not result.all_converged and info.get("asymmetry", 0.0) > tol:
+        warnings.warn(
+            f"{method}: the operator's products are not symmetric to tol={tol:g} (its projections differ by "
+            f"{info['asymmetry']:.1e} of the spectral scale), so {int((~result.converged).sum())} of {result.k} "
+            "eigenpairs cannot be trusted to it: a Hessian by finite differences across a kink (ReLU, max "
+            "pooling) needs an exact hvp backend, products in a coarse dtype a finer one (float64) or a looser tol",
+            NonConvergenceWarning,
+            stacklevel=3,
+        )
+    elif not result.all_converged:
         worst = float((result.residuals / result.eigenvalues.abs().clamp_min(1e-30)).max())
         warnings.warn(
             f"{method}: {int((~result.converged).sum())} of {result.k} eigenpairs did not reach "

@@ -18,7 +18,8 @@ class EigenResult:
             then the bottom ones, still descending).
         eigenvectors: shape ``(n, k)``, unit-norm columns matching ``eigenvalues`` (local shards when
             the vectors are sharded across processes).
-        residuals: shape ``(k,)``, ``||H v - lambda v||`` for each pair.
+        residuals: shape ``(k,)``, ``||H v - lambda v||`` for each pair: LOBPCG computes it, Lanczos
+            estimates it from its recurrence, plus the products' own error (``info["asymmetry"]``).
         converged: shape ``(k,)``, bool: whether each pair met the tolerance.
         n_hvp: operator applications (Hessian-vector products) the measurement cost.
         seconds: wall-clock time of the measurement.
