@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import DigitsClassifier, TwoOptimizers, digits, logged, trainer
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
+from pf_lightning import logging as names
 from pf_lightning.curvature import ParameterSpace, optimizer_preconditioner
 
 
@@ -220,6 +221,34 @@ def test_accumulated_negative_curvature_counts_the_judged_optimizers_own_steps(t
     first.save_checkpoint(tmp_path / "six.ckpt")
     _, _, eos_second = fit(tmp_path / "second", 12, resumed, ckpt_path=tmp_path / "six.ckpt")
     assert eos_second.history[-1]["eos/accumulated_negative_curvature"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_hessian_monitor_resumed_under_other_settings_says_so_and_its_step_is_not_recorded_twice(tmp_path):
+    """A resume with k changed: the Hessian monitor's state (keyed by k, which, name) was not loaded, so it
+    measured the step it resumed at again, and the EoS monitor, whose state was, recorded that step twice
+    (history [0, 4, 8, 8, 12]): eos/sharpening_slope at 12 was -0.032 where an unchanged resume logged -0.065
+    (an outside trial), and only Lightning's generic warning spoke. The new record replaces the old one."""
+
+    def fit(path, steps, model, k, ckpt_path=None):
+        monitor = HessianEigenMonitor(k=k, every_n_steps=4, at_fit_end=False, tol=1e-8)
+        eos = EdgeOfStabilityMonitor(monitor, slope_window=3)
+        t = trainer(path, max_steps=steps, callbacks=[monitor, eos])
+        t.fit(model, ckpt_path=ckpt_path)
+        return t, eos
+
+    L.seed_everything(0)
+    model = DigitsClassifier(n=64, lr=0.5).double()
+    first, _ = fit(tmp_path / "first", 8, model, k=2)
+    first.save_checkpoint(tmp_path / "eight.ckpt")
+    resumed = [copy.deepcopy(model) for _ in range(2)]
+    _, same = fit(tmp_path / "same", 12, resumed[0], k=2, ckpt_path=tmp_path / "eight.ckpt")
+    with pytest.warns(
+        RuntimeWarning, match=r"HessianEigenMonitor: the checkpoint holds its state under other settings"
+    ):
+        _, other = fit(tmp_path / "other", 12, resumed[1], k=3, ckpt_path=tmp_path / "eight.ckpt")
+    assert [h["step"] for h in same.history] == [h["step"] for h in other.history] == [0, 4, 8, 12]
+    slope = same.history[-1][names.SHARPENING_SLOPE]
+    assert slope != 0 and other.history[-1][names.SHARPENING_SLOPE] == pytest.approx(slope, rel=1e-6)
 
 
 def test_missing_hessian_monitor_fails_at_setup(tmp_path):

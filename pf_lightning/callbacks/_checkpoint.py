@@ -40,6 +40,26 @@ def cached_state_key(callback: Any, **identity: Any) -> str:
     return cached[1]
 
 
+def warn_other_settings(callback: Any, trainer: Any, checkpoint: Mapping[str, Any]) -> None:
+    """Say why ``callback`` resumes without its state where the checkpoint holds one of its class under other
+    settings (the ones its state key names: a HessianEigenMonitor's ``k``, ``which`` and ``name``) that no
+    callback of this fit takes: it starts afresh, and measures the step it resumes at again. Lightning's own
+    warning names only the key it found no callback for."""
+    saved = checkpoint.get("callbacks") or {}
+    if callback.state_key in saved:
+        return
+    taken = {getattr(c, "state_key", None) for c in trainer.callbacks}
+    prefix = type(callback).__qualname__ + "{"
+    others = [key for key in saved if isinstance(key, str) and key.startswith(prefix) and key not in taken]
+    if others:
+        rank_zero_warn(
+            f"{type(callback).__name__}: the checkpoint holds its state under other settings ({'; '.join(others)}), "
+            f"not under this one's ({callback.state_key}): it starts afresh (empty history, no warm start), "
+            "training itself is restored as usual",
+            category=RuntimeWarning,
+        )
+
+
 def starts_a_run(trainer: Any) -> bool:
     """Whether a fit set up on ``trainer`` starts a new run: its steps begin at 0 (a new Trainer) instead of
     going on from the ``global_step`` an earlier fit on the same Trainer reached.

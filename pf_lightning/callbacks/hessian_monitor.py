@@ -50,6 +50,7 @@ from ._checkpoint import (
     result_state,
     starts_a_run,
     warn_fresh_start,
+    warn_other_settings,
 )
 from ._faults import OnError, check_on_error, notify, skip_or_raise
 from ._probe import build_probe, drawn_from_loader, resolve_loss_fn
@@ -790,6 +791,12 @@ class HessianEigenMonitor(Callback):
             "measured": self._measured,
             "work": self._work.state(),
         }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        warn_other_settings(self, trainer, checkpoint)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
