@@ -552,8 +552,11 @@ def hessian_trace(
 
     Args:
         n_hvp: Hessian-vector products to spend.
-        method: ``"hutch++"`` (Meyer et al. 2021; far lower variance when a few eigenvalues dominate,
-            as in neural-network Hessians) or ``"hutchinson"``.
+        method: ``"hutch++"`` (Meyer et al. 2021; lower variance where a few eigenvalues dominate the
+            trace, higher where a bulk of small ones makes most of it: on a 1,210-parameter tanh MLP at
+            99 products a spread of 0.76 against Hutchinson's 0.50, over 30 seeds; an outside trial) or
+            ``"hutchinson"``. Hutch++'s ``std_error`` is that of its probes' part alone: the sketch is
+            random too, and over those seeds it ran about 20% small.
         The other arguments are those of :func:`hessian_eigenpairs`.
     """
     _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
