@@ -132,6 +132,13 @@ SETTINGS_KEY = "pf_lightning"
 """The callbacks' settings go to every logger's hyperparameters (the W&B run config) under this key."""
 
 
+def settings_key(owner: str, name: str | None) -> str:
+    """The key of one callback's settings under :data:`SETTINGS_KEY`: its class, and the name of the monitor
+    it belongs to after a colon (``HessianEigenMonitor:heldout``). MLflow takes only alphanumerics and
+    ``_ - . : /`` and space in a parameter's name, and refused every setting of a run with brackets there."""
+    return owner if name is None else f"{owner}:{name}"
+
+
 def direction(stem: str, i: int) -> str:
     """``pf/<stem>_<i>``, the per-direction metrics: stems ``hlambda``, ``log_growth``, ``regime``,
     ``projection``; ``i = 1`` is the sharpest direction."""

@@ -121,6 +121,26 @@ def test_csv_logger_keeps_the_settings_in_hparams(tmp_path):
     assert hparams[SETTINGS_KEY]["EdgeOfStabilityMonitor"]["batch_sharpness"] is None
 
 
+def test_settings_of_named_monitors_have_keys_mlflow_takes(tmp_path):
+    """MLflow takes only alphanumerics and _ - . : / and space in a parameter's name: keys such as
+    "HessianEigenMonitor[main]" made it refuse the whole call, and a run with a named monitor kept none of
+    the callbacks' settings (an outside trial)."""
+    from lightning.fabric.utilities.logger import _flatten_dict
+
+    L.seed_everything(0)
+    hessian = HessianEigenMonitor(k=2, every_n_steps=4, name="main")
+    logger = CSVLogger(tmp_path, name="csv")
+    fitted = trainer(
+        tmp_path, max_steps=4, logger=logger, callbacks=[hessian, EdgeOfStabilityMonitor(hessian)]
+    )
+    fitted.fit(DigitsClassifier(n=64))
+    hparams = yaml.safe_load((tmp_path / "csv" / "version_0" / "hparams.yaml").read_text())
+    settings = hparams[SETTINGS_KEY]
+    assert settings["HessianEigenMonitor:main"]["k"] == 2 and "EdgeOfStabilityMonitor:main" in settings
+    flat = _flatten_dict({SETTINGS_KEY: settings})  # as MLFlowLogger.log_hyperparams flattens them
+    assert all(re.fullmatch(r"[\w\-. :/]+", key) for key in flat), sorted(flat)
+
+
 def test_the_progress_bar_shows_the_latest_ratio_and_the_loggers_get_each_value_once(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     _, eos, fitted = _fit(tmp_path, logger, progress_bar=True)

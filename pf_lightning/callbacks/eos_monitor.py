@@ -327,7 +327,7 @@ class EdgeOfStabilityMonitor(Callback):
             "critical_every_n_steps": self.critical_every_n_steps,
             "chart_every": self.chart_every,
         }
-        return f"EdgeOfStabilityMonitor{'' if name is None else f'[{name}]'}", values
+        return names.settings_key("EdgeOfStabilityMonitor", name), values
 
     def metric(self, name: str) -> str:
         """The logged name of ``eos/<name>`` (``eos/<monitor name>/<name>`` for a named monitor)."""

@@ -366,7 +366,7 @@ class HessianEigenMonitor(Callback):
             probe = (
                 f"{len(probe)} batches given" if isinstance(probe, Sequence | ProbeSet) else "batches given"
             )
-        names = ("k", "which", "every_n_steps", "every_n_epochs", "warmup_steps", "hvp", "tol", "max_hvp")
+        first = ("k", "which", "every_n_steps", "every_n_epochs", "warmup_steps", "hvp", "tol", "max_hvp")
         more = (
             "probe_batch_size",
             "warm_start",
@@ -380,8 +380,8 @@ class HessianEigenMonitor(Callback):
             "density_every",
             "basis_size",
         )
-        values = {name: getattr(self, name) for name in (*names, *more)}
-        return f"HessianEigenMonitor{'' if self.name is None else f'[{self.name}]'}", {
+        values = {name: getattr(self, name) for name in (*first, *more)}
+        return names.settings_key("HessianEigenMonitor", self.name), {
             **values,
             "probe": probe,
         }
