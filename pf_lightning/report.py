@@ -497,7 +497,7 @@ def plot_learning_rate(run: RunMetrics, path: Path) -> Drawn | None:
 
 def plot_loss(run: RunMetrics, path: Path) -> Drawn | None:
     """Every logged loss (``train_loss``, ``val_loss``, ...), on a log axis when positive, with the step
-    the edge of stability was first reached (``eos/first_edge_step``) marked."""
+    the edge of stability was first reached (``eos/first_edge_step``, and each named monitor's) marked."""
     keys = sorted(
         k
         for k in run.series
@@ -513,17 +513,21 @@ def plot_loss(run: RunMetrics, path: Path) -> Drawn | None:
     values = np.concatenate([s[1] for s in drawn.values()])
     if values.size and np.nanmin(values) > 0:
         ax.set_yscale("log")
-    edge = run.get(names.FIRST_EDGE_STEP)
-    if edge is not None and np.isfinite(edge[1]).any():
+    # The unnamed EdgeOfStabilityMonitor's first edge, then each named one's (eos/<name>/first_edge_step).
+    for tag in [None, *run.edge_tags()]:
+        key = names.tag_name(names.FIRST_EDGE_STEP, tag)
+        edge = run.get(key)
+        if edge is None or not np.isfinite(edge[1]).any():
+            continue
         step = edge[1][np.isfinite(edge[1])][0]
         ax.axvline(
             step,
-            color="tab:red",
+            color=f"C{3 + len(drawn) - len(keys)}",  # tab:red first
             linestyle="--",
             linewidth=1,
-            label=f"edge of stability reached (step {step:.0f})",
+            label=f"edge of stability reached{'' if tag is None else f' ({tag})'} (step {step:.0f})",
         )
-        drawn[names.FIRST_EDGE_STEP] = edge
+        drawn[key] = edge
     ax.set_ylabel("loss")
     ax.legend(loc="best")
     _save(figure, path)
@@ -626,14 +630,21 @@ _TABLE_COLUMNS = (
 )  # fmt: skip
 
 
-def measurement_table(run: RunMetrics) -> tuple[list[str], list[list[float]]]:
-    """One row per step with a measurement: the top-k eigenvalues of the whole-Hessian monitor, then the
-    edge metrics and the measurement's quality where logged (``None`` where a metric was not logged at
-    that step; a logged NaN stays NaN)."""
+def _monitor_tags(run: RunMetrics) -> list[str | None]:
+    """The Hessian monitors a run logged eigenvalues for: ``None`` for the unnamed one (first), then the
+    names of the named ones (``hessian/<name>/eig_*``), in order."""
+    tags = {m["tag"] for key in run.series if (m := _EIG.match(key))}
+    return [None, *sorted(tags - {None})] if None in tags else sorted(tags)
+
+
+def measurement_table(run: RunMetrics, tag: str | None = None) -> tuple[list[str], list[list[float]]]:
+    """One row per step with a measurement: the top-k eigenvalues of the whole-Hessian monitor (the one
+    named ``tag``), then the edge metrics and the measurement's quality where logged (``None`` where a
+    metric was not logged at that step; a logged NaN stays NaN)."""
     eigs = _by_index(
-        (k for k in run.series if (m := _EIG.match(k)) and not m["tag"] and not m["bottom"]), _EIG
+        (k for k in run.series if (m := _EIG.match(k)) and m["tag"] == tag and not m["bottom"]), _EIG
     )
-    columns = [*eigs, *(k for k in _TABLE_COLUMNS if k in run.series)]
+    columns = [*eigs, *(key for k in _TABLE_COLUMNS if (key := names.tag_name(k, tag)) in run.series)]
     if not columns:
         return [], []
     steps = sorted({int(step) for key in columns for step in run.series[key][0]})
@@ -683,11 +694,13 @@ def write_html(runs: list[RunMetrics], images: dict[str, list[Path]], path: Path
         parts.append(
             "<div class='plots'>" + "".join(figure(image) for image in images.get(run.name, [])) + "</div>"
         )
-        header, rows = measurement_table(run)
-        if rows:
-            head = "".join(f"<th>{cell(h)}</th>" for h in header)
-            body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-            parts.append(f"<h3>Measurements</h3><table><tr>{head}</tr>{body}</table>")
+        for tag in _monitor_tags(run):  # one table per monitor: the unnamed one's, then each named one's
+            header, rows = measurement_table(run, tag)
+            if rows:
+                head = "".join(f"<th>{cell(h)}</th>" for h in header)
+                body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+                title = "Measurements" if tag is None else f"Measurements of {tag}"
+                parts.append(f"<h3>{cell(title)}</h3><table><tr>{head}</tr>{body}</table>")
     if images.get(""):
         parts.append("<h2>All runs</h2><div class='plots'>" + "".join(map(figure, images[""])) + "</div>")
     parts.append("</body></html>")

@@ -461,6 +461,32 @@ def test_a_named_edge_monitor_gets_its_own_edge_plots_and_a_warm_up_is_not_a_mis
     assert not any("add EdgeOfStabilityMonitor" in m for m in messages), messages
 
 
+def test_a_run_whose_monitors_are_all_named_gets_their_tables_and_edge_marks(tmp_path):
+    """Two named Hessian monitors, each read by an EdgeOfStabilityMonitor: report.html had no measurement
+    table and loss.png no edge mark, both read only the unnamed monitor's metrics (an outside trial)."""
+    rows = [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(12)]
+    for tag, top, edge in (("a", 3.0, 4.0), ("b", 7.0, 8.0)):
+        rows += [
+            {"step": s, f"hessian/{tag}/eig_1": top + s, f"hessian/{tag}/eig_2": 1.0, f"eos/{tag}/threshold": 10.0,
+             f"eos/{tag}/sharpness": top + s, f"eos/{tag}/ratio": (top + s) / 10.0, f"eos/{tag}/first_edge_step": edge,
+             f"hessian/{tag}/residual_max": 1e-4}
+            for s in (0, 4, 8)
+        ]  # fmt: skip
+    write_csv(tmp_path / "metrics.csv", rows)
+    written = write_report(tmp_path, progress=False, echo=lambda _: None, html=True)
+    drawn = {p.stem: series for p, series in written.items() if p.suffix == ".png"}
+    np.testing.assert_array_equal(drawn["loss"]["eos/a/first_edge_step"][1], [4.0] * 3)
+    np.testing.assert_array_equal(drawn["loss"]["eos/b/first_edge_step"][1], [8.0] * 3)
+    run = find_runs(tmp_path)[0]
+    assert measurement_table(run) == ([], [])  # no unnamed monitor
+    header, table = measurement_table(run, "b")
+    assert header == ["step", "hessian/b/eig_1", "hessian/b/eig_2", "eos/b/sharpness", "eos/b/threshold",
+                      "eos/b/ratio", "hessian/b/residual_max"]  # fmt: skip
+    assert [row[:2] for row in table] == [[0, 7.0], [4, 11.0], [8, 15.0]]
+    page = (tmp_path / "plots" / "report.html").read_text()
+    assert "<h3>Measurements of a</h3>" in page and "<h3>Measurements of b</h3>" in page
+
+
 def test_a_wandb_run_killed_before_its_first_record_is_skipped_with_one_message(tmp_path, monkeypatch):
     """SIGKILL before W&B's first write leaves a file of its 7-byte header: the report showed it as a
     run of its own with six "add HessianEigenMonitor"-style messages (an outside trial)."""
