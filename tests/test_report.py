@@ -291,6 +291,24 @@ def test_one_run_logged_by_csv_and_wandb_is_one_run(tmp_path, monkeypatch):
     assert_matches_monitors(drawn, eos, monitors)
 
 
+def test_the_two_logs_of_a_run_killed_mid_way_are_one_run():
+    """kill -9 leaves a CSVLogger's file and a WandbLogger's at different points (326 and 324 measurements
+    in an outside trial): they were two runs and a comparison of the run with itself. Logs agreeing as far
+    as the shorter goes are one; a log that differs within that stretch is another run."""
+    from pathlib import Path
+
+    from pf_lightning.report import RunMetrics, _merge_twins
+
+    steps = np.arange(0, 60, 5)
+    full = {"hessian/eig_1": (steps, 2.0 + steps / 10), "train_loss": (steps, 1.0 / (steps + 1))}
+    cut = {key: (x[:-2], y[:-2]) for key, (x, y) in full.items()}
+    other = {key: (x[:-2], y[:-2] * 1.01) for key, (x, y) in full.items()}
+    csv_log = RunMetrics("run", Path("run/metrics.csv"), "csv", full)
+    merged = _merge_twins([csv_log, RunMetrics("run", Path("run/wandb"), "wandb", cut)])
+    assert len(merged) == 1 and np.array_equal(merged[0].series["hessian/eig_1"][0], steps)
+    assert len(_merge_twins([csv_log, RunMetrics("run", Path("run/wandb"), "wandb", other)])) == 2
+
+
 def test_a_constant_learning_rate_is_drawn_from_zero():
     assert constant_axis(np.full(5, 0.4)) == (0.0, 0.5)
     assert constant_axis(np.array([0.4, 0.2])) is None and constant_axis(np.zeros(3)) is None
