@@ -633,6 +633,7 @@ _EDGE_PLOTS = ("sharpness", "regimes")  # the plots of one EdgeOfStabilityMonito
 _TABLE_COLUMNS = (
     names.SHARPNESS, names.THRESHOLD, names.RATIO, names.BATCH_SHARPNESS, names.BATCH_RATIO, names.CRITICAL_RATIO,
     names.RESIDUAL_MAX, names.N_HVP,
+    names.metric_name("hessian", "skipped"), names.metric_name("hessian", "postponed"),  # a row where none ran
 )  # fmt: skip
 
 

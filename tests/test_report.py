@@ -490,6 +490,7 @@ def test_a_run_whose_monitors_are_all_named_gets_their_tables_and_edge_marks(tmp
              f"hessian/{tag}/residual_max": 1e-4}
             for s in (0, 4, 8)
         ]  # fmt: skip
+    rows.append({"step": 10, "hessian/b/skipped": 1.0})  # a failed measurement: a row that says so
     write_csv(tmp_path / "metrics.csv", rows)
     written = write_report(tmp_path, progress=False, echo=lambda _: None, html=True)
     drawn = {p.stem: series for p, series in written.items() if p.suffix == ".png"}
@@ -499,8 +500,14 @@ def test_a_run_whose_monitors_are_all_named_gets_their_tables_and_edge_marks(tmp
     assert measurement_table(run) == ([], [])  # no unnamed monitor
     header, table = measurement_table(run, "b")
     assert header == ["step", "hessian/b/eig_1", "hessian/b/eig_2", "eos/b/sharpness", "eos/b/threshold",
-                      "eos/b/ratio", "hessian/b/residual_max"]  # fmt: skip
-    assert [row[:2] for row in table] == [[0, 7.0], [4, 11.0], [8, 15.0]]
+                      "eos/b/ratio", "hessian/b/residual_max", "hessian/b/skipped"]  # fmt: skip
+    assert [row[:2] for row in table] == [
+        [0, 7.0],
+        [4, 11.0],
+        [8, 15.0],
+        [10, None],
+    ]
+    assert table[-1][-1] == 1.0
     page = (tmp_path / "plots" / "report.html").read_text()
     assert "<h3>Measurements of a</h3>" in page and "<h3>Measurements of b</h3>" in page
 
