@@ -251,6 +251,21 @@ def test_a_hessian_monitor_resumed_under_other_settings_says_so_and_its_step_is_
     assert slope != 0 and other.history[-1][names.SHARPENING_SLOPE] == pytest.approx(slope, rel=1e-6)
 
 
+def test_the_warnings_of_named_monitors_say_which_monitor(tmp_path):
+    """Two named EoS monitors each warned "step 0: sharpness ... reached ..." without saying whose."""
+    L.seed_everything(0)
+    a = HessianEigenMonitor(k=1, every_n_steps=None, at_fit_end=False, name="a")
+    b = HessianEigenMonitor(k=1, every_n_steps=None, at_fit_end=False, name="b", probe=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = trainer(
+            tmp_path, max_steps=1, callbacks=[a, b, EdgeOfStabilityMonitor(a), EdgeOfStabilityMonitor(b)]
+        )
+        fit.fit(DigitsClassifier(n=64, lr=0.6))
+    edges = sorted(str(w.message)[:18] for w in caught if "reached" in str(w.message))
+    assert edges == ["[a] step 0: sharpn", "[b] step 0: sharpn"]
+
+
 def test_missing_hessian_monitor_fails_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match="add HessianEigenMonitor"):
         trainer(tmp_path, max_steps=1, callbacks=[EdgeOfStabilityMonitor()]).fit(DigitsClassifier(n=64))

@@ -990,7 +990,8 @@ class EdgeOfStabilityMonitor(Callback):
         wandb_log(trainer, tables, step)
 
     def _warn_once(self, key: str, message: str) -> None:
-        warn_once(self._warned, key, message)
+        name = None if self.monitor is None else self.monitor.name
+        warn_once(self._warned, key, message if name is None else f"[{name}] {message}")  # which monitor's
 
     def _loss_values(self) -> list[float]:
         """The recorded per-step losses as floats (one device-to-host copy for all of them)."""

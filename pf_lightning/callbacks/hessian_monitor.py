@@ -632,7 +632,7 @@ class HessianEigenMonitor(Callback):
         return over
 
     def _warn_once(self, key: str, message: str) -> None:
-        warn_once(self._warned, key, message)
+        warn_once(self._warned, key, message if self.name is None else f"[{self.name}] {message}")
 
     # -- checks at fit set-up -----------------------------------------------------------------
     def _check_strategy(self, trainer: Trainer) -> None:
