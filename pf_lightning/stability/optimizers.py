@@ -254,9 +254,10 @@ class OptimizerRule:
 
     Attributes:
         name: the family, e.g. ``"sgd"``, ``"adam"``.
-        dynamics: ``dynamics(group, state) -> StepDynamics``, the step a parameter group last took
-            (coefficients that follow a schedule are the last step's, as ``P`` is; before any step, the
-            first step's); ``state`` is the optimizer state of the group's first parameter.
+        dynamics: ``dynamics(group, state) -> StepDynamics``, the step of a parameter group with the
+            rate and betas the group holds now (after a per-step scheduler's step, the next step's) and the
+            step counts of its state (the last step's, as ``P`` is; before any step, the first step's);
+            ``state`` is the optimizer state of the group's first parameter.
         preconditioner: ``preconditioner(group, state) -> Tensor``, the diagonal :math:`P` of one
             parameter's update (shaped like the parameter), read from that parameter's state; ``None``
             for optimizers that do not precondition.
@@ -739,7 +740,7 @@ def group_settings(optimizer: torch.optim.Optimizer, group: int) -> Group:
 
 
 def step_dynamics(optimizer: torch.optim.Optimizer, group: int = 0) -> StepDynamics:
-    """The per-direction dynamics of ``optimizer``'s parameter group ``group`` (its last step's).
+    """The per-direction dynamics of ``optimizer``'s parameter group ``group`` (its current rate and betas, its state's step counts).
 
     Raises:
         UnsupportedOptimizer: see :func:`optimizer_rule`; also for ``maximize=True``.
