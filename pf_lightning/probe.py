@@ -33,15 +33,15 @@ _check = Checks()
 
 
 def sample_count(batch: Any) -> int:
-    """Samples in a batch: the leading dimension that most of its tensors share (a tie goes to the first
-    tensor's; depth-first through tuples, lists, dicts and dataclass-like objects with ``__dict__``), so a
-    shared ``(1, T)`` mask or a per-class weight vector among per-sample tensors does not count. A 0-dim
-    tensor (a step counter, a scalar weight) is not per sample; a batch of 0-dim tensors alone is one
-    sample."""
+    """Samples in a batch: the leading dimension of its first tensor that has one (depth-first through
+    tuples, lists, dicts and dataclass-like objects with ``__dict__``), unless that is 1 and more of its
+    tensors share another (a shared ``(1, T)`` mask placed first). A 0-dim tensor (a step counter, a scalar
+    weight) is not per sample; a batch of 0-dim tensors alone is one sample."""
     tensors = list(_tensors(batch))
     counts = [int(t.shape[0]) for t in tensors if t.ndim]
     if counts:
-        return max(counts, key=counts.count)  # the first of the most common
+        # max keeps the first of equals: the first tensor's count unless it is 1 and another is more common.
+        return counts[0] if counts[0] != 1 else max(counts, key=counts.count)
     if tensors:
         return 1
     raise ValueError(
@@ -122,7 +122,10 @@ def sample_slice(batch: Any, lo: int, hi: int) -> Any:
         lambda t: t[lo:hi] if t.ndim and t.shape[0] == count else t,
         lambda v: v[lo:hi] if len(v) == count else v,
     )
-    if sample_count(cut) != len(range(count)[lo:hi]):
+    kept = len(range(count)[lo:hi])
+    before = [t.shape[0] if t.ndim else None for t in _tensors(batch)]
+    after = [t.shape[0] if t.ndim else None for t in _tensors(cut)]
+    if kept != count and after != [kept if n == count else n for n in before]:  # a tensor left uncut
         raise ValueError(
             f"cannot cut a batch of type {type(batch).__name__} into groups of its samples: it holds them in a "
             "container other than tensors, dicts, lists, tuples, namedtuples or dataclasses; give batches in "

@@ -244,19 +244,20 @@ def find_runs(
     return runs
 
 
-def _same_run(a: RunMetrics, b: RunMetrics) -> bool:
+def _same_run(a: RunMetrics, b: RunMetrics, cut: bool = False) -> bool:
     """Two logs of one run (a CSVLogger and a WandbLogger side by side): of different kinds, sharing
     pf-lightning metrics, and every shared metric (the loss and learning rate too) has the same steps
-    and values (float32 round-off aside) as far as the shorter log goes: a run killed mid-way leaves its
-    loggers' files at different points (326 and 324 measurements in an outside trial). Two runs of one
-    kind are never one run."""
+    and values (float32 round-off aside); with ``cut``, as far as the shorter log goes (a run killed
+    mid-way leaves its loggers' files at different points: 326 and 324 measurements in an outside trial).
+    Two runs of one kind are never one run."""
     shared = a.series.keys() & b.series.keys()
 
     def agree(x: Series, y: Series) -> bool:
         n = min(len(x[0]), len(y[0]))
-        return bool(n) and (
-            np.array_equal(x[0][:n], y[0][:n])
-            and np.allclose(x[1][:n], y[1][:n], rtol=1e-6, atol=0, equal_nan=True)
+        if not n or (not cut and len(x[0]) != len(y[0])):
+            return False
+        return np.array_equal(x[0][:n], y[0][:n]) and np.allclose(
+            x[1][:n], y[1][:n], rtol=1e-6, atol=0, equal_nan=True
         )
 
     return (
@@ -268,10 +269,14 @@ def _same_run(a: RunMetrics, b: RunMetrics) -> bool:
 
 def _merge_twins(runs: list[RunMetrics]) -> list[RunMetrics]:
     """One run per training run: logs of the same run by several loggers become one, with every metric
-    any of them holds (the longer series where two hold one)."""
+    any of them holds (the longer series where two hold one). Logs that agree only as far as the shorter
+    goes are one run where they also have the same folder (the same name): two runs of one seed that differ
+    only later (a longer run, a schedule's end) agree on their first steps."""
     merged: list[RunMetrics] = []
     for run in runs:
-        twin = next((m for m in merged if _same_run(m, run)), None)
+        twin = next((m for m in merged if _same_run(m, run)), None) or next(
+            (m for m in merged if m.name == run.name and _same_run(m, run, cut=True)), None
+        )
         if twin is None:
             merged.append(run)
             continue

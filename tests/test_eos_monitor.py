@@ -249,6 +249,17 @@ def test_a_hessian_monitor_resumed_under_other_settings_says_so_and_its_step_is_
     assert [h["step"] for h in same.history] == [h["step"] for h in other.history] == [0, 4, 8, 12]
     slope = same.history[-1][names.SHARPENING_SLOPE]
     assert slope != 0 and other.history[-1][names.SHARPENING_SLOPE] == pytest.approx(slope, rel=1e-6)
+    # A monitor added under a new name is not one whose settings changed, though another was dropped.
+    from types import SimpleNamespace
+
+    from pf_lightning.callbacks._checkpoint import warn_other_settings
+
+    a, b, c = (HessianEigenMonitor(k=2, name=name) for name in "abc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_other_settings(
+            c, SimpleNamespace(callbacks=[a, c]), {"callbacks": {a.state_key: {}, b.state_key: {}}}, "name"
+        )
 
 
 def test_the_warnings_of_named_monitors_say_which_monitor(tmp_path):

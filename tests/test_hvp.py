@@ -13,6 +13,7 @@ from pf_lightning.curvature import (
     PreconditionedOperator,
     optimizer_preconditioner,
 )
+from pf_lightning.probe import sample_count, sample_slice
 
 EXACT = ("double_backward", "forward_over_reverse")
 
@@ -96,8 +97,8 @@ def test_a_0_dim_tensor_first_in_a_batch_does_not_count_its_samples():
 
 def test_a_shared_mask_first_in_a_batch_does_not_count_its_samples():
     """{"mask": (1, d), "x": (B, d), "y": (B,)}: the first tensor's leading dimension counted 1 sample, so
-    a drawn probe of N samples took N batches and cut the last one's mask; the count is the leading
-    dimension most tensors share, and the drawn probe holds N samples with the mask kept whole."""
+    a drawn probe of N samples took N batches and cut the last one's mask; a first count of 1 gives way to
+    one more of the tensors share, and the drawn probe holds N samples with the mask kept whole."""
     from torch.utils.data import DataLoader
 
     from pf_lightning.callbacks._probe import draw_probe
@@ -119,6 +120,15 @@ def test_a_shared_mask_first_in_a_batch_does_not_count_its_samples():
     probe = draw_probe(loader, 6, convert=lambda b: b)
     assert probe.weights == [4.0, 2.0]
     assert [b["x"].shape[0] for b in probe.batches] == [4, 2] and probe.batches[1]["mask"].shape == mask.shape
+    # Tensors that are not per sample but outnumber the per-sample ones (rotary tables, a causal mask, class
+    # weights) do not count: the first tensor's leading dimension does, unless it is 1.
+    ids, table = torch.zeros(8, 16, dtype=torch.long), torch.zeros(16, 4)
+    rotary = {"input_ids": ids, "labels": ids, "cos": table, "sin": table, "causal": torch.ones(16, 16)}
+    assert sample_count(rotary) == 8 and sample_count((x, y, *[torch.ones(10)] * 3)) == x.shape[0]
+    cut = sample_slice(rotary, 0, 1)
+    assert cut["input_ids"].shape == (1, 16) and cut["cos"] is table and cut["causal"].shape == (16, 16)
+    # A batch of one sample with a per-class vector: one sample.
+    assert sample_count({"x": x[:1], "y": y[:1], "weights": torch.ones(10)}) == 1
 
 
 @pytest.mark.parametrize("backend", [*EXACT, "finite_difference"])

@@ -307,6 +307,15 @@ def test_the_two_logs_of_a_run_killed_mid_way_are_one_run():
     merged = _merge_twins([csv_log, RunMetrics("run", Path("run/wandb"), "wandb", cut)])
     assert len(merged) == 1 and np.array_equal(merged[0].series["hessian/eig_1"][0], steps)
     assert len(_merge_twins([csv_log, RunMetrics("run", Path("run/wandb"), "wandb", other)])) == 2
+    # Two runs of one seed, one longer, each logged twice: agreeing on their first steps does not make the
+    # short run's CSV log the long run's W&B log (a review: the short run took the long one's series).
+    short = [RunMetrics("short", Path(f"short/{kind}"), kind, cut) for kind in ("csv", "wandb")]
+    long = [RunMetrics("long", Path(f"long/{kind}"), kind, full) for kind in ("csv", "wandb")]
+    runs = _merge_twins([short[0], long[1], long[0], short[1]])
+    assert sorted((run.name, len(run.series["hessian/eig_1"][0])) for run in runs) == [
+        ("long", len(steps)),
+        ("short", len(steps) - 2),
+    ]
 
 
 def test_a_constant_learning_rate_is_drawn_from_zero():

@@ -14,6 +14,7 @@ later, deep in a solver or a chart.
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,22 +41,34 @@ def cached_state_key(callback: Any, **identity: Any) -> str:
     return cached[1]
 
 
-def warn_other_settings(callback: Any, trainer: Any, checkpoint: Mapping[str, Any]) -> None:
-    """Say why ``callback`` resumes without its state where the checkpoint holds one of its class under other
-    settings (the ones its state key names: a HessianEigenMonitor's ``k``, ``which`` and ``name``) that no
-    callback of this fit takes: it starts afresh, and measures the step it resumes at again. Lightning's own
-    warning names only the key it found no callback for."""
+def warn_other_settings(callback: Any, trainer: Any, checkpoint: Mapping[str, Any], same: str) -> None:
+    """Say why ``callback`` resumes without its state where the checkpoint holds one of its class and of its
+    ``same`` (the name a HessianEigenMonitor takes, the monitor an EdgeOfStabilityMonitor reads) under other
+    settings (the rest of its state key: ``k``, ``which``) that no callback of this fit takes: it starts
+    afresh, and measures the step it resumes at again. Lightning's own warning names only the key it found
+    no callback for."""
     saved = checkpoint.get("callbacks") or {}
-    if callback.state_key in saved:
+    key = callback.state_key
+    if key in saved:
         return
+    prefix = type(callback).__qualname__
+    mine = callback.__dict__["_state_key"][0].get(same)  # the identity cached_state_key built the key from
     taken = {getattr(c, "state_key", None) for c in trainer.callbacks}
-    prefix = type(callback).__qualname__ + "{"
-    others = [key for key in saved if isinstance(key, str) and key.startswith(prefix) and key not in taken]
+    others = []
+    for other in saved:
+        if not isinstance(other, str) or not other.startswith(prefix + "{") or other in taken:
+            continue
+        try:
+            identity = ast.literal_eval(other[len(prefix) :])
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(identity, dict) and identity.get(same) == mine:
+            others.append(other)
     if others:
         rank_zero_warn(
             f"{type(callback).__name__}: the checkpoint holds its state under other settings ({'; '.join(others)}), "
-            f"not under this one's ({callback.state_key}): it starts afresh (empty history, no warm start), "
-            "training itself is restored as usual",
+            f"not under this one's ({key}): it starts afresh (empty history, no warm start), training itself is "
+            "restored as usual",
             category=RuntimeWarning,
         )
 

@@ -572,11 +572,11 @@ class EdgeOfStabilityMonitor(Callback):
         losses = self._run_losses(pl_module.device)
         if measured is None:
             return
-        # A step measured again replaces its record: a Hessian monitor resumed under other settings (k, which)
-        # finds no state of its own in the checkpoint and measures the step it resumed at afresh, and a second
+        # A step judged already is not judged again: a Hessian monitor resumed under other settings (k, which)
+        # finds no state of its own in the checkpoint and measures the step it resumed at afresh; a second
         # record of one step halved `eos/sharpening_slope` (-0.032 for -0.065 in an outside trial).
-        while self.history and self.history[-1]["step"] >= measured.edge_inputs["step"]:
-            self.history.pop()
+        if self.history and self.history[-1]["step"] >= measured.edge_inputs["step"]:
+            return
         recent = self.history[-(self.slope_window - 1) :]
         history = EdgeHistory(
             step=self.history[-1]["step"] if self.history else None,
@@ -1060,7 +1060,7 @@ class EdgeOfStabilityMonitor(Callback):
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        warn_other_settings(self, trainer, checkpoint)
+        warn_other_settings(self, trainer, checkpoint, same="monitor")
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -796,7 +796,7 @@ class HessianEigenMonitor(Callback):
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        warn_other_settings(self, trainer, checkpoint)
+        warn_other_settings(self, trainer, checkpoint, same="name")
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -152,12 +152,13 @@ def finish(
         info=info,
         neighbours=neighbours,
     )
-    if not result.all_converged and info.get("asymmetry", 0.0) > tol:
+    if info.get("floored"):
         warnings.warn(
             f"{method}: the operator's products are not symmetric to tol={tol:g} (its projections differ by "
-            f"{info['asymmetry']:.1e} of the spectral scale), so {int((~result.converged).sum())} of {result.k} "
-            "eigenpairs cannot be trusted to it: a Hessian by finite differences across a kink (ReLU, max "
-            "pooling) needs an exact hvp backend, products in a coarse dtype a finer one (float64) or a looser tol",
+            f"{info['asymmetry']:.1e} of the spectral scale), so {info['floored']} of {result.k} eigenpairs "
+            "cannot reach it: finite differences across a kink (ReLU, max pooling) need an exact hvp backend; "
+            "products too coarse for tol (finite differences in float32 near a zero eigenvalue, a bfloat16 "
+            "measurement) a finer dtype (float64) or a looser tol",
             NonConvergenceWarning,
             stacklevel=3,
         )

@@ -167,8 +167,9 @@ def lanczos(
     Returns:
         An :class:`EigenResult` with eigenvalues in descending order. Its residuals are the recurrence's
         estimate plus the largest asymmetry of the projected matrix (``info["asymmetry"]``, relative to the
-        spectral scale): the error of the products themselves, which the estimate cannot see. Where that
-        exceeds ``tol`` no pair can converge, and the run stops there, flagged and warned.
+        spectral scale): an estimate of the products' own error, which the recurrence cannot see (its
+        antisymmetric part only). Once every wanted pair has converged or is kept from ``tol`` by that floor
+        alone (``info["floored"]`` of them), the run stops, those flagged and warned.
 
     Example::
 
@@ -277,21 +278,27 @@ def lanczos(
 
         # Rayleigh-Ritz on the projected matrix: a j x j eigenproblem, negligible next to a product.
         T = H[:j, :j]
-        # A symmetric operator's projections are symmetric to its products' own error: what they differ by is
-        # a floor under every residual that the recurrence's estimate cannot see (rounding, in float32 about
-        # 1e-7 of the scale; a finite difference across a kink, as of ReLU or max pooling, 0.1-0.5).
-        asymmetry = max(asymmetry, float((T - T.mT).abs().max()))
+        # A symmetric operator's projections are symmetric to its products' own error: what they differ by,
+        # beyond the couplings `slack` already counts (a breakdown's, which the next column sees), is a floor
+        # under every residual that the recurrence's estimate cannot see (README, "tol").
+        gap = (T - T.mT).abs_().sub_(slack[:j, None]).sub_(slack[None, :j])  # one j x j matrix, in place
+        asymmetry = max(asymmetry, float(gap.max()))
+        del gap  # not alive beside the eigenproblem's matrices (tests/test_memory.py counts them)
         theta, S = torch.linalg.eigh(0.5 * (T + T.mT))
         beta_last = float(H[j, j - 1])
         res = abs(beta_last) * S[j - 1, :].abs() + slack[:j] @ S.abs() + asymmetry
         scale = max(scale, float(theta.abs().max()))
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
+        # The wanted pairs that the floor alone keeps from their tolerance: once the recurrence's part of their
+        # residual is down to the floor, more products do not help them.
+        floored = ~converged_mask(theta[wanted], torch.full_like(res[wanted], asymmetry), tol, scale)
+        settled = conv | (floored & (res[wanted] <= 2 * asymmetry))
         done = bool(conv.all()) and not early  # a full basis before first_test: restart, no test
         if done and (broke or block):
             done, found = _explored(H, j, block, broke, found, theta[wanted], k, which, tol, scale)
-        # No pair can pass once the floor exceeds the tolerance at the spectral scale: more products do not help.
-        if done or complete or used >= budget or asymmetry > tol * scale:
+        stuck = not early and bool(floored.any()) and bool(settled.all())
+        if done or complete or used >= budget or stuck:
             vectors = combine(V[:j].mT, S[:, wanted].to(op.device, op.dtype))
             guards = None
             if neighbours:  # formed on their own: a slice of one product would keep it all alive
@@ -304,6 +311,7 @@ def lanczos(
                 "warm_start": warm,
                 "basis_device": str(V.device),
                 "asymmetry": asymmetry / scale if scale > 0 else 0.0,
+                "floored": int((floored & ~conv).sum()),  # pairs left unconverged by the products' own error
             }
             del V  # free the basis before the result's vectors are sorted (a copy of k)
             return finish(

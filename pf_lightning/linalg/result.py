@@ -19,7 +19,8 @@ class EigenResult:
         eigenvectors: shape ``(n, k)``, unit-norm columns matching ``eigenvalues`` (local shards when
             the vectors are sharded across processes).
         residuals: shape ``(k,)``, ``||H v - lambda v||`` for each pair: LOBPCG computes it, Lanczos
-            estimates it from its recurrence, plus the products' own error (``info["asymmetry"]``).
+            estimates it from its recurrence, plus an estimate of the products' own error
+            (``info["asymmetry"]``, see :func:`~pf_lightning.linalg.lanczos`).
         converged: shape ``(k,)``, bool: whether each pair met the tolerance.
         n_hvp: operator applications (Hessian-vector products) the measurement cost.
         seconds: wall-clock time of the measurement.

@@ -418,3 +418,37 @@ def test_lanczos_residuals_count_the_products_own_error_and_an_asymmetric_operat
     assert not flagged.converged.any() and flagged.info["asymmetry"] > 1e-2
     exact = lanczos(DenseOperator(symmetric(SPECTRA["hessian_like"])), 3, tol=1e-9)
     assert exact.all_converged and exact.info["asymmetry"] < 1e-14
+
+
+def test_pairs_the_floor_keeps_from_tol_stop_the_solver_once_the_rest_of_their_residual_is_down_to_it():
+    """Finite differences in float32 are asymmetric by 3e-5 of the scale, above the 1e-5 that eigenvalues
+    near zero are held to at tol=1e-3: `which="bottom"` spent the whole budget (300 products, or all of a
+    larger max_hvp) and advised raising it (a review). It stops once the recurrence's part of their residual
+    is down to the floor, flagged, and the warning says why; the values are as good as the products allow."""
+    generator = torch.Generator().manual_seed(3)
+    eigs = torch.cat(
+        [torch.tensor([40.0, 25.0, 18.0]), torch.rand(197, generator=generator) * 0.4 - 0.1]
+    ).double()
+    skew = torch.randn(200, 200, generator=generator, dtype=torch.float64)
+    A = symmetric(eigs) + 2e-4 * (skew - skew.T)
+    with pytest.warns(NonConvergenceWarning, match="cannot reach it"):
+        result = lanczos(DenseOperator(A), 3, which="bottom", max_matvec=2000)
+    assert not result.converged.any() and result.info["floored"] == 3 and result.n_hvp < 300
+    exact = torch.sort(eigs).values[:3]
+    torch.testing.assert_close(torch.sort(result.eigenvalues).values, exact, rtol=0, atol=1e-2)
+
+
+def test_a_breakdown_coupling_is_not_taken_for_the_products_error():
+    """At a breakdown the next column holds the dropped coupling (up to 100 eps of the scale in float32),
+    which `slack` already counts: read as asymmetry it flagged converged pairs of a rank-5 operator at
+    tol=1e-5 after 300 products, with residuals larger than the spectrum (a review); 9 products before."""
+    eigs = torch.cat([torch.tensor([5.0, 3.0, 2.0, -1.0, -0.5]), torch.zeros(195)])
+    for seed in range(4):
+        A = symmetric(eigs, seed, dtype=torch.float32)
+        result = lanczos(DenseOperator(A), 6, seed=seed, tol=1e-5)
+        assert result.all_converged and result.n_hvp <= 12, (seed, result.n_hvp)
+        true = (
+            A.double() @ result.eigenvectors.double()
+            - result.eigenvectors.double() * result.eigenvalues.double()
+        )
+        assert bool((true.norm(dim=0) <= 1e-5 * result.eigenvalues.double().abs().clamp_min(0.05)).all())
