@@ -59,6 +59,8 @@ def _tensors(batch: Any) -> Iterator[Tensor]:
         items: Iterable[Any] = batch.values()
     elif isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
         items = batch
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):  # slotted ones have no __dict__
+        items = [getattr(batch, field.name) for field in dataclasses.fields(batch)]
     elif hasattr(batch, "__dict__"):
         items = vars(batch).values()
     else:

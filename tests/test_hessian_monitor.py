@@ -650,7 +650,7 @@ def test_batch_normalization_keeps_the_loader_batches_and_unstackable_batches_st
         torch.equal(stacked.batches[0]["x"][:, 0], torch.arange(6.0)) and stacked.batches[0]["mask"] is mask
     )
 
-    @dataclasses.dataclass(frozen=True)
+    @dataclasses.dataclass(frozen=True, slots=True)
     class Batch:  # a collate_fn's dataclass: stacked field by field (it stayed as many forward passes)
         x: torch.Tensor
         mask: torch.Tensor
