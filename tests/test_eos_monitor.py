@@ -277,6 +277,23 @@ def test_the_warnings_of_named_monitors_say_which_monitor(tmp_path):
     assert edges == ["[a] step 0: sharpn", "[b] step 0: sharpn"]
 
 
+def test_whether_the_preconditioned_sharpness_converged_is_logged(tmp_path):
+    """Under Adam the sharpness and the ratios come from the EoS monitor's own measurement of
+    lambda_max(P^-1 H), whose convergence nothing logged: an outside trial's finite differences across ReLU
+    kinks gave eos/sharpness 10% and 21% high, flagged not converged only in a Python warning."""
+
+    def fit(path, **monitor):
+        hessian = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_start=False, at_fit_end=False, **monitor)
+        t = trainer(path, max_steps=4, callbacks=[hessian, EdgeOfStabilityMonitor()], logger=CSVLogger(path))
+        t.fit(DigitsClassifier(n=64, optimizer="adam", lr=0.01))
+        return logged(t)["eos/preconditioned_converged"]
+
+    L.seed_everything(0)
+    assert fit(tmp_path / "default") == {2: 1.0, 4: 1.0}
+    with pytest.warns(RuntimeWarning, match="the preconditioned sharpness did not reach tol=1e-09"):
+        assert fit(tmp_path / "starved", tol=1e-9, max_hvp=3) == {2: 0.0, 4: 0.0}
+
+
 def test_missing_hessian_monitor_fails_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match="add HessianEigenMonitor"):
         trainer(tmp_path, max_steps=1, callbacks=[EdgeOfStabilityMonitor()]).fit(DigitsClassifier(n=64))

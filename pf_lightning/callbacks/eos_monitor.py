@@ -686,6 +686,8 @@ class EdgeOfStabilityMonitor(Callback):
             projections, grad_norm = self._gradient(result, pl_module, optimizer)
         batch = None if warming else self._measure_batch_sharpness(trainer, pl_module, optimizer)
         extras = {names.EOS_LR: lr}
+        if dynamics.preconditioned:
+            extras[names.PRECONDITIONED_CONVERGED] = float(preconditioned.all_converged)
         if batch is not None:
             extras[names.BATCH_COUNT] = float(batch.n_batches)
             extras[names.BATCH_UPHILL] = batch.n_uphill / batch.n_batches
@@ -780,6 +782,13 @@ class EdgeOfStabilityMonitor(Callback):
             log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
             return None
         self._preconditioned_latest = result
+        if not result.all_converged:
+            self._warn_once(
+                "precond_converged",
+                f"step {trainer.global_step}: the preconditioned sharpness did not reach tol={result.tol:g} "
+                f"(relative residual {float(result.relative_residuals.max()):.2e}); eos/sharpness and the ratios "
+                f"come from it: see {self.metric('preconditioned_converged')}",
+            )
         return result
 
     def _gradient(
