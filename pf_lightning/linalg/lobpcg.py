@@ -46,13 +46,11 @@ from .result import EigenResult
 __all__ = ["lobpcg"]
 
 
-def _rayleigh_ritz(op: LinearOperator, S: Tensor, AS: Tensor) -> tuple[Tensor, Tensor, float]:
+def _rayleigh_ritz(op: LinearOperator, S: Tensor, AS: Tensor) -> tuple[Tensor, Tensor]:
     """The Ritz values and coefficients of ``S``, float64 on the CPU (where every small matrix of the
-    solver lives: an accelerator would wait on each decision read from it), and the largest asymmetry of
-    the projected matrix: the products' own error, as in :func:`~pf_lightning.linalg.lanczos`."""
+    solver lives: an accelerator would wait on each decision read from it)."""
     G = op.inner(S, AS).to(device="cpu", dtype=torch.float64)
-    theta, C = torch.linalg.eigh(0.5 * (G + G.mT))
-    return theta, C, float((G - G.mT).abs_().max())
+    return torch.linalg.eigh(0.5 * (G + G.mT))
 
 
 def _residual_norms(op: LinearOperator, R: Tensor) -> Tensor:
@@ -119,7 +117,7 @@ def lobpcg(
     AX = op.matmat(X)
     used = X.shape[1]
     check_finite(AX)
-    theta, C, asymmetry = _rayleigh_ritz(op, X, AX)
+    theta, C = _rayleigh_ritz(op, X, AX)
     Cw = C.to(op.device, op.dtype)
     X, AX = combine(X, Cw), combine(AX, Cw)
     P = AP = None
@@ -131,25 +129,18 @@ def lobpcg(
         scale = max(scale, float(theta.abs().max()))
         wanted = select(theta, k, which)
         conv = converged_mask(theta[wanted], res[wanted], tol, scale)
-        # Pairs the products' own error keeps from tol: once their (explicit) residuals are down to about that
-        # error, more iterations do not help them (finite differences across a kink).
-        floored = ~converged_mask(theta[wanted], torch.full_like(res[wanted], asymmetry), tol, scale)
-        settled = conv | (floored & (res[wanted] <= 2 * asymmetry))
-        stuck = bool(floored.any()) and bool(settled.all())
         # Only unconverged wanted columns are expanded: the guard columns still improve through every
         # Rayleigh-Ritz step, but paying products for their residuals does not speed up the wanted ones.
         active = torch.zeros_like(theta, dtype=torch.bool)
         active[wanted] = ~conv
         W = orthonormalize(op, R[:, active], against=X if P is None else torch.cat([X, P], dim=1))
         del R  # the residual block is not needed past this point: one block less at the peak
-        if bool(conv.all()) or used + W.shape[1] > budget or W.shape[1] == 0 or stuck:
+        if bool(conv.all()) or used + W.shape[1] > budget or W.shape[1] == 0:
             info = {
                 "iterations": iterations,
                 "block_size": b,
                 "warm_start": X0 is not None,
                 "basis_device": str(X.device),
-                "asymmetry": asymmetry / scale if scale > 0 else 0.0,
-                "floored": int((floored & ~conv).sum()),
             }
             guards = torch.ones_like(theta, dtype=torch.bool)
             guards[wanted] = False
@@ -174,8 +165,7 @@ def lobpcg(
         del X, W, P
         AS = torch.cat([AX, AW] if AP is None else [AX, AW, AP], dim=1)
         del AX, AW, AP
-        theta_all, C, asymmetry_now = _rayleigh_ritz(op, S, AS)
-        asymmetry = max(asymmetry, asymmetry_now)
+        theta_all, C = _rayleigh_ritz(op, S, AS)
         keep = select_block(theta_all, b, which)
         Cx = C[:, keep]
         # The new search directions are the W and P parts of the new Ritz vectors, made orthonormal

@@ -416,11 +416,6 @@ def test_lanczos_residuals_count_the_products_own_error_and_an_asymmetric_operat
     with pytest.warns(NonConvergenceWarning, match="not symmetric"):
         flagged = lanczos(DenseOperator(B), 3)
     assert not flagged.converged.any() and flagged.info["asymmetry"] > 1e-2
-    # LOBPCG (the warm starts' block method) reads it off its Rayleigh-Ritz matrix: it spent its whole budget
-    # (297 products on a ReLU model's finite differences) and advised raising it (an outside trial).
-    with pytest.warns(NonConvergenceWarning, match="not symmetric"):
-        block = lobpcg(DenseOperator(B), 3, max_matvec=2000)
-    assert not block.converged.any() and block.info["asymmetry"] > 1e-2 and block.n_hvp < 100
     exact = lanczos(DenseOperator(symmetric(SPECTRA["hessian_like"])), 3, tol=1e-9)
     assert exact.all_converged and exact.info["asymmetry"] < 1e-14
 
