@@ -10,9 +10,10 @@ Names (README, "Metric names"): ``hessian/eig_{i}`` (i = 1 is the largest), ``he
 ``hessian/seconds``, ``hessian/converged``, ``hessian/skipped``, ``hessian/trace``; ``eos/*``, ``pf/*``
 and ``dal/*`` and ``cap/*`` for the diagnostics and schedulers built on them. Failures are flags logged
 as 1.0 at the step they happened (callbacks/_faults.py): ``hessian/skipped``, ``hessian/trace_skipped``,
-``hessian/density_skipped``, ``hessian/stderr_skipped``, ``hessian/listener_failed``, ``eos/skipped``, ``eos/proxies_skipped``,
-``eos/listener_failed``,
-``dal/skipped``, ``eos/batch_sharpness_skipped``, ``eos/critical_skipped``; ``eos/warmup`` marks measurements before an adaptive optimizer's preconditioner settled.
+``hessian/density_skipped``, ``hessian/stderr_skipped``, ``hessian/listener_failed``, ``eos/skipped``,
+``eos/proxies_skipped``, ``eos/listener_failed``, ``dal/skipped``, ``eos/batch_sharpness_skipped``,
+``eos/critical_skipped``; ``eos/warmup`` marks measurements before an adaptive optimizer's preconditioner
+settled, and ``eos/preconditioned_converged`` whether its preconditioned measurement met ``tol``.
 """
 
 from __future__ import annotations

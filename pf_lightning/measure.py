@@ -170,8 +170,8 @@ def _repeated(result: EigenResult) -> float | None:
     1.5129). Two Ritz values of one eigenvalue agree to about the square of the tolerance times λ over the
     gap to the rest of the spectrum (their error is of the residual's square over the gap), and to the
     dtype's rounding: closer than ``max(10 tol², 100 eps)`` relative counts, for gaps down to a tenth of λ
-    (README, "What a residual test cannot see"; distinct eigenvalues 0.05% apart at ``tol=1e-3`` do not). Values below 1% of the
-    largest, zero to the tolerance (``converged_mask``), do not count."""
+    (README, "What a residual test cannot see"; distinct eigenvalues 0.05% apart at ``tol=1e-3`` do not).
+    Values below 1% of the largest, zero to the tolerance (``converged_mask``), do not count."""
     if not result.all_converged or result.eigenvalues.numel() < 2:
         return None
     values = torch.sort(result.eigenvalues.detach().double().cpu()).values

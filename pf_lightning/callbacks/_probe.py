@@ -137,8 +137,8 @@ class _Unstackable(Exception):
 
 def _concat(items: list[Any], counts: list[int]) -> Any:
     """The batches ``items`` (of ``counts`` samples) as one, in their containers (dicts, lists, tuples,
-    namedtuples, dataclasses): tensors with the samples along their leading dimension and per-sample lists (:func:`~pf_lightning.probe.plain_values`) concatenated, everything else
-    equal in all of them."""
+    namedtuples, dataclasses): tensors with the samples along their leading dimension and per-sample lists
+    (:func:`~pf_lightning.probe.plain_values`) concatenated, everything else equal in all of them."""
     first = items[0]
     if all(isinstance(x, Tensor) for x in items):
         if all(
