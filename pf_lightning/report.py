@@ -525,6 +525,7 @@ def plot_loss(run: RunMetrics, path: Path) -> Drawn | None:
     if values.size and np.nanmin(values) > 0:
         ax.set_yscale("log")
     # The unnamed EdgeOfStabilityMonitor's first edge, then each named one's (eos/<name>/first_edge_step).
+    marks = 0
     for tag in [None, *run.edge_tags()]:
         key = names.tag_name(names.FIRST_EDGE_STEP, tag)
         edge = run.get(key)
@@ -533,12 +534,13 @@ def plot_loss(run: RunMetrics, path: Path) -> Drawn | None:
         step = edge[1][np.isfinite(edge[1])][0]
         ax.axvline(
             step,
-            color=f"C{3 + len(drawn) - len(keys)}",  # tab:red first
+            color=f"C{3 + marks}",  # tab:red first
             linestyle="--",
             linewidth=1,
             label=f"edge of stability reached{'' if tag is None else f' ({tag})'} (step {step:.0f})",
         )
         drawn[key] = edge
+        marks += 1
     ax.set_ylabel("loss")
     ax.legend(loc="best")
     _save(figure, path)

@@ -227,7 +227,8 @@ def test_a_hessian_monitor_resumed_under_other_settings_says_so_and_its_step_is_
     """A resume with k changed: the Hessian monitor's state (keyed by k, which, name) was not loaded, so it
     measured the step it resumed at again, and the EoS monitor, whose state was, recorded that step twice
     (history [0, 4, 8, 8, 12]): eos/sharpening_slope at 12 was -0.032 where an unchanged resume logged -0.065
-    (an outside trial), and only Lightning's generic warning spoke. The new record replaces the old one."""
+    (an outside trial), and only Lightning's generic warning spoke. Both monitors say so now, and the EoS
+    monitor does not judge a step it has judged."""
 
     def fit(path, steps, model, k, ckpt_path=None):
         monitor = HessianEigenMonitor(k=k, every_n_steps=4, at_fit_end=False, tol=1e-8)
