@@ -577,6 +577,19 @@ def test_maximize_in_any_parameter_group_fails_at_fit_start(tmp_path, kind):
         t.fit(model)
 
 
+def test_maximize_is_refused_with_a_threshold_too(tmp_path):
+    """An ascent's edge is where -lambda_min(H) meets its threshold; with threshold= the monitor would compare
+    the measured lambda_max(H) with it. The refusal names the fix (the negated objective), not threshold=."""
+    model = DigitsClassifier(n=64)
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+    t = trainer(
+        tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1), EdgeOfStabilityMonitor(threshold=20.0)]
+    )
+    with pytest.raises(MisconfigurationException, match=r"maximize=True.*negated objective") as caught:
+        t.fit(model)
+    assert "threshold=" not in str(caught.value)
+
+
 def test_parameter_groups_that_step_differently_are_named(tmp_path):
     """Momentum 0.9 on the first layer, none on the rest: group 0's (2 + 2 beta)/lr is not the edge of the
     others' directions (the helper's softmax case: rho 1.40 where group 0's regime says oscillating and

@@ -402,10 +402,15 @@ class EdgeOfStabilityMonitor(Callback):
                 f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
             )
         preconditioned = False
+        optimizer = optimizers[self.optimizer_index]
+        try:  # an ascent's edge is -lambda_min's, not the measured lambda_max's: refused with threshold= too
+            for i in range(len(getattr(optimizer, "param_groups", ()))):
+                stability.group_settings(optimizer, i)
+        except stability.UnsupportedOptimizer as err:
+            raise MisconfigurationException(str(err)) from err
         if self.fixed_threshold is None:
-            optimizer = optimizers[self.optimizer_index]
             try:  # at lr 1: a schedule may start at 0 (a warm-up from zero); every other setting of every
-                # group is checked (maximize=True in any of them)
+                # group is checked
                 groups = [
                     stability.unit_step_dynamics(optimizer, i) for i in range(len(optimizer.param_groups))
                 ]
@@ -423,7 +428,7 @@ class EdgeOfStabilityMonitor(Callback):
         # one's are counted where it steps.
         if self._step_hook is not None:
             self._step_hook.remove()
-        register = getattr(optimizers[self.optimizer_index], "register_step_post_hook", None)
+        register = getattr(optimizer, "register_step_post_hook", None)
         if callable(register):
             self._step_hook = register(self._count_step)
         else:  # an optimizer Lightning takes by its protocol alone: Lightning's steps are its steps
@@ -432,7 +437,6 @@ class EdgeOfStabilityMonitor(Callback):
         # hands over the probe gradient there (from its cached graphs), and does not take it otherwise.
         self.monitor.add_listener(self._on_measurement, gradient=not preconditioned)
         if self.critical_every_n_steps is not None:
-            optimizer = optimizers[self.optimizer_index]
             try:
                 update = stability.optimizer_rule(optimizer).update
             except stability.UnsupportedOptimizer:

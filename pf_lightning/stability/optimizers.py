@@ -734,7 +734,8 @@ def group_settings(optimizer: torch.optim.Optimizer, group: int) -> Group:
     if settings.get("maximize", False):
         raise UnsupportedOptimizer(
             f"{type(optimizer).__name__}'s parameter group {group} has maximize=True: it ascends the loss, and "
-            "no stability threshold applies"
+            "no stability threshold applies; return the negated objective from training_step and set "
+            "maximize=False (the same steps, on a loss whose Hessian the monitors measure)"
         )
     return settings
 
