@@ -325,7 +325,16 @@ def announce_run(trainer: Any, tags: list[str | None], edged: Collection[str | N
     config, hparams.yaml of a CSVLogger, MLflow's params; TensorBoard keeps the module's hyperparameters
     only, so there they go to the Text tab), and the TensorBoard custom-scalars layout
     (:func:`tensorboard_layout`) for the whole-Hessian monitors named ``tags``, with edge charts for those in
-    ``edged``. A logger that refuses is warned about once; training goes on."""
+    ``edged``. A logger that refuses is warned about once; training goes on. With no logger, says so (as
+    information: a sweep that reads ``.latest`` may mean it)."""
+    if not trainer.loggers:  # logger=False: nothing keeps the metrics, which is easy to miss
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(
+            "pf-lightning: the trainer has no logger (logger=False): the monitors' metrics reach only "
+            "trainer.callback_metrics and each monitor's .latest; pass a logger (CSVLogger, WandbLogger, ...) "
+            "to keep them"
+        )
     settings = {}
     for cb in trainer.callbacks:
         ours = any(cls.__module__.startswith("pf_lightning.") for cls in type(cb).__mro__)  # subclasses too

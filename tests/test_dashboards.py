@@ -4,6 +4,7 @@ logger's hparams.yaml. Everything is read back from the files the real libraries
 
 import csv
 import linecache
+import logging
 import re
 import sys
 import warnings
@@ -119,6 +120,24 @@ def test_csv_logger_keeps_the_settings_in_hparams(tmp_path):
     hparams = yaml.safe_load((tmp_path / "csv" / "version_0" / "hparams.yaml").read_text())
     assert hparams[SETTINGS_KEY]["HessianEigenMonitor"]["k"] == 2
     assert hparams[SETTINGS_KEY]["EdgeOfStabilityMonitor"]["batch_sharpness"] is None
+
+
+def test_a_trainer_without_a_logger_is_told_where_the_metrics_go(tmp_path, caplog):
+    """logger=False keeps the metrics nowhere: said once, as information (a sweep reading .latest means it)."""
+    with caplog.at_level(logging.INFO):
+        t = L.Trainer(
+            default_root_dir=tmp_path,
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[HessianEigenMonitor(k=1), HessianEigenMonitor(k=1, name="other")],
+        )
+        t.fit(DigitsClassifier(n=64))
+    said = [r.getMessage() for r in caplog.records if "no logger" in r.getMessage()]
+    assert len(said) == 1 and "callback_metrics" in said[0] and ".latest" in said[0]
+    assert "hessian/eig_1" in t.callback_metrics
 
 
 def test_settings_of_named_monitors_have_keys_mlflow_takes(tmp_path):
