@@ -377,6 +377,42 @@ def test_the_cap_holds_a_warm_up_from_rate_zero_from_its_first_step(tmp_path):
     assert [metrics["cap/lr"][step] for step in range(4)] == pytest.approx([0.0, cap, cap, cap], rel=1e-12)
 
 
+class _CappedHeavyBall(DigitsClassifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=2.0, momentum=0.5)  # far beyond the edge
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": SharpnessCappedLR(optimizer, fraction=0.9).lightning_config(),
+        }
+
+
+@pytest.mark.parametrize("first", ["monitors", "lr_adaptation"])
+def test_the_edge_is_judged_at_the_rate_the_cap_sets_from_the_measurement(tmp_path, first):
+    """The cap sets the next step's rate from the sharpness just measured: that is the rate judged. Judged
+    at the rate before it (an outside trial), the fit start warned of an edge at the configured 2.0, which no
+    step ran at, and eos/ratio wandered 0.73-1.16 around the cap's 0.9."""
+    L.seed_everything(0)
+    monitors = [HessianEigenMonitor(k=1, every_n_steps=2, tol=1e-6), EdgeOfStabilityMonitor()]
+    callbacks = [*monitors, LRAdaptation()] if first == "monitors" else [LRAdaptation(), *monitors]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = fit(tmp_path, _CappedHeavyBall(n=128), 6, [*callbacks, LearningRateMonitor("step")])
+    assert not [w for w in caught if "stability threshold" in str(w.message)]
+    m = logged(t)
+    measured = sorted(m["eos/ratio"])
+    assert measured == [0, 2, 4, 6]
+    for step in measured:
+        assert m["eos/ratio"][step] == pytest.approx(0.9, rel=1e-9)
+        assert m["eos/threshold"][step] == pytest.approx(
+            3.0 / m["eos/lr"][step], rel=1e-12
+        )  # (2 + 2 beta)/lr
+        if step < 6:
+            assert (
+                m["eos/lr"][step] == m["lr-SGD"][step] == m["cap/lr"][step]
+            )  # the rate the next step runs at
+    assert "eos/first_edge_step" not in m and "eos/warning" not in m
+
+
 def _cap_callbacks(every_n_steps):
     """What a sharpness cap reads: a Hessian monitor (no fit-end measurement), the EoS monitor, LRAdaptation."""
     monitor = HessianEigenMonitor(k=1, every_n_steps=every_n_steps, at_fit_end=False)

@@ -266,6 +266,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._judgement_due = False  # a measurement (or its failed diagnostics) waits for the batch end
         self._unjudged: _Measured | None = None
         self._listeners: list[EdgeListener] = []
+        self._rate_setters: list[EdgeListener] = []
         self._batches: TrainingBatches | None = None
         self._batches_loader: Any = _UNSETTLED  # the training loader they were settled for
         self._batches_error: MisconfigurationException | None = None
@@ -300,17 +301,23 @@ class EdgeOfStabilityMonitor(Callback):
             return cached_state_key(self, optimizer_index=self.optimizer_index)
         return cached_state_key(self, monitor=name, optimizer_index=self.optimizer_index)
 
-    def add_listener(self, listener: EdgeListener) -> None:
+    def add_listener(self, listener: EdgeListener, *, sets_rate: bool = False) -> None:
         """Call ``listener(trainer, pl_module, metrics)`` after every measurement whose ``eos/*`` metrics
         (untagged names, e.g. ``names.SHARPNESS``) were logged; at learning rate 0 they are ``eos/lr`` and
-        ``eos/sharpness`` alone, and a preconditioned optimizer's listeners are not called there."""
-        if listener not in self._listeners:
-            self._listeners.append(listener)
+        ``eos/sharpness`` alone, and a preconditioned optimizer's listeners are not called there.
+
+        ``sets_rate=True``: the listener sets the next step's learning rate from the sharpness (the sharpness
+        cap). It is called before the measurement is judged, with ``eos/sharpness`` and ``eos/lr`` (the rate
+        before it acts) alone, so the threshold, the ratios and ``eos/lr`` are those of the rate it set."""
+        attached = self._rate_setters if sets_rate else self._listeners
+        if listener not in attached:
+            attached.append(listener)
 
     def remove_listener(self, listener: EdgeListener) -> None:
         """Stop calling ``listener`` (nothing if it is not attached)."""
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+        for attached in (self._listeners, self._rate_setters):
+            if listener in attached:
+                attached.remove(listener)
 
     def settings(self) -> tuple[str, dict[str, Any]]:
         """What this monitor was asked for, as the loggers record it (the W&B run config under
@@ -574,12 +581,7 @@ class EdgeOfStabilityMonitor(Callback):
         keep it in the history and hand it to the listeners. Every rank judges every measurement (``None``:
         its diagnostics failed or do not apply) and so averages the loss window with the others."""
         losses = self._run_losses(pl_module.device)
-        if measured is None:
-            return
-        # A step judged already is not judged again: a Hessian monitor resumed under other settings (k, which)
-        # finds no state of its own in the checkpoint and measures the step it resumed at afresh; a second
-        # record of one step halved `eos/sharpening_slope` (-0.032 for -0.065 in an outside trial).
-        if self.history and self.history[-1]["step"] >= measured.edge_inputs["step"]:
+        if measured is None or self._judged(measured.edge_inputs["step"]):
             return
         recent = self.history[-(self.slope_window - 1) :]
         history = EdgeHistory(
@@ -640,6 +642,20 @@ class EdgeOfStabilityMonitor(Callback):
         if self._measured % self.chart_every == 0:
             self._chart(trainer, step)
 
+    def _judged(self, step: int) -> bool:
+        """Whether a measurement at ``step`` was judged already. It is not judged again (nor handed to the
+        rate setters): a Hessian monitor resumed under other settings (k, which) finds no state of its own in
+        the checkpoint and measures the step it resumed at afresh; a second record of one step halved
+        `eos/sharpening_slope` (-0.032 for -0.065 in an outside trial)."""
+        return bool(self.history) and self.history[-1]["step"] >= step
+
+    def _set_rates(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
+        """Hand the sharpness to the listeners that set the next step's rate from it (``sets_rate=True``)."""
+        notify(
+            self._rate_setters, (trainer, pl_module, dict(metrics)), on_error=self.on_error,
+            warned=self._warned, trainer=trainer, what="EoS listener", metric=self.metric("listener_failed"),
+        )  # fmt: skip
+
     def _at_rest(
         self, trainer: Trainer, pl_module: LightningModule, result: EigenResult, optimizer: Any
     ) -> None:
@@ -661,6 +677,7 @@ class EdgeOfStabilityMonitor(Callback):
         )
         log_metrics(trainer, tagged(metrics, self.monitor.name), step)
         if names.SHARPNESS in metrics:
+            self._set_rates(trainer, pl_module, metrics)
             notify(
                 self._listeners, (trainer, pl_module, metrics), on_error=self.on_error, warned=self._warned,
                 trainer=trainer, what="EoS listener", metric=self.metric("listener_failed"),
@@ -674,7 +691,6 @@ class EdgeOfStabilityMonitor(Callback):
         monitor = self.monitor
         dynamics, optimizer = self._dynamics(trainer)
         step = trainer.global_step
-        lr = float(optimizer.param_groups[0]["lr"])
         projections = grad_norm = None
         warming = False
         if dynamics.preconditioned:
@@ -688,6 +704,15 @@ class EdgeOfStabilityMonitor(Callback):
             # L2 weight decay adds decay * theta to the gradient: the step sees H + decay * I.
             eigenvalues = result.eigenvalues[: monitor.k].detach().double().cpu() + decay
             projections, grad_norm = self._gradient(result, pl_module, optimizer)
+        if self._rate_setters and not self._judged(step):
+            # The next step runs at the rate they set from this sharpness (a cap): judged at it, with it.
+            before = float(optimizer.param_groups[0]["lr"])
+            self._set_rates(
+                trainer, pl_module, {names.SHARPNESS: float(eigenvalues[0]), names.EOS_LR: before}
+            )
+            if float(optimizer.param_groups[0]["lr"]) != before:
+                dynamics, optimizer = self._dynamics(trainer)
+        lr = float(optimizer.param_groups[0]["lr"])
         batch = None if warming else self._measure_batch_sharpness(trainer, pl_module, optimizer)
         extras = {names.EOS_LR: lr}
         if dynamics.preconditioned:

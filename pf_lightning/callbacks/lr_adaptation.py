@@ -294,7 +294,7 @@ class LRAdaptation(Callback):
                 "lambda_max(P^-1 H), but an EdgeOfStabilityMonitor given threshold= measures lambda_max(H): "
                 "remove threshold= from the EdgeOfStabilityMonitor"
             )
-        self.eos.add_listener(self._on_edge)
+        self.eos.add_listener(self._on_edge, sets_rate=True)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -456,7 +456,8 @@ class LRAdaptation(Callback):
         self._remember(trainer, names.DAL_HG_RATIO)
 
     def _on_edge(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
-        # Called only for measurements the EoS monitor completed: a skipped one keeps the previous cap.
+        # Called with each sharpness the EoS monitor measured, before it judges it at the rate set here (at
+        # learning rate 0 too: a warm-up from zero is capped from its first step); a skipped one keeps the cap.
         sharpness = float(metrics[names.SHARPNESS])
         log_metrics(trainer, {names.CAP_SHARPNESS: sharpness}, trainer.global_step)
         self._remember(trainer, names.CAP_SHARPNESS)
