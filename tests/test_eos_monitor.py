@@ -147,6 +147,30 @@ def test_proxies_are_bounded_by_the_spectrum(tmp_path):
     assert float(t.callback_metrics["pf/drift_ratio"]) == pytest.approx(0.1 / 2 * v)
 
 
+def test_proxies_with_coupled_weight_decay_are_of_the_loss_the_step_descends(tmp_path):
+    """As eos/sharpness (lambda_max + w): ||(H + w)(g + w theta)|| / ||g + w theta||, against the dense float64
+    Hessian of the full batch at the final parameters (the proxies of the fit's last step; callback_metrics hold float32)."""
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.1).double()
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.05)
+    t, _, _ = fit(tmp_path, model, 3, proxies=True)
+    x, y = digits(128)
+    case = make_case("mlp")
+    case.model, case.batches = model, [(x.double(), y)]
+    case.loss_fn = lambda m, b: 0.5 * ((m(b[0]) - torch.nn.functional.one_hot(b[1], 10)) ** 2).sum(1).mean()
+    space = ParameterSpace(model)
+    grads = torch.autograd.grad(model.loss((x.double(), y)), space.params)
+    theta = space.values()
+    g = torch.cat([gr.reshape(-1) for gr in grads]) + 0.05 * theta
+    Hw = dense_hessian(case) + 0.05 * torch.eye(theta.numel(), dtype=torch.float64)
+    assert float(t.callback_metrics["pf/hg_ratio"]) == pytest.approx(
+        float((Hw @ g).norm() / g.norm()), rel=1e-6
+    )
+    assert float(t.callback_metrics["pf/rayleigh_quotient"]) == pytest.approx(
+        float(g @ Hw @ g / (g @ g)), rel=1e-6
+    )
+
+
 def test_several_optimizers_measured_against_the_chosen_one(tmp_path, caplog):
     L.seed_everything(0)
     monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=lambda m, b: m.loss(b))

@@ -347,6 +347,31 @@ def test_hg_ratio_matches_the_dense_hessian_and_the_forward_difference_is_within
     assert forward.hg_ratio != pytest.approx(reference, rel=1e-5)  # it is a difference quotient
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_hg_ratio_with_coupled_weight_decay_is_of_the_loss_the_step_descends(name):
+    """With L2 decay W the step descends E + theta^T W theta / 2: gradient g + W theta, Hessian H + W (the
+    dense float64 reference), one decay per parameter tensor."""
+    case = make_case(name, dtype=torch.float64)
+    H = dense_hessian(case)
+    with HessianOperator(case.model, case.loss_fn, case.batches) as op:
+        W = torch.cat(
+            [torch.full((n,), 0.05 * (i + 1), dtype=torch.float64) for i, n in enumerate(op.space.numels)]
+        )
+        g = op.gradient().double() + W * op.space.values().double()
+        exact = gradient_curvature(op, "operator", W)
+        plain = gradient_curvature(op, "operator")
+        forward = gradient_curvature(op, "forward_difference", W)  # last: it moves the parameters and back
+        with pytest.raises(ValueError, match="weight_decay must be flat over the operator's parameters"):
+            gradient_curvature(op, "operator", W[:-1])
+    Hw = H + torch.diag(W)
+    reference = float((Hw @ g).norm() / g.norm())
+    assert exact.grad_norm == pytest.approx(float(g.norm()), rel=1e-12)
+    assert exact.hg_ratio == pytest.approx(reference, rel=1e-10)
+    assert exact.rayleigh_quotient == pytest.approx(float(g @ Hw @ g / (g @ g)), rel=1e-10)
+    assert forward.hg_ratio == pytest.approx(reference, rel=5e-3)
+    assert abs(plain.hg_ratio - reference) > 1e-3 * reference  # the decay is not negligible here
+
+
 def test_gradient_curvature_of_a_zero_gradient_is_nan():
     model = torch.nn.Linear(2, 1, bias=False).double()
     with torch.no_grad():

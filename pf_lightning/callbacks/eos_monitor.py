@@ -946,10 +946,15 @@ class EdgeOfStabilityMonitor(Callback):
 
     def _log_proxies(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         monitor = self.monitor
-        lr = float(trainer.optimizers[self.optimizer_index].param_groups[0]["lr"])
+        optimizer = trainer.optimizers[self.optimizer_index]
+        lr = float(optimizer.param_groups[0]["lr"])
         try:
             with monitor.spec.operator(pl_module, [batch]) as op:
-                gc = gradient_curvature(op)
+                try:  # of the loss the step descends, as eos/sharpness (with its coupled L2 decay)
+                    decay = optimizer_weight_decay(optimizer, op.space)
+                except stability.UnsupportedOptimizer:  # threshold= on an optimizer without a rule
+                    decay = None
+                gc = gradient_curvature(op, weight_decay=decay)
             if not gc.finite:
                 raise NonFiniteOperatorError(f"||g|| = {gc.grad_norm}, ||Hg|| = {gc.hg_norm}")
             # A step of rate 0 (a warm-up from zero, a schedule's end) drifts nowhere.

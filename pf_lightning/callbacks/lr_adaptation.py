@@ -33,6 +33,7 @@ from .._validation import Checks, parameter_names
 from ..curvature import HVP_CHOICES, HessianOperator
 from ..curvature.drift import gradient_curvature
 from ..curvature.params import measurement_dtype, select_parameters
+from ..curvature.precondition import optimizer_weight_decay
 from ..linalg import NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, warn_once
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
@@ -350,7 +351,7 @@ class LRAdaptation(Callback):
             ):
                 # The first step of a fit (or one whose measurement a resumed checkpoint had not finished):
                 # measure now, so it already runs at the DAL rate.
-                self._measure_drift(trainer, pl_module, batch)
+                self._measure_drift(trainer, pl_module, batch, scheduler.optimizer)
                 self._last_measured = step  # after it: a run interrupted inside it measures again on resume
                 scheduler.refresh(self._fed[scheduler.monitor])  # as Lightning's later steps read it
         metrics = {}
@@ -390,7 +391,7 @@ class LRAdaptation(Callback):
                 and (self._last_measured is None or step - self._last_measured >= self.every_n_steps)
                 and self._adapts_next(scheduler)
             ):
-                self._measure_drift(trainer, pl_module, batch)
+                self._measure_drift(trainer, pl_module, batch, scheduler.optimizer)
                 self._last_measured = step
             elif scheduler.monitor not in trainer.callback_metrics:
                 # Nothing measured in this fit yet (a fresh start, or a resume between measurements): what
@@ -416,8 +417,11 @@ class LRAdaptation(Callback):
             taken = self._at_batch_start[1][self.schedulers.index(scheduler)]
         return scheduler.adapts(taken + 1)
 
-    def _measure_drift(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
-        """Measure ||Hg||/||g|| on ``batch`` and log it (NaN when it failed)."""
+    def _measure_drift(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, optimizer: Any
+    ) -> None:
+        """Measure ||Hg||/||g|| on ``batch`` and log it (NaN when it failed), of the loss ``optimizer``'s step
+        descends (with its coupled L2 decay)."""
         exact = self.hvp != "forward_difference"
         metrics: dict[str, float]
         try:
@@ -430,7 +434,8 @@ class LRAdaptation(Callback):
                 seed=self.seed,
                 dtype=measurement_dtype(pl_module),
             ) as op:
-                gc = gradient_curvature(op, "operator" if exact else "forward_difference")
+                decay = optimizer_weight_decay(optimizer, op.space)
+                gc = gradient_curvature(op, "operator" if exact else "forward_difference", decay)
             if not (gc.finite and math.isfinite(gc.hg_ratio)):
                 raise NonFiniteOperatorError(f"||g|| = {gc.grad_norm}, ||Hg|| = {gc.hg_norm}")
             metrics = {

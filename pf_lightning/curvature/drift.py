@@ -8,7 +8,9 @@ The principal-flow quantities that need no eigensolver, on the loss of an (enter
     \qquad \lvert q\rvert \le v \le \max_i \lvert\lambda_i\rvert .
 
 :math:`v` drives DAL-p (:class:`~pf_lightning.DriftAdaptiveLR`) and the drift ratio
-:math:`(h/2)v`. ``Hg`` comes either from the operator's own backend (exact with double backward) or,
+:math:`(h/2)v`. With an optimizer's coupled L2 decay ``W`` (``weight_decay=``) they are those of the loss its
+step descends, :math:`L + \tfrac12\theta^\top W\theta`: gradient :math:`g + W\theta`, Hessian :math:`H + W`.
+``Hg`` comes either from the operator's own backend (exact with double backward) or,
 as in the paper's ``dal.py``, from one extra gradient at :math:`\theta + e g` with
 :math:`e = 0.01/\lVert g\rVert` (a forward difference; the displacement has norm 0.01).
 """
@@ -64,7 +66,9 @@ class GradientCurvature:
         return all(math.isfinite(x) for x in (self.grad_norm, self.hg_norm, self.g_dot_hg))
 
 
-def gradient_curvature(op: HessianOperator, method: str = "operator") -> GradientCurvature:
+def gradient_curvature(
+    op: HessianOperator, method: str = "operator", weight_decay: torch.Tensor | None = None
+) -> GradientCurvature:
     r"""Measure :math:`\lVert g\rVert`, :math:`\lVert Hg\rVert` and :math:`g^\top Hg` of ``op``'s loss.
 
     Args:
@@ -79,12 +83,17 @@ def gradient_curvature(op: HessianOperator, method: str = "operator") -> Gradien
             in float64 and 2.8% in float32 on a small tanh MLP after a few steps at DAL rates 3-5, and
             up to 26% on a 106k-parameter GPT-2 in its first steps under AdamW: use ``"operator"``
             with an exact backend there).
+        weight_decay: the flat diagonal :math:`W` of an optimizer's coupled L2 decay over ``op``'s
+            parameters (:func:`~pf_lightning.curvature.precondition.optimizer_weight_decay`), or None: the
+            quantities are then those of :math:`L + \tfrac12\theta^\top W\theta`, the loss the step
+            descends (:math:`g + W\theta` and :math:`H + W`; a decay of 0.1 on a 1-D quadratic of curvature 1
+            puts DAL-1's rate at 2/1.1, the edge, where 2/1 grew the parameter 1.2-fold a step).
 
     Returns:
         A :class:`GradientCurvature`; its values are NaN when the gradient is zero or not finite.
 
     Raises:
-        ValueError: unknown ``method``.
+        ValueError: unknown ``method``, or ``weight_decay`` not of the operator's flat shape.
         NonFiniteLossError: the loss is not finite.
 
     Example:
@@ -102,7 +111,16 @@ def gradient_curvature(op: HessianOperator, method: str = "operator") -> Gradien
     _check.instance("op", op, HessianOperator, "an entered HessianOperator (with HessianOperator(...) as op)")
     _check.choice("method", method, GRADIENT_HVP_METHODS)
     start = time.perf_counter()
-    g = op.gradient()
+    g = loss_gradient = op.gradient()
+    decay = None
+    if weight_decay is not None and tuple(weight_decay.shape) != tuple(g.shape):
+        raise ValueError(
+            f"weight_decay must be flat over the operator's parameters, shape {tuple(g.shape)}; got "
+            f"{tuple(weight_decay.shape)} (optimizer_weight_decay(optimizer, op.space) gives it)"
+        )
+    if weight_decay is not None and bool(weight_decay.any()):
+        decay = weight_decay.to(g.dtype)
+        g = g + decay * op.space.values().to(g.dtype)
     grad_norm = float(op.inner(g, g).sqrt())
     if not (math.isfinite(grad_norm) and grad_norm > 0):
         nan = math.nan
@@ -111,24 +129,28 @@ def gradient_curvature(op: HessianOperator, method: str = "operator") -> Gradien
         hg = op.matvec(g)
         name = op.backend_name
     else:
-        hg = _forward_difference(op, g, FORWARD_DIFFERENCE_DISPLACEMENT / grad_norm)
+        hg = _forward_difference(op, loss_gradient, g, FORWARD_DIFFERENCE_DISPLACEMENT / grad_norm)
         name = method
+    if decay is not None:
+        hg = hg + decay * g
     hg_norm = float(op.inner(hg, hg).sqrt())
     return GradientCurvature(grad_norm, hg_norm, float(op.inner(g, hg)), name, time.perf_counter() - start)
 
 
-def _forward_difference(op: HessianOperator, g: torch.Tensor, e: float) -> torch.Tensor:
-    """``(grad(theta + e g) - g) / e``, with the parameters put back bit for bit afterwards (this rank's
-    slices of sharded ones: ``g`` holds those)."""
+def _forward_difference(
+    op: HessianOperator, gradient: torch.Tensor, v: torch.Tensor, e: float
+) -> torch.Tensor:
+    """``(grad(theta + e v) - gradient) / e``, ``gradient`` the operator's loss's at ``theta``, with the parameters
+    put back bit for bit afterwards (this rank's slices of sharded ones: ``v`` holds those)."""
     params = op.space.local_params()
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
-            for p, piece in zip(params, op.space.unflatten(g), strict=True):
+            for p, piece in zip(params, op.space.unflatten(v), strict=True):
                 p.add_(piece.to(p.dtype), alpha=e)
         g_shifted = op.gradient()
     finally:
         with torch.no_grad():
             for p, value in zip(params, saved, strict=True):
                 p.copy_(value)
-    return (g_shifted - g) / e
+    return (g_shifted - gradient) / e
