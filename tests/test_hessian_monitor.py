@@ -816,3 +816,52 @@ def test_drawing_the_probe_leaves_an_iterable_datasets_epoch_counter_alone(tmp_p
     assert stream.epoch == plain_stream.epoch == 2
     for a, b in zip(plain.parameters(), measured.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class _SparseEmbedding(L.LightningModule):
+    def __init__(self, sparse=True):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(20, 4, sparse=sparse), nn.Linear(4, 3)
+
+    def loss(self, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(self.out(torch.tanh(self.emb(x))), y)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(1)
+        data = TensorDataset(
+            torch.randint(0, 20, (64,), generator=g), torch.randint(0, 3, (64,), generator=g)
+        )
+        return DataLoader(data, batch_size=64)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)  # takes sparse gradients
+
+
+def test_a_sparse_embedding_is_measured_and_trains_bit_for_bit(tmp_path):
+    """nn.Embedding(sparse=True) gives sparse gradients: every measurement was skipped ('reshape is not
+    implemented for sparse tensors', outside trial). They are measured as the dense embedding's Hessian."""
+    runs = {}
+    for name, callbacks in [
+        ("plain", []),
+        ("measured", [HessianEigenMonitor(k=2, every_n_steps=2, tol=1e-6)]),
+    ]:
+        L.seed_everything(0)
+        model = _SparseEmbedding()
+        t = trainer(tmp_path / name, max_steps=4, callbacks=callbacks, logger=CSVLogger(tmp_path / name))
+        t.fit(model)
+        runs[name] = (model, t)
+    model, t = runs["measured"]
+    assert not any(k.endswith("skipped") for k in logged(t))
+    dense = _SparseEmbedding(sparse=False)
+    dense.load_state_dict(model.state_dict())
+    batch = next(iter(dense.train_dataloader()))
+    reference = hessian_eigenpairs(dense.double(), lambda m, b: m.loss(b), [batch], k=2, tol=1e-10)
+    assert float(t.callback_metrics["hessian/eig_1"]) == pytest.approx(
+        float(reference.eigenvalues[0]), rel=1e-4
+    )
+    for a, b in zip(runs["plain"][0].parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -128,7 +128,7 @@ class ParameterSpace:
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
         """Concatenate per-parameter tensors (local slices of DTensors) into one flat vector."""
-        return torch.cat([local_part(t).reshape(-1) for t in tensors])
+        return torch.cat([_dense(local_part(t)).reshape(-1) for t in tensors])
 
     def local_rows(self, X: Tensor) -> Tensor:
         """This rank's rows of a global ``(global_n, b)`` block (the block itself when not sharded)."""
@@ -180,3 +180,8 @@ class ParameterSpace:
     def values(self) -> Tensor:
         """The current parameter values as one flat vector (a copy; local slices when sharded)."""
         return self.flatten([p.detach() for p in self.local_params()])
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t``, or the dense form of a sparse gradient (``nn.Embedding(sparse=True)`` makes one)."""
+    return t.to_dense() if t.is_sparse else t
