@@ -9,6 +9,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from cases import dense_hessian, make_case
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -599,14 +600,15 @@ class _SummedLoss(DigitsClassifier):
 
 @pytest.mark.parametrize(
     ("batch_size", "probe", "probe_batch_size", "kept"),
-    [(32, 128, None, [32, 32, 32, 32]), (24, 64, 40, [24, 24, 16])],  # stacked: [128]; [24], [40]
+    [(32, 128, None, [32, 32, 32, 32]), (24, 64, 40, [24, 24])],  # stacked: [128]; [24], [40]
 )
 def test_a_loss_summed_over_samples_keeps_the_loader_batches_and_measures_each_as_trained(
     tmp_path, batch_size, probe, probe_batch_size, kept
 ):
     """Stacked, a summed loss would cover several batches at once: a multiple of each trained batch's
     Hessian. The stacking check sees the stacked loss is not the mean of the batches' losses (on a
-    stacked batch of several, not the first, which may hold one) and keeps them."""
+    stacked batch of several, not the first, which may hold one) and keeps them, whole (a cut batch of 16
+    would sum over 2/3 of a trained batch)."""
     from cases import dense_hessian, make_case
 
     L.seed_everything(0)
@@ -624,16 +626,35 @@ def test_a_loss_summed_over_samples_keeps_the_loader_batches_and_measures_each_a
     assert monitor.history[0]["eigenvalues"][0] == pytest.approx(expected, rel=1e-9)
 
 
-def test_batch_normalization_keeps_the_loader_batches_and_unstackable_batches_stay_as_they_are(tmp_path):
+@pytest.mark.parametrize(("probe", "kept"), [(96, [32, 32, 32]), (80, [32, 32]), (20, [32])])
+def test_batch_normalization_keeps_the_loader_batches_whole(tmp_path, caplog, probe, kept):
+    """Batch statistics are part of the loss: a cut last batch (80 = 32 + 32 + 16) normalized over 16 samples,
+    which no trained batch does (3% off a BatchNorm MLP's sharpness with batches of 100; 35% at 32 + 8; a
+    batch of 1 skipped every measurement: outside trial). The probe ends at the last whole batch, or is the
+    first whole batch, and says so; the measurement is the dense Hessian of those batches in train mode."""
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, batch_size=32, batchnorm=True).double()
+    start = copy.deepcopy(model)
+    monitor = HessianEigenMonitor(k=1, probe=probe, at_fit_end=False, every_n_steps=None, tol=1e-10)
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
+    assert [b[0].shape[0] for b in monitor.probe.batches] == kept
+    assert (f"{sum(kept)} samples in {len(kept)} batch(es) for the {probe} asked" in caplog.text) == (
+        probe != 96
+    )
+    case = make_case("mlp")
+    case.model, case.batches = start.train(), monitor.probe.batches
+    case.loss_fn = lambda m, b: (
+        0.5 * ((m(b[0].double()) - torch.nn.functional.one_hot(b[1], 10)) ** 2).sum(1).mean()
+    )
+    expected = float(torch.linalg.eigvalsh(dense_hessian(case))[-1])
+    assert monitor.history[0]["eigenvalues"][0] == pytest.approx(expected, rel=1e-8)
+
+
+def test_unstackable_batches_stay_as_they_are():
     from pf_lightning import ProbeSet
     from pf_lightning.callbacks._probe import stack_batches
 
-    L.seed_everything(0)
-    monitor = HessianEigenMonitor(k=1, probe=96, at_fit_end=False, every_n_steps=None)
-    trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(
-        DigitsClassifier(n=128, batch_size=32, batchnorm=True)
-    )
-    assert [b[0].shape[0] for b in monitor.probe.batches] == [32, 32, 32]
     # Sequences padded to different lengths cannot be stacked; dicts with a shared mask can.
     ragged = ProbeSet([torch.zeros(4, 7), torch.zeros(4, 9)])
     assert stack_batches(ragged) is ragged
