@@ -830,3 +830,23 @@ def test_batches_left_out_of_batch_sharpness_are_warned_about(tmp_path):
     assert (
         measured and min(measured) < 20 and all(math.isfinite(h["eos/batch_sharpness"]) for h in eos.history)
     )
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "momentum", "warned"), [("sgd", 0.0, False), ("sgd", 0.9, True), ("adam", 0.0, True)]
+)
+def test_a_given_threshold_says_the_batch_sharpness_is_along_the_gradient(
+    tmp_path, optimizer, momentum, warned
+):
+    """threshold= judges the optimizer as gradient descent: its batch sharpness is g^T H g / g^T g, which is not
+    the step of momentum, a preconditioner or LBFGS's line search (README: 'skipped with a warning'; an outside
+    trial found it logged in silence). Said once, where the step is not plain gradient descent."""
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, batch_size=32, optimizer=optimizer, momentum=momentum, lr=0.01)
+    monitors = [HessianEigenMonitor(k=1, every_n_steps=2), EdgeOfStabilityMonitor(threshold=50.0)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=2, callbacks=monitors).fit(model)
+    said = [w for w in caught if "taken along each batch's gradient" in str(w.message)]
+    assert len(said) == int(warned)
+    assert monitors[1].history[-1]["eos/batch_threshold"] == pytest.approx(50.0)

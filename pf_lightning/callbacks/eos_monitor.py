@@ -86,6 +86,16 @@ class _Measured:
     extras: dict[str, float]
 
 
+def _steps_along_gradient(optimizer: Any) -> bool:
+    """Whether every group of ``optimizer`` steps along its gradient, as plain gradient descent (no momentum,
+    no preconditioner; False for an optimizer without a rule, LBFGS's line search among them)."""
+    try:
+        groups = [stability.unit_step_dynamics(optimizer, i) for i in range(len(optimizer.param_groups))]
+    except (stability.UnsupportedOptimizer, ValueError):
+        return False
+    return all(d.scalar and not d.preconditioned for d in groups)
+
+
 def _other_steps(optimizer: torch.optim.Optimizer, first: StepDynamics) -> list[str]:
     """The parameter groups that step otherwise than group 0 (``first``), each described. A preconditioning
     optimizer's rates are in its ``P`` (:func:`~pf_lightning.curvature.optimizer_preconditioner`), so
@@ -474,6 +484,18 @@ class EdgeOfStabilityMonitor(Callback):
                     "top eigenvalue of the whole Hessian, at least that of the block it moves, so eos/ratio "
                     "can overstate its edge",
                 )
+        if (
+            self.fixed_threshold is not None
+            and self._batches is not None
+            and not _steps_along_gradient(optimizer)
+        ):
+            self._warn_once(
+                "given_threshold_batches",
+                f"threshold= judges {type(optimizer).__name__} as gradient descent with that edge: "
+                "eos/batch_sharpness is taken along each batch's gradient (g^T H g / g^T g), not along "
+                f"{type(optimizer).__name__}'s own step; remove threshold= where the optimizer has a rule "
+                "(pf_lightning.stability.register_optimizer_rule), or pass batch_sharpness=False",
+            )
         clipping = gradient_clipping(trainer, pl_module)
         self._clip = None if clipping is None else clipping[1]
         if clipping is not None:
