@@ -41,6 +41,23 @@ def fit(tmp_path, model, steps, callbacks, **kwargs):
     return t
 
 
+@pytest.mark.parametrize("first", ["LearningRateMonitor", "LRAdaptation"])
+def test_a_learning_rate_monitor_listed_first_is_warned_about(tmp_path, first):
+    """LearningRateMonitor logs at its batch start: listed first, it logged 0.1 for the first step where DAL
+    set 1.47 for it from the batch about to train (outside trial). Said at set-up, naming the order."""
+    L.seed_everything(0)
+    callbacks = [LRAdaptation(dal_factory(p=1.0, max_lr=5.0)), LearningRateMonitor("step")]
+    if first == "LearningRateMonitor":
+        callbacks.reverse()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = fit(tmp_path, DigitsClassifier(n=128, lr=0.1), 2, callbacks)
+    said = [w for w in caught if "list LRAdaptation first" in str(w.message)]
+    assert len(said) == int(first == "LearningRateMonitor")
+    m = logged(t)
+    assert (m["lr-SGD"][0] == pytest.approx(m["dal/lr"][0])) == (first == "LRAdaptation")
+
+
 def test_dal_sets_each_rate_from_the_hg_ratio_measured_before_it(tmp_path):
     L.seed_everything(0)
     model = DigitsClassifier(n=128, lr=0.1)
@@ -320,6 +337,9 @@ def _configured(kind):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": DriftAdaptiveLR(opt), "interval": "step"}}
         if kind == "dal":
             return {"optimizer": opt, "lr_scheduler": DriftAdaptiveLR(opt).lightning_config()}
+        if kind == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss"}}
         if kind == "every_2":
             return {
                 "optimizer": opt,
@@ -351,6 +371,12 @@ def _configured(kind):
         ("cap", LRAdaptation, "add HessianEigenMonitor"),
         ("plain", lambda: LRAdaptation(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 2)), "installs"),
         ("plain", lambda: LRAdaptation(dal_factory(), optimizer_index=1), "optimizer_index=1"),
+        # base= was suggested, which refuses a ReduceLROnPlateau (outside trial)
+        (
+            "plateau",
+            lambda: LRAdaptation(functools.partial(SharpnessCappedLR)),
+            "ReduceLROnPlateau.*remove one",
+        ),
     ],
 )
 def test_bad_configurations_fail_at_fit_start_naming_the_fix(tmp_path, kind, callback, match):

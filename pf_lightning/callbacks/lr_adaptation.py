@@ -22,10 +22,11 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from typing_extensions import override
 
 from .. import logging as names
@@ -235,13 +236,26 @@ class LRAdaptation(Callback):
                     f"a {type(other).__name__} also sets the rate of the optimizer {type(scheduler).__name__} "
                     "sets every step, and would be overwritten in silence: "
                     + (
-                        "cap it instead, SharpnessCappedLR(optimizer, base=that_scheduler)"
+                        "remove one of them (a ReduceLROnPlateau steps on a metric of its own and cannot be the "
+                        "cap's base)"
+                        if isinstance(scheduler, SharpnessCappedLR) and isinstance(other, ReduceLROnPlateau)
+                        else "cap it instead, SharpnessCappedLR(optimizer, base=that_scheduler)"
                         if isinstance(scheduler, SharpnessCappedLR)
                         else "remove it (DAL's window= and warmup_steps= shape the DAL rate)"
                     )
                 )
         if any(isinstance(s, SharpnessCappedLR) for s in self.schedulers):
             self._find_eos(trainer)
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, LearningRateMonitor)]
+        if any(isinstance(s, DriftAdaptiveLR) for s in self.schedulers) and monitors:
+            if trainer.callbacks.index(monitors[0]) < trainer.callbacks.index(self):
+                warn_once(
+                    self._warned,
+                    "order",
+                    "LearningRateMonitor is listed before LRAdaptation: at a fit's first step (and the step a "
+                    "resumed run owes a measurement) it logs the rate before DAL sets it from the batch about "
+                    "to train; list LRAdaptation first in the Trainer's callbacks",
+                )
         clipping = gradient_clipping(trainer, pl_module)
         if clipping is not None:
             warn_once(
