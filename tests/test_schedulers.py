@@ -361,7 +361,7 @@ def test_hg_ratio_with_coupled_weight_decay_is_of_the_loss_the_step_descends(nam
         exact = gradient_curvature(op, "operator", W)
         plain = gradient_curvature(op, "operator")
         forward = gradient_curvature(op, "forward_difference", W)  # last: it moves the parameters and back
-        with pytest.raises(ValueError, match="weight_decay must be flat over the operator's parameters"):
+        with pytest.raises(ValueError, match=r"`weight_decay` must be flat over the operator.s parameters"):
             gradient_curvature(op, "operator", W[:-1])
     Hw = H + torch.diag(W)
     reference = float((Hw @ g).norm() / g.norm())

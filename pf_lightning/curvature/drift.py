@@ -113,9 +113,11 @@ def gradient_curvature(
     start = time.perf_counter()
     g = loss_gradient = op.gradient()
     decay = None
+    if weight_decay is not None:
+        _check.instance("weight_decay", weight_decay, torch.Tensor, "None or a flat tensor of the decays")
     if weight_decay is not None and tuple(weight_decay.shape) != tuple(g.shape):
         raise ValueError(
-            f"weight_decay must be flat over the operator's parameters, shape {tuple(g.shape)}; got "
+            f"`weight_decay` must be flat over the operator's parameters, shape {tuple(g.shape)}; got "
             f"{tuple(weight_decay.shape)} (optimizer_weight_decay(optimizer, op.space) gives it)"
         )
     if weight_decay is not None and bool(weight_decay.any()):

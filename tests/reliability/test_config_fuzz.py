@@ -463,6 +463,10 @@ GRADIENT_CURVATURE = {
         st.sampled_from(["operator", "forward_difference"]),
         bad_choice({"operator", "forward_difference"}),
     ),
+    "weight_decay": (
+        st.sampled_from([None, torch.zeros(N_PARAMS), torch.full((N_PARAMS,), 0.1)]),
+        st.sampled_from([5, 0.1, torch.zeros(N_PARAMS - 1), torch.zeros(N_PARAMS, 1)]),
+    ),
 }
 
 PARAMETER_GROUPS = {
@@ -485,11 +489,11 @@ class _LossModel(nn.Module):
 OUTPUT_LOSS = {"model": (st.builds(_LossModel), st.sampled_from([None, 5, "model", object(), loss_fn]))}
 
 
-def _gradient_curvature(op, method="operator"):
+def _gradient_curvature(op, method="operator", weight_decay=None):
     if not isinstance(op, HessianOperator):
-        return gradient_curvature(op, method)
+        return gradient_curvature(op, method, weight_decay)
     with op:
-        return gradient_curvature(op, method)
+        return gradient_curvature(op, method, weight_decay)
 
 
 def _output_loss(model):
