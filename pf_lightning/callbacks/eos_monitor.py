@@ -36,6 +36,7 @@ from .. import stability
 from .._validation import Checks
 from ..curvature.distributed import (
     LocalFailure,
+    MeasurementAborted,
     all_reduce_sum,
     any_rank,
     is_distributed,
@@ -531,17 +532,32 @@ class EdgeOfStabilityMonitor(Callback):
         reloaded = self._batches_loader is not _UNSETTLED
         self._batches_loader, self._batches = loader, None
         wanted = self.batch_sharpness
-        if wanted is False or (wanted is None and not trains_on_mini_batches(trainer)):
+        if wanted is False:
             return None
+        # Every rank decides alike: one measuring alone waits in the measurement's collectives for the others
+        # (ranks whose shards differ in length, use_distributed_sampler=False: one trains on mini-batches, the
+        # other on its whole shard; an outside trial's gloo aborted at the fit-start measurement).
+        device = pl_module.device
+        if wanted is None and not any_rank([trains_on_mini_batches(trainer)], device)[0]:
+            return None
+        source = failure = None
         try:
-            self._batches = TrainingBatches.from_trainer(trainer)
+            source = TrainingBatches.from_trainer(trainer)
         except ValueError as err:
+            failure = err
+        try:
+            any_rank([False], device, error=failure)
+            self._batches = source
+        except (ValueError, MeasurementAborted) as agreed:
+            err = (
+                agreed if isinstance(agreed, ValueError) else f"on rank {agreed.rank}, {agreed.error_message}"
+            )
             if wanted and not reloaded:
                 self._batches_error = MisconfigurationException(
                     f"batch_sharpness=True needs mini-batches drawn like the training loader's, but {err}: "
                     "give the Trainer one map-style DataLoader with a batch_size, or set batch_sharpness=False"
                 )
-                raise self._batches_error from err
+                raise self._batches_error from agreed
             self._warn_once(
                 "batches", f"mini-batch training, but batch sharpness is not measured: {err}; the edge is judged on "
                 "eos/ratio alone, the full-batch sharpness, which at small batches can stay well below the threshold",

@@ -22,7 +22,7 @@ from typing_extensions import override
 from .. import logging as names
 from .._validation import Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
-from ..curvature.distributed import any_rank
+from ..curvature.distributed import LocalFailure, MeasurementAborted, any_rank, per_rank
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
@@ -409,6 +409,35 @@ class HessianEigenMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The set-up fails on every rank or none: one raising alone would leave the others waiting in the
+        # first measurement's collectives (a probe empty on one rank; an outside trial).
+        hold = LocalFailure()
+        try:
+            with hold:
+                self._set_up(trainer, pl_module)
+            any_rank([False], pl_module.device, error=hold.take())
+        except MeasurementAborted as err:
+            raise MisconfigurationException(
+                f"the measurement could not be set up on rank {err.rank} ({err.error_type}: {err.error_message})"
+            ) from err
+        if self.every_n_epochs is not None:
+            counts = per_rank(trainer.num_training_batches, pl_module.device)
+            if len(set(counts)) > 1:
+                raise MisconfigurationException(
+                    f"every_n_epochs={self.every_n_epochs}, but the ranks' epochs differ in length ("
+                    + ", ".join(f"rank {r}: {n:g} batches" for r, n in enumerate(counts))
+                    + "; loaders of uneven shards with use_distributed_sampler=False): they would end their "
+                    "epochs, and measure, at different steps, each waiting for the others; use every_n_steps"
+                )
+        step = trainer.global_step
+        # A resumed fit continues the interrupted one: measure now only where that run was due to and
+        # did not (it raised); nothing after a fresh start from an unreadable state.
+        fresh = self._start == "fit" and self.at_fit_start and step >= self.warmup_steps
+        if self._due(step) if self._start == "resumed" else fresh:
+            self.measure(trainer, pl_module)
+
+    def _set_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """This rank's part of the fit's set-up: the module's checks, the probe, the measurement's settings."""
         self._check_module(pl_module)
         check.usable_device("basis_device", self.basis_device)
         shared, loss_fn = self._shared_probe, resolve_loss_fn(pl_module, self._loss_arg)
@@ -464,12 +493,6 @@ class HessianEigenMonitor(Callback):
                 f"the loss does not run on the first probe batch ({type(err).__name__}: {err}): pass "
                 "`probe=` batches that training_step (or `loss_fn=`) accepts"
             ) from err
-        step = trainer.global_step
-        # A resumed fit continues the interrupted one: measure now only where that run was due to and
-        # did not (it raised); nothing after a fresh start from an unreadable state.
-        fresh = self._start == "fit" and self.at_fit_start and step >= self.warmup_steps
-        if self._due(step) if self._start == "resumed" else fresh:
-            self.measure(trainer, pl_module)
 
     # -- when to measure ---------------------------------------------------------------------
     @override

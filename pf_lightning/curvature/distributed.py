@@ -58,6 +58,7 @@ __all__ = [
     "is_distributed",
     "is_sharded",
     "local_part",
+    "per_rank",
     "reduce_agreed",
     "world_size",
 ]
@@ -272,6 +273,16 @@ def any_rank(
     buffer = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64, device=device)
     reduce_agreed(buffer, error, nonfinite)
     return [bool(v > 0) for v in buffer.tolist()]
+
+
+def per_rank(value: float, device: torch.device | str = "cpu") -> list[float]:
+    """Every rank's ``value``, in rank order (one all-reduce of a world-sized vector; ``[value]`` without a
+    group): for a setting each rank reads from its own data that all of them must share."""
+    if not is_distributed():
+        return [float(value)]
+    values = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    values[dist.get_rank()] = float(value)
+    return all_reduce_sum(values).tolist()
 
 
 # -- sharded (DTensor) parameters ------------------------------------------------------------------

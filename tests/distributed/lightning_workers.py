@@ -377,3 +377,61 @@ def fit_after_validation(strategy: Any, out: str) -> None:
     )
     trainer = two_ranks(strategy, out, 2, [monitor, FitEndRecorder(monitor, out)])
     trainer.fit(ValidatedDigits(fsdp=True))
+
+
+class _SavesSetUpFailure:
+    """A callback whose fit-start set-up saves, on a rank where it raises, the exception (a spawned rank's
+    exceptions reach no callback hook: Lightning handles them in the launching process)."""
+
+    def __init__(self, out: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out = out
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        try:
+            super().on_train_start(trainer, pl_module)
+        except Exception as err:
+            failure = {"error": type(err).__name__, "message": str(err)}
+            torch.save(failure, Path(self.out) / f"failure{trainer.global_rank}.pt")
+            raise
+
+
+class RecordingMonitor(_SavesSetUpFailure, HessianEigenMonitor):
+    pass
+
+
+class RecordingEdge(_SavesSetUpFailure, EdgeOfStabilityMonitor):
+    pass
+
+
+class EmptyOnRankOne:
+    """Probe batches: one on rank 0, none on rank 1."""
+
+    def __iter__(self):
+        if dist.get_rank() == 0:
+            yield digits(8)
+
+
+UNEVEN_BATCHES = (16, 16)  # rank 0: two batches of its 24 samples, rank 1: its 10 in one
+
+
+def fit_uneven_set_up(out: str, case: str) -> None:
+    """Settings each rank reads from its own shard, which must agree: ``"default"`` (rank 0 trains on
+    mini-batches, rank 1 on its whole shard: batch sharpness), ``"required"`` (the same, with
+    ``batch_sharpness=True``), ``"epochs"`` (``every_n_epochs`` on epochs of 2 and 1 steps), ``"probe"``
+    (a probe that is empty on rank 1)."""
+    L.seed_everything(0, verbose=False)
+    kwargs = {"k": 1, "every_n_steps": 2, "at_fit_end": False}
+    if case == "epochs":
+        kwargs.update(every_n_steps=None, every_n_epochs=1, at_fit_start=False)
+    if case == "probe":
+        kwargs.update(probe=EmptyOnRankOne())
+    monitor = RecordingMonitor(out, **kwargs)
+    eos = RecordingEdge(out, batch_sharpness=True if case == "required" else None)
+    # A rank left waiting in a collective fails within a minute rather than hanging the test.
+    strategy = DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        two_ranks(strategy, out, STEPS, [monitor, eos, EdgeRecorder(eos, out)]).fit(
+            ShardedDigits(batch_sizes=UNEVEN_BATCHES)
+        )

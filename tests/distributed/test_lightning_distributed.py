@@ -7,6 +7,7 @@ is one process on the union of the recorded shards at the recorded weights (dens
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from lightning_workers import (
     fit_fixed_order,
     fit_flaky_draw,
     fit_minibatch,
+    fit_uneven_set_up,
     fit_with_time_budget,
 )
 from torch.utils.data import TensorDataset, default_collate
@@ -175,6 +177,40 @@ def test_a_failure_of_the_gradient_s_projections_on_one_rank_skips_the_diagnosti
     fit_failing_projections(str(tmp_path))
     for r in load(tmp_path):
         assert r["steps"] == [] and r["logged"]["eos/skipped"] == 1.0
+
+
+def test_ranks_that_train_on_batches_and_on_their_whole_shard_agree_to_measure_batch_sharpness(tmp_path):
+    """Rank 0 trains on 2 batches of its 24 samples, rank 1 on its 10 at once: rank 0 alone turned batch
+    sharpness on and gloo aborted at the fit-start measurement (an outside trial). Both ranks take it as
+    mini-batch training; rank 1's shard is smaller than a mini-batch of 16, so neither measures it."""
+    fit_uneven_set_up(str(tmp_path), "default")
+    ranks = load(tmp_path)
+    for r in ranks:
+        assert r["step"] == STEPS and "eos/batch_sharpness" not in r["logged"]
+    assert ranks[0]["logged"]["eos/ratio"] == ranks[1]["logged"]["eos/ratio"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("required", "batch_sharpness=True needs mini-batches .* on rank 1, a mini-batch of 16 samples"),
+        (
+            "epochs",
+            r"every_n_epochs=1, but the ranks' epochs differ in length \(rank 0: 2 batches, rank 1: 1",
+        ),
+        ("probe", "could not be set up on rank 1 .*at least one batch"),
+    ],
+)
+def test_a_set_up_that_fails_on_one_rank_fails_on_every_rank(tmp_path, case, match):
+    """A rank raising alone left the others in the fit's first collectives: gloo's 'collective mismatch', or
+    a hang until the process group's timeout (outside trial). Every rank raises, naming the failing one."""
+    with pytest.raises(Exception):  # noqa: B017 - the launcher re-raises a rank's exception in its own type
+        fit_uneven_set_up(str(tmp_path), case)
+    for rank in range(2):
+        failure = torch.load(tmp_path / f"failure{rank}.pt", weights_only=False)
+        assert failure["error"] == "MisconfigurationException", failure
+        assert re.search(match, failure["message"]), failure["message"]
 
 
 def test_ranks_postpone_together_under_a_time_budget(tmp_path):
