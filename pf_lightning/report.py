@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -722,6 +722,21 @@ def write_html(runs: list[RunMetrics], images: dict[str, list[Path]], path: Path
     return path
 
 
+def _stale_plots(out: Path, folders: set[Path], written: Collection[Path]) -> list[Path]:
+    """The PNGs of an earlier report in ``out`` and the runs' ``folders`` that this one did not write there:
+    a plot skipped this time, or a single run's top-level plots after the folder gained a second run. Only
+    files named as this module names its plots are taken, never another file."""
+    names = {*PLOTS, "sharpness_runs"}
+    stale = []
+    for folder in {out, *folders}:
+        for path in sorted(folder.glob("*.png")) if folder.is_dir() else ():
+            stem = path.stem
+            ours = stem in names or any(stem.startswith(f"{name}_") for name in _EDGE_PLOTS)
+            if ours and path not in written:
+                stale.append(path)
+    return stale
+
+
 def write_report(
     root: Path,
     out: Path | None = None,
@@ -781,6 +796,9 @@ def write_report(
         images[""] = [out / "sharpness_runs.png"]
     for path in sorted(written):
         echo(f"wrote {path}")
+    for path in _stale_plots(out, set(folders.values()), written):
+        path.unlink()
+        echo(f"removed {path}: an earlier report's, which this one does not draw there")
     if html:
         out.mkdir(parents=True, exist_ok=True)
         echo(f"wrote {write_html(runs, images, out / 'report.html')}")

@@ -196,6 +196,27 @@ def test_plots_without_data_are_skipped_with_a_message(tmp_path):
     assert len(skipped) == 5 and any("EdgeOfStabilityMonitor" in m for m in skipped)
 
 
+def test_a_later_report_removes_the_plots_it_no_longer_draws_there(tmp_path):
+    """A folder that gains a second run gets a sub-folder per run: the first report's top-level plots stayed
+    beside them, stale (an outside trial). They go, with a message; other files stay."""
+    write_csv(
+        tmp_path / "runs" / "a" / "metrics.csv", [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(9)]
+    )
+    write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
+    assert (tmp_path / "out" / "loss.png").is_file()
+    (tmp_path / "out" / "notes.png").write_bytes(b"mine")
+    write_csv(
+        tmp_path / "runs" / "b" / "metrics.csv", [{"step": s, "train_loss": 2.0 / (s + 1)} for s in range(9)]
+    )
+    messages = []
+    written = write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=messages.append)
+    assert {p.relative_to(tmp_path / "out").as_posix() for p in written} == {"a/loss.png", "b/loss.png"}
+    assert not (tmp_path / "out" / "loss.png").exists() and (tmp_path / "out" / "notes.png").is_file()
+    assert [m for m in messages if m.startswith("removed")] == [
+        f"removed {tmp_path / 'out' / 'loss.png'}: an earlier report's, which this one does not draw there"
+    ]
+
+
 def test_several_runs_get_a_folder_each_and_a_comparison(tmp_path):
     for lr in (0.4, 0.2):
         rows = [
