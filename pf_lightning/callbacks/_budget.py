@@ -7,8 +7,9 @@ fraction of the rest. They differ in the unit:
 - ``max_work_fraction`` counts work in sample-gradients (:class:`~pf_lightning.curvature.WorkMeter`:
   every Hessian-vector product, gradient and forward pass of the measurement, its trace, density and
   listeners such as the edge-of-stability diagnostics, times its probe samples) against the samples the
-  fit has trained on. The counts do not depend on the machine, so the measured and postponed steps are
-  the same in every run.
+  fit has trained on. The counts do not depend on the machine's speed or load, so the measured and
+  postponed steps are the same in every run on one machine (the solver's product counts read rounding,
+  which another thread count or machine can change).
 - ``max_time_fraction`` counts wall time against the time spent on everything else in the fit
   (training, validation, logging, other callbacks), a failed attempt included. It follows the machine's
   real costs and its noise: the measured steps differ from run to run.

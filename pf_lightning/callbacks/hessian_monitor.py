@@ -99,8 +99,9 @@ class HessianEigenMonitor(Callback):
             both counted in sample-gradients (a Hessian-vector product on ``p`` probe samples costs
             ``2p``, a training micro-batch of ``b`` samples ``b``), ``hessian/work_fraction``, from the
             fit's second measurement on: a due measurement that would exceed it is postponed to the next
-            due step that fits (``hessian/postponed``). The counts do not depend on the machine, so two
-            runs measure at the same steps (README, "Cost").
+            due step that fits (``hessian/postponed``). The counts do not depend on the machine's speed,
+            so two runs on one machine measure at the same steps (product counts read rounding: another
+            thread count or machine can move them; README, "What it costs").
         max_time_fraction: the same cap on wall time: the time spent measuring over the rest of the fit's
             wall time, ``hessian/time_fraction``. It follows the machine's real costs, so the measured
             steps differ from run to run.
@@ -431,9 +432,12 @@ class HessianEigenMonitor(Callback):
                 )
         step = trainer.global_step
         # A resumed fit continues the interrupted one: measure now only where that run was due to and
-        # did not (it raised); nothing after a fresh start from an unreadable state.
-        fresh = self._start == "fit" and self.at_fit_start and step >= self.warmup_steps
-        if self._due(step) if self._start == "resumed" else fresh:
+        # did not (it raised; at step 0 in its fit-start measurement too); nothing after a fresh start from an
+        # unreadable state. A step the checkpoint holds a measurement of is not measured again.
+        fit_start = self.at_fit_start and step >= self.warmup_steps
+        if self._start == "resumed" and (self._due(step) or (step == 0 and fit_start)):
+            self.measure(trainer, pl_module)
+        elif self._start == "fit" and fit_start:
             self.measure(trainer, pl_module)
 
     def _set_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -551,10 +555,13 @@ class HessianEigenMonitor(Callback):
         try:
             with WorkMeter() as meter, progress_mark(trainer, f"measuring {self._label}…"):
                 result = self._measure_now(trainer, pl_module, step)
-        finally:  # a failed attempt costs time and work too
-            self._budget.charge(time.perf_counter() - begin)
-            if self.max_work_fraction is not None:  # its window counts training only under the cap too
-                self._work.charge(meter.work)
+        finally:  # a failed attempt costs time and work too, unless it stops the fit as not taken (Ctrl+C,
+            # on_error="raise"): a fit resumed from the checkpoint written on the way out takes it again, and
+            # charged twice it postponed other steps than the uninterrupted run (an outside trial)
+            if self._last_step == step:
+                self._budget.charge(time.perf_counter() - begin)
+                if self.max_work_fraction is not None:  # its window counts training only under the cap too
+                    self._work.charge(meter.work)
         if result is not None:
             self._log_fractions(trainer, step)
         return result

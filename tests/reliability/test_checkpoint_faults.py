@@ -149,6 +149,69 @@ def test_a_first_measurement_that_raised_is_taken_on_resume(tmp_path):
     assert [h["step"] for h in run(str(tmp_path / "on_exception.ckpt")).history] == [2, 4]
 
 
+def test_a_fit_start_measurement_that_raised_is_taken_on_resume(tmp_path):
+    """Interrupted inside the fit-start measurement, the exception checkpoint is written at step 0, which the
+    resumed fit measured only where its every_n_steps was due (never at 0): its history began at step 2."""
+    calls = []
+
+    def failing(module, batch):
+        calls.append(module.trainer.global_step)
+        if len(calls) == 2 and not module.trainer.ckpt_path:  # the first call is the set-up check of the loss
+            raise _Interrupt("fit-start measurement")
+        return module.loss(batch)
+
+    def run(ckpt_path=None):
+        L.seed_everything(0)
+        monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=failing, on_error="raise")
+        saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
+        trainer(tmp_path, max_steps=4, callbacks=[monitor, saver], enable_checkpointing=True).fit(
+            DigitsClassifier(n=64), ckpt_path=ckpt_path
+        )
+        return monitor
+
+    with pytest.raises(_Interrupt):
+        run()
+    assert torch.load(tmp_path / "on_exception.ckpt", weights_only=False)["global_step"] == 0
+    assert [h["step"] for h in run(str(tmp_path / "on_exception.ckpt")).history] == [0, 2, 4]
+
+
+def test_an_interrupted_measurement_is_not_charged_to_the_work_budget(tmp_path):
+    """The measurement stopped at step 35 is not taken (the resumed fit takes it) and was not charged: charged,
+    its partial work made an outside trial's resumed fit postpone step 35 and measure 65. The resumed fit
+    measures and postpones the steps of the uninterrupted one."""
+    state = {"armed": False, "calls": 0}
+
+    def failing(module, batch):
+        if state["armed"] and module.trainer.global_step == 35:
+            state["calls"] += 1
+            if state["calls"] == 12:
+                state["armed"] = False
+                raise _Interrupt("inside the step-35 measurement")
+        return module.loss(batch)
+
+    def run(root, armed=False, ckpt_path=None):
+        L.seed_everything(0)
+        state.update(armed=armed, calls=0)
+        monitor = HessianEigenMonitor(
+            k=2, every_n_steps=5, max_work_fraction=0.5, probe=64, hvp="finite_difference", loss_fn=failing,
+            on_error="raise", at_fit_end=False,
+        )  # fmt: skip
+        saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
+        t = trainer(
+            root, max_steps=70, callbacks=[monitor, saver], enable_checkpointing=True, logger=CSVLogger(root)
+        )
+        t.fit(DigitsClassifier(n=512), ckpt_path=ckpt_path)
+        return monitor, logged(t)
+
+    straight, straight_logs = run(tmp_path / "straight")
+    with pytest.raises(_Interrupt):
+        run(tmp_path / "first", armed=True)
+    resumed, resumed_logs = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "on_exception.ckpt"))
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in straight.history]
+    postponed = {s for s in straight_logs["hessian/postponed"] if s > 35}
+    assert postponed and set(resumed_logs["hessian/postponed"]) == postponed
+
+
 def test_trace_cadence_counts_measurements_not_the_capped_history(tmp_path):
     L.seed_everything(0)
     monitor = HessianEigenMonitor(k=1, every_n_steps=1, max_history=1, trace_every=3, trace_hvp=3)
