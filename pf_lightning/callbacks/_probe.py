@@ -237,7 +237,7 @@ def _stacking_keeps_the_loss(
             f"({loss_stacked:.10g} against their sample-weighted mean {loss:.10g}) or gradient (relative "
             f"difference {gradient_off:.2g}): the loss sums over samples (reduction='sum'), averages over "
             "the tokens of padded sequences, or couples samples, and weighs them differently in one batch. "
-            "The probe keeps the training loader's batches (one forward pass each, as "
+            "The probe keeps the training loader's batches, whole (one forward pass each, as "
             "probe_batch_size='loader'), so each is measured as it is trained",
             UserWarning,
         )

@@ -476,7 +476,8 @@ class LRAdaptation(Callback):
 
     def _on_edge(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
         # Called with each sharpness the EoS monitor measured, before it judges it at the rate set here (at
-        # learning rate 0 too: a warm-up from zero is capped from its first step); a skipped one keeps the cap.
+        # learning rate 0 too: a warm-up from zero is capped from its first step); a measurement that gave no
+        # sharpness keeps the cap (one whose judgement then fails has set it already).
         sharpness = float(metrics[names.SHARPNESS])
         log_metrics(trainer, {names.CAP_SHARPNESS: sharpness}, trainer.global_step)
         self._remember(trainer, names.CAP_SHARPNESS)
