@@ -439,6 +439,10 @@ def hessian_eigenpairs(
     return result
 
 
+STDERR_GROUPS = 8
+"""The groups of the probe's samples :func:`eigenvalue_stderr` takes the spread over, by default."""
+
+
 def split_samples(probe: ProbeSet, chunks: int, cut: bool = True) -> list[ProbeSet]:
     """The probe's samples in about ``chunks`` groups, in order: its batches dealt round-robin where it holds
     at least ``chunks`` of them (or where ``cut`` is False: a loss whose batches' samples interact, through
@@ -468,7 +472,7 @@ def eigenvalue_stderr(
     batches: Any,
     vector: Tensor,
     *,
-    chunks: int = 8,
+    chunks: int = STDERR_GROUPS,
     cut: bool | None = None,
     hvp: str = "auto",
     seed: int = 0,
@@ -666,13 +670,17 @@ class MeasurementSpec:
             gradient=gradient,
         )
 
-    def trace(self, model: nn.Module, n_hvp: int) -> TraceEstimate:
-        """:func:`hessian_trace` on the probe set with these settings."""
-        return hessian_trace(model, self.loss_fn, self.probe, n_hvp=n_hvp, **self._operator_settings())
+    def trace(self, model: nn.Module, n_hvp: int, seed: int | None = None) -> TraceEstimate:
+        """:func:`hessian_trace` on the probe set with these settings (its probes from ``seed``, else the
+        settings' seed)."""
+        settings = self._operator_settings() | ({} if seed is None else {"seed": seed})
+        return hessian_trace(model, self.loss_fn, self.probe, n_hvp=n_hvp, **settings)
 
-    def density(self, model: nn.Module, n_steps: int) -> SpectralDensity:
-        """:func:`hessian_density` on the probe set with these settings."""
-        return hessian_density(model, self.loss_fn, self.probe, n_steps=n_steps, **self._operator_settings())
+    def density(self, model: nn.Module, n_steps: int, seed: int | None = None) -> SpectralDensity:
+        """:func:`hessian_density` on the probe set with these settings (its start vectors from ``seed``,
+        else the settings' seed)."""
+        settings = self._operator_settings() | ({} if seed is None else {"seed": seed})
+        return hessian_density(model, self.loss_fn, self.probe, n_steps=n_steps, **settings)
 
     def batch_sharpness(
         self,
@@ -717,7 +725,7 @@ class MeasurementSpec:
         )
 
     def eigenvalue_stderr(
-        self, model: nn.Module, vector: Tensor, chunks: int = 8, cut: bool | None = None
+        self, model: nn.Module, vector: Tensor, chunks: int = STDERR_GROUPS, cut: bool | None = None
     ) -> float:
         """:func:`eigenvalue_stderr` of ``vector`` on the probe set with these settings."""
         settings = self._operator_settings()

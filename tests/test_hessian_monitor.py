@@ -3,6 +3,7 @@
 import copy
 import csv
 import dataclasses
+import math
 import re
 import warnings
 
@@ -366,6 +367,28 @@ def test_trace_and_density_at_a_slower_cadence(tmp_path):
     assert monitor.density is not None and monitor.density.nodes.shape == (2, 20)
 
 
+def test_each_trace_estimate_draws_its_own_probes(tmp_path):
+    """At rate 0 the Hessian never moves: the estimates differ by their probes alone. With one seed for all,
+    every estimate repeated the first one's error (an outside trial: +2.2, +1.7, +1.1 standard errors over
+    a run); drawn per step, a run's mean is nearer the exact trace than its estimates, and a second run
+    repeats them."""
+    runs = []
+    for name in ("first", "second"):
+        L.seed_everything(0)
+        model = DigitsClassifier(lr=0.0, n=128)
+        monitor = HessianEigenMonitor(k=1, every_n_steps=1, trace_every=1, trace_hvp=12, at_fit_end=False)
+        trainer(tmp_path / name, max_steps=15, callbacks=[monitor]).fit(model)
+        runs.append([h["trace"] for h in monitor.history])
+    traces = torch.tensor(runs[0], dtype=torch.float64)
+    assert runs[0] == runs[1] and len(set(runs[0])) == len(runs[0]) == 16
+    case = make_case("mlp")
+    case.model, case.batches = model, [digits(128)]
+    case.loss_fn = lambda m, b: 0.5 * ((m(b[0]) - torch.nn.functional.one_hot(b[1], 10)) ** 2).sum(1).mean()
+    exact = float(torch.trace(dense_hessian(case)))
+    assert abs(float(traces.mean()) - exact) < float((traces - exact).abs().mean())
+    assert abs(float(traces.mean()) - exact) < 3 * float(traces.std()) / 4  # 16 independent estimates
+
+
 def test_time_budget_postpones_measurements_and_says_so(tmp_path):
     L.seed_everything(0)
     model = DigitsClassifier(lr=0.1, n=128)
@@ -649,6 +672,26 @@ def test_batch_normalization_keeps_the_loader_batches_whole(tmp_path, caplog, pr
     )
     expected = float(torch.linalg.eigvalsh(dense_hessian(case))[-1])
     assert monitor.history[0]["eigenvalues"][0] == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "said"), [(128, "no standard error (NaN) from one group"), (64, "1 degree")]
+)
+def test_a_standard_error_over_few_whole_batches_says_so(tmp_path, batch_size, said):
+    """Batch normalization keeps the probe's batches whole, so eig_1_stderr has one group per batch: one batch
+    logged NaN at every measurement, two a value on one degree of freedom (0.03-1.07 where the spread was
+    0.35; an outside trial), in silence. Said at set-up; 8 batches say nothing."""
+    for size, warned in [(batch_size, True), (16, False)]:
+        L.seed_everything(0)
+        model = DigitsClassifier(n=128, batch_size=size, batchnorm=True)
+        monitor = HessianEigenMonitor(k=1, probe=128, stderr_every=1, at_fit_end=False, every_n_steps=None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(model)
+        messages = [str(w.message) for w in caught if "eig_1_stderr is the spread" in str(w.message)]
+        assert len(messages) == int(warned) and all(said in m for m in messages)
+        stderr = monitor.history[0]["eig_1_stderr"]
+        assert math.isnan(stderr) == (size == 128)
 
 
 def test_unstackable_batches_stay_as_they_are():

@@ -70,6 +70,13 @@ def drawn_from_loader(probe: Any) -> bool:
     return probe is None or isinstance(probe, int)
 
 
+def keeps_batches_whole(pl_module: nn.Module, batch_size: int | str | None) -> bool:
+    """Whether the loss couples a batch's samples, so that a probe's batches are neither cut nor stacked nor
+    split into groups: the user's ``probe_batch_size="loader"``, or a module that shows it (batch
+    normalization; :func:`~pf_lightning.probe.couples_samples`)."""
+    return batch_size == "loader" or couples_samples(pl_module)
+
+
 def build_probe(
     trainer: Any,
     pl_module: Any,
@@ -119,7 +126,7 @@ def build_probe(
         )
         # A loss that couples a batch's samples is measured on whole batches, as training takes them: a cut
         # last batch (12 of 100) normalized over other statistics, 3% off a BatchNorm MLP's sharpness.
-        coupled = batch_size == "loader" or couples_samples(pl_module)
+        coupled = keeps_batches_whole(pl_module, batch_size)
         drawn = draw(whole_batches=coupled)
         uncached = hvp == "finite_difference" or any(is_sharded(p) for p in pl_module.parameters())
         if coupled or (uncached and batch_size is None):

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from .. import logging as names
-from .._validation import Checks, is_int, is_tag, parameter_names
+from .._validation import SEED_MAX, Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
 from ..curvature.distributed import LocalFailure, MeasurementAborted, any_rank, per_rank
 from ..curvature.params import measurement_dtype, select_parameters
@@ -40,7 +40,7 @@ from ..logging import (
     wandb_log,
     warn_once,
 )
-from ..measure import MeasurementSpec, check_basis_size
+from ..measure import STDERR_GROUPS, MeasurementSpec, check_basis_size
 from ..probe import ProbeSet, sample_count
 from ._budget import TimeBudget, WorkBudget
 from ._checkpoint import (
@@ -53,7 +53,7 @@ from ._checkpoint import (
     warn_other_settings,
 )
 from ._faults import OnError, check_on_error, notify, skip_or_raise
-from ._probe import build_probe, drawn_from_loader, resolve_loss_fn
+from ._probe import build_probe, drawn_from_loader, keeps_batches_whole, resolve_loss_fn
 
 Listener = Callable[[Trainer, LightningModule, EigenResult], None]
 
@@ -117,10 +117,13 @@ class HessianEigenMonitor(Callback):
             a top-5 measurement's time on the digits MLP, hence every 10th by default). Under DDP and
             FSDP2 over the union of the ranks' groups, the same on every rank.
         trace_every: also estimate the trace (Hutch++, ``trace_hvp`` products) every this many
-            measurements; logged as ``hessian/trace`` and ``hessian/trace_std``.
-        trace_hvp: products per trace estimate.
+            measurements; logged as ``hessian/trace`` and ``hessian/trace_std``. Each estimate draws its
+            probes from ``seed`` and its step, so the errors of a run's estimates are independent.
+        trace_hvp: products per trace estimate (at least 4: Hutch++'s standard error needs two residual
+            probes).
         density_every: also estimate the spectral density (SLQ) every this many measurements; kept
-            in ``.density`` and, with W&B, logged as the histogram ``hessian/density``.
+            in ``.density`` and logged as the histogram ``hessian/density`` to W&B and TensorBoard; its
+            start vectors are drawn from ``seed`` and its step, as the trace's.
         density_steps: Lanczos steps per SLQ vector (two vectors per estimate).
         basis_device: keep the solver's vectors and ``.latest``'s eigenvectors on this device
             (``"cpu"``: host memory, for models too large for the accelerator to hold ``max(2k + 10, 20)``
@@ -210,7 +213,7 @@ class HessianEigenMonitor(Callback):
         check.integer("max_history", max_history, 1)
         check.integer("stderr_every", stderr_every, 1, allow_none=True)
         check.integer("trace_every", trace_every, 1, allow_none=True)
-        check.integer("trace_hvp", trace_hvp, 3)
+        check.integer("trace_hvp", trace_hvp, 4, hint="Hutch++'s standard error needs two residual probes")
         check.integer("density_every", density_every, 1, allow_none=True)
         check.integer("density_steps", density_steps, 2)
         check.choice("which", which, ("top", "both"))
@@ -253,6 +256,7 @@ class HessianEigenMonitor(Callback):
         self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
         self._probe_arg, self._loss_arg = probe, loss_fn
         self._probe_loader: Any = None  # the training loader a drawn probe came from (None: probe= batches)
+        self._whole = False  # the probe's batches are kept whole: the loss couples a batch's samples
         self.probe_batch_size = probe_batch_size
         self.spec: MeasurementSpec | None = None  # resolved when a fit starts
         self._listeners: list[Listener] = []
@@ -460,6 +464,21 @@ class HessianEigenMonitor(Callback):
             )
             if shared is not None:
                 shared.probe = probe
+        self._whole = keeps_batches_whole(pl_module, self.probe_batch_size)
+        if self.stderr_every and self._whole and len(probe) < STDERR_GROUPS:
+            self._warn_once(
+                "stderr_groups",
+                f"hessian/eig_1_stderr is the spread over groups of whole probe batches (the loss couples a "
+                f"batch's samples: batch normalization, or probe_batch_size='loader'), and the probe holds "
+                f"{len(probe)}: "
+                + (
+                    "no standard error (NaN) from one group"
+                    if len(probe) < 2
+                    else f"{len(probe) - 1} degree(s) of freedom where {STDERR_GROUPS} groups give "
+                    f"{STDERR_GROUPS - 1}, so each value is rough"
+                )
+                + "; draw the probe in more batches (smaller loader batches, or probe= batches)",
+            )
         self._probe_loader = trainer.train_dataloader if drawn_from_loader(self._probe_arg) else None
         self.spec = MeasurementSpec(
             loss_fn=loss_fn,
@@ -748,6 +767,13 @@ class HessianEigenMonitor(Callback):
         )
         del self.history[: max(0, len(self.history) - self.max_history)]
 
+    def _draw_seed(self, trainer: Trainer) -> int:
+        """The seed of a stochastic estimate at this step (the trace's probes, the density's start vectors):
+        with one seed for all, their errors repeated from measurement to measurement (correlation 0.75-0.81
+        between neighbours over 40 seeds, an outside trial), and averaging a run's traces removed none. The
+        same on every rank, and in a resumed run."""
+        return hash((self.seed, trainer.global_step)) % (SEED_MAX + 1)
+
     def _spectrum_extras(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Trace and density at their slower cadence (counted in measurements taken, not in the capped
         history); a failed one is skipped and flagged like a failed measurement."""
@@ -755,9 +781,8 @@ class HessianEigenMonitor(Callback):
         metrics: dict[str, float] = {}
         if self.stderr_every and count % self.stderr_every == 1 % self.stderr_every:
             try:
-                coupled = self.probe_batch_size == "loader"  # the user's word: keep its batches whole
                 vector = self.latest.eigenvectors[:, 0]
-                stderr = self.spec.eigenvalue_stderr(pl_module, vector, cut=False if coupled else None)
+                stderr = self.spec.eigenvalue_stderr(pl_module, vector, cut=not self._whole)
             except Exception as err:
                 self._skip(trainer, err, "eig_1_stderr skipped", "stderr_skipped")
             else:
@@ -765,7 +790,7 @@ class HessianEigenMonitor(Callback):
                 self.history[-1]["eig_1_stderr"] = stderr
         if self.trace_every and count % self.trace_every == 1 % self.trace_every:
             try:
-                estimate = self.spec.trace(pl_module, self.trace_hvp)
+                estimate = self.spec.trace(pl_module, self.trace_hvp, seed=self._draw_seed(trainer))
             except Exception as err:
                 self._skip(trainer, err, "trace skipped", "trace_skipped")
             else:
@@ -775,7 +800,7 @@ class HessianEigenMonitor(Callback):
                 self.history[-1]["trace"] = estimate.trace
         if self.density_every and count % self.density_every == 1 % self.density_every:
             try:
-                self.density = self.spec.density(pl_module, self.density_steps)
+                self.density = self.spec.density(pl_module, self.density_steps, seed=self._draw_seed(trainer))
                 self._log_density(trainer)
             except Exception as err:
                 self._skip(trainer, err, "density skipped", "density_skipped")

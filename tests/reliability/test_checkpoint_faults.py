@@ -214,7 +214,7 @@ def test_an_interrupted_measurement_is_not_charged_to_the_work_budget(tmp_path):
 
 def test_trace_cadence_counts_measurements_not_the_capped_history(tmp_path):
     L.seed_everything(0)
-    monitor = HessianEigenMonitor(k=1, every_n_steps=1, max_history=1, trace_every=3, trace_hvp=3)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=1, max_history=1, trace_every=3, trace_hvp=4)
     monitor_trainer = trainer(tmp_path, max_steps=6, callbacks=[monitor], logger=CSVLogger(tmp_path))
     monitor_trainer.fit(DigitsClassifier(n=64))
     assert len(monitor.history) == 1 and monitor.history[0]["step"] == 6

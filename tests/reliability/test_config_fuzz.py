@@ -217,7 +217,7 @@ HESSIAN_MONITOR = {
     "name": (good_tag, bad_tag),
     "seed": (good_seed, bad_seed),
     "trace_every": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
-    "trace_hvp": (good_int(3), bad_int(3)),
+    "trace_hvp": (good_int(4), bad_int(4)),
     "density_every": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
     "density_steps": (good_int(2), bad_int(2)),
     "basis_device": (good_device, bad_device),
