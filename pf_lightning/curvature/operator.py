@@ -337,7 +337,10 @@ class HessianOperator(LinearOperator):
             try:
                 first = backend.apply(0, X)
                 if not all_finite(first):
-                    raise RuntimeError("double backward gave a non-finite product")
+                    raise RuntimeError(
+                        "double backward gave a non-finite product: its second derivative is not finite here, "
+                        "or the probe batch holds an inf"
+                    )
             except _LossFailed as err:
                 raise err.error from None
             except (RuntimeError, NotImplementedError) as err:
