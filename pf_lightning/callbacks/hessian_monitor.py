@@ -118,7 +118,8 @@ class HessianEigenMonitor(Callback):
             FSDP2 over the union of the ranks' groups, the same on every rank.
         trace_every: also estimate the trace (Hutch++, ``trace_hvp`` products) every this many
             measurements; logged as ``hessian/trace`` and ``hessian/trace_std``. Each estimate draws its
-            probes from ``seed`` and its step, so the errors of a run's estimates are independent.
+            probes from ``seed`` and its step, so the errors of a run's estimates are independent (its
+            dropout masks are ``seed``'s, as the eigenpairs').
         trace_hvp: products per trace estimate (at least 4: Hutch++'s standard error needs two residual
             probes).
         density_every: also estimate the spectral density (SLQ) every this many measurements; kept
@@ -606,9 +607,11 @@ class HessianEigenMonitor(Callback):
                 gradient=bool(self._gradient_readers),
             )
         except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
-            if self.on_error == "raise":
+            try:
+                self._skip(trainer, err, "measurement skipped", "skipped")
+            except BaseException:  # on_error="raise", or a failed collective (raised under "skip" too)
                 self._last_step = previous  # not measured: a checkpoint written on the way out says so
-            self._skip(trainer, err, "measurement skipped", "skipped")
+                raise
             return None
         except BaseException:
             self._last_step = previous  # Ctrl+C: not measured, so a fit resumed from its checkpoint takes it
@@ -768,10 +771,11 @@ class HessianEigenMonitor(Callback):
         del self.history[: max(0, len(self.history) - self.max_history)]
 
     def _draw_seed(self, trainer: Trainer) -> int:
-        """The seed of a stochastic estimate at this step (the trace's probes, the density's start vectors):
-        with one seed for all, their errors repeated from measurement to measurement (correlation 0.75-0.81
-        between neighbours over 40 seeds, an outside trial), and averaging a run's traces removed none. The
-        same on every rank, and in a resumed run."""
+        """The seed of a stochastic estimate's draws at this step (the trace's probes, the density's start
+        vectors; the dropout masks stay ``seed``'s, as the eigenpairs'): with one seed for all, their errors
+        repeated from measurement to measurement (correlation 0.75-0.81 between neighbours over 40 seeds, an
+        outside trial), and averaging a run's traces removed none. The same on every rank, and in a resumed
+        run."""
         return hash((self.seed, trainer.global_step)) % (SEED_MAX + 1)
 
     def _spectrum_extras(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -790,7 +794,7 @@ class HessianEigenMonitor(Callback):
                 self.history[-1]["eig_1_stderr"] = stderr
         if self.trace_every and count % self.trace_every == 1 % self.trace_every:
             try:
-                estimate = self.spec.trace(pl_module, self.trace_hvp, seed=self._draw_seed(trainer))
+                estimate = self.spec.trace(pl_module, self.trace_hvp, probe_seed=self._draw_seed(trainer))
             except Exception as err:
                 self._skip(trainer, err, "trace skipped", "trace_skipped")
             else:
@@ -800,7 +804,9 @@ class HessianEigenMonitor(Callback):
                 self.history[-1]["trace"] = estimate.trace
         if self.density_every and count % self.density_every == 1 % self.density_every:
             try:
-                self.density = self.spec.density(pl_module, self.density_steps, seed=self._draw_seed(trainer))
+                self.density = self.spec.density(
+                    pl_module, self.density_steps, probe_seed=self._draw_seed(trainer)
+                )
                 self._log_density(trainer)
             except Exception as err:
                 self._skip(trainer, err, "density skipped", "density_skipped")

@@ -371,6 +371,7 @@ HESSIAN_TRACE = {
     "batches": HESSIAN_EIGENPAIRS["batches"],
     "n_hvp": (good_int(3, 30), bad_int(3)),
     "method": (st.sampled_from(["hutch++", "hutchinson"]), bad_choice({"hutch++", "hutchinson"})),
+    "probe_seed": (good_seed | st.none(), st.one_of(bad_int(0, 2**32 - 1, none_ok=True), st.just(2**70))),
     **COMMON_MEASUREMENT,
 }
 
@@ -380,6 +381,7 @@ HESSIAN_DENSITY = {
     "batches": HESSIAN_EIGENPAIRS["batches"],
     "n_steps": (good_int(2, 30), bad_int(2)),
     "n_vectors": (good_int(1, 3), bad_int(1)),
+    "probe_seed": (good_seed | st.none(), st.one_of(bad_int(0, 2**32 - 1, none_ok=True), st.just(2**70))),
     **COMMON_MEASUREMENT,
 }
 
