@@ -58,6 +58,23 @@ def test_a_learning_rate_monitor_listed_first_is_warned_about(tmp_path, first):
     assert (m["lr-SGD"][0] == pytest.approx(m["dal/lr"][0])) == (first == "LRAdaptation")
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "max_lr", "warned"), [("adam", 5.0, True), ("adam", 0.01, False), ("sgd", 5.0, False)]
+)
+def test_dal_on_a_preconditioning_optimizer_with_a_gradient_descent_max_lr_is_warned_about(
+    tmp_path, optimizer, max_lr, warned
+):
+    """DAL's 2/v^p is a gradient-descent rate: on Adam at its default max_lr=5 an outside trial's AdamW at
+    3e-3 ran at 0.006-2.1, in silence. Warned at set-up where max_lr is over 10 times the configured rate."""
+    L.seed_everything(0)
+    model = DigitsClassifier(n=64, optimizer=optimizer, lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, model, 1, [LRAdaptation(dal_factory(max_lr=max_lr))])
+    said = [str(w.message) for w in caught if "in gradient-descent units" in str(w.message)]
+    assert len(said) == int(warned) and all("5000 times the configured 0.001" in m for m in said)
+
+
 def test_dal_sets_each_rate_from_the_hg_ratio_measured_before_it(tmp_path):
     L.seed_everything(0)
     model = DigitsClassifier(n=128, lr=0.1)

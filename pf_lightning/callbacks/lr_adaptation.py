@@ -246,6 +246,22 @@ class LRAdaptation(Callback):
                 )
         if any(isinstance(s, SharpnessCappedLR) for s in self.schedulers):
             self._find_eos(trainer)
+        for scheduler in self.schedulers:
+            base = float(scheduler.base_lrs[0])
+            if (
+                isinstance(scheduler, DriftAdaptiveLR)
+                and optimizer_rule(scheduler.optimizer).preconditioned
+                and scheduler.max_lr > 10 * base
+            ):
+                warn_once(
+                    self._warned,
+                    "preconditioned",
+                    f"DriftAdaptiveLR sets {type(scheduler.optimizer).__name__}'s rate to min(2/v^p, max_lr) with v of "
+                    f"the raw Hessian, in gradient-descent units, where the preconditioned step's rates are far "
+                    f"smaller: max_lr={scheduler.max_lr:g} is {scheduler.max_lr / base:.0f} times the configured "
+                    f"{base:g} (an outside trial's AdamW at 3e-3 ran at 0.006-2.1); set max_lr to the largest rate "
+                    "the optimizer should take",
+                )
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, LearningRateMonitor)]
         if any(isinstance(s, DriftAdaptiveLR) for s in self.schedulers) and monitors:
             if trainer.callbacks.index(monitors[0]) < trainer.callbacks.index(self):
