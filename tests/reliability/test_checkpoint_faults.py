@@ -123,6 +123,26 @@ def test_a_fit_interrupted_during_a_measurement_resumes_to_the_uninterrupted_his
         assert torch.equal(p, q)
 
 
+def _interrupted_then_resumed(tmp_path, failing, error, max_steps, **monitor_kwargs):
+    """A fit whose ``failing`` loss raises ``error`` (an OnExceptionCheckpoint on the way out), then the fit
+    resumed from that checkpoint: the checkpoint's global step and the resumed monitor's measured steps."""
+
+    def run(ckpt_path=None):
+        L.seed_everything(0)
+        monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=failing, **monitor_kwargs)
+        saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
+        trainer(tmp_path, max_steps=max_steps, callbacks=[monitor, saver], enable_checkpointing=True).fit(
+            DigitsClassifier(n=64), ckpt_path=ckpt_path
+        )
+        return monitor
+
+    with pytest.raises(error):
+        run()
+    checkpoint = tmp_path / "on_exception.ckpt"
+    step = torch.load(checkpoint, weights_only=False)["global_step"]
+    return step, [h["step"] for h in run(str(checkpoint)).history]
+
+
 def test_a_first_measurement_that_raised_is_taken_on_resume(tmp_path):
     """``at_fit_start=False``: the first due measurement (step 2) raises, the exception checkpoint is
     written at step 2, and the resumed fit measures at step 2 before training on."""
@@ -132,21 +152,10 @@ def test_a_first_measurement_that_raised_is_taken_on_resume(tmp_path):
             raise _Interrupt("first measurement")
         return module.loss(batch)
 
-    def run(ckpt_path=None):
-        L.seed_everything(0)
-        monitor = HessianEigenMonitor(
-            k=1, every_n_steps=2, at_fit_start=False, loss_fn=failing, on_error="raise"
-        )
-        saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
-        trainer(tmp_path, max_steps=4, callbacks=[monitor, saver], enable_checkpointing=True).fit(
-            DigitsClassifier(n=64), ckpt_path=ckpt_path
-        )
-        return monitor
-
-    with pytest.raises(_Interrupt):
-        run()
-    assert torch.load(tmp_path / "on_exception.ckpt", weights_only=False)["global_step"] == 2
-    assert [h["step"] for h in run(str(tmp_path / "on_exception.ckpt")).history] == [2, 4]
+    resumed = _interrupted_then_resumed(
+        tmp_path, failing, _Interrupt, 4, at_fit_start=False, on_error="raise"
+    )
+    assert resumed == (2, [2, 4])
 
 
 def test_a_fit_start_measurement_that_raised_is_taken_on_resume(tmp_path):
@@ -160,19 +169,7 @@ def test_a_fit_start_measurement_that_raised_is_taken_on_resume(tmp_path):
             raise _Interrupt("fit-start measurement")
         return module.loss(batch)
 
-    def run(ckpt_path=None):
-        L.seed_everything(0)
-        monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=failing, on_error="raise")
-        saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
-        trainer(tmp_path, max_steps=4, callbacks=[monitor, saver], enable_checkpointing=True).fit(
-            DigitsClassifier(n=64), ckpt_path=ckpt_path
-        )
-        return monitor
-
-    with pytest.raises(_Interrupt):
-        run()
-    assert torch.load(tmp_path / "on_exception.ckpt", weights_only=False)["global_step"] == 0
-    assert [h["step"] for h in run(str(tmp_path / "on_exception.ckpt")).history] == [0, 2, 4]
+    assert _interrupted_then_resumed(tmp_path, failing, _Interrupt, 4, on_error="raise") == (0, [0, 2, 4])
 
 
 def test_a_failed_collective_under_skip_is_not_recorded_as_measured(tmp_path):
@@ -185,18 +182,8 @@ def test_a_failed_collective_under_skip_is_not_recorded_as_measured(tmp_path):
             raise CollectiveFailure("a rank went away")
         return module.loss(batch)
 
-    def run(ckpt_path=None):
-        L.seed_everything(0)
-        monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=failing, at_fit_end=False)
-        saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
-        trainer(tmp_path, max_steps=6, callbacks=[monitor, saver], enable_checkpointing=True).fit(
-            DigitsClassifier(n=64), ckpt_path=ckpt_path
-        )
-        return monitor
-
-    with pytest.raises(CollectiveFailure):
-        run()
-    assert [h["step"] for h in run(str(tmp_path / "on_exception.ckpt")).history] == [0, 2, 4, 6]
+    resumed = _interrupted_then_resumed(tmp_path, failing, CollectiveFailure, 6, at_fit_end=False)
+    assert resumed == (4, [0, 2, 4, 6])
 
 
 def test_an_interrupted_measurement_is_not_charged_to_the_work_budget(tmp_path):
