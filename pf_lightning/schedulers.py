@@ -16,7 +16,6 @@ previous batch.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Mapping
@@ -512,46 +511,6 @@ class SharpnessCappedLR(_MeasuredLR):
             self._uncapped = [float(g["lr"]) for g in self.optimizer.param_groups]
         super().step()
 
-    def refresh_ahead(self, sharpness: Any) -> None:
-        """Take ``sharpness`` for the optimizer step after the schedule's next :meth:`step`, setting that
-        step's rates now: the base schedule's next rates (its step run on a copy of its state, which is
-        then put back with every group setting it touched), capped. The :meth:`step` that follows sets the
-        same rates.
-
-        :class:`~pf_lightning.callbacks.LRAdaptation` uses it for a measurement at a training batch's end,
-        where Lightning steps the schedule afterwards: the EoS monitor then judges the rate the next step
-        runs at. :meth:`refresh` there would cap the base's rate one step back, and under a rising
-        warm-up (0.0025 to 0.05) an outside trial's monitor judged a ratio of 0.09 for a step the cap ran
-        at 0.9 of the edge."""
-        self.adopt_new_groups()
-        self._observe(sharpness)
-        if self.base is None:
-            rates = self.get_lr()
-        else:
-            groups = self.optimizer.param_groups
-            held = [{k: v.clone() if isinstance(v, Tensor) else copy.copy(v) for k, v in g.items() if k != "params"}
-                    for g in groups]  # fmt: skip
-            state = copy.deepcopy(self.base.state_dict())
-            try:
-                for group, lr in zip(groups, self._uncapped, strict=True):
-                    _set_lr(group, lr)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # torch's order check: the optimizer has stepped
-                    self.base.step()
-                uncapped = [float(g["lr"]) for g in groups]
-            finally:
-                self.base.load_state_dict(state)
-                for group, saved in zip(groups, held, strict=True):
-                    for key, value in saved.items():
-                        if isinstance(group.get(key), Tensor) and isinstance(value, Tensor):
-                            group[key].copy_(value)
-                        else:
-                            group[key] = value
-            edges = self.edge_lrs(uncapped)
-            rates = [min(lr, self.fraction * edge) for lr, edge in zip(uncapped, edges, strict=True)]
-        for group, lr in zip(self.optimizer.param_groups, rates, strict=True):
-            _set_lr(group, lr)
-
     def _clean(self, value: float | None) -> float | None:
         # NaN before the first measurement: the sharpness is simply not measured yet.
         return None if value is not None and math.isnan(value) and self.measured is None else value
@@ -560,9 +519,8 @@ class SharpnessCappedLR(_MeasuredLR):
         """Each group's rate before the cap: the base schedule's, or the optimizer's initial rate."""
         return list(self._uncapped) if self.base is not None else [float(lr) for lr in self.base_lrs]
 
-    def edge_lrs(self, rates: list[float] | None = None) -> list[float]:
-        """The edge rate of each parameter group for the current sharpness (``inf`` when uncapped), for
-        the uncapped ``rates`` (``None``: :meth:`uncapped_lrs`).
+    def edge_lrs(self) -> list[float]:
+        """The edge rate of each parameter group for the current sharpness (``inf`` when uncapped).
 
         For a preconditioning optimizer the sharpness is measured with each group's rate relative to
         group 0's (:func:`~pf_lightning.curvature.optimizer_preconditioner`): the edge is group 0's and
@@ -575,7 +533,7 @@ class SharpnessCappedLR(_MeasuredLR):
         if not optimizer_rule(self.optimizer).preconditioned:
             return [edge_lr(self.optimizer, self.measured, group=i) for i in range(n)]
         edge = edge_lr(self.optimizer, self.measured)
-        rates = self.uncapped_lrs() if rates is None else rates
+        rates = self.uncapped_lrs()
         if rates[0] <= 0:  # no ratio to keep (a warm-up from zero caps nothing yet)
             return [edge] * n
         return [edge * rate / rates[0] for rate in rates]

@@ -500,15 +500,9 @@ class LRAdaptation(Callback):
         for scheduler in self.schedulers:
             # Cap the next step now: a measurement may come after the cap's step for the last optimizer step
             # (before the first step of a fit, at an epoch's end, after this callback stepped it under manual
-            # optimization), and the next step would run at the previous cap. Where the cap's step is still to
-            # come (a batch end under automatic optimization) the next step runs at the rate of the step after
-            # it, which the cap then sets again, bit for bit: set now, so the EoS monitor judges that rate.
-            if not isinstance(scheduler, SharpnessCappedLR):
-                continue
-            if not self._manual and scheduler.last_epoch == trainer.global_step - 1:
-                # A batch end, before Lightning steps the schedule: set the rate of the step after it.
-                scheduler.refresh_ahead(self._fed[scheduler.monitor])
-            else:
+            # optimization), and the next step would run at the previous cap. Where the step is still to come
+            # (a batch end under automatic optimization) it reads the same value: refreshing first is a no-op.
+            if isinstance(scheduler, SharpnessCappedLR):
                 scheduler.refresh(self._fed[scheduler.monitor])  # as Lightning's later steps read it
 
     # -- checkpoint --------------------------------------------------------------------------
