@@ -250,6 +250,7 @@ class LRAdaptation(Callback):
             base = float(scheduler.base_lrs[0])
             if (
                 isinstance(scheduler, DriftAdaptiveLR)
+                and scheduler.p > 0  # p = 0 keeps the configured rate
                 and optimizer_rule(scheduler.optimizer).preconditioned
                 and scheduler.max_lr > 10 * base
             ):
