@@ -59,18 +59,25 @@ def test_a_learning_rate_monitor_listed_first_is_warned_about(tmp_path, first):
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "max_lr", "warned"), [("adam", 5.0, True), ("adam", 0.01, False), ("sgd", 5.0, False)]
+    ("optimizer", "max_lr", "p", "warned"),
+    [
+        ("adam", 5.0, 1.0, True),
+        ("adam", 0.01, 1.0, False),
+        ("sgd", 5.0, 1.0, False),
+        ("adam", 5.0, 0.0, False),
+    ],
 )
 def test_dal_on_a_preconditioning_optimizer_with_a_gradient_descent_max_lr_is_warned_about(
-    tmp_path, optimizer, max_lr, warned
+    tmp_path, optimizer, max_lr, p, warned
 ):
     """DAL's 2/v^p is a gradient-descent rate: on Adam at its default max_lr=5 an outside trial's AdamW at
-    3e-3 ran at 0.006-2.1, in silence. Warned at set-up where max_lr is over 10 times the configured rate."""
+    3e-3 ran at 0.006-2.1, in silence. Warned at set-up where max_lr is over 10 times the configured rate
+    (not at p = 0, which keeps the configured rate)."""
     L.seed_everything(0)
     model = DigitsClassifier(n=64, optimizer=optimizer, lr=1e-3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(tmp_path, model, 1, [LRAdaptation(dal_factory(max_lr=max_lr))])
+        fit(tmp_path, model, 1, [LRAdaptation(dal_factory(max_lr=max_lr, p=p))])
     said = [str(w.message) for w in caught if "in gradient-descent units" in str(w.message)]
     assert len(said) == int(warned) and all("5000 times the configured 0.001" in m for m in said)
 
