@@ -377,10 +377,11 @@ def draw_probe(
                 break
             count = sample_count(batch)
             if total + count > size and whole_batches:
-                if batches:
-                    rounded = True
+                rounded = True
+                if (
+                    batches
+                ):  # the probe ends at the last whole batch; a first batch beyond size is taken whole
                     break
-                rounded = count != size
             elif total + count > size:
                 keep = size - total
                 # A container it cannot cut: the whole batch, with its true count.

@@ -440,9 +440,8 @@ class HessianEigenMonitor(Callback):
         # did not (it raised; at step 0 in its fit-start measurement too); nothing after a fresh start from an
         # unreadable state. A step the checkpoint holds a measurement of is not measured again.
         fit_start = self.at_fit_start and step >= self.warmup_steps
-        if self._start == "resumed" and (self._due(step) or (step == 0 and fit_start)):
-            self.measure(trainer, pl_module)
-        elif self._start == "fit" and fit_start:
+        resumed_due = self._start == "resumed" and (self._due(step) or (step == 0 and fit_start))
+        if resumed_due or (self._start == "fit" and fit_start):
             self.measure(trainer, pl_module)
 
     def _set_up(self, trainer: Trainer, pl_module: LightningModule) -> None:

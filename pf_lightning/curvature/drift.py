@@ -115,14 +115,14 @@ def gradient_curvature(
     decay = None
     if weight_decay is not None:
         _check.instance("weight_decay", weight_decay, torch.Tensor, "None or a flat tensor of the decays")
-    if weight_decay is not None and tuple(weight_decay.shape) != tuple(g.shape):
-        raise ValueError(
-            f"`weight_decay` must be flat over the operator's parameters, shape {tuple(g.shape)}; got "
-            f"{tuple(weight_decay.shape)} (optimizer_weight_decay(optimizer, op.space) gives it)"
-        )
-    if weight_decay is not None and bool(weight_decay.any()):
-        decay = weight_decay.to(g.dtype)
-        g = g + decay * op.space.values().to(g.dtype)
+        if tuple(weight_decay.shape) != tuple(g.shape):
+            raise ValueError(
+                f"`weight_decay` must be flat over the operator's parameters, shape {tuple(g.shape)}; got "
+                f"{tuple(weight_decay.shape)} (optimizer_weight_decay(optimizer, op.space) gives it)"
+            )
+        if bool(weight_decay.any()):
+            decay = weight_decay.to(g.dtype)
+            g = g + decay * op.space.values().to(g.dtype)
     grad_norm = float(op.inner(g, g).sqrt())
     if not (math.isfinite(grad_norm) and grad_norm > 0):
         nan = math.nan
