@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if rank == 0:
         print(f"\nLogs in {args.out}/; plots: pf-lightning report {args.out}")
+    # Lightning leaves a gloo process group to the interpreter's exit, where its threads can abort a process
+    # whose fit succeeded ("terminate called without an active exception"; pytorch/pytorch#179291): end it here.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
