@@ -19,6 +19,7 @@ settled, and ``eos/preconditioned_converged`` whether its preconditioned measure
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sys
@@ -30,6 +31,7 @@ import torch
 
 __all__ = [
     "EIGENVALUE",
+    "OUTSIDE_WARMUP_SUMMARIES",
     "PREFIXES",
     "SETTINGS_KEY",
     "WANDB_SUMMARIES",
@@ -41,6 +43,7 @@ __all__ = [
     "log_metrics",
     "metric_name",
     "progress_mark",
+    "summarize_wandb",
     "tag_name",
     "tag_pattern",
     "tagged",
@@ -115,6 +118,12 @@ WANDB_SUMMARIES: dict[str, str] = {
 }
 """The W&B run summary of these metrics is their extreme over the run (how close training came to the
 edge), not their last value; every other metric keeps W&B's default (the last value)."""
+
+OUTSIDE_WARMUP_SUMMARIES = (SHARPNESS, RATIO)
+"""Of :data:`WANDB_SUMMARIES`, those whose extreme leaves out an adaptive optimizer's warm-up measurements
+(logged, flagged ``eos/warmup`` and not judged: at its first steps Adam's ratio reached 1.37 in a run whose
+judged ratios stayed below 0.22). W&B cannot filter the rows it summarizes, so the EdgeOfStabilityMonitor
+writes their summary itself (:func:`summarize_wandb`)."""
 
 EDGE_CHARTS: dict[str, tuple[str, ...]] = {
     "sharpness and its threshold": (
@@ -302,8 +311,29 @@ def define_wandb_metrics(trainer: Any, tag: str | None = None) -> None:
             run.define_metric(f"{prefix}{group}/*", step_metric="trainer/global_step")
         for name, summary in WANDB_SUMMARIES.items():
             run.define_metric(
-                prefix + tag_name(name, tag), step_metric="trainer/global_step", summary=summary
+                prefix + tag_name(name, tag),
+                step_metric="trainer/global_step",
+                summary="none" if name in OUTSIDE_WARMUP_SUMMARIES else summary,
             )
+
+
+def summarize_wandb(
+    trainer: Any, metrics: Mapping[str, float], extremes: dict[str, float], write: bool = True
+) -> None:
+    """Fold the :data:`OUTSIDE_WARMUP_SUMMARIES` among ``metrics`` (tagged names, outside a warm-up) into
+    ``extremes`` (the caller's, one run's) and, with ``write``, write them as the W&B run summary, shaped as
+    W&B's own (``{"max": value}``)."""
+    for key, value in metrics.items():
+        parts = key.split("/")
+        name = f"{parts[0]}/{parts[-1]}"  # group/tag/name as group/name
+        if name not in OUTSIDE_WARMUP_SUMMARIES or not math.isfinite(value):
+            continue
+        kind = WANDB_SUMMARIES[name]
+        extremes[key] = (
+            value if key not in extremes else (max if kind == "max" else min)(extremes[key], value)
+        )
+        for run, prefix in wandb_experiments(trainer) if write else ():
+            run.summary[prefix + key] = {kind: extremes[key]}
 
 
 def _is_rank_zero(trainer: Any) -> bool:

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning_models import DigitsClassifier, digits, trainer
 
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
-from pf_lightning.logging import SETTINGS_KEY, WANDB_SUMMARIES
+from pf_lightning.logging import OUTSIDE_WARMUP_SUMMARIES, SETTINGS_KEY, WANDB_SUMMARIES
 
 
 def _fit(tmp_path, logger, progress_bar=False, **monitor):
@@ -63,14 +63,44 @@ def test_wandb_summary_holds_the_extremes_and_the_config_the_settings(tmp_path, 
     assert final[p + "hessian/eig_1"]["max"] == pytest.approx(top)
     assert {p + "eos/spectrum_vs_threshold_table", p + "hessian/spectra"} <= final.keys()  # the tables
     summaries = {m["name"]: m["summary"] for m in metric_definitions(path) if m["name"]}
-    for name, kind in WANDB_SUMMARIES.items():
-        assert summaries[p + name] == [kind]
+    for name, kind in WANDB_SUMMARIES.items():  # the monitor writes those outside warm-ups itself
+        assert summaries[p + name] == ["none" if name in OUTSIDE_WARMUP_SUMMARIES else kind]
     settings = config(path)[SETTINGS_KEY]
     assert settings["HessianEigenMonitor"]["k"] == 2 and settings["HessianEigenMonitor"]["every_n_steps"] == 2
     assert (
         settings["HessianEigenMonitor"]["hvp"] == "auto" and settings["HessianEigenMonitor"]["probe"] is None
     )
     assert settings["EdgeOfStabilityMonitor"]["warn_ratio"] == 1.0
+
+
+def test_wandb_summary_leaves_out_an_adaptive_optimizer_s_warm_up(tmp_path, monkeypatch):
+    """Adam's first measurements are logged, flagged eos/warmup and not judged: the summary's maximum is
+    that of the judged ones (it was the warm-up's, a ratio above the judged ones' in a run never at the
+    edge); under a tag, as the named monitor's metrics."""
+    import wandb
+    from wandb_offline import offline_env
+
+    from pf_lightning.wandb_reader import find_run_file, summary
+
+    offline_env(monkeypatch, tmp_path)
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.02, optimizer="adam")
+    hessian = HessianEigenMonitor(k=1, every_n_steps=2, name="train")
+    eos = EdgeOfStabilityMonitor(monitor=hessian)
+    eos.preconditioner_warmup_steps = 6
+    try:
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
+        trainer(tmp_path, max_steps=14, logger=logger, callbacks=[hessian, eos]).fit(model)
+        logger.experiment.finish()
+    finally:
+        wandb.teardown()
+    judged = [h for h in eos.history if "eos/warmup" not in h]
+    warm = [h for h in eos.history if "eos/warmup" in h]
+    assert len(judged) >= 3 and warm
+    final = summary(find_run_file(tmp_path))
+    for name in ("ratio", "sharpness"):
+        assert max(h[f"eos/{name}"] for h in warm) > max(h[f"eos/{name}"] for h in judged)  # else no test
+        assert final[f"eos/train/{name}"] == {"max": pytest.approx(max(h[f"eos/{name}"] for h in judged))}
 
 
 @pytest.mark.parametrize("prefix", ["", "train"])

@@ -352,7 +352,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     L.seed_everything(0)
     model = DigitsClassifier(n=128, lr=0.1)
     monitor = HessianEigenMonitor(k=2, every_n_steps=3)
-    eos = EdgeOfStabilityMonitor(chart_every=2)
+    eos = EdgeOfStabilityMonitor(chart_every=1)
     try:
         logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
         trainer(tmp_path, max_steps=6, logger=logger, callbacks=[monitor, eos]).fit(model)
@@ -378,6 +378,9 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     spectra = [t for key, t in tables(path.parent).items() if "hessian/spectra" in key or "spectra" in key]
     assert spectra and spectra[-1]["columns"] == ["step", "index", "eigenvalue", "threshold"]
     assert [row[:2] for row in spectra[-1]["data"]][:2] == [[0, 1], [0, 2]]
+    # One chart per measurement: the fit end draws no second copy of the last one (it did, at step 6).
+    charted = [r["trainer/global_step"] for r in history(path) if "hessian/spectra" in r]
+    assert charted == [0, 3, 6]
 
 
 @pytest.mark.slow

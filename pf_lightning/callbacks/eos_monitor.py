@@ -48,7 +48,16 @@ from ..curvature.params import ParameterSpace
 from ..curvature.precondition import optimizer_weight_decay
 from ..linalg import EigenResult, NonFiniteOperatorError
 from ..linalg.operator import gram
-from ..logging import log_metrics, metric_name, tag_name, tagged, wandb_experiments, wandb_log, warn_once
+from ..logging import (
+    log_metrics,
+    metric_name,
+    summarize_wandb,
+    tag_name,
+    tagged,
+    wandb_experiments,
+    wandb_log,
+    warn_once,
+)
 from ..measure import BatchSharpness
 from ..stability import PRECONDITIONER_WARMUP_STEPS, EdgeHistory, PreconditionerUnavailable, StepDynamics
 from ._checkpoint import (
@@ -301,6 +310,8 @@ class EdgeOfStabilityMonitor(Callback):
         self._preconditioned_latest: EigenResult | None = None
         self._warned: set[str] = set()
         self._critical: list[tuple[int, float]] = []  # (step, value) for the W&B chart, capped as the history
+        self._charted: tuple[Any, ...] | None = None  # what the last W&B chart drew (see _chart)
+        self._extremes: dict[str, float] = {}  # the W&B summary's extremes (see _summarize)
 
     @property
     @override
@@ -660,6 +671,8 @@ class EdgeOfStabilityMonitor(Callback):
         self.first_edge_step, self.negative_curvature = edge.first_edge_step, edge.negative_curvature
         self._interval_steps = 0 if self._step_hook is not None else None
         log_metrics(trainer, tagged(metrics, self.monitor.name), step)
+        if not warming:
+            self._summarize(trainer, metrics)
         # For the progress bar at the next training-batch end (the only hook where Lightning takes self.log).
         self._progress = {
             self.metric(key.split("/", 1)[1]): metrics[key] for key in PROGRESS_BAR if key in metrics
@@ -679,6 +692,17 @@ class EdgeOfStabilityMonitor(Callback):
         self._measured += 1
         if self._measured % self.chart_every == 0:
             self._chart(trainer, step)
+
+    def _summarize(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """The W&B summary of the sharpness and ratio, over the measurements outside a warm-up
+        (:data:`~pf_lightning.logging.OUTSIDE_WARMUP_SUMMARIES`); a resumed run's from its history first."""
+        kept = names.OUTSIDE_WARMUP_SUMMARIES
+        if not self._extremes:  # after a resume: the history the checkpoint held
+            for h in self.history:
+                if names.WARMUP not in h:
+                    earlier = {key: h[key] for key in kept if key in h}
+                    summarize_wandb(trainer, tagged(earlier, self.monitor.name), self._extremes, write=False)
+        summarize_wandb(trainer, tagged(metrics, self.monitor.name), self._extremes)
 
     def _judged(self, step: int) -> bool:
         """Whether a measurement at ``step`` was judged already. It is not judged again (nor handed to the
@@ -714,6 +738,7 @@ class EdgeOfStabilityMonitor(Callback):
             f"{' and '.join(sorted(metrics))} and judge no edge",
         )
         log_metrics(trainer, tagged(metrics, self.monitor.name), step)
+        self._summarize(trainer, metrics)
         if names.SHARPNESS in metrics:
             self._set_rates(trainer, pl_module, metrics)
             notify(
@@ -1014,6 +1039,12 @@ class EdgeOfStabilityMonitor(Callback):
             self._chart(trainer, trainer.global_step)
 
     def _chart(self, trainer: Trainer, step: int) -> None:
+        """The W&B chart and table, unless the last ones drew the same measurements: at fit end after a
+        measurement that was charted, a second copy at one step."""
+        drawn = (self.history[-1]["step"], len(self.history), self._critical[-1] if self._critical else None)
+        if drawn == self._charted:
+            return
+        self._charted = drawn
         try:
             self._log_chart(trainer, step)
         except Exception as err:
