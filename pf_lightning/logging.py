@@ -78,6 +78,7 @@ BATCH_COUNT = "eos/batch_sharpness_batches"
 BATCH_UPHILL = "eos/batch_uphill_fraction"
 CRITICAL_SHARPNESS = "eos/critical_sharpness"
 CRITICAL_RATIO = "eos/critical_ratio"
+CRITICAL_THRESHOLD = "eos/critical_threshold"
 CRITICAL_FORWARD = "eos/critical_forward"
 UNSTABLE_DIRECTIONS = "pf/unstable_directions"
 OSCILLATING_DIRECTIONS = "pf/oscillating_directions"
@@ -126,19 +127,16 @@ judged ratios stayed below 0.22). W&B cannot filter the rows it summarizes, so t
 writes their summary itself (:func:`summarize_wandb`)."""
 
 EDGE_CHARTS: dict[str, tuple[str, ...]] = {
-    "sharpness and its threshold": (
-        SHARPNESS,
-        THRESHOLD,
-        BATCH_SHARPNESS,
-        BATCH_THRESHOLD,
-        CRITICAL_SHARPNESS,
-    ),
+    "sharpness and its threshold": (SHARPNESS, THRESHOLD, BATCH_SHARPNESS, BATCH_THRESHOLD),
+    "critical sharpness and its threshold (2/lr)": (CRITICAL_SHARPNESS, CRITICAL_THRESHOLD),
     "ratio to the threshold (1 = the edge)": (RATIO, BATCH_RATIO, CRITICAL_RATIO),
 }
-"""The edge charts of the dashboards (TensorBoard's layout, the W&B workspace): title and the ``eos/*``
-metrics drawn together; each dashboard adds the top-k eigenvalues with the threshold."""
+r"""The edge charts of the dashboards (TensorBoard's layout, the W&B workspace): title and the ``eos/*``
+metrics drawn together, each quantity with its own threshold; each dashboard adds the top-k eigenvalues,
+with the threshold where it is theirs (not under a preconditioning optimizer, whose threshold is that of
+``eos/sharpness``, :math:`\lambda_{\max}(P^{-1}H)`)."""
 TOP_K_CHART = "top-k eigenvalues and the threshold"
-TOP_K_ONLY_CHART = "top-k eigenvalues"  # a monitor no EdgeOfStabilityMonitor reads: no threshold
+TOP_K_ONLY_CHART = "top-k eigenvalues"  # no threshold: none is read, or it is not theirs (Adam's)
 
 SETTINGS_KEY = "pf_lightning"
 """The callbacks' settings go to every logger's hyperparameters (the W&B run config) under this key."""
@@ -349,13 +347,20 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def announce_run(trainer: Any, tags: list[str | None], edged: Collection[str | None] | None = None) -> None:
+def announce_run(
+    trainer: Any,
+    tags: list[str | None],
+    edged: Collection[str | None] | None = None,
+    preconditioned: Collection[str | None] = (),
+    critical: Collection[str | None] = (),
+) -> None:
     """Once per fit, from the first :class:`~pf_lightning.HessianEigenMonitor`: every pf-lightning
     callback's ``settings()`` to every logger's hyperparameters under :data:`SETTINGS_KEY` (the W&B run
     config, hparams.yaml of a CSVLogger, MLflow's params; TensorBoard keeps the module's hyperparameters
     only, so there they go to the Text tab), and the TensorBoard custom-scalars layout
     (:func:`tensorboard_layout`) for the whole-Hessian monitors named ``tags``, with edge charts for those in
-    ``edged``. A logger that refuses is warned about once; training goes on. With no logger, says so (as
+    ``edged`` (``preconditioned``: those judged by a preconditioning optimizer's rule; ``critical``: those
+    whose critical sharpness is measured). A logger that refuses is warned about once; training goes on. With no logger, says so (as
     information: a sweep that reads ``.latest`` may mean it)."""
     if not trainer.loggers:  # logger=False: nothing keeps the metrics, which is easy to miss
         from lightning.pytorch.utilities import rank_zero_info
@@ -393,7 +398,7 @@ def announce_run(trainer: Any, tags: list[str | None], edged: Collection[str | N
         except Exception as err:
             warn_once(set(), "settings", f"TensorBoard did not take the callbacks' settings ({err!r})")
         try:
-            writer.add_custom_scalars(tensorboard_layout(tags, prefix, edged))
+            writer.add_custom_scalars(tensorboard_layout(tags, prefix, edged, preconditioned, critical))
         except Exception as err:
             warn_once(set(), "layout", f"the TensorBoard layout was not written ({err!r})")
 
@@ -423,14 +428,18 @@ def tensorboard_writers(trainer: Any) -> list[tuple[Any, str]]:
 
 
 def tensorboard_layout(
-    tags: list[str | None], prefix: str = "", edged: Collection[str | None] | None = None
+    tags: list[str | None],
+    prefix: str = "",
+    edged: Collection[str | None] | None = None,
+    preconditioned: Collection[str | None] = (),
+    critical: Collection[str | None] = (),
 ) -> dict[str, dict[str, list]]:
     """TensorBoard's custom-scalars layout: for each whole-Hessian monitor (``tags``: their names, ``None``
     for the unnamed one), the top-k eigenvalues and, for one an EdgeOfStabilityMonitor reads (``edged``;
-    ``None``: every one), the threshold with them, the sharpness with its threshold in one chart, and the
-    ratios (sharpness, batch and critical, over their thresholds); a monitor no EoS monitor reads has no
-    ``eos/*`` to draw. ``prefix``: what the logger puts before every metric name (see
-    :func:`tensorboard_writers`)."""
+    ``None``: every one), the charts of :data:`EDGE_CHARTS` and the threshold with the top-k eigenvalues,
+    unless it judges a preconditioning optimizer (``preconditioned``), whose threshold is that of
+    :math:`P^{-1}H`; the critical sharpness's chart only where it is measured (``critical``); a monitor no EoS monitor reads has no ``eos/*`` to draw. ``prefix``: what the logger
+    puts before every metric name (see :func:`tensorboard_writers`)."""
 
     def exact(metrics: tuple[str, ...], tag: str | None) -> str:
         """A regex matching exactly these ``eos/<name>`` metrics, under ``tag``."""
@@ -444,8 +453,15 @@ def tensorboard_layout(
         if edged is not None and tag not in edged:
             charts = {TOP_K_ONLY_CHART: ["Multiline", [top_k]]}
         else:
-            charts = {title: ["Multiline", [exact(metrics, tag)]] for title, metrics in EDGE_CHARTS.items()}
-            charts[TOP_K_CHART] = ["Multiline", [top_k, exact((THRESHOLD,), tag)]]
+            charts = {
+                title: ["Multiline", [exact(metrics, tag)]]
+                for title, metrics in EDGE_CHARTS.items()
+                if tag in critical or CRITICAL_SHARPNESS not in metrics
+            }
+            if tag in preconditioned:
+                charts[TOP_K_ONLY_CHART] = ["Multiline", [top_k]]
+            else:
+                charts[TOP_K_CHART] = ["Multiline", [top_k, exact((THRESHOLD,), tag)]]
         layout[f"pf-lightning{'' if tag is None else f' ({tag})'}"] = charts
     return layout
 

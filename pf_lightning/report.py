@@ -344,8 +344,8 @@ def _steps(ax: Any, series: tuple[np.ndarray, np.ndarray], **style: Any) -> None
 
 def plot_sharpness(run: RunMetrics, path: Path) -> Drawn | None:
     """``eos/sharpness`` against ``eos/threshold``, and their ratio (1.0 is the edge of stability); where
-    logged, the batch sharpness with its standard-error band and its threshold, and the critical sharpness,
-    in the same panels (their ratios against their own thresholds below)."""
+    logged, the batch sharpness with its standard-error band and its threshold, and the critical sharpness
+    with its threshold 2/lr, in the same panels (their ratios against their own thresholds below)."""
     sharpness, threshold, ratio = (run.get(k) for k in (names.SHARPNESS, names.THRESHOLD, names.RATIO))
     if sharpness is None:
         return None
@@ -369,12 +369,16 @@ def plot_sharpness(run: RunMetrics, path: Path) -> Drawn | None:
         if level is not None and (
             threshold is None or not np.allclose(level[1], np.interp(level[0], *threshold))
         ):
-            _steps(top, level, color=line.get_color(), linestyle=":", label="batch threshold 2/lr")
+            _steps(top, level, color=line.get_color(), linestyle=":", label="batch threshold")
             drawn[names.BATCH_THRESHOLD] = level
     critical = run.get(names.CRITICAL_SHARPNESS)
     if critical is not None:
         top.plot(*critical, ".", color="tab:purple", markersize=3, label="critical sharpness 2/η_c")
         drawn[names.CRITICAL_SHARPNESS] = critical
+        level = run.get(names.CRITICAL_THRESHOLD)  # 2/lr, its own level (absent from earlier versions' runs)
+        if level is not None:
+            _steps(top, level, color="tab:purple", linestyle=":", label="critical threshold 2/lr")
+            drawn[names.CRITICAL_THRESHOLD] = level
     if _spread(np.concatenate([s[1] for key, s in drawn.items() if key != names.BATCH_SHARPNESS_STDERR])):
         top.set_yscale("log")
     top.set_ylabel("curvature")

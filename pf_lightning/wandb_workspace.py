@@ -6,8 +6,8 @@ network::
 
     pf-lightning workspace --entity ENTITY --project PROJECT      # prints the workspace's URL
 
-Sections: the edge of stability (sharpness with its threshold, batch and critical sharpness, the top-k
-eigenvalues with the threshold, the ratios), principal flow (hλᵢ, unstable and oscillating
+Sections: the edge of stability (sharpness with its threshold, batch and critical sharpness each with its
+own, the top-k eigenvalues, the ratios), principal flow (hλᵢ, unstable and oscillating
 directions), and the measurements (residuals, products, seconds). Smoothing is off (measurements are
 sparse) and the x-axis is ``trainer/global_step``. Needs the ``wandb-workspaces`` package:
 ``pip install 'pf-lightning[wandb]'``.
@@ -43,7 +43,8 @@ def build_workspace(entity: str, project: str, k: int = 5, name: str = "pf-light
 
     eigenvalues = [names.eigenvalue(i) for i in range(1, k + 1)]
     edge = [line(title, list(metrics)) for title, metrics in names.EDGE_CHARTS.items()]
-    edge.insert(1, line(names.TOP_K_CHART, [*eigenvalues, names.THRESHOLD]))
+    # No threshold with them: a project's runs may train under Adam, whose threshold is that of P^-1 H.
+    edge.insert(1, line(names.TOP_K_ONLY_CHART, eigenvalues))
     flow = [
         line(
             "hλᵢ = 2λᵢ / threshold (ηλᵢ under GD)", [names.direction("hlambda", i) for i in range(1, k + 1)]

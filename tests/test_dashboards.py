@@ -73,20 +73,20 @@ def test_wandb_summary_holds_the_extremes_and_the_config_the_settings(tmp_path, 
     assert settings["EdgeOfStabilityMonitor"]["warn_ratio"] == 1.0
 
 
-def test_wandb_summary_leaves_out_an_adaptive_optimizer_s_warm_up(tmp_path, monkeypatch):
+def test_wandb_summary_and_chart_of_an_adaptive_optimizer(tmp_path, monkeypatch):
     """Adam's first measurements are logged, flagged eos/warmup and not judged: the summary's maximum is
     that of the judged ones (it was the warm-up's, a ratio above the judged ones' in a run never at the
     edge); under a tag, as the named monitor's metrics."""
     import wandb
     from wandb_offline import offline_env
 
-    from pf_lightning.wandb_reader import find_run_file, summary
+    from pf_lightning.wandb_reader import find_run_file, summary, tables
 
     offline_env(monkeypatch, tmp_path)
     L.seed_everything(0)
     model = DigitsClassifier(n=128, lr=0.02, optimizer="adam")
     hessian = HessianEigenMonitor(k=1, every_n_steps=2, name="train")
-    eos = EdgeOfStabilityMonitor(monitor=hessian)
+    eos = EdgeOfStabilityMonitor(monitor=hessian, chart_every=1)
     eos.preconditioner_warmup_steps = 6
     try:
         logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
@@ -97,10 +97,24 @@ def test_wandb_summary_leaves_out_an_adaptive_optimizer_s_warm_up(tmp_path, monk
     judged = [h for h in eos.history if "eos/warmup" not in h]
     warm = [h for h in eos.history if "eos/warmup" in h]
     assert len(judged) >= 3 and warm
-    final = summary(find_run_file(tmp_path))
+    path = find_run_file(tmp_path)
+    final = summary(path)
     for name in ("ratio", "sharpness"):
         assert max(h[f"eos/{name}"] for h in warm) > max(h[f"eos/{name}"] for h in judged)  # else no test
         assert final[f"eos/train/{name}"] == {"max": pytest.approx(max(h[f"eos/{name}"] for h in judged))}
+    # The chart draws what Adam's threshold is for, λ_max(P⁻¹H), not the Hessian's own eigenvalues (it
+    # drew eig_1, a thousandth of that threshold, with it).
+    chart = max(
+        (t for key, t in tables(path.parent).items() if "spectrum_vs_threshold" in key),
+        key=lambda t: len(t["data"]),
+    )
+    lines: dict[str, list] = {}
+    for step, key, value in chart["data"]:
+        lines.setdefault(key, []).append((step, value))
+    assert lines.keys() == {"preconditioned sharpness", "threshold"}
+    assert lines["preconditioned sharpness"] == [
+        (h["step"], pytest.approx(h["eos/sharpness"])) for h in eos.history
+    ]
 
 
 @pytest.mark.parametrize("prefix", ["", "train"])
@@ -142,6 +156,44 @@ def test_tensorboard_layout_draws_sharpness_with_its_threshold_and_the_density(t
     assert last.num == pytest.approx(1.0, abs=0.02)  # the broadened density's mass over its grid
     top = float(hessian.history[-1]["eigenvalues"][0])
     assert last.min < top < last.max  # the grid covers the spectrum up to the top eigenvalue
+
+
+def test_tensorboard_layout_draws_each_quantity_with_its_own_threshold_under_adam(tmp_path):
+    """Under Adam the threshold is that of λ_max(P⁻¹H): the top-k eigenvalues of H are drawn without it (they
+    were, a thousandth of it), and the critical sharpness with its own level 2/lr, not with eos/threshold."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.01, optimizer="adam")
+    eos = EdgeOfStabilityMonitor(critical_every_n_steps=2)
+    trainer(
+        tmp_path, max_steps=6, logger=logger, callbacks=[HessianEigenMonitor(k=2, every_n_steps=3), eos]
+    ).fit(model)
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {
+        chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart
+    }
+
+    def drawn(title):
+        return {tag for tag in scalars if any(re.search(pattern, tag) for pattern in charts[title])}
+
+    assert "top-k eigenvalues and the threshold" not in charts
+    assert drawn("top-k eigenvalues") == {"hessian/eig_1", "hessian/eig_2"}
+    assert drawn("sharpness and its threshold") == {"eos/sharpness", "eos/threshold"}
+    assert drawn("critical sharpness and its threshold (2/lr)") == {
+        "eos/critical_sharpness",
+        "eos/critical_threshold",
+    }
+    levels = [event.value for event in events.Scalars("eos/critical_threshold")]
+    assert [event.step for event in events.Scalars("eos/critical_threshold")] == [2, 4, 6]
+    assert levels == pytest.approx([2 / 0.01] * 3)
+    assert drawn("ratio to the threshold (1 = the edge)") == {"eos/ratio", "eos/critical_ratio"}
 
 
 def test_csv_logger_keeps_the_settings_in_hparams(tmp_path):
@@ -246,7 +298,7 @@ def test_the_wandb_workspace_charts_what_a_fit_logs(tmp_path):
     with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
         logged = set(next(csv.reader(f)))
     stochastic = {names.BATCH_SHARPNESS, names.BATCH_THRESHOLD, names.BATCH_RATIO}
-    stochastic |= {names.CRITICAL_SHARPNESS, names.CRITICAL_RATIO}
+    stochastic |= {names.CRITICAL_SHARPNESS, names.CRITICAL_THRESHOLD, names.CRITICAL_RATIO}
     assert charted - logged == stochastic
     assert {"hessian/eig_1", "hessian/eig_2", "eos/threshold", "pf/hlambda_2"} <= charted
     assert all(panel.x == X_AXIS and panel.smoothing_type == "none" for panel in panels)

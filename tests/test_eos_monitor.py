@@ -511,6 +511,7 @@ def test_wandb_chart_holds_batch_and_critical_sharpness_of_a_mini_batch_run(tmp_
         assert low[1] == pytest.approx(value - half) and high[1] == pytest.approx(value + half)
     assert all(row[1] == pytest.approx(2 / 0.1) for row in lines["batch_threshold"])
     assert [row[0] for row in lines["critical_sharpness"]] == [2, 4]
+    assert lines["critical_threshold"] == [(2, pytest.approx(2 / 0.1)), (4, pytest.approx(2 / 0.1))]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

@@ -275,9 +275,10 @@ def test_a_mini_batch_run_plots_batch_and_critical_sharpness_against_their_thres
     drawn = {p.stem: series for p, series in written.items()}["sharpness"]
     expected = {
         "eos/batch_sharpness", "eos/batch_sharpness_stderr", "eos/batch_threshold", "eos/batch_ratio",
-        "eos/critical_sharpness", "eos/critical_ratio",
+        "eos/critical_sharpness", "eos/critical_threshold", "eos/critical_ratio",
     }  # fmt: skip
     assert expected <= drawn.keys()
+    assert np.allclose(drawn["eos/critical_threshold"][1], 2 / 0.1)
     assert np.allclose(drawn["eos/batch_threshold"][1], 2 / 0.1)
     assert np.allclose(drawn["eos/threshold"][1], (2 + 2 * 0.5) / 0.1)
     np.testing.assert_array_equal(drawn["eos/critical_sharpness"][0], [2, 4, 6, 8])
@@ -370,7 +371,7 @@ def test_a_threshold_or_rate_logged_once_is_drawn_across_the_panel(tmp_path, mon
     lines = {line.get_label(): line for f in figures for ax in f.axes for line in ax.get_lines()}
     for label, value in [
         ("threshold", 5.0),
-        ("batch threshold 2/lr", 20.0),
+        ("batch threshold", 20.0),
         ("stability threshold", 5.0),
         ("lr-SGD (constant 0.4)", 0.4),
     ]:

@@ -293,6 +293,9 @@ class EdgeOfStabilityMonitor(Callback):
         self._progress: dict[str, float] = {}
         self._clip: tuple[float, str] | None = None  # the trainer's gradient clipping (set at fit start)
         self._step_hook: Any = None  # counts the judged optimizer's steps during a fit
+        # Whether the judged optimizer preconditions (set at fit start): its threshold is then that of
+        # P^-1 H, not of the Hessian's own eigenvalues (the dashboards draw it with eos/sharpness alone).
+        self.preconditioned = False
         self._new_run()
 
     def _new_run(self) -> None:
@@ -309,7 +312,8 @@ class EdgeOfStabilityMonitor(Callback):
         self._above = False
         self._preconditioned_latest: EigenResult | None = None
         self._warned: set[str] = set()
-        self._critical: list[tuple[int, float]] = []  # (step, value) for the W&B chart, capped as the history
+        # (step, value, threshold 2/lr) for the W&B chart, capped as the history
+        self._critical: list[tuple[int, float, float]] = []
         self._charted: tuple[Any, ...] | None = None  # what the last W&B chart drew (see _chart)
         self._extremes: dict[str, float] = {}  # the W&B summary's extremes (see _summarize)
 
@@ -464,6 +468,7 @@ class EdgeOfStabilityMonitor(Callback):
             self._step_hook, self._interval_steps = None, None
         # The gradient's projections are read where the step is not preconditioned: the measurement
         # hands over the probe gradient there (from its cached graphs), and does not take it otherwise.
+        self.preconditioned = preconditioned
         self.monitor.add_listener(self._on_measurement, gradient=not preconditioned)
         if self.critical_every_n_steps is not None:
             try:
@@ -1001,10 +1006,11 @@ class EdgeOfStabilityMonitor(Callback):
         metrics = {
             names.CRITICAL_SHARPNESS: result.value,
             names.CRITICAL_RATIO: float(result.ratio),
+            names.CRITICAL_THRESHOLD: float(result.threshold),
             names.CRITICAL_FORWARD: float(result.n_forward),
         }
         log_metrics(trainer, tagged(metrics, self.monitor.name), trainer.global_step)
-        self._critical.append((trainer.global_step, result.value))
+        self._critical.append((trainer.global_step, result.value, float(result.threshold)))
         del self._critical[: max(0, len(self._critical) - self.monitor.max_history)]
 
     def _log_proxies(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
@@ -1051,19 +1057,22 @@ class EdgeOfStabilityMonitor(Callback):
             self._skip(trainer, err, "W&B chart skipped", None)
 
     def _log_chart(self, trainer: Trainer, step: int) -> None:
-        """W&B: the top-k eigenvalues, the threshold and, where measured, the batch sharpness (± 2 standard
-        errors) with its threshold and the critical sharpness over steps as one line chart; the spectra
-        as a table."""
+        """W&B: the top-k eigenvalues (under a preconditioning optimizer the preconditioned sharpness, which
+        its threshold is for), the threshold and, where measured, the batch sharpness (± 2 standard errors)
+        and the critical sharpness, each with its threshold, over steps as one line chart; the spectra as a
+        table."""
         history = self.history
         if not wandb_experiments(trainer) or not history:
             return
         import wandb
 
         steps = [h["step"] for h in history]
-        k = min(len(h["eigenvalues"]) for h in history)
-        series: list[tuple[str, list[float], list[float]]] = [
-            (f"eig_{i + 1}", steps, [h["eigenvalues"][i] for h in history]) for i in range(k)
-        ]
+        series: list[tuple[str, list[float], list[float]]]
+        if any(names.PRECONDITIONED_SHARPNESS in h for h in history):
+            series = [("preconditioned sharpness", steps, [h[names.SHARPNESS] for h in history])]
+        else:
+            k = min(len(h["eigenvalues"]) for h in history)
+            series = [(f"eig_{i + 1}", steps, [h["eigenvalues"][i] for h in history]) for i in range(k)]
         series.append(("threshold", steps, [h[names.THRESHOLD] for h in history]))
         batch = [h for h in history if names.BATCH_SHARPNESS in h]
         if batch:
@@ -1081,9 +1090,9 @@ class EdgeOfStabilityMonitor(Callback):
             if any(h[names.BATCH_THRESHOLD] != h[names.THRESHOLD] for h in batch):
                 series.append(("batch_threshold", at, [h[names.BATCH_THRESHOLD] for h in batch]))
         if self._critical:
-            series.append(
-                ("critical_sharpness", [s for s, _ in self._critical], [v for _, v in self._critical])
-            )
+            at = [s for s, _, _ in self._critical]
+            series.append(("critical_sharpness", at, [v for _, v, _ in self._critical]))
+            series.append(("critical_threshold", at, [t for _, _, t in self._critical]))
         chart = wandb.plot.line_series(
             xs=[xs for _, xs, _ in series],
             ys=[ys for _, _, ys in series],

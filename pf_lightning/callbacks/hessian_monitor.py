@@ -498,12 +498,17 @@ class HessianEigenMonitor(Callback):
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, HessianEigenMonitor)]
         if monitors[0] is self:
             # The monitors an EdgeOfStabilityMonitor reads (set at its set-up, before this): their edge charts.
-            edged = {
-                cb.monitor.name
+            readers = [
+                cb
                 for cb in trainer.callbacks
                 if isinstance(getattr(cb, "monitor", None), HessianEigenMonitor)
-            }
-            announce_run(trainer, [cb.name for cb in monitors if cb.params is None], edged)
+            ]
+            preconditioned = {cb.monitor.name for cb in readers if getattr(cb, "preconditioned", False)}
+            critical = {cb.monitor.name for cb in readers if getattr(cb, "critical_every_n_steps", None)}
+            edged = {cb.monitor.name for cb in readers}
+            announce_run(
+                trainer, [cb.name for cb in monitors if cb.params is None], edged, preconditioned, critical
+            )
         # Fail now, not at the first measurement, if there is no loss or the probe does not fit the
         # model; guarded like a measurement, so BatchNorm statistics and the random stream are kept.
         try:
