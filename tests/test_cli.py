@@ -144,6 +144,27 @@ def test_a_class_that_refuses_its_configured_arguments_ends_the_command_with_its
     assert capsys.readouterr().err.strip().splitlines() == [f"pf-lightning: error: {message}"]
 
 
+def test_a_cap_s_bad_fraction_in_yaml_ends_the_command_with_its_message(tmp_path, capsys):
+    """LightningCLI passes every argument of the class, base=None among them: the cap's own check was
+    skipped as if a base schedule were bound, and the fit started and failed at fit start with a traceback."""
+    config = yaml.safe_load(shrunk("dal_digits.yaml", tmp_path).read_text())
+    (adaptation,) = (c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LRAdaptation"))
+    adaptation["init_args"]["scheduler"] = {
+        "class_path": "pf_lightning.SharpnessCappedLR",
+        "init_args": {"fraction": 0.0},
+    }
+    path = tmp_path / "cap.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        line.startswith("pf-lightning: error: LRAdaptation(...)")
+        and "`fraction` must be a finite number > 0" in line
+    )
+
+
 class BuggyDigitsMLP(DigitsMLP):
     """A model whose constructor has a bug below it: torch's TypeError for a float layer width."""
 

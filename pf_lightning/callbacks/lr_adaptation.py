@@ -71,7 +71,7 @@ def check_factory(factory: Any) -> None:
         return  # any other callable is the user's own: it is called at fit start
     accepted = parameter_names(target, skip=("self", "optimizer"))
     check.keywords(f"{target.__name__} (in `scheduler`)", keywords, accepted)
-    if "base" in keywords:
+    if keywords.get("base") is not None:  # LightningCLI passes every argument: base=None among them
         return  # a base schedule is bound to its own optimizer: only the real one can be checked
     stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     try:
