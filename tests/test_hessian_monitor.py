@@ -897,9 +897,10 @@ def test_drawing_the_probe_leaves_an_iterable_datasets_epoch_counter_alone(tmp_p
 
 
 class _SparseEmbedding(L.LightningModule):
-    def __init__(self, sparse=True):
+    def __init__(self, sparse=True, momentum=0.0, batch_size=64):
         super().__init__()
         self.emb, self.out = nn.Embedding(20, 4, sparse=sparse), nn.Linear(4, 3)
+        self.momentum, self.batch_size = momentum, batch_size
 
     def loss(self, batch):
         x, y = batch
@@ -913,10 +914,10 @@ class _SparseEmbedding(L.LightningModule):
         data = TensorDataset(
             torch.randint(0, 20, (64,), generator=g), torch.randint(0, 3, (64,), generator=g)
         )
-        return DataLoader(data, batch_size=64)
+        return DataLoader(data, batch_size=self.batch_size)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)  # takes sparse gradients
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=self.momentum)  # takes sparse gradients
 
 
 def test_a_sparse_embedding_is_measured_and_trains_bit_for_bit(tmp_path):
@@ -943,3 +944,29 @@ def test_a_sparse_embedding_is_measured_and_trains_bit_for_bit(tmp_path):
     )
     for a, b in zip(runs["plain"][0].parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_sparse_embedding_s_momentum_update_is_measured(tmp_path):
+    """SGD keeps a sparse parameter's momentum buffer sparse: the batch and critical sharpness along the
+    momentum update were skipped at every step after the first ('add(sparse, dense) is not supported').
+    They equal those of the same run with a dense embedding."""
+    logs = {}
+    for sparse in (True, False):
+        L.seed_everything(0)
+        model = _SparseEmbedding(sparse=sparse, momentum=0.9, batch_size=16)
+        callbacks = [
+            HessianEigenMonitor(k=1, every_n_steps=2),
+            EdgeOfStabilityMonitor(critical_every_n_steps=1),
+        ]
+        t = trainer(
+            tmp_path / str(sparse), max_steps=4, callbacks=callbacks, logger=CSVLogger(tmp_path / str(sparse))
+        )
+        t.fit(model)
+        logs[sparse] = logged(t)
+    sparse, dense = logs[True], logs[False]
+    assert not any(k.endswith("skipped") for k in sparse)
+    assert sorted(sparse["eos/critical_sharpness"]) == [1, 2, 3, 4]
+    assert sorted(sparse["eos/batch_sharpness"]) == [0, 2, 4]
+    for key in ("eos/critical_sharpness", "eos/batch_sharpness"):
+        for step, value in dense[key].items():
+            assert sparse[key][step] == pytest.approx(value, rel=1e-4), (key, step)

@@ -326,10 +326,12 @@ def _decoupled_flag(group: Group) -> float:
 
 
 def _moment(state: State, key: str, like: Tensor, fill: float = 0.0) -> Tensor:
-    """A state tensor in ``like``'s dtype, or its value before the first step."""
+    """A state tensor, dense and in ``like``'s dtype (SGD keeps a sparse parameter's momentum buffer sparse:
+    ``nn.Embedding(sparse=True)``), or its value before the first step."""
     value = state.get(key)
     if isinstance(value, Tensor):
-        return value.detach().to(like.dtype)
+        value = value.detach()
+        return (value.to_dense() if value.is_sparse else value).to(like.dtype)
     return torch.full_like(like, fill)
 
 
@@ -395,10 +397,10 @@ def _sgd_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tens
     grad = _l2(group, grad, param)
     beta = _float(group.get("momentum", 0.0))
     if beta:
-        buffer = state.get("momentum_buffer")
-        if isinstance(buffer, Tensor):  # the first step copies the gradient, undamped
+        if isinstance(state.get("momentum_buffer"), Tensor):  # the first step copies the gradient, undamped
             buffer = (
-                beta * buffer.detach().to(grad.dtype) + (1.0 - _float(group.get("dampening", 0.0))) * grad
+                beta * _moment(state, "momentum_buffer", grad)
+                + (1.0 - _float(group.get("dampening", 0.0))) * grad
             )
         else:
             buffer = grad
