@@ -192,6 +192,29 @@ class _MeasuredLR(LRScheduler):
 
     # A state's settings (beyond the rates): the entries another scheduler's state does not hold.
     _settings: tuple[str, ...] = ()
+    # The constructor's arguments among them: a resumed run keeps those it was built with (see _rebuilt).
+    _arguments: tuple[str, ...] = ()
+
+    def _arguments_now(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._arguments}
+
+    def _rebuilt(self, built: Mapping[str, Any]) -> None:
+        """After a checkpoint's state is loaded, put back the arguments this scheduler was built with (its
+        code or config now) where the checkpoint's run used others, and say so once: a resumed run that
+        changed ``p`` or ``fraction`` ran on the checkpoint's in silence. The checkpoint's rates and
+        measurement are kept; the next rate this scheduler sets follows the new arguments."""
+        changed = {key: getattr(self, key) for key, value in built.items() if getattr(self, key) != value}
+        for key, value in built.items():
+            setattr(self, key, value)
+        if changed:
+            warnings.warn(
+                f"{type(self).__name__}: resumed with {', '.join(f'{k}={built[k]!r}' for k in changed)} where the "
+                f"checkpoint's run had {', '.join(f'{k}={v!r}' for k, v in changed.items())}: the rates from "
+                "the next one it sets follow the new settings (build it with the checkpoint's to resume that run "
+                "as it was)",
+                RuntimeWarning,
+                stacklevel=names.user_stacklevel(),
+            )
 
     def _check_settings(self, state: Mapping[str, Any]) -> None:
         """Raise a ``ValueError`` where a setting in ``state`` is one the constructor would refuse."""
@@ -304,6 +327,7 @@ class DriftAdaptiveLR(_MeasuredLR):
         return p, max_lr, window, _check.integer("warmup_steps", warmup_steps, 0)
 
     _settings = ("p", "max_lr", "window", "warmup_steps")
+    _arguments = _settings
 
     def _check_settings(self, state: Mapping[str, Any]) -> None:
         mine = (self.p, self.max_lr, self.window, self.warmup_steps)
@@ -344,11 +368,13 @@ class DriftAdaptiveLR(_MeasuredLR):
                 f"DriftAdaptiveLR.load_state_dict: base_lrs {state_dict['base_lrs']!r} (the first must be "
                 "positive) is not one this scheduler wrote"
             )
+        built = self._arguments_now()
         super().load_state_dict(state_dict)
         # As the constructor holds them (a checkpoint keeps the window's tuple as a list).
         self.p, self.max_lr, self.window, self.warmup_steps = self._checked(
             self.p, self.max_lr, self.window, self.warmup_steps
         )
+        self._rebuilt(built)
 
     def _clean(self, value: float | None) -> float | None:
         # v = 0: Hg or the gradient vanished, and 2/v^p is meaningless: held like a NaN.
@@ -428,6 +454,7 @@ class SharpnessCappedLR(_MeasuredLR):
     _quantity = "sharpness"
     _lists = ("base_lrs", "_last_lr", "_uncapped")
     _settings = ("fraction", "base", "_uncapped")
+    _arguments = ("fraction",)
 
     def __init__(
         self,
@@ -563,8 +590,10 @@ class SharpnessCappedLR(_MeasuredLR):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state this scheduler wrote; a ``ValueError`` names what is wrong with any other."""
         self._check_state(state_dict)
+        built = self._arguments_now()
         state = dict(state_dict)
         base_state = state.pop("base", None)
         self.__dict__.update(state)
         if self.base is not None and base_state is not None:
             self.base.load_state_dict(base_state)
+        self._rebuilt(built)

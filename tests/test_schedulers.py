@@ -97,6 +97,41 @@ def test_dal_state_dict_resumes_mid_run():
 
 
 @pytest.mark.parametrize(
+    ("build", "changed", "match"),
+    [
+        (
+            lambda o, **kw: DriftAdaptiveLR(o, max_lr=5.0, **kw),
+            {"p": 2.0},
+            r"resumed with p=2\.0 where the checkpoint's run had p=1\.0",
+        ),
+        (
+            lambda o, **kw: SharpnessCappedLR(o, **kw),
+            {"fraction": 0.5},
+            r"resumed with fraction=0\.5 where the checkpoint's run had fraction=0\.9",
+        ),
+    ],
+    ids=["dal", "cap"],
+)
+def test_a_resumed_scheduler_keeps_the_arguments_it_was_built_with_and_says_so(build, changed, match):
+    """A resume from a run with other settings took the checkpoint's in silence (a run resumed with p=2 went
+    on at p=1's rates, an outside trial): the arguments it is built with apply, with one warning."""
+    values = [30.0, 50.0, 40.0]  # the cap binds at both fractions: 0.9 * 2/30 < 0.1
+    first = build(sgd())
+    run(first, values)
+    state = first.state_dict()
+    resumed, fresh = build(sgd(), **changed), build(sgd(), **changed)
+    with pytest.warns(RuntimeWarning, match=match):
+        resumed.load_state_dict(state)
+    assert all(getattr(resumed, key) == value for key, value in changed.items())
+    run(fresh, values)  # the same history under the new arguments: the rates from here on agree
+    after = run(resumed, [25.0, 60.0])
+    assert after == run(fresh, [25.0, 60.0]) and after != run(build(sgd()), [*values, 25.0, 60.0])[-2:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(sgd(), **changed).load_state_dict(resumed.state_dict())  # the same arguments: no warning
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"p": -1.0}, "`p` must be"),
