@@ -22,7 +22,7 @@ from typing_extensions import override
 from .. import logging as names
 from .._validation import SEED_MAX, Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
-from ..curvature.distributed import LocalFailure, MeasurementAborted, any_rank, per_rank
+from ..curvature.distributed import LocalFailure, MeasurementAborted, any_rank, is_distributed, per_rank
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult
 from ..linalg.density import SpectralDensity
@@ -426,6 +426,25 @@ class HessianEigenMonitor(Callback):
             raise MisconfigurationException(
                 f"the measurement could not be set up on rank {err.rank} ({err.error_type}: {err.error_message})"
             ) from err
+        if self.stderr_every and self._whole:
+            # One group per whole batch; under DDP the measurement takes as many as the rank with the fewest.
+            groups = int(min(per_rank(len(self.spec.probe), pl_module.device)))
+            if groups < STDERR_GROUPS:
+                self._warn_once(
+                    "stderr_groups",
+                    f"hessian/eig_1_stderr is the spread over groups of whole probe batches (the loss couples a "
+                    f"batch's samples: batch normalization, or probe_batch_size='loader'), and the probe holds "
+                    f"{groups}"
+                    + (" on the rank with the fewest" if is_distributed() else "")
+                    + ": "
+                    + (
+                        "no standard error (NaN) from one group"
+                        if groups < 2
+                        else f"{groups - 1} degree(s) of freedom where {STDERR_GROUPS} groups give "
+                        f"{STDERR_GROUPS - 1}, so each value is rough"
+                    )
+                    + "; draw the probe in more batches (smaller loader batches, or probe= batches)",
+                )
         if self.every_n_epochs is not None:
             counts = per_rank(trainer.num_training_batches, pl_module.device)
             if len(set(counts)) > 1:
@@ -465,20 +484,6 @@ class HessianEigenMonitor(Callback):
             if shared is not None:
                 shared.probe = probe
         self._whole = keeps_batches_whole(pl_module, self.probe_batch_size)
-        if self.stderr_every and self._whole and len(probe) < STDERR_GROUPS:
-            self._warn_once(
-                "stderr_groups",
-                f"hessian/eig_1_stderr is the spread over groups of whole probe batches (the loss couples a "
-                f"batch's samples: batch normalization, or probe_batch_size='loader'), and the probe holds "
-                f"{len(probe)}: "
-                + (
-                    "no standard error (NaN) from one group"
-                    if len(probe) < 2
-                    else f"{len(probe) - 1} degree(s) of freedom where {STDERR_GROUPS} groups give "
-                    f"{STDERR_GROUPS - 1}, so each value is rough"
-                )
-                + "; draw the probe in more batches (smaller loader batches, or probe= batches)",
-            )
         self._probe_loader = trainer.train_dataloader if drawn_from_loader(self._probe_arg) else None
         self.spec = MeasurementSpec(
             loss_fn=loss_fn,

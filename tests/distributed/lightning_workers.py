@@ -412,6 +412,30 @@ class EmptyOnRankOne:
             yield digits(8)
 
 
+class UnevenBatches:
+    """Probe batches: three on rank 0, two on rank 1."""
+
+    def __iter__(self):
+        yield from (digits(8) for _ in range(3 - dist.get_rank()))
+
+
+class WarningRecorder(Callback):
+    """Keeps the warnings this rank raises during the fit in ``warnings{rank}.pt``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._context = warnings.catch_warnings(record=True)
+        self._caught = self._context.__enter__()
+        warnings.simplefilter("always")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._context.__exit__(None, None, None)
+        messages = [str(w.message) for w in self._caught]
+        torch.save(messages, Path(self.out) / f"warnings{trainer.global_rank}.pt")
+
+
 UNEVEN_BATCHES = (16, 16)  # rank 0: two batches of its 24 samples, rank 1: its 10 in one
 
 
@@ -419,19 +443,22 @@ def fit_uneven_set_up(out: str, case: str) -> None:
     """Settings each rank reads from its own shard, which must agree: ``"default"`` (rank 0 trains on
     mini-batches, rank 1 on its whole shard: batch sharpness), ``"required"`` (the same, with
     ``batch_sharpness=True``), ``"epochs"`` (``every_n_epochs`` on epochs of 2 and 1 steps), ``"probe"``
-    (a probe that is empty on rank 1)."""
+    (a probe that is empty on rank 1), ``"stderr"`` (whole probe batches, three on rank 0 and two on rank 1,
+    as groups of ``eig_1_stderr``)."""
     L.seed_everything(0, verbose=False)
     kwargs = {"k": 1, "every_n_steps": 2, "at_fit_end": False}
     if case == "epochs":
         kwargs.update(every_n_steps=None, every_n_epochs=1, at_fit_start=False)
     if case == "probe":
         kwargs.update(probe=EmptyOnRankOne())
+    if case == "stderr":
+        kwargs.update(probe=UnevenBatches(), probe_batch_size="loader", stderr_every=1)
     monitor = RecordingMonitor(out, **kwargs)
     eos = RecordingEdge(out, batch_sharpness=True if case == "required" else None)
     # A rank left waiting in a collective fails within a minute rather than hanging the test.
     strategy = DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        two_ranks(strategy, out, STEPS, [monitor, eos, EdgeRecorder(eos, out)]).fit(
+        two_ranks(strategy, out, STEPS, [monitor, eos, EdgeRecorder(eos, out), WarningRecorder(out)]).fit(
             ShardedDigits(batch_sizes=UNEVEN_BATCHES)
         )

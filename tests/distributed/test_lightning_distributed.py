@@ -190,6 +190,15 @@ def test_ranks_that_train_on_batches_and_on_their_whole_shard_agree_to_measure_b
     assert ranks[0]["logged"]["eos/ratio"] == ranks[1]["logged"]["eos/ratio"] > 0
 
 
+def test_the_few_groups_warning_counts_the_groups_of_the_rank_with_the_fewest(tmp_path):
+    """Whole probe batches are eig_1_stderr's groups, and the measurement takes as many as the rank with the
+    fewest has (two here): the set-up warning counted rank 0's three (two degrees of freedom for one)."""
+    fit_uneven_set_up(str(tmp_path), "stderr")
+    said = [m for m in torch.load(tmp_path / "warnings0.pt") if "eig_1_stderr" in m]
+    assert len(said) == 1 and "probe holds 2 on the rank with the fewest: 1 degree(s) of freedom" in said[0]
+    assert not [m for m in torch.load(tmp_path / "warnings1.pt") if "eig_1_stderr" in m]  # rank zero warns
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "match"),
