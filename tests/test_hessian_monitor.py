@@ -970,3 +970,22 @@ def test_a_sparse_embedding_s_momentum_update_is_measured(tmp_path):
     for key in ("eos/critical_sharpness", "eos/batch_sharpness"):
         for step, value in dense[key].items():
             assert sparse[key][step] == pytest.approx(value, rel=1e-4), (key, step)
+
+
+def test_a_solver_that_does_not_converge_is_said_once_at_the_user_s_line(tmp_path):
+    """The solver's NonConvergenceWarning came at every measurement (and under DDP from every rank, an
+    outside trial), pointing into pf-lightning, beside the monitor's own warning: one warning now, the
+    solver's words, at the line that called fit; every measurement's flag is logged."""
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=3, every_n_steps=1, max_hvp=8, tol=1e-5)
+    t = trainer(tmp_path, max_steps=4, callbacks=[monitor], logger=CSVLogger(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(DigitsClassifier(n=128))
+    said = [w for w in caught if "eigenpair" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__, [(w.filename, str(w.message)) for w in said]
+    assert "see hessian/converged" in str(said[0].message)
+    assert not any(
+        "did not converge" in str(w.message) for w in caught
+    )  # the solver's words, not a second one
+    assert logged(t)["hessian/converged"] == {step: 0.0 for step in range(5)}

@@ -46,9 +46,10 @@ from ..curvature.distributed import (
 from ..curvature.drift import gradient_curvature
 from ..curvature.params import ParameterSpace
 from ..curvature.precondition import optimizer_weight_decay
-from ..linalg import EigenResult, NonFiniteOperatorError
+from ..linalg import EigenResult, NonConvergenceWarning, NonFiniteOperatorError
 from ..linalg.operator import gram
 from ..logging import (
+    held_warnings,
     log_metrics,
     metric_name,
     summarize_wandb,
@@ -865,9 +866,10 @@ class EdgeOfStabilityMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any, dynamics: StepDynamics
     ) -> EigenResult | None:
         try:
-            result = self.monitor.spec.eigenpairs(
-                pl_module, 1, "top", warm_start=self._preconditioned_latest, preconditioner=optimizer
-            )
+            with held_warnings(NonConvergenceWarning):  # said below, once, on rank zero
+                result = self.monitor.spec.eigenpairs(
+                    pl_module, 1, "top", warm_start=self._preconditioned_latest, preconditioner=optimizer
+                )
         except PreconditionerUnavailable as err:  # before the first step: no second moments yet
             self._warn_once(
                 "precond",

@@ -24,12 +24,13 @@ from .._validation import SEED_MAX, Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
 from ..curvature.distributed import LocalFailure, MeasurementAborted, any_rank, is_distributed, per_rank
 from ..curvature.params import measurement_dtype, select_parameters
-from ..linalg import EigenResult
+from ..linalg import EigenResult, NonConvergenceWarning
 from ..linalg.density import SpectralDensity
 from ..logging import (
     announce_run,
     define_wandb_metrics,
     eigenvalue,
+    held_warnings,
     log_metrics,
     metric_name,
     progress_mark,
@@ -608,13 +609,16 @@ class HessianEigenMonitor(Callback):
     def _measure_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> EigenResult | None:
         previous, self._last_step = self._last_step, step
         try:
-            result = self.spec.eigenpairs(
-                pl_module,
-                self.k,
-                self.which,
-                warm_start=self.latest if self.warm_start else None,
-                gradient=bool(self._gradient_readers),
-            )
+            with held_warnings(NonConvergenceWarning) as solver:  # said once below, on rank zero
+                result = self.spec.eigenpairs(
+                    pl_module,
+                    self.k,
+                    self.which,
+                    warm_start=self.latest if self.warm_start else None,
+                    gradient=bool(self._gradient_readers),
+                )
+            for message in solver:
+                self._warn_once("converged", f"step {step}: {message}; see hessian/converged (warned once)")
         except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
             try:
                 self._skip(trainer, err, "measurement skipped", "skipped")
