@@ -922,3 +922,39 @@ def test_the_warning_on_groups_with_different_weight_decays_lists_them_in_group_
         RuntimeWarning, match=r"decays \[0\.001, 0\.0\] \(group by group\).*group 0's, 0\.001,"
     ):
         t.fit(model)
+
+
+class _FrozenGroup(DigitsClassifier):
+    """SGD with the first layer in a group at rate 0, first or second."""
+
+    def __init__(self, frozen_first):
+        super().__init__(n=128, lr=0.1)
+        self.frozen_first = frozen_first
+
+    def configure_optimizers(self):
+        first = list(self.net[0].parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in first)]
+        groups = [{"params": first, "lr": 0.0}, {"params": rest, "lr": 0.1}]
+        return torch.optim.SGD(groups if self.frozen_first else groups[::-1])
+
+
+@pytest.mark.parametrize(
+    ("frozen_first", "said"),
+    [
+        (True, "group 0 of SGD is at rate 0 while group(s) 1 train: the edge is judged at group 0's rate"),
+        (False, "group 1: rate 0, it does not move, and its block is in the sharpness all the same"),
+    ],
+)
+def test_a_group_at_rate_0_beside_groups_that_train_is_said(tmp_path, frozen_first, said):
+    """Group 0 at rate 0 (a backbone frozen by its rate) left every measurement unjudged with a warning of a
+    warm-up from zero; a group at rate 0 after it was named by an internal error's words."""
+    L.seed_everything(0)
+    eos = EdgeOfStabilityMonitor()
+    t = trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1, every_n_steps=2), eos])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(_FrozenGroup(frozen_first))
+    messages = [str(w.message) for w in caught]
+    assert sum(said in m for m in messages) == 1, messages
+    assert not any("warm-up from zero" in m or "must be positive" in m for m in messages)
+    assert (eos.history == []) is frozen_first  # group 0 at rate 0: nothing judged, as said

@@ -113,11 +113,17 @@ def _other_steps(optimizer: torch.optim.Optimizer, first: StepDynamics) -> list[
     there only its other settings count."""
     others = []
     for i in range(1, len(optimizer.param_groups)):
+        if float(optimizer.param_groups[i]["lr"]) == 0.0:
+            if not first.preconditioned:  # a preconditioning optimizer's P holds it: it does not move
+                others.append(
+                    f"group {i}: rate 0, it does not move, and its block is in the sharpness all the same "
+                    "(measure the groups that train: HessianEigenMonitor(params=...))"
+                )
+            continue
         try:
             dynamics = stability.step_dynamics(optimizer, i)
-        except ValueError as err:  # a group at rate 0, say
-            if not first.preconditioned:  # a preconditioning optimizer's P holds it: it does not move
-                others.append(f"group {i}: {err}")
+        except ValueError as err:  # a setting no rule accepts
+            others.append(f"group {i}: {err}")
             continue
         compared = dataclasses.replace(
             dynamics, formula="", lr=first.lr if first.preconditioned else dynamics.lr
@@ -737,12 +743,22 @@ class EdgeOfStabilityMonitor(Callback):
         if not stability.optimizer_rule(optimizer).preconditioned:
             eigenvalue = float(result.eigenvalues[0]) + self._coupled_weight_decay(optimizer)
             metrics[names.SHARPNESS] = eigenvalue
-        self._warn_once(
-            "zero_lr",
-            f"step {step}: the learning rate of {type(optimizer).__name__} is 0 (a warm-up from zero, or a "
-            "schedule's end): no stability threshold applies, so measurements at rate 0 log "
-            f"{' and '.join(sorted(metrics))} and judge no edge",
-        )
+        moving = [i for i, group in enumerate(optimizer.param_groups) if float(group["lr"]) != 0.0]
+        logs = f"log {' and '.join(sorted(metrics))} and judge no edge"
+        if moving:  # the edge is judged at group 0's rate: others train unjudged
+            self._warn_once(
+                "zero_lr_group",
+                f"step {step}: group 0 of {type(optimizer).__name__} is at rate 0 while group(s) "
+                f"{', '.join(map(str, moving))} train: the edge is judged at group 0's rate, so these measurements "
+                f"{logs}; freeze its parameters with requires_grad=False instead, or put a group that trains first "
+                "(a preconditioning optimizer then leaves a group at rate 0 out of its sharpness exactly)",
+            )
+        else:
+            self._warn_once(
+                "zero_lr",
+                f"step {step}: the learning rate of {type(optimizer).__name__} is 0 (a warm-up from zero, or a "
+                f"schedule's end): no stability threshold applies, so measurements at rate 0 {logs}",
+            )
         log_metrics(trainer, tagged(metrics, self.monitor.name), step)
         self._summarize(trainer, metrics)
         if names.SHARPNESS in metrics:
