@@ -39,7 +39,6 @@ __all__ = [
     "direction",
     "direction_pattern",
     "eigenvalue",
-    "held_warnings",
     "is_tagged",
     "log_metrics",
     "metric_name",
@@ -205,7 +204,7 @@ def log_metrics(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
         trainer.callback_metrics[key] = torch.tensor(value)
 
 
-def warn_once(seen: set[str], key: str, message: str) -> None:
+def warn_once(seen: set[str], key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
     """One rank-zero warning per ``key`` for the owner of ``seen``: a problem that repeats at every
     measurement is reported once (the logged flags record every occurrence).
 
@@ -215,23 +214,7 @@ def warn_once(seen: set[str], key: str, message: str) -> None:
     if key in seen:
         return
     seen.add(key)
-    warn_user(message)
-
-
-@contextlib.contextmanager
-def held_warnings(category: type[Warning]) -> Iterator[list[str]]:
-    """Hold the warnings of ``category`` raised inside (their messages, in the list it yields) for the caller
-    to say once, on rank zero: a solver's non-convergence at every measurement of a run, on every rank,
-    repeats what the monitor's one warning and its logged flag say. Other warnings pass as they would."""
-    held: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", category)
-        yield held
-    for w in caught:
-        if issubclass(w.category, category):
-            held.append(str(w.message))
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    warn_user(message, category)
 
 
 def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:

@@ -206,14 +206,12 @@ class _MeasuredLR(LRScheduler):
         changed = {key: getattr(self, key) for key, value in built.items() if getattr(self, key) != value}
         for key, value in built.items():
             setattr(self, key, value)
-        if changed:
-            warnings.warn(
+        if changed:  # on rank zero, at the user's line
+            names.warn_user(
                 f"{type(self).__name__}: resumed with {', '.join(f'{k}={built[k]!r}' for k in changed)} where the "
                 f"checkpoint's run had {', '.join(f'{k}={v!r}' for k, v in changed.items())}: the rates from "
                 "the next one it sets follow the new settings (build it with the checkpoint's to resume that run "
-                "as it was)",
-                RuntimeWarning,
-                stacklevel=names.user_stacklevel(),
+                "as it was; a base schedule resumes as torch's do, with the checkpoint's settings)"
             )
 
     def _check_settings(self, state: Mapping[str, Any]) -> None:

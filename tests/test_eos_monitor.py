@@ -947,9 +947,10 @@ class _FrozenGroup(DigitsClassifier):
 )
 def test_a_group_at_rate_0_beside_groups_that_train_is_said(tmp_path, frozen_first, said):
     """Group 0 at rate 0 (a backbone frozen by its rate) left every measurement unjudged with a warning of a
-    warm-up from zero; a group at rate 0 after it was named by an internal error's words."""
+    warm-up from zero; a group at rate 0 after it was named by an internal error's words, and its critical
+    sharpness skipped with them (a group at rate 0 does not move: its part of the next update is 0)."""
     L.seed_everything(0)
-    eos = EdgeOfStabilityMonitor()
+    eos = EdgeOfStabilityMonitor(critical_every_n_steps=1)
     t = trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1, every_n_steps=2), eos])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

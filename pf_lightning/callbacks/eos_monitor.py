@@ -46,10 +46,9 @@ from ..curvature.distributed import (
 from ..curvature.drift import gradient_curvature
 from ..curvature.params import ParameterSpace
 from ..curvature.precondition import optimizer_weight_decay
-from ..linalg import EigenResult, NonConvergenceWarning, NonFiniteOperatorError
+from ..linalg import EigenResult, NonConvergenceWarning, NonFiniteOperatorError, held_nonconvergence
 from ..linalg.operator import gram
 from ..logging import (
-    held_warnings,
     log_metrics,
     metric_name,
     summarize_wandb,
@@ -882,7 +881,7 @@ class EdgeOfStabilityMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any, dynamics: StepDynamics
     ) -> EigenResult | None:
         try:
-            with held_warnings(NonConvergenceWarning):  # said below, once, on rank zero
+            with held_nonconvergence():  # said below, once, on rank zero
                 result = self.monitor.spec.eigenpairs(
                     pl_module, 1, "top", warm_start=self._preconditioned_latest, preconditioner=optimizer
                 )
@@ -903,6 +902,7 @@ class EdgeOfStabilityMonitor(Callback):
                 f"step {trainer.global_step}: the preconditioned sharpness did not reach tol={result.tol:g} "
                 f"(relative residual {float(result.relative_residuals.max()):.2e}); eos/sharpness and the ratios "
                 f"come from it: see {self.metric('preconditioned_converged')}",
+                NonConvergenceWarning,
             )
         return result
 
@@ -1008,10 +1008,17 @@ class EdgeOfStabilityMonitor(Callback):
         optimizer = trainer.optimizers[self.optimizer_index]
         lr = float(optimizer.param_groups[0]["lr"])
         if lr == 0.0:
+            moving = any(float(group["lr"]) != 0.0 for group in optimizer.param_groups)
             self._warn_once(
                 "zero_lr_critical",
-                f"step {trainer.global_step}: critical sharpness is not measured at learning rate 0 (a warm-up "
-                "from zero, or a schedule's end): the next update is zero and has no curvature along it",
+                f"step {trainer.global_step}: critical sharpness is not measured at learning rate 0 ("
+                + (
+                    "group 0's, while others train: its search steps in units of group 0's rate"
+                    if moving
+                    else "a warm-up from zero, or a schedule's end: the next update is zero and has no curvature "
+                    "along it"
+                )
+                + ")",
             )
             return
         try:
@@ -1128,9 +1135,9 @@ class EdgeOfStabilityMonitor(Callback):
         }
         wandb_log(trainer, tables, step)
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
         name = None if self.monitor is None else self.monitor.name
-        warn_once(self._warned, key, message if name is None else f"[{name}] {message}")  # which monitor's
+        warn_once(self._warned, key, message if name is None else f"[{name}] {message}", category)  # whose
 
     def _loss_values(self) -> list[float]:
         """The recorded per-step losses as floats (one device-to-host copy for all of them)."""

@@ -24,13 +24,12 @@ from .._validation import SEED_MAX, Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
 from ..curvature.distributed import LocalFailure, MeasurementAborted, any_rank, is_distributed, per_rank
 from ..curvature.params import measurement_dtype, select_parameters
-from ..linalg import EigenResult, NonConvergenceWarning
+from ..linalg import EigenResult, NonConvergenceWarning, held_nonconvergence
 from ..linalg.density import SpectralDensity
 from ..logging import (
     announce_run,
     define_wandb_metrics,
     eigenvalue,
-    held_warnings,
     log_metrics,
     metric_name,
     progress_mark,
@@ -418,34 +417,23 @@ class HessianEigenMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The set-up fails on every rank or none: one raising alone would leave the others waiting in the
         # first measurement's collectives (a probe empty on one rank; an outside trial).
-        hold = LocalFailure()
         try:
+            hold = LocalFailure()
             with hold:
                 self._set_up(trainer, pl_module)
             any_rank([False], pl_module.device, error=hold.take())
+            if self.stderr_every and self._whole:  # the same on every rank (settings and the module)
+                # One group per whole batch; under DDP the measurement takes as many as the rank with the
+                # fewest. Said within a hold too: a warning made an error (-W error) stops every rank.
+                groups = int(min(per_rank(len(self.spec.probe), pl_module.device)))
+                hold = LocalFailure()
+                with hold:
+                    self._warn_few_groups(groups)
+                any_rank([False], pl_module.device, error=hold.take())
         except MeasurementAborted as err:
             raise MisconfigurationException(
                 f"the measurement could not be set up on rank {err.rank} ({err.error_type}: {err.error_message})"
             ) from err
-        if self.stderr_every and self._whole:
-            # One group per whole batch; under DDP the measurement takes as many as the rank with the fewest.
-            groups = int(min(per_rank(len(self.spec.probe), pl_module.device)))
-            if groups < STDERR_GROUPS:
-                self._warn_once(
-                    "stderr_groups",
-                    f"hessian/eig_1_stderr is the spread over groups of whole probe batches (the loss couples a "
-                    f"batch's samples: batch normalization, or probe_batch_size='loader'), and the probe holds "
-                    f"{groups}"
-                    + (" on the rank with the fewest" if is_distributed() else "")
-                    + ": "
-                    + (
-                        "no standard error (NaN) from one group"
-                        if groups < 2
-                        else f"{groups - 1} degree(s) of freedom where {STDERR_GROUPS} groups give "
-                        f"{STDERR_GROUPS - 1}, so each value is rough"
-                    )
-                    + "; draw the probe in more batches (smaller loader batches, or probe= batches)",
-                )
         if self.every_n_epochs is not None:
             counts = per_rank(trainer.num_training_batches, pl_module.device)
             if len(set(counts)) > 1:
@@ -463,6 +451,25 @@ class HessianEigenMonitor(Callback):
         resumed_due = self._start == "resumed" and (self._due(step) or (step == 0 and fit_start))
         if resumed_due or (self._start == "fit" and fit_start):
             self.measure(trainer, pl_module)
+
+    def _warn_few_groups(self, groups: int) -> None:
+        """Warn where eig_1_stderr has fewer than :data:`STDERR_GROUPS` groups of whole probe batches."""
+        if groups < STDERR_GROUPS:
+            self._warn_once(
+                "stderr_groups",
+                f"hessian/eig_1_stderr is the spread over groups of whole probe batches (the loss couples a "
+                f"batch's samples: batch normalization, or probe_batch_size='loader'), and the probe holds "
+                f"{groups}"
+                + (" on the rank with the fewest" if is_distributed() else "")
+                + ": "
+                + (
+                    "no standard error (NaN) from one group"
+                    if groups < 2
+                    else f"{groups - 1} degree(s) of freedom where {STDERR_GROUPS} groups give "
+                    f"{STDERR_GROUPS - 1}, so each value is rough"
+                )
+                + "; draw the probe in more batches (smaller loader batches, or probe= batches)",
+            )
 
     def _set_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """This rank's part of the fit's set-up: the module's checks, the probe, the measurement's settings."""
@@ -609,7 +616,7 @@ class HessianEigenMonitor(Callback):
     def _measure_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> EigenResult | None:
         previous, self._last_step = self._last_step, step
         try:
-            with held_warnings(NonConvergenceWarning) as solver:  # said once below, on rank zero
+            with held_nonconvergence() as solver:  # said once below, on rank zero
                 result = self.spec.eigenpairs(
                     pl_module,
                     self.k,
@@ -618,7 +625,11 @@ class HessianEigenMonitor(Callback):
                     gradient=bool(self._gradient_readers),
                 )
             for message in solver:
-                self._warn_once("converged", f"step {step}: {message}; see hessian/converged (warned once)")
+                self._warn_once(
+                    "converged",
+                    f"step {step}: {message}; see hessian/converged (warned once)",
+                    NonConvergenceWarning,
+                )
         except Exception as err:  # never BaseException: KeyboardInterrupt stops the run
             try:
                 self._skip(trainer, err, "measurement skipped", "skipped")
@@ -696,8 +707,8 @@ class HessianEigenMonitor(Callback):
             self._log_fractions(trainer, step, measured=1)  # the ratio so far: one more would pass the cap
         return over
 
-    def _warn_once(self, key: str, message: str) -> None:
-        warn_once(self._warned, key, message if self.name is None else f"[{self.name}] {message}")
+    def _warn_once(self, key: str, message: str, category: type[Warning] = RuntimeWarning) -> None:
+        warn_once(self._warned, key, message if self.name is None else f"[{self.name}] {message}", category)
 
     # -- checks at fit set-up -----------------------------------------------------------------
     def _check_strategy(self, trainer: Trainer) -> None:
@@ -766,7 +777,9 @@ class HessianEigenMonitor(Callback):
         metrics.update(tagged(quality, self.name))
         if not result.all_converged:
             self._warn_once(
-                "converged", f"some eigenpairs did not converge (tol={self.tol}); see hessian/converged"
+                "converged",
+                f"some eigenpairs did not converge (tol={self.tol}); see hessian/converged",
+                NonConvergenceWarning,
             )
         log_metrics(trainer, metrics, trainer.global_step)
         self.history.append(

@@ -3,7 +3,7 @@
 Torch only: nothing here knows about ``nn.Module``, Lightning or where the operator comes from.
 """
 
-from ._common import NonConvergenceWarning, NonFiniteOperatorError
+from ._common import NonConvergenceWarning, NonFiniteOperatorError, held_nonconvergence
 from .lanczos import lanczos
 from .lobpcg import lobpcg
 from .operator import DenseOperator, LinearOperator, OffloadedOperator, ShiftedOperator
@@ -17,6 +17,7 @@ __all__ = [
     "NonFiniteOperatorError",
     "OffloadedOperator",
     "ShiftedOperator",
+    "held_nonconvergence",
     "lanczos",
     "lobpcg",
 ]

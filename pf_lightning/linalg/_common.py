@@ -3,9 +3,12 @@ Lanczos step that the eigensolver and the spectral density both take."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
@@ -20,6 +23,30 @@ WHICH = ("top", "bottom", "both")
 
 class NonConvergenceWarning(RuntimeWarning):
     """An eigensolver stopped on its budget before every wanted pair met the tolerance."""
+
+
+_HELD: ContextVar[list[str] | None] = ContextVar("pf_lightning_held_nonconvergence", default=None)
+
+
+@contextlib.contextmanager
+def held_nonconvergence() -> Iterator[list[str]]:
+    """Inside, the solvers put their :class:`NonConvergenceWarning` messages in the list this yields instead
+    of warning: a monitor measuring at every interval, on every rank, says them once itself (on rank zero,
+    in the same category, so the user's filters for it hold). The warning filters are not touched."""
+    held: list[str] = []
+    token = _HELD.set(held)
+    try:
+        yield held
+    finally:
+        _HELD.reset(token)
+
+
+def _nonconvergence(message: str) -> None:
+    held = _HELD.get()
+    if held is not None:
+        held.append(message)
+    else:
+        warnings.warn(message, NonConvergenceWarning, stacklevel=4)  # the caller of the solver's caller
 
 
 class NonFiniteOperatorError(FloatingPointError):
@@ -153,23 +180,19 @@ def finish(
         neighbours=neighbours,
     )
     if info.get("floored"):
-        warnings.warn(
+        _nonconvergence(
             f"{method}: the operator's products are not symmetric to tol={tol:g} (its projections differ by "
             f"{info['asymmetry']:.1e} of the spectral scale), so {info['floored']} of {result.k} eigenpairs "
             "cannot reach it: finite differences across a kink (ReLU, max pooling) need an exact hvp backend; "
             "products too coarse for tol (finite differences in float32 near a zero eigenvalue, a bfloat16 "
-            "measurement) a finer dtype (float64) or a looser tol",
-            NonConvergenceWarning,
-            stacklevel=3,
+            "measurement) a finer dtype (float64) or a looser tol"
         )
     elif not result.all_converged:
         worst = float((result.residuals / result.eigenvalues.abs().clamp_min(1e-30)).max())
-        warnings.warn(
+        _nonconvergence(
             f"{method}: {int((~result.converged).sum())} of {result.k} eigenpairs did not reach "
             f"tol={tol:g} within {n_hvp} Hessian-vector products (worst relative residual "
-            f"{worst:.2e}); raise max_hvp or loosen tol",
-            NonConvergenceWarning,
-            stacklevel=3,
+            f"{worst:.2e}); raise max_hvp or loosen tol"
         )
     return result
 
