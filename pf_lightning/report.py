@@ -727,12 +727,14 @@ def write_html(runs: list[RunMetrics], images: dict[str, list[Path]], path: Path
 
 
 def _stale_plots(out: Path, folders: set[Path], written: Collection[Path]) -> list[Path]:
-    """The PNGs of an earlier report in ``out`` and the runs' ``folders`` that this one did not write there:
-    a plot skipped this time, or a single run's top-level plots after the folder gained a second run. Only
-    files named as this module names its plots are taken, never another file."""
+    """The PNGs of an earlier report in ``out``, its sub-folders and the runs' ``folders`` that this one did
+    not write there: a plot skipped this time, a single run's top-level plots after the folder gained a
+    second run, the sub-folder of a run no longer there or of the one run left. Only files named as this
+    module names its plots are taken, never another file."""
     names = {*PLOTS, "sharpness_runs"}
     stale = []
-    for folder in {out, *folders}:
+    earlier = {folder for folder in out.iterdir() if folder.is_dir()} if out.is_dir() else set()
+    for folder in {out, *folders, *earlier}:
         for path in sorted(folder.glob("*.png")) if folder.is_dir() else ():
             stem = path.stem
             ours = stem in names or any(stem.startswith(f"{name}_") for name in _EDGE_PLOTS)
@@ -803,6 +805,8 @@ def write_report(
     for path in _stale_plots(out, set(folders.values()), written):
         path.unlink()
         echo(f"removed {path}: an earlier report's, which this one does not draw there")
+        if path.parent != out and not any(path.parent.iterdir()):
+            path.parent.rmdir()  # the folder of a run the report no longer holds, emptied
     if html:
         out.mkdir(parents=True, exist_ok=True)
         echo(f"wrote {write_html(runs, images, out / 'report.html')}")
