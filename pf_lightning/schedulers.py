@@ -198,6 +198,15 @@ class _MeasuredLR(LRScheduler):
     def _arguments_now(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self._arguments}
 
+    def describe(self) -> str:
+        """The scheduler and its arguments as the loggers' settings record them, e.g.
+        ``SharpnessCappedLR(fraction=0.9, base=CosineAnnealingLR)``."""
+        arguments = [f"{key}={value!r}" for key, value in self._arguments_now().items()]
+        base = getattr(self, "base", None)
+        if base is not None:
+            arguments.append(f"base={type(base).__name__}")
+        return f"{type(self).__name__}({', '.join(arguments)})"
+
     def _rebuilt(self, built: Mapping[str, Any]) -> None:
         """After a checkpoint's state is loaded, put back the arguments this scheduler was built with (its
         code or config now) where the checkpoint's run used others, and say so once: a resumed run that

@@ -4,10 +4,12 @@ import copy
 import functools
 import math
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -540,6 +542,30 @@ class _CappedCosine(DigitsClassifier):
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=12)
         scheduler = SharpnessCappedLR(optimizer, 0.5, base=cosine)
         return {"optimizer": optimizer, "lr_scheduler": scheduler.lightning_config()}
+
+
+@pytest.mark.parametrize(
+    ("model", "adaptation", "recorded"),
+    [
+        (_CappedCosine, LRAdaptation(), "SharpnessCappedLR(fraction=0.5, base=CosineAnnealingLR)"),
+        (
+            DigitsClassifier,
+            LRAdaptation(dal_factory(p=1.0, max_lr=5.0)),
+            "DriftAdaptiveLR(p=1.0, max_lr=5.0, window=None, warmup_steps=0)",
+        ),
+    ],
+    ids=["cap", "dal"],
+)
+def test_the_logged_settings_name_the_scheduler_served_with_its_arguments(
+    tmp_path, model, adaptation, recorded
+):
+    """A cap returned from configure_optimizers was recorded as scheduler None, and an installed scheduler
+    as its factory's repr (under LightningCLI with memory addresses, different in every run)."""
+    L.seed_everything(0)
+    callbacks = [HessianEigenMonitor(k=1, every_n_steps=2), EdgeOfStabilityMonitor(), adaptation]
+    t = fit(tmp_path, model(n=128, lr=0.1), 2, callbacks)
+    hparams = yaml.safe_load((Path(t.logger.log_dir) / "hparams.yaml").read_text())
+    assert hparams["pf_lightning"]["LRAdaptation"]["scheduler"] == recorded
 
 
 @pytest.mark.parametrize("kind", ["cap", "dal"])

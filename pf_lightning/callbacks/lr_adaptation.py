@@ -168,6 +168,8 @@ class LRAdaptation(Callback):
         ``pf_lightning``): its key there, and its arguments."""
         factory = self.factory
         scheduler = None if factory is None else getattr(factory, "__qualname__", None) or repr(factory)
+        if self.schedulers:  # set up (at fit start): what it serves, with the arguments they were built with
+            scheduler = "; ".join(s.describe() for s in self.schedulers)
         values = {
             "scheduler": scheduler,
             "optimizer_index": self.optimizer_index,
