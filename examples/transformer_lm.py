@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logger", choices=("csv", "wandb", "both"), default="csv")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    L.seed_everything(0)  # the model's initialization (the data module seeds its own chain and sequences)
 
     data = MarkovSequenceDataModule(vocab=16, seq_len=32, n=4096, branching=2, batch_size=64)
     optimizer = functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.01)

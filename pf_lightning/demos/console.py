@@ -95,8 +95,12 @@ class MeasurementTable(Callback):
                 f"{'sharpness':>9} {'threshold':>9} {'ratio':>6}  regime",
                 flush=True,
             )
-        loss = (
-            eos.losses[-1] if eos is not None and eos.losses else trainer.callback_metrics.get("train_loss")
+        loss = (  # the latest loss is that of this step only (not of a measurement a resumed fit restored)
+            None
+            if entry["step"] != trainer.global_step
+            else eos.losses[-1]
+            if eos is not None and eos.losses
+            else trainer.callback_metrics.get("train_loss")
         )
         loss_text = f"{float(loss):9.4g}" if loss is not None else f"{'-':>9}"
         line = f"{self.prefix}{entry['step']:6d} {loss_text}  {eigs}  {cost}"

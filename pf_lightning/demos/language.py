@@ -58,7 +58,10 @@ class MarkovSequenceDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(seed)
         # transition[a, b] is the distribution of the token after the pair (a, b)
         successors = torch.rand(vocab, vocab, vocab, generator=generator).argsort(-1)[..., :branching]
-        weights = torch.distributions.Dirichlet(torch.ones(branching)).sample((vocab, vocab))
+        # Dirichlet(1, ..., 1) as normalized exponentials, from the seeded generator (torch's Dirichlet draws
+        # from the global one: the chain, and so the data, changed from process to process).
+        exponentials = -torch.rand(vocab, vocab, branching, generator=generator).log()
+        weights = exponentials / exponentials.sum(-1, keepdim=True)
         self.transition = torch.zeros(vocab, vocab, vocab).scatter_(-1, successors, weights)
         self.sequences = self._sample(n, generator)
 
