@@ -405,6 +405,50 @@ def test_activation_checkpointing_is_measured_exactly_or_by_backward_differences
             hessian_eigenpairs(model, loss, [x], k=1, hvp="double_backward")
 
 
+class _CheckpointedAttention(torch.nn.Module):
+    """Causal multi-head attention (scaled_dot_product_attention on 4-D inputs) in a non-reentrant
+    checkpoint, or not."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.out, self.checkpointed = torch.nn.Linear(8, 24), torch.nn.Linear(8, 1), checkpointed
+
+    def block(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, 2, D // 2).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attended.transpose(1, 2).reshape(B, T, D)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self.block, x, use_reentrant=False) if self.checkpointed else self.block(x)
+        return self.out(h).mean((1, 2))
+
+
+def test_attention_in_a_non_reentrant_checkpoint_is_measured_exactly():
+    """The backward of a product re-runs a checkpointed forward: outside the math-kernel scope attention took
+    a fused kernel there, torch raised CheckpointError ('different metadata'), and 'auto' fell back to
+    finite differences saying double backward does not run on the model (an outside trial)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = (
+        torch.randn(16, 6, 8, dtype=torch.float64, generator=g),
+        torch.randn(16, dtype=torch.float64, generator=g),
+    )
+
+    def loss(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    reference = hessian_eigenpairs(_CheckpointedAttention(False).double(), loss, (x, y), k=3, tol=1e-9)
+    for hvp in ("auto", "double_backward"):
+        result = hessian_eigenpairs(
+            _CheckpointedAttention(True).double(), loss, (x, y), k=3, hvp=hvp, tol=1e-9
+        )
+        assert result.info["hvp"] == "double_backward"
+        torch.testing.assert_close(result.eigenvalues, reference.eigenvalues, rtol=1e-9, atol=0)
+
+
 def test_a_loss_less_precise_than_the_measurement_is_warned_once():
     """A float64 measurement whose loss comes back in float32 (as Hugging Face's causal-LM loss casts the
     logits) says so, once; a float64 loss does not."""

@@ -58,8 +58,9 @@ where 0.3 keeps it near 1e-4."""
 
 def math_attention():
     """Scope attention to the math SDPA kernel: the fused kernels have no double backward and no
-    forward-mode derivative (pytorch issues 116350, 117629, 128971). Graphs built inside it can be
-    differentiated after it is left."""
+    forward-mode derivative (pytorch issues 116350, 117629, 128971). Graphs built inside it are
+    differentiated inside it too: non-reentrant activation checkpointing re-runs the forward during that
+    backward, where a fused kernel would give tensors other than those saved (torch's CheckpointError)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
@@ -152,14 +153,15 @@ class DoubleBackwardHVP(HVPBackend):
         pieces = self.space.unflatten(V)
         out = None if V.shape[1] == 1 else torch.zeros_like(V)  # one column is its own flat product
         for col in range(V.shape[1]):
-            hv = torch.autograd.grad(
-                [grads[i] for i in live],
-                self.space.params,
-                grad_outputs=[pieces[i][..., col] for i in live],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
+            with math_attention():  # a checkpointed forward re-run here must take the graph's kernel
+                hv = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    self.space.params,
+                    grad_outputs=[pieces[i][..., col] for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
             if out is None:
                 return self.space.flatten(hv).unsqueeze(1)
             out[:, col] = self.space.flatten(hv)
