@@ -726,21 +726,41 @@ def write_html(runs: list[RunMetrics], images: dict[str, list[Path]], path: Path
     return path
 
 
+MANIFEST = ".pf-lightning-report"
+"""In the output folder: the plots the last report wrote there (paths relative to it, one per line), so that
+the next removes those it does not draw again, and nothing it did not write."""
+
+
 def _stale_plots(out: Path, folders: set[Path], written: Collection[Path]) -> list[Path]:
-    """The PNGs of an earlier report in ``out``, its sub-folders and the runs' ``folders`` that this one did
-    not write there: a plot skipped this time, a single run's top-level plots after the folder gained a
-    second run, the sub-folder of a run no longer there or of the one run left. Only files named as this
-    module names its plots are taken, never another file."""
+    """The PNGs of an earlier report that this one did not write: those its manifest lists (a plot skipped
+    this time, the folder of a run no longer there or of the one run left, whose plots go to the top), and,
+    for a report written before manifests, those in ``out`` and the runs' ``folders`` named as this module
+    names its plots (a single run's top-level plots after the folder gained a second run). Never another
+    file, and nothing behind a link."""
     names = {*PLOTS, "sharpness_runs"}
-    stale = []
-    earlier = {folder for folder in out.iterdir() if folder.is_dir()} if out.is_dir() else set()
-    for folder in {out, *folders, *earlier}:
-        for path in sorted(folder.glob("*.png")) if folder.is_dir() else ():
-            stem = path.stem
-            ours = stem in names or any(stem.startswith(f"{name}_") for name in _EDGE_PLOTS)
-            if ours and path not in written:
-                stale.append(path)
-    return stale
+
+    def ours(path: Path) -> bool:
+        stem = path.stem
+        return path.suffix == ".png" and (stem in names or any(stem.startswith(f"{n}_") for n in _EDGE_PLOTS))
+
+    candidates = set()
+    for folder in {out, *folders}:
+        candidates.update(sorted(folder.glob("*.png")) if folder.is_dir() else ())
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            path = out / line
+            if line and ".." not in Path(line).parts and not Path(line).is_absolute():
+                candidates.add(path)
+    return sorted(
+        path
+        for path in candidates
+        if ours(path)
+        and path not in written
+        and path.is_file()
+        and not path.is_symlink()
+        and not path.parent.is_symlink()
+    )
 
 
 def write_report(
@@ -807,6 +827,10 @@ def write_report(
         echo(f"removed {path}: an earlier report's, which this one does not draw there")
         if path.parent != out and not any(path.parent.iterdir()):
             path.parent.rmdir()  # the folder of a run the report no longer holds, emptied
+    if written:
+        out.mkdir(parents=True, exist_ok=True)
+        listed = sorted(path.relative_to(out).as_posix() for path in written if path.is_relative_to(out))
+        (out / MANIFEST).write_text("".join(f"{line}\n" for line in listed), encoding="utf-8")
     if html:
         out.mkdir(parents=True, exist_ok=True)
         echo(f"wrote {write_html(runs, images, out / 'report.html')}")

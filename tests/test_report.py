@@ -215,13 +215,17 @@ def test_a_later_report_removes_the_plots_it_no_longer_draws_there(tmp_path):
     assert [m for m in messages if m.startswith("removed")] == [
         f"removed {tmp_path / 'out' / 'loss.png'}: an earlier report's, which this one does not draw there"
     ]
-    # Back to one run: its plots go to the top again, and both runs' folders go (they stayed, stale).
+    # Back to one run: its plots go to the top again, and both runs' folders go (they stayed, stale); a
+    # folder of the user's own with a file named like a plot is not the report's (it was removed too).
     (tmp_path / "out" / "b" / "notes.png").write_bytes(b"mine")
+    (tmp_path / "out" / "figures").mkdir()
+    (tmp_path / "out" / "figures" / "loss.png").write_bytes(b"mine")
     (tmp_path / "runs" / "a" / "metrics.csv").unlink()
     written = write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
     assert {p.relative_to(tmp_path / "out").as_posix() for p in written} == {"loss.png"}
     assert not (tmp_path / "out" / "a").exists()
     assert sorted(p.name for p in (tmp_path / "out" / "b").iterdir()) == ["notes.png"]  # not ours: kept
+    assert (tmp_path / "out" / "figures" / "loss.png").read_bytes() == b"mine"
 
 
 def test_several_runs_get_a_folder_each_and_a_comparison(tmp_path):
