@@ -502,3 +502,34 @@ def test_parameters_that_took_different_numbers_of_steps_are_named_where_the_rul
     early.grad = torch.ones_like(early)
     even.step()
     assert uneven_steps(even) is None
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam", "ASGD"])
+def test_the_update_of_a_group_whose_rate_dropped_to_0_is_the_step_torch_takes(kind):
+    """A group set to rate 0 mid-run: SGD's and Adam's steps scale with the rate, so it does not move (its
+    update was refused, 'lr must be positive'); ASGD's first step after the drop still moves it by its eta,
+    which a blanket 'rate 0: no change' missed (a review)."""
+    from pf_lightning.curvature import ParameterSpace, optimizer_update
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)).double()
+    groups = [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
+    optimizer = getattr(torch.optim, kind)(groups, lr=0.1)
+    x = torch.randn(8, 3, dtype=torch.float64)
+
+    def gradient():
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+
+    gradient()
+    optimizer.step()
+    optimizer.param_groups[1]["lr"] = 0.0
+    gradient()
+    space = ParameterSpace(model)
+    predicted = optimizer_update(optimizer, space, space.flatten([p.grad for p in space.params]))
+    before = space.values().clone()
+    optimizer.step()
+    taken = space.values() - before
+    torch.testing.assert_close(predicted, taken, rtol=1e-10, atol=1e-15)
+    moved = bool(taken[-3:].abs().max() > 0)  # the second layer's 3 parameters
+    assert moved == (kind == "ASGD")

@@ -145,8 +145,9 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
     one parameter at a time, each written into the result in the space's dtype: beside the result it
     holds float64 copies of one parameter (its gradient, state and value), never of the whole model.
 
-    A parameter outside the optimizer's groups, or in a group at rate 0, does not move (its change is 0:
-    every rule's step scales with the rate).
+    A parameter outside the optimizer's groups does not move (its change is 0), nor one in a group at rate 0
+    where the rule's step scales with the rate (:attr:`~pf_lightning.stability.OptimizerRule.step_scales_with_lr`;
+    ASGD's does not: its first step after a group's rate drops to 0 still moves by its ``eta``).
 
     Raises:
         UnsupportedOptimizer: the optimizer's rule has no update (or the optimizer no rule), or a group
@@ -160,7 +161,7 @@ def optimizer_update(optimizer: torch.optim.Optimizer, space: ParameterSpace, gr
     out = torch.zeros(gradient.shape, dtype=space.dtype, device=gradient.device)
     pieces = zip(space.params, space.unflatten(gradient.detach()), space.unflatten(out), strict=True)
     for (p, grad, target), group in zip(pieces, _group_indices(optimizer, space), strict=True):
-        if group is None or float(optimizer.param_groups[group]["lr"]) == 0.0:
+        if group is None or (rule.step_scales_with_lr and float(optimizer.param_groups[group]["lr"]) == 0.0):
             continue  # not moved: its change stays 0
         state = {
             key: local_part(value).to(torch.float64)
