@@ -47,10 +47,11 @@ class MeasurementTable(Callback):
         self.k, self.prefix = Checks(MisconfigurationException).integer("k", k, 1), str(prefix)
         self._printed: dict[int, int] = {}
         self._header = False
+        self._start = 0
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._printed, self._header = {}, False
+        self._printed, self._header, self._start = {}, False, trainer.global_step
         self._flush(trainer)
 
     @override
@@ -95,9 +96,9 @@ class MeasurementTable(Callback):
                 f"{'sharpness':>9} {'threshold':>9} {'ratio':>6}  regime",
                 flush=True,
             )
-        loss = (  # the latest loss is that of this step only (not of a measurement a resumed fit restored)
+        loss = (  # the latest loss: none for a measurement a resumed fit restored, from before its start
             None
-            if entry["step"] != trainer.global_step
+            if entry["step"] < self._start
             else eos.losses[-1]
             if eos is not None and eos.losses
             else trainer.callback_metrics.get("train_loss")

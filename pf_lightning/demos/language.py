@@ -60,7 +60,8 @@ class MarkovSequenceDataModule(L.LightningDataModule):
         successors = torch.rand(vocab, vocab, vocab, generator=generator).argsort(-1)[..., :branching]
         # Dirichlet(1, ..., 1) as normalized exponentials, from the seeded generator (torch's Dirichlet draws
         # from the global one: the chain, and so the data, changed from process to process).
-        exponentials = -torch.rand(vocab, vocab, branching, generator=generator).log()
+        uniform = torch.rand(vocab, vocab, branching, generator=generator).clamp_min_(torch.finfo().tiny)
+        exponentials = -uniform.log()  # (a draw of exactly 0 would give inf, and NaN probabilities)
         weights = exponentials / exponentials.sum(-1, keepdim=True)
         self.transition = torch.zeros(vocab, vocab, vocab).scatter_(-1, successors, weights)
         self.sequences = self._sample(n, generator)

@@ -46,7 +46,7 @@ def _nonconvergence(message: str) -> None:
     if held is not None:
         held.append(message)
     else:
-        warnings.warn(message, NonConvergenceWarning, stacklevel=4)  # the caller of the solver's caller
+        warnings.warn(message, NonConvergenceWarning, stacklevel=4)  # at the solver's caller
 
 
 class NonFiniteOperatorError(FloatingPointError):
