@@ -161,6 +161,17 @@ class _MeasuredLR(LRScheduler):
         missing = [key for key in ("last_epoch", "measured", *self._lists) if key not in state]
         if missing:
             bad(f"keys {missing} are missing")
+        # Loading updates the scheduler's attributes from the state: an entry naming its optimizer or one of
+        # its methods would replace them (and fail later with an unrelated error).
+        reserved = sorted(
+            k
+            for k in state
+            if k == "optimizer"
+            or callable(getattr(type(self), str(k), None))
+            or isinstance(getattr(type(self), str(k), None), property)
+        )
+        if reserved:
+            bad(f"it holds {reserved}, which name the scheduler's optimizer or methods, not its state")
         epoch = state["last_epoch"]
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < -1:
             bad(f"last_epoch is {epoch!r}, not an int >= -1")

@@ -462,3 +462,13 @@ def test_the_refusal_of_an_optimizer_without_a_rule_does_not_offer_asgd():
     for scheduler in (DriftAdaptiveLR, SharpnessCappedLR):
         with pytest.raises(UnsupportedOptimizer, match=r"\(ASGD excepted here: its step is not its rate's"):
             scheduler(torch.optim.Rprop([torch.nn.Parameter(torch.zeros(2))]))
+
+
+@pytest.mark.parametrize("scheduler", [DriftAdaptiveLR, SharpnessCappedLR])
+@pytest.mark.parametrize("entry", [{"optimizer": None}, {"get_lr": 3}])
+def test_a_state_entry_naming_the_optimizer_or_a_method_is_refused(scheduler, entry):
+    """Loading updates the attributes: such an entry replaced the optimizer or a method, and the resume failed
+    later with an unrelated AttributeError or TypeError (an outside trial)."""
+    state = {**scheduler(sgd()).state_dict(), **entry}
+    with pytest.raises(ValueError, match=rf"it holds \['{next(iter(entry))}'\], which name the scheduler's"):
+        scheduler(sgd()).load_state_dict(state)
