@@ -90,13 +90,15 @@ def test_wandb_summary_and_chart_of_an_adaptive_optimizer(tmp_path, monkeypatch)
     eos.preconditioner_warmup_steps = 6
     try:
         logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
-        trainer(tmp_path, max_steps=14, logger=logger, callbacks=[hessian, eos]).fit(model)
+        fitted = trainer(tmp_path, max_steps=14, logger=logger, callbacks=[hessian, eos])
+        fitted.fit(model)
         logger.experiment.finish()
     finally:
         wandb.teardown()
     judged = [h for h in eos.history if "eos/warmup" not in h]
     warm = [h for h in eos.history if "eos/warmup" in h]
     assert len(judged) >= 3 and warm
+    assert "eos/train/warmup" not in fitted.callback_metrics  # it stayed at 1.0 after the warm-up
     path = find_run_file(tmp_path)
     final = summary(path)
     for name in ("ratio", "sharpness"):

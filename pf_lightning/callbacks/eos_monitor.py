@@ -684,6 +684,8 @@ class EdgeOfStabilityMonitor(Callback):
         log_metrics(trainer, tagged(metrics, self.monitor.name), step)
         if not warming:
             self._summarize(trainer, metrics)
+            # The warm-up is over: its flag no longer holds (callback_metrics kept it at 1.0 to the end).
+            trainer.callback_metrics.pop(tag_name(names.WARMUP, self.monitor.name), None)
         # For the progress bar at the next training-batch end (the only hook where Lightning takes self.log).
         self._progress = {
             self.metric(key.split("/", 1)[1]): metrics[key] for key in PROGRESS_BAR if key in metrics
