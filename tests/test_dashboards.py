@@ -119,29 +119,39 @@ def test_wandb_summary_and_chart_of_an_adaptive_optimizer(tmp_path, monkeypatch)
     ]
 
 
-@pytest.mark.parametrize("prefix", ["", "train"])
-def test_tensorboard_layout_draws_sharpness_with_its_threshold_and_the_density(tmp_path, prefix):
-    """With TensorBoardLogger(prefix="train") every tag reads "train-...": the layout and the density too."""
+def _layout(log_dir, **size_guidance):
+    """A TensorBoard run's scalar tags and its custom-scalars charts ({title: tag patterns}), read back."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    logger = TensorBoardLogger(tmp_path, name="tb", prefix=prefix)
-    p = f"{prefix}-" if prefix else ""
-    hessian, _, _ = _fit(tmp_path, logger, density_every=2)
-    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "histograms": 0, "scalars": 0})
+    events = EventAccumulator(log_dir, size_guidance={"tensors": 0, "scalars": 0, **size_guidance})
     events.Reload()
-    scalars = events.Tags()["scalars"]
-    assert {
-        p + t for t in ("eos/sharpness", "eos/threshold", "eos/ratio", "hessian/eig_1", "hessian/eig_2")
-    } <= set(scalars)
     (config,) = events.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     charts = {
         chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart
     }
+    return events, events.Tags()["scalars"], charts
+
+
+def _drawn(scalars, charts, title):
+    """The logged tags a chart's patterns draw."""
+    return {tag for tag in scalars if any(re.search(pattern, tag) for pattern in charts[title])}
+
+
+@pytest.mark.parametrize("prefix", ["", "train"])
+def test_tensorboard_layout_draws_sharpness_with_its_threshold_and_the_density(tmp_path, prefix):
+    """With TensorBoardLogger(prefix="train") every tag reads "train-...": the layout and the density too."""
+    logger = TensorBoardLogger(tmp_path, name="tb", prefix=prefix)
+    p = f"{prefix}-" if prefix else ""
+    hessian, _, _ = _fit(tmp_path, logger, density_every=2)
+    events, scalars, charts = _layout(logger.log_dir, histograms=0)
+    assert {
+        p + t for t in ("eos/sharpness", "eos/threshold", "eos/ratio", "hessian/eig_1", "hessian/eig_2")
+    } <= set(scalars)
 
     def drawn(title):
-        return {tag for tag in scalars if any(re.search(pattern, tag) for pattern in charts[title])}
+        return _drawn(scalars, charts, title)
 
     assert drawn("sharpness and its threshold") == {p + "eos/sharpness", p + "eos/threshold"}
     assert drawn("top-k eigenvalues and the threshold") == {
@@ -163,9 +173,6 @@ def test_tensorboard_layout_draws_sharpness_with_its_threshold_and_the_density(t
 def test_tensorboard_layout_draws_each_quantity_with_its_own_threshold_under_adam(tmp_path):
     """Under Adam the threshold is that of λ_max(P⁻¹H): the top-k eigenvalues of H are drawn without it (they
     were, a thousandth of it), and the critical sharpness with its own level 2/lr, not with eos/threshold."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
     logger = TensorBoardLogger(tmp_path, name="tb")
     L.seed_everything(0)
     model = DigitsClassifier(n=128, lr=0.01, optimizer="adam")
@@ -173,17 +180,10 @@ def test_tensorboard_layout_draws_each_quantity_with_its_own_threshold_under_ada
     trainer(
         tmp_path, max_steps=6, logger=logger, callbacks=[HessianEigenMonitor(k=2, every_n_steps=3), eos]
     ).fit(model)
-    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "scalars": 0})
-    events.Reload()
-    scalars = events.Tags()["scalars"]
-    (config,) = events.Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
-    charts = {
-        chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart
-    }
+    events, scalars, charts = _layout(logger.log_dir)
 
     def drawn(title):
-        return {tag for tag in scalars if any(re.search(pattern, tag) for pattern in charts[title])}
+        return _drawn(scalars, charts, title)
 
     assert "top-k eigenvalues and the threshold" not in charts
     assert drawn("top-k eigenvalues") == {"hessian/eig_1", "hessian/eig_2"}
