@@ -126,3 +126,44 @@ def test_a_compiled_module_is_grouped_and_measured_by_its_original_names():
     want = hessian_eigenpairs(model, mse, [(x, y)], k=2, params="0.*", tol=1e-8)
     got = hessian_eigenpairs(compiled, mse, [(x, y)], k=2, params="0.*", tol=1e-8)
     torch.testing.assert_close(got.eigenvalues, want.eigenvalues, rtol=1e-12, atol=0)
+
+
+class _Tied(nn.Module):
+    """An embedding whose weight the output head shares (GPT-2's lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.mix, self.head = nn.Embedding(5, 3), nn.Linear(3, 3), nn.Linear(3, 5)
+        self.head.weight = self.embed.weight  # (5, 3): tied
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def test_a_tied_parameter_is_matched_by_any_of_its_names():
+    """GPT-2's lm_head.weight is transformer.wte.weight, listed once under that name: params="lm_head.*"
+    matched no parameter (an outside trial). Any of its names selects it; the block is the dense one."""
+    model = _Tied().double()
+    tokens, targets = torch.randint(0, 5, (12,)), torch.randint(0, 5, (12,))
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    result = hessian_eigenpairs(model, loss, (tokens, targets), k=2, params="head.*", tol=1e-10)
+    assert result.eigenvectors.shape[0] == 5 * 3 + 5  # the shared weight once, and the head's bias
+    shared, bias = model.embed.weight, model.head.bias
+
+    def block(w, b):
+        return F.cross_entropy(F.linear(torch.tanh(model.mix(F.embedding(tokens, w))), w, b), targets)
+
+    H = torch.autograd.functional.hessian(block, (shared.detach(), bias.detach()))
+    n, m = shared.numel(), bias.numel()
+    dense = torch.cat(
+        [
+            torch.cat([H[0][0].reshape(n, n), H[0][1].reshape(n, m)], 1),
+            torch.cat([H[1][0].reshape(m, n), H[1][1].reshape(m, m)], 1),
+        ]
+    )
+    expected = torch.linalg.eigvalsh(dense).flip(0)[:2]
+    torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-8, atol=1e-10)

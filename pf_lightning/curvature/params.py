@@ -26,6 +26,9 @@ def select_parameters(
 ) -> list[tuple[str, nn.Parameter]]:
     """The trainable named parameters of ``model`` whose names match a glob pattern (all when ``None``).
 
+    A parameter shared by several modules (tied embeddings: GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``) is listed once, under its first name, and matched by any of its names.
+
     Raises:
         ValueError: ``model`` is not a module, no trainable parameter, or ``patterns`` (called
             ``argument`` in the message) is not a pattern list or matches no name.
@@ -41,7 +44,14 @@ def select_parameters(
     if pats is None:
         return trainable
     pats = [pats] if isinstance(pats, str) else pats
-    chosen = [(n, p) for n, p in trainable if any(fnmatch.fnmatchcase(n, pat) for pat in pats)]
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    chosen = [
+        (n, p)
+        for n, p in trainable
+        if any(fnmatch.fnmatchcase(alias, pat) for alias in aliases.get(id(p), [n]) for pat in pats)
+    ]
     if not chosen:
         names = ", ".join(n for n, _ in trainable[:8])
         raise ValueError(
