@@ -733,10 +733,10 @@ the next removes those it does not draw again, and nothing it did not write."""
 
 def _stale_plots(out: Path, folders: set[Path], written: Collection[Path]) -> list[Path]:
     """The PNGs of an earlier report that this one did not write: those its manifest lists (a plot skipped
-    this time, the folder of a run no longer there or of the one run left, whose plots go to the top), and,
+    this time, the folder of a run no longer there or of the one run left, whose plots go to the top), or,
     for a report written before manifests, those in ``out`` and the runs' ``folders`` named as this module
     names its plots (a single run's top-level plots after the folder gained a second run). Never another
-    file, and nothing behind a link."""
+    file, and nothing in a linked sub-folder."""
     names = {*PLOTS, "sharpness_runs"}
 
     def ours(path: Path) -> bool:
@@ -744,14 +744,14 @@ def _stale_plots(out: Path, folders: set[Path], written: Collection[Path]) -> li
         return path.suffix == ".png" and (stem in names or any(stem.startswith(f"{n}_") for n in _EDGE_PLOTS))
 
     candidates = set()
-    for folder in {out, *folders}:
-        candidates.update(sorted(folder.glob("*.png")) if folder.is_dir() else ())
     manifest = out / MANIFEST
     if manifest.is_file():
         for line in manifest.read_text(encoding="utf-8").splitlines():
-            path = out / line
             if line and ".." not in Path(line).parts and not Path(line).is_absolute():
-                candidates.add(path)
+                candidates.add(out / line)
+    else:  # an earlier report without a list: the plots named as ours where it wrote them
+        for folder in {out, *folders}:
+            candidates.update(sorted(folder.glob("*.png")) if folder.is_dir() else ())
     return sorted(
         path
         for path in candidates
@@ -759,7 +759,7 @@ def _stale_plots(out: Path, folders: set[Path], written: Collection[Path]) -> li
         and path not in written
         and path.is_file()
         and not path.is_symlink()
-        and not path.parent.is_symlink()
+        and not (path.parent != out and path.parent.is_symlink())
     )
 
 
@@ -827,7 +827,7 @@ def write_report(
         echo(f"removed {path}: an earlier report's, which this one does not draw there")
         if path.parent != out and not any(path.parent.iterdir()):
             path.parent.rmdir()  # the folder of a run the report no longer holds, emptied
-    if written:
+    if written or out.is_dir():
         out.mkdir(parents=True, exist_ok=True)
         listed = sorted(path.relative_to(out).as_posix() for path in written if path.is_relative_to(out))
         (out / MANIFEST).write_text("".join(f"{line}\n" for line in listed), encoding="utf-8")

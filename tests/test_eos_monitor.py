@@ -942,7 +942,7 @@ class _FrozenGroup(DigitsClassifier):
     ("frozen_first", "said"),
     [
         (True, "group 0 of SGD is at rate 0 while group(s) 1 train: the edge is judged at group 0's rate"),
-        (False, "group 1: rate 0, it does not move, and its block is in the sharpness all the same"),
+        (False, "group 1: rate 0, it stops moving, and its block is in the sharpness all the same"),
     ],
 )
 def test_a_group_at_rate_0_beside_groups_that_train_is_said(tmp_path, frozen_first, said):

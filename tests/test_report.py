@@ -220,12 +220,30 @@ def test_a_later_report_removes_the_plots_it_no_longer_draws_there(tmp_path):
     (tmp_path / "out" / "b" / "notes.png").write_bytes(b"mine")
     (tmp_path / "out" / "figures").mkdir()
     (tmp_path / "out" / "figures" / "loss.png").write_bytes(b"mine")
+    (tmp_path / "out" / "sharpness.png").write_bytes(b"mine")  # named like a plot, not in the list
     (tmp_path / "runs" / "a" / "metrics.csv").unlink()
     written = write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
     assert {p.relative_to(tmp_path / "out").as_posix() for p in written} == {"loss.png"}
     assert not (tmp_path / "out" / "a").exists()
     assert sorted(p.name for p in (tmp_path / "out" / "b").iterdir()) == ["notes.png"]  # not ours: kept
     assert (tmp_path / "out" / "figures" / "loss.png").read_bytes() == b"mine"
+    assert (tmp_path / "out" / "sharpness.png").read_bytes() == b"mine"
+
+
+def test_a_report_of_an_earlier_version_without_a_list_is_cleaned_by_the_names(tmp_path):
+    """An output folder written before the list of plots: its single run's top-level plots go once the
+    folder holds a second run (as they did), found by their names."""
+    write_csv(
+        tmp_path / "runs" / "a" / "metrics.csv", [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(9)]
+    )
+    write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
+    (tmp_path / "out" / ".pf-lightning-report").unlink()
+    write_csv(
+        tmp_path / "runs" / "b" / "metrics.csv", [{"step": s, "train_loss": 2.0 / (s + 1)} for s in range(9)]
+    )
+    write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
+    assert not (tmp_path / "out" / "loss.png").exists() and (tmp_path / "out" / "a" / "loss.png").is_file()
+    assert (tmp_path / "out" / ".pf-lightning-report").read_text() == "a/loss.png\nb/loss.png\n"
 
 
 def test_several_runs_get_a_folder_each_and_a_comparison(tmp_path):

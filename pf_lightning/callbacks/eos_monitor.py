@@ -115,7 +115,7 @@ def _other_steps(optimizer: torch.optim.Optimizer, first: StepDynamics) -> list[
         if float(optimizer.param_groups[i]["lr"]) == 0.0:
             if not first.preconditioned:  # a preconditioning optimizer's P holds it: it does not move
                 others.append(
-                    f"group {i}: rate 0, it does not move, and its block is in the sharpness all the same "
+                    f"group {i}: rate 0, it stops moving, and its block is in the sharpness all the same "
                     "(measure the groups that train: HessianEigenMonitor(params=...))"
                 )
             continue
@@ -1017,8 +1017,8 @@ class EdgeOfStabilityMonitor(Callback):
                 + (
                     "group 0's, while others train: its search steps in units of group 0's rate"
                     if moving
-                    else "a warm-up from zero, or a schedule's end: the next update is zero and has no curvature "
-                    "along it"
+                    else "a warm-up from zero, or a schedule's end: the step vanishes with the rate, and has no "
+                    "curvature along it"
                 )
                 + ")",
             )

@@ -45,7 +45,11 @@ def select_parameters(
         return trainable
     pats = [pats] if isinstance(pats, str) else pats
     aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    try:
+        every = list(model.named_parameters(remove_duplicate=False))
+    except TypeError:  # a module overriding named_parameters without the keyword: its own names only
+        every = trainable
+    for name, p in every:
         aliases.setdefault(id(p), []).append(name)
     chosen = [
         (n, p)
