@@ -959,3 +959,27 @@ def test_a_group_at_rate_0_beside_groups_that_train_is_said(tmp_path, frozen_fir
     assert sum(said in m for m in messages) == 1, messages
     assert not any("warm-up from zero" in m or "must be positive" in m for m in messages)
     assert (eos.history == []) is frozen_first  # group 0 at rate 0: nothing judged, as said
+
+
+def test_a_fit_resumed_between_measurements_holds_the_last_values_for_checkpoints_and_early_stopping(
+    tmp_path,
+):
+    """callback_metrics held the monitors' values between measurements, but a fit resumed from a checkpoint
+    had none until its next one: EarlyStopping(monitor="eos/ratio") stopped it, "metric not available"
+    (an outside trial). The last measurement's values come back with the state."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    def callbacks():
+        return [HessianEigenMonitor(k=1, every_n_steps=4, at_fit_end=False), EdgeOfStabilityMonitor()]
+
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.1)
+    first = trainer(tmp_path, max_steps=5, callbacks=callbacks())
+    first.fit(model)
+    first.save_checkpoint(tmp_path / "five.ckpt")
+    held = {k: float(first.callback_metrics[k]) for k in ("hessian/eig_1", "eos/ratio", "pf/hlambda_1")}
+    stop = EarlyStopping(monitor="eos/ratio", mode="max", check_on_train_epoch_end=True, patience=100)
+    resumed = trainer(tmp_path, max_steps=7, callbacks=[*callbacks(), stop])
+    resumed.fit(model, ckpt_path=tmp_path / "five.ckpt")  # steps 5 and 6: no measurement
+    assert resumed.global_step == 7
+    assert {k: float(resumed.callback_metrics[k]) for k in held} == held

@@ -696,6 +696,7 @@ def test_a_scheduler_replaced_by_stochastic_weight_averaging_is_no_longer_measur
     m = logged(t)
     assert sorted(m["dal/lr"]) == [0, 1, 2, 3]  # epoch 0 (4 batches): DAL's rates; SWALR's from step 4
     assert sorted(m["dal/hg_ratio"]) == [0, 1, 2, 3, 4]  # the last for step 4, measured before the swap
+    assert not [k for k in t.callback_metrics if k.startswith("dal/")]  # dal/lr held DAL's last rate
 
 
 def test_a_group_added_at_an_epoch_start_takes_its_first_step_at_the_capped_rate(tmp_path):

@@ -299,6 +299,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._progress: dict[str, float] = {}
         self._clip: tuple[float, str] | None = None  # the trainer's gradient clipping (set at fit start)
         self._step_hook: Any = None  # counts the judged optimizer's steps during a fit
+        self._restored = False  # a checkpoint's state was loaded for the fit about to start
         # Whether the judged optimizer preconditions (set at fit start): its threshold is then that of
         # P^-1 H, not of the Hessian's own eigenvalues (the dashboards draw it with eos/sharpness alone).
         self.preconditioned = False
@@ -491,6 +492,15 @@ class EdgeOfStabilityMonitor(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_loss_step, self._pending_losses = trainer.global_step, []
+        if self._restored and self.history:
+            # The last judged measurement's values, as the interrupted fit held them for ModelCheckpoint and
+            # EarlyStopping (a resumed fit had none until its next measurement: "metric not available").
+            last = {
+                key: value for key, value in self.history[-1].items() if "/" in key and key != names.WARNING
+            }
+            for key, value in tagged(last, self.monitor.name).items():
+                trainer.callback_metrics.setdefault(key, torch.tensor(float(value)))
+        self._restored = False
         self._training_batches(trainer, pl_module)
         if self._batches_error is not None:  # found by the listener at the fit-start measurement
             raise self._batches_error
@@ -1223,6 +1233,7 @@ class EdgeOfStabilityMonitor(Callback):
         self.losses.clear()
         self.losses.extend(losses)
         self._raw = 0
+        self._restored = True  # on_train_start puts the last measurement back in callback_metrics
 
 
 __all__ = ["EdgeOfStabilityMonitor"]

@@ -443,6 +443,11 @@ class HessianEigenMonitor(Callback):
                     + "; loaders of uneven shards with use_distributed_sampler=False): they would end their "
                     "epochs, and measure, at different steps, each waiting for the others; use every_n_steps"
                 )
+        if self._start == "resumed" and self.latest is not None:
+            # The last measurement's values, as the interrupted fit held them for ModelCheckpoint and
+            # EarlyStopping (a resumed fit had none until its next measurement: "metric not available").
+            for key, value in self._metrics(self.latest).items():
+                trainer.callback_metrics.setdefault(key, torch.tensor(value))
         step = trainer.global_step
         # A resumed fit continues the interrupted one: measure now only where that run was due to and
         # did not (it raised; at step 0 in its fit-start measurement too); nothing after a fresh start from an
@@ -758,8 +763,8 @@ class HessianEigenMonitor(Callback):
             )
 
     # -- what a measurement logs and keeps ----------------------------------------------------
-    def _record(self, trainer: Trainer, result: EigenResult) -> None:
-        """Log a measurement's metrics at its step and append it to the history."""
+    def _metrics(self, result: EigenResult) -> dict[str, float]:
+        """A measurement's ``hessian/*`` metrics (under this monitor's tag)."""
         top = result.eigenvalues[: self.k]
         metrics = {eigenvalue(i + 1, self.name): float(v) for i, v in enumerate(top)}
         if self.which == "both":
@@ -775,6 +780,11 @@ class HessianEigenMonitor(Callback):
             names.CONVERGED: float(result.all_converged),
         }
         metrics.update(tagged(quality, self.name))
+        return metrics
+
+    def _record(self, trainer: Trainer, result: EigenResult) -> None:
+        """Log a measurement's metrics at its step and append it to the history."""
+        metrics = self._metrics(result)
         if not result.all_converged:
             self._warn_once(
                 "converged",
