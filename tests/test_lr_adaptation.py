@@ -141,7 +141,9 @@ def test_dal_window_counts_the_schedulers_own_steps_under_manual_optimization(tm
     Its steps 3-5 (global steps 6-10) each run at 2/v of a v measured just before them."""
     L.seed_everything(0)
     dal = dal_factory(p=1.0, max_lr=5.0, window=(3, 6))
-    t = fit(tmp_path, TwoOptimizers(n=64), 16, [LRAdaptation(dal, loss_fn=lambda m, b: m.loss(b))])
+    # Optimizer 0 steps the first layer only: v over the whole model is said (an outside trial found it silent).
+    with pytest.warns(RuntimeWarning, match=r"DriftAdaptiveLR's SGD does not update 4 trainable .*params="):
+        t = fit(tmp_path, TwoOptimizers(n=64), 16, [LRAdaptation(dal, loss_fn=lambda m, b: m.loss(b))])
     m = logged(t)
     assert sorted(m["dal/hg_ratio"]) == [6, 8, 10]
     for step in range(0, 16, 2):  # the batch starts

@@ -246,6 +246,20 @@ class LRAdaptation(Callback):
                         else "remove it (DAL's window= and warmup_steps= shape the DAL rate)"
                     )
                 )
+        for scheduler in self.schedulers:
+            if not isinstance(scheduler, DriftAdaptiveLR) or self.params is not None:
+                continue
+            held = {id(p) for group in scheduler.optimizer.param_groups for p in group["params"]}
+            outside = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in held]
+            if outside:  # several optimizers (manual optimization): v of the whole model, not of its step
+                warn_once(
+                    self._warned,
+                    "outside",
+                    f"DriftAdaptiveLR's {type(scheduler.optimizer).__name__} does not update {len(outside)} "
+                    f"trainable parameter tensor(s) ({outside[0]!r}, ...), but v = ||Hg||/||g|| is measured over "
+                    "every trainable parameter: pass LRAdaptation(params=...) the globs of the parameters it "
+                    "steps, for the curvature along the gradient it descends",
+                )
         if any(isinstance(s, SharpnessCappedLR) for s in self.schedulers):
             self._find_eos(trainer)
         for scheduler in self.schedulers:
