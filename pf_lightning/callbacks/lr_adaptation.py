@@ -415,9 +415,8 @@ class LRAdaptation(Callback):
         stepped = {id(config.scheduler) for config in trainer.lr_scheduler_configs}
         for scheduler in [s for s in self.schedulers if id(s) not in stepped]:
             self.schedulers.remove(scheduler)
-            prefix = self._name(
-                scheduler, ""
-            )  # its values no longer hold (dal/lr said 1.0 under SWALR's 0.05)
+            # Its values no longer hold (dal/lr said 1.0 under SWALR's 0.05).
+            prefix = self._name(scheduler, "")
             for key in [k for k in trainer.callback_metrics if k.startswith(prefix)]:
                 del trainer.callback_metrics[key]
             others = sorted({type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs})
