@@ -507,8 +507,7 @@ class EdgeOfStabilityMonitor(Callback):
         optimizers = trainer.optimizers
         optimizer = optimizers[self.optimizer_index]
         if self.fixed_threshold is None and not stability.optimizer_rule(optimizer).preconditioned:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            outside = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in held]
+            outside = stability.unheld_parameters(optimizer, pl_module)
             if outside:  # a preconditioning optimizer's sharpness is measured on its own block (P^-1 = 0)
                 self._warn_once(
                     "outside",

@@ -38,7 +38,7 @@ from ..curvature.precondition import optimizer_weight_decay
 from ..linalg import NonFiniteOperatorError
 from ..logging import log_metrics, metric_name, warn_once
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
-from ..stability import optimizer_rule
+from ..stability import optimizer_rule, unheld_parameters
 from ._checkpoint import UnreadableState, count, mapping, real, starts_a_run, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._probe import resolve_loss_fn
@@ -249,8 +249,7 @@ class LRAdaptation(Callback):
         for scheduler in self.schedulers:
             if not isinstance(scheduler, DriftAdaptiveLR) or self.params is not None:
                 continue
-            held = {id(p) for group in scheduler.optimizer.param_groups for p in group["params"]}
-            outside = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in held]
+            outside = unheld_parameters(scheduler.optimizer, pl_module)
             if outside:  # several optimizers (manual optimization): v of the whole model, not of its step
                 warn_once(
                     self._warned,

@@ -53,6 +53,7 @@ from .optimizers import (
     step_dynamics,
     supported_optimizers,
     uneven_steps,
+    unheld_parameters,
     unit_step_dynamics,
     update_threshold,
 )
@@ -125,6 +126,7 @@ __all__ = [
     "threshold_heavy_ball",
     "threshold_nesterov",
     "uneven_steps",
+    "unheld_parameters",
     "unit_step_dynamics",
     "unstable_gradient_fraction",
     "update_threshold",

@@ -894,6 +894,14 @@ def has_stepped(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
     return bool(state) and (_steps(state) >= 1 or "step" not in state)
 
 
+def unheld_parameters(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> list[str]:
+    """The names of ``module``'s trainable parameters in none of ``optimizer``'s groups (another optimizer's,
+    under manual optimization, or nobody's): a measurement over every trainable parameter includes them,
+    where the optimizer's step does not move them."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in held]
+
+
 def edge_lr(optimizer: torch.optim.Optimizer, sharpness: float, group: int = 0) -> float:
     r"""The learning rate at which ``optimizer``'s stability threshold equals ``sharpness``.
 
