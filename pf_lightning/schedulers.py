@@ -211,11 +211,8 @@ class _MeasuredLR(LRScheduler):
 
     def describe(self) -> str:
         """The scheduler and its arguments as the loggers' settings record them, e.g.
-        ``SharpnessCappedLR(fraction=0.9, base=CosineAnnealingLR)``."""
+        ``DriftAdaptiveLR(p=1.0, max_lr=5.0, window=None, warmup_steps=0)``."""
         arguments = [f"{key}={value!r}" for key, value in self._arguments_now().items()]
-        base = getattr(self, "base", None)
-        if base is not None:
-            arguments.append(f"base={type(base).__name__}")
         return f"{type(self).__name__}({', '.join(arguments)})"
 
     def _rebuilt(self, built: Mapping[str, Any]) -> None:
@@ -231,7 +228,7 @@ class _MeasuredLR(LRScheduler):
                 f"{type(self).__name__}: resumed with {', '.join(f'{k}={built[k]!r}' for k in changed)} where the "
                 f"checkpoint's run had {', '.join(f'{k}={v!r}' for k, v in changed.items())}: the rates from "
                 "the next one it sets follow the new settings (build it with the checkpoint's to resume that run "
-                "as it was; a base schedule resumes as torch's do, with the checkpoint's settings)"
+                "as it was)"
             )
 
     def _check_settings(self, state: Mapping[str, Any]) -> None:
@@ -512,6 +509,12 @@ class SharpnessCappedLR(_MeasuredLR):
         self._started = False
         super().__init__(optimizer, last_epoch)
         self._started = True
+
+    def describe(self) -> str:
+        """The cap and its arguments with the base schedule's class, e.g.
+        ``SharpnessCappedLR(fraction=0.9, base=CosineAnnealingLR)``."""
+        described = super().describe()
+        return described if self.base is None else f"{described[:-1]}, base={type(self.base).__name__})"
 
     @staticmethod
     def _checked_fraction(fraction: Any) -> float:
