@@ -184,6 +184,29 @@ def test_several_optimizers_measured_against_the_chosen_one(tmp_path, caplog):
     assert "thresholds are those of optimizer 1 (SGD)" in caplog.text
 
 
+def test_two_monitors_of_one_hessian_monitor_are_refused_and_the_named_fix_logs_both(tmp_path):
+    """Two EdgeOfStabilityMonitors judging two optimizers on one Hessian monitor logged under the same eos/*
+    names: the CSV kept optimizer 1's threshold 76 at every step and optimizer 0's 20 was lost. Refused at
+    set-up; the fix the error names logs both."""
+    loss_fn = lambda m, b: m.loss(b)  # noqa: E731
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=loss_fn)
+    pair = [EdgeOfStabilityMonitor(optimizer_index=0), EdgeOfStabilityMonitor(optimizer_index=1)]
+    with pytest.raises(MisconfigurationException, match=r"2 EdgeOfStabilityMonitors read one .* 'eos/\*'"):
+        trainer(tmp_path, max_steps=2, callbacks=[monitor, *pair]).fit(TwoOptimizers(n=64))
+    L.seed_everything(0)
+    second = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=loss_fn, name="opt1")
+    pair = [
+        EdgeOfStabilityMonitor(optimizer_index=0),
+        EdgeOfStabilityMonitor(monitor=second, optimizer_index=1),
+    ]
+    t = trainer(tmp_path, max_steps=4, logger=CSVLogger(tmp_path), callbacks=[monitor, second, *pair])
+    with pytest.warns(RuntimeWarning, match="does not update"):
+        t.fit(TwoOptimizers(n=64))
+    metrics = logged(t)
+    assert metrics["eos/threshold"] == dict.fromkeys([0, 2, 4], pytest.approx(2 / 0.1))
+    assert metrics["eos/opt1/threshold"] == dict.fromkeys([0, 2, 4], pytest.approx((2 + 2 * 0.9) / 0.05))
+
+
 class _ReturningTwoOptimizers(TwoOptimizers):
     def training_step(self, batch, batch_idx):
         super().training_step(batch, batch_idx)

@@ -374,31 +374,50 @@ class EdgeOfStabilityMonitor(Callback):
         return metric_name("eos", name, None if self.monitor is None else self.monitor.name)
 
     # -- set-up ------------------------------------------------------------------------------
+    def _reads(self, trainer: Trainer) -> HessianEigenMonitor:
+        """The HessianEigenMonitor this monitor reads on ``trainer``: the one given, else the Trainer's (found
+        anew for each Trainer, not the one an earlier fit found)."""
+        if self._given_monitor is not None:
+            return self._given_monitor
+        found = [cb for cb in trainer.callbacks if isinstance(cb, HessianEigenMonitor)]
+        if not found:
+            raise MisconfigurationException(
+                "EdgeOfStabilityMonitor reads the eigenpairs of a HessianEigenMonitor: add "
+                "HessianEigenMonitor(...) to the Trainer's callbacks (or pass monitor=)"
+            )
+        # A group's spectrum is that of a diagonal block of the Hessian, whose top eigenvalue is at most
+        # the full one's: the threshold applies to the whole Hessian only.
+        full = [cb for cb in found if cb.params is None]
+        if not full:
+            raise MisconfigurationException(
+                "EdgeOfStabilityMonitor needs the sharpness of the whole Hessian, but every "
+                "HessianEigenMonitor measures a parameter subset (`params=`): add HessianEigenMonitor() "
+                "without `params` (or pass monitor= explicitly)"
+            )
+        return next((cb for cb in full if cb.name is None), full[0])
+
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._given_monitor is None:  # this Trainer's, not one an earlier fit found
-            found = [cb for cb in trainer.callbacks if isinstance(cb, HessianEigenMonitor)]
-            if not found:
-                raise MisconfigurationException(
-                    "EdgeOfStabilityMonitor reads the eigenpairs of a HessianEigenMonitor: add "
-                    "HessianEigenMonitor(...) to the Trainer's callbacks (or pass monitor=)"
-                )
-            # A group's spectrum is that of a diagonal block of the Hessian, whose top eigenvalue is at most
-            # the full one's: the threshold applies to the whole Hessian only.
-            full = [cb for cb in found if cb.params is None]
-            if not full:
-                raise MisconfigurationException(
-                    "EdgeOfStabilityMonitor needs the sharpness of the whole Hessian, but every "
-                    "HessianEigenMonitor measures a parameter subset (`params=`): add HessianEigenMonitor() "
-                    "without `params` (or pass monitor= explicitly)"
-                )
-            self.monitor = next((cb for cb in full if cb.name is None), full[0])
-        elif not any(cb is self.monitor for cb in trainer.callbacks):
+        self.monitor = self._reads(trainer)
+        readers = [
+            cb
+            for cb in trainer.callbacks
+            if isinstance(cb, EdgeOfStabilityMonitor) and cb._reads(trainer) is self.monitor
+        ]
+        if len(readers) > 1:  # their eos/* and pf/* carry the Hessian monitor's name alone
+            where = self.metric("*")
+            raise MisconfigurationException(
+                f"{len(readers)} EdgeOfStabilityMonitors read one HessianEigenMonitor and log under {where!r}, "
+                "each overwriting the others' metrics: give each but one a HessianEigenMonitor of its own with "
+                "a name= (e.g. EdgeOfStabilityMonitor(monitor=HessianEigenMonitor(name='opt1'), "
+                "optimizer_index=1), with that monitor among the callbacks too)"
+            )
+        if not any(cb is self.monitor for cb in trainer.callbacks):
             raise MisconfigurationException(
                 "EdgeOfStabilityMonitor(monitor=...) reads a HessianEigenMonitor that is not among the Trainer's "
                 "callbacks, so it never measures: add that monitor to the callbacks too"
             )
-        elif self.monitor.params is not None:
+        if self.monitor.params is not None:
             warn_once(
                 self._warned,
                 "block",
