@@ -72,6 +72,19 @@ def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> None
     )
 
 
+def check_max_hvp(check: Checks, max_hvp: Any, k: int, which: str) -> None:
+    """``max_hvp`` is None or an int of at least one product per wanted pair (``k``, twice that for both
+    ends): fewer cannot return ``k`` eigenvalues."""
+    n_wanted = 2 * k if which == "both" else k
+    check.integer(
+        "max_hvp",
+        max_hvp,
+        n_wanted,
+        allow_none=True,
+        hint=f"at least one product per eigenpair wanted ({n_wanted}: k={k}, which={which!r})",
+    )
+
+
 def _check_measurement(
     model: Any, loss_fn: Any, batches: Any, hvp: Any, seed: Any, params: Any, dtype: Any
 ) -> None:
@@ -113,7 +126,10 @@ def output_loss(model: nn.Module, batch: Any) -> Tensor:
     return loss
 
 
-def _warm_vectors(warm_start: EigenResult | None, n: int) -> Tensor | None:
+def _warm_vectors(warm_start: EigenResult | None, n: int, which: str, n_wanted: int) -> Tensor | None:
+    """A warm start's eigenvectors, the wanted end's first: a block solver keeps only its first columns, so
+    a start from more pairs than wanted leads with the extreme ones (the most negative for
+    ``"bottom"``, both ends alternately for ``"both"``; a result holds them in descending order)."""
     if warm_start is None:
         return None
     _check.instance("warm_start", warm_start, EigenResult, "None or a previous EigenResult")
@@ -123,7 +139,21 @@ def _warm_vectors(warm_start: EigenResult | None, n: int) -> Tensor | None:
             f"`warm_start` must hold eigenvectors of shape ({n}, k), got {tuple(vectors.shape)}: "
             "warm-start only from a result on the same parameters (and keep its eigenvectors)"
         )
-    return vectors
+    if warm_start.which not in (which, "both"):
+        # Its vectors are exact eigenvectors of the other end: a block start converges on them at once.
+        raise ValueError(
+            f"`warm_start` holds which={warm_start.which!r} eigenvectors, which cannot start a which={which!r} "
+            f"measurement: pass a result measured with which={which!r} or 'both', or warm_start=None"
+        )
+    width = vectors.shape[1]
+    if which == "top" or width <= n_wanted:  # the block keeps every column: no reordered copy
+        return vectors
+    if which == "bottom":
+        order = list(range(width - 1, -1, -1))
+    else:
+        order = [i for pair in zip(range(width), range(width - 1, -1, -1), strict=True) for i in pair]
+        order = list(dict.fromkeys(order))  # each column once: the two ends meet in the middle
+    return vectors[:, order]
 
 
 def _warm_method(warm_start: EigenResult, n_wanted: int, max_hvp: int | None) -> tuple[str, dict]:
@@ -236,9 +266,11 @@ def hessian_eigenpairs(
         which: ``"top"`` (largest), ``"bottom"`` (most negative) or ``"both"``.
         hvp: ``"auto"``, ``"double_backward"``, ``"forward_over_reverse"`` or ``"finite_difference"``.
         tol: relative residual tolerance ``||Hv - lambda v|| <= tol * |lambda|``.
-        max_hvp: budget of Hessian-vector products (default ``max(300, 40 * k)``); pairs that have
-            not converged when it runs out are flagged in ``converged`` and warned about.
-        warm_start: a previous result on the same parameters: its eigenvectors start the solver.
+        max_hvp: budget of Hessian-vector products (default ``max(300, 40 * k)``), at least one per
+            wanted pair; pairs that have not converged when it runs out are flagged in ``converged`` and
+            warned about.
+        warm_start: a previous result on the same parameters, of the same ``which`` or ``"both"``: its
+            eigenvectors start the solver (the extreme ones first where it holds more than wanted).
         seed: seeds start vectors and the dropout masks held fixed during the measurement.
         params: glob patterns selecting the parameters (all trainable ones by default).
         method: ``"auto"``: cold, Lanczos (measured again by a cold LOBPCG block where it returned an
@@ -310,7 +342,7 @@ def hessian_eigenpairs(
     _check.integer("k", k, 1)
     _check.choice("which", which, WHICH)
     _check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
-    _check.integer("max_hvp", max_hvp, 1, allow_none=True)
+    check_max_hvp(_check, max_hvp, k, which)
     _check.choice("method", method, METHODS)
     check_basis_size(_check, basis_size, k, which)
     if method == "lobpcg" and basis_size is not None:
@@ -366,7 +398,7 @@ def hessian_eigenpairs(
                 check_diagonal("preconditioner", diagonal, hessian.n)  # named as the caller knows it
             op = PreconditionedOperator(hessian, diagonal, shift)
             del diagonal, shift  # the operator holds what it needs: not two more vectors for the solve
-        X0 = _warm_vectors(warm_start, op.n)
+        X0 = _warm_vectors(warm_start, op.n, which, n_wanted)
     with hessian:
         common = {
             "which": which,
@@ -651,12 +683,13 @@ class MeasurementSpec:
         """:func:`hessian_eigenpairs` on the probe set with these settings.
 
         A ``warm_start`` that cannot serve (no eigenvectors, as from a checkpoint without them; vectors of
-        another length, from other parameters or another sharding; non-finite ones) starts cold instead
-        of failing: the callbacks keep results across fits and resumes."""
+        another length, from other parameters or another sharding; non-finite ones; the other end's) starts
+        cold instead of failing: the callbacks keep results across fits and resumes."""
         if warm_start is not None:
             vectors = warm_start.eigenvectors
             n = ParameterSpace(_unwrap(model), self.params, dtype=self.dtype).n
             usable = vectors.ndim == 2 and vectors.numel() > 0 and vectors.shape[0] == n
+            usable = usable and warm_start.which in (which, "both")
             warm_start = warm_start if usable and bool(torch.isfinite(vectors).all()) else None
         return hessian_eigenpairs(
             model,

@@ -5,9 +5,17 @@ import math
 import pytest
 import torch
 from cases import CASES, make_case
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from pf_lightning import EigenResult, NonFiniteLossError, ProbeSet, hessian_eigenpairs
-from pf_lightning.linalg import NonConvergenceWarning
+from pf_lightning import (
+    EigenResult,
+    HessianEigenMonitor,
+    HessianOperator,
+    NonFiniteLossError,
+    ProbeSet,
+    hessian_eigenpairs,
+)
+from pf_lightning.linalg import NonConvergenceWarning, lanczos
 
 
 def expected(H, k, which):
@@ -146,6 +154,43 @@ def test_a_block_warm_start_where_nothing_moved_costs_k_plus_its_guards(which, r
     assert warm.info["warm_method"] == "block" and warm.n_hvp == wanted + max(2, wanted // 2)
     torch.testing.assert_close(warm.eigenvalues, expected(reference("mlp"), 3, which), rtol=1e-6, atol=1e-8)
     assert warm.info["warm_costs"] == {"block": warm.n_hvp}
+
+
+@pytest.mark.parametrize("method", ["auto", "lobpcg"])
+def test_a_warm_start_from_more_pairs_keeps_the_wanted_end(method, reference):
+    """A block start keeps its first columns, and a result holds its pairs in descending order: started
+    from a bottom-5 result, a bottom-1 measurement kept the three least negative of them and returned the
+    third-smallest eigenvalue, converged in 3 products (an outside review). The extreme ones lead now."""
+    case = make_case("mlp")
+    measure = lambda **kw: hessian_eigenpairs(case.model, case.loss_fn, case.batches, tol=1e-8, **kw)  # noqa: E731
+    sources = {"bottom": measure(k=5, which="bottom"), "both": measure(k=3, which="both")}
+    H = reference("mlp")
+    for source, which in [("bottom", "bottom"), ("both", "bottom"), ("both", "top"), ("both", "both")]:
+        warm = measure(k=1, which=which, warm_start=sources[source], method=method)
+        assert warm.info["warm_start"], (source, which)
+        torch.testing.assert_close(warm.eigenvalues, expected(H, 1, which), rtol=1e-6, atol=1e-8)
+
+
+def test_a_warm_start_from_the_other_end_and_too_few_products_are_refused():
+    """Vectors of the other end are exact eigenvectors a block start converged on at once: a top-3 result
+    started a bottom measurement that returned the third-largest eigenvalue (+1.02 for -0.38), converged.
+    A budget below one product per wanted pair returned fewer pairs than k (k=5, max_hvp=1: one)."""
+    case = make_case("mlp")
+    call = lambda **kw: hessian_eigenpairs(case.model, case.loss_fn, case.batches, **kw)  # noqa: E731
+    top = call(k=3)
+    with pytest.raises(
+        ValueError, match="holds which='top' eigenvectors, which cannot start a which='bottom'"
+    ):
+        call(k=1, which="bottom", warm_start=top)
+    with pytest.raises(ValueError, match="holds which='bottom'"):
+        call(k=1, warm_start=call(k=1, which="bottom"), method="lanczos")
+    with pytest.raises(ValueError, match=r"`max_hvp` must be an int >= 10 .*k=5, which='both'"):
+        call(k=5, which="both", max_hvp=9)
+    with pytest.raises(MisconfigurationException, match=r"`max_hvp` must be an int >= 5"):
+        HessianEigenMonitor(k=5, max_hvp=3)
+    with pytest.raises(ValueError, match="at least the 4 pairs wanted"):
+        with HessianOperator(case.model, case.loss_fn, case.batches) as H:
+            lanczos(H, 2, which="both", max_matvec=3)
 
 
 @pytest.mark.parametrize(("k", "which", "basis_size"), [(1, "top", 2), (2, "top", 3), (1, "both", 3)])

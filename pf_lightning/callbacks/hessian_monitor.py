@@ -40,7 +40,7 @@ from ..logging import (
     wandb_log,
     warn_once,
 )
-from ..measure import STDERR_GROUPS, MeasurementSpec, check_basis_size
+from ..measure import STDERR_GROUPS, MeasurementSpec, check_basis_size, check_max_hvp
 from ..probe import ProbeSet, sample_count
 from ._budget import TimeBudget, WorkBudget
 from ._checkpoint import (
@@ -210,7 +210,6 @@ class HessianEigenMonitor(Callback):
         check.integer("every_n_steps", every_n_steps, 1, allow_none=True)
         check.integer("every_n_epochs", every_n_epochs, 1, allow_none=True)
         check.integer("warmup_steps", warmup_steps, 0)
-        check.integer("max_hvp", max_hvp, 1, allow_none=True)
         check.integer("max_history", max_history, 1)
         check.integer("stderr_every", stderr_every, 1, allow_none=True)
         check.integer("trace_every", trace_every, 1, allow_none=True)
@@ -243,6 +242,7 @@ class HessianEigenMonitor(Callback):
         check.seed("seed", seed)
         check.device("basis_device", basis_device)
         check_basis_size(check, basis_size, k, which)
+        check_max_hvp(check, max_hvp, k, which)
         self.k, self.every_n_steps, self.every_n_epochs = k, every_n_steps, every_n_epochs
         self.which, self.hvp, self.tol, self.max_hvp = which, hvp, float(tol), max_hvp
         self.at_fit_start, self.at_fit_end, self.warmup_steps = at_fit_start, at_fit_end, warmup_steps

@@ -190,8 +190,10 @@ def lanczos(
         raise ValueError(f"basis_size must be an int > the number of wanted pairs ({n_wanted}), got {m!r}")
     m = min(m, n)
     budget = default_budget(n_wanted) if max_matvec is None else int(max_matvec)
-    if budget < 1:
-        raise ValueError(f"max_matvec must be >= 1, got {max_matvec!r}")
+    if budget < n_wanted:
+        raise ValueError(
+            f"max_matvec must be at least the {n_wanted} pairs wanted (one product each), got {max_matvec!r}"
+        )
     if first_test is not None and (
         isinstance(first_test, bool) or not isinstance(first_test, int) or first_test < 1
     ):

@@ -199,7 +199,7 @@ HESSIAN_MONITOR = {
         bad_choice({"auto", "double_backward", "forward_over_reverse", "finite_difference"}),
     ),
     "tol": (good_number(above=0, below=1), bad_number(above=0, below=1)),
-    "max_hvp": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
+    "max_hvp": (good_int(40, none_ok=True), bad_int(1, none_ok=True)),  # a product per pair for any good k
     "warm_start": (st.booleans(), bad_flag),
     "stderr_every": (good_int(1, none_ok=True), bad_int(1, none_ok=True)),
     "probe_batch_size": (st.one_of(good_int(1, none_ok=True), st.just("loader")), bad_int(1, none_ok=True)),
@@ -335,7 +335,10 @@ HESSIAN_EIGENPAIRS = {
     "k": (good_int(1, 3), bad_int(1) | st.integers(N_PARAMS + 1, 10**9)),
     "which": (st.sampled_from(["top", "bottom", "both"]), bad_choice({"top", "bottom", "both"})),
     "tol": (good_number(above=1e-4, below=1), bad_number(above=0, below=1)),
-    "max_hvp": (good_int(1, 400, none_ok=True), bad_int(1, none_ok=True)),
+    "max_hvp": (
+        good_int(6, 400, none_ok=True),
+        bad_int(1, none_ok=True),
+    ),  # a product per pair for any good k
     "warm_start": (
         st.one_of(st.none(), st.builds(previous_result)),
         st.sampled_from([5, "previous", True, object()]),
@@ -542,8 +545,12 @@ def _consistent(target: str, kwargs: dict, bad: str | None = None) -> dict:
             kwargs["params"] = None
         elif kwargs["params"] is not None:  # a diagonal or a previous result on all 11 parameters
             kwargs["preconditioner"], kwargs["warm_start"] = None, None
+        if bad != "warm_start" and kwargs["which"] == "bottom":
+            kwargs["warm_start"] = None  # the previous result is a top one: it cannot start the other end
         if bad == "k" or (kwargs["method"] == "lobpcg" and bad not in ("basis_size", "method")):
             kwargs["basis_size"] = None  # a Lanczos setting, which LOBPCG refuses; above a good k only
+        if bad == "k":
+            kwargs["max_hvp"] = None  # a product per pair of a good k only
         if kwargs["method"] == "lobpcg" and kwargs["max_hvp"] is not None and bad != "max_hvp":
             kwargs["max_hvp"] = max(kwargs["max_hvp"], 12)  # one LOBPCG block (k = 3, both ends: 9)
     return kwargs
