@@ -27,6 +27,7 @@ from .curvature import (
 from .curvature.distributed import LocalFailure, all_reduce_sum, is_distributed, reduce_agreed, world_size
 from .curvature.operator import check_arguments
 from .curvature.precondition import check_diagonal
+from .curvature.state import drawn_quietly
 from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
 from .linalg._common import WHICH, default_budget, guard_count
 from .linalg.density import SpectralDensity, slq_density
@@ -991,7 +992,7 @@ def batch_sharpness(
     values: list[float] = []
     skipped = n_hvp = uphill = 0
     backend = hvp
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(drawn_quietly(batches)):
         if max_batches is not None and len(values) + skipped >= max_batches:
             break
         micro = batch if isinstance(batch, ProbeSet) else [batch]  # micro-batches of one mini-batch

@@ -166,7 +166,9 @@ class ProbeSet:
             _check.batches("batches", batches, single_batch=True)
         if isinstance(batches, Tensor | tuple | Mapping):
             batches = [batches]
-        self.batches = list(batches)
+        from .curvature.state import drawn_quietly  # curvature builds on this module
+
+        self.batches = list(drawn_quietly(batches))
         if not self.batches:
             raise ValueError("`batches` must hold at least one batch: the probe set is empty")
         device = _check.device("device", device)

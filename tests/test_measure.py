@@ -13,6 +13,8 @@ from pf_lightning import (
     HessianOperator,
     NonFiniteLossError,
     ProbeSet,
+    batch_sharpness,
+    critical_sharpness,
     hessian_eigenpairs,
 )
 from pf_lightning.linalg import NonConvergenceWarning, lanczos
@@ -349,6 +351,32 @@ def test_single_batch_and_dict_batches():
         case.model, lambda m, b: case.loss_fn(m, (b["x"], b["y"])), {"x": x, "y": y}, k=1, tol=1e-8
     )
     torch.testing.assert_close(tuple_result.eigenvalues, dict_result.eigenvalues)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_dataloader_of_batches_leaves_the_random_stream_alone(shuffle, reference):
+    """Iterating a DataLoader draws its base seed from torch's generator, shuffling or not: each call moved
+    the caller's random stream, so a training loop with dropout that measured through one diverged from the
+    loop without it (an outside trial); a list of the same batches did not. The same numbers, untouched."""
+    case = make_case("mlp")
+    x = torch.cat([b[0] for b in case.batches])
+    y = torch.cat([b[1] for b in case.batches])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7, shuffle=shuffle)
+    calls = {
+        "eigenpairs": lambda: hessian_eigenpairs(case.model, case.loss_fn, loader, k=1, tol=1e-9),
+        "batch": lambda: batch_sharpness(case.model, case.loss_fn, loader),
+        "critical": lambda: critical_sharpness(case.model, case.loss_fn, loader),
+        "operator": lambda: HessianOperator(case.model, case.loss_fn, loader),
+        "probe": lambda: ProbeSet(loader),
+    }
+    torch.manual_seed(1)
+    for name, call in calls.items():
+        before = torch.get_rng_state()
+        result = call()
+        assert torch.equal(torch.get_rng_state(), before), name
+    top = calls["eigenpairs"]()
+    torch.testing.assert_close(top.eigenvalues, expected(reference("mlp"), 1, "top"), rtol=1e-7, atol=0)
+    assert result.total_weight == x.shape[0]
 
 
 def test_explicit_weights_replace_sample_counts():

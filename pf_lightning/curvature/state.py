@@ -32,7 +32,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,15 @@ try:  # numpy is optional at run time
 except ImportError:  # pragma: no cover
     np = None
 
-__all__ = ["cast_model", "is_measuring", "measurement_context", "measuring", "rng_state", "seeded"]
+__all__ = [
+    "cast_model",
+    "drawn_quietly",
+    "is_measuring",
+    "measurement_context",
+    "measuring",
+    "rng_state",
+    "seeded",
+]
 
 
 @contextlib.contextmanager
@@ -66,6 +75,24 @@ def rng_state() -> Iterator[None]:
         random.setstate(py)
         if npy is not None:
             np.random.set_state(npy)
+
+
+def drawn_quietly(batches: Iterable[Any]) -> Iterator[Any]:
+    """The items of ``batches``, each drawn with every random state restored around it: iterating a
+    ``DataLoader`` draws its base seed (and a shuffling sampler's) from torch's generator, which would move
+    the training run's random stream. A list is iterated as it is."""
+    if isinstance(batches, list | tuple):
+        yield from batches
+        return
+    with rng_state():
+        items = iter(batches)
+    while True:
+        with rng_state():
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+        yield item
 
 
 def seeded(seed: int) -> None:
