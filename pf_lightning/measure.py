@@ -1216,6 +1216,7 @@ def critical_sharpness(
         model, loss_fn, batches, params=params, hvp="finite_difference", seed=seed, dtype=dtype
     ) as op:
         space, n_backward = op.space, 0
+        uphill = False  # the optimizer's update against the gradient: the loss rises at every small step
         if direction is None:
             gradient, n_backward = op.gradient(), 1  # a fresh tensor: changed in place below
             if gradient_clip is not None:
@@ -1238,6 +1239,12 @@ def critical_sharpness(
                 d = gradient.to(space.dtype).neg_()
             else:
                 d = _update_per_unit_lr(optimizer, space, gradient)
+                # The slope's sign, not the search, tells an update that points uphill: in float32 the loss's
+                # rise at the small steps that show it is below the dtype's resolution, a change of exactly 0,
+                # which a search reads as "not rising" (an outside trial: 1.8e8 for inf). A norm clip keeps
+                # the sign (a positive factor); a value clip may not, and leaves it to the search.
+                if gradient_clip is None or gradient_clip[1] == "norm":
+                    uphill = float(op.inner(gradient, d.to(gradient.dtype))) > 0
             del gradient  # not needed in the search: d and the saved parameters are
         else:
             d = torch.zeros(space.n, dtype=space.dtype, device=space.device)  # where this rank's check fails
@@ -1277,11 +1284,21 @@ def critical_sharpness(
                     "`direction` must be finite and non-zero (a zero gradient has no critical step)"
                 )
             try:
-                step = _critical_step(rise, float(initial_step), float(rel_tol))
+                step, fell = (
+                    (0.0, True) if uphill else _critical_step(rise, float(initial_step), float(rel_tol))
+                )
             except _Uphill:
                 if optimizer is None:
                     raise
-                step = 0.0  # the optimizer's next step raises the loss at any size: eta_c = 0
+                step, fell = 0.0, True  # the optimizer's next step raises the loss at any size: eta_c = 0
+            if not fell and direction is not None:
+                warnings.warn(
+                    "critical_sharpness: the loss fell below its value at no step tried along `direction` (its "
+                    "changes at the small steps were below the dtype's resolution): the direction may point "
+                    "uphill, which this search cannot tell; measure with dtype=torch.float64",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         finally:
             with torch.no_grad():
                 for p, value in zip(space.local_params(), saved, strict=True):
@@ -1301,11 +1318,19 @@ class _Uphill(ValueError):
     """The loss rose at every step tried along the direction."""
 
 
-def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -> float:
+def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -> tuple[float, bool]:
     """The smallest eta > 0 with rise(eta) > 0, within rel_tol (inf if it never rises up to 2^40 eta, or
-    falls by the same amount over three doublings: a saturated loss)."""
+    falls by the same amount over three doublings: a saturated loss), and whether any step tried lowered
+    the loss (below the dtype's resolution a step changes it by exactly 0, which is read as not rising: a
+    direction uphill at every step that resolution shows looks like a descent with an unresolved dip)."""
     tiny, huge = eta * 2.0**-40, eta * 2.0**40
-    r = rise(eta)
+    changes: list[float] = []
+
+    def tried(step: float) -> float:
+        changes.append(rise(step))
+        return changes[-1]
+
+    r = tried(eta)
     if r > 0:  # halve down to a step where the loss does not rise
         hi, r_hi = eta, r
         while True:
@@ -1315,7 +1340,7 @@ def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -
                     "the loss rises along `direction` at every step tried: it points uphill (or initial_step "
                     "is far too large)"
                 )
-            r = rise(eta)
+            r = tried(eta)
             if r <= 0:
                 lo, r_lo = eta, r
                 break
@@ -1325,8 +1350,8 @@ def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -
         while True:
             eta *= 2.0
             if eta > huge or flat >= 3:
-                return math.inf
-            r = rise(eta)
+                return math.inf, min(changes) < 0
+            r = tried(eta)
             if r > 0:
                 hi, r_hi = eta, r
                 break
@@ -1350,11 +1375,11 @@ def _critical_step(rise: Callable[[float], float], eta: float, rel_tol: float) -
             for probe in probes:
                 if not lo < probe < hi:  # the bracket moved past it
                     continue
-                r = rise(probe)
+                r = tried(probe)
                 if r > 0:
                     hi, r_hi = probe, r
                 else:
                     lo, r_lo = probe, r
     except _OutOfPasses:  # the bracket is found: its midpoint, within the width reached
         pass
-    return (lo + hi) / 2
+    return (lo + hi) / 2, min(changes) < 0

@@ -590,6 +590,37 @@ def test_an_update_against_the_batch_gradient_is_counted_uphill_and_critical_is_
         critical_sharpness(model, loss_fn, [batch], torch.ones(1, dtype=torch.float64))
 
 
+def test_in_float32_an_uphill_update_is_infinite_and_an_unresolved_given_direction_is_warned():
+    """In float32 the loss's rise at the small steps that show an update points uphill is below the dtype's
+    resolution: a change of exactly 0, which the search read as "not rising", so an outside trial's heavy
+    ball against its gradient gave a critical sharpness of 1.8e8 where float64 gave inf. The update's slope
+    gᵀd tells it now, without a search; a given direction, whose slope is unknown, is warned about."""
+    gen = torch.Generator().manual_seed(0)
+    A, t = torch.randn(40, 5, generator=gen), torch.randn(40, generator=gen)
+    model = nn.Linear(5, 1)
+    loss_fn = lambda m, b: 0.5 * ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean()  # noqa: E731
+    grads = torch.autograd.grad(loss_fn(model, (A, t)), list(model.parameters()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        optimizer.state[p]["momentum_buffer"] = -5 * g  # s = 0.9 (-5 g) + g = -3.5 g: uphill
+    for dtype in (None, torch.float64):
+        critical = critical_sharpness(
+            model, loss_fn, [(A, t)], optimizer=optimizer, initial_step=0.05, dtype=dtype
+        )
+        assert math.isinf(critical.value) and math.isinf(critical.ratio) and critical.step == 0.0
+        assert critical.n_forward == 1  # the base loss alone
+    uphill = torch.cat([g.reshape(-1) for g in grads])
+    with pytest.raises(ValueError, match="points uphill"):
+        critical_sharpness(model, loss_fn, [(A, t)], uphill, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="fell below its value at no step tried"):
+        critical_sharpness(model, loss_fn, [(A, t)], uphill)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a descent direction falls at the steps tried: no warning
+        downhill = critical_sharpness(model, loss_fn, [(A, t)], -uphill)
+    rayleigh = critical_sharpness(model, loss_fn, [(A, t)], -uphill, dtype=torch.float64)
+    assert downhill.value == pytest.approx(rayleigh.value, rel=0.02)
+
+
 def test_an_optimizer_that_maximizes_has_no_next_update_to_measure():
     model = _mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
