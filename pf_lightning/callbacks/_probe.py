@@ -491,10 +491,10 @@ class TrainingBatches:
         with untouched_iteration(loader):  # a sampler may draw from the global or its own generator
             pool = [int(i) for i in sampler]
         trained = fixed_epoch(trainer)
-        if trained is not None:  # limit_train_batches on a fixed order: those batches are all it trains on
-            pool = pool[: trained * size]
-        elif loader.drop_last and _same_order(sampler):  # the remainder no epoch trains on
-            pool = pool[: len(pool) // size * size]
+        if (
+            trained is not None
+        ):  # a fixed order: its batches (the first ones under limit_train_batches) are all
+            pool = pool[: trained * size]  # it trains on, not the remainder a drop_last loader leaves
         whole = trained is None and len(pool) == len(dataset) and sorted(pool) == list(range(len(dataset)))
         return cls(
             dataset,
@@ -556,13 +556,14 @@ def _cut_short(trainer: Any) -> bool | None:
 
 
 def fixed_epoch(trainer: Any) -> int | None:
-    """The batches an epoch trains on where ``limit_train_batches`` cuts the epoch short of a loader that
-    yields the same order every epoch (a sequential sampler, a ``DistributedSampler`` without shuffling):
-    training then sees those first batches only. None otherwise: the whole loader, or a shuffled one whose
-    epochs each take other batches of the whole set."""
-    if not _cut_short(trainer):
+    """The batches an epoch trains on where the loader yields the same order every epoch (a sequential
+    sampler, a ``DistributedSampler`` without shuffling): training then sees those batches only, every
+    epoch, the loader's first ``limit_train_batches`` of them where that cuts the epoch short. None
+    otherwise: a shuffled loader, whose epochs each group the set into other batches, or an unsized one."""
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader) or not math.isfinite(trainer.num_training_batches):
         return None
-    return int(trainer.num_training_batches) if _same_order(_sampler(trainer.train_dataloader)) else None
+    return int(trainer.num_training_batches) if _same_order(_sampler(loader)) else None
 
 
 def _same_order(sampler: Any) -> bool:
