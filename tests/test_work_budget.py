@@ -6,6 +6,8 @@ a function of the product counts alone: replayed here from the logged ``hessian/
 in two runs.
 """
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -16,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import DigitsClassifier, digits, logged, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from pf_lightning import HessianEigenMonitor, HessianOperator, hessian_eigenpairs
+from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor, HessianOperator, hessian_eigenpairs
 from pf_lightning.curvature import PRODUCT_COST, WorkMeter
 
 BATCH, PROBE, FRACTION = 32, 8, 0.5
@@ -198,3 +200,30 @@ def test_a_run_resumed_with_a_cap_it_did_not_have_starts_an_empty_window(tmp_pat
         )
     resumed = [h["step"] for h in capped.history if h["step"] > 30]
     assert resumed[0] == 31 and len(resumed) >= 3
+
+
+@pytest.mark.parametrize(
+    ("cap", "options", "named"),
+    [
+        ({"max_work_fraction": 0.05}, {"proxies": True}, "the proxies"),
+        ({"max_time_fraction": 0.05}, {"critical_every_n_steps": 2}, "the critical search"),
+        ({}, {"proxies": True, "critical_every_n_steps": 2}, None),
+    ],
+)
+def test_the_edge_monitors_per_step_measurements_under_a_cap_are_said_to_be_outside_it(
+    tmp_path, cap, options, named
+):
+    """The EdgeOfStabilityMonitor's proxies and critical search run at their own cadence, which neither cap
+    controls or counts: an outside trial's fit under max_work_fraction=0.05 with proxies every step logged a
+    work fraction of 0.34 where the measuring work was 4.7 times the training's, in silence."""
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, **cap)
+    eos = EdgeOfStabilityMonitor(batch_sharpness=False, **options)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=2, callbacks=[monitor, eos]).fit(DigitsClassifier(n=64, batch_size=BATCH))
+    said = [str(w.message) for w in record if "run at their own cadence" in str(w.message)]
+    if named is None:
+        assert not said
+    else:
+        assert len(said) == 1 and named in said[0] and next(iter(cap)) in said[0], said

@@ -561,6 +561,33 @@ class EdgeOfStabilityMonitor(Callback):
                 f"sharpness compare with the edge of the unclipped step at the optimizer's rate ({critical}): "
                 + CLIPPED_STEP,
             )
+        caps = [
+            f"{cap}={value}"
+            for cap, value in (
+                ("max_work_fraction", self.monitor.max_work_fraction),
+                ("max_time_fraction", self.monitor.max_time_fraction),
+            )
+            if value is not None
+        ]
+        per_step = [
+            f"{what} every {n} step(s)"
+            for what, n in (
+                (
+                    "the proxies (one gradient and one product of the batch)",
+                    self.proxy_every_n_steps if self.proxies else None,
+                ),
+                ("the critical search (one gradient and 5-6 forward passes)", self.critical_every_n_steps),
+            )
+            if n is not None
+        ]
+        if caps and per_step:
+            self._warn_once(
+                "uncapped",
+                f"{' and '.join(per_step)} run at their own cadence, outside the HessianEigenMonitor's "
+                f"{' and '.join(caps)}, which caps its measurements alone and does not count these: each costs "
+                "a few gradients of its batch (at every step, several times the training's own work); raise "
+                "proxy_every_n_steps and critical_every_n_steps to keep them within your budget",
+            )
         if len(optimizers) > 1:
             rank_zero_info(
                 f"EdgeOfStabilityMonitor: {len(optimizers)} optimizers; thresholds are those of optimizer "

@@ -140,7 +140,7 @@ class HessianEigenMonitor(Callback):
         checkpoint_eigenvectors: save the latest eigenvectors in checkpoints, so the first measurement
             after a resume is warm-started (``n x k`` floats; never saved when they are FSDP2 shards).
         probe_batch_size: a drawn probe is stacked into batches of at most this many samples, one
-            forward pass each (``None``: one batch with double backward, whose cached graphs hold the whole
+            forward pass each (the loader's batches are joined, a larger one is not cut) (``None``: one batch with double backward, whose cached graphs hold the whole
             probe's activations anyway, the loader's batches with finite differences and on FSDP2
             shards, whose products hold one batch's at a time; a product on 512 samples in one batch
             costs 2.5 times less than on four batches of 128); ``"loader"`` keeps the loader's batches, as a loss
@@ -585,7 +585,10 @@ class HessianEigenMonitor(Callback):
     def measure(
         self, trainer: Trainer, pl_module: LightningModule, force: bool = False
     ) -> EigenResult | None:
-        """Measure now (at most once per ``global_step``); returns the result, or None if skipped."""
+        """Measure now, at most once per ``global_step`` and not at a step either budget postponed; returns
+        the result, or None if skipped. ``force=True`` measures regardless: a step already measured again (a
+        second record at that step, charged to the budgets like any other), a postponed one. After the fit
+        the EdgeOfStabilityMonitor no longer listens: a forced measurement then reaches this monitor alone."""
         step = trainer.global_step
         # A step measured or postponed (by either budget) is settled: the later micro-batches of its
         # accumulation, its epoch end and the fit end at it ask again at the same global_step.
