@@ -421,6 +421,43 @@ def test_log_growth_on_a_quadratic_is_the_optimizers_own(tmp_path, momentum):
     assert last["eos/accumulated_negative_curvature"] == pytest.approx(lr * 12 * -2.0, rel=1e-9)
 
 
+class _DecayedQuadratic(Quadratic):
+    def __init__(self, curvatures, make):
+        super().__init__(curvatures, 0.1)
+        self.make = make
+
+    def configure_optimizers(self):
+        return self.make(self.parameters())
+
+
+@pytest.mark.parametrize(
+    ("make", "shift", "rate"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1.0), 1.0, lambda t: 0.1),
+        # ASGD's step t runs at lr / (1 + lambd lr (t - 1))^alpha, on H + lambd I (lambd 0.5: still negative)
+        (
+            lambda p: torch.optim.ASGD(p, lr=0.1, lambd=0.5, alpha=0.75),
+            0.5,
+            lambda t: 0.1 / (1 + 0.05 * (t - 1)) ** 0.75,
+        ),
+    ],
+    ids=["sgd-l2", "asgd"],
+)
+def test_accumulated_negative_curvature_is_that_of_the_loss_the_step_descends(tmp_path, make, shift, rate):
+    """With coupled decay w the step descends the loss plus (w/2)|theta|^2, whose Hessian is H + wI (as
+    eos/sharpness counts it), at the step it takes: an outside trial's SGD with weight_decay=1 on lambda_min
+    = -3 logged -3.0 over 10 steps for -2.0, and ASGD, all of whose directions were stable, logged -3.0."""
+    model = _DecayedQuadratic([5.0, -2.0], make)
+    monitor = HessianEigenMonitor(k=1, which="both", every_n_steps=4, tol=1e-10)
+    eos = EdgeOfStabilityMonitor()
+    trainer(tmp_path, max_steps=8, callbacks=[monitor, eos]).fit(model)
+    assert [h["step"] for h in eos.history] == [0, 4, 8]
+    # Each measurement counts the steps since the last at the step size its rule reads then.
+    expected = sum(4 * rate(t) * (-2.0 + shift) for t in (4, 8))
+    assert eos.history[-1]["eos/accumulated_negative_curvature"] == pytest.approx(expected, rel=1e-9)
+    assert eos.history[-1]["eos/sharpness"] == pytest.approx(5.0 + shift, rel=1e-9)
+
+
 def test_edge_of_stability_function_outside_lightning():
     heavy_ball = StepDynamics(0.1, 0.0, 10.0, 0.9, label="heavy_ball")
     metrics, history = edge_of_stability(

@@ -833,7 +833,7 @@ class EdgeOfStabilityMonitor(Callback):
         dynamics, optimizer = self._dynamics(trainer)
         step = trainer.global_step
         projections = grad_norm = None
-        warming = False
+        warming, decay = False, 0.0
         if dynamics.preconditioned:
             preconditioned = self._preconditioned(trainer, pl_module, optimizer, dynamics)
             if preconditioned is None:
@@ -869,8 +869,10 @@ class EdgeOfStabilityMonitor(Callback):
             "step": step,
             "projections": projections,
             "grad_norm": grad_norm,
-            "lambda_min": float(result.eigenvalues[-1]) if monitor.which == "both" else None,
-            "lr": lr,
+            # The loss the step descends, as the sharpness: H + decay (coupled L2 decay, ASGD's lambd), at the
+            # step it takes (ASGD's decayed one); under a preconditioner the raw Hessian's at the rate.
+            "lambda_min": float(result.eigenvalues[-1]) + decay if monitor.which == "both" else None,
+            "lr": lr if dynamics.preconditioned else dynamics.lr,
             "warming": warming,
             "batch_sharpness": None if batch is None else batch.value,
             "batch_stderr": math.nan if batch is None else batch.stderr,
