@@ -458,6 +458,20 @@ def test_accumulated_negative_curvature_is_that_of_the_loss_the_step_descends(tm
     assert eos.history[-1]["eos/sharpness"] == pytest.approx(5.0 + shift, rel=1e-9)
 
 
+def test_edge_of_stability_refuses_eigenvalues_out_of_order_and_a_slope_window_below_two():
+    """Eigenvalues from torch.linalg.eigvalsh come ascending: taken as they came, the smallest was the
+    sharpness ([1, 5] at lr 0.1 gave a ratio of 0.05 for 0.25; an outside trial). A slope_window of 1 took
+    the whole history's slope and 0 none (an outside review)."""
+    gd = StepDynamics(0.1)
+    with pytest.raises(ValueError, match=r"descending order .* got \[1.0, 5.0\]: sort them"):
+        edge_of_stability([1.0, 5.0], gd, step=0)
+    for window in (0, 1, 2.0, True):
+        with pytest.raises(ValueError, match="slope_window must be an int >= 2"):
+            edge_of_stability([5.0, 1.0], gd, step=0, slope_window=window)
+    metrics, _ = edge_of_stability([5.0, 5.0, 1.0], gd, step=0, slope_window=2)  # ties are in order
+    assert metrics["eos/ratio"] == pytest.approx(0.25)
+
+
 def test_edge_of_stability_function_outside_lightning():
     heavy_ball = StepDynamics(0.1, 0.0, 10.0, 0.9, label="heavy_ball")
     metrics, history = edge_of_stability(

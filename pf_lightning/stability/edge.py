@@ -106,7 +106,7 @@ def edge_of_stability(
     r"""The ``eos/*`` and ``pf/*`` metrics of one measurement, and the history for the next.
 
     Args:
-        eigenvalues: the tracked eigenvalues the threshold applies to, largest first: those of
+        eigenvalues: the tracked eigenvalues the threshold applies to, largest first (refused otherwise): those of
             :math:`H + wI` (coupled weight decay :math:`w`) or of :math:`P^{-1}(H + W)` when
             ``dynamics.preconditioned``. The first is the sharpness.
         dynamics: the optimizer's step (:func:`~pf_lightning.stability.step_dynamics`).
@@ -145,6 +145,13 @@ def edge_of_stability(
     lam = _as_real_tensor(eigenvalues).detach().reshape(-1).to("cpu", torch.float64)
     if lam.numel() == 0 or torch.isnan(lam).any():
         raise ValueError(f"eigenvalues must be non-empty and not NaN, got {lam.tolist()}")
+    if bool((lam.diff() > 0).any()):  # taken as they come, an ascending list's smallest was the sharpness
+        raise ValueError(
+            f"eigenvalues must be in descending order (the first is the sharpness), got {lam.tolist()}: sort "
+            "them, e.g. torch.linalg.eigvalsh(H).flip(0)"
+        )
+    if isinstance(slope_window, bool) or not isinstance(slope_window, int) or slope_window < 2:
+        raise ValueError(f"slope_window must be an int >= 2 (a slope needs two points), got {slope_window!r}")
     threshold, h = dynamics.threshold, dynamics.gd_step
     sharpness = float(lam[0])
     ratio = sharpness / threshold
