@@ -379,6 +379,29 @@ def test_a_dataloader_of_batches_leaves_the_random_stream_alone(shuffle, referen
     assert result.total_weight == x.shape[0]
 
 
+def test_a_loader_of_random_samples_draws_as_it_would_and_leaves_the_callers_stream():
+    """The loader's draws go on from batch to batch on a stream of their own, started where the caller's
+    is: restored to that start before every batch, a dataset drawing noise gave every batch the same noise
+    (batch sharpness over 8 batches with a standard error of exactly 0; a review)."""
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return torch.randn(3)
+
+    loader = torch.utils.data.DataLoader(Noisy(), batch_size=8, shuffle=True)
+    torch.manual_seed(5)
+    plain = list(loader)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    probe = ProbeSet(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(probe) == 4 and all(torch.equal(a, b) for a, b in zip(probe.batches, plain, strict=True))
+    assert len({tuple(b[0].tolist()) for b in probe.batches}) == 4
+
+
 def test_explicit_weights_replace_sample_counts():
     """H = sum_b w_b H_b / sum_b w_b: a closed form on a linear least-squares model."""
     from torch import nn

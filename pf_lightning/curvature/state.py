@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -57,41 +57,63 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def rng_state() -> Iterator[None]:
-    """Restore every random state that training may draw from (torch CPU/CUDA, Python, NumPy)."""
-    cpu = torch.get_rng_state()
+def _random_states() -> tuple[Any, ...]:
+    """Every random state that training may draw from: torch CPU/CUDA, Python, NumPy."""
     cuda = (
         torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     )
-    py = random.getstate()
-    npy = np.random.get_state() if np is not None else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state() if np is not None else None
+
+
+def _set_random_states(states: tuple[Any, ...]) -> None:
+    cpu, cuda, py, npy = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(py)
+    if npy is not None:
+        np.random.set_state(npy)
+
+
+@contextlib.contextmanager
+def rng_state() -> Iterator[None]:
+    """Restore every random state that training may draw from (torch CPU/CUDA, Python, NumPy)."""
+    saved = _random_states()
     try:
         yield
     finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        random.setstate(py)
-        if npy is not None:
-            np.random.set_state(npy)
+        _set_random_states(saved)
 
 
 def drawn_quietly(batches: Iterable[Any]) -> Iterator[Any]:
-    """The items of ``batches``, each drawn with every random state restored around it: iterating a
-    ``DataLoader`` draws its base seed (and a shuffling sampler's) from torch's generator, which would move
-    the training run's random stream. A list is iterated as it is."""
+    """The items of ``batches``, drawn on a random stream of their own: iterating a ``DataLoader`` draws its
+    base seed (and a shuffling sampler's) from torch's generator, and a dataset's random augmentation, a
+    generator of random batches from the global ones, which would move the caller's (the training run's)
+    streams. The iteration's stream starts where the caller's is and goes on from draw to draw (restored to
+    the start before each, every batch drew the same numbers: a review); the caller's is put back after
+    each. A list is iterated as it is."""
     if isinstance(batches, list | tuple):
         yield from batches
         return
-    with rng_state():
-        items = iter(batches)
+    own: tuple[Any, ...] | None = None
+
+    def quietly(action: Callable[[], Any]) -> Any:
+        nonlocal own
+        caller = _random_states()
+        if own is not None:
+            _set_random_states(own)
+        try:
+            return action()
+        finally:
+            own = _random_states()
+            _set_random_states(caller)
+
+    items = quietly(lambda: iter(batches))
     while True:
-        with rng_state():
-            try:
-                item = next(items)
-            except StopIteration:
-                return
+        try:
+            item = quietly(lambda: next(items))
+        except StopIteration:
+            return
         yield item
 
 

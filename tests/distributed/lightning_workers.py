@@ -170,22 +170,24 @@ def fit_minibatch(strategy: Any, out: str) -> None:
     trainer.fit(ShardedDigits(batch_sizes=MINI_BATCHES))
 
 
-class FlakyShard(TensorDataset):
-    """A shard whose batched fetch fails on rank 1 for indices out of order: training reads it in order,
-    the batch-sharpness draws in a random order, so only rank 1's draw fails."""
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        if dist.get_rank() == 1 and indices != sorted(indices):
-            raise RuntimeError("rank 1 cannot read this sample")
-        return [self[i] for i in indices]
-
-
 class FlakyDigits(ShardedDigits):
+    """Rank 1 cannot read the samples the batch-sharpness draws fetch (training reads them through its loader,
+    the draws through the dataset): only rank 1's draw fails. Unshuffled, the draws are the batches trained."""
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.global_rank == 1:  # this spawned process's class only
+            from pf_lightning.callbacks._probe import TrainingBatches
+
+            def unreadable(source: Any, indices: list[int]) -> Any:
+                raise RuntimeError("rank 1 cannot read this sample")
+
+            TrainingBatches._fetch = unreadable
+
     def train_dataloader(self) -> DataLoader:
         x, y = digits(SHARDS[-1][1])
         rank = self.trainer.global_rank
         lo, hi = SHARDS[rank]
-        return DataLoader(FlakyShard(x[lo:hi], y[lo:hi]), batch_size=MINI_BATCHES[rank])
+        return DataLoader(TensorDataset(x[lo:hi], y[lo:hi]), batch_size=MINI_BATCHES[rank])
 
 
 def fit_flaky_draw(out: str) -> None:
