@@ -456,6 +456,15 @@ def test_accumulated_negative_curvature_is_that_of_the_loss_the_step_descends(tm
     expected = sum(4 * rate(t) * (-2.0 + shift) for t in (4, 8))
     assert eos.history[-1]["eos/accumulated_negative_curvature"] == pytest.approx(expected, rel=1e-9)
     assert eos.history[-1]["eos/sharpness"] == pytest.approx(5.0 + shift, rel=1e-9)
+    # threshold= judges it as gradient descent with that edge: the sum's step stays the optimizer's rate
+    # (it took 2/threshold, 0.4 for 0.1: a review).
+    monitor = HessianEigenMonitor(k=1, which="both", every_n_steps=4, tol=1e-10)
+    eos = EdgeOfStabilityMonitor(threshold=5.0)
+    with pytest.warns(RuntimeWarning, match="threshold"):
+        trainer(tmp_path, max_steps=8, callbacks=[monitor, eos]).fit(_DecayedQuadratic([5.0, -2.0], make))
+    assert eos.history[-1]["eos/accumulated_negative_curvature"] == pytest.approx(
+        8 * 0.1 * (-2.0 + shift), rel=1e-9
+    )
 
 
 def test_edge_of_stability_refuses_eigenvalues_out_of_order_and_a_slope_window_below_two():

@@ -780,6 +780,20 @@ def test_a_whole_loader_in_a_fixed_order_is_judged_on_the_batches_it_trains_on(t
     assert eos.history[0]["eos/batch_sharpness"] == pytest.approx(sum(quotients) / 4, rel=1e-5)
 
 
+@pytest.mark.parametrize("limit", [None, 2])
+def test_a_probe_larger_than_the_trained_batches_names_what_limits_it(tmp_path, limit):
+    """A whole unshuffled loader's probe warning blamed limit_train_batches, which was not set (a review)."""
+    model = _Limited(False, n=64, batch_size=16)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=None, at_fit_end=False, probe=128)
+    options = {} if limit is None else {"limit_train_batches": limit}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=1, callbacks=[monitor], **options).fit(model)
+    said = [str(w.message) for w in record if "asks for more samples" in str(w.message)]
+    expected = "the training dataloader yields (64)" if limit is None else "the 2 batch(es) of the loader"
+    assert len(said) == 1 and expected in said[0], said
+
+
 class _Curriculum(DigitsClassifier):
     """Each epoch a new stretch of 256 samples (the loader reloaded every epoch), in a fixed order."""
 

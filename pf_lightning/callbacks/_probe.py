@@ -122,7 +122,7 @@ def build_probe(
             size,
             training_input(trainer),
             requested=probe is not None,
-            max_batches=fixed_epoch(trainer),
+            max_batches=fixed_epoch(trainer) if _cut_short(trainer) else None,  # a whole loader ends itself
         )
         # A loss that couples a batch's samples is measured on whole batches, as training takes them: a cut
         # last batch (12 of 100) normalized over other statistics, 3% off a BatchNorm MLP's sharpness.

@@ -870,9 +870,10 @@ class EdgeOfStabilityMonitor(Callback):
             "projections": projections,
             "grad_norm": grad_norm,
             # The loss the step descends, as the sharpness: H + decay (coupled L2 decay, ASGD's lambd), at the
-            # step it takes (ASGD's decayed one); under a preconditioner the raw Hessian's at the rate.
+            # step its rule takes (ASGD's decayed one); under a preconditioner the raw Hessian's at the rate,
+            # as with threshold=, whose dynamics step 2/threshold, not the optimizer's.
             "lambda_min": float(result.eigenvalues[-1]) + decay if monitor.which == "both" else None,
-            "lr": lr if dynamics.preconditioned else dynamics.lr,
+            "lr": lr if dynamics.preconditioned or self.fixed_threshold is not None else dynamics.lr,
             "warming": warming,
             "batch_sharpness": None if batch is None else batch.value,
             "batch_stderr": math.nan if batch is None else batch.stderr,
