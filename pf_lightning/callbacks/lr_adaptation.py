@@ -159,6 +159,7 @@ class LRAdaptation(Callback):
         # Lightning saves a step checkpoint at the batch end, before it steps these schedulers.
         self._fed: dict[str, float] = {}
         self._fed_restored: dict[str, float] = {}
+        self._started = False  # between on_fit_start and teardown
         self._last_logged: int | None = None
         self._last_end: int | None = None
         self._warned: set[str] = set()
@@ -297,9 +298,14 @@ class LRAdaptation(Callback):
                 f"{' and '.join(sorted({type(s).__name__ for s in self.schedulers}))} sets is that of the "
                 "unclipped step: " + CLIPPED_STEP,
             )
-        self._last_measured, self._restored = self._restored, None  # a resumed run keeps its cadence
-        self._fed, self._fed_restored = self._fed_restored, {}
+        self._take_restored()
+        self._started = True  # a checkpoint restored after this hook (FSDP2's strategy) is taken as it loads
         self._last_logged = self._last_end = None
+
+    def _take_restored(self) -> None:
+        """Go on with what a checkpoint held: a resumed run keeps its cadence and the values it was fed."""
+        self._last_measured, self._restored = self._restored, None
+        self._fed, self._fed_restored = self._fed_restored, {}
 
     def _check_config(self, config: LRSchedulerConfig) -> None:
         if self._manual:
@@ -346,6 +352,7 @@ class LRAdaptation(Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Fed for one fit: an EdgeOfStabilityMonitor reused with another Trainer must not step these schedulers.
+        self._started = False
         if self.eos is not None:
             self.eos.remove_listener(self._on_edge)
 
@@ -541,3 +548,8 @@ class LRAdaptation(Callback):
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
             self._restored, self._fed_restored = None, {}
+        if self._started:
+            # ModelParallelStrategy (FSDP2) restores callbacks after on_fit_start, which took nothing: a
+            # resumed run measured afresh and skipped the scheduler step the checkpoint owed (DAL's first
+            # step 20% fast, a capped cosine a step behind for the rest of the run; an outside trial).
+            self._take_restored()
