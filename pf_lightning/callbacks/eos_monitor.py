@@ -858,6 +858,7 @@ class EdgeOfStabilityMonitor(Callback):
         extras = {names.EOS_LR: lr}
         if dynamics.preconditioned:
             extras[names.PRECONDITIONED_CONVERGED] = float(preconditioned.all_converged)
+            extras[names.PRECONDITIONED_N_HVP] = float(preconditioned.n_hvp)  # charged to the work budget too
         if batch is not None:
             extras[names.BATCH_COUNT] = float(batch.n_batches)
             extras[names.BATCH_UPHILL] = batch.n_uphill / batch.n_batches
