@@ -152,6 +152,38 @@ def test_dal_window_counts_the_schedulers_own_steps_under_manual_optimization(tm
         assert m["dal/lr"][step] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_manual_run_with_two_optimizers_resumes_at_the_uninterrupted_rates(tmp_path):
+    """Under manual optimization this callback steps its schedulers at its own batch end, before
+    ModelCheckpoint saves, so a resumed run owes none; but the resume took one wherever the scheduler's count
+    equalled global_step - 1, which two optimizers' global_step (two a batch) made true by chance: a DAL
+    warm-up resumed at global step 2 ran a step ahead for the rest of the run (an outside trial: rates
+    0.8125, 1.05, 1.2875 for 0.575, 0.8125, 1.05)."""
+
+    def callbacks():
+        dal = dal_factory(p=1.0, max_lr=5.0, warmup_steps=8)
+        return [LRAdaptation(dal, loss_fn=lambda m, b: m.loss(b))]
+
+    L.seed_everything(0)
+    reference = TwoOptimizers(n=64)
+    resumed = copy.deepcopy(reference)
+    saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{step}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # v over the whole model, which optimizer 0 does not all step
+        straight = logged(
+            fit(tmp_path / "straight", reference, 16, [*callbacks(), saving], enable_checkpointing=True)
+        )
+        second = trainer(
+            tmp_path / "second", max_steps=16, callbacks=callbacks(), logger=CSVLogger(tmp_path / "second")
+        )
+        second.fit(resumed, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    after = logged(second)
+    later = range(4, 16, 2)
+    assert {s: after["dal/lr"][s] for s in later} == {s: straight["dal/lr"][s] for s in later}
+    assert len({straight["dal/lr"][s] for s in later}) >= 3  # the warm-up moves the rate: a step ahead shows
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["sgd", "adam with a tensor lr"])
 def test_p0_trains_bit_identically_to_no_adaptation(tmp_path, tensor_lr):
     def run(callbacks):

@@ -90,7 +90,8 @@ class LRAdaptation(Callback):
             in YAML a ``class_path`` with ``init_args``) installed on optimizer ``optimizer_index`` at the
             start of fit.
         optimizer_index: the optimizer an installed scheduler wraps.
-        every_n_steps: measure ``||Hg||/||g||`` every this many optimizer steps; in between, DAL holds
+        every_n_steps: measure ``||Hg||/||g||`` every this many optimizer steps (``global_step``'s, which
+            under manual optimization counts every optimizer's steps); in between, DAL holds
             the last value (cheaper, and the rate changes only at measurements). Steps outside DAL's
             ``window`` run at the base rate and are not measured (no ``dal/hg_ratio`` there).
         hvp: how ``Hg`` is computed: ``"forward_difference"`` (as ``dal.py``: one extra gradient at
@@ -368,8 +369,11 @@ class LRAdaptation(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Schedulers are restored after on_fit_start. A checkpoint Lightning wrote at a training batch end
         # (ModelCheckpoint(every_n_train_steps=...)) holds them from before their step for that batch:
-        # take it now, with the value they would have been stepped with, as an uninterrupted run did.
-        for scheduler in self.schedulers:
+        # take it now, with the value they would have been stepped with, as an uninterrupted run did. Under
+        # manual optimization this callback steps them at its own batch end, before ModelCheckpoint's: none
+        # is owed (and global_step counts every optimizer's steps, so the test below was true by chance with
+        # two: a resumed DAL warm-up ran a step ahead, an outside trial).
+        for scheduler in [] if self._manual else self.schedulers:
             if scheduler.last_epoch == trainer.global_step - 1 and scheduler.monitor in self._fed:
                 scheduler.step(self._fed[scheduler.monitor])
         # A checkpoint written inside the measurement for this step (OnExceptionCheckpoint on Ctrl+C) does not
