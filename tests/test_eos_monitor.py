@@ -929,9 +929,32 @@ def test_an_edge_read_from_a_block_monitor_is_warned(tmp_path):
     block = HessianEigenMonitor(k=1, params="net.0.*", name="first", tol=1e-6)
     whole = HessianEigenMonitor(k=1, tol=1e-6)
     t = trainer(tmp_path, max_steps=1, callbacks=[block, whole, EdgeOfStabilityMonitor(monitor=block)])
-    with pytest.warns(RuntimeWarning, match=r"params='net.0.\*'\): its top eigenvalue is a diagonal block's"):
+    with pytest.warns(
+        RuntimeWarning, match=r"params='net.0.\*'\) that leaves out parameters SGD moves: its top eigenvalue"
+    ):
         t.fit(DigitsClassifier(n=64))
     assert float(block.latest.eigenvalues[0]) < float(whole.latest.eigenvalues[0])
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_block_monitor_of_the_judged_optimizers_own_parameters_is_not_warned_about(tmp_path, index):
+    """A GAN's natural set-up: each optimizer judged on the block it moves. Two warnings said the opposite at
+    once (the block understates the edge; the optimizer does not move the other parameters, so the whole
+    Hessian overstates it), both untrue there (an outside trial). Judging optimizer 1 on optimizer 0's block
+    still says both, and names what each leaves out."""
+    L.seed_everything(0)
+    block = HessianEigenMonitor(k=1, params="net.0.*", name="first", loss_fn=lambda m, b: m.loss(b))
+    eos = EdgeOfStabilityMonitor(monitor=block, optimizer_index=index)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=2, callbacks=[block, eos]).fit(TwoOptimizers(n=64))
+    said = [str(w.message) for w in record]
+    understates = [m for m in said if "that leaves out parameters" in m]
+    overstates = [m for m in said if "does not update" in m]
+    if index == 0:
+        assert not understates and not overstates, said
+    else:
+        assert len(understates) == 1 and len(overstates) == 1 and "'net.0.weight'" in overstates[0]
 
 
 def test_the_warning_on_groups_with_different_weight_decays_lists_them_in_group_order(tmp_path):

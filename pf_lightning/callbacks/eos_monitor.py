@@ -44,7 +44,7 @@ from ..curvature.distributed import (
     world_size,
 )
 from ..curvature.drift import gradient_curvature
-from ..curvature.params import ParameterSpace
+from ..curvature.params import ParameterSpace, select_parameters
 from ..curvature.precondition import optimizer_weight_decay
 from ..linalg import EigenResult, NonConvergenceWarning, NonFiniteOperatorError, held_nonconvergence
 from ..linalg.operator import gram
@@ -417,14 +417,6 @@ class EdgeOfStabilityMonitor(Callback):
                 "EdgeOfStabilityMonitor(monitor=...) reads a HessianEigenMonitor that is not among the Trainer's "
                 "callbacks, so it never measures: add that monitor to the callbacks too"
             )
-        if self.monitor.params is not None:
-            warn_once(
-                self._warned,
-                "block",
-                f"EdgeOfStabilityMonitor(monitor=...) reads a HessianEigenMonitor of a parameter subset "
-                f"(params={self.monitor.params!r}): its top eigenvalue is a diagonal block's, at most the whole "
-                "Hessian's, so the ratio to the threshold understates how close training is to the edge",
-            )
         self.monitor.add_listener(self._on_measurement, gradient=True)  # for this fit (see teardown)
         if stage == "fit":
             if starts_a_run(trainer):
@@ -525,8 +517,26 @@ class EdgeOfStabilityMonitor(Callback):
             raise self._batches_error
         optimizers = trainer.optimizers
         optimizer = optimizers[self.optimizer_index]
+        measured = None  # every trainable parameter
+        if self.monitor.params is not None:
+            measured = {name: p for name, p in select_parameters(pl_module, self.monitor.params)}
+            ids = {id(p) for p in measured.values()}
+            held = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+            if any(id(p) not in ids for p in held):  # a block of the optimizer's own is exact (a GAN's)
+                warn_once(
+                    self._warned,
+                    "block",
+                    f"EdgeOfStabilityMonitor(monitor=...) reads a HessianEigenMonitor of a parameter subset "
+                    f"(params={self.monitor.params!r}) that leaves out parameters {type(optimizer).__name__} "
+                    "moves: its top eigenvalue is a diagonal block's, at most that of the block the optimizer "
+                    "moves, so the ratio to the threshold understates how close training is to the edge",
+                )
         if self.fixed_threshold is None and not stability.optimizer_rule(optimizer).preconditioned:
-            outside = stability.unheld_parameters(optimizer, pl_module)
+            outside = [
+                name
+                for name in stability.unheld_parameters(optimizer, pl_module)
+                if measured is None or name in measured
+            ]
             if outside:  # a preconditioning optimizer's sharpness is measured on its own block (P^-1 = 0)
                 self._warn_once(
                     "outside",
