@@ -936,6 +936,17 @@ def test_an_edge_read_from_a_block_monitor_is_warned(tmp_path):
     assert float(block.latest.eigenvalues[0]) < float(whole.latest.eigenvalues[0])
 
 
+def test_a_block_monitor_whose_params_match_nothing_is_refused_by_its_own_check_first(tmp_path):
+    """Listed after the EoS monitor, a block monitor whose params matched nothing failed with a bare
+    ValueError naming `patterns` (the EoS monitor's block check ran first; a review)."""
+    block = HessianEigenMonitor(k=1, params="nomatch.*", name="block")
+    t = trainer(tmp_path, max_steps=1, callbacks=[EdgeOfStabilityMonitor(monitor=block), block])
+    with pytest.raises(
+        MisconfigurationException, match=r"HessianEigenMonitor cannot measure .*`params` must"
+    ):
+        t.fit(DigitsClassifier(n=64))
+
+
 @pytest.mark.parametrize("index", [0, 1])
 def test_a_block_monitor_of_the_judged_optimizers_own_parameters_is_not_warned_about(tmp_path, index):
     """A GAN's natural set-up: each optimizer judged on the block it moves. Two warnings said the opposite at

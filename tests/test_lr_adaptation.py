@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -181,6 +181,60 @@ def test_a_manual_run_with_two_optimizers_resumes_at_the_uninterrupted_rates(tmp
     assert {s: after["dal/lr"][s] for s in later} == {s: straight["dal/lr"][s] for s in later}
     assert len({straight["dal/lr"][s] for s in later}) >= 3  # the warm-up moves the rate: a step ahead shows
     for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+class _Stop(BaseException):
+    """Ctrl+C's kind: not an Exception, so no measurement skips it."""
+
+
+class _OneManual(DigitsClassifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(self.loss(batch))
+        optimizer.step()
+
+
+def test_a_manual_run_interrupted_inside_its_measurement_resumes_at_the_uninterrupted_rates(tmp_path):
+    """Under manual optimization the schedulers are stepped after the batch end's measurement: a checkpoint
+    written inside it (OnExceptionCheckpoint on Ctrl+C) owes them that step. With no step owed under manual
+    optimization (a first mend of the two-optimizer resume), the scheduler stayed a step behind for the rest
+    of the run (a review: rates 0.746, 0.908 for 0.907, 0.838). The step the schedulers were last stepped at
+    is kept in the checkpoint and tells it."""
+    armed = {"at": None}
+
+    def loss_fn(module, batch):
+        if armed["at"] is not None and module.trainer.global_step == armed["at"]:
+            armed["at"] = None
+            raise _Stop
+        return module.loss(batch)
+
+    def run(root, model, ckpt_path=None, saver=()):
+        callbacks = [LRAdaptation(dal_factory(p=1.0, max_lr=5.0, warmup_steps=8), loss_fn=loss_fn), *saver]
+        t = trainer(
+            root, max_steps=12, callbacks=callbacks, logger=CSVLogger(root), enable_checkpointing=bool(saver)
+        )
+        t.fit(model, ckpt_path=ckpt_path)
+        return logged(t)
+
+    L.seed_everything(0)
+    reference = _OneManual(n=64)
+    interrupted = copy.deepcopy(reference)
+    straight = run(tmp_path / "straight", reference)
+    armed["at"] = 4
+    with pytest.raises(_Stop):
+        run(tmp_path / "first", interrupted, saver=[OnExceptionCheckpoint(tmp_path, filename="on_exception")])
+    checkpoint = torch.load(tmp_path / "on_exception.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4 and checkpoint["lr_schedulers"][0]["last_epoch"] == 3
+    after = run(tmp_path / "second", interrupted, ckpt_path=tmp_path / "on_exception.ckpt")
+    later = range(4, 12)
+    assert {s: after["dal/lr"][s] for s in later} == {s: straight["dal/lr"][s] for s in later}
+    for a, b in zip(reference.parameters(), interrupted.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -519,6 +519,7 @@ class EdgeOfStabilityMonitor(Callback):
         optimizer = optimizers[self.optimizer_index]
         measured = None  # every trainable parameter
         if self.monitor.params is not None:
+            self.monitor.check_module(pl_module)  # its own error where params match nothing, before ours
             measured = {name: p for name, p in select_parameters(pl_module, self.monitor.params)}
             ids = {id(p) for p in measured.values()}
             held = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]

@@ -478,7 +478,7 @@ class HessianEigenMonitor(Callback):
 
     def _set_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """This rank's part of the fit's set-up: the module's checks, the probe, the measurement's settings."""
-        self._check_module(pl_module)
+        self.check_module(pl_module)
         check.usable_device("basis_device", self.basis_device)
         shared, loss_fn = self._shared_probe, resolve_loss_fn(pl_module, self._loss_arg)
         if shared is not None and shared.probe is not None:
@@ -738,10 +738,13 @@ class HessianEigenMonitor(Callback):
                 "parameters under ModelParallelStrategy: use hvp='auto' or 'finite_difference'"
             )
 
-    def _check_module(self, module: LightningModule) -> None:
+    def check_module(self, module: LightningModule) -> None:
         """The arguments only the module can judge, checked before the first step: ``params`` must match
         trainable parameters of one measurable dtype, and ``k`` (at each end for ``which="both"``) must fit
-        their count."""
+        their count. A callback reading this monitor's parameters may call it first.
+
+        Raises:
+            MisconfigurationException: naming the argument and the fix."""
         lazy = [
             n
             for n, p in module.named_parameters()

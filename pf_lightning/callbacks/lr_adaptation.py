@@ -90,8 +90,9 @@ class LRAdaptation(Callback):
             in YAML a ``class_path`` with ``init_args``) installed on optimizer ``optimizer_index`` at the
             start of fit.
         optimizer_index: the optimizer an installed scheduler wraps.
-        every_n_steps: measure ``||Hg||/||g||`` every this many optimizer steps (``global_step``'s, which
-            under manual optimization counts every optimizer's steps); in between, DAL holds
+        every_n_steps: measure ``||Hg||/||g||`` once this many optimizer steps have passed since the last
+            measurement (``global_step``'s, which under manual optimization counts every optimizer's steps);
+            in between, DAL holds
             the last value (cheaper, and the rate changes only at measurements). Steps outside DAL's
             ``window`` run at the base rate and are not measured (no ``dal/hg_ratio`` there).
         hvp: how ``Hg`` is computed: ``"forward_difference"`` (as ``dal.py``: one extra gradient at
@@ -160,6 +161,10 @@ class LRAdaptation(Callback):
         # Lightning saves a step checkpoint at the batch end, before it steps these schedulers.
         self._fed: dict[str, float] = {}
         self._fed_restored: dict[str, float] = {}
+        # Manual optimization: the global step whose batch end last stepped the schedulers (kept in
+        # checkpoints: one written inside the measurement before that, on Ctrl+C, owes them a step).
+        self._scheduled_at: int | None = None
+        self._scheduled_restored: int | None = None
         self._started = False  # between on_fit_start and teardown
         self._last_logged: int | None = None
         self._last_end: int | None = None
@@ -307,6 +312,7 @@ class LRAdaptation(Callback):
         """Go on with what a checkpoint held: a resumed run keeps its cadence and the values it was fed."""
         self._last_measured, self._restored = self._restored, None
         self._fed, self._fed_restored = self._fed_restored, {}
+        self._scheduled_at, self._scheduled_restored = self._scheduled_restored, None
 
     def _check_config(self, config: LRSchedulerConfig) -> None:
         if self._manual:
@@ -370,12 +376,20 @@ class LRAdaptation(Callback):
         # Schedulers are restored after on_fit_start. A checkpoint Lightning wrote at a training batch end
         # (ModelCheckpoint(every_n_train_steps=...)) holds them from before their step for that batch:
         # take it now, with the value they would have been stepped with, as an uninterrupted run did. Under
-        # manual optimization this callback steps them at its own batch end, before ModelCheckpoint's: none
-        # is owed (and global_step counts every optimizer's steps, so the test below was true by chance with
-        # two: a resumed DAL warm-up ran a step ahead, an outside trial).
-        for scheduler in [] if self._manual else self.schedulers:
-            if scheduler.last_epoch == trainer.global_step - 1 and scheduler.monitor in self._fed:
+        # manual optimization this callback steps them at its own batch end, before ModelCheckpoint's: a step
+        # is owed only where a checkpoint was written before that (inside the measurement, on Ctrl+C), which
+        # the step it last stepped them at tells (global_step counts every optimizer's steps, so comparing it
+        # with a scheduler's count was true by chance with two: a resumed DAL warm-up ran a step ahead).
+        step = trainer.global_step
+        for scheduler in self.schedulers:
+            if self._manual:
+                owed = self._scheduled_at is not None and step > self._scheduled_at
+            else:
+                owed = scheduler.last_epoch == step - 1
+            if owed and scheduler.monitor in self._fed:
                 scheduler.step(self._fed[scheduler.monitor])
+        if self._manual:
+            self._scheduled_at = step
         # A checkpoint written inside the measurement for this step (OnExceptionCheckpoint on Ctrl+C) does not
         # count it as taken: take it before this step, on its batch, as the first step of a fit does.
         last = self._last_measured
@@ -469,6 +483,7 @@ class LRAdaptation(Callback):
             for scheduler, last_epoch in zip(self.schedulers, self._at_batch_start[1], strict=True):
                 if scheduler.last_epoch == last_epoch:
                     scheduler.step(trainer.callback_metrics[scheduler.monitor])
+            self._scheduled_at = step
 
     def _adapts_next(self, scheduler: DriftAdaptiveLR) -> bool:
         """Whether the optimizer step whose rate this batch's end sets runs at a DAL rate, by the scheduler's
@@ -539,7 +554,11 @@ class LRAdaptation(Callback):
     # -- checkpoint --------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"last_measured": self._last_measured, "fed": dict(self._fed)}
+        return {
+            "last_measured": self._last_measured,
+            "fed": dict(self._fed),
+            "scheduled_at": self._scheduled_at,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -549,9 +568,11 @@ class LRAdaptation(Callback):
             self._restored = None if last is None else count(last, "last_measured")
             fed = mapping(state.get("fed", {}), (), type(self).__name__)  # absent in older checkpoints
             self._fed_restored = {str(k): real(v, f"fed[{k!r}]") for k, v in fed.items()}
+            scheduled = state.get("scheduled_at")  # absent in older checkpoints: no step owed
+            self._scheduled_restored = None if scheduled is None else count(scheduled, "scheduled_at")
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
-            self._restored, self._fed_restored = None, {}
+            self._restored, self._fed_restored, self._scheduled_restored = None, {}, None
         if self._started:
             # ModelParallelStrategy (FSDP2) restores callbacks after on_fit_start, which took nothing: a
             # resumed run measured afresh and skipped the scheduler step the checkpoint owed (DAL's first
