@@ -485,9 +485,11 @@ def constant_axis(values: np.ndarray) -> tuple[float, float] | None:
 
 
 def plot_learning_rate(run: RunMetrics, path: Path) -> Drawn | None:
-    """``lr-*`` (LearningRateMonitor) and ``dal/lr``; the monitor's ``eos/lr`` when neither was logged."""
+    """``lr-*`` (LearningRateMonitor), ``dal/lr`` and the cap's ``cap/lr`` with its base's ``cap/base_lr`` (the
+    rates the steps ran at, logged at every step); the monitor's ``eos/lr``, sampled at its measurements, when
+    none of them was logged."""
     keys = sorted(k for k in run.series if k.startswith("lr-")) + [
-        k for k in (names.DAL_LR,) if k in run.series
+        k for k in (names.DAL_LR, names.CAP_LR, names.CAP_BASE_LR) if k in run.series
     ]
     keys = keys or [k for k in (names.EOS_LR,) if k in run.series]
     if not keys:
@@ -811,7 +813,7 @@ def write_report(
             if not tag and not unnamed and run.edge_tags():
                 continue  # only named EdgeOfStabilityMonitors: their plots are drawn under their names
             if names.THRESHOLD in view.series:
-                missing = "the EdgeOfStabilityMonitor logged no sharpness (each measurement in its warm-up or skipped)"
+                missing = "the EdgeOfStabilityMonitor logged no sharpness (each measurement in its warm-up, at learning rate 0 or skipped)"
         if drawn is None:
             echo(f"{run.name}: skipped {path.name}: {missing}")
         else:

@@ -597,3 +597,20 @@ def test_a_wandb_run_killed_before_its_first_record_is_skipped_with_one_message(
     assert sum(".png" in m for m in messages if "skipped" in m) == 5, messages  # one run's, the CSV's
     with pytest.raises(FileNotFoundError, match="no metrics in the runs under"):
         write_report(path, progress=False, echo=messages.append)
+
+
+def test_the_learning_rate_plot_draws_the_capped_rate_the_steps_ran_at(tmp_path):
+    """Under SharpnessCappedLR the plot fell back to eos/lr, sampled at the measurements and a step behind
+    the base, where cap/lr and cap/base_lr are logged at every step: an outside trial's steps 16-19 ran at
+    the cap's 0.002145 and the plot showed 0.002966; its binding steps did not appear at all."""
+    from pf_lightning import report
+
+    steps = np.arange(6)
+    series = {
+        "cap/lr": (steps, np.array([0.5, 0.4, 0.3, 0.3, 0.2, 0.1])),
+        "cap/base_lr": (steps, np.array([0.5, 0.5, 0.45, 0.4, 0.3, 0.1])),
+        "eos/lr": (np.array([0, 5]), np.array([0.5, 0.1])),
+    }
+    drawn = report.plot_learning_rate(report.RunMetrics("cap", tmp_path, "csv", series), tmp_path / "l.png")
+    assert set(drawn) == {"cap/lr", "cap/base_lr"}
+    assert list(drawn["cap/lr"][1]) == [0.5, 0.4, 0.3, 0.3, 0.2, 0.1]
