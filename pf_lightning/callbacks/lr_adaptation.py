@@ -165,6 +165,8 @@ class LRAdaptation(Callback):
         # checkpoints: one written inside the measurement before that, on Ctrl+C, owes them a step).
         self._scheduled_at: int | None = None
         self._scheduled_restored: int | None = None
+        # ... and the schedulers' counts at the batch start then: one training_step stepped itself owes none.
+        self._batch_start_restored: list[int] | None = None
         self._started = False  # between on_fit_start and teardown
         self._last_logged: int | None = None
         self._last_end: int | None = None
@@ -381,9 +383,12 @@ class LRAdaptation(Callback):
         # the step it last stepped them at tells (global_step counts every optimizer's steps, so comparing it
         # with a scheduler's count was true by chance with two: a resumed DAL warm-up ran a step ahead).
         step = trainer.global_step
-        for scheduler in self.schedulers:
+        counts, self._batch_start_restored = self._batch_start_restored, None
+        for index, scheduler in enumerate(self.schedulers):
             if self._manual:
                 owed = self._scheduled_at is not None and step > self._scheduled_at
+                if owed and counts is not None and len(counts) == len(self.schedulers):
+                    owed = scheduler.last_epoch == counts[index]  # not stepped by training_step since
             else:
                 owed = scheduler.last_epoch == step - 1
             if owed and scheduler.monitor in self._fed:
@@ -558,6 +563,7 @@ class LRAdaptation(Callback):
             "last_measured": self._last_measured,
             "fed": dict(self._fed),
             "scheduled_at": self._scheduled_at,
+            "batch_start": None if self._at_batch_start is None else list(self._at_batch_start[1]),
         }
 
     @override
@@ -570,9 +576,14 @@ class LRAdaptation(Callback):
             self._fed_restored = {str(k): real(v, f"fed[{k!r}]") for k, v in fed.items()}
             scheduled = state.get("scheduled_at")  # absent in older checkpoints: no step owed
             self._scheduled_restored = None if scheduled is None else count(scheduled, "scheduled_at")
+            counts = state.get("batch_start")
+            if counts is not None and not isinstance(counts, list | tuple):
+                raise UnreadableState(f"batch_start is {counts!r}, not a list of counts")
+            self._batch_start_restored = None if counts is None else [count(c, "batch_start") for c in counts]
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
             self._restored, self._fed_restored, self._scheduled_restored = None, {}, None
+            self._batch_start_restored = None
         if self._started:
             # ModelParallelStrategy (FSDP2) restores callbacks after on_fit_start, which took nothing: a
             # resumed run measured afresh and skipped the scheduler step the checkpoint owed (DAL's first
