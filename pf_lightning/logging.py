@@ -127,7 +127,8 @@ OUTSIDE_WARMUP_SUMMARIES = (SHARPNESS, RATIO)
 """Of :data:`WANDB_SUMMARIES`, those whose extreme leaves out an adaptive optimizer's warm-up measurements
 (logged, flagged ``eos/warmup`` and not judged: at its first steps Adam's ratio reached 1.37 in a run whose
 judged ratios stayed below 0.22). W&B cannot filter the rows it summarizes, so the EdgeOfStabilityMonitor
-writes their summary itself (:func:`summarize_wandb`)."""
+writes their summary itself (:func:`summarize_wandb`); nor are a warm-up's values of them left in
+``trainer.callback_metrics``, where ``EarlyStopping`` and ``ModelCheckpoint`` would act on them."""
 
 EDGE_CHARTS: dict[str, tuple[str, ...]] = {
     "sharpness and its threshold": (SHARPNESS, THRESHOLD, BATCH_SHARPNESS, BATCH_THRESHOLD),

@@ -1044,3 +1044,27 @@ def test_a_fit_resumed_between_measurements_holds_the_last_values_for_checkpoint
     resumed.fit(model, ckpt_path=tmp_path / "five.ckpt")  # steps 5 and 6: no measurement
     assert resumed.global_step == 7
     assert {k: float(resumed.callback_metrics[k]) for k in held} == held
+
+
+def test_warm_up_ratios_are_logged_but_not_left_for_early_stopping(tmp_path):
+    """Adam's warm-up measurements are logged, flagged eos/warmup and not judged, but their eos/ratio and
+    eos/sharpness stayed in trainer.callback_metrics: an outside trial's EarlyStopping(divergence_threshold=2)
+    stopped an Adam fit at step 4 on a warm-up ratio of 5.1, whose judged ratios were 0.14 and below."""
+
+    class Seen(L.Callback):
+        def __init__(self):
+            self.ratio = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.ratio[trainer.global_step] = "eos/ratio" in trainer.callback_metrics
+
+    L.seed_everything(0)
+    hessian = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_end=False)
+    eos = EdgeOfStabilityMonitor()
+    eos.preconditioner_warmup_steps = 5
+    seen = Seen()
+    t = trainer(tmp_path, max_steps=8, logger=CSVLogger(tmp_path), callbacks=[hessian, eos, seen])
+    t.fit(DigitsClassifier(n=64, lr=0.02, optimizer="adam"))
+    warm = [h["step"] for h in eos.history if "eos/warmup" in h]
+    assert warm == [2, 4] and sorted(logged(t)["eos/ratio"]) == [2, 4, 6, 8]  # logged all the same
+    assert seen.ratio == {0: False, 1: False, 2: False, 3: False, 4: False, 5: False, 6: True, 7: True}

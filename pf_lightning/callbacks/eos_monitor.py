@@ -506,8 +506,12 @@ class EdgeOfStabilityMonitor(Callback):
         if self._restored and self.history:
             # The last judged measurement's values, as the interrupted fit held them for ModelCheckpoint and
             # EarlyStopping (a resumed fit had none until its next measurement: "metric not available").
+            entry = self.history[-1]
+            unjudged = names.OUTSIDE_WARMUP_SUMMARIES if names.WARMUP in entry else ()  # as the fit left them
             last = {
-                key: value for key, value in self.history[-1].items() if "/" in key and key != names.WARNING
+                key: value
+                for key, value in entry.items()
+                if "/" in key and key != names.WARNING and key not in unjudged
             }
             for key, value in tagged(last, self.monitor.name).items():
                 trainer.callback_metrics.setdefault(key, torch.tensor(float(value)))
@@ -748,7 +752,11 @@ class EdgeOfStabilityMonitor(Callback):
         self.first_edge_step, self.negative_curvature = edge.first_edge_step, edge.negative_curvature
         self._interval_steps = 0 if self._step_hook is not None else None
         log_metrics(trainer, tagged(metrics, self.monitor.name), step)
-        if not warming:
+        if warming:  # logged, not judged: not for EarlyStopping or ModelCheckpoint to act on (an outside
+            # trial's EarlyStopping(divergence_threshold=2) stopped an Adam fit at step 4 on a warm-up ratio 5.1)
+            for key in names.OUTSIDE_WARMUP_SUMMARIES:
+                trainer.callback_metrics.pop(tag_name(key, self.monitor.name), None)
+        else:
             self._summarize(trainer, metrics)
             # The warm-up is over: its flag no longer holds (callback_metrics kept it at 1.0 to the end).
             trainer.callback_metrics.pop(tag_name(names.WARMUP, self.monitor.name), None)
