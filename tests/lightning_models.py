@@ -78,6 +78,20 @@ class DigitsClassifier(L.LightningModule):
         return DataLoader(TensorDataset(x, y), batch_size=size, shuffle=self.hparams.batch_size is not None)
 
 
+class ManualDigits(DigitsClassifier):
+    """Manual optimization with the one optimizer stepped each batch. training_step returns nothing."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(self.loss(batch))
+        optimizer.step()
+
+
 class TwoOptimizers(DigitsClassifier):
     """Manual optimization with two optimizers stepped each batch (Lightning's step counts both): SGD at lr
     0.1 on the first layer, SGD at lr 0.05 with momentum 0.9 on the rest. training_step returns nothing."""

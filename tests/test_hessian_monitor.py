@@ -14,7 +14,7 @@ from cases import dense_hessian, make_case
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_models import DigitsClassifier, digits, logged, trainer
+from lightning_models import DigitsClassifier, ManualDigits, digits, logged, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -235,24 +235,11 @@ def test_training_step_without_loss_fails_at_setup(tmp_path):
         trainer(tmp_path, max_steps=1, callbacks=[HessianEigenMonitor(k=1)]).fit(_NoLoss(n=64))
 
 
-class _Manual(DigitsClassifier):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        loss = self.loss(batch)
-        self.manual_backward(loss)
-        optimizer.step()
-
-
 def test_manual_optimization_needs_and_uses_a_loss_fn(tmp_path):
     with pytest.raises(MisconfigurationException, match="manual optimization"):
-        trainer(tmp_path, max_steps=1, callbacks=[HessianEigenMonitor(k=1)]).fit(_Manual(n=64))
+        trainer(tmp_path, max_steps=1, callbacks=[HessianEigenMonitor(k=1)]).fit(ManualDigits(n=64))
     monitor = HessianEigenMonitor(k=1, every_n_steps=2, loss_fn=lambda m, b: m.loss(b))
-    trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(_Manual(n=64))
+    trainer(tmp_path, max_steps=4, callbacks=[monitor]).fit(ManualDigits(n=64))
     assert [h["step"] for h in monitor.history] == [0, 2, 4]
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, On
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_models import DigitsClassifier, TwoOptimizers, digits, logged, trainer
+from lightning_models import DigitsClassifier, ManualDigits, TwoOptimizers, digits, logged, trainer
 
 from pf_lightning import (
     DriftAdaptiveLR,
@@ -188,19 +188,7 @@ class _Stop(BaseException):
     """Ctrl+C's kind: not an Exception, so no measurement skips it."""
 
 
-class _OneManual(DigitsClassifier):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(self.loss(batch))
-        optimizer.step()
-
-
-class _SelfStepping(_OneManual):
+class _SelfStepping(ManualDigits):
     """training_step steps its DAL scheduler itself, with the last measurement."""
 
     def training_step(self, batch, batch_idx):
@@ -244,7 +232,7 @@ def test_a_manual_run_interrupted_inside_its_measurement_resumes_at_the_uninterr
         return logged(t)
 
     L.seed_everything(0)
-    reference = (_OneManual if stepping == "callback" else _SelfStepping)(n=64)
+    reference = (ManualDigits if stepping == "callback" else _SelfStepping)(n=64)
     interrupted = copy.deepcopy(reference)
     straight = run(tmp_path / "straight", reference)
     armed["at"] = 4
