@@ -29,7 +29,7 @@ from .curvature.operator import check_arguments
 from .curvature.precondition import check_diagonal
 from .curvature.state import drawn_quietly
 from .linalg import EigenResult, NonFiniteOperatorError, lanczos, lobpcg
-from .linalg._common import WHICH, default_budget, guard_count
+from .linalg._common import WHICH, default_budget, guard_count, wanted_pairs
 from .linalg.density import SpectralDensity, slq_density
 from .linalg.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 from .probe import ProbeSet, couples_samples, sample_count, sample_slice
@@ -62,7 +62,7 @@ _check = Checks()
 
 def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> None:
     """``basis_size`` is None or an int above the number of wanted pairs (``k``, twice that for both ends)."""
-    n_wanted = 2 * k if which == "both" else k
+    n_wanted = wanted_pairs(k, which)
     check.integer(
         "basis_size",
         basis_size,
@@ -76,7 +76,7 @@ def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> None
 def check_max_hvp(check: Checks, max_hvp: Any, k: int, which: str) -> None:
     """``max_hvp`` is None or an int of at least one product per wanted pair (``k``, twice that for both
     ends): fewer cannot return ``k`` eigenvalues."""
-    n_wanted = 2 * k if which == "both" else k
+    n_wanted = wanted_pairs(k, which)
     check.integer(
         "max_hvp",
         max_hvp,
@@ -373,7 +373,7 @@ def hessian_eigenpairs(
         dtype=dtype,
         weights=weights,
     )
-    n_wanted = 2 * k if which == "both" else k
+    n_wanted = wanted_pairs(k, which)
     if n_wanted > hessian.global_n:
         raise ValueError(
             f"`k` must be at most {hessian.global_n // (2 if which == 'both' else 1)} for {hessian.global_n} "

@@ -491,10 +491,10 @@ class TrainingBatches:
         with untouched_iteration(loader):  # a sampler may draw from the global or its own generator
             pool = [int(i) for i in sampler]
         trained = fixed_epoch(trainer)
-        if (
-            trained is not None
-        ):  # a fixed order: its batches (the first ones under limit_train_batches) are all
-            pool = pool[: trained * size]  # it trains on, not the remainder a drop_last loader leaves
+        # A fixed order: its batches (the first ones under limit_train_batches) are all it trains on, not the
+        # remainder a drop_last loader leaves.
+        if trained is not None:
+            pool = pool[: trained * size]
         whole = trained is None and len(pool) == len(dataset) and sorted(pool) == list(range(len(dataset)))
         return cls(
             dataset,

@@ -166,7 +166,8 @@ class LRAdaptation(Callback):
         self._scheduled_at: int | None = None
         self._scheduled_restored: int | None = None
         # ... and the schedulers' counts at the batch start then: one training_step stepped itself owes none.
-        self._batch_start_restored: list[int] | None = None
+        self._counts_at_save: list[int] | None = None
+        self._counts_restored: list[int] | None = None
         self._started = False  # between on_fit_start and teardown
         self._last_logged: int | None = None
         self._last_end: int | None = None
@@ -315,6 +316,7 @@ class LRAdaptation(Callback):
         self._last_measured, self._restored = self._restored, None
         self._fed, self._fed_restored = self._fed_restored, {}
         self._scheduled_at, self._scheduled_restored = self._scheduled_restored, None
+        self._counts_at_save, self._counts_restored = self._counts_restored, None
 
     def _check_config(self, config: LRSchedulerConfig) -> None:
         if self._manual:
@@ -383,7 +385,7 @@ class LRAdaptation(Callback):
         # the step it last stepped them at tells (global_step counts every optimizer's steps, so comparing it
         # with a scheduler's count was true by chance with two: a resumed DAL warm-up ran a step ahead).
         step = trainer.global_step
-        counts, self._batch_start_restored = self._batch_start_restored, None
+        counts, self._counts_at_save = self._counts_at_save, None
         for index, scheduler in enumerate(self.schedulers):
             if self._manual:
                 owed = self._scheduled_at is not None and step > self._scheduled_at
@@ -579,11 +581,11 @@ class LRAdaptation(Callback):
             counts = state.get("batch_start")
             if counts is not None and not isinstance(counts, list | tuple):
                 raise UnreadableState(f"batch_start is {counts!r}, not a list of counts")
-            self._batch_start_restored = None if counts is None else [count(c, "batch_start") for c in counts]
+            self._counts_restored = None if counts is None else [count(c, "batch_start") for c in counts]
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
             self._restored, self._fed_restored, self._scheduled_restored = None, {}, None
-            self._batch_start_restored = None
+            self._counts_restored = None
         if self._started:
             # ModelParallelStrategy (FSDP2) restores callbacks after on_fit_start, which took nothing: a
             # resumed run measured afresh and skipped the scheduler step the checkpoint owed (DAL's first

@@ -53,13 +53,18 @@ class NonFiniteOperatorError(FloatingPointError):
     """The operator returned NaN or infinity: no eigenvalue computed from it would mean anything."""
 
 
+def wanted_pairs(k: int, which: str) -> int:
+    """The eigenpairs a measurement of ``k`` wants: ``k`` at each end for ``which="both"``."""
+    return 2 * k if which == "both" else k
+
+
 def check_k(op: LinearOperator, k: int, which: str) -> int:
     """Validate ``k`` and ``which``; return the number of wanted pairs."""
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    n_wanted = 2 * k if which == "both" else k
+    n_wanted = wanted_pairs(k, which)
     if n_wanted > op.global_n:
         raise ValueError(
             f"asked for {n_wanted} eigenpairs (k={k}, which={which!r}) of an operator of size "
