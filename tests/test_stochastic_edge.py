@@ -617,8 +617,11 @@ def test_in_float32_an_uphill_update_is_infinite_and_an_unresolved_given_directi
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a descent direction falls at the steps tried: no warning
         downhill = critical_sharpness(model, loss_fn, [(A, t)], -uphill)
-    rayleigh = critical_sharpness(model, loss_fn, [(A, t)], -uphill, dtype=torch.float64)
-    assert downhill.value == pytest.approx(rayleigh.value, rel=0.02)
+    # A quadratic: along d = -g the value is g^T H g / |g|^2, H = X^T X / n over the features and the bias.
+    X = torch.cat([A, torch.ones(40, 1)], dim=1).double()
+    g = uphill.double()  # the weight's then the bias's, as X's columns
+    rayleigh = float(g @ (X.T @ X / 40) @ g / (g @ g))
+    assert downhill.value == pytest.approx(rayleigh, rel=0.02)
 
 
 def test_an_optimizer_that_maximizes_has_no_next_update_to_measure():

@@ -528,8 +528,7 @@ class EdgeOfStabilityMonitor(Callback):
             ids = {id(p) for p in measured.values()}
             held = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
             if any(id(p) not in ids for p in held):  # a block of the optimizer's own is exact (a GAN's)
-                warn_once(
-                    self._warned,
+                self._warn_once(
                     "block",
                     f"EdgeOfStabilityMonitor(monitor=...) reads a HessianEigenMonitor of a parameter subset "
                     f"(params={self.monitor.params!r}) that leaves out parameters {type(optimizer).__name__} "

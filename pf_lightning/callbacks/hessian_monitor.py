@@ -139,9 +139,9 @@ class HessianEigenMonitor(Callback):
             ``density_steps`` vectors.
         checkpoint_eigenvectors: save the latest eigenvectors in checkpoints, so the first measurement
             after a resume is warm-started (``n x k`` floats; never saved when they are FSDP2 shards).
-        probe_batch_size: a drawn probe is stacked into batches of at most this many samples, one
-            forward pass each (the loader's batches are joined, a larger one is not cut) (``None``: one batch with double backward, whose cached graphs hold the whole
-            probe's activations anyway, the loader's batches with finite differences and on FSDP2
+        probe_batch_size: a drawn probe's batches are joined into batches of at most this many samples
+            (a larger one is not cut), one forward pass each (``None``: one batch with double backward,
+            whose cached graphs hold the whole probe's activations anyway, the loader's batches with finite differences and on FSDP2
             shards, whose products hold one batch's at a time; a product on 512 samples in one batch
             costs 2.5 times less than on four batches of 128); ``"loader"`` keeps the loader's batches, as a loss
             that couples the samples of a batch (in-batch negatives) needs. A module with batch
