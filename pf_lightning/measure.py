@@ -144,7 +144,8 @@ def _warm_vectors(warm_start: EigenResult | None, n: int, which: str, n_wanted: 
         # Its vectors are exact eigenvectors of the other end: a block start converges on them at once.
         raise ValueError(
             f"`warm_start` holds which={warm_start.which!r} eigenvectors, which cannot start a which={which!r} "
-            f"measurement: pass a result measured with which={which!r} or 'both', or warm_start=None"
+            f"measurement: pass a result measured with "
+            f"{'which=' + repr(which) + ' or ' if which != 'both' else ''}which='both', or warm_start=None"
         )
     width = vectors.shape[1]
     if which == "top" or width <= n_wanted:  # the block keeps every column: no reordered copy

@@ -1002,3 +1002,12 @@ def test_measurements_leave_the_warning_filters_as_they_are(tmp_path):
     messages = [str(w.message) for w in caught]
     assert messages.count("a warning of the training step") == 1, messages
     assert not any("eigenpair" in m for m in messages)
+
+
+@pytest.mark.parametrize(("which", "most"), [("top", 10), ("both", 5)])
+def test_a_k_the_measured_block_cannot_hold_stops_at_set_up_with_the_largest_it_can(tmp_path, which, most):
+    """k pairs at each end for which="both": the last layer's 10 biases hold 5 of each end, 10 of one."""
+    monitor = HessianEigenMonitor(k=most + 1, which=which, params=["net.5.bias"])
+    t = trainer(tmp_path, max_steps=1, callbacks=[monitor])
+    with pytest.raises(MisconfigurationException, match=f"`k` must be at most {most} for the 10 measured"):
+        t.fit(DigitsClassifier(n=64))

@@ -181,9 +181,14 @@ def test_a_warm_start_from_the_other_end_and_too_few_products_are_refused():
     call = lambda **kw: hessian_eigenpairs(case.model, case.loss_fn, case.batches, **kw)  # noqa: E731
     top = call(k=3)
     with pytest.raises(
-        ValueError, match="holds which='top' eigenvectors, which cannot start a which='bottom'"
+        ValueError,
+        match=r"holds which='top' eigenvectors, which cannot start a which='bottom'.*which='bottom' or which='both'",
     ):
         call(k=1, which="bottom", warm_start=top)
+    with pytest.raises(
+        ValueError, match=r"which='both' measurement: pass a result measured with which='both', or"
+    ):
+        call(k=1, which="both", warm_start=top)
     with pytest.raises(ValueError, match="holds which='bottom'"):
         call(k=1, warm_start=call(k=1, which="bottom"), method="lanczos")
     with pytest.raises(ValueError, match=r"`max_hvp` must be an int >= 10 .*k=5, which='both'"):

@@ -306,8 +306,8 @@ def test_asgd_has_thresholds_but_no_edge_rate():
     be read as lr 0.336, where ASGD steps eta = 0.271: 35% past the edge)."""
     p = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.ASGD([p], lr=0.5)
-    optimizer.state[p].update(step=torch.tensor(10_000.0), eta=torch.tensor(0.1), mu=torch.tensor(1.0))
-    eta = 0.5 / (1 + 1e-4 * 0.5 * 9_999) ** 0.75
+    eta = 0.5 / (1 + 1e-4 * 0.5 * 10_000) ** 0.75  # the next step's, which the last one set
+    optimizer.state[p].update(step=torch.tensor(10_000.0), eta=torch.tensor(eta), mu=torch.tensor(1.0))
     assert optimizer_threshold(optimizer).value == pytest.approx(2 / eta)  # its threshold stands
     with pytest.raises(UnsupportedOptimizer, match="ASGD's step is not proportional to its learning rate"):
         edge_lr(optimizer, 10.0)

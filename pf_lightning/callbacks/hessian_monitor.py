@@ -25,6 +25,7 @@ from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_cont
 from ..curvature.distributed import LocalFailure, MeasurementAborted, any_rank, is_distributed, per_rank
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult, NonConvergenceWarning, held_nonconvergence
+from ..linalg._common import wanted_pairs
 from ..linalg.density import SpectralDensity
 from ..logging import (
     announce_run,
@@ -761,10 +762,10 @@ class HessianEigenMonitor(Callback):
             space = ParameterSpace(module, self.params, dtype=measurement_dtype(module, self.dtype))
         except ValueError as err:
             raise MisconfigurationException(f"HessianEigenMonitor cannot measure this module: {err}") from err
-        ends = 2 if self.which == "both" else 1
-        if self.k * ends > space.global_n:
+        if wanted_pairs(self.k, self.which) > space.global_n:
+            most = space.global_n // wanted_pairs(1, self.which)
             raise MisconfigurationException(
-                f"`k` must be at most {space.global_n // ends} for the {space.global_n} measured parameters "
+                f"`k` must be at most {most} for the {space.global_n} measured parameters "
                 f"(which={self.which!r}), got {self.k}"
             )
 

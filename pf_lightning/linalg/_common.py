@@ -68,7 +68,7 @@ def check_k(op: LinearOperator, k: int, which: str) -> int:
     if n_wanted > op.global_n:
         raise ValueError(
             f"asked for {n_wanted} eigenpairs (k={k}, which={which!r}) of an operator of size "
-            f"{op.global_n}: lower k to at most {op.global_n // (2 if which == 'both' else 1)}"
+            f"{op.global_n}: lower k to at most {op.global_n // wanted_pairs(1, which)}"
         )
     return n_wanted
 

@@ -384,12 +384,18 @@ def _sgd(group: Group, state: State) -> StepDynamics:
     )  # fmt: skip
 
 
+def _asgd_eta(group: Group, state: State) -> float:
+    """The step ASGD's next step takes: the ``eta`` its last step set, lr / (1 + lambd lr t)^alpha at the
+    rate of then (a scheduler's change reaches it a step late), or the rate before the first step."""
+    return _float(state["eta"]) if "eta" in state else _lr(group)
+
+
 def _asgd(group: Group, state: State) -> StepDynamics:
-    # Step t used eta = lr / (1 + lambd lr (t - 1))^alpha; the state already holds the next step's.
-    lr, t = _lr(group), _steps(state)
-    eta = lr / (1.0 + _float(group["lambd"]) * lr * max(t - 1.0, 0.0)) ** _float(group["alpha"])
+    eta = _asgd_eta(group, state)
     return StepDynamics(
-        eta, label="gd", formula=f"2/eta, eta={eta:g} (ASGD's decayed step at step {max(t, 1):g})"
+        eta,
+        label="gd",
+        formula=f"2/eta, eta={eta:g} (ASGD's decayed step, for its step {_steps(state) + 1:g})",
     )
 
 
@@ -409,7 +415,7 @@ def _sgd_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tens
 
 
 def _asgd_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
-    eta = _float(state.get("eta", group["lr"]))  # the state holds this step's decayed step
+    eta = _asgd_eta(group, state)
     return -eta * (_l2(group, grad, param) + _float(group["lambd"]) * param)
 
 
