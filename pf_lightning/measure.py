@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._validation import Checks
+from ._validation import Checks, show
 from .curvature import (
     HessianOperator,
     NonFiniteLossError,
@@ -60,10 +60,10 @@ TRACE_METHODS = ("hutch++", "hutchinson")
 _check = Checks()
 
 
-def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> None:
+def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> int | None:
     """``basis_size`` is None or an int above the number of wanted pairs (``k``, twice that for both ends)."""
     n_wanted = wanted_pairs(k, which)
-    check.integer(
+    return check.integer(
         "basis_size",
         basis_size,
         n_wanted + 1,
@@ -73,11 +73,11 @@ def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> None
     )
 
 
-def check_max_hvp(check: Checks, max_hvp: Any, k: int, which: str) -> None:
+def check_max_hvp(check: Checks, max_hvp: Any, k: int, which: str) -> int | None:
     """``max_hvp`` is None or an int of at least one product per wanted pair (``k``, twice that for both
     ends): fewer cannot return ``k`` eigenvalues."""
     n_wanted = wanted_pairs(k, which)
-    check.integer(
+    return check.integer(
         "max_hvp",
         max_hvp,
         n_wanted,
@@ -88,11 +88,12 @@ def check_max_hvp(check: Checks, max_hvp: Any, k: int, which: str) -> None:
 
 def _check_measurement(
     model: Any, loss_fn: Any, batches: Any, hvp: Any, seed: Any, params: Any, dtype: Any
-) -> None:
-    """The arguments every measurement function shares, checked before any work."""
-    check_arguments(model, loss_fn, batches, hvp, seed, probe_name="batches")
+) -> int:
+    """The arguments every measurement function shares, checked before any work; the seed, as an int."""
+    seed = check_arguments(model, loss_fn, batches, hvp, seed, probe_name="batches")
     _check.patterns("params", params)
     _check.dtype("dtype", dtype)
+    return seed
 
 
 def loss_of(output: Any) -> Tensor | None:
@@ -340,13 +341,13 @@ def hessian_eigenpairs(
         >>> round(float(result.eigenvalues[0]), 6)  # H = x^T x / 3 = I / 3
         0.333333
     """
-    _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
-    _check.integer("k", k, 1)
+    seed = _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
+    k = _check.integer("k", k, 1)
     _check.choice("which", which, WHICH)
-    _check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
-    check_max_hvp(_check, max_hvp, k, which)
+    tol = _check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
+    max_hvp = check_max_hvp(_check, max_hvp, k, which)
     _check.choice("method", method, METHODS)
-    check_basis_size(_check, basis_size, k, which)
+    basis_size = check_basis_size(_check, basis_size, k, which)
     if method == "lobpcg" and basis_size is not None:
         raise ValueError(
             f"`basis_size` must be None with method='lobpcg' (a Lanczos setting; LOBPCG holds about "
@@ -529,7 +530,22 @@ def eigenvalue_stderr(
     measurement returned (this rank's slices under FSDP2): every rank splits its own shard, group ``c`` is
     the union of the ranks' groups ``c`` (their count agreed on: the fewest any rank has, a rank with more
     dealing its groups round-robin into that many), and the result is the same on every rank.
+
+    Raises:
+        ValueError: a bad argument: ``chunks`` below 2, ``vector`` not a finite non-zero flat Tensor of
+            the measured parameters' length (this rank's slices under FSDP2).
     """
+    seed = _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
+    chunks = _check.integer("chunks", chunks, 2, hint="a spread needs two groups at least")
+    if cut is not None:
+        _check.flag("cut", cut)
+    if (
+        not isinstance(vector, Tensor)
+        or vector.ndim != 1
+        or not bool(torch.isfinite(vector).all())
+        or not bool(vector.ne(0).any())
+    ):
+        _check.fail("vector", "a flat, finite, non-zero Tensor (an eigenvector of the measurement)", vector)
     model = _unwrap(model)
     if cut is None:
         cut = not couples_samples(model)
@@ -542,6 +558,8 @@ def eigenvalue_stderr(
     quotients = []
     for group in groups:
         with HessianOperator(model, loss_fn, group, hvp=hvp, seed=seed, params=params, dtype=dtype) as op:
+            if vector.shape[0] != op.n:
+                _check.fail("vector", f"of the {op.n} measured parameters' length", vector)
             v = vector.to(op.device, op.dtype)
             quotients.append(float(op.inner(v, op.matvec(v)) / op.inner(v, v)))
     q = torch.tensor(quotients, dtype=torch.float64)
@@ -599,9 +617,9 @@ def hessian_trace(
             random too, and over those seeds it ran about 20% small.
         The other arguments are those of :func:`hessian_eigenpairs`.
     """
-    _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
+    seed = _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
     _check.choice("method", method, TRACE_METHODS)
-    _check.integer("n_hvp", n_hvp, 3 if method == "hutch++" else 1)
+    n_hvp = _check.integer("n_hvp", n_hvp, 3 if method == "hutch++" else 1)
     draws = seed if probe_seed is None else _check.seed("probe_seed", probe_seed)
     model = _unwrap(model)
     with HessianOperator(model, loss_fn, batches, params=params, hvp=hvp, seed=seed, dtype=dtype) as op:
@@ -628,9 +646,9 @@ def hessian_density(
     ``probe_seed``: seed of the start vectors (``None``: ``seed``, which also fixes the dropout masks).
     The other arguments are those of :func:`hessian_eigenpairs`.
     """
-    _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
-    _check.integer("n_steps", n_steps, 2)
-    _check.integer("n_vectors", n_vectors, 1)
+    seed = _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
+    n_steps = _check.integer("n_steps", n_steps, 2)
+    n_vectors = _check.integer("n_vectors", n_vectors, 1)
     draws = seed if probe_seed is None else _check.seed("probe_seed", probe_seed)
     model = _unwrap(model)
     with HessianOperator(model, loss_fn, batches, params=params, hvp=hvp, seed=seed, dtype=dtype) as op:
@@ -979,9 +997,11 @@ def batch_sharpness(
     _check.batches("batches", batches, single_batch=False)
     if isinstance(batches, tuple) and batches and all(isinstance(t, Tensor) for t in batches):
         _check.fail("batches", "a list of mini-batches", batches, "one (x, y) batch: wrap it in a list")
-    _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
-    _check.number("rel_stderr", rel_stderr, above=0, allow_none=True, hint="a relative error such as 0.02")
-    _check.integer("max_batches", max_batches, 1, allow_none=True)
+    seed = _check_measurement(model, loss_fn, batches, hvp, seed, params, dtype)
+    rel_stderr = _check.number(
+        "rel_stderr", rel_stderr, above=0, allow_none=True, hint="a relative error such as 0.02"
+    )
+    max_batches = _check.integer("max_batches", max_batches, 1, allow_none=True)
     if optimizer is not None:
         _check.instance(
             "optimizer", optimizer, torch.optim.Optimizer, "None or the torch.optim optimizer in use"
@@ -1024,6 +1044,8 @@ def batch_sharpness(
             mean, err = _mean_stderr(values)
             if err <= rel_stderr * abs(mean):
                 break
+    if not values and not skipped:
+        raise ValueError(f"`batches` must hold a batch, got {show(batches)}, which yielded none")
     if not values:
         raise ValueError(
             f"no batch had a finite, non-zero gradient ({skipped} skipped): check the batches and the parameters"
@@ -1180,10 +1202,12 @@ def critical_sharpness(
         >>> round(critical_sharpness(model, loss_fn, torch.diag(torch.tensor([1.0, 2.0]))).value, 3)
         1.912
     """
-    _check_measurement(model, loss_fn, batches, "finite_difference", seed, params, dtype)
-    _check.number("initial_step", initial_step, above=0, hint="a step such as the learning rate")
-    _check.number("rel_tol", rel_tol, above=1e-9, below=1, hint="a relative accuracy such as 0.01")
-    _check.integer("max_forward", max_forward, 4)
+    seed = _check_measurement(model, loss_fn, batches, "finite_difference", seed, params, dtype)
+    initial_step = _check.number(
+        "initial_step", initial_step, above=0, hint="a step such as the learning rate"
+    )
+    rel_tol = _check.number("rel_tol", rel_tol, above=1e-9, below=1, hint="a relative accuracy such as 0.01")
+    max_forward = _check.integer("max_forward", max_forward, 4)
     if direction is not None:
         _check.instance("direction", direction, Tensor, "None or a flat Tensor over the measured parameters")
     if optimizer is not None:

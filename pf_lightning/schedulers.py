@@ -86,7 +86,8 @@ class _MeasuredLR(LRScheduler):
 
     def _observe(self, value: Any) -> None:
         """Take a new measurement; a non-finite one keeps the previous value (one warning, a flag)."""
-        value = self._clean(_as_float(value))
+        raw = _as_float(value)
+        value = self._clean(raw)
         self.held = False
         if value is None:
             return
@@ -98,7 +99,7 @@ class _MeasuredLR(LRScheduler):
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"{type(self).__name__}: the measured {self._quantity} is {value}; holding the previous "
+                f"{type(self).__name__}: the measured {self._quantity} is {raw}; holding the previous "
                 "rate (flagged in the logs each time it happens, warned once)",
                 RuntimeWarning,
                 stacklevel=names.user_stacklevel(),  # the user's line: under Lightning, their trainer.fit

@@ -3,6 +3,7 @@ the early warning, W&B, and the edge of stability itself on sklearn digits."""
 
 import copy
 import itertools
+import math
 import re
 import warnings
 
@@ -17,6 +18,7 @@ from lightning_models import DigitsClassifier, TwoOptimizers, digits, logged, tr
 from pf_lightning import EdgeOfStabilityMonitor, HessianEigenMonitor
 from pf_lightning import logging as names
 from pf_lightning.curvature import ParameterSpace, optimizer_preconditioner
+from pf_lightning.stability import non_monotonicity
 
 
 def fit(tmp_path, model, steps, monitor=None, **eos_kwargs):
@@ -483,6 +485,28 @@ def test_a_measurement_s_loss_window_ends_at_the_step_it_was_taken(tmp_path, eos
         window = [losses[s] for s in range(1, step + 1)]
         rises = sum(b > a for a, b in itertools.pairwise(window))
         assert value == rises / (len(window) - 1), (step, value, window)
+
+
+class _LossReadsNaN(DigitsClassifier):
+    """Its gradients are the MSE's; the loss value it returns is NaN from step 2 (a NaN added as a constant)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        return loss + torch.tensor(float("nan")) if self.global_step >= 2 else loss
+
+
+def test_a_non_finite_loss_in_the_window_is_no_monotone_descent(tmp_path):
+    """A NaN compared as 'not rising': losses NaN from step 2 on logged eos/loss_non_monotonicity 0.0, a
+    perfectly monotone (stable) run, without a word (an outside trial)."""
+    assert math.isnan(non_monotonicity([3.0, float("nan"), 1.0])) and non_monotonicity([3.0, 2.0]) == 0.0
+    monitor = HessianEigenMonitor(k=1, every_n_steps=3, loss_fn=lambda m, b: m.loss(b), at_fit_start=False)
+    eos = EdgeOfStabilityMonitor(loss_window=5, batch_sharpness=False)
+    with pytest.warns(
+        RuntimeWarning, match=r"step 3: a training loss of the last \d steps is NaN or infinite"
+    ):
+        trainer(tmp_path, max_steps=6, callbacks=[monitor, eos]).fit(_LossReadsNaN(n=64))
+    logged = {h["step"]: h["eos/loss_non_monotonicity"] for h in eos.history}
+    assert sorted(logged) == [3, 6] and all(math.isnan(v) for v in logged.values())
 
 
 class _EndsEpochsEarly(DigitsClassifier):

@@ -4,10 +4,12 @@ import copy
 import csv
 import dataclasses
 import math
+import pathlib
 import re
 import warnings
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from cases import dense_hessian, make_case
@@ -1010,4 +1012,76 @@ def test_a_k_the_measured_block_cannot_hold_stops_at_set_up_with_the_largest_it_
     monitor = HessianEigenMonitor(k=most + 1, which=which, params=["net.5.bias"])
     t = trainer(tmp_path, max_steps=1, callbacks=[monitor])
     with pytest.raises(MisconfigurationException, match=f"`k` must be at most {most} for the 10 measured"):
+        t.fit(DigitsClassifier(n=64))
+
+
+def test_numpy_integers_are_taken_as_the_ints_they_are(tmp_path):
+    """The checks accepted np.int64 and the constructors kept it, which the solver then refused: every
+    measurement was skipped ("k must be a positive int, got np.int64(2)"), EdgeOfStabilityMonitor's
+    loss_window failed in a bare deque TypeError, and the settings logged '2' (an outside trial)."""
+    i = np.int64
+    monitor = HessianEigenMonitor(k=i(2), every_n_steps=i(2), seed=i(3), max_hvp=i(60), stderr_every=None)
+    eos = EdgeOfStabilityMonitor(loss_window=i(5), slope_window=i(3), chart_every=i(2))
+    logger = CSVLogger(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no skipped measurement
+        warnings.filterwarnings(
+            "ignore", message=".*(does not have many workers|LightningModule|log_every_n)"
+        )
+        trainer(tmp_path, max_steps=4, callbacks=[monitor, eos], logger=logger).fit(DigitsClassifier(n=64))
+    assert [h["step"] for h in monitor.history] == [0, 2, 4]
+    assert [len(h["eigenvalues"]) for h in monitor.history] == [2, 2, 2]
+    assert [type(v) for v in (monitor.k, monitor.every_n_steps, monitor.seed, monitor.max_hvp)] == [int] * 4
+    assert [type(v) for v in (eos.slope_window, eos.chart_every)] == [int, int] and eos.losses.maxlen == 5
+    assert "every_n_steps: 2\n" in (pathlib.Path(logger.log_dir) / "hparams.yaml").read_text()
+
+
+def test_a_monitor_without_a_cadence_says_so_where_it_is_built():
+    """every_n_steps=None, no epochs and neither fit end measured nothing, without a word (an outside
+    trial); a monitor driven by its own measure() calls is built so on purpose, so it is a warning."""
+    with pytest.warns(
+        UserWarning, match="no cadence .* measures only where measure\\(\\) is called"
+    ) as caught:
+        HessianEigenMonitor(every_n_steps=None, at_fit_start=False, at_fit_end=False)
+    assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HessianEigenMonitor(every_n_steps=None, at_fit_start=False)  # the fit end measures
+
+
+@pytest.mark.parametrize(
+    ("probe", "match"),
+    [
+        (
+            lambda x, y: [(x[:0], y[:0])],
+            r"`probe` must hold batches with a positive sample count, got counts \[0\]",
+        ),
+        (
+            lambda x, y: DataLoader(TensorDataset(x[:0], y[:0])),
+            r"`probe` holds no batch \(DataLoader of none\)",
+        ),
+    ],
+    ids=["empty-batch", "empty-loader"],
+)
+def test_a_probe_without_samples_stops_the_fit_naming_probe(tmp_path, probe, match):
+    """They stopped it with a ValueError about `batches`, an argument the user never passed, and the empty
+    loader as a list: "got [] (list)" (an outside trial)."""
+    x, y = digits(64)
+    t = trainer(tmp_path, max_steps=1, callbacks=[HessianEigenMonitor(k=1, probe=probe(x, y))])
+    with pytest.raises(MisconfigurationException, match=match):
+        t.fit(DigitsClassifier(n=64))
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "match"),
+    [
+        (lambda m, b: ((m(b[0]) - torch.eye(10)[b[1]]) ** 2).mean(1), "is not a scalar Tensor"),
+        (lambda m, b: m.loss(b).detach(), r"is detached from the parameters \(no grad_fn\)"),
+    ],
+    ids=["per-sample", "detached"],
+)
+def test_a_loss_no_measurement_can_use_stops_the_fit_at_set_up(tmp_path, loss_fn, match):
+    """They passed the set-up and every measurement was skipped, one warning for the fit (an outside trial)."""
+    t = trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1, loss_fn=loss_fn)])
+    with pytest.raises(MisconfigurationException, match=f"the loss of the first probe batch {match}"):
         t.fit(DigitsClassifier(n=64))

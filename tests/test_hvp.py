@@ -280,6 +280,8 @@ def test_preconditioned_operator_is_dense_d_h_d(reference):
     [
         ({"hvp": "exact"}, "`hvp` must be one of"),
         ({"params": "nothing.*"}, "no trainable parameter name matches"),
+        # A typo in one pattern of several measured the others' block without a word (an outside trial).
+        ({"params": ["0.*", "9.*"]}, r"\['9\.\*'\] match none \(the others match 2 trainable"),
         ({"params": 3}, "glob pattern"),
     ],
 )
@@ -411,3 +413,20 @@ def test_forward_over_reverse_says_where_it_does_not_run_and_what_does(kind):
         hessian_eigenpairs(model, loss_fn, [batch], k=1, hvp="forward_over_reverse")
     exact = hessian_eigenpairs(model, loss_fn, [batch], k=1, hvp="double_backward")
     assert float(exact.eigenvalues[0]) > 0
+
+
+def test_a_pattern_of_frozen_parameters_beside_others_is_no_typo():
+    """Only names no parameter has are refused: a frozen layer's pattern (unfrozen later in a fine-tune)
+    leaves the trainable ones measured."""
+    case = make_case("mlp")
+    case.model[0].requires_grad_(False)
+    with HessianOperator(case.model, case.loss_fn, case.batches, params=["0.*", "4.*"]) as op:
+        assert op.space.names == ["4.weight", "4.bias"]
+
+
+def test_parameters_on_the_meta_device_are_refused_naming_them():
+    """They failed in 'RuntimeError: unsupported scalarType' from deep inside (an outside trial)."""
+    model = torch.nn.Linear(4, 2).to("meta")
+    batch = (torch.randn(3, 4), torch.randn(3, 2))
+    with pytest.raises(ValueError, match=r"\(weight, bias\) are on the 'meta' device, which holds no values"):
+        HessianOperator(model, lambda m, b: (m(b[0]) - b[1]).pow(2).mean(), [batch])

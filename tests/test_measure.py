@@ -15,7 +15,9 @@ from pf_lightning import (
     ProbeSet,
     batch_sharpness,
     critical_sharpness,
+    hessian_density,
     hessian_eigenpairs,
+    hessian_trace,
 )
 from pf_lightning.linalg import NonConvergenceWarning, lanczos
 
@@ -638,6 +640,31 @@ def test_eigenvalue_stderr_is_the_weighted_spread_of_the_groups_rayleigh_quotien
     ] == [3, 3, 2, 2]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"chunks": 0}, r"`chunks` must be an int >= 2"),  # returned nan
+        ({"chunks": "5"}, r"`chunks` must be an int >= 2"),  # a bare TypeError inside
+        ({"cut": "no"}, r"`cut` must be True or False"),  # taken as True
+        (
+            {"vector": torch.zeros(4, dtype=torch.float64)},
+            r"`vector` must be a flat, finite, non-zero",
+        ),  # nan
+        ({"vector": [1.0, 0.0, 0.0, 0.0]}, r"`vector` must be a flat"),  # an AttributeError inside
+        ({"vector": torch.ones(7, dtype=torch.float64)}, r"`vector` must be of the 4 measured parameters"),
+    ],
+)
+def test_eigenvalue_stderr_refuses_bad_arguments_naming_them(kwargs, match):
+    """It checked none of its own: chunks=0 and a zero vector returned nan, a str and a list failed deep
+    inside, a wrong length was called a block's shape (an outside trial)."""
+    from pf_lightning import eigenvalue_stderr
+
+    X, y, model, loss_fn, v = least_squares(20, 4, seed=0)
+    arguments = {"vector": v, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        eigenvalue_stderr(model, loss_fn, [(X, y)], arguments.pop("vector"), **arguments)
+
+
 def test_a_block_retry_that_does_not_pay_doubles_the_wait_before_the_next():
     from pf_lightning.measure import WARM_RETRY, _warm_method
 
@@ -872,3 +899,36 @@ def test_dataclass_batches_are_cut_cast_and_grouped_like_tuples():
 
     with pytest.raises(ValueError, match="cannot cut a batch of type Holder"):  # was 0.0, in silence
         eigenvalue_stderr(case.model, loss, [Holder(x, y)], vector, chunks=3)
+
+
+def test_numpy_integers_are_taken_as_the_ints_they_are():
+    """np.int64 passed the checks and then failed inside: "k must be a positive int, got np.int64(2)" (an
+    outside trial); the same numbers as plain ints now."""
+    import numpy as np
+
+    case = make_case("mlp")
+    call = lambda f, **kw: f(case.model, case.loss_fn, case.batches, **kw)  # noqa: E731
+    i = np.int64
+    assert torch.equal(
+        call(hessian_eigenpairs, k=i(2), max_hvp=i(40)).eigenvalues,
+        call(hessian_eigenpairs, k=2, max_hvp=40).eigenvalues,
+    )
+    assert call(hessian_trace, n_hvp=i(9), seed=i(1)).trace == call(hessian_trace, n_hvp=9, seed=1).trace
+    assert torch.equal(
+        call(hessian_density, n_steps=i(5), n_vectors=i(1)).nodes,
+        call(hessian_density, n_steps=5, n_vectors=1).nodes,
+    )
+
+
+def test_batch_sharpness_of_an_empty_loader_says_it_is_empty():
+    """It said "no batch had a finite, non-zero gradient (0 skipped)" (an outside trial)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    case = make_case("mlp")
+    empty = DataLoader(
+        TensorDataset(torch.zeros(0, 10, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    )
+    with pytest.raises(
+        ValueError, match=r"`batches` must hold a batch, got <torch.utils.data.*DataLoader.*none"
+    ):
+        batch_sharpness(case.model, case.loss_fn, empty)

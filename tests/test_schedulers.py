@@ -78,6 +78,9 @@ def test_dal_holds_on_a_bad_measurement_and_warns_once():
     assert scheduler.held and scheduler.held_count == 3
     assert run(scheduler, [None]) == [pytest.approx(0.2)] and not scheduler.held  # None: no new measurement
     assert run(scheduler, [torch.tensor(40.0)]) == [pytest.approx(0.05)]
+    # The warning gives the value measured, not the NaN it is held as ("is nan" for -1: an outside trial).
+    with pytest.warns(RuntimeWarning, match=r"the measured \|\|Hg\|\|/\|\|g\|\| is -1.0; holding"):
+        run(DriftAdaptiveLR(sgd(), p=1.0), [-1.0])
 
 
 def test_dal_state_dict_resumes_mid_run():

@@ -287,6 +287,14 @@ def test_regimes_rejects_nan_and_bad_step():
         pf_coefficient(0.0, [1.0])
     with pytest.raises(ValueError, match="h"):
         log_growth(-0.1, [1.0])
+    # float() took True as 1 and "0.1" as 0.1 (an outside trial): a bool or a string is no step.
+    for bad in (True, "0.1"):
+        with pytest.raises(ValueError, match=r"h must be a number, got"):
+            regimes(bad, [1.0])
+        with pytest.raises(ValueError, match=r"lr must be a number, got"):
+            threshold_gd(bad)
+    with pytest.raises(ValueError, match=r"momentum must be a number, got '0.9' \(str\)"):
+        threshold_heavy_ball(0.1, "0.9")
 
 
 def test_pf_coefficient_matches_the_series_for_small_arguments():

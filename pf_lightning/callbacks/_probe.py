@@ -141,8 +141,16 @@ def build_probe(
         return stacked if keeps else draw(whole_batches=True)
     with untouched_iteration(probe):
         batches = list(probe)
+    if not batches:
+        raise MisconfigurationException(
+            f"`probe` holds no batch ({type(probe).__name__} of none): pass batches with samples, or "
+            "probe=None to draw them from the training loader"
+        )
     convert = training_input(trainer, hooks=False)
-    return ProbeSet([convert(b) for b in batches])
+    try:
+        return ProbeSet([convert(b) for b in batches])
+    except ValueError as err:  # said of the argument as the user named it
+        raise MisconfigurationException(str(err).replace("`batches`", "`probe`", 1)) from err
 
 
 class _Unstackable(Exception):

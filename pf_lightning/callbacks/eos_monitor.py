@@ -248,23 +248,27 @@ class EdgeOfStabilityMonitor(Callback):
         check_on_error(on_error)
         if batch_sharpness is not None:
             check.flag("batch_sharpness", batch_sharpness)
-        check.integer("batch_sharpness_batches", batch_sharpness_batches, 2)
-        check.number(
+        batch_sharpness_batches = check.integer("batch_sharpness_batches", batch_sharpness_batches, 2)
+        batch_sharpness_rel_stderr = check.number(
             "batch_sharpness_rel_stderr", batch_sharpness_rel_stderr, above=0, below=1,
             hint="a relative standard error such as 0.02",
         )  # fmt: skip
-        check.integer("critical_every_n_steps", critical_every_n_steps, 1, allow_none=True)
+        critical_every_n_steps = check.integer(
+            "critical_every_n_steps", critical_every_n_steps, 1, allow_none=True
+        )
         if monitor is not None:
             check.instance("monitor", monitor, HessianEigenMonitor, "None or a HessianEigenMonitor")
-        check.integer("optimizer_index", optimizer_index, 0)
-        check.integer("proxy_every_n_steps", proxy_every_n_steps, 1)
-        check.integer("loss_window", loss_window, 2)
-        check.integer("slope_window", slope_window, 2)
-        check.integer("chart_every", chart_every, 1)
-        check.number(
+        optimizer_index = check.integer("optimizer_index", optimizer_index, 0)
+        proxy_every_n_steps = check.integer("proxy_every_n_steps", proxy_every_n_steps, 1)
+        loss_window = check.integer("loss_window", loss_window, 2)
+        slope_window = check.integer("slope_window", slope_window, 2)
+        chart_every = check.integer("chart_every", chart_every, 1)
+        threshold = check.number(
             "threshold", threshold, above=0, allow_none=True, hint="a sharpness level such as 2 / lr"
         )
-        check.number("warn_ratio", warn_ratio, above=0, hint="1.0 warns at the edge of stability")
+        warn_ratio = check.number(
+            "warn_ratio", warn_ratio, above=0, hint="1.0 warns at the edge of stability"
+        )
         check.function("on_warning", on_warning, "on_warning(trainer, pl_module, metrics)", 3)
         check.flag("proxies", proxies)
         self.monitor = monitor
@@ -732,6 +736,12 @@ class EdgeOfStabilityMonitor(Callback):
             return
         metrics.update(measured.extras)
         dynamics, step = measured.edge_inputs["dynamics"], measured.edge_inputs["step"]
+        if math.isnan(metrics.get(names.LOSS_NON_MONOTONICITY, 0.0)):
+            self._warn_once(
+                "loss_not_finite",
+                f"step {step}: a training loss of the last {len(losses)} steps is NaN or infinite: "
+                f"{tag_name(names.LOSS_NON_MONOTONICITY, self.monitor.name)} is NaN while it is in the window",
+            )
         if dynamics.preconditioned:
             metrics[names.PRECONDITIONED_SHARPNESS] = metrics[names.SHARPNESS]
         warming = names.WARMUP in metrics

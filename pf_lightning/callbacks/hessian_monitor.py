@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,7 +23,14 @@ from typing_extensions import override
 from .. import logging as names
 from .._validation import SEED_MAX, Checks, is_int, is_tag, parameter_names
 from ..curvature import HVP_CHOICES, ParameterSpace, WorkMeter, measurement_context
-from ..curvature.distributed import LocalFailure, MeasurementAborted, any_rank, is_distributed, per_rank
+from ..curvature.distributed import (
+    LocalFailure,
+    MeasurementAborted,
+    any_rank,
+    is_distributed,
+    is_sharded,
+    per_rank,
+)
 from ..curvature.params import measurement_dtype, select_parameters
 from ..linalg import EigenResult, NonConvergenceWarning, held_nonconvergence
 from ..linalg._common import wanted_pairs
@@ -207,21 +215,23 @@ class HessianEigenMonitor(Callback):
     ) -> None:
         super().__init__()
         check_on_error(on_error)
-        check.integer("k", k, 1)
-        check.integer("every_n_steps", every_n_steps, 1, allow_none=True)
-        check.integer("every_n_epochs", every_n_epochs, 1, allow_none=True)
-        check.integer("warmup_steps", warmup_steps, 0)
-        check.integer("max_history", max_history, 1)
-        check.integer("stderr_every", stderr_every, 1, allow_none=True)
-        check.integer("trace_every", trace_every, 1, allow_none=True)
-        check.integer("trace_hvp", trace_hvp, 4, hint="Hutch++'s standard error needs two residual probes")
-        check.integer("density_every", density_every, 1, allow_none=True)
-        check.integer("density_steps", density_steps, 2)
+        k = check.integer("k", k, 1)
+        every_n_steps = check.integer("every_n_steps", every_n_steps, 1, allow_none=True)
+        every_n_epochs = check.integer("every_n_epochs", every_n_epochs, 1, allow_none=True)
+        warmup_steps = check.integer("warmup_steps", warmup_steps, 0)
+        max_history = check.integer("max_history", max_history, 1)
+        stderr_every = check.integer("stderr_every", stderr_every, 1, allow_none=True)
+        trace_every = check.integer("trace_every", trace_every, 1, allow_none=True)
+        trace_hvp = check.integer(
+            "trace_hvp", trace_hvp, 4, hint="Hutch++'s standard error needs two residual probes"
+        )
+        density_every = check.integer("density_every", density_every, 1, allow_none=True)
+        density_steps = check.integer("density_steps", density_steps, 2)
         check.choice("which", which, ("top", "both"))
         check.choice("hvp", hvp, HVP_CHOICES)
-        check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
-        check.number("max_work_fraction", max_work_fraction, above=0, allow_none=True)
-        check.number("max_time_fraction", max_time_fraction, above=0, allow_none=True)
+        tol = check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
+        max_work_fraction = check.number("max_work_fraction", max_work_fraction, above=0, allow_none=True)
+        max_time_fraction = check.number("max_time_fraction", max_time_fraction, above=0, allow_none=True)
         for flag, value in (
             ("at_fit_start", at_fit_start),
             ("at_fit_end", at_fit_end),
@@ -231,19 +241,28 @@ class HessianEigenMonitor(Callback):
             check.flag(flag, value)
         if probe is not None and not isinstance(probe, ProbeSet):
             if is_int(probe):
-                check.integer("probe", probe, 1, hint="a probe size is a number of training samples")
+                probe = check.integer("probe", probe, 1, hint="a probe size is a number of training samples")
             else:
                 check.batches("probe", probe, single_batch=False)
         if probe_batch_size != "loader":
-            check.integer("probe_batch_size", probe_batch_size, 1, allow_none=True, hint="or 'loader'")
+            probe_batch_size = check.integer(
+                "probe_batch_size", probe_batch_size, 1, allow_none=True, hint="or 'loader'"
+            )
         check.function("loss_fn", loss_fn, "loss_fn(module, batch) -> Tensor", 2)
         check.patterns("params", params)
         check.dtype("dtype", dtype)
         check.tag("name", name)
-        check.seed("seed", seed)
+        seed = check.seed("seed", seed)
         check.device("basis_device", basis_device)
-        check_basis_size(check, basis_size, k, which)
-        check_max_hvp(check, max_hvp, k, which)
+        basis_size = check_basis_size(check, basis_size, k, which)
+        max_hvp = check_max_hvp(check, max_hvp, k, which)
+        if every_n_steps is None and every_n_epochs is None and not (at_fit_start or at_fit_end):
+            warnings.warn(  # at the user's line: a monitor driven by its own measure() calls is deliberate
+                "this HessianEigenMonitor has no cadence (every_n_steps=None, every_n_epochs=None, "
+                "at_fit_start=False, at_fit_end=False): it measures only where measure() is called; set one",
+                UserWarning,
+                stacklevel=2,
+            )
         self.k, self.every_n_steps, self.every_n_epochs = k, every_n_steps, every_n_epochs
         self.which, self.hvp, self.tol, self.max_hvp = which, hvp, float(tol), max_hvp
         self.at_fit_start, self.at_fit_end, self.warmup_steps = at_fit_start, at_fit_end, warmup_steps
@@ -528,11 +547,17 @@ class HessianEigenMonitor(Callback):
             announce_run(
                 trainer, [cb.name for cb in monitors if cb.params is None], edged, preconditioned, critical
             )
-        # Fail now, not at the first measurement, if there is no loss or the probe does not fit the
-        # model; guarded like a measurement, so BatchNorm statistics and the random stream are kept.
+        # Fail now, not at the first measurement, if there is no loss, the probe does not fit the model or
+        # the loss is no scalar of the parameters; guarded like a measurement, so BatchNorm statistics and
+        # the random stream are kept. With gradients, to see a detached loss; not under FSDP2, whose forward
+        # with gradients waits for a backward.
+        sharded = any(is_sharded(p) for p in pl_module.parameters())
         try:
-            with measurement_context(pl_module), torch.no_grad():
-                self.spec.loss_fn(pl_module, probe.batches[0])
+            with measurement_context(pl_module), torch.set_grad_enabled(not sharded):
+                loss = self.spec.loss_fn(pl_module, probe.batches[0])
+                scalar = isinstance(loss, torch.Tensor) and loss.numel() == 1
+                attached = sharded or (scalar and loss.requires_grad)
+                del loss  # its graph
         except MisconfigurationException:
             raise
         except Exception as err:
@@ -540,6 +565,13 @@ class HessianEigenMonitor(Callback):
                 f"the loss does not run on the first probe batch ({type(err).__name__}: {err}): pass "
                 "`probe=` batches that training_step (or `loss_fn=`) accepts"
             ) from err
+        if not (scalar and attached):
+            raise MisconfigurationException(
+                "the loss of the first probe batch is "
+                + ("not a scalar Tensor" if not scalar else "detached from the parameters (no grad_fn)")
+                + ": `loss_fn` (or training_step) must return the scalar loss computed from the model's "
+                "output with gradients, not .detach()ed nor under torch.no_grad()"
+            )
 
     # -- when to measure ---------------------------------------------------------------------
     @override

@@ -138,12 +138,12 @@ class LRAdaptation(Callback):
     ) -> None:
         check_on_error(on_error)
         check_factory(scheduler)
-        check.integer("optimizer_index", optimizer_index, 0)
-        check.integer("every_n_steps", every_n_steps, 1)
+        optimizer_index = check.integer("optimizer_index", optimizer_index, 0)
+        every_n_steps = check.integer("every_n_steps", every_n_steps, 1)
         check.choice("hvp", hvp, HG_METHODS)
         check.function("loss_fn", loss_fn, "loss_fn(module, batch) -> scalar Tensor", 2)
         check.patterns("params", params)
-        check.seed("seed", seed)
+        seed = check.seed("seed", seed)
         self.factory, self.optimizer_index, self.every_n_steps = scheduler, optimizer_index, every_n_steps
         self.hvp, self.user_loss_fn, self.params, self.seed = hvp, loss_fn, params, seed
         self.on_error = on_error

@@ -38,7 +38,7 @@ def parameter_groups(model: nn.Module, depth: int = 1) -> dict[str, list[str]]:
         {'0.weight': ['0.weight'], '0.bias': ['0.bias'], '2.weight': ['2.weight'], '2.bias': ['2.bias']}
     """
     _check.instance("model", model, nn.Module, "a torch.nn.Module")
-    _check.integer("depth", depth, 1, hint="1 groups by top-level child, 2 by their children")
+    depth = _check.integer("depth", depth, 1, hint="1 groups by top-level child, 2 by their children")
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the names the measurement sees
     groups: dict[str, list[str]] = {}
     for name, parameter in model.named_parameters():

@@ -52,15 +52,15 @@ _check = Checks()
 
 def check_arguments(
     model: Any, loss_fn: Any, probe: Any, hvp: Any, seed: Any, probe_name: str = "probe"
-) -> None:
+) -> int:
     """The arguments of a Hessian operator, and of every measurement function (``probe_name``:
-    what the caller calls the batches), checked before any work."""
+    what the caller calls the batches), checked before any work; the seed, as an int."""
     _check.instance("model", model, nn.Module, "a torch.nn.Module")
     _check.function("loss_fn", loss_fn, "loss_fn(model, batch) -> scalar Tensor", 2, allow_none=False)
     if not isinstance(probe, ProbeSet):
         _check.batches(probe_name, probe, single_batch=True)
     _check.choice("hvp", hvp, HVP_CHOICES)
-    _check.seed("seed", seed)
+    return _check.seed("seed", seed)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -159,7 +159,7 @@ class HessianOperator(LinearOperator):
         dtype: torch.dtype | None = None,
         weights: Sequence[float] | None = None,
     ) -> None:
-        check_arguments(model, loss_fn, probe, hvp, seed)
+        seed = check_arguments(model, loss_fn, probe, hvp, seed)
         _check.flag("cache_graphs", cache_graphs)
         select_parameters(model, params, argument="params")  # names `params` if none matches
         self.space = ParameterSpace(model, params, dtype=dtype)
@@ -171,7 +171,7 @@ class HessianOperator(LinearOperator):
         # Solver vectors in float32 when the passes run in a 16-bit type (see ``dtype`` above).
         vector_dtype = torch.float32 if self.space.dtype.itemsize < 4 else self.space.dtype
         super().__init__(self.space.n, vector_dtype, self.space.device)
-        self.model, self.loss_fn, self.seed = model, loss_fn, int(seed)
+        self.model, self.loss_fn, self.seed = model, loss_fn, seed
         self.cast = dtype
         # Distributed: a failure on this rank's shard is held and reported to every rank on entering.
         self._failure = LocalFailure()

@@ -31,7 +31,8 @@ def select_parameters(
 
     Raises:
         ValueError: ``model`` is not a module, no trainable parameter, or ``patterns`` (called
-            ``argument`` in the message) is not a pattern list or matches no name.
+            ``argument`` in the message) is not a pattern list, matches no trainable parameter, or holds a
+            pattern that matches no parameter's name (frozen parameters' included).
     """
     _check.instance("model", model, nn.Module, "a torch.nn.Module")
     pats = _check.patterns(argument, patterns)
@@ -61,6 +62,14 @@ def select_parameters(
         raise ValueError(
             f"`{argument}` must match a trainable parameter's name: no trainable parameter name matches "
             f"{pats}; names look like: {names}{', ...' if len(trainable) > 8 else ''}"
+        )
+    names_of_all = {name for name, _ in model.named_parameters()} | {n for ns in aliases.values() for n in ns}
+    unmatched = [pat for pat in pats if not any(fnmatch.fnmatchcase(name, pat) for name in names_of_all)]
+    if unmatched:  # a typo in one pattern of several would measure a smaller block without a word
+        raise ValueError(
+            f"`{argument}` must be patterns that each match a parameter's name: {unmatched} match none "
+            f"(the others match {len(chosen)} trainable parameter(s)); correct or drop "
+            f"{'it' if len(unmatched) == 1 else 'them'}"
         )
     return chosen
 
@@ -97,6 +106,13 @@ class ParameterSpace:
         if isinstance(model, nn.Module):  # anything else is named by select_parameters
             reshard(model)  # a forward pass without backward (a validation loop) leaves FSDP2's root gathered
         trainable = select_parameters(model, patterns)
+        meta = [n for n, p in trainable if p.device.type == "meta"]
+        if meta:
+            raise ValueError(
+                f"the selected parameters ({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}) are on the "
+                "'meta' device, which holds no values: materialize them first (module.to_empty(device=...) "
+                "and initialize, or load a checkpoint)"
+            )
         dtypes = {p.dtype for _, p in trainable}
         if len(dtypes) > 1:
             raise ValueError(

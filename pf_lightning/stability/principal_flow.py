@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..linalg.operator import combine, gram
+from .thresholds import _check_lr
 
 REGIME_CODES: dict[str, int] = {"saddle": -1, "stable": 0, "oscillating": 1, "unstable": 2}
 """Numeric codes of :func:`regimes`, for loggers that only take numbers."""
@@ -17,10 +18,7 @@ Scalar = float | Tensor
 
 
 def _step(h: Scalar) -> float:
-    h = float(h)
-    if not (h > 0 and math.isfinite(h)):
-        raise ValueError(f"h must be positive and finite, got {h!r}")
-    return h
+    return _check_lr(h, "h")
 
 
 def _as_real_tensor(values: Tensor | Sequence[float], device: torch.device | None = None) -> Tensor:

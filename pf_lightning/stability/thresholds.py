@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -43,15 +44,23 @@ class StabilityThreshold:
             raise ValueError(f"StabilityThreshold value must be positive, got {self.value!r}")
 
 
+def _real(value: Any, name: str) -> float:
+    """``value`` as a float: a number or a one-element tensor, never a bool or a string (``float("0.1")``
+    and ``True`` would pass as 0.1 and 1)."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
 def _check_lr(lr: float, name: str = "lr") -> float:
-    lr = float(lr)
+    lr = _real(lr, name)
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"{name} must be positive and finite, got {lr!r}")
     return lr
 
 
 def _check_beta(beta: float, name: str) -> float:
-    beta = float(beta)
+    beta = _real(beta, name)
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"{name} must satisfy 0 <= {name} < 1, got {beta!r}")
     return beta

@@ -106,7 +106,8 @@ def non_monotonicity(losses: Sequence[float] | Tensor) -> float:
         losses: the losses, in step order.
 
     Returns:
-        The fraction in :math:`[0, 1]`; NaN with fewer than two losses.
+        The fraction in :math:`[0, 1]`; NaN with fewer than two losses or a non-finite one (a NaN compares
+        as "not rising", which would read a diverged run as a monotone one).
 
     Example:
         >>> non_monotonicity([4.0, 3.0, 3.5, 2.0, 2.5])
@@ -115,7 +116,7 @@ def non_monotonicity(losses: Sequence[float] | Tensor) -> float:
         0.0
     """
     e = _as_float64(losses)
-    if e.numel() < 2:
+    if e.numel() < 2 or not bool(torch.isfinite(e).all()):
         return math.nan
     return float((e[1:] > e[:-1]).double().mean())
 
