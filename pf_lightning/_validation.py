@@ -152,8 +152,13 @@ class Checks:
             return value
         try:
             signature.bind(*([None] * n_args))
-        except TypeError as err:
-            self.fail(name, expected, value, f"it cannot take {n_args} positional arguments ({err})")
+        except (
+            TypeError
+        ) as err:  # refused outside the handler: the CLI reads the innermost error as the refusal
+            problem = str(err)
+        else:
+            return value
+        self.fail(name, expected, value, f"it cannot take {n_args} positional arguments ({problem})")
         return value
 
     def instance(
@@ -186,9 +191,11 @@ class Checks:
         try:
             device = torch.device(value)
         except (RuntimeError, ValueError) as err:
-            self.fail(name, expected, value, str(err).splitlines()[0])
-        if device.type == "meta":
-            self.fail(name, expected, value, "a 'meta' tensor holds no values")
+            problem = str(err).splitlines()[0]
+        else:
+            problem = "a 'meta' tensor holds no values" if device.type == "meta" else ""
+        if problem:  # refused outside the handler: the CLI reads the innermost error as the refusal
+            self.fail(name, expected, value, problem)
         return device
 
     def usable_device(self, name: str, value: Any) -> torch.device | None:
@@ -198,7 +205,10 @@ class Checks:
             try:
                 torch.empty(0, device=device)
             except Exception as err:  # AssertionError, RuntimeError, ...: torch's wording varies by backend
-                self.fail(name, "a device this machine has", value, str(err).splitlines()[0][:160])
+                problem = str(err).splitlines()[0][:160]
+            else:
+                return device
+            self.fail(name, "a device this machine has", value, problem)
         return device
 
     def patterns(self, name: str, value: Any) -> str | list[str] | None:

@@ -729,8 +729,11 @@ def write_html(runs: list[RunMetrics], images: dict[str, list[Path]], path: Path
 
 
 MANIFEST = ".pf-lightning-report"
-"""In the output folder: the plots the last report wrote there (paths relative to it, one per line), so that
-the next removes those it does not draw again, and nothing it did not write."""
+"""In the output folder: the plots (and ``report.html``) the last report wrote there (paths relative to it,
+one per line), so that the next removes those it does not write again, and nothing it did not write."""
+
+PAGE = "report.html"
+"""The page ``html=True`` writes into the output folder."""
 
 
 def _stale_plots(out: Path, folders: set[Path], written: Collection[Path]) -> list[Path]:
@@ -743,6 +746,8 @@ def _stale_plots(out: Path, folders: set[Path], written: Collection[Path]) -> li
 
     def ours(path: Path) -> bool:
         stem = path.stem
+        if path == out / PAGE:  # an earlier report's page, listed: it shows plots this one may not draw
+            return True
         return path.suffix == ".png" and (stem in names or any(stem.startswith(f"{n}_") for n in _EDGE_PLOTS))
 
     candidates = set()
@@ -824,16 +829,17 @@ def write_report(
         images[""] = [out / "sharpness_runs.png"]
     for path in sorted(written):
         echo(f"wrote {path}")
-    for path in _stale_plots(out, set(folders.values()), written):
+    kept = {*written, *([out / PAGE] if html else [])}
+    for path in _stale_plots(out, set(folders.values()), kept):
         path.unlink()
-        echo(f"removed {path}: an earlier report's, which this one does not draw there")
+        echo(f"removed {path}: an earlier report's, which this one does not write there")
         if path.parent != out and not any(path.parent.iterdir()):
             path.parent.rmdir()  # the folder of a run the report no longer holds, emptied
     if written or out.is_dir():
         out.mkdir(parents=True, exist_ok=True)
-        listed = sorted(path.relative_to(out).as_posix() for path in written if path.is_relative_to(out))
+        listed = sorted(path.relative_to(out).as_posix() for path in kept if path.is_relative_to(out))
         (out / MANIFEST).write_text("".join(f"{line}\n" for line in listed), encoding="utf-8")
     if html:
         out.mkdir(parents=True, exist_ok=True)
-        echo(f"wrote {write_html(runs, images, out / 'report.html')}")
+        echo(f"wrote {write_html(runs, images, out / PAGE)}")
     return written

@@ -145,6 +145,35 @@ def test_a_class_that_refuses_its_configured_arguments_ends_the_command_with_its
     assert capsys.readouterr().err.strip().splitlines() == [f"pf-lightning: error: {message}"]
 
 
+@pytest.mark.parametrize(
+    ("callback", "setting", "start"),
+    [
+        ("HessianEigenMonitor", {"basis_device": "foo"}, "`basis_device` must be None or a device such as"),
+        (
+            "EdgeOfStabilityMonitor",
+            {"on_warning": "math.sqrt"},
+            "`on_warning` must be callable as on_warning(",
+        ),
+    ],
+    ids=["device", "arity"],
+)
+def test_a_refusal_made_while_handling_another_error_is_still_one_line(
+    callback, setting, start, tmp_path, capsys
+):
+    """The checks of a device's spelling and of a function's arity refused inside the `except` of torch's or
+    inspect's error, so the CLI read that error as the innermost and printed 99 lines (an outside trial)."""
+    config = yaml.safe_load(shrunk("eos_digits.yaml", tmp_path).read_text())
+    (entry,) = (c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(callback))
+    entry.setdefault("init_args", {}).update(setting)
+    path = tmp_path / "refused.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"pf-lightning: error: {callback}(...): {start}")
+
+
 def test_a_cap_s_bad_fraction_in_yaml_ends_the_command_with_its_message(tmp_path, capsys):
     """LightningCLI passes every argument of the class, base=None among them: the cap's own check was
     skipped as if a base schedule were bound, and the fit started and failed at fit start with a traceback."""
@@ -407,3 +436,39 @@ def test_the_console_table_of_a_resumed_fit_shows_no_loss_for_the_restored_rows(
     trainer(tmp_path, max_steps=6, callbacks=callbacks()).fit(model, ckpt_path=tmp_path / "four.ckpt")
     resumed = rows()
     assert resumed[0] == resumed[2] == "-" and "-" not in (resumed[4], resumed[6]), resumed
+
+
+@pytest.mark.parametrize("which", ["top", "both"])
+def test_the_console_table_keeps_each_value_under_its_header_when_it_shows_more_than_measured(
+    tmp_path, capsys, which
+):
+    """MeasurementTable(k=5) on a k=3 monitor printed 3 eigenvalues under 5 headers, the products under
+    eig_4 and the seconds under eig_5 (an outside trial); with which="both" its eig_4 would have been a
+    bottom eigenvalue."""
+    from lightning_models import DigitsClassifier, trainer
+
+    from pf_lightning.demos import MeasurementTable
+
+    monitor = HessianEigenMonitor(k=3, which=which, every_n_steps=None, at_fit_end=False)
+    callbacks = [monitor, EdgeOfStabilityMonitor(), MeasurementTable(k=5)]
+    trainer(tmp_path, max_steps=1, callbacks=callbacks).fit(DigitsClassifier(n=64))
+    header, row = (line.split() for line in capsys.readouterr().out.splitlines()[:2])
+    cells = dict(zip(header, row[: len(header)], strict=True))
+    top = [f"{v:.4g}" for v in monitor.history[0]["eigenvalues"][:3]]
+    assert [cells[f"eig_{i}"] for i in range(1, 6)] == [*top, "-", "-"]
+    assert cells["HVPs"] == str(monitor.history[0]["n_hvp"])
+
+
+def test_a_loss_fn_without_a_return_annotation_can_be_configured(tmp_path, monkeypatch):
+    """`loss_fn: mymodule.loss` was refused by the type check ("Expected ... to be a function that returns
+    <class 'Tensor'>") unless the function said `-> torch.Tensor` (an outside trial)."""
+    (tmp_path / "user_losses.py").write_text("def loss(module, batch):\n    return module.loss(batch)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = yaml.safe_load(shrunk("eos_digits.yaml", tmp_path, steps=1).read_text())
+    (entry,) = (c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("HessianEigenMonitor"))
+    entry.setdefault("init_args", {})["loss_fn"] = "user_losses.loss"
+    path = tmp_path / "loss_fn.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    (metrics,) = (tmp_path / "eos_digits").glob("**/metrics.csv")
+    assert "hessian/eig_1" in metrics.read_text()

@@ -213,7 +213,7 @@ def test_a_later_report_removes_the_plots_it_no_longer_draws_there(tmp_path):
     assert {p.relative_to(tmp_path / "out").as_posix() for p in written} == {"a/loss.png", "b/loss.png"}
     assert not (tmp_path / "out" / "loss.png").exists() and (tmp_path / "out" / "notes.png").is_file()
     assert [m for m in messages if m.startswith("removed")] == [
-        f"removed {tmp_path / 'out' / 'loss.png'}: an earlier report's, which this one does not draw there"
+        f"removed {tmp_path / 'out' / 'loss.png'}: an earlier report's, which this one does not write there"
     ]
     # Back to one run: its plots go to the top again, and both runs' folders go (they stayed, stale); a
     # folder of the user's own with a file named like a plot is not the report's (it was removed too).
@@ -228,6 +228,26 @@ def test_a_later_report_removes_the_plots_it_no_longer_draws_there(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "b").iterdir()) == ["notes.png"]  # not ours: kept
     assert (tmp_path / "out" / "figures" / "loss.png").read_bytes() == b"mine"
     assert (tmp_path / "out" / "sharpness.png").read_bytes() == b"mine"
+
+
+def test_a_report_without_html_removes_the_page_an_earlier_one_wrote(tmp_path):
+    """report.html stayed after a later report without --html, showing its plots under the earlier run's
+    settings (an outside trial); a page of the user's own, never listed, stays."""
+    write_csv(tmp_path / "runs" / "metrics.csv", [{"step": s, "train_loss": 1.0 / (s + 1)} for s in range(9)])
+    page = tmp_path / "out" / "report.html"
+    write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None, html=True)
+    assert page.is_file()
+    write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None, html=True)
+    assert page.is_file()  # written again: kept
+    messages = []
+    write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=messages.append)
+    assert (
+        not page.exists()
+        and f"removed {page}: an earlier report's, which this one does not write there" in messages
+    )
+    page.write_text("mine")
+    write_report(tmp_path / "runs", tmp_path / "out", progress=False, echo=lambda _: None)
+    assert page.read_text() == "mine"
 
 
 def test_a_report_of_an_earlier_version_without_a_list_is_cleaned_by_the_names(tmp_path):

@@ -185,7 +185,7 @@ class HessianEigenMonitor(Callback):
         k: int = 5,
         every_n_steps: int | None = 100,
         probe: int | Sequence[Any] | ProbeSet | None = None,
-        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
         which: Literal["top", "both"] = "top",
         every_n_epochs: int | None = None,
         at_fit_start: bool = True,

@@ -131,7 +131,7 @@ class LRAdaptation(Callback):
         optimizer_index: int = 0,
         every_n_steps: int = 1,
         hvp: HGMethod = "forward_difference",
-        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
         params: str | list[str] | None = None,
         seed: int = 0,
         on_error: OnError = "skip",

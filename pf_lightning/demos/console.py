@@ -81,7 +81,10 @@ class MeasurementTable(Callback):
         entry: dict[str, Any],
         eos: EdgeOfStabilityMonitor | None,
     ) -> None:
-        eigs = " ".join(f"{v:9.4g}" for v in entry["eigenvalues"][: self.k])
+        # The monitor's top k at most (a which="both" entry holds its bottom ones after them); a column the
+        # monitor does not measure is shown empty, so the others stay under their headers.
+        top = entry["eigenvalues"][: min(self.k, monitor.k)]
+        eigs = " ".join([f"{v:9.4g}" for v in top] + [f"{'-':>9}"] * (self.k - len(top)))
         cost = f"{entry['n_hvp']:4d} {entry['seconds']:5.2f}"
         if monitor.name is not None:
             print(
