@@ -208,7 +208,7 @@ def test_the_few_groups_warning_counts_the_groups_of_the_rank_with_the_fewest(tm
             "epochs",
             r"every_n_epochs=1, but the ranks' epochs differ in length \(rank 0: 2 batches, rank 1: 1",
         ),
-        ("probe", "could not be set up on rank 1 .*at least one batch"),
+        ("probe", r"could not be set up on rank 1 .*`probe` holds no batch \(EmptyOnRankOne of none\)"),
     ],
 )
 def test_a_set_up_that_fails_on_one_rank_fails_on_every_rank(tmp_path, case, match):
