@@ -442,6 +442,12 @@ class HessianEigenMonitor(Callback):
             with hold:
                 self._set_up(trainer, pl_module)
             any_rank([False], pl_module.device, error=hold.take())
+            samples = per_rank(self.spec.probe.total_weight, pl_module.device)
+            if len(set(samples)) > 1:  # known to every rank: each warns, or none
+                hold = LocalFailure()
+                with hold:
+                    self._warn_uneven_probes(samples)
+                any_rank([False], pl_module.device, error=hold.take())
             if self.stderr_every and self._whole:  # the same on every rank (settings and the module)
                 # One group per whole batch; under DDP the measurement takes as many as the rank with the
                 # fewest. Said within a hold too: a warning made an error (-W error) stops every rank.
@@ -476,6 +482,17 @@ class HessianEigenMonitor(Callback):
         resumed_due = self._start == "resumed" and (self._due(step) or (step == 0 and fit_start))
         if resumed_due or (self._start == "fit" and fit_start):
             self.measure(trainer, pl_module)
+
+    def _warn_uneven_probes(self, samples: list[float]) -> None:
+        """Warn where the ranks' probes hold different numbers of samples (uneven shards)."""
+        counts = ", ".join(f"rank {r}: {n:g}" for r, n in enumerate(samples))
+        self._warn_once(
+            "uneven_probes",
+            f"the ranks' probes hold different numbers of samples ({counts}): the Hessian measured is that of "
+            "the sample-weighted mean loss over all of them, while DDP descends the unweighted mean of the "
+            "ranks' losses where their batches differ in size (README, 'Distributed training'); shard evenly "
+            "(Lightning's DistributedSampler) or give each rank a probe= of one size",
+        )
 
     def _warn_few_groups(self, groups: int) -> None:
         """Warn where eig_1_stderr has fewer than :data:`STDERR_GROUPS` groups of whole probe batches."""

@@ -188,6 +188,11 @@ def test_ranks_that_train_on_batches_and_on_their_whole_shard_agree_to_measure_b
     for r in ranks:
         assert r["step"] == STEPS and "eos/batch_sharpness" not in r["logged"]
     assert ranks[0]["logged"]["eos/ratio"] == ranks[1]["logged"]["eos/ratio"] > 0
+    # The probes are the shards, 24 and 10 samples: measured as their sample-weighted mean, which DDP does
+    # not descend where the batches differ in size; said once, on rank zero (an outside trial found no word).
+    said = [m for m in torch.load(tmp_path / "warnings0.pt") if "different numbers of samples" in m]
+    assert len(said) == 1 and "(rank 0: 24, rank 1: 10)" in said[0]
+    assert not [m for m in torch.load(tmp_path / "warnings1.pt") if "different numbers of samples" in m]
 
 
 def test_the_few_groups_warning_counts_the_groups_of_the_rank_with_the_fewest(tmp_path):
