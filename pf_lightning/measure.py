@@ -73,6 +73,17 @@ def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> int 
     )
 
 
+def check_method(check: Checks, method: Any, basis_size: int | None) -> str:
+    """``method`` is one of :data:`METHODS`, and not ``"lobpcg"`` with a ``basis_size`` (a Lanczos setting)."""
+    check.choice("method", method, METHODS)
+    if method == "lobpcg" and basis_size is not None:
+        raise check.error(
+            f"`basis_size` must be None with method='lobpcg' (a Lanczos setting; LOBPCG holds about "
+            f"11 (k + max(2, k // 2)) vectors), got {basis_size}: use method='lanczos' or 'auto', or drop it"
+        )
+    return method
+
+
 def check_max_hvp(check: Checks, max_hvp: Any, k: int, which: str) -> int | None:
     """``max_hvp`` is None or an int of at least one product per wanted pair (``k``, twice that for both
     ends): fewer cannot return ``k`` eigenvalues."""
@@ -351,13 +362,8 @@ def hessian_eigenpairs(
     _check.choice("which", which, WHICH)
     tol = _check.number("tol", tol, above=0, below=1, hint="a relative residual tolerance such as 1e-3")
     max_hvp = check_max_hvp(_check, max_hvp, k, which)
-    _check.choice("method", method, METHODS)
     basis_size = check_basis_size(_check, basis_size, k, which)
-    if method == "lobpcg" and basis_size is not None:
-        raise ValueError(
-            f"`basis_size` must be None with method='lobpcg' (a Lanczos setting; LOBPCG holds about "
-            f"11 (k + max(2, k // 2)) vectors), got {basis_size}: use method='lanczos' or 'auto', or drop it"
-        )
+    check_method(_check, method, basis_size)
     if preconditioner is not None:
         _check.instance(
             "preconditioner",
@@ -682,6 +688,7 @@ class MeasurementSpec:
         max_hvp: products allowed per eigenpair measurement.
         basis_device: where the solver keeps its vectors.
         basis_size: Lanczos vectors kept between restarts (None: the solver's default).
+        method: the eigensolver (:func:`hessian_eigenpairs`'s ``method``).
     """
 
     loss_fn: Callable[[nn.Module, Any], Tensor]
@@ -694,6 +701,7 @@ class MeasurementSpec:
     max_hvp: int | None = None
     basis_device: torch.device | str | None = None
     basis_size: int | None = None
+    method: str = "auto"
 
     def eigenpairs(
         self,
@@ -732,6 +740,7 @@ class MeasurementSpec:
             dtype=self.dtype,
             basis_device=self.basis_device,
             basis_size=self.basis_size,
+            method=self.method,
             gradient=gradient,
         )
 

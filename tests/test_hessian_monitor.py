@@ -1085,3 +1085,40 @@ def test_a_loss_no_measurement_can_use_stops_the_fit_at_set_up(tmp_path, loss_fn
     t = trainer(tmp_path, max_steps=2, callbacks=[HessianEigenMonitor(k=1, loss_fn=loss_fn)])
     with pytest.raises(MisconfigurationException, match=f"the loss of the first probe batch {match}"):
         t.fit(DigitsClassifier(n=64))
+
+
+class _LowRankQuadratic(L.LightningModule):
+    """0.5 theta^T A theta with A of rank 20 on 120 parameters (eigenvalues 1..20 and 100 zeros)."""
+
+    def __init__(self):
+        super().__init__()
+        q, _ = torch.linalg.qr(
+            torch.randn(120, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        )
+        self.register_buffer("a", q @ torch.diag(torch.linspace(1.0, 20.0, 20, dtype=torch.float64)) @ q.mT)
+        self.theta = nn.Parameter(torch.zeros(120, dtype=torch.float64))
+
+    def training_step(self, batch, batch_idx):
+        return 0.5 * self.theta @ self.a @ self.theta + 0 * batch[0].sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(4, 1, dtype=torch.float64)), batch_size=4)
+
+
+def test_a_monitor_measures_the_bottom_of_a_low_rank_hessian_with_method_lobpcg(tmp_path):
+    """The README sent a monitor's user to method="lobpcg" for a low-rank Hessian's bottom, which only the
+    functions took (an outside trial): Lanczos returns each distinct low value once where a restart comes
+    before its Krylov space closes (rank 20 + 1 > the basis of 20 for k = 2 at both ends: [1, 0] for the
+    two zeros), a block as many copies as its columns."""
+    monitor = HessianEigenMonitor(
+        k=2, which="both", method="lobpcg", tol=1e-6, every_n_steps=None, at_fit_end=False
+    )
+    trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(_LowRankQuadratic())
+    (entry,) = monitor.history
+    assert entry["eigenvalues"][:2] == pytest.approx([20.0, 19.0], rel=1e-6)
+    assert entry["eigenvalues"][2:] == pytest.approx([0.0, 0.0], abs=1e-6)
+    with pytest.raises(MisconfigurationException, match="`basis_size` must be None with method='lobpcg'"):
+        HessianEigenMonitor(method="lobpcg", basis_size=30)

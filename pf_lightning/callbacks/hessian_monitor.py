@@ -49,7 +49,7 @@ from ..logging import (
     wandb_log,
     warn_once,
 )
-from ..measure import STDERR_GROUPS, MeasurementSpec, check_basis_size, check_max_hvp
+from ..measure import STDERR_GROUPS, MeasurementSpec, check_basis_size, check_max_hvp, check_method
 from ..probe import ProbeSet, sample_count
 from ._budget import TimeBudget, WorkBudget
 from ._checkpoint import (
@@ -146,6 +146,12 @@ class HessianEigenMonitor(Callback):
             method. Must exceed the pairs wanted; see :func:`~pf_lightning.hessian_eigenpairs`. The trace and
             density estimates (``trace_every``, ``density_every``) do not take it: the density holds
             ``density_steps`` vectors.
+        method: the eigensolver, as :func:`~pf_lightning.hessian_eigenpairs` takes it: ``"auto"`` (Lanczos
+            cold, measured again by a block where an eigenvalue came back twice; warm, a block or Lanczos,
+            whichever was cheaper), ``"lanczos"``, or ``"lobpcg"``, a block that holds as many copies of a
+            repeated eigenvalue as it has columns: the bottom of a low-rank Hessian (the zeros of a last
+            layer's block, ``params=`` on it, ``which="both"``), which Lanczos returns each distinct value of
+            once where a restart comes before its Krylov space closes. Not with ``basis_size``.
         checkpoint_eigenvectors: save the latest eigenvectors in checkpoints, so the first measurement
             after a resume is warm-started (``n x k`` floats; never saved when they are FSDP2 shards).
         probe_batch_size: a drawn probe's batches are joined into batches of at most this many samples
@@ -212,6 +218,7 @@ class HessianEigenMonitor(Callback):
         checkpoint_eigenvectors: bool = True,
         on_error: OnError = "skip",
         probe_batch_size: int | Literal["loader"] | None = None,
+        method: Literal["auto", "lanczos", "lobpcg"] = "auto",
     ) -> None:
         super().__init__()
         check_on_error(on_error)
@@ -255,6 +262,7 @@ class HessianEigenMonitor(Callback):
         seed = check.seed("seed", seed)
         check.device("basis_device", basis_device)
         basis_size = check_basis_size(check, basis_size, k, which)
+        check_method(check, method, basis_size)
         max_hvp = check_max_hvp(check, max_hvp, k, which)
         if every_n_steps is None and every_n_epochs is None and not (at_fit_start or at_fit_end):
             warnings.warn(  # at the user's line: a monitor driven by its own measure() calls is deliberate
@@ -272,7 +280,7 @@ class HessianEigenMonitor(Callback):
         self.trace_every, self.trace_hvp, self.stderr_every = trace_every, trace_hvp, stderr_every
         self.density_every, self.density_steps = density_every, density_steps
         self.basis_device, self.checkpoint_eigenvectors = basis_device, checkpoint_eigenvectors
-        self.basis_size = basis_size
+        self.basis_size, self.method = basis_size, method
         self.on_error = on_error
         self._shared_probe: SharedProbe | None = None  # set by per_group: one probe for all groups
         self._probe_arg, self._loss_arg = probe, loss_fn
@@ -405,6 +413,7 @@ class HessianEigenMonitor(Callback):
             "trace_every",
             "density_every",
             "basis_size",
+            "method",
         )
         values = {name: getattr(self, name) for name in (*first, *more)}
         return names.settings_key("HessianEigenMonitor", self.name), {
@@ -546,6 +555,7 @@ class HessianEigenMonitor(Callback):
             max_hvp=self.max_hvp,
             basis_device=self.basis_device,
             basis_size=self.basis_size,
+            method=self.method,
         )
         self._budget.start_fit()
         self._work.start_fit()

@@ -224,6 +224,7 @@ HESSIAN_MONITOR = {
     "basis_size": (good_int(41, 100, none_ok=True), bad_int(2, none_ok=True)),  # above 2k for any good k
     "checkpoint_eigenvectors": (st.booleans(), bad_flag),
     "on_error": (st.sampled_from(["skip", "raise"]), bad_choice({"skip", "raise"})),
+    "method": (st.sampled_from(["auto", "lanczos", "lobpcg"]), bad_choice({"auto", "lanczos", "lobpcg"})),
 }
 
 EOS_MONITOR = {
@@ -540,6 +541,12 @@ def _consistent(target: str, kwargs: dict, bad: str | None = None) -> dict:
             kwargs["direction"] = None  # the clip's own fault, not its clash with a direction
         else:
             kwargs["gradient_clip"] = None  # a clip applies to the gradient, not to a given direction
+    if (
+        target == "HessianEigenMonitor"
+        and kwargs["method"] == "lobpcg"
+        and bad not in ("basis_size", "method")
+    ):
+        kwargs["basis_size"] = None  # a Lanczos setting, which LOBPCG refuses
     if target == "hessian_eigenpairs":
         if bad in ("preconditioner", "warm_start"):
             kwargs["params"] = None
