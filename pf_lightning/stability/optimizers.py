@@ -285,9 +285,7 @@ class OptimizerRule:
     dynamics: Callable[[Group, State], StepDynamics]
     preconditioner: Callable[[Group, State], Tensor] | None = None
     state_keys: tuple[str, ...] = ()
-    coupled_weight_decay: Callable[[Group], float] = field(
-        default=lambda group: float(group.get("weight_decay", 0.0))
-    )
+    coupled_weight_decay: Callable[[Group], float] = field(default=lambda group: _weight_decay(group))
     update: Callable[[Group, State, Tensor, Tensor], Tensor] | None = None
     step_scales_with_lr: bool = True
 
@@ -298,6 +296,11 @@ class OptimizerRule:
 
 def _float(value: Any) -> float:
     return float(value.item() if isinstance(value, Tensor) else value)
+
+
+def _weight_decay(group: Group) -> float:
+    """The group's ``weight_decay`` (0 where the optimizer has none)."""
+    return _float(group.get("weight_decay", 0.0))
 
 
 def _steps(state: State) -> float:
@@ -322,7 +325,7 @@ def _adam_moment(group: Group, state: State) -> Tensor:
 
 
 def _decoupled_flag(group: Group) -> float:
-    return 0.0 if group.get("decoupled_weight_decay") else float(group.get("weight_decay", 0.0))
+    return 0.0 if group.get("decoupled_weight_decay") else _weight_decay(group)
 
 
 def _moment(state: State, key: str, like: Tensor, fill: float = 0.0) -> Tensor:
@@ -337,7 +340,7 @@ def _moment(state: State, key: str, like: Tensor, fill: float = 0.0) -> Tensor:
 
 def _l2(group: Group, grad: Tensor, param: Tensor) -> Tensor:
     """The gradient the step sees under coupled (L2) weight decay."""
-    decay = _float(group.get("weight_decay", 0.0))
+    decay = _weight_decay(group)
     return grad + decay * param if decay else grad
 
 
@@ -355,7 +358,7 @@ def _second_moment(group: Group, state: State, grad: Tensor) -> Tensor:
 
 def _adam_l2(group: Group, grad: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
     """The gradient and the decoupled shrink ``-lr w theta`` (zero unless decay is decoupled)."""
-    decay = _float(group.get("weight_decay", 0.0))
+    decay = _weight_decay(group)
     if decay and group.get("decoupled_weight_decay"):
         return grad, -_lr(group) * decay * param
     return _l2(group, grad, param), torch.zeros_like(param)
@@ -583,9 +586,13 @@ def _rmsprop_update(group: Group, state: State, grad: Tensor, param: Tensor) -> 
     return -_lr(group) * step
 
 
+def _adagrad_step(group: Group, t: float) -> float:
+    """Adagrad's rate after ``t`` steps, lr / (1 + t lr_decay): its step ``t + 1`` runs at it."""
+    return _lr(group) / (1.0 + t * _float(group.get("lr_decay", 0.0)))
+
+
 def _adagrad(group: Group, state: State) -> StepDynamics:
-    lr, decay = _lr(group), _float(group.get("lr_decay", 0.0))
-    step = lr / (1.0 + max(_steps(state) - 1.0, 0.0) * decay)  # the last step's lr / (1 + (t - 1) lr_decay)
+    step = _adagrad_step(group, max(_steps(state) - 1.0, 0.0))  # the last step's
     return StepDynamics(
         step, preconditioned=True, label="adagrad",
         formula=f"2/clr, clr = lr/(1 + (t - 1)*lr_decay) = {step:g}",
@@ -600,7 +607,7 @@ def _adagrad_p(group: Group, state: State) -> Tensor:
 
 def _adagrad_update(group: Group, state: State, grad: Tensor, param: Tensor) -> Tensor:
     grad = _l2(group, grad, param)
-    step = _lr(group) / (1.0 + _steps(state) * _float(group.get("lr_decay", 0.0)))
+    step = _adagrad_step(group, _steps(state))  # the next step's
     total = _moment(state, "sum", grad, _float(group.get("initial_accumulator_value", 0.0))) + grad.square()
     return -step * grad / (total.sqrt() + _float(group["eps"]))
 
@@ -632,7 +639,7 @@ _RULES: dict[type, OptimizerRule] = {
         "asgd",
         _asgd,
         # param *= 1 - lambd * eta before the gradient step: for gradient descent the same as L2 decay.
-        coupled_weight_decay=lambda g: float(g.get("weight_decay", 0.0)) + float(g.get("lambd", 0.0)),
+        coupled_weight_decay=lambda g: _weight_decay(g) + _float(g.get("lambd", 0.0)),
         update=_asgd_update,
         step_scales_with_lr=False,
     ),
