@@ -1092,3 +1092,20 @@ def test_warm_up_ratios_are_logged_but_not_left_for_early_stopping(tmp_path):
     warm = [h["step"] for h in eos.history if "eos/warmup" in h]
     assert warm == [2, 4] and sorted(logged(t)["eos/ratio"]) == [2, 4, 6, 8]  # logged all the same
     assert seen.ratio == {0: False, 1: False, 2: False, 3: False, 4: False, 5: False, 6: True, 7: True}
+
+
+@pytest.mark.parametrize("clip", [0.05, None])
+def test_the_edge_warning_under_clipping_says_its_threshold_is_the_unclipped_step_s(tmp_path, clip):
+    """lr 2 with a norm clip at 0.05 (steps 15 times shorter) warned 'reached 1.03 x the stability
+    threshold' and nothing more, where the run was far from its edge (an outside trial)."""
+    L.seed_everything(0)
+    callbacks = [HessianEigenMonitor(k=1, every_n_steps=None, at_fit_end=False), EdgeOfStabilityMonitor()]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=1, gradient_clip_val=clip, callbacks=callbacks).fit(
+            DigitsClassifier(n=64, lr=8.0)
+        )
+    (edge,) = [str(w.message) for w in record if "x the stability threshold" in str(w.message)]
+    assert ("the unclipped step's: gradient clipping may keep the steps taken below it" in edge) == (
+        clip is not None
+    )

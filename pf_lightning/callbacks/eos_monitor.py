@@ -302,6 +302,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._batches_error: MisconfigurationException | None = None
         self._progress: dict[str, float] = {}
         self._clip: tuple[float, str] | None = None  # the trainer's gradient clipping (set at fit start)
+        self._clipped = False
         self._step_hook: Any = None  # counts the judged optimizer's steps during a fit
         self._restored = False  # a checkpoint's state was loaded for the fit about to start
         # Whether the judged optimizer preconditions (set at fit start): its threshold is then that of
@@ -452,6 +453,8 @@ class EdgeOfStabilityMonitor(Callback):
         # The optimizers exist from here on; the monitor's fit-start measurement (its on_train_start,
         # which may run before this callback's) already reads them.
         optimizers = trainer.optimizers
+        # Before the fit-start measurement is judged: its edge warning says its threshold is the unclipped step's.
+        self._clipped = gradient_clipping(trainer, pl_module) is not None
         if self.optimizer_index >= len(optimizers):
             raise MisconfigurationException(
                 f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
@@ -754,7 +757,13 @@ class EdgeOfStabilityMonitor(Callback):
             self._warn_once(
                 "edge",
                 f"step {step}: {judged.quantity} {judged.value:.4g} reached {ratio:.2f} x the stability threshold "
-                f"{judged.threshold:.4g} of {dynamics.label} ({formula})",
+                f"{judged.threshold:.4g} of {dynamics.label} ({formula})"
+                + (
+                    ", the unclipped step's: gradient clipping may keep the steps taken below it "
+                    "(eos/critical_ratio)"
+                    if self._clipped
+                    else ""
+                ),
             )
         if not warming:
             self._above = ratio >= self.warn_ratio
