@@ -312,8 +312,9 @@ def define_wandb_metrics(trainer: Any, tag: str | None = None) -> None:
         for group in PREFIXES:
             run.define_metric(f"{prefix}{group}/*", step_metric="trainer/global_step")
         for name, summary in WANDB_SUMMARIES.items():
-            run.define_metric(
-                prefix + tag_name(name, tag),
+            run.define_metric(  # W&B reads a '.' in a metric's name as a nested key: a group "net.0"'s
+                # summary was its last value, not its max (an outside trial); escaped, it is that metric's
+                (prefix + tag_name(name, tag)).replace(".", "\\."),
                 step_metric="trainer/global_step",
                 summary="none" if name in OUTSIDE_WARMUP_SUMMARIES else summary,
             )
@@ -357,8 +358,10 @@ def announce_run(
     edged: Collection[str | None] | None = None,
     preconditioned: Collection[str | None] = (),
     critical: Collection[str | None] = (),
+    layout: bool = True,
 ) -> None:
-    """Once per fit, from the first :class:`~pf_lightning.HessianEigenMonitor`: every pf-lightning
+    """Once per fit, from the first :class:`~pf_lightning.HessianEigenMonitor` (or an ``LRAdaptation`` where
+    there is none, with ``layout=False``: no monitor's charts to lay out): every pf-lightning
     callback's ``settings()`` to every logger's hyperparameters under :data:`SETTINGS_KEY` (the W&B run
     config, hparams.yaml of a CSVLogger, MLflow's params; TensorBoard keeps the module's hyperparameters
     only, so there they go to the Text tab), and the TensorBoard custom-scalars layout
@@ -402,7 +405,8 @@ def announce_run(
         except Exception as err:
             warn_once(set(), "settings", f"TensorBoard did not take the callbacks' settings ({err!r})")
         try:
-            writer.add_custom_scalars(tensorboard_layout(tags, prefix, edged, preconditioned, critical))
+            if layout:
+                writer.add_custom_scalars(tensorboard_layout(tags, prefix, edged, preconditioned, critical))
         except Exception as err:
             warn_once(set(), "layout", f"the TensorBoard layout was not written ({err!r})")
 

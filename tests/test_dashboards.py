@@ -406,3 +406,27 @@ def test_the_tensorboard_layout_has_no_edge_charts_for_a_monitor_no_edge_monitor
     }
     for key, patterns in charts.items():
         assert any(re.search(pattern, tag) for pattern in patterns for tag in scalars), key
+
+
+def test_the_wandb_summary_of_a_monitor_named_with_a_dot_is_its_maximum(tmp_path, monkeypatch):
+    """per_group(parameter_groups(model, depth=2)) names its monitors "net.0", "net.2", ...: W&B read the dot
+    in define_metric as a nested key, so their eig_1's summary was the last value (an outside trial)."""
+    import wandb
+    from wandb_offline import offline_env
+
+    from pf_lightning.wandb_reader import find_run_file, summary
+
+    offline_env(monkeypatch, tmp_path)
+    L.seed_everything(0)
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2, name="net.0", params="net.0.*")
+    try:
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
+        trainer(tmp_path, max_steps=8, logger=logger, callbacks=[monitor]).fit(
+            DigitsClassifier(n=128, lr=0.6)
+        )
+        logger.experiment.finish()
+    finally:
+        wandb.teardown()
+    values = [h["eigenvalues"][0] for h in monitor.history]
+    assert max(values) != values[-1]  # the maximum is not the last value
+    assert summary(find_run_file(tmp_path))["hessian/net.0/eig_1"] == {"max": pytest.approx(max(values))}

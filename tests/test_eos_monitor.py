@@ -1109,3 +1109,35 @@ def test_the_edge_warning_under_clipping_says_its_threshold_is_the_unclipped_ste
     assert ("the unclipped step's: gradient clipping may keep the steps taken below it" in edge) == (
         clip is not None
     )
+
+
+def test_the_wandb_spectra_and_chart_leave_out_the_warm_up_measurements(tmp_path, monkeypatch):
+    """The README says the table holds the measurements the monitor judged; it held Adam's warm-up ones too
+    (an outside trial: rows at steps 1-9 flagged eos/warmup, the chart's line starting at 21210 there)."""
+    import wandb
+    from wandb_offline import offline_env
+
+    from pf_lightning.wandb_reader import find_run_file, tables
+
+    offline_env(monkeypatch, tmp_path)
+    L.seed_everything(0)
+    eos = EdgeOfStabilityMonitor(chart_every=1, batch_sharpness=False)
+    try:
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
+        callbacks = [HessianEigenMonitor(k=2, every_n_steps=3, probe=64), eos]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no preconditioner before the first step
+            trainer(tmp_path, max_steps=12, logger=logger, callbacks=callbacks).fit(
+                DigitsClassifier(n=64, lr=1e-3, optimizer="adam")
+            )
+        logger.experiment.finish()
+    finally:
+        wandb.teardown()
+    assert [h["step"] for h in eos.history if "eos/warmup" in h] == [3, 6, 9]
+    logged = tables(find_run_file(tmp_path).parent)
+    spectra = max((t for key, t in logged.items() if "hessian/spectra" in key), key=lambda t: len(t["data"]))
+    assert [row[:2] for row in spectra["data"]] == [[12, 1], [12, 2]]
+    chart = max(
+        (t for key, t in logged.items() if "spectrum_vs_threshold" in key), key=lambda t: len(t["data"])
+    )
+    assert {step for step, _, _ in chart["data"]} == {12}

@@ -670,6 +670,17 @@ def test_the_logged_settings_name_the_scheduler_served_with_its_arguments(
     assert hparams["pf_lightning"]["LRAdaptation"]["scheduler"] == recorded
 
 
+def test_lr_adaptation_alone_logs_its_settings(tmp_path):
+    """Only the first Hessian monitor logged the callbacks' settings: with LRAdaptation alone they reached no
+    logger (an outside trial)."""
+    L.seed_everything(0)
+    t = fit(tmp_path, DigitsClassifier(n=128, lr=0.1), 2, [LRAdaptation(dal_factory(p=1.0, max_lr=5.0))])
+    hparams = yaml.safe_load((Path(t.logger.log_dir) / "hparams.yaml").read_text())
+    assert hparams["pf_lightning"]["LRAdaptation"]["scheduler"] == (
+        "DriftAdaptiveLR(p=1.0, max_lr=5.0, window=None, warmup_steps=0)"
+    )
+
+
 class _LateRestore(SingleDeviceStrategy):
     """Restores the checkpoint after on_fit_start, as ModelParallelStrategy (FSDP2) does."""
 

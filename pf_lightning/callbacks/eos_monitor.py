@@ -1183,8 +1183,8 @@ class EdgeOfStabilityMonitor(Callback):
         """W&B: the top-k eigenvalues (under a preconditioning optimizer the preconditioned sharpness, which
         its threshold is for), the threshold and, where measured, the batch sharpness (± 2 standard errors)
         and the critical sharpness, each with its threshold, over steps as one line chart; the spectra as a
-        table."""
-        history = self.history
+        table: of the judged measurements (an adaptive optimizer's warm-up ones are logged, not judged)."""
+        history = [h for h in self.history if names.WARMUP not in h]
         if not wandb_experiments(trainer) or not history:
             return
         import wandb

@@ -36,13 +36,14 @@ from ..curvature.drift import gradient_curvature
 from ..curvature.params import measurement_dtype, select_parameters
 from ..curvature.precondition import optimizer_weight_decay
 from ..linalg import NonFiniteOperatorError
-from ..logging import log_metrics, metric_name, warn_once
+from ..logging import announce_run, log_metrics, metric_name, warn_once
 from ..schedulers import DriftAdaptiveLR, SharpnessCappedLR
 from ..stability import optimizer_rule, unheld_parameters
 from ._checkpoint import UnreadableState, count, mapping, real, starts_a_run, warn_fresh_start
 from ._faults import OnError, check_on_error, skip_or_raise
 from ._probe import resolve_loss_fn
 from .eos_monitor import CLIPPED_STEP, EdgeOfStabilityMonitor, gradient_clipping
+from .hessian_monitor import HessianEigenMonitor
 
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 HG_METHODS = ("forward_difference", *HVP_CHOICES)
@@ -384,6 +385,8 @@ class LRAdaptation(Callback):
         # is owed only where a checkpoint was written before that (inside the measurement, on Ctrl+C), which
         # the step it last stepped them at tells (global_step counts every optimizer's steps, so comparing it
         # with a scheduler's count was true by chance with two: a resumed DAL warm-up ran a step ahead).
+        if not any(isinstance(cb, HessianEigenMonitor) for cb in trainer.callbacks):
+            announce_run(trainer, [], layout=False)  # the settings, which the first monitor logs otherwise
         step = trainer.global_step
         counts, self._counts_at_save = self._counts_at_save, None
         for index, scheduler in enumerate(self.schedulers):
