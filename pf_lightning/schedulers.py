@@ -592,15 +592,16 @@ class SharpnessCappedLR(_MeasuredLR):
         return [min(lr, self.fraction * edge) for lr, edge in zip(uncapped, self.edge_lrs(), strict=True)]
 
     def metrics(self) -> dict[str, float]:
-        """What the callbacks log as ``cap/*``: the rate, the uncapped rate, the edge, whether it binds."""
-        lr = float(self.get_last_lr()[0])
-        uncapped = self.uncapped_lrs()[0]
+        """What the callbacks log as ``cap/*``: group 0's rate, uncapped rate and edge; whether the cap binds
+        on any group (under SGD each group meets its own edge: a faster group 1 is capped while group 0 is
+        not, which ``capped`` read from group 0 alone missed: an outside trial)."""
+        rates, uncapped = [float(lr) for lr in self.get_last_lr()], self.uncapped_lrs()
         return {
-            "lr": lr,
-            "base_lr": uncapped,
+            "lr": rates[0],
+            "base_lr": uncapped[0],
             "edge_lr": self.edge_lrs()[0],
             "sharpness": math.nan if self.measured is None else self.measured,
-            "capped": float(lr < uncapped),
+            "capped": float(any(lr < base for lr, base in zip(rates, uncapped, strict=True))),
             "held": float(self.held),
         }
 

@@ -251,6 +251,26 @@ def test_a_manual_run_interrupted_inside_its_measurement_resumes_at_the_uninterr
         assert torch.equal(a, b)
 
 
+def test_a_training_step_that_steps_its_scheduler_resumes_with_the_value_it_was_last_fed(tmp_path):
+    """A resumed fit's first training_step found no dal/hg_ratio in callback_metrics (the callback put it
+    back at its first batch end, after that step), so a scheduler training_step steps itself held an older
+    value: an outside trial's rates ran 3.04 for 1.07 at the first changed step, and the runs parted."""
+
+    def run(root, model, steps, ckpt_path=None, saver=()):
+        adaptation = LRAdaptation(loss_fn=lambda module, batch: module.loss(batch))
+        t = trainer(root, max_steps=steps, callbacks=[adaptation, *saver], enable_checkpointing=bool(saver))
+        t.fit(model, ckpt_path=ckpt_path)
+
+    L.seed_everything(0)
+    reference = _SelfStepping(n=64)
+    resumed = copy.deepcopy(reference)
+    saver = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    run(tmp_path / "straight", reference, 12, saver=[saver])
+    run(tmp_path / "second", resumed, 12, ckpt_path=tmp_path / "step=8.ckpt")
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["sgd", "adam with a tensor lr"])
 def test_p0_trains_bit_identically_to_no_adaptation(tmp_path, tensor_lr):
     def run(callbacks):

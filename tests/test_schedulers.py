@@ -301,6 +301,14 @@ def test_cap_keeps_the_ratios_of_layer_wise_rates_where_they_are_in_the_sharpnes
         sgd_cap = SharpnessCappedLR(_two_groups("SGD", first, second), fraction=1.0)
         sgd_cap.step(40.0)
         assert [g["lr"] for g in sgd_cap.optimizer.param_groups] == pytest.approx(capped)
+    # Group 0 at 0.01 under its edge 0.05, group 1 at 0.2 capped to it: cap/capped read group 0 alone and
+    # said 0 while group 1 ran capped at every step (an outside trial).
+    sgd_cap = SharpnessCappedLR(_two_groups("SGD", {"lr": 0.01}, {"lr": 0.2}), fraction=1.0)
+    sgd_cap.step(40.0)
+    assert [g["lr"] for g in sgd_cap.optimizer.param_groups] == pytest.approx([0.01, 0.05])
+    assert (
+        sgd_cap.metrics()["capped"] == 1.0 and sgd_cap.metrics()["lr"] == sgd_cap.metrics()["base_lr"] == 0.01
+    )
 
 
 def test_asgd_has_thresholds_but_no_edge_rate():
