@@ -1141,3 +1141,81 @@ def test_the_wandb_spectra_and_chart_leave_out_the_warm_up_measurements(tmp_path
         (t for key, t in logged.items() if "spectrum_vs_threshold" in key), key=lambda t: len(t["data"])
     )
     assert {step for step, _, _ in chart["data"]} == {12}
+
+
+def test_the_wandb_chart_and_spectra_hold_the_latest_measurements_that_fit_a_table(tmp_path, monkeypatch):
+    """W&B keeps a table's first MAX_ROWS (10,000) rows: an outside trial's chart of 1,101 measurements at
+    k = 10 lost its threshold line and the spectra their newest 101 measurements, without a word. Here the
+    limit is 20 rows: the chart draws 3 lines (eig_1, eig_2, threshold), so the latest 6 measurements."""
+    import wandb
+    from wandb_offline import offline_env
+
+    from pf_lightning.wandb_reader import find_run_file, tables
+
+    offline_env(monkeypatch, tmp_path)
+    monkeypatch.setattr(wandb.Table, "MAX_ROWS", 20)
+    L.seed_everything(0)
+    eos = EdgeOfStabilityMonitor(chart_every=1, batch_sharpness=False)
+    monitor = HessianEigenMonitor(k=2, every_n_steps=1, probe=64, at_fit_end=False)
+    try:
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="pf")
+        trainer(tmp_path, max_steps=9, logger=logger, callbacks=[monitor, eos]).fit(DigitsClassifier(n=64))
+        logger.experiment.finish()
+    finally:
+        wandb.teardown()
+    logged = tables(find_run_file(tmp_path).parent)
+    last = [h["step"] for h in eos.history][-6:]
+
+    def latest(name):
+        return max(
+            (t for key, t in logged.items() if name in key), key=lambda t: max(row[0] for row in t["data"])
+        )
+
+    lines: dict[str, list] = {}
+    for step, key, _ in latest("spectrum_vs_threshold")["data"]:
+        lines.setdefault(key, []).append(step)
+    assert lines == {"eig_1": last, "eig_2": last, "threshold": last}
+    spectra = latest("hessian/spectra")
+    assert [row[0] for row in spectra["data"]] == [s for s in last for _ in range(2)]
+
+
+def test_a_resumed_run_keeps_the_summary_s_extremes_of_the_whole_run(tmp_path):
+    """The W&B summary's maxima were rebuilt from the checkpoint's history, capped by max_history: a
+    resumed run lost the earlier peak (an outside trial: a max ratio of 1.512 for 1.576). Here the peak,
+    1.18, came at the start; the history of one kept at step 8 holds 0.78."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def callbacks():
+        return [
+            HessianEigenMonitor(k=1, every_n_steps=1, max_history=1, stderr_every=None),
+            EdgeOfStabilityMonitor(batch_sharpness=False),
+        ]
+
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.6)
+    resumed_model = copy.deepcopy(model)
+    straight, resumed = callbacks(), callbacks()
+    saver = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=8, save_top_k=-1)
+    trainer(tmp_path / "a", max_steps=12, callbacks=[*straight, saver], enable_checkpointing=True).fit(model)
+    trainer(tmp_path / "b", max_steps=12, callbacks=resumed).fit(
+        resumed_model, ckpt_path=tmp_path / "step=8.ckpt"
+    )
+    peak = straight[1]._extremes["eos/ratio"]
+    assert peak > 1.0 > max(h["eos/ratio"] for h in straight[1].history)
+    assert resumed[1]._extremes == straight[1]._extremes
+
+
+def test_a_history_shorter_than_the_slope_s_window_does_not_change_the_slope(tmp_path):
+    """eos/sharpening_slope is fitted over the EoS history's last slope_window measurements; that history was
+    capped by the monitor's max_history, so max_history=1 fitted 2 points for 5 (an outside trial: -0.0131
+    for -0.0628, and a flipped sign later). It keeps at least slope_window - 1 now."""
+
+    def slopes(max_history):
+        L.seed_everything(0)
+        eos = EdgeOfStabilityMonitor(batch_sharpness=False, slope_window=5)
+        monitor = HessianEigenMonitor(k=1, every_n_steps=2, max_history=max_history, stderr_every=None)
+        trainer(tmp_path, max_steps=16, callbacks=[monitor, eos]).fit(DigitsClassifier(n=128, lr=0.3))
+        return [h.get("eos/sharpening_slope") for h in eos.history][-3:], len(eos.history)
+
+    (capped, kept), (full, _) = slopes(1), slopes(10_000)
+    assert kept == 4 and capped == full and all(s is not None for s in capped)

@@ -281,11 +281,21 @@ def monitor_from_state(
 
 def eos_from_state(
     state: Any,
-) -> tuple[list[dict[str, Any]], list[float], int | None, float, int | None, bool, EigenResult | None]:
+) -> tuple[
+    list[dict[str, Any]],
+    list[float],
+    int | None,
+    float,
+    int | None,
+    bool,
+    EigenResult | None,
+    dict[str, float],
+]:
     """An :class:`~pf_lightning.EdgeOfStabilityMonitor` state: history, loss window, first edge step,
     accumulated negative curvature, the judged optimizer's steps since the last measurement (None where
-    absent: states saved before it was kept), whether the last ratio was above the warning level, and the
-    latest preconditioned measurement (its warm start; absent from states saved before it was kept)."""
+    absent: states saved before it was kept), whether the last ratio was above the warning level, the
+    latest preconditioned measurement (its warm start; absent from states saved before it was kept), and
+    the W&B summary's extremes so far (empty where absent: rebuilt from the history)."""
     keys = ("history", "losses", "first_edge_step", "negative_curvature", "above")
     state = mapping(state, keys, "EdgeOfStabilityMonitor")
     history = history_from_state(state["history"], (names.SHARPNESS, names.THRESHOLD, names.RATIO))
@@ -300,4 +310,7 @@ def eos_from_state(
     _check(isinstance(state["above"], bool), f"above is {state['above']!r}, not a bool")
     preconditioned = result_from_state(state.get("preconditioned_latest"))
     losses = [float(x) for x in state["losses"]]
-    return history, losses, edge, curvature, interval, state["above"], preconditioned
+    extremes = state.get("extremes", {})
+    _check(isinstance(extremes, Mapping), f"the summary's extremes are {extremes!r}, not a mapping")
+    extremes = {str(key): finite(value, f"extremes[{key!r}]") for key, value in extremes.items()}
+    return history, losses, edge, curvature, interval, state["above"], preconditioned, extremes

@@ -289,7 +289,9 @@ class EdgeOfStabilityMonitor(Callback):
         # float() every step would wait for the GPU each step and stall its asynchronous queue.
         self.losses: collections.deque[float | torch.Tensor] = collections.deque(maxlen=loss_window)
         self._last_loss_step = -1
-        self._pending_losses: list[torch.Tensor] = []
+        # The losses of the batches since the last optimizer step (its micro-batches): their sum and count,
+        # which stay two values where global_step stands still (a manual training_step that does not step).
+        self._pending_losses: tuple[torch.Tensor, int] | None = None
         # From an optimizer step to this callback's batch end the step's loss is not recorded yet: a
         # measurement a monitor listed before this callback makes at its batch end is judged at ours.
         self._batch_open = False
@@ -509,7 +511,7 @@ class EdgeOfStabilityMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._last_loss_step, self._pending_losses = trainer.global_step, []
+        self._last_loss_step, self._pending_losses = trainer.global_step, None
         if self._restored and self.history:
             # The last judged measurement's values, as the interrupted fit held them for ModelCheckpoint and
             # EarlyStopping (a resumed fit had none until its next measurement: "metric not available").
@@ -783,8 +785,11 @@ class EdgeOfStabilityMonitor(Callback):
             self.metric(key.split("/", 1)[1]): metrics[key] for key in PROGRESS_BAR if key in metrics
         }
         self.history.append({"step": step, "eigenvalues": measured.eigenvalues, **metrics})
-        # Capped like the monitor's own history: a long run must not grow with its measurements.
-        del self.history[: max(0, len(self.history) - self.monitor.max_history)]
+        # Capped like the monitor's own history: a long run must not grow with its measurements. Never below
+        # the sharpening slope's window, which it is read from (max_history=1 fitted 2 points for 5, and
+        # flipped the slope's sign: an outside trial).
+        keep = max(self.monitor.max_history, self.slope_window - 1)
+        del self.history[: max(0, len(self.history) - keep)]
         notify(
             self._listeners, (trainer, pl_module, metrics), on_error=self.on_error, warned=self._warned,
             trainer=trainer, what="EoS listener", metric=self.metric("listener_failed"),
@@ -800,9 +805,10 @@ class EdgeOfStabilityMonitor(Callback):
 
     def _summarize(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """The W&B summary of the sharpness and ratio, over the measurements outside a warm-up
-        (:data:`~pf_lightning.logging.OUTSIDE_WARMUP_SUMMARIES`); a resumed run's from its history first."""
+        (:data:`~pf_lightning.logging.OUTSIDE_WARMUP_SUMMARIES`); a run resumed from a checkpoint that did not
+        keep them rebuilds them from its history first."""
         kept = names.OUTSIDE_WARMUP_SUMMARIES
-        if not self._extremes:  # after a resume: the history the checkpoint held
+        if not self._extremes:  # after a resume from a checkpoint without them: the history it held
             for h in self.history:
                 if names.WARMUP not in h:
                     earlier = {key: h[key] for key in kept if key in h}
@@ -1051,7 +1057,11 @@ class EdgeOfStabilityMonitor(Callback):
         self._batch_open = False
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:  # Lightning also trains a loss of shape (1,)
-            self._pending_losses.append(loss.detach().reshape(()))
+            loss = loss.detach().reshape(())
+            pending = self._pending_losses  # the first as it is (no device work without accumulation)
+            self._pending_losses = (
+                (loss, 1) if pending is None else (pending[0].double() + loss.double(), pending[1] + 1)
+            )
         elif not pl_module.automatic_optimization:  # (automatic: no loss means Lightning skipped the batch)
             self._warn_once(
                 "no loss",
@@ -1066,13 +1076,13 @@ class EdgeOfStabilityMonitor(Callback):
                 self._show_progress(trainer, pl_module)
             return  # gradient accumulation: the optimizer step is not complete yet
         self._last_loss_step = step
-        if self._pending_losses:
-            pending, accumulate = self._pending_losses, trainer.accumulate_grad_batches
+        if self._pending_losses is not None:
+            (total, n), accumulate = self._pending_losses, trainer.accumulate_grad_batches
             # Lightning divides each micro-batch loss by the accumulation count: undo it, and record the
             # mean over the micro-batches of one optimizer step (no device work without accumulation).
-            mean = pending[0] if len(pending) == 1 else torch.stack(pending).double().mean()
+            mean = total if n == 1 else total / n
             self.losses.append(mean if accumulate == 1 else mean.double() * accumulate)
-            self._pending_losses = []
+            self._pending_losses = None
             self._raw = min(self._raw + 1, len(self.losses))
         if self._judgement_due:
             measured, self._judgement_due, self._unjudged = self._unjudged, False, None
@@ -1183,12 +1193,39 @@ class EdgeOfStabilityMonitor(Callback):
         """W&B: the top-k eigenvalues (under a preconditioning optimizer the preconditioned sharpness, which
         its threshold is for), the threshold and, where measured, the batch sharpness (± 2 standard errors)
         and the critical sharpness, each with its threshold, over steps as one line chart; the spectra as a
-        table: of the judged measurements (an adaptive optimizer's warm-up ones are logged, not judged)."""
+        table: of the judged measurements (an adaptive optimizer's warm-up ones are logged, not judged), the
+        latest that fit in a W&B table (``wandb.Table.MAX_ROWS``, 10,000 rows: W&B keeps a longer table's first
+        rows, and an outside trial's chart of 1,101 measurements at k = 10 lost its threshold line and its
+        newest 101 spectra, without a word; the cost of a chart grew with the run besides)."""
         history = [h for h in self.history if names.WARMUP not in h]
         if not wandb_experiments(trainer) or not history:
             return
         import wandb
 
+        limit = int(getattr(wandb.Table, "MAX_ROWS", 10_000))
+        lines = (  # the chart's rows per measurement at most (one per line), besides the critical sharpness's
+            (
+                1
+                if any(names.PRECONDITIONED_SHARPNESS in h for h in history)
+                else len(history[-1]["eigenvalues"])
+            )
+            + 1
+            + (4 if any(names.BATCH_SHARPNESS in h for h in history) else 0)
+        )
+        per_measurement = max(lines, max(len(h["eigenvalues"]) for h in history))
+
+        def fits(
+            m: int,
+        ) -> bool:  # the latest m measurements, and the critical points since the first of them
+            since = history[-m]["step"]
+            return per_measurement * m + 2 * sum(c[0] >= since for c in self._critical) <= limit
+
+        low, high = 1, len(history)  # the most that fit (rows grow with m), by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        history = history[-low:]
+        critical = [c for c in self._critical if c[0] >= history[0]["step"]][-(limit // 2) :]
         steps = [h["step"] for h in history]
         series: list[tuple[str, list[float], list[float]]]
         if any(names.PRECONDITIONED_SHARPNESS in h for h in history):
@@ -1212,10 +1249,10 @@ class EdgeOfStabilityMonitor(Callback):
             ]
             if any(h[names.BATCH_THRESHOLD] != h[names.THRESHOLD] for h in batch):
                 series.append(("batch_threshold", at, [h[names.BATCH_THRESHOLD] for h in batch]))
-        if self._critical:
-            at = [s for s, _, _ in self._critical]
-            series.append(("critical_sharpness", at, [v for _, v, _ in self._critical]))
-            series.append(("critical_threshold", at, [t for _, _, t in self._critical]))
+        if critical:
+            at = [s for s, _, _ in critical]
+            series.append(("critical_sharpness", at, [v for _, v, _ in critical]))
+            series.append(("critical_threshold", at, [t for _, _, t in critical]))
         chart = wandb.plot.line_series(
             xs=[xs for _, xs, _ in series],
             ys=[ys for _, _, ys in series],
@@ -1298,6 +1335,9 @@ class EdgeOfStabilityMonitor(Callback):
             "preconditioned_latest": result_state(
                 self._preconditioned_latest, self.monitor is not None and self.monitor.checkpoint_eigenvectors
             ),
+            # The W&B summary's extremes over the whole run: the history a resumed run rebuilt them from is
+            # capped, and lost an earlier peak (an outside trial: a max ratio of 1.512 for 1.576)
+            "extremes": dict(self._extremes),
         }
 
     @override
@@ -1309,13 +1349,16 @@ class EdgeOfStabilityMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
-            history, losses, edge, curvature, interval, above, preconditioned = eos_from_state(state_dict)
+            history, losses, edge, curvature, interval, above, preconditioned, extremes = eos_from_state(
+                state_dict
+            )
         except UnreadableState as err:
             warn_fresh_start(type(self).__name__, err)
             self._new_run()
             return
         self.history, self.first_edge_step, self.negative_curvature = history, edge, curvature
         self._interval_steps, self._above, self._preconditioned_latest = interval, above, preconditioned
+        self._extremes = extremes
         self.losses.clear()
         self.losses.extend(losses)
         self._raw = 0
