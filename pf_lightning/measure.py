@@ -73,13 +73,30 @@ def check_basis_size(check: Checks, basis_size: Any, k: int, which: str) -> int 
     )
 
 
-def check_method(check: Checks, method: Any, basis_size: int | None) -> str:
-    """``method`` is one of :data:`METHODS`, and not ``"lobpcg"`` with a ``basis_size`` (a Lanczos setting)."""
+def check_method(
+    check: Checks,
+    method: Any,
+    basis_size: int | None,
+    max_hvp: int | None = None,
+    k: int = 1,
+    which: str = "top",
+    n: int | None = None,
+) -> str:
+    """``method`` is one of :data:`METHODS`; ``"lobpcg"`` takes no ``basis_size`` (a Lanczos setting) and a
+    ``max_hvp`` of at least one block of products (the wanted pairs and their guards, at most ``n``, the
+    operator's size where known)."""
     check.choice("method", method, METHODS)
     if method == "lobpcg" and basis_size is not None:
         raise check.error(
             f"`basis_size` must be None with method='lobpcg' (a Lanczos setting; LOBPCG holds about "
             f"11 (k + max(2, k // 2)) vectors), got {basis_size}: use method='lanczos' or 'auto', or drop it"
+        )
+    n_wanted = wanted_pairs(k, which)
+    block = n_wanted + guard_count(n_wanted) if n is None else min(n_wanted + guard_count(n_wanted), n)
+    if method == "lobpcg" and max_hvp is not None and max_hvp < block:
+        raise check.error(
+            f"`max_hvp` must be at least {block} with method='lobpcg' (one block of products for "
+            f"k={k}, which={which!r}), got {max_hvp}: raise it, or use method='lanczos'"
         )
     return method
 
@@ -389,15 +406,10 @@ def hessian_eigenpairs(
     n_wanted = wanted_pairs(k, which)
     if n_wanted > hessian.global_n:
         raise ValueError(
-            f"`k` must be at most {hessian.global_n // (2 if which == 'both' else 1)} for {hessian.global_n} "
+            f"`k` must be at most {hessian.global_n // wanted_pairs(1, which)} for {hessian.global_n} "
             f"parameters (which={which!r} asks for {n_wanted} eigenpairs), got {k}: lower k"
         )
-    block = min(n_wanted + max(2, n_wanted // 2), hessian.global_n)
-    if method == "lobpcg" and max_hvp is not None and max_hvp < block:
-        raise ValueError(
-            f"`max_hvp` must be at least {block} with method='lobpcg' (one block of products for "
-            f"k={k}, which={which!r}), got {max_hvp}: raise it, or use method='lanczos'"
-        )
+    check_method(_check, method, None, max_hvp, k, which, n=hessian.global_n)
     op: HessianOperator | PreconditionedOperator = hessian
     X0 = None
     # This rank's own inputs (its slice of the preconditioner, its warm start; its probe shard in the

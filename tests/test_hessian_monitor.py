@@ -1044,6 +1044,11 @@ def test_a_monitor_without_a_cadence_says_so_where_it_is_built():
     ) as caught:
         HessianEigenMonitor(every_n_steps=None, at_fit_start=False, at_fit_end=False)
     assert [w.filename for w in caught] == [__file__]
+    with pytest.warns(UserWarning, match="no cadence") as caught:  # at per_group's caller (a review)
+        HessianEigenMonitor.per_group(
+            {"a": "net.0.*"}, every_n_steps=None, at_fit_start=False, at_fit_end=False
+        )
+    assert [w.filename for w in caught] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         HessianEigenMonitor(every_n_steps=None, at_fit_start=False)  # the fit end measures
@@ -1122,3 +1127,6 @@ def test_a_monitor_measures_the_bottom_of_a_low_rank_hessian_with_method_lobpcg(
     assert entry["eigenvalues"][2:] == pytest.approx([0.0, 0.0], abs=1e-6)
     with pytest.raises(MisconfigurationException, match="`basis_size` must be None with method='lobpcg'"):
         HessianEigenMonitor(method="lobpcg", basis_size=30)
+    # Below one block it skipped every measurement (a review): refused where it is built.
+    with pytest.raises(MisconfigurationException, match=r"`max_hvp` must be at least 7 with method='lobpcg'"):
+        HessianEigenMonitor(k=5, method="lobpcg", max_hvp=6)

@@ -456,7 +456,8 @@ class EdgeOfStabilityMonitor(Callback):
         # which may run before this callback's) already reads them.
         optimizers = trainer.optimizers
         # Before the fit-start measurement is judged: its edge warning says its threshold is the unclipped step's.
-        self._clipped = gradient_clipping(trainer, pl_module) is not None
+        clipping = gradient_clipping(trainer, pl_module)
+        self._clipped, self._clip = clipping is not None, None if clipping is None else clipping[1]
         if self.optimizer_index >= len(optimizers):
             raise MisconfigurationException(
                 f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
@@ -761,8 +762,15 @@ class EdgeOfStabilityMonitor(Callback):
                 f"step {step}: {judged.quantity} {judged.value:.4g} reached {ratio:.2f} x the stability threshold "
                 f"{judged.threshold:.4g} of {dynamics.label} ({formula})"
                 + (
-                    ", the unclipped step's: gradient clipping may keep the steps taken below it "
-                    "(eos/critical_ratio)"
+                    ", the unclipped step's: gradient clipping may keep the steps taken below it ("
+                    + (
+                        "a module's own clipping is not modelled"
+                        if self._clip is None
+                        else "eos/critical_ratio follows the clipped step"
+                        if self.critical_every_n_steps is not None
+                        else "critical_every_n_steps= measures eos/critical_ratio along the clipped step"
+                    )
+                    + ")"
                     if self._clipped
                     else ""
                 ),

@@ -262,14 +262,14 @@ class HessianEigenMonitor(Callback):
         seed = check.seed("seed", seed)
         check.device("basis_device", basis_device)
         basis_size = check_basis_size(check, basis_size, k, which)
-        check_method(check, method, basis_size)
         max_hvp = check_max_hvp(check, max_hvp, k, which)
+        check_method(check, method, basis_size, max_hvp, k, which)
         if every_n_steps is None and every_n_epochs is None and not (at_fit_start or at_fit_end):
             warnings.warn(  # at the user's line: a monitor driven by its own measure() calls is deliberate
                 "this HessianEigenMonitor has no cadence (every_n_steps=None, every_n_epochs=None, "
                 "at_fit_start=False, at_fit_end=False): it measures only where measure() is called; set one",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=names.user_stacklevel(),  # per_group's caller too
             )
         self.k, self.every_n_steps, self.every_n_epochs = k, every_n_steps, every_n_epochs
         self.which, self.hvp, self.tol, self.max_hvp = which, hvp, float(tol), max_hvp

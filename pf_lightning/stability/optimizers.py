@@ -257,7 +257,9 @@ class OptimizerRule:
         dynamics: ``dynamics(group, state) -> StepDynamics``, the step of a parameter group with the
             rate and betas the group holds now (after a per-step scheduler's step, the next step's) and the
             step counts of its state (the last step's, as ``P`` is; before any step, the first step's);
-            ``state`` is the optimizer state of the group's first parameter.
+            a step size the state already holds for the next step is read as it is (ASGD's ``eta``, set
+            from the rate of the last step: a schedule reaches it a step late); ``state`` is the optimizer
+            state of the group's first parameter.
         preconditioner: ``preconditioner(group, state) -> Tensor``, the diagonal :math:`P` of one
             parameter's update (shaped like the parameter), read from that parameter's state; ``None``
             for optimizers that do not precondition.

@@ -543,10 +543,13 @@ def _consistent(target: str, kwargs: dict, bad: str | None = None) -> dict:
             kwargs["gradient_clip"] = None  # a clip applies to the gradient, not to a given direction
     if (
         target == "HessianEigenMonitor"
-        and kwargs["method"] == "lobpcg"
+        and kwargs.get("method") == "lobpcg"
         and bad not in ("basis_size", "method")
     ):
         kwargs["basis_size"] = None  # a Lanczos setting, which LOBPCG refuses
+        if kwargs.get("max_hvp") is not None and bad not in ("max_hvp", "k"):
+            wanted = 2 * kwargs["k"] if kwargs.get("which") == "both" else kwargs["k"]
+            kwargs["max_hvp"] = max(kwargs["max_hvp"], wanted + max(2, wanted // 2))  # one block
     if target == "hessian_eigenpairs":
         if bad in ("preconditioner", "warm_start"):
             kwargs["params"] = None
