@@ -374,7 +374,8 @@ def announce_run(
 
         rank_zero_info(
             "pf-lightning: the trainer has no logger (logger=False): the monitors' metrics reach only "
-            "trainer.callback_metrics and each monitor's .latest; pass a logger (CSVLogger, WandbLogger, ...) "
+            "trainer.callback_metrics, the Hessian monitors' .latest and .history and the EoS monitor's .history; "
+            "pass a logger (CSVLogger, WandbLogger, ...) "
             "to keep them"
         )
     settings = {}
