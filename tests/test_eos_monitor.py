@@ -1219,3 +1219,69 @@ def test_a_history_shorter_than_the_slope_s_window_does_not_change_the_slope(tmp
 
     (capped, kept), (full, _) = slopes(1), slopes(10_000)
     assert kept == 4 and capped == full and all(s is not None for s in capped)
+
+
+@pytest.mark.parametrize("max_history", [10_000, 1])
+def test_a_checkpoint_without_the_summary_s_extremes_rebuilds_them_at_the_resume(tmp_path, max_history):
+    """An earlier version's checkpoint keeps no extremes: they were rebuilt only at the next measurement, so
+    a checkpoint written before it saved none, and a fit measuring nothing more wrote no summary (an outside
+    trial). Rebuilt at the resume; where max_history cut the history, the maxima may be short: said once."""
+
+    def callbacks():
+        monitor = HessianEigenMonitor(k=1, every_n_steps=2, at_fit_end=False, max_history=max_history)
+        return [monitor, EdgeOfStabilityMonitor(batch_sharpness=False)]
+
+    L.seed_everything(0)
+    model = DigitsClassifier(n=128, lr=0.6)
+    first = callbacks()
+    t = trainer(tmp_path, max_steps=8, callbacks=first)
+    t.fit(model)
+    t.save_checkpoint(tmp_path / "eight.ckpt")
+    checkpoint = torch.load(tmp_path / "eight.ckpt", weights_only=False)
+    (key,) = (k for k in checkpoint["callbacks"] if k.startswith("EdgeOfStabilityMonitor"))
+    del checkpoint["callbacks"][key]["extremes"]  # as an earlier version wrote it
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    resumed = callbacks()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=9, callbacks=resumed).fit(model, ckpt_path=tmp_path / "earlier.ckpt")
+    said = [str(w.message) for w in record if "keeps no W&B summary extremes" in str(w.message)]
+    judged = [h for h in resumed[1].history]
+    expected = {
+        "eos/ratio": max(h["eos/ratio"] for h in judged),
+        "eos/sharpness": max(h["eos/sharpness"] for h in judged),
+    }
+    assert resumed[1]._extremes == pytest.approx(expected)
+    if max_history == 1:
+        assert len(said) == 1 and len(judged) == 4  # the slope's window
+    else:
+        assert said == [] and resumed[1]._extremes == pytest.approx(first[1]._extremes)
+    assert resumed[1].state_dict()["extremes"] == resumed[1]._extremes  # a checkpoint now keeps them
+
+
+@pytest.mark.parametrize("critical", [0, 60])
+def test_the_chart_counts_its_rows_by_the_lines_it_draws(monkeypatch, critical):
+    """A history preconditioned first (Adam) and plain later (resumed under SGD) was counted at two lines per
+    measurement where the latest draw k + 1, and went past the table's rows (132 of 100 at k = 3); critical
+    points filled the rows of the one measurement that must fit (104 of 100; a review)."""
+    import wandb
+
+    from pf_lightning.callbacks import eos_monitor as module
+
+    logged = {}
+    monkeypatch.setattr(module, "wandb_experiments", lambda trainer: [object()])
+    monkeypatch.setattr(module, "wandb_log", lambda trainer, payload, step: logged.update(payload))
+    monkeypatch.setattr(wandb.Table, "MAX_ROWS", 100)
+    eos = EdgeOfStabilityMonitor()
+    eos.monitor = HessianEigenMonitor(k=3)
+    entry = {"eigenvalues": [3.0, 2.0, 1.0], "eos/sharpness": 3.0, "eos/threshold": 10.0}
+    pre = [{"step": s, **entry, "eos/preconditioned_sharpness": 3.0} for s in range(100)]
+    eos.history = pre + [{"step": s, **entry} for s in range(100, 300)]
+    eos._critical = [(s, 1.0, 2.0) for s in range(300 - critical, 300)]
+    eos._log_chart(None, 299)
+    chart, spectra = logged["eos/spectrum_vs_threshold"].table.data, logged["hessian/spectra"].data
+    assert len(chart) <= 100 and len(spectra) <= 100
+    drawn = {step for step, key, _ in chart if key == "threshold"}
+    assert drawn == set(range(300 - len(drawn), 300)) and len(drawn) == (
+        25 if critical == 0 else 16
+    )  # 4 m + 2 m <= 100

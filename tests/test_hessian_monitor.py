@@ -1127,6 +1127,11 @@ def test_a_monitor_measures_the_bottom_of_a_low_rank_hessian_with_method_lobpcg(
     assert entry["eigenvalues"][2:] == pytest.approx([0.0, 0.0], abs=1e-6)
     with pytest.raises(MisconfigurationException, match="`basis_size` must be None with method='lobpcg'"):
         HessianEigenMonitor(method="lobpcg", basis_size=30)
-    # Below one block it skipped every measurement (a review): refused where it is built.
+    # Below one block it skipped every measurement (a review): refused at set-up, where the block is known
+    # (at most the parameters' count: 4 products measure both ends of 2 of a 4-parameter block, a review).
+    t = trainer(tmp_path, max_steps=1, callbacks=[HessianEigenMonitor(k=5, method="lobpcg", max_hvp=6)])
     with pytest.raises(MisconfigurationException, match=r"`max_hvp` must be at least 7 with method='lobpcg'"):
-        HessianEigenMonitor(k=5, method="lobpcg", max_hvp=6)
+        t.fit(DigitsClassifier(n=64))
+    small = HessianEigenMonitor(k=2, which="both", method="lobpcg", max_hvp=4, params="net.0.bias", name="b")
+    trainer(tmp_path, max_steps=1, callbacks=[small]).fit(DigitsClassifier(n=64, hidden=4))
+    assert len(small.history) == 2 and len(small.history[0]["eigenvalues"]) == 4

@@ -220,7 +220,8 @@ class EdgeOfStabilityMonitor(Callback):
 
     Attributes:
         history: the logged metrics of each measurement, oldest first; like the monitor's ``history``
-            it keeps the last ``monitor.max_history`` of them (so does the W&B chart).
+            it keeps the last ``monitor.max_history`` of them, and never fewer than the sharpening slope's
+            ``slope_window - 1``; the W&B chart and table draw the latest judged ones that fit a W&B table.
 
     Raises:
         MisconfigurationException: no :class:`HessianEigenMonitor`, or a bad argument.
@@ -330,6 +331,7 @@ class EdgeOfStabilityMonitor(Callback):
         self._critical: list[tuple[int, float, float]] = []
         self._charted: tuple[Any, ...] | None = None  # what the last W&B chart drew (see _chart)
         self._extremes: dict[str, float] = {}  # the W&B summary's extremes (see _summarize)
+        self._extremes_pending = False  # restored without them: rebuilt from the history
 
     @property
     @override
@@ -513,6 +515,7 @@ class EdgeOfStabilityMonitor(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_loss_step, self._pending_losses = trainer.global_step, None
+        self._rebuild_extremes()
         if self._restored and self.history:
             # The last judged measurement's values, as the interrupted fit held them for ModelCheckpoint and
             # EarlyStopping (a resumed fit had none until its next measurement: "metric not available").
@@ -815,13 +818,28 @@ class EdgeOfStabilityMonitor(Callback):
         """The W&B summary of the sharpness and ratio, over the measurements outside a warm-up
         (:data:`~pf_lightning.logging.OUTSIDE_WARMUP_SUMMARIES`); a run resumed from a checkpoint that did not
         keep them rebuilds them from its history first."""
-        kept = names.OUTSIDE_WARMUP_SUMMARIES
-        if not self._extremes:  # after a resume from a checkpoint without them: the history it held
-            for h in self.history:
-                if names.WARMUP not in h:
-                    earlier = {key: h[key] for key in kept if key in h}
-                    summarize_wandb(trainer, tagged(earlier, self.monitor.name), self._extremes, write=False)
+        self._rebuild_extremes()
         summarize_wandb(trainer, tagged(metrics, self.monitor.name), self._extremes)
+
+    def _rebuild_extremes(self) -> None:
+        """After a resume from a checkpoint that did not keep the summary's extremes (an earlier version's):
+        those of the history it held, at once, so that a checkpoint written before the next measurement keeps
+        them too (they stayed empty until then: an outside trial). A history cut by ``max_history`` may have
+        lost the run's peak: said once."""
+        if not self._extremes_pending or self.monitor is None:
+            return
+        self._extremes_pending = False
+        for h in self.history:
+            if names.WARMUP not in h:
+                earlier = {key: h[key] for key in names.OUTSIDE_WARMUP_SUMMARIES if key in h}
+                summarize_wandb(None, tagged(earlier, self.monitor.name), self._extremes, write=False)
+        if len(self.history) >= self.monitor.max_history:
+            self._warn_once(
+                "extremes",
+                f"the checkpoint keeps no W&B summary extremes (an earlier version's) and its history holds the "
+                f"last {len(self.history)} measurements only: the summary's maxima and minima cover those and "
+                "the ones after the resume",
+            )
 
     def _judged(self, step: int) -> bool:
         """Whether a measurement at ``step`` was judged already. It is not judged again (nor handed to the
@@ -1211,29 +1229,26 @@ class EdgeOfStabilityMonitor(Callback):
         import wandb
 
         limit = int(getattr(wandb.Table, "MAX_ROWS", 10_000))
-        lines = (  # the chart's rows per measurement at most (one per line), besides the critical sharpness's
-            (
-                1
-                if any(names.PRECONDITIONED_SHARPNESS in h for h in history)
-                else len(history[-1]["eigenvalues"])
-            )
-            + 1
-            + (4 if any(names.BATCH_SHARPNESS in h for h in history) else 0)
-        )
-        per_measurement = max(lines, max(len(h["eigenvalues"]) for h in history))
+        # The rows of one measurement at most, in the chart (one per line: the top-k eigenvalues, or one line
+        # of preconditioned sharpness where some are preconditioned, the threshold, the batch sharpness with
+        # its band and threshold) and in the spectra table (its eigenvalues), besides the critical sharpness's.
+        per_measurement = max(len(h["eigenvalues"]) for h in history) + 1
+        per_measurement += 4 if any(names.BATCH_SHARPNESS in h for h in history) else 0
 
-        def fits(
-            m: int,
-        ) -> bool:  # the latest m measurements, and the critical points since the first of them
-            since = history[-m]["step"]
-            return per_measurement * m + 2 * sum(c[0] >= since for c in self._critical) <= limit
+        def critical_since(m: int) -> list[tuple[int, float, float]]:
+            """The critical points the latest m measurements chart: since the first of them (all where all)."""
+            since = history[-m]["step"] if m < len(history) else -math.inf
+            return [c for c in self._critical if c[0] >= since]
 
         low, high = 1, len(history)  # the most that fit (rows grow with m), by bisection
         while low < high:
             middle = (low + high + 1) // 2
-            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+            fits = per_measurement * middle + 2 * len(critical_since(middle)) <= limit
+            low, high = (middle, high) if fits else (low, middle - 1)
+        critical = critical_since(low)
+        room = max(0, limit - per_measurement * low) // 2  # a measurement's own rows first
+        critical = critical[len(critical) - room :] if len(critical) > room else critical
         history = history[-low:]
-        critical = [c for c in self._critical if c[0] >= history[0]["step"]][-(limit // 2) :]
         steps = [h["step"] for h in history]
         series: list[tuple[str, list[float], list[float]]]
         if any(names.PRECONDITIONED_SHARPNESS in h for h in history):
@@ -1331,6 +1346,7 @@ class EdgeOfStabilityMonitor(Callback):
     # -- checkpointing -----------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._rebuild_extremes()
         return {
             "history": self.history,
             "losses": self._loss_values(),
@@ -1366,7 +1382,7 @@ class EdgeOfStabilityMonitor(Callback):
             return
         self.history, self.first_edge_step, self.negative_curvature = history, edge, curvature
         self._interval_steps, self._above, self._preconditioned_latest = interval, above, preconditioned
-        self._extremes = extremes
+        self._extremes, self._extremes_pending = extremes, "extremes" not in state_dict
         self.losses.clear()
         self.losses.extend(losses)
         self._raw = 0

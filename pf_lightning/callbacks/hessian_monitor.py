@@ -263,7 +263,7 @@ class HessianEigenMonitor(Callback):
         check.device("basis_device", basis_device)
         basis_size = check_basis_size(check, basis_size, k, which)
         max_hvp = check_max_hvp(check, max_hvp, k, which)
-        check_method(check, method, basis_size, max_hvp, k, which)
+        check_method(check, method, basis_size)  # its max_hvp at set-up, where the parameters' count is known
         if every_n_steps is None and every_n_epochs is None and not (at_fit_start or at_fit_end):
             warnings.warn(  # at the user's line: a monitor driven by its own measure() calls is deliberate
                 "this HessianEigenMonitor has no cadence (every_n_steps=None, every_n_epochs=None, "
@@ -827,6 +827,7 @@ class HessianEigenMonitor(Callback):
                 f"`k` must be at most {most} for the {space.global_n} measured parameters "
                 f"(which={self.which!r}), got {self.k}"
             )
+        check_method(check, self.method, self.basis_size, self.max_hvp, self.k, self.which, n=space.global_n)
 
     # -- what a measurement logs and keeps ----------------------------------------------------
     def _metrics(self, result: EigenResult) -> dict[str, float]:
