@@ -152,9 +152,8 @@ class Checks:
             return value
         try:
             signature.bind(*([None] * n_args))
-        except (
-            TypeError
-        ) as err:  # refused outside the handler: the CLI reads the innermost error as the refusal
+        except TypeError as err:
+            # Refused outside the handler: the CLI reads the innermost error of a chain as the refusal.
             problem = str(err)
         else:
             return value

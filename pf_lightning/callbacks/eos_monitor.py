@@ -304,8 +304,9 @@ class EdgeOfStabilityMonitor(Callback):
         self._batches_loader: Any = _UNSETTLED  # the training loader they were settled for
         self._batches_error: MisconfigurationException | None = None
         self._progress: dict[str, float] = {}
-        self._clip: tuple[float, str] | None = None  # the trainer's gradient clipping (set at fit start)
-        self._clipped = False
+        # The trainer's gradient clipping, in words and as critical_sharpness takes it (set at fit start).
+        self._clipping: tuple[str, tuple[float, str] | None] | None = None
+        self._clip: tuple[float, str] | None = None
         self._step_hook: Any = None  # counts the judged optimizer's steps during a fit
         self._restored = False  # a checkpoint's state was loaded for the fit about to start
         # Whether the judged optimizer preconditions (set at fit start): its threshold is then that of
@@ -458,8 +459,8 @@ class EdgeOfStabilityMonitor(Callback):
         # which may run before this callback's) already reads them.
         optimizers = trainer.optimizers
         # Before the fit-start measurement is judged: its edge warning says its threshold is the unclipped step's.
-        clipping = gradient_clipping(trainer, pl_module)
-        self._clipped, self._clip = clipping is not None, None if clipping is None else clipping[1]
+        self._clipping = clipping = gradient_clipping(trainer, pl_module)
+        self._clip = None if clipping is None else clipping[1]
         if self.optimizer_index >= len(optimizers):
             raise MisconfigurationException(
                 f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
@@ -574,8 +575,7 @@ class EdgeOfStabilityMonitor(Callback):
                 f"{type(optimizer).__name__}'s own step; remove threshold= where the optimizer has a rule "
                 "(pf_lightning.stability.register_optimizer_rule), or pass batch_sharpness=False",
             )
-        clipping = gradient_clipping(trainer, pl_module)
-        self._clip = None if clipping is None else clipping[1]
+        clipping = self._clipping
         if clipping is not None:
             critical = (
                 "eos/critical_ratio searches along the clipped step"
@@ -774,7 +774,7 @@ class EdgeOfStabilityMonitor(Callback):
                         else "critical_every_n_steps= measures eos/critical_ratio along the clipped step"
                     )
                     + ")"
-                    if self._clipped
+                    if self._clipping is not None
                     else ""
                 ),
             )
@@ -1229,9 +1229,9 @@ class EdgeOfStabilityMonitor(Callback):
         import wandb
 
         limit = int(getattr(wandb.Table, "MAX_ROWS", 10_000))
-        # The rows of one measurement at most, in the chart (one per line: the top-k eigenvalues, or one line
-        # of preconditioned sharpness where some are preconditioned, the threshold, the batch sharpness with
-        # its band and threshold) and in the spectra table (its eigenvalues), besides the critical sharpness's.
+        # The rows of one measurement at most, in the chart (one per line: the top-k eigenvalues, or the one of
+        # the preconditioned sharpness, counted as k all the same; the threshold; the batch sharpness with its
+        # band and threshold) and in the spectra table (its eigenvalues), besides the critical sharpness's.
         per_measurement = max(len(h["eigenvalues"]) for h in history) + 1
         per_measurement += 4 if any(names.BATCH_SHARPNESS in h for h in history) else 0
 

@@ -400,11 +400,10 @@ class LRAdaptation(Callback):
                 scheduler.step(self._fed[scheduler.monitor])
         if self._manual:
             self._scheduled_at = step
-        for (
-            scheduler
-        ) in self.schedulers:  # the value a resumed fit was last fed, where training_step reads it
-            # before this callback's first batch end puts it there (a scheduler it steps itself held an older
-            # value and a resumed run went its own way: an outside trial)
+        # The value a resumed fit was last fed, where training_step reads it before this callback's first batch
+        # end puts it there (a scheduler it steps itself held an older value and a resumed run went its own
+        # way: an outside trial).
+        for scheduler in self.schedulers:
             if scheduler.monitor in self._fed and scheduler.monitor not in trainer.callback_metrics:
                 trainer.callback_metrics[scheduler.monitor] = torch.tensor(self._fed[scheduler.monitor])
         # A checkpoint written inside the measurement for this step (OnExceptionCheckpoint on Ctrl+C) does not
