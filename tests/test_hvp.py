@@ -430,3 +430,22 @@ def test_parameters_on_the_meta_device_are_refused_naming_them():
     batch = (torch.randn(3, 4), torch.randn(3, 2))
     with pytest.raises(ValueError, match=r"\(weight, bias\) are on the 'meta' device, which holds no values"):
         HessianOperator(model, lambda m, b: (m(b[0]) - b[1]).pow(2).mean(), [batch])
+
+
+def test_sharded_half_precision_parameters_are_measured_in_their_own_dtype(monkeypatch):
+    """measurement_dtype chose float32 for bfloat16 weights, which sharded (FSDP2) parameters cannot be cast
+    to: a bf16-true FSDP2 fit with a default monitor was refused at set-up, naming no fix (an outside trial).
+    Sharded ones keep their own dtype; the refusal of another one names the fix."""
+    from pf_lightning.curvature import params as module
+    from pf_lightning.curvature.params import measurement_dtype
+
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    assert measurement_dtype(model) == torch.float32  # one process: cast for the measurement
+    monkeypatch.setattr(module, "is_sharded", lambda tensor: True)
+    assert (
+        measurement_dtype(model) == torch.bfloat16
+        and measurement_dtype(model, torch.float64) == torch.float64
+    )
+    monkeypatch.setattr(module, "ShardLayout", lambda params: None)
+    with pytest.raises(ValueError, match=r"own dtype torch.bfloat16, not torch.float32: pass dtype=None"):
+        module.ParameterSpace(model, dtype=torch.float32)

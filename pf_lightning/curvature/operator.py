@@ -460,7 +460,13 @@ class HessianOperator(LinearOperator):
             if self.backend.name == "finite_difference" and self.space.dtype == torch.bfloat16:
                 warnings.warn(
                     "finite-difference products in bfloat16 are 1-39% off on the top eigenvalues (README, "
-                    "'Memory'): measure in float32 (dtype=None) or with an exact backend for accurate values",
+                    "'Memory'): "
+                    + (
+                        "sharded (FSDP2) parameters are measured in their own dtype: keep float32 master "
+                        "weights (Trainer(precision='bf16-mixed')) for accurate values"
+                        if self.space.sharded
+                        else "measure in float32 (dtype=None) or with an exact backend for accurate values"
+                    ),
                     UserWarning,
                     stacklevel=3,
                 )

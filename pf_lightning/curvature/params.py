@@ -77,11 +77,18 @@ def select_parameters(
 def measurement_dtype(module: nn.Module, dtype: torch.dtype | None = None) -> torch.dtype | None:
     """The dtype a callback measures in: ``dtype`` when given; otherwise float32 for a module with
     half-precision trainable weights (bfloat16 or float16 passes are too coarse for the solver), and
-    ``None`` (the parameters' own) for any other."""
+    ``None`` (the parameters' own) for any other; sharded (FSDP2) ones are measured in their own dtype,
+    named where it is a half-precision one (a bf16-true FSDP2 fit with a default monitor was refused, naming no
+    fix: an outside trial)."""
     if dtype is not None:
         return dtype
-    dtypes = {p.dtype for p in module.parameters() if p.requires_grad}
-    return torch.float32 if dtypes & {torch.float16, torch.bfloat16} else None
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    half = {p.dtype for p in trainable} & {torch.float16, torch.bfloat16}
+    if not half:
+        return None
+    if any(is_sharded(p) for p in trainable):
+        return next(iter(half)) if len(half) == 1 else None  # two: ParameterSpace names the mix
+    return torch.float32
 
 
 class ParameterSpace:
@@ -138,7 +145,11 @@ class ParameterSpace:
                 "whole model, or select one kind with `params=` patterns"
             )
         if self.sharded and dtype != own:
-            raise ValueError(f"sharded (FSDP2) parameters are measured in their own dtype {own}, not {dtype}")
+            raise ValueError(
+                f"sharded (FSDP2) parameters are measured in their own dtype {own}, not {dtype}: pass dtype=None, "
+                "or train with parameters of the dtype to measure in (float32 master weights: "
+                "Trainer(precision='bf16-mixed'))"
+            )
         self.layout = ShardLayout(self.params) if self.sharded else None
         local = self.local_params()
         self.shapes = [t.shape for t in local]
