@@ -116,6 +116,17 @@ def test_help_names_the_report_command(capsys):
     assert "choose from fit, validate, test, predict, report, workspace" in capsys.readouterr().err
 
 
+def _refusal(config, tmp_path, capsys) -> str:
+    """`pf-lightning fit` on ``config``: it must end with exit status 2 and one line on stderr, returned."""
+    path = tmp_path / "refused.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
 @pytest.mark.parametrize(
     ("section", "setting", "message"),
     [
@@ -137,12 +148,7 @@ def test_a_class_that_refuses_its_configured_arguments_ends_the_command_with_its
         callback["init_args"].update(setting)
     else:
         config["data"]["init_args"].update(setting)
-    path = tmp_path / "refused.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(path)])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"pf-lightning: error: {message}"]
+    assert _refusal(config, tmp_path, capsys) == f"pf-lightning: error: {message}"
 
 
 @pytest.mark.parametrize(
@@ -165,13 +171,7 @@ def test_a_refusal_made_while_handling_another_error_is_still_one_line(
     config = yaml.safe_load(shrunk("eos_digits.yaml", tmp_path).read_text())
     (entry,) = (c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(callback))
     entry.setdefault("init_args", {}).update(setting)
-    path = tmp_path / "refused.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(path)])
-    assert exit_info.value.code == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"pf-lightning: error: {callback}(...): {start}")
+    assert _refusal(config, tmp_path, capsys).startswith(f"pf-lightning: error: {callback}(...): {start}")
 
 
 def test_a_cap_s_bad_fraction_in_yaml_ends_the_command_with_its_message(tmp_path, capsys):
@@ -183,12 +183,7 @@ def test_a_cap_s_bad_fraction_in_yaml_ends_the_command_with_its_message(tmp_path
         "class_path": "pf_lightning.SharpnessCappedLR",
         "init_args": {"fraction": 0.0},
     }
-    path = tmp_path / "cap.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(path)])
-    assert exit_info.value.code == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
+    line = _refusal(config, tmp_path, capsys)
     assert (
         line.startswith("pf-lightning: error: LRAdaptation(...)")
         and "`fraction` must be a finite number > 0" in line

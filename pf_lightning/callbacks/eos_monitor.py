@@ -306,7 +306,6 @@ class EdgeOfStabilityMonitor(Callback):
         self._progress: dict[str, float] = {}
         # The trainer's gradient clipping, in words and as critical_sharpness takes it (set at fit start).
         self._clipping: tuple[str, tuple[float, str] | None] | None = None
-        self._clip: tuple[float, str] | None = None
         self._step_hook: Any = None  # counts the judged optimizer's steps during a fit
         self._restored = False  # a checkpoint's state was loaded for the fit about to start
         # Whether the judged optimizer preconditions (set at fit start): its threshold is then that of
@@ -333,6 +332,11 @@ class EdgeOfStabilityMonitor(Callback):
         self._charted: tuple[Any, ...] | None = None  # what the last W&B chart drew (see _chart)
         self._extremes: dict[str, float] = {}  # the W&B summary's extremes (see _summarize)
         self._extremes_pending = False  # restored without them: rebuilt from the history
+
+    @property
+    def _clip(self) -> tuple[float, str] | None:
+        """The trainer's clipping as critical_sharpness takes it (None: none, or a module's own)."""
+        return None if self._clipping is None else self._clipping[1]
 
     @property
     @override
@@ -459,8 +463,7 @@ class EdgeOfStabilityMonitor(Callback):
         # which may run before this callback's) already reads them.
         optimizers = trainer.optimizers
         # Before the fit-start measurement is judged: its edge warning says its threshold is the unclipped step's.
-        self._clipping = clipping = gradient_clipping(trainer, pl_module)
-        self._clip = None if clipping is None else clipping[1]
+        self._clipping = gradient_clipping(trainer, pl_module)
         if self.optimizer_index >= len(optimizers):
             raise MisconfigurationException(
                 f"optimizer_index={self.optimizer_index} but the module configures {len(optimizers)} optimizer(s)"
